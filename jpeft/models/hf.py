@@ -1,0 +1,153 @@
+"""HF checkpoint directory <-> (module, parameter tree).
+
+The key map is derived from the tree itself: a tree path names the HF module
+(`model/layers/self_attn/q_proj/kernel` <-> `model.layers.{i}.self_attn.q_proj.weight`),
+kernels are transposed, and the stacked `layers` axis is split per layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jpeft import tree as T
+from jpeft.errors import CheckpointError
+from jpeft.models.config import ModelConfig, read_config
+from jpeft.models.llama import CausalLM
+
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                "generation_config.json")
+HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build(cfg: ModelConfig) -> CausalLM:
+    return CausalLM(cfg)
+
+
+def abstract_params(model: CausalLM):
+    """Shapes of the base tree (no allocation), with logical axis metadata."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+
+
+def is_stacked(path: str) -> bool:
+    """Leaves under `layers` carry a leading per-layer axis."""
+    return "layers" in path.split("/")[:-1]
+
+
+def hf_names(path: str, num_layers: int) -> list[str]:
+    """HF tensor names for one tree leaf: one per layer when the leaf is stacked."""
+    *module, leaf = path.split("/")
+    if leaf not in HF_LEAF:
+        raise CheckpointError(f"tree leaf '{path}' has no HF counterpart (an adapter leaf? merge first)")
+    name = ".".join(module) + "." + HF_LEAF[leaf]
+    if is_stacked(path):
+        return [name.replace(".layers.", f".layers.{i}.", 1) for i in range(num_layers)]
+    return [name]
+
+
+def _to_hf(path: str, array: np.ndarray) -> np.ndarray:
+    return array.T if path.endswith("/kernel") else array
+
+
+def _weight_index(model_dir: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file holding it."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: malformed index ({e}); re-save the checkpoint") from None
+        return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+    if os.path.exists(single):
+        try:
+            with safe_open(single, "np") as f:
+                return {k: single for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{single}: unreadable safetensors file ({e}); re-download or re-save it") from None
+    bins = [f for f in os.listdir(model_dir) if f.endswith(".bin")]
+    hint = " (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if bins else ""
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def from_pretrained(model_dir: str, dtype: str | None = None):
+    """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights."""
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"{model_dir}: model directory not found")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    cfg = read_config(os.path.join(model_dir, "config.json"))
+    if dtype == "bfloat16":
+        cfg = cfg.replace(dtype="bfloat16")
+    model = build(cfg)
+    expected = T.flatten(nn.meta.unbox(abstract_params(model)))
+    index = _weight_index(model_dir)
+    handles: dict[str, object] = {}
+    flat = {}
+    try:
+        for path, spec in expected.items():
+            tensors = []
+            for name in hf_names(path, cfg.num_layers):
+                if name not in index:
+                    raise CheckpointError(f"{model_dir}: weight '{name}' is missing from the checkpoint")
+                file = index[name]
+                if file not in handles:
+                    handles[file] = safe_open(file, "np").__enter__()
+                tensors.append(_to_hf(path, handles[file].get_tensor(name)))
+            array = np.stack(tensors) if is_stacked(path) else tensors[0]
+            if array.shape != spec.shape:
+                raise CheckpointError(
+                    f"{model_dir}: weight for '{path}' has shape {array.shape}, config.json implies {spec.shape}")
+            flat[path] = jnp.asarray(array, DTYPES[dtype] if dtype else jnp.float32)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{model_dir}: unreadable safetensors file ({e}); re-download or re-save it") from None
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return model, T.unflatten(flat)
+
+
+def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str | None = None) -> None:
+    """Write an HF dir (config.json + model.safetensors) that transformers loads as-is.
+
+    `params` must be a plain tree (use `jpeft.merge` first). Tokenizer files are copied
+    from `tokenizer_from` (a dir) when given.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = model.config
+    tensors = {}
+    for path, value in T.flatten(params).items():
+        array = np.asarray(jax.device_get(value))
+        names = hf_names(path, cfg.num_layers)
+        parts = list(array) if is_stacked(path) else [array]
+        for name, part in zip(names, parts):
+            tensors[name] = np.ascontiguousarray(_to_hf(path, part))
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = hf["dtype"] = str(np.asarray(next(iter(tensors.values()))).dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer_from:
+        copy_tokenizer(tokenizer_from, out_dir)
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
+    """Copy every non-weight file (tokenizer, generation config) from an HF dir."""
+    if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
+        return
+    for name in os.listdir(src_dir):
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and name not in WEIGHT_FILES[:3] and not name.endswith((".safetensors", ".bin")):
+            shutil.copy2(src, os.path.join(dst_dir, name))
+
+

@@ -1,0 +1,126 @@
+"""Shared layers and the insertion points where adapter leaves act.
+
+Every model family builds from these. An insertion point reads whatever adapter
+leaves the parameter tree holds beside its weight and applies them; the math of
+each method lives in `jpeft.peft`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.models.config import ModelConfig
+from jpeft.peft import lora
+
+NEG_INF = -1e30
+init_normal = nn.initializers.normal(0.02)
+
+
+def matmul(x, w):
+    """x·w in the activation dtype with float32 accumulation."""
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class Dense(nn.Module):
+    """The dense insertion point: y = x·W + b, plus the deltas of any adapter leaves present."""
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(init_normal, self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x, kernel)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(y.dtype)
+        return lora.apply(self, x, y)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), jnp.float32)
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * h.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """The input-embedding insertion point; `attend` reuses the table as a tied LM head."""
+    vocab_size: int
+    features: int
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
+                                    (self.vocab_size, self.features), jnp.float32)
+
+    def __call__(self, ids, dtype):
+        return jnp.take(self.embedding, ids, axis=0).astype(dtype)
+
+    def attend(self, x):
+        return matmul(x, self.embedding.T)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies (float32, as HF computes them), with `rope_scaling` applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_positions
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE on x [B, T, heads, head_dim] at integer positions [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(q_slots, k_slots, k_valid, window: int | None):
+    """Bool [B, Tq, Tk]: causal over cache slots, valid keys only, optional sliding window."""
+    allowed = k_slots[None, None, :] <= q_slots[None, :, None]
+    if window is not None:
+        allowed &= q_slots[None, :, None] - k_slots[None, None, :] < window
+    return allowed & k_valid[:, None, :].astype(bool)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}

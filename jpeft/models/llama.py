@@ -1,0 +1,139 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2): one module, families differ by config.
+
+Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
+layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
+does not grow with depth. A KV cache (see `init_cache`) is an explicit argument and
+result, so decoding stays a pure function.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.models import layers as L
+from jpeft.models.config import ModelConfig
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_kv, cache_index):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
+        k = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
+        v = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
+        inv_freq = L.rope_inverse_frequencies(cfg)
+        q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
+        k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cache_kv is not None:
+            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
+            cache_kv = (k, v)
+        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
+            out.reshape(b, t, cfg.num_heads * cfg.head_dim))
+        return out, cache_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(x)
+        up = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")(x)
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(
+            L.ACTIVATIONS[cfg.hidden_act](gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, context, cache_kv):
+        positions, mask, cache_index = context
+        h, cache_kv = Attention(self.cfg, name="self_attn")(
+            L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_kv, cache_index)
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, cache_kv
+
+
+class Decoder(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, context, cache_kv):
+        cfg = self.cfg
+        embed = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
+        x = embed(input_ids, jnp.dtype(cfg.dtype))
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        x, cache_kv = stack(cfg, name="layers")(x, context, cache_kv)
+        return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), embed, cache_kv
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. `__call__(input_ids, attention_mask=None, positions=None, cache=None)`.
+
+    Returns logits [B, T, vocab] (float32), or hidden states with `return_hidden=True`
+    (for a chunked loss that never materialises all logits). With a cache it returns
+    `(output, new_cache)`.
+    """
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if cache is None:
+            slots, index, cache_kv = jnp.arange(t), 0, None
+            mask = L.attention_mask(slots, slots, attention_mask, cfg.sliding_window)
+        else:
+            index = cache["index"]
+            valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask.astype(bool), (0, index))
+            k_slots = jnp.arange(valid.shape[1])
+            mask = L.attention_mask(index + jnp.arange(t), k_slots, valid, cfg.sliding_window)
+            cache_kv = (cache["k"], cache["v"])
+        hidden, embed, cache_kv = Decoder(cfg, name="model")(input_ids, (positions, mask, index), cache_kv)
+        if return_hidden:
+            out = hidden
+        elif cfg.tie_word_embeddings:
+            out = embed.attend(hidden).astype(jnp.float32)
+        else:
+            out = L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden).astype(jnp.float32)
+        if cache is None:
+            return out
+        return out, {"k": cache_kv[0], "v": cache_kv[1], "valid": valid, "index": index + t}
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim], valid-slot mask, write index."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def head_kernel(cfg: ModelConfig, params) -> jax.Array:
+    """The LM head as a [hidden, vocab] matrix (the embedding transposed when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]

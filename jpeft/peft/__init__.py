@@ -1,0 +1,1 @@
+"""Adapter methods: each a pure transform of the parameter tree."""

@@ -1,0 +1,80 @@
+"""Path-aware helpers for nested-dict parameter trees.
+
+Paths are '/'-joined dict keys (``model/layers/self_attn/q_proj/kernel``), so a
+selection, a partition or a count reads the tree itself, never a side registry.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+
+Tree = dict[str, Any]
+
+# Leaves that describe an adapter rather than learn anything (counted nowhere).
+METADATA_LEAVES = frozenset({"lora_scale"})
+
+
+def flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
+    """{'a/b/c': leaf} for a nested dict; the inverse of `unflatten`."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> Tree:
+    tree: Tree = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Tree) -> Tree:
+    """Apply fn(path, leaf) to every leaf, keeping the structure."""
+    return unflatten({p: fn(p, v) for p, v in flatten(tree).items()})
+
+
+def leaf_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def select(tree: Tree, pattern: str | Iterable[str]) -> Tree:
+    """Bool tree: True where the path matches a regex (re.search) in pattern."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    return map_with_path(lambda p, _: any(re.search(q, p) for q in patterns), tree)
+
+
+def partition(tree: Tree, mask: Tree) -> tuple[Tree, Tree]:
+    """Split into (selected, rest) sparse trees; `combine` puts them back."""
+    flat, flat_mask = flatten(tree), flatten(mask)
+    chosen = {p: v for p, v in flat.items() if flat_mask[p]}
+    rest = {p: v for p, v in flat.items() if not flat_mask[p]}
+    return unflatten(chosen), unflatten(rest)
+
+
+def combine(*trees: Tree) -> Tree:
+    merged: dict[str, Any] = {}
+    for t in trees:
+        merged.update(flatten(t))
+    return unflatten(merged)
+
+
+def count(tree: Tree) -> int:
+    """Number of scalars, adapter metadata leaves excluded."""
+    return sum(int(np.prod(np.shape(v))) for p, v in flatten(tree).items()
+               if leaf_name(p) not in METADATA_LEAVES)
+
+
+def shapes(tree: Tree) -> Tree:
+    return jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), tree)

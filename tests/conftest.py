@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random HF checkpoints built with transformers (the PyTorch reference)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny random transformers model of the given family, in float32 eval mode."""
+    import torch
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[model_type]
+    kwargs = {**TINY, **overrides}
+    config = config_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norms and biases so a mapping bug cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf_model(model, path, **save_kwargs) -> str:
+    model.save_pretrained(path, **save_kwargs)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """(torch model, checkpoint dir) for a tiny untied GQA Llama."""
+    model = make_hf_model("llama")
+    return model, save_hf_model(model, tmp_path / "llama")

@@ -1,0 +1,112 @@
+"""Logit parity of jpeft's Flax models with the transformers PyTorch models."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jpeft
+from conftest import make_hf_model, save_hf_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-mha-bias-headdim": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, head_dim=16)),
+    "llama3-rope-scaling": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=50000.0)),
+    "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rms_norm_eps=1e-5)),
+    "mistral-sliding": ("mistral", dict(sliding_window=5)),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+}
+
+
+def torch_logits(model, ids, mask=None, positions=None):
+    kw = {}
+    if mask is not None:
+        kw["attention_mask"] = torch.tensor(mask)
+    if positions is not None:
+        kw["position_ids"] = torch.tensor(positions)
+    with torch.no_grad():
+        return model(torch.tensor(ids), **kw).logits.numpy()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+    model_type, overrides = CASES[case]
+    ref_model = make_hf_model(model_type, **overrides)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    ids = np.random.RandomState(0).randint(0, 97, (2, 12))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
+def test_sliding_window_changes_logits(tmp_path):
+    """Guards the parity test above against a window that is silently ignored on both sides."""
+    ref_model = make_hf_model("mistral", sliding_window=5)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (1, 12)))
+    windowed = model.apply({"params": params}, ids)
+    full = model.clone(config=model.config.replace(sliding_window=None)).apply({"params": params}, ids)
+    assert np.abs(np.asarray(windowed - full))[:, 5:].max() > 1e-3
+
+
+def test_left_padding_with_attention_mask(tmp_path):
+    ref_model = make_hf_model("llama")
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    ids = np.random.RandomState(1).randint(3, 97, (2, 10))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    ids[1, :4] = 0
+    positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    ref = torch_logits(ref_model, ids, mask, positions)
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
+    np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=2e-4, rtol=0)
+    # The padded row's real tokens see exactly what an unpadded run of them sees.
+    alone = np.asarray(model.apply({"params": params}, jnp.asarray(ids[1:, 4:])))
+    np.testing.assert_allclose(out[1, 4:], alone[0], atol=2e-5, rtol=0)
+
+
+def test_sharded_safetensors_load(tmp_path):
+    ref_model = make_hf_model("llama")
+    path = save_hf_model(ref_model, tmp_path, max_shard_size="20KB")
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
+    model, params = jpeft.from_pretrained(path)
+    ids = np.arange(8)[None] % 97
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
+                               torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True))])
+def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
+    ref_model = make_hf_model(model_type, **overrides)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path / "src"))
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    jpeft.save_pretrained(str(tmp_path / "out"), model, params, tokenizer_from=str(tmp_path / "src"))
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = np.random.RandomState(2).randint(0, 97, (2, 9))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(ref_model, ids), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_load(tmp_path):
+    ref_model = make_hf_model("llama")
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path), dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    ids = np.random.RandomState(3).randint(0, 97, (1, 8))
+    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    ref = torch_logits(ref_model, ids)
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_scan_compiles_once_for_any_depth(tmp_path):
+    """Layers are stacked: every per-layer leaf has a leading axis of num_layers."""
+    ref_model = make_hf_model("llama", num_hidden_layers=3)
+    _, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    for leaf in jax.tree.leaves(params["model"]["layers"]):
+        assert leaf.shape[0] == 3
