@@ -84,11 +84,8 @@ class LoRA:
         return T.unflatten(flat)
 
     def mask(self, params):
-        return trainable_mask(params)
-
-
-def trainable_mask(params):
-    return T.map_with_path(lambda p, _: T.leaf_name(p) in TRAINABLE, params)
+        """Trainable exactly where the LoRA factors are."""
+        return T.map_with_path(lambda p, _: T.leaf_name(p) in TRAINABLE, params)
 
 
 def apply(module, x, y):

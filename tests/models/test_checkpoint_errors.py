@@ -1,0 +1,65 @@
+"""Every way a checkpoint dir can be wrong gives a jpeft error naming the file and the fix."""
+import json
+
+import pytest
+
+import jpeft
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def ckpt(tiny_llama, tmp_path):
+    from pathlib import Path
+    return Path(tiny_llama[1])
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(jpeft.CheckpointError, match="nope: model directory not found"):
+        jpeft.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_missing_config(ckpt):
+    (ckpt / "config.json").unlink()
+    with pytest.raises(jpeft.CheckpointError, match="config.json: not found"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_missing_weights(ckpt):
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(jpeft.CheckpointError, match="no model.safetensors.*found PyTorch .bin"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_corrupted_safetensors(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(jpeft.CheckpointError, match="model.safetensors: unreadable safetensors"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_unsupported_model_type(ckpt):
+    edit_config(ckpt, model_type="gpt2")
+    with pytest.raises(jpeft.CheckpointError, match="model_type 'gpt2' is not supported; jpeft supports llama"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "rope type 'yarn' is not supported"),
+    (dict(pretraining_tp=2), "pretraining_tp=2 is not supported"),
+    (dict(hidden_act="swish2"), "hidden_act 'swish2' is not supported"),
+    (dict(num_hidden_layers=3), r"weight 'model.layers.2.*' is missing"),
+    (dict(hidden_size=48), "has shape .* config.json implies"),
+])
+def test_config_jpeft_cannot_honour(ckpt, changes, message):
+    edit_config(ckpt, **changes)
+    with pytest.raises(jpeft.CheckpointError, match=message):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_bad_dtype(ckpt):
+    with pytest.raises(jpeft.CheckpointError, match="dtype 'float16' is not supported"):
+        jpeft.from_pretrained(str(ckpt), dtype="float16")

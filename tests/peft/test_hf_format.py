@@ -1,0 +1,136 @@
+"""HF PEFT adapter directories both ways, against PyTorch PEFT itself."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import jpeft
+from jpeft import tree as T
+from conftest import make_hf_model, save_hf_model
+from test_lora import randomize_b
+
+IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def jax_logits(model, params):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL + ["lm_head"]])
+def test_save_adapter_loads_in_peft(tiny_llama, tmp_path, targets):
+    torch_model, path = tiny_llama
+    model, params = jpeft.from_pretrained(path)
+    adapted = randomize_b(jpeft.LoRA(rank=4, alpha=12, targets=targets).init(jax.random.key(0), params),
+                          jax.random.key(1))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-2
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_load_adapter_written_by_peft(tmp_path, rslora):
+    torch_model = make_hf_model("qwen2", tie_word_embeddings=True)
+    path = save_hf_model(torch_model, tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                             rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 6}, use_rslora=rslora,
+                             init_lora_weights=False)  # PEFT's own random non-zero B
+    peft_model = peft.get_peft_model(torch_model, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(path)
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    assert adapted["model"]["layers"]["mlp"]["up_proj"]["lora_a"].shape[-1] == 2
+
+
+def test_round_trip_is_exact(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    _, params = jpeft.from_pretrained(path)
+    adapted = randomize_b(jpeft.LoRA(rank=3, alpha=5, targets=ALL).init(jax.random.key(0), params), jax.random.key(1))
+    jpeft.save_adapter(str(tmp_path / "a"), adapted)
+    loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
+    flat, back = T.flatten(adapted), T.flatten(loaded)
+    assert flat.keys() == back.keys()
+    for key in flat:
+        np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(back[key]), err_msg=key)
+
+
+@pytest.fixture
+def adapter_dir(tiny_llama, tmp_path):
+    _, path = tiny_llama
+    _, params = jpeft.from_pretrained(path)
+    jpeft.save_adapter(str(tmp_path / "a"), jpeft.LoRA(rank=2).init(jax.random.key(0), params))
+    return tmp_path / "a", params
+
+
+def edit_config(adapter, **changes):
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(adapter, fn):
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file(fn(tensors), adapter / "adapter_model.safetensors")
+
+
+def test_missing_key(adapter_dir):
+    adapter, params = adapter_dir
+    edit_weights(adapter, lambda t: {k: v for k, v in t.items() if "layers.1.self_attn.v_proj.lora_B" not in k})
+    with pytest.raises(jpeft.AdapterError, match=r"missing key '.*layers\.1\.self_attn\.v_proj\.lora_B\.weight'"):
+        jpeft.load_adapter(str(adapter), params)
+
+
+def test_unexpected_key(adapter_dir):
+    adapter, params = adapter_dir
+    edit_weights(adapter, lambda t: {**t, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight":
+                                     np.zeros((2, 32), np.float32)})
+    with pytest.raises(jpeft.AdapterError, match=r"unexpected keys .*mlp\.up_proj\.lora_A"):
+        jpeft.load_adapter(str(adapter), params)
+
+
+def test_shape_mismatch(adapter_dir, tmp_path):
+    adapter, _ = adapter_dir
+    other = save_hf_model(make_hf_model("llama", hidden_size=48), tmp_path / "other")
+    _, other_params = jpeft.from_pretrained(other)
+    with pytest.raises(jpeft.AdapterError, match="does not fit the base weight.*different base model"):
+        jpeft.load_adapter(str(adapter), other_params)
+
+
+def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
+    adapter, params = adapter_dir
+    edit_config(adapter, peft_type="LOHA")
+    with pytest.raises(jpeft.AdapterError, match="peft_type 'LOHA' is not supported"):
+        jpeft.load_adapter(str(adapter), params)
+    edit_config(adapter, peft_type="LORA", use_dora=True)
+    with pytest.raises(jpeft.AdapterError, match="use_dora=True cannot be honoured"):
+        jpeft.load_adapter(str(adapter), params)
+
+
+def test_missing_and_corrupt_files(adapter_dir, tmp_path):
+    adapter, params = adapter_dir
+    with pytest.raises(jpeft.AdapterError, match="adapter directory not found"):
+        jpeft.load_adapter(str(tmp_path / "nope"), params)
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(jpeft.AdapterError, match="unreadable safetensors"):
+        jpeft.load_adapter(str(adapter), params)
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(jpeft.AdapterError, match="adapter_config.json"):
+        jpeft.load_adapter(str(adapter), params)
+
+
+def test_save_without_adapter(tiny_llama, tmp_path):
+    _, params = jpeft.from_pretrained(tiny_llama[1])
+    with pytest.raises(jpeft.AdapterError, match="holds no LoRA leaves"):
+        jpeft.save_adapter(str(tmp_path / "x"), params)
