@@ -40,3 +40,36 @@ def tiny_llama(tmp_path):
     """(torch model, checkpoint dir) for a tiny untied GQA Llama."""
     model = make_hf_model("llama")
     return model, save_hf_model(model, tmp_path / "llama")
+
+
+DIALOGSUM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dialogsum",
+                         "dialogsum.dev.jsonl")
+
+
+def dialogsum_rows(n: int, start: int = 0) -> list[dict]:
+    import json
+    with open(DIALOGSUM) as f:
+        return [json.loads(line) for line in f][start:start + n]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A tiny Llama with its own BPE tokenizer (an HF dir) and DialogSum-shaped train/eval JSONL."""
+    import json
+
+    from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    rows = dialogsum_rows(48)
+    texts = [r["dialogue"] + "\n" + r["summary"] for r in rows]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=400, special_tokens=speaker_tags(texts))
+    model = make_hf_model("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          max_position_embeddings=512)
+    model_dir = save_hf_model(model, root / "base")
+    tokenizer.save_pretrained(model_dir)
+    for name, part in (("train.jsonl", rows[:40]), ("eval.jsonl", rows[40:])):
+        with open(root / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    return {"model": model_dir, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"),
+            "root": root}

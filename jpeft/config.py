@@ -1,0 +1,283 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, checked with clear errors.
+
+A run is described by one `RunConfig`, built from a YAML mapping of sections
+(`model`, `method`, `data`, `train`, plus top-level `out_dir`) and then from command-line
+overrides such as `train.lr=1e-4`. Every key is checked against the dataclasses below, so a
+typo fails before any work starts, with the file/override that caused it named.
+
+Parsing rules worth knowing:
+- override values are parsed with `yaml.safe_load` (`train.steps=10` is an int,
+  `method.targets=[q_proj,v_proj]` a list), except for string fields, which take the text
+  verbatim (so `data.prompt=Summarize: {dialogue}` stays a string); `null` clears an
+  optional string.
+- float fields accept ints and numeric strings, because YAML 1.1 reads `2e-4` (no dot)
+  as a string.
+- list fields accept a comma-separated string: `method.targets=q_proj,v_proj`.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import yaml
+
+from jpeft.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    eval: str | None = None
+    prompt: str | None = None
+    target: str | None = None
+    text: str | None = None
+    eval_limit: int = 64
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup: int = 10
+    seed: int = 0
+    grad_accum: int = 1
+    save_every: int = 0  # 0 = save only at the end
+    eval_every: int = 0  # 0 = evaluate only at the end
+    log_every: int = 10
+    weight_decay: float = 0.0
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/jpeft"
+
+
+_SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+_TOP_LEVEL = {"out_dir": str}
+_TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SECTIONS.items()
+                           for f in dataclasses.fields(cls)}}
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "method.name": ("full", "lora"),
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
+             "method.rank", "train.log_every", "data.max_new_tokens")
+_NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
+                 "train.lr", "method.alpha", "data.eval_limit")
+_UNIT_INTERVAL = ("train.min_lr_ratio",)
+
+
+def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at `path` (if any), then each `key=value` override."""
+    values: dict[str, tuple[Any, str]] = {}  # dotted key -> (value, where it came from)
+    if path is not None:
+        for key, value in _flatten(_read_yaml(path), path).items():
+            values[key] = (value, path)
+    for text in overrides:
+        key, value = _parse_override(text)
+        values[key] = (value, f"override '{text}'")
+    sections = {name: {} for name in _SECTIONS}
+    top = {}
+    for key, (value, origin) in values.items():
+        section, _, name = key.rpartition(".")
+        typed = _coerce(value, _field_type(key, origin), key, origin)
+        (sections[section] if section else top)[name] = typed
+    cfg = RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)
+    _check(cfg, {key: origin for key, (_, origin) in values.items()})
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict, ready for `yaml.safe_dump` into `out_dir/config.yaml`."""
+    return dataclasses.asdict(cfg)
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file "
+                          "(see configs/ for examples)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or e
+        context = getattr(e, "context_mark", None)
+        if context is not None:
+            problem = f"{problem} ({e.context} started at line {context.line + 1})"
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}; "
+                          "check indentation, colons and quoting there") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of sections "
+                          f"({', '.join(_SECTIONS)}), got {type(raw).__name__}")
+    return raw
+
+
+def _flatten(raw: dict, origin: str) -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}, rejecting unknown sections and keys."""
+    flat = {}
+    for top, value in raw.items():
+        top = str(top)
+        if top in _TOP_LEVEL:
+            flat[top] = value
+            continue
+        if top not in _SECTIONS:
+            _unknown(top, origin)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"section '{top}' in {origin} must be a mapping of keys, "
+                              f"got {type(value).__name__} {value!r}")
+        for name, item in value.items():
+            key = f"{top}.{name}"
+            _field_type(key, origin)
+            flat[key] = item
+    return flat
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like section.key=value, "
+                          "e.g. train.lr=1e-4")
+    origin = f"override '{text}'"
+    tp = _field_type(key, origin)
+    if _base_type(tp) is str:
+        return key, None if raw.strip() in ("null", "~") and _optional(tp) else raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value of {origin}: {e}") from None
+
+
+def _field_type(key: str, origin: str = "") -> Any:
+    if key not in _TYPES:
+        _unknown(key, origin)
+    return _TYPES[key]
+
+
+def _unknown(key: str, origin: str) -> typing.NoReturn:
+    where = f" in {origin}" if origin else ""
+    if key in _SECTIONS:
+        raise ConfigError(f"'{key}'{where} is a section, not a value; set one of its keys, "
+                          f"e.g. {key}.{dataclasses.fields(_SECTIONS[key])[0].name}=...")
+    section, _, name = key.partition(".")
+    if section in _SECTIONS:
+        valid = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        prefix, suffix, scope = f"{section}.", "", f"valid keys in '{section}'"
+    else:
+        name, valid, scope = section, [*_SECTIONS, *_TOP_LEVEL], "valid top-level keys"
+        prefix, suffix = "", key[len(section):]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}{suffix}'?" if close else ";"
+    raise ConfigError(f"unknown config key '{key}'{where}{hint} {scope}: {', '.join(valid)}")
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if _optional(tp) else tp
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """`value` as the field's type, or a ConfigError naming the key and expected type."""
+    if value is None and _optional(tp):
+        return None
+    base = _base_type(tp)
+    if base is str and isinstance(value, str):
+        return value
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if base == list[str]:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    expected = {str: "a string (quote it in YAML)", int: "an integer", float: "a number",
+                list[str]: "a list of strings, e.g. [q_proj, v_proj] or q_proj,v_proj"}[base]
+    raise ConfigError(f"config key '{key}' in {origin} must be {expected}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
+    """Value ranges, choices and cross-field rules that types alone cannot express."""
+    def get(key):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    def fail(key, message):
+        raise ConfigError(f"config key '{key}' (from {origins.get(key, 'defaults')}) {message}")
+
+    for key, choices in CHOICES.items():
+        if get(key) not in choices:
+            fail(key, f"must be one of {', '.join(choices)}, got {get(key)!r}")
+    for key in _POSITIVE:
+        if get(key) <= 0:
+            fail(key, f"must be positive, got {get(key)}")
+    for key in _NON_NEGATIVE:
+        if get(key) < 0:
+            fail(key, f"must be >= 0, got {get(key)}")
+    for key in _UNIT_INTERVAL:
+        if not 0 <= get(key) <= 1:
+            fail(key, f"must be between 0 and 1, got {get(key)}")
+    if not 0 <= cfg.method.dropout < 1:
+        fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
+    if cfg.method.name == "lora" and not cfg.method.targets:
+        fail("method.targets", "must name at least one module for LoRA, e.g. [q_proj, v_proj]")
+    data = cfg.data
+    if data.train is not None:
+        supervised = data.prompt is not None or data.target is not None
+        if supervised and (data.prompt is None or data.target is None):
+            missing = "data.target" if data.target is None else "data.prompt"
+            fail(missing, "is required: supervised data needs both data.prompt and "
+                          "data.target templates, e.g. prompt: 'Summarize: {dialogue}', "
+                          "target: '{summary}'")
+        if supervised and data.text is not None:
+            fail("data.text", "conflicts with data.prompt/data.target: set either prompt+target "
+                              "(supervised, loss on the target) or text (language modelling, "
+                              "loss everywhere), not both")
+        if not supervised and data.text is None:
+            fail("data.train", "needs templates: set data.prompt+data.target (supervised, e.g. "
+                               "prompt: 'Summarize: {dialogue}', target: '{summary}') or "
+                               "data.text (language modelling, e.g. text: '{dialogue}')")

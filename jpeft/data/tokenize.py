@@ -1,0 +1,208 @@
+"""Rows -> fixed-shape token arrays with next-token labels and a loss mask; batching.
+
+Every example is built as one sequence of `seq_len + 1` tokens and shifted, so position t
+reads `input_ids[t]` and predicts `labels[t]` (= token t+1); `loss_mask[t]` says whether that
+prediction counts. Supervised rows: prompt (with the tokenizer's special tokens, e.g. BOS) +
+target + EOS, loss on the target and EOS only. Text rows: text (with special tokens) + EOS,
+loss everywhere. Padding is on the right with the pad token (EOS when there is none).
+
+Templates use `str.format_map` over the row (`{dialogue}`; literal braces as `{{ }}`); there
+is no escape processing of their own: write a newline as a real newline (YAML `"\\n"` in
+double quotes or a block scalar).
+"""
+import dataclasses
+import logging
+import string
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from jpeft.errors import ConfigError, DataError
+
+logger = logging.getLogger("jpeft.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Tokenized examples, all arrays [N, seq_len]."""
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, labels[:, t] = token t + 1
+    loss_mask: np.ndarray  # float32, 1 where labels[:, t] counts in the loss
+    attention_mask: np.ndarray  # int32, 1 on real (non-padding) input tokens
+    n_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def template_columns(template: str) -> list[str]:
+    """The row columns a template reads, to check them once before rendering every row."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"template {template!r} is malformed ({e}); name columns like "
+                          "{dialogue} and write literal braces as {{ }}") from None
+    columns = [name.split(".")[0].split("[")[0] for name in fields]
+    if any(not c or c.isdigit() for c in columns):
+        raise ConfigError(f"template {template!r} has a positional placeholder; name a column "
+                          "instead, e.g. {dialogue}")
+    return list(dict.fromkeys(columns))
+
+
+def render(template: str, row: dict) -> str:
+    """The template filled from one row."""
+    try:
+        return template.format_map(row)
+    except KeyError as e:
+        raise DataError(f"template {template!r} names column {e}, which the data does not have; "
+                        f"available columns: {', '.join(row)}") from None
+    except (ValueError, IndexError) as e:
+        raise ConfigError(f"template {template!r} is malformed ({e}); name columns like "
+                          "{dialogue} and write literal braces as {{ }}") from None
+
+
+def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: str,
+                        seq_len: int) -> Examples:
+    """Loss on target + EOS only; over-long rows lose prompt tokens from the left (see `_fit`)."""
+    rows = list(rows)
+    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
+    targets = _encode(tokenizer, [render(target, r) for r in rows], special=False)
+    eos = _eos_id(tokenizer)
+    seqs, starts = [], []
+    for p, t in zip(prompts, targets):
+        p, t = _fit(p, t + [eos], seq_len + 1, _head_len(p, tokenizer))
+        seqs.append(p + t)
+        starts.append(len(p))
+    n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
+    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
+                    "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
+    return _pack_rows(seqs, starts, seq_len, _pad_id(tokenizer), n_truncated)
+
+
+def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
+                  pack: bool = True) -> Examples:
+    """Language modelling on whole texts.
+
+    pack=True concatenates all rows (each + EOS) into one stream and cuts it into windows of
+    seq_len + 1 tokens overlapping by one, so every next-token pair is trained exactly once;
+    the last partial window is dropped (its token count is logged). Attention spans row
+    boundaries. pack=False pads each row instead, cutting long rows on the right.
+    """
+    eos = _eos_id(tokenizer)
+    ids = [x + [eos] for x in _encode(tokenizer, [render(text, r) for r in rows], special=True)]
+    if not pack:
+        n_truncated = sum(len(x) > seq_len + 1 for x in ids)
+        _log_truncation(n_truncated, len(ids), f"seq_len={seq_len}", "cut on the right")
+        return _pack_rows([x[:seq_len + 1] for x in ids], [0] * len(ids), seq_len,
+                          _pad_id(tokenizer), n_truncated)
+    stream = np.fromiter((t for x in ids for t in x), dtype=np.int32)
+    n = (len(stream) - 1) // seq_len
+    if n == 0:
+        raise DataError(f"the data holds {len(stream)} tokens, fewer than one window of "
+                        f"seq_len + 1 = {seq_len + 1}; add data or lower train.seq_len")
+    windows = stream[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)]
+    logger.info("packed %d rows (%d tokens) into %d windows of %d tokens; dropped the last "
+                "%d tokens", len(ids), len(stream), n, seq_len, len(stream) - 1 - n * seq_len)
+    ones = np.ones((n, seq_len), np.int32)
+    return Examples(windows[:, :-1].copy(), windows[:, 1:].copy(), ones.astype(np.float32), ones)
+
+
+def encode_prompts(rows: Iterable[dict], tokenizer, prompt: str, max_len: int) -> list[list[int]]:
+    """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens."""
+    rows = list(rows)
+    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
+    out = [_keep_end(p, max_len, _head_len(p, tokenizer)) for p in prompts]
+    _log_truncation(sum(len(p) > max_len for p in prompts), len(rows), f"{max_len} prompt tokens",
+                    "cut from the left")
+    return out
+
+
+def batches(examples: Examples, batch_size: int, seed: int,
+            start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless [batch_size, seq_len] batches, reshuffled each epoch by a rng seeded (seed, epoch).
+
+    Each epoch yields len(examples) // batch_size batches (the remainder differs per epoch, as
+    the order does). `start_step` batches are skipped arithmetically, so a resumed run sees
+    exactly the batches an uninterrupted run would have.
+    """
+    n = len(examples)
+    if n < batch_size:
+        raise DataError(f"only {n} examples for train.batch_size={batch_size}; add data or "
+                        "lower train.batch_size")
+    per_epoch = n // batch_size
+    epoch, offset = divmod(start_step, per_epoch)
+    arrays = {f.name: getattr(examples, f.name) for f in dataclasses.fields(Examples)
+              if f.name != "n_truncated"}
+    while True:
+        order = np.random.default_rng((seed, epoch)).permutation(n)
+        for i in range(offset, per_epoch):
+            index = order[i * batch_size:(i + 1) * batch_size]
+            yield {name: a[index] for name, a in arrays.items()}
+        epoch, offset = epoch + 1, 0
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
+def _head_len(ids: list[int], tokenizer) -> int:
+    """1 if the ids start with BOS (kept when the prompt is cut), else 0."""
+    return int(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+
+
+def _keep_end(ids: list[int], limit: int, head: int) -> list[int]:
+    """The first `head` ids plus as many of the last ids as fit in `limit`."""
+    if len(ids) <= limit:
+        return ids
+    return ids[:head] + ids[len(ids) - (limit - head):]
+
+
+def _fit(prompt: list[int], target: list[int], limit: int, head: int) -> tuple[list, list]:
+    """Fit prompt + target into `limit` tokens.
+
+    A target longer than half the budget is cut on the right (losing its EOS: it did not end
+    there) just enough, but never below half; the prompt then gives up tokens from the left,
+    keeping its special head (BOS), so the end of the prompt stays next to the target.
+    """
+    if len(prompt) + len(target) <= limit:
+        return prompt, target
+    keep_target = min(len(target), max((limit - 1) // 2, limit - len(prompt)), limit - head)
+    target = target[:keep_target]
+    return _keep_end(prompt, limit - len(target), head), target
+
+
+def _pack_rows(seqs: list[list[int]], starts: list[int], seq_len: int, pad: int,
+               n_truncated: int) -> Examples:
+    """Right-pad sequences of <= seq_len + 1 tokens; loss on tokens at index >= start."""
+    n = len(seqs)
+    full = np.full((n, seq_len + 1), pad, np.int32)
+    counted = np.zeros((n, seq_len + 1), np.float32)
+    lengths = np.zeros(n, np.int64)
+    for i, (seq, start) in enumerate(zip(seqs, starts)):
+        full[i, :len(seq)] = seq
+        counted[i, start:len(seq)] = 1.0
+        lengths[i] = len(seq)
+    attention = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
+    return Examples(full[:, :-1].copy(), full[:, 1:].copy(), counted[:, 1:].copy(), attention,
+                    n_truncated)
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set eos_token in the checkpoint's "
+                        "tokenizer_config.json")
+    return tokenizer.eos_token_id
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
+
+
+def _log_truncation(n_truncated: int, n_rows: int, limit: str, how: str) -> None:
+    if n_truncated:
+        logger.warning("%d of %d rows did not fit %s and were truncated (%s)", n_truncated,
+                       n_rows, limit, how)
+    else:
+        logger.info("tokenized %d rows, all fit %s", n_rows, limit)

@@ -1,0 +1,58 @@
+"""Text metrics for generated outputs: ROUGE (best of several references), corpus BLEU, accuracy."""
+import re
+from collections.abc import Sequence
+
+from jpeft.errors import DataError
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> dict:
+    """Mean ROUGE F-measures (0..1), corpus BLEU (0..100) and `n`.
+
+    Each row may have any number (>= 1) of references; a bare string counts as one. ROUGE takes
+    the best-scoring reference per row; BLEU matches n-grams against all of a row's references.
+    """
+    from rouge_score import rouge_scorer
+    import sacrebleu
+
+    refs = _check(predictions, references)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, row_refs in zip(predictions, refs):
+        scores = scorer.score_multi([_sentences(r) for r in row_refs], _sentences(prediction))
+        for name in ROUGE_TYPES:
+            totals[name] += scores[name].fmeasure
+    n = len(predictions)
+    # sacrebleu wants one stream per reference slot; None marks "this row has fewer references".
+    width = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    bleu = sacrebleu.corpus_bleu(list(predictions), streams).score
+    return {**{name: totals[name] / n for name in ROUGE_TYPES}, "bleu": bleu, "n": n}
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> float:
+    """Fraction of predictions equal (after strip) to any of their references."""
+    refs = _check(predictions, references)
+    hits = sum(p.strip() in {r.strip() for r in row} for p, row in zip(predictions, refs))
+    return hits / len(predictions)
+
+
+def _sentences(text: str) -> str:
+    """One sentence per line: rougeLsum scores sentence by sentence (the others ignore newlines)."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)
+
+
+def _check(predictions, references) -> list[list[str]]:
+    if len(predictions) != len(references):
+        raise DataError(f"{len(predictions)} predictions but {len(references)} references; "
+                        "score one prediction per reference row")
+    if not predictions:
+        raise DataError("no predictions to score; check data.eval and data.eval_limit")
+    if not all(isinstance(p, str) for p in predictions):
+        raise DataError("predictions must be strings (decoded text)")
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    for i, row in enumerate(refs, 1):
+        if not row or not all(isinstance(r, str) for r in row):
+            raise DataError(f"reference row {i} must hold one or more strings, got {row!r}")
+    return refs

@@ -1,0 +1,72 @@
+"""One device mesh and one rules table that decide all sharding.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`);
+`RULES` maps them to mesh axes. Adapter leaves derive their axes from the weight they
+modify: LoRA A shares the kernel's input axis, B its output axis, the rank is unsharded.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jpeft import tree as T
+
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; data=-1 takes the devices left over."""
+    devices = jax.devices() if devices is None else devices
+    if data == -1:
+        data = len(devices) // (fsdp * tensor)
+    shape = (data, fsdp, tensor)
+    return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), MESH_AXES)
+
+
+def logical_axes(params, abstract_base) -> dict:
+    """Logical axis names for every leaf of `params`, adapter leaves included."""
+    base = T.flatten(nn.get_partition_spec(abstract_base))
+    axes = {}
+    for path, leaf in T.flatten(params).items():
+        prefix, name = path.rsplit("/", 1)
+        kernel = base.get(prefix + "/kernel")
+        if path in base:
+            axes[path] = tuple(base[path])
+        elif name == "lora_a":
+            axes[path] = (*kernel[:-1], None)
+        elif name == "lora_b":
+            axes[path] = (*kernel[:-2], None, kernel[-1])
+        else:  # per-module scalars (lora_scale, ...) follow the stacked layer axis only
+            axes[path] = tuple(kernel[: np.ndim(leaf)]) if kernel is not None else (None,) * np.ndim(leaf)
+    return axes
+
+
+def param_shardings(params, abstract_base, mesh: Mesh):
+    """NamedSharding per leaf, from logical axes through `RULES`; indivisible dims replicate."""
+    axes = logical_axes(params, abstract_base)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def sharding(path, leaf):
+        spec = nn.logical_to_mesh_axes(axes[path], RULES)
+        fitted = [ax if ax is None or leaf.shape[i] % _size(ax, sizes) == 0 else None for i, ax in enumerate(spec)]
+        return NamedSharding(mesh, P(*fitted))
+    return T.map_with_path(sharding, params)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def _size(axis, sizes) -> int:
+    return int(np.prod([sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)]))

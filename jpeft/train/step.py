@@ -1,0 +1,68 @@
+"""The jit-compiled train step: gradients w.r.t. the trainable partition only.
+
+`state = {"step", "trainable", "opt_state"}` is donated and updated in place; the frozen
+partition is an input that is read, never differentiated, never copied into state.
+Gradient accumulation scans over micro-batches inside the one compiled step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft import tree as T
+from jpeft.models.llama import head_kernel
+from jpeft.peft import merge
+from jpeft.train.loss import chunked_cross_entropy
+
+
+def lm_head(model, params):
+    """The LM head matrix, with any adapter on it folded in (the chunked loss needs one matrix)."""
+    head = {"lm_head": params["lm_head"]} if "lm_head" in params else {}
+    return head_kernel(model.config, {**params, **merge(head)})
+
+
+def token_loss(model, params, batch, dropout_rng=None):
+    """(summed next-token NLL over loss_mask, number of loss tokens)."""
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         return_hidden=True, rngs=rngs)
+    return chunked_cross_entropy(hidden, lm_head(model, params), batch["labels"], batch["loss_mask"])
+
+
+def init_state(trainable, optimizer) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
+
+
+def make_train_step(model, optimizer, seed: int, dropout: bool):
+    """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T]."""
+    base_key = jax.random.key(seed)
+
+    def step(state, frozen, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+
+        def micro(carry, xs):
+            grads, loss, count = carry
+            index, mb = xs
+            rng = jax.random.fold_in(key, index) if dropout else None
+            (l, n), g = jax.value_and_grad(
+                lambda tr: token_loss(model, T.combine(tr, frozen), mb, rng), has_aux=True)(state["trainable"])
+            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (grads, loss, count), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(accum), batch))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
+                     "opt_state": opt_state}
+        return new_state, {"loss": loss / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model):
+    """params, batch -> (summed NLL, token count); batch leaves are [B, T]."""
+    return jax.jit(lambda params, batch: token_loss(model, params, batch))

@@ -1,0 +1,86 @@
+import json
+import os
+
+import datasets
+import pytest
+
+from jpeft.data import check_columns, load_rows
+from jpeft.errors import DataError
+
+ROWS = [{"dialogue": "hi there", "summary": "a greeting"}, {"dialogue": "bye", "summary": ""}]
+DIALOGSUM = os.path.join(os.path.dirname(__file__), "../../../shared/data/dialogsum/dialogsum.dev.jsonl")
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_json_csv_parquet_and_saved_dir_agree(tmp_path):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in ROWS])
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(ROWS))
+    csv = tmp_path / "d.csv"
+    csv.write_text("dialogue,summary\nhi there,a greeting\nbye,\n")
+    parquet = str(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(ROWS).to_parquet(parquet)
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_list(ROWS).save_to_disk(saved)
+    for path in (jsonl, str(array), str(csv), parquet, saved):
+        ds = load_rows(path)
+        assert ds.to_list() == ROWS, path  # the empty CSV cell stays '' (not NaN)
+        check_columns(ds, path, ["dialogue", "summary"])
+
+
+def test_dataset_dict_dir_asks_for_a_split(tmp_path):
+    ds = datasets.Dataset.from_list(ROWS)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match="several splits.*dd/train"):
+        load_rows(str(tmp_path / "dd"))
+    assert len(load_rows(str(tmp_path / "dd" / "train"))) == 2
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(DataError, match="'.*nope.jsonl' not found"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported type"):
+        load_rows(str(tmp_path / "d.txt"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="save_to_disk"):
+        load_rows(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"a": "x"}', '{"a": "y"}', '{"a": "z",}'], r"d.jsonl' line 3: invalid JSON"),
+    (['{"a": "x"}', '', '{"a": "z"}'], r"d.jsonl' line 2 is blank"),
+    (['{"a": "x"}', '["a"]'], r"d.jsonl' line 2: expected a JSON object"),
+    (['{"a": "x"}', '{"a": 5}'], r"d.jsonl' row 2: column 'a' is int 5"),
+    ([], r"has no rows"),
+])
+def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    with pytest.raises(DataError, match=message):
+        load_rows(path)
+
+
+def test_check_columns_names_file_row_and_column(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"a": "x", "b": "1"}', '{"a": "y"}',
+                                              '{"a": "z", "b": null}'])
+    ds = load_rows(path)
+    check_columns(ds, path, ["a"])
+    with pytest.raises(DataError, match=r"d.jsonl' row 2: column 'b' is missing \(null\) "
+                                        r"\(1 more rows like it\)"):
+        check_columns(ds, path, ["a", "b"])
+    with pytest.raises(DataError, match="no column 'c'; columns are: a, b"):
+        check_columns(ds, path, ["c"])
+    ints = write_jsonl(tmp_path / "i.jsonl", ['{"a": 1}', '{"a": 2}'])
+    with pytest.raises(DataError, match="row 1: column 'a' is int 1, not a string"):
+        check_columns(load_rows(ints), ints, ["a"])
+
+
+@pytest.mark.skipif(not os.path.exists(DIALOGSUM), reason="shared DialogSum file not present")
+def test_real_dialogsum_file_loads():
+    ds = load_rows(DIALOGSUM)
+    check_columns(ds, DIALOGSUM, ["dialogue", "summary"])
+    assert len(ds) == 500

@@ -1,0 +1,134 @@
+import itertools
+import logging
+
+import numpy as np
+import pytest
+
+from jpeft.data import (Examples, batches, encode_prompts, render, template_columns,
+                        tokenize_supervised, tokenize_text)
+from jpeft.errors import ConfigError, DataError
+
+ROWS = [{"dialogue": "a cat sat on the mat", "summary": "cat sat"},
+        {"dialogue": "hello world", "summary": "we go out today"}]
+PROMPT, TARGET = "summarize the dialogue : {dialogue}", "{summary}"
+
+
+def masked_text(tok, ex, i):
+    return tok.decode(ex.labels[i][ex.loss_mask[i] == 1])
+
+
+def test_supervised_mask_covers_target_and_eos(tokenizer):
+    ex = tokenize_supervised(ROWS, tokenizer, PROMPT, TARGET, seq_len=16)
+    assert ex.input_ids.shape == ex.labels.shape == ex.loss_mask.shape == (2, 16)
+    assert (ex.input_ids.dtype, ex.labels.dtype, ex.loss_mask.dtype, ex.attention_mask.dtype) == \
+        (np.int32, np.int32, np.float32, np.int32)
+    for i, row in enumerate(ROWS):
+        assert masked_text(tokenizer, ex, i) == row["summary"] + " </s>"
+        n = 1 + len(f"summarize the dialogue : {row['dialogue']} {row['summary']}".split()) + 1
+        assert ex.attention_mask[i].sum() == n  # EOS is an input too (its label is padding)
+        assert ex.input_ids[i, 0] == tokenizer.bos_token_id
+        assert ex.input_ids[i, n - 1] == tokenizer.eos_token_id
+        assert (ex.input_ids[i, n:] == tokenizer.pad_token_id).all()
+    np.testing.assert_array_equal(ex.labels[:, :-1], ex.input_ids[:, 1:])  # shifted by one
+    assert ex.n_truncated == 0
+
+
+def test_supervised_left_truncation_keeps_bos_and_prompt_end(tokenizer, caplog):
+    rows = [{"dialogue": "a cat sat on the mat and then the dog ran to the park", "summary": "cat sat"},
+            ROWS[1]]
+    with caplog.at_level(logging.WARNING, logger="jpeft.data"):
+        ex = tokenize_supervised(rows, tokenizer, PROMPT, TARGET, seq_len=11)
+    assert ex.n_truncated == 1
+    assert "1 of 2 rows" in caplog.text
+    seq = list(ex.input_ids[0]) + [ex.labels[0, -1]]
+    assert seq[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(seq[1:]) == "and then the dog ran to the park cat sat </s>"
+    assert masked_text(tokenizer, ex, 0) == "cat sat </s>"
+
+
+def test_long_target_cut_on_the_right_to_half(tokenizer):
+    rows = [{"dialogue": "hello", "summary": "a cat sat on the mat and then the dog ran home"}]
+    ex = tokenize_supervised(rows, tokenizer, PROMPT, TARGET, seq_len=8)
+    assert ex.n_truncated == 1
+    assert masked_text(tokenizer, ex, 0) == "a cat sat on"  # seq_len // 2 tokens, no EOS
+    assert tokenizer.decode(ex.input_ids[0]) == "<s> the dialogue : hello a cat sat"
+
+
+def test_pad_falls_back_to_eos(tokenizer_without_pad):
+    tok = tokenizer_without_pad
+    ex = tokenize_supervised(ROWS[:1], tok, PROMPT, TARGET, seq_len=16)
+    assert ex.input_ids[0, -1] == tok.eos_token_id
+
+
+def test_text_packing_shapes_and_windows(tokenizer):
+    rows = [{"t": "a cat sat"}, {"t": "hello world it is sunny today"}, {"t": "we go out"}]
+    ex = tokenize_text(rows, tokenizer, "{t}", seq_len=4)
+    stream = [i for r in rows for i in tokenizer(r["t"])["input_ids"] + [tokenizer.eos_token_id]]
+    n = (len(stream) - 1) // 4
+    assert ex.input_ids.shape == (n, 4) and len(ex) == n
+    assert ex.loss_mask.all() and ex.attention_mask.all()
+    flat = np.concatenate([ex.input_ids.ravel(), ex.labels[-1:, -1]])
+    assert flat.tolist() == stream[:n * 4 + 1]  # every next-token pair trained once
+    np.testing.assert_array_equal(ex.labels[:-1, -1], ex.input_ids[1:, 0])
+
+
+def test_text_unpacked_pads_and_cuts(tokenizer):
+    rows = [{"t": "a cat"}, {"t": "hello world it is sunny today we go out"}]
+    ex = tokenize_text(rows, tokenizer, "{t}", seq_len=6, pack=False)
+    assert ex.input_ids.shape == (2, 6) and ex.n_truncated == 1
+    assert tokenizer.decode(ex.labels[0][ex.loss_mask[0] == 1]) == "a cat </s>"
+    assert ex.loss_mask[1].all()
+
+
+def test_text_too_short_to_pack(tokenizer):
+    with pytest.raises(DataError, match="seq_len"):
+        tokenize_text([{"t": "a cat"}], tokenizer, "{t}", seq_len=64)
+
+
+def test_encode_prompts_left_truncates(tokenizer):
+    ids = encode_prompts(ROWS, tokenizer, PROMPT, max_len=5)
+    assert tokenizer.decode(ids[0]) == "<s> sat on the mat"
+    assert tokenizer.decode(ids[1]) == "<s> dialogue : hello world"
+
+
+def test_render_and_template_columns():
+    assert render("Q: {a}\n{b}", {"a": "x", "b": "y", "c": "z"}) == "Q: x\ny"
+    assert template_columns("{a} and {b} {{literal}} {a}") == ["a", "b"]
+    with pytest.raises(DataError, match="available columns: a"):
+        render("{missing}", {"a": "x"})
+    with pytest.raises(ConfigError, match="malformed"):
+        template_columns("{a")
+    with pytest.raises(ConfigError, match="positional"):
+        template_columns("{} text")
+
+
+def examples(n, seq_len=3):
+    ids = np.arange(n * seq_len, dtype=np.int32).reshape(n, seq_len)
+    return Examples(ids, ids + 1, np.ones((n, seq_len), np.float32), np.ones_like(ids))
+
+
+def test_batches_deterministic_and_cover_each_epoch():
+    ex = examples(10)
+    a = list(itertools.islice(batches(ex, 3, seed=1), 7))
+    b = list(itertools.islice(batches(ex, 3, seed=1), 7))
+    c = list(itertools.islice(batches(ex, 3, seed=2), 7))
+    assert all(x["input_ids"].shape == (3, 3) for x in a)
+    assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(a, b))
+    assert any((x["input_ids"] != y["input_ids"]).any() for x, y in zip(a, c))
+    rows = np.concatenate([x["input_ids"][:, 0] for x in a[:3]]) // 3
+    assert len(set(rows.tolist())) == 9  # one epoch: 3 batches, no repeats
+    assert set(a[0]) == {"input_ids", "labels", "loss_mask", "attention_mask"}
+
+
+def test_batches_resume_equals_skipping():
+    ex = examples(10)
+    full = list(itertools.islice(batches(ex, 3, seed=0), 8))
+    resumed = list(itertools.islice(batches(ex, 3, seed=0, start_step=5), 3))
+    for x, y in zip(full[5:], resumed):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_batches_need_enough_examples():
+    with pytest.raises(DataError, match="batch_size"):
+        next(batches(examples(2), 3, seed=0))

@@ -1,0 +1,100 @@
+"""The training loop: learns, freezes what it must, resumes bit-exactly."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import jpeft
+from jpeft import tree as T
+from jpeft.config import load_config
+from jpeft.train import checkpoint, trainer
+
+
+def run_config(run, out, *extra):
+    return load_config(None, [
+        f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
+        "data.prompt=Summarize:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=6",
+        "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.warmup=1", "train.lr=5e-3",
+        f"out_dir={out}", *extra])
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_loss_decreases_and_exports(tiny_run, tmp_path, method):
+    cfg = run_config(tiny_run, tmp_path, f"method.name={method}", "train.steps=8", "train.grad_accum=2",
+                     "method.targets=[q_proj,v_proj,down_proj,lm_head]", "train.lr=3e-2")
+    final = trainer.train(cfg, progress=False)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= final.keys()
+    model, base = jpeft.from_pretrained(tiny_run["model"])
+    if method == "lora":
+        adapted = jpeft.load_adapter(str(tmp_path / "adapter"), base)
+        assert (tmp_path / "adapter" / "tokenizer.json").exists()
+    else:
+        model, adapted = jpeft.from_pretrained(str(tmp_path / "model"))
+        assert (tmp_path / "model" / "tokenizer.json").exists()
+    ids = np.arange(1, 20)[None]
+    assert np.abs(np.asarray(model.apply({"params": adapted}, ids) - model.apply({"params": base}, ids))).max() > 1e-3
+
+
+def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, monkeypatch):
+    seen = {}
+    real = trainer.make_train_step
+
+    def spy(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, frozen, batch):
+            seen.setdefault("frozen_before", jax.tree.map(np.array, frozen))
+            new_state, out = step(state, frozen, batch)
+            seen["frozen_after"], seen["state"] = frozen, new_state
+            return new_state, out
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", spy)
+    trainer.train(run_config(tiny_run, tmp_path, "train.steps=3"), progress=False)
+    before, after = T.flatten(seen["frozen_before"]), T.flatten(seen["frozen_after"])
+    assert before.keys() == after.keys() and any(p.endswith("q_proj/kernel") for p in before)
+    for path in before:
+        np.testing.assert_array_equal(before[path], np.asarray(after[path]), err_msg=path)
+    frozen_shapes = {np.shape(v) for p, v in before.items() if T.leaf_name(p) not in T.METADATA_LEAVES}
+    state_shapes = {np.shape(x) for x in jax.tree.leaves(seen["state"]["opt_state"]) if np.ndim(x) >= 2}
+    assert state_shapes and not state_shapes & frozen_shapes
+    assert set(T.flatten(seen["state"]["trainable"])) == {
+        f"model/layers/self_attn/{m}/{leaf}" for m in ("q_proj", "v_proj") for leaf in ("lora_a", "lora_b")}
+
+
+def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    trainer.train(run_config(tiny_run, straight, "train.save_every=3", "method.dropout=0.1"), progress=False)
+
+    resumed = tmp_path / "resumed"
+    real_save = checkpoint.save
+
+    def crash_after_first_save(mngr, step, state):
+        real_save(mngr, step, state)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(run_config(tiny_run, resumed, "train.save_every=3", "method.dropout=0.1"), progress=False)
+    assert not (resumed / "adapter").exists()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    trainer.train(run_config(tiny_run, resumed, "train.save_every=3", "method.dropout=0.1"), progress=False)
+
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
