@@ -52,7 +52,7 @@ def prepare(cfg: RunConfig, path: str, tokenizer) -> Examples:
     rows = load_rows(path)
     if d.text:
         check_columns(rows, path, [d.text])
-        return tokenize_text(rows, tokenizer, d.text, cfg.train.seq_len)
+        return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
     from jpeft.data import template_columns
     check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
     return tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len)

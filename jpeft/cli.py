@@ -1,0 +1,186 @@
+"""The `jpeft` command: parses arguments and calls library functions, nothing more."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EXAMPLES = {
+    "demo": "jpeft demo --out runs/demo",
+    "train": "jpeft train configs/dialogsum_lora.yaml model.path=my_llama train.steps=200 method.rank=16",
+    "eval": ("jpeft eval --model my_llama --adapter runs/lora/adapter --data test.jsonl "
+             "--prompt 'Dialogue:\\n{dialogue}\\nSummary: ' --target summary1,summary2,summary3 --limit 100"),
+    "generate": "jpeft generate --model my_llama --adapter runs/lora/adapter --prompt 'Hello' --max-new-tokens 32",
+    "merge": "jpeft merge --model my_llama --adapter runs/lora/adapter --out merged_llama",
+    "info": "jpeft info --model my_llama --adapter runs/lora/adapter",
+    "bench": "jpeft bench --against hf-peft --json",
+}
+
+
+def unescape(text: str) -> str:
+    r"""Templates typed on a shell: `\n` and `\t` mean newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
+    """(model, params, tokenizer) for a base HF dir plus an optional PEFT adapter dir."""
+    import jpeft
+    from jpeft.train.trainer import load_tokenizer
+
+    model, params = jpeft.from_pretrained(model_dir, dtype=dtype)
+    if adapter_dir:
+        params = jpeft.load_adapter(adapter_dir, params)
+    return model, params, load_tokenizer(model_dir)
+
+
+def cmd_demo(args) -> None:
+    from jpeft.demo import run_demo
+    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed)
+
+
+def cmd_train(args) -> None:
+    from jpeft.config import load_config
+    from jpeft.train import train
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.exists(config):  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    overrides = [unescape(o) if o.startswith("data.prompt=") else o for o in overrides]
+    record = train(load_config(config, overrides))
+    print(json.dumps(record))
+
+
+def cmd_eval(args) -> None:
+    from jpeft.data import check_columns, load_rows, template_columns
+    from jpeft.evaluate import evaluate_generation
+
+    prompt, targets = unescape(args.prompt), [t for t in args.target.split(",") if t]
+    rows = load_rows(args.data)
+    if args.limit:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    check_columns(rows, args.data, sorted(set(template_columns(prompt)) | set(targets)))
+    model, params, tokenizer = load(args.model, args.adapter, args.dtype)
+    result = evaluate_generation(model, params, tokenizer, rows, prompt, targets, args.max_new_tokens,
+                                 args.batch_size, progress=True)
+    text = json.dumps(result)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+def cmd_generate(args) -> None:
+    from jpeft.generate import generate_text
+    model, params, tokenizer = load(args.model, args.adapter, args.dtype)
+    [text] = generate_text(model, params, tokenizer, [unescape(args.prompt)], args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(text)
+
+
+def cmd_merge(args) -> None:
+    import jpeft
+    model, params, _ = load(args.model, args.adapter)
+    jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model)
+    print(f"merged model written to {args.out}")
+
+
+def cmd_info(args) -> None:
+    import jpeft
+    model, params, _ = load(args.model, args.adapter)
+    cfg = model.config
+    print(f"architecture: {cfg.model_type} · {cfg.num_layers} layers · hidden {cfg.hidden_size} · "
+          f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
+          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · rope {cfg.rope_type}")
+    print(jpeft.parameter_report(params))
+
+
+def cmd_bench(args) -> None:
+    from jpeft import bench
+    bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full or LoRA, "
+                                  "evaluate, generate, merge, benchmark.",
+        epilog="Every command has --help with an example. Start with: jpeft demo")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = command("demo", cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
+                "fine-tune it (full and LoRA) to summarize, evaluate against the base.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--data", default=None, help="DialogSum-shaped JSONL (default: ../shared/data/dialogsum)")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"],
+                   help="tiny: a seconds-long smoke run (used by the tests)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
+                "Re-running on the same out_dir resumes.")
+    p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4")
+
+    def model_args(p, adapter=True):
+        p.add_argument("--model", required=True, help="HF model directory")
+        if adapter:
+            p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weight dtype on load")
+
+    p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
+                "against one or more reference columns.")
+    model_args(p)
+    p.add_argument("--data", required=True, help="JSONL / CSV / parquet file or a `datasets` dir")
+    p.add_argument("--prompt", required=True, help=r"template with {column} placeholders; \n means newline")
+    p.add_argument("--target", required=True, help="reference column(s), comma-separated")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="also write the JSON result here")
+
+    p = command("generate", cmd_generate, "Continue a prompt with the model (and adapter).")
+    model_args(p)
+    p.add_argument("--prompt", required=True, help=r"the text to continue; \n means newline")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("merge", cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
+    model_args(p)
+    p.add_argument("--out", required=True, help="output HF model directory")
+
+    p = command("info", cmd_info, "Architecture and parameter counts (trainable %% with an adapter).")
+    model_args(p)
+
+    p = command("bench", cmd_bench, "Train-step throughput, compile time and peak memory of jpeft "
+                "(LoRA and full), optionally against HF PEFT in PyTorch.")
+    from jpeft import bench
+    bench.add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose or args.command in ("train", "demo"):
+        logging.getLogger("jpeft").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from jpeft.errors import JpeftError
+    try:
+        args.fn(args)
+    except JpeftError as e:
+        print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

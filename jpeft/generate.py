@@ -1,0 +1,149 @@
+"""KV-cache decoding (greedy and sampling) for jpeft's causal LMs.
+
+Prompts are left-padded to a bucketed length, prefilled in one call, and decoded one
+token per step inside a single jit-compiled `lax.while_loop` that stops as soon as
+every row has emitted EOS. Adapter leaves in `params` are applied by the model itself,
+so an unmerged adapter needs nothing special here.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jpeft.errors import JpeftError
+from jpeft.models.llama import init_cache
+
+PROMPT_BUCKET = 32  # padded prompt lengths are multiples of this, so batches share compiled code
+EOS_SLOTS = 8  # EOS ids are padded with -1 (never generated) to this many, for the same reason
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             eos_token_id: int | Sequence[int] | None, pad_token_id: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0) -> list[list[int]]:
+    """Continue each prompt (token ids); return only the new tokens, cut before the first EOS.
+
+    temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
+    restricted to the top_k most likely (0: all) and to the smallest set whose probability
+    reaches top_p. The same seed gives the same output for the same batch.
+    """
+    cfg = model.config
+    check_prompts(prompts, cfg)
+    if max_new_tokens < 1:
+        raise JpeftError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= pad_token_id < cfg.vocab_size:
+        raise JpeftError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size}); "
+                         "pass the tokenizer's pad (or eos) id")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise JpeftError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
+    eos_slots = np.full(-(-max(len(eos), 1) // EOS_SLOTS) * EOS_SLOTS, -1, np.int32)
+    eos_slots[:len(eos)] = eos
+
+    width = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    tokens = _decode(model, max_new_tokens, temperature == 0, params, jnp.asarray(ids), jnp.asarray(mask),
+                     jnp.asarray(eos_slots), jnp.float32(temperature or 1.0), jnp.int32(top_k),
+                     jnp.float32(top_p), jax.random.key(seed))
+    return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
+
+
+def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                  batch_size: int = 8, **sampling) -> list[str]:
+    """Tokenize, generate in batches, detokenize. EOS/pad ids default to the tokenizer's."""
+    if not prompts:
+        raise JpeftError("no prompts given; pass at least one prompt string")
+    if batch_size < 1:
+        raise JpeftError(f"batch_size must be >= 1, got {batch_size}")
+    sampling.setdefault("eos_token_id", tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling.setdefault("pad_token_id", pad or 0)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    check_prompts(encoded, model.config)  # up front, so an error names the prompt's global index
+    starts = range(0, len(encoded), batch_size)
+    outputs = []
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
+        new = generate(model, params, encoded[start:start + batch_size], max_new_tokens, **sampling)
+        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return outputs
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> None:
+    """Refuse prompts the model cannot read, naming the offending one."""
+    if not prompts:
+        raise JpeftError("no prompts given; pass at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise JpeftError(f"prompt {i} is empty; give every prompt at least one token (e.g. BOS)")
+        if len(prompt) > cfg.max_position_embeddings:
+            raise JpeftError(f"prompt {i} has {len(prompt)} tokens but the model reads at most "
+                             f"{cfg.max_position_embeddings} (max_position_embeddings); shorten or truncate it")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise JpeftError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}); "
+                             "was it tokenized with this model's tokenizer?")
+
+
+def _cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:i]
+    return tokens
+
+
+def _pick(logits, key, greedy, temperature, top_k, top_p):
+    """Next token per row from logits [B, V]: argmax, or a top-k/top-p filtered sample."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    order = jnp.argsort(-logits, axis=-1)  # stable: ties keep the lower id first, as argmax
+    ranked = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    rank = jnp.arange(ranked.shape[-1])
+    ranked = jnp.where((top_k == 0) | (rank < top_k), ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token always survives
+    ranked = jnp.where((top_p >= 1) | (mass_before < top_p), ranked, -jnp.inf)
+    choice = jax.random.categorical(key, ranked, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(model, max_new_tokens, greedy, params, ids, mask, eos, temperature, top_k, top_p, key):
+    """Prefill + decode loop -> tokens [B, max_new_tokens]; what follows a row's first EOS is filler.
+
+    Compiled once per (model, batch, padded prompt length, max_new_tokens, greedy); the
+    sampling knobs are traced, so changing them does not recompile.
+    """
+    batch, width = ids.shape
+    pick = functools.partial(_pick, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
+    cache = init_cache(model.config, batch, width + max_new_tokens, jnp.dtype(model.config.dtype))
+    positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
+    logits, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache)
+    first = pick(logits[:, -1], jax.random.fold_in(key, 0))
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    lengths = mask.sum(axis=-1)  # the position of the first new token
+
+    def body(state):
+        step, tokens, done, cache = state
+        prev = tokens[:, step - 1]
+        logits, cache = model.apply({"params": params}, prev[:, None], attention_mask=jnp.ones((batch, 1), jnp.int32),
+                                    positions=(lengths + step - 1)[:, None], cache=cache)
+        token = pick(logits[:, -1], jax.random.fold_in(key, step))
+        token = jnp.where(done, prev, token)  # a finished row repeats its EOS
+        return step + 1, tokens.at[:, step].set(token), done | is_eos(token), cache
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_new_tokens) & ~done.all()
+
+    _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, is_eos(first), cache))
+    return tokens

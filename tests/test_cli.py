@@ -1,0 +1,103 @@
+"""The `jpeft` command line, end to end on a tiny model and DialogSum-shaped rows."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jpeft
+from jpeft.cli import EXAMPLES, main
+
+COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench"]
+
+
+def test_top_level_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "jpeft.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in COMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example:" in capsys.readouterr().out and EXAMPLES[command].startswith(f"jpeft {command}")
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_train")
+    code = main(["train", f"model.path={tiny_run['model']}", f"data.train={tiny_run['train']}",
+                 r"data.prompt=Dialogue:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=2",
+                 "train.batch_size=4", "train.seq_len=64", "method.rank=2", f"out_dir={out}"])
+    assert code == 0
+    assert "\n{dialogue}\n" in (out / "config.yaml").read_text().replace("\\n", "\n")
+    return out / "adapter"
+
+
+def test_eval_writes_metrics(tiny_run, trained_adapter, tmp_path, capsys):
+    rows = [json.loads(line) for line in open(tiny_run["eval"])]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({**r, "summary2": r["summary"].upper()}) + "\n" for r in rows))
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", tiny_run["model"], "--adapter", str(trained_adapter), "--data", str(data),
+                 "--prompt", r"Dialogue:\n{dialogue}\nSummary: ", "--target", "summary,summary2",
+                 "--max-new-tokens", "4", "--limit", "3", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert set(printed) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "n"} and printed["n"] == 3
+
+
+def test_eval_missing_column_is_an_error(tiny_run, capsys):
+    code = main(["eval", "--model", tiny_run["model"], "--data", tiny_run["eval"], "--prompt", "{dialog}",
+                 "--target", "summary"])
+    assert code == 2 and "dialog" in capsys.readouterr().err
+
+
+def test_generate_with_adapter(tiny_run, trained_adapter, capsys):
+    assert main(["generate", "--model", tiny_run["model"], "--adapter", str(trained_adapter),
+                 "--prompt", "#Person1#: Hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", tiny_run["model"], "--adapter", str(trained_adapter), "--out", str(out)]) == 0
+    model, base = jpeft.from_pretrained(tiny_run["model"])
+    adapted = jpeft.load_adapter(str(trained_adapter), base)
+    ids = np.arange(1, 12)[None]
+    reference = np.asarray(model.apply({"params": adapted}, ids))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), reference, atol=2e-4, rtol=0)
+    assert transformers.AutoTokenizer.from_pretrained(out) is not None
+
+
+def test_info_reports_counts(tiny_run, trained_adapter, capsys):
+    assert main(["info", "--model", tiny_run["model"], "--adapter", str(trained_adapter)]) == 0
+    out = capsys.readouterr().out
+    _, base = jpeft.from_pretrained(tiny_run["model"])
+    trainable, total = jpeft.count_parameters(jpeft.load_adapter(str(trained_adapter), base))
+    assert "architecture: llama" in out and f"trainable params: {trainable:,d} || all params: {total:,d}" in out
+
+
+def test_bad_override_is_an_error(tiny_run, capsys):
+    assert main(["train", f"model.path={tiny_run['model']}", "train.lrr=1"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+
+
+def test_demo_tiny(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"base", "full", "lora", "lead", "trainable_params", "total_params", "seconds"}
+    for name in ("base", "full", "lora"):
+        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll"}
+    assert summary["trainable_params"]["full"] == summary["total_params"] > summary["trainable_params"]["lora"]
+    for path in ("base/config.json", "base/tokenizer.json", "full/model/model.safetensors",
+                 "lora/adapter/adapter_config.json", "loss_curves.png"):
+        assert (tmp_path / path).exists(), path
+    assert "ROUGE-L" in capsys.readouterr().out

@@ -1,0 +1,144 @@
+"""KV-cache decoding against transformers' generate, EOS handling, sampling, errors."""
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jpeft
+from conftest import make_hf_model, save_hf_model
+from jpeft import tree as T
+from jpeft.generate import _decode, generate, generate_text
+from jpeft.peft import lora
+
+PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
+PAD, NEW = 0, 12
+SHARP = dict(initializer_range=0.2)  # at the default 0.02 attention is so flat that wrong positions pass
+
+
+def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
+    """transformers' greedy generate on left-padded prompts, new tokens cut before the first EOS."""
+    width = max(map(len, prompts))
+    ids = np.array([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = ref_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=eos_token_id)
+    rows = out[:, width:].tolist()
+    return [row[:row.index(eos_token_id)] if eos_token_id in row else row for row in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ref_model = make_hf_model("llama", **SHARP)
+    return jpeft.from_pretrained(save_hf_model(ref_model, tmp_path_factory.mktemp("llama")))
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}),
+    ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # biases, MQA, tied head
+    ("mistral", dict(sliding_window=4)),  # the window must hold across the cache
+])
+def test_greedy_matches_transformers(model_type, overrides, tmp_path):
+    ref_model = make_hf_model(model_type, **SHARP, **overrides)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    unstopped = hf_generate(ref_model, PROMPTS, NEW, eos_token_id=None)
+    assert generate(model, params, PROMPTS, NEW, eos_token_id=None) == unstopped
+    eos = unstopped[1][4]  # a token greedy decoding emits, so stopping is exercised
+    assert generate(model, params, PROMPTS, NEW, eos_token_id=eos) == hf_generate(ref_model, PROMPTS, NEW, eos)
+
+
+def test_unmerged_lora_matches_merged_transformers(tiny, tmp_path):
+    model, base = tiny
+    params = jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]).init(jax.random.key(0), base)
+    flat = T.flatten(params)
+    paths = [p for p in flat if p.endswith("/lora_b")]
+    for path, key in zip(paths, jax.random.split(jax.random.key(1), len(paths))):
+        flat[path] = 0.1 * jax.random.normal(key, flat[path].shape)
+    params = T.unflatten(flat)
+    jpeft.save_pretrained(str(tmp_path), model, lora.merge(params))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+
+    out = generate(model, params, PROMPTS, NEW, eos_token_id=None)
+    assert out == hf_generate(merged, PROMPTS, NEW, eos_token_id=None)
+    assert out != generate(model, base, PROMPTS, NEW, eos_token_id=None)  # the adapter matters
+
+
+def test_eos_truncates_each_row(tiny):
+    model, params = tiny
+    full = generate(model, params, PROMPTS, NEW, eos_token_id=None)
+    assert [len(row) for row in full] == [NEW] * len(PROMPTS)
+    for eos in ([full[0][3]], [full[0][3], full[2][5]]):
+        stopped = generate(model, params, PROMPTS, NEW, eos_token_id=eos)
+        for row, ref in zip(stopped, full):
+            cut = next((i for i, t in enumerate(ref) if t in eos), len(ref))
+            assert row == ref[:cut]
+        assert len(stopped[0]) <= 3
+
+
+def test_sampling_is_seeded_and_filtered(tiny):
+    model, params = tiny
+    greedy = generate(model, params, PROMPTS, NEW, eos_token_id=None)
+    sample = lambda seed, **kw: generate(model, params, PROMPTS, NEW, None, temperature=1.0, seed=seed, **kw)
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    assert sample(3, top_k=1) == greedy
+    assert sample(3, top_p=1e-6) == greedy
+
+    # First token of 64 copies of one prompt: always among the top 3, yet not always the same.
+    prompt = PROMPTS[1]
+    logits = np.asarray(model.apply({"params": params}, np.array([prompt])))[0, -1]
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    first = [row[0] for row in generate(model, params, [prompt] * 64, 1, None, temperature=2.0, top_k=3)]
+    assert set(first) <= top3 and len(set(first)) > 1
+    # top_p: only the smallest set of most likely tokens whose probability reaches p.
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[:np.searchsorted(np.cumsum(probs[order]), 0.2) + 1].tolist())
+    first = [row[0] for row in generate(model, params, [prompt] * 64, 1, None, temperature=1.0, top_p=0.2)]
+    assert set(first) <= nucleus
+
+
+def test_same_shapes_do_not_recompile(tiny):
+    model, params = tiny
+    generate(model, params, PROMPTS, 4, eos_token_id=None, temperature=1.0)
+    compiled = _decode._cache_size()
+    other = [[3, 4], [50] * 20, [7] * 11]  # same batch size and prompt bucket
+    generate(model, params, other, 4, eos_token_id=[5, 6], temperature=0.5, top_k=5, top_p=0.9, seed=7)
+    assert _decode._cache_size() == compiled
+
+
+def test_generate_text_batches_and_decodes(tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    model, params = tiny
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>")
+    texts = [" ".join(f"w{t}" for t in p if t > 2) for p in PROMPTS]
+    out = generate_text(model, params, tokenizer, texts, max_new_tokens=6, batch_size=2)
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    assert all(i[0] == 1 for i in ids)
+    new = generate(model, params, ids[:2], 6, eos_token_id=2) + generate(model, params, ids[2:], 6, eos_token_id=2)
+    expected = tokenizer.batch_decode(new, skip_special_tokens=True)
+    assert out == expected and all(out)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (([], 4), {}, "no prompts"),
+    (([[5], []], 4), {}, "prompt 1 is empty"),
+    (([[5]], 0), {}, "max_new_tokens must be >= 1"),
+    (([[5] * 129], 4), {}, "prompt 0 has 129 tokens.*max_position_embeddings"),
+    (([[5, 97]], 4), {}, "outside \\[0, 97\\)"),
+    (([[5]], 4), dict(pad_token_id=-1), "pad_token_id -1"),
+    (([[5]], 4), dict(top_p=0.0), "0 < top_p <= 1"),
+    (([[5]], 4), dict(temperature=-1.0), "temperature >= 0"),
+])
+def test_user_errors(tiny, args, kwargs, match):
+    model, params = tiny
+    with pytest.raises(jpeft.JpeftError, match=match):
+        generate(model, params, *args, eos_token_id=None, **kwargs)
