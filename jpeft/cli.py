@@ -182,5 +182,18 @@ def main(argv=None) -> int:
     return 0
 
 
+# glibc keeps freed memory instead of returning and re-faulting ~GBs every step: 1.2-1.6x
+# faster train steps on CPU (DESIGN.md §6). It must be set before the process starts.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+              "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def entry() -> None:
+    """The console script: re-exec once with the tuned allocator unless the user set their own."""
+    if sys.platform.startswith("linux") and not any(k in os.environ for k in MALLOC_ENV):
+        os.execve(sys.executable, [sys.executable, "-m", "jpeft.cli", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

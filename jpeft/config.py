@@ -61,6 +61,8 @@ class TrainConfig:
     warmup: int = 10
     seed: int = 0
     grad_accum: int = 1
+    fsdp: int = 1  # mesh axes: data = devices / (fsdp * tensor)
+    tensor: int = 1
     save_every: int = 0  # 0 = save only at the end
     eval_every: int = 0  # 0 = evaluate only at the end
     log_every: int = 10
@@ -86,7 +88,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "method.name": ("full", "lora"),
 }
-_POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
+_POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.fsdp", "train.tensor",
              "method.rank", "train.log_every", "data.max_new_tokens")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
                  "train.lr", "method.alpha", "data.eval_limit")

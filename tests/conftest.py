@@ -73,3 +73,19 @@ def tiny_run(tmp_path_factory):
             f.writelines(json.dumps(r) + "\n" for r in part)
     return {"model": model_dir, "train": str(root / "train.jsonl"), "eval": str(root / "eval.jsonl"),
             "root": root}
+
+
+def run_config(run, out, *extra):
+    """A short supervised run on `tiny_run`, with extra key=value overrides."""
+    from jpeft.config import load_config
+    return load_config(None, [
+        f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
+        "data.prompt=Summarize:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=6",
+        "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.warmup=1", "train.lr=5e-3",
+        f"out_dir={out}", *extra])
+
+
+def read_metrics(out):
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

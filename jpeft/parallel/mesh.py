@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft import tree as T
+from jpeft.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES = (
@@ -30,6 +31,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     devices = jax.devices() if devices is None else devices
     if data == -1:
         data = len(devices) // (fsdp * tensor)
+    if data < 1 or data * fsdp * tensor > len(devices):
+        raise ConfigError(f"a mesh of fsdp={fsdp} x tensor={tensor} needs more than the {len(devices)} devices here")
     shape = (data, fsdp, tensor)
     return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), MESH_AXES)
 
@@ -64,8 +67,14 @@ def param_shardings(params, abstract_base, mesh: Mesh):
     return T.map_with_path(sharding, params)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
+def batch_placer(mesh: Mesh, batch_size: int):
+    """Shard [grad_accum, batch, T] batches over the mesh's data-parallel axes."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways:
+        raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {ways} data-parallel "
+                          f"devices (data x fsdp) of the mesh")
+    sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    return lambda batch: jax.device_put(batch, sharding)
 
 
 def _size(axis, sizes) -> int:

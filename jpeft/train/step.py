@@ -34,8 +34,12 @@ def init_state(trainable, optimizer) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
 
 
-def make_train_step(model, optimizer, seed: int, dropout: bool):
-    """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T]."""
+def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=None):
+    """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T].
+
+    With `state_shardings` the new state keeps exactly the layout of the old one (pjit style);
+    the frozen partition and the batch keep whatever sharding they were placed with.
+    """
     base_key = jax.random.key(seed)
 
     def step(state, frozen, batch):
@@ -60,7 +64,8 @@ def make_train_step(model, optimizer, seed: int, dropout: bool):
                      "opt_state": opt_state}
         return new_state, {"loss": loss / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
 
-    return jax.jit(step, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
 
 
 def make_eval_step(model):

@@ -22,7 +22,8 @@ from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised, tokenize_text
 from jpeft.errors import ConfigError
-from jpeft.models.hf import copy_tokenizer, from_pretrained, save_pretrained
+from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
+from jpeft.parallel import batch_placer, make_mesh, param_shardings
 from jpeft.peft import Full, LoRA, parameter_report
 from jpeft.peft.hf_format import save_adapter
 from jpeft.train import checkpoint
@@ -107,20 +108,24 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
     method = build_method(cfg)
     params = method.init(jax.random.key(tc.seed), params)
+    log.info("%s: %s", method, parameter_report(params, method.mask(params)))
+    mesh = make_mesh(fsdp=tc.fsdp, tensor=tc.tensor)
+    params = jax.device_put(params, param_shardings(params, abstract_params(model), mesh))
     trainable, frozen = T.partition(params, method.mask(params))
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    log.info("%s: %s", method, parameter_report(params, method.mask(params)))
+    place_batch = batch_placer(mesh, tc.batch_size)
 
     optimizer = adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio)
     lr_at = schedule(tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
-    state = init_state(trainable, optimizer)
+    state = jax.jit(init_state, static_argnums=1)(trainable, optimizer)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     mngr = checkpoint.manager(cfg.out_dir)
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
         state = restored
         log.info("resuming %s from step %d", cfg.out_dir, int(state["step"]))
     start = int(state["step"])
-    train_step = make_train_step(model, optimizer, tc.seed, dropout=getattr(method, "dropout", 0) > 0)
+    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, state_shardings)
     eval_step = make_eval_step(model)
     data = batches(train_examples, tc.batch_size * tc.grad_accum, tc.seed, start_step=start)
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start)
@@ -128,7 +133,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tokens = time.perf_counter(), 0
     for step in range(start + 1, tc.steps + 1):
-        batch = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in next(data).items()}
+        batch = place_batch({k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in next(data).items()})
         state, out = train_step(state, frozen, batch)
         tokens += batch["input_ids"].size
         last = step == tc.steps

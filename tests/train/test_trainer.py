@@ -9,21 +9,8 @@ from safetensors.numpy import load_file
 
 import jpeft
 from jpeft import tree as T
-from jpeft.config import load_config
 from jpeft.train import checkpoint, trainer
-
-
-def run_config(run, out, *extra):
-    return load_config(None, [
-        f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
-        "data.prompt=Summarize:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=6",
-        "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.warmup=1", "train.lr=5e-3",
-        f"out_dir={out}", *extra])
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from conftest import read_metrics, run_config
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
