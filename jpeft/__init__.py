@@ -4,14 +4,23 @@
     params = jpeft.LoRA(rank=8, alpha=16, targets=["q_proj", "v_proj"]).init(key, params)
     logits = model.apply({"params": params}, input_ids)
     jpeft.save_adapter("out/adapter", params); plain = jpeft.merge(params)
-"""
-from jpeft.errors import AdapterError, CheckpointError, ConfigError, DataError, JpeftError
-from jpeft.models import from_pretrained, save_pretrained
-from jpeft.peft import Full, LoRA, count_parameters, merge, parameter_report, trainable_mask
-from jpeft.peft.hf_format import load_adapter, save_adapter
 
-__all__ = [
-    "from_pretrained", "save_pretrained", "LoRA", "Full", "trainable_mask", "merge",
-    "count_parameters", "parameter_report", "save_adapter", "load_adapter",
-    "JpeftError", "CheckpointError", "AdapterError", "ConfigError", "DataError",
-]
+Names load on first use, so `jpeft --help` and the PyTorch bench worker never import jax.
+"""
+import importlib
+
+from jpeft.errors import AdapterError, CheckpointError, ConfigError, DataError, JpeftError
+
+_LAZY = {
+    "from_pretrained": "jpeft.models.hf", "save_pretrained": "jpeft.models.hf",
+    "LoRA": "jpeft.peft", "Full": "jpeft.peft", "trainable_mask": "jpeft.peft", "merge": "jpeft.peft",
+    "count_parameters": "jpeft.peft", "parameter_report": "jpeft.peft",
+    "save_adapter": "jpeft.peft.hf_format", "load_adapter": "jpeft.peft.hf_format",
+}
+__all__ = [*_LAZY, "JpeftError", "CheckpointError", "AdapterError", "ConfigError", "DataError"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jpeft' has no attribute {name!r}")

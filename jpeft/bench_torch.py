@@ -1,0 +1,134 @@
+"""The PyTorch / HF PEFT side of ``jpeft bench --against hf-peft``.
+
+Runs as its own process (``python -m jpeft.bench_torch --json-args '{...}'``) and never
+imports jax, so the two frameworks never share threads or memory in one measurement.
+When several modes are asked for, the script re-launches itself once per mode so each
+mode's ``peak_rss_mb`` (process-wide ``ru_maxrss``) is its own.
+Prints one JSON line: ``{"lora": {...}, "full": {...}, "torch": ..., "threads": ...}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jpeft.errors import JpeftError
+
+DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 512, "num_layers": 8, "num_heads": 8,
+    "num_kv_heads": 8, "intermediate_size": 1408, "batch": 8, "seq": 256,
+    "rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
+    "steps": 5, "warmup": 2, "modes": ["lora", "full"], "seed": 0,
+}
+
+
+def _build(a: dict, mode: str):
+    """A random-initialised float32 Llama, LoRA-wrapped for mode 'lora'."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(a["seed"])
+    cfg = LlamaConfig(
+        vocab_size=a["vocab_size"], hidden_size=a["hidden_size"],
+        num_hidden_layers=a["num_layers"], num_attention_heads=a["num_heads"],
+        num_key_value_heads=a["num_kv_heads"], intermediate_size=a["intermediate_size"],
+        tie_word_embeddings=False, max_position_embeddings=max(2048, a["seq"]),
+    )
+    model = LlamaForCausalLM(cfg).float()
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=a["rank"], lora_alpha=a["alpha"], target_modules=list(a["targets"]),
+            lora_dropout=0.0))
+    elif mode != "full":
+        raise JpeftError(f"bench_torch: unknown mode {mode!r}; use 'lora' or 'full'")
+    return model.train()
+
+
+def _measure(a: dict, mode: str) -> dict:
+    """Time forward + next-token cross-entropy + backward + AdamW step + zero_grad."""
+    import torch
+
+    model = _build(a, mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(a["seed"])
+    ids = torch.randint(0, a["vocab_size"], (a["batch"], a["seq"]), generator=gen)
+    step_s = []
+    for i in range(a["warmup"] + a["steps"]):
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= a["warmup"]:
+            step_s.append(time.perf_counter() - t0)
+    tokens = a["batch"] * a["seq"]
+    return {
+        "tok_s": statistics.median(tokens / s for s in step_s),
+        "step_s": step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_hf_peft(args: dict, timeout: float) -> dict:
+    """Run the benchmark in a fresh interpreter, so torch never loads next to jax."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "jpeft.bench_torch", "--json-args", json.dumps(args)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise JpeftError(f"hf-peft benchmark ran past {timeout:.0f}s; "
+                         "lower --steps/--seq or raise the timeout") from None
+    tail = proc.stderr.strip()[-2000:]
+    if proc.returncode != 0:
+        if "No module named 'torch'" in tail or "No module named 'peft'" in tail:
+            raise JpeftError("--against hf-peft needs torch and peft: "
+                             f"pip install torch peft\n{tail}")
+        raise JpeftError(f"hf-peft benchmark (jpeft/bench_torch.py) failed:\n{tail}")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise JpeftError(f"hf-peft benchmark printed no JSON result:\n{tail}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json-args", default="{}", help="JSON dict overriding defaults")
+    for key, value in DEFAULTS.items():
+        kind = type(value[0]) if isinstance(value, list) else type(value)
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind,
+                            nargs="+" if isinstance(value, list) else None)
+    ns = parser.parse_args(argv)
+    json_args = json.loads(ns.json_args)
+    unknown = set(json_args) - set(DEFAULTS)
+    if unknown:
+        raise JpeftError(f"bench_torch --json-args: unknown keys {sorted(unknown)}; "
+                         f"known keys are {sorted(DEFAULTS)}")
+    a = {**DEFAULTS, **json_args,
+         **{k: v for k, v in vars(ns).items() if k in DEFAULTS and v is not None}}
+    if len(a["modes"]) > 1:
+        runs = {mode: run_hf_peft({**a, "modes": [mode]}, timeout=None) for mode in a["modes"]}
+        last = runs[a["modes"][-1]]
+        print(json.dumps({**{m: r[m] for m, r in runs.items()},
+                          "torch": last["torch"], "threads": last["threads"]}))
+        return
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    result = {mode: _measure(a, mode) for mode in a["modes"]}
+    print(json.dumps({**result, "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
