@@ -30,6 +30,7 @@ from jpeft.errors import ConfigError
 class ModelConfig:
     path: str | None = None
     dtype: str = "float32"
+    remat: str = "none"  # rematerialise layer activations: none | full | dots
 
 
 @dataclass
@@ -86,6 +87,7 @@ _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SE
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
     "method.name": ("full", "lora"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.fsdp", "train.tensor",

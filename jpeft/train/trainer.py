@@ -102,6 +102,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype)
+    model = model.clone(config=model.config.replace(remat=cfg.model.remat))
     tokenizer = load_tokenizer(cfg.model.path)
     train_examples = prepare(cfg, cfg.data.train, tokenizer)
     eval_examples = prepare(cfg, cfg.data.eval, tokenizer) if cfg.data.eval else None
