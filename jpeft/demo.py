@@ -25,7 +25,7 @@ from jpeft.config import RunConfig, load_config
 from jpeft.data import load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import DataError
-from jpeft.evaluate import evaluate_generation, text_metrics
+from jpeft.evaluate import predict, text_metrics
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import build, from_pretrained, save_pretrained
 from jpeft.peft import count_parameters
@@ -39,9 +39,9 @@ DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 PROMPT = "{dialogue}\nSummary: "
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
-                    base=dict(steps=300, batch_size=16, seq_len=256, lr=3e-3, warmup=30),
-                    full=dict(steps=160, batch_size=8, seq_len=320, lr=5e-4, warmup=10),
-                    lora=dict(steps=160, batch_size=8, seq_len=320, lr=3e-3, warmup=10, rank=16)),
+                    base=dict(steps=220, batch_size=16, seq_len=256, lr=1e-3, warmup=20),
+                    full=dict(steps=140, batch_size=8, seq_len=320, lr=5e-4, warmup=10),
+                    lora=dict(steps=140, batch_size=8, seq_len=320, lr=3e-3, warmup=10, rank=16)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
                  full=dict(steps=3, batch_size=4, seq_len=96, lr=1e-3, warmup=1),
@@ -105,7 +105,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
 
     log.info("demo: 1/3 training the base language model on dialogues")
     base_run = os.path.join(work, "base_run")
-    train(run_config(model={"path": init_dir}, method={"name": "full"},
+    train(run_config(model={"path": init_dir, "dtype": "bfloat16"}, method={"name": "full"},
                      data={"train": train_file, "text": "dialogue"}, train={**p["base"], "seed": seed,
                                                                            "log_every": 10},
                      out_dir=base_run))
@@ -114,15 +114,15 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
         shutil.rmtree(base_dir)
     os.replace(os.path.join(base_run, "model"), base_dir)
 
-    task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary"}
+    task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary", "eval_limit": 0}
     log.info("demo: 2/3 full fine-tuning to summarize")
-    full_cfg = run_config(model={"path": base_dir}, method={"name": "full"}, data=task,
+    full_cfg = run_config(model={"path": base_dir, "dtype": "bfloat16"}, method={"name": "full"}, data=task,
                           train={**p["full"], "seed": seed, "log_every": 10}, out_dir=os.path.join(out, "full"))
     train(full_cfg)
     log.info("demo: 3/3 LoRA fine-tuning to summarize")
     lora_p = dict(p["lora"])
     rank = lora_p.pop("rank")
-    lora_cfg = run_config(model={"path": base_dir},
+    lora_cfg = run_config(model={"path": base_dir, "dtype": "bfloat16"},
                           method={"name": "lora", "rank": rank, "alpha": 2 * rank, "targets": LORA_TARGETS},
                           data=task, train={**lora_p, "seed": seed, "log_every": 10},
                           out_dir=os.path.join(out, "lora"))
@@ -134,13 +134,17 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     tokenizer = load_tokenizer(base_dir)
     examples = prepare(full_cfg, test_file, tokenizer)
     eval_step = make_eval_step(model)
-    summary = {}
+    summary, outputs = {}, {}
+    references = [[r["summary"]] for r in test_rows]
     for name, params in (("base", base_params), ("full", full_params), ("lora", lora_params)):
-        scores = evaluate_generation(model, params, tokenizer, test_rows, PROMPT, ["summary"],
-                                     p["max_new_tokens"], progress=True)
+        outputs[name] = predict(model, params, tokenizer, test_rows, PROMPT, p["max_new_tokens"])
+        scores = text_metrics(outputs[name], references)
         summary[name] = {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")}
         summary[name]["nll"] = mean_nll(eval_step, params, examples, 8)
-    lead_scores = text_metrics([lead(r["dialogue"]) for r in test_rows], [[r["summary"]] for r in test_rows])
+    write_jsonl(os.path.join(out, "predictions.jsonl"),
+                [{"fname": r.get("fname"), "reference": r["summary"], **{k: v[i] for k, v in outputs.items()}}
+                 for i, r in enumerate(test_rows)])
+    lead_scores = text_metrics([lead(r["dialogue"]) for r in test_rows], references)
     summary["lead"] = {k: lead_scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")}
     summary["trainable_params"] = {"full": T.count(base_params),
                                    "lora": count_parameters(lora_params)[0]}

@@ -58,28 +58,19 @@ def _check(predictions, references) -> list[list[str]]:
     return refs
 
 
-def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, batch_size: int = 16,
-            progress: bool = False) -> list[str]:
-    """Greedy continuations of the templated rows, decoded without special tokens."""
-    from tqdm.auto import tqdm
-
+def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of the templated rows (prompts cut from the left to fit the model)."""
     from jpeft.data import encode_prompts
-    from jpeft.generate import generate
+    from jpeft.generate import generate_text
 
-    max_prompt = model.config.max_position_embeddings - max_new_tokens
-    prompts = encode_prompts(rows, tokenizer, prompt, max_prompt)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-        outputs += generate(model, params, prompts[start:start + batch_size], max_new_tokens,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    prompts = encode_prompts(rows, tokenizer, prompt, model.config.max_position_embeddings - max_new_tokens)
+    return [text.strip() for text in generate_text(model, params, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def evaluate_generation(model, params, tokenizer, rows, prompt: str, target_columns: Sequence[str],
-                        max_new_tokens: int = 64, batch_size: int = 16, progress: bool = False) -> dict:
+                        max_new_tokens: int = 64, batch_size: int = 16) -> dict:
     """ROUGE/BLEU of greedy outputs against one or more reference columns per row."""
     rows = list(rows)
-    predictions = predict(model, params, tokenizer, rows, prompt, max_new_tokens, batch_size, progress)
+    predictions = predict(model, params, tokenizer, rows, prompt, max_new_tokens, batch_size)
     references = [[row[c] for c in target_columns] for row in rows]
     return text_metrics(predictions, references)

@@ -58,9 +58,12 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
 
 
-def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
                   batch_size: int = 8, **sampling) -> list[str]:
-    """Tokenize, generate in batches, detokenize. EOS/pad ids default to the tokenizer's."""
+    """Tokenize (unless given token ids), generate in batches, detokenize.
+
+    EOS/pad ids default to the tokenizer's.
+    """
     if not prompts:
         raise JpeftError("no prompts given; pass at least one prompt string")
     if batch_size < 1:
@@ -68,7 +71,8 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str], max_new_toke
     sampling.setdefault("eos_token_id", tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling.setdefault("pad_token_id", pad or 0)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
+               for p in prompts]
     check_prompts(encoded, model.config)  # up front, so an error names the prompt's global index
     starts = range(0, len(encoded), batch_size)
     outputs = []

@@ -82,10 +82,41 @@ def run_config(run, out, *extra):
         f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
         "data.prompt=Summarize:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=6",
         "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.warmup=1", "train.lr=5e-3",
-        f"out_dir={out}", *extra])
+        "data.eval_limit=0", f"out_dir={out}", *extra])
 
 
 def read_metrics(out):
     import json
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+# A tiny word-level tokenizer built offline, with BOS/EOS/PAD, for tokenization tests.
+WORDS = ("summarize the dialogue : a cat sat on mat dog ran to park and then home "
+         "hello world it is sunny today we go out").split()
+
+
+def make_tokenizer(bos: bool = True, pad: bool = True):
+    """WordLevel tokenizer over WORDS; adds <s> before each text when `bos`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>" if pad else None)
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tokenizer_without_pad():
+    return make_tokenizer(pad=False)

@@ -22,6 +22,7 @@ from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised, tokenize_text
 from jpeft.errors import ConfigError
+from jpeft.evaluate import evaluate_generation
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import batch_placer, make_mesh, param_shardings
 from jpeft.peft import Full, LoRA, parameter_report
@@ -70,6 +71,15 @@ def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
         s, c = eval_step(params, batch)
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
+
+
+def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
+    """ROUGE/BLEU of greedy outputs on the first `data.eval_limit` eval rows, keys prefixed `eval_`."""
+    rows = load_rows(cfg.data.eval)
+    rows = rows.select(range(min(cfg.data.eval_limit, len(rows))))
+    scores = evaluate_generation(model, params, tokenizer, rows, cfg.data.prompt, [cfg.data.target],
+                                 cfg.data.max_new_tokens, cfg.train.batch_size)
+    return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
 
 
 class MetricsLog:
@@ -145,8 +155,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                       "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
             tick, tokens = now, 0
             if eval_examples is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
-                record["eval_loss"] = mean_nll(eval_step, T.combine(state["trainable"], frozen),
-                                               eval_examples, tc.batch_size)
+                params = T.combine(state["trainable"], frozen)
+                record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
+                if last and cfg.data.target and cfg.data.eval_limit:
+                    record.update(generation_metrics(cfg, model, params, tokenizer))
             metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (tc.save_every and step % tc.save_every == 0) or last:

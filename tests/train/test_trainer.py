@@ -16,12 +16,14 @@ from conftest import read_metrics, run_config
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_loss_decreases_and_exports(tiny_run, tmp_path, method):
     cfg = run_config(tiny_run, tmp_path, f"method.name={method}", "train.steps=8", "train.grad_accum=2",
+                     "data.eval_limit=3", "data.max_new_tokens=4",
                      "method.targets=[q_proj,v_proj,down_proj,lm_head]", "train.lr=3e-2")
     final = trainer.train(cfg, progress=False)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss"} <= final.keys()
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_rougeL", "eval_bleu"} <= final.keys()
+    assert rows[-1] == final
     model, base = jpeft.from_pretrained(tiny_run["model"])
     if method == "lora":
         adapted = jpeft.load_adapter(str(tmp_path / "adapter"), base)
