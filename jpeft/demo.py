@@ -40,8 +40,8 @@ PROMPT = "{dialogue}\nSummary: "
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
                     base=dict(steps=220, batch_size=16, seq_len=256, lr=1e-3, warmup=20),
-                    full=dict(steps=140, batch_size=8, seq_len=320, lr=5e-4, warmup=10),
-                    lora=dict(steps=140, batch_size=8, seq_len=320, lr=3e-3, warmup=10, rank=16)),
+                    full=dict(steps=180, batch_size=8, seq_len=256, lr=1e-3, warmup=10),
+                    lora=dict(steps=180, batch_size=8, seq_len=256, lr=5e-3, warmup=10, rank=16)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
                  full=dict(steps=3, batch_size=4, seq_len=96, lr=1e-3, warmup=1),
