@@ -82,6 +82,17 @@ def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
 
 
+def save_on_interrupt(mngr, state, out_dir: str) -> None:
+    """Keep the work done so far: checkpoint the last completed step unless it is already saved."""
+    try:
+        step = int(state["step"])
+        if step and mngr.latest_step() != step:
+            checkpoint.save(mngr, step, state)
+        log.warning("interrupted after step %d; re-run the same command on %s to resume", step, out_dir)
+    except Exception as e:  # noqa: BLE001 - the interrupt matters more than a failed rescue
+        log.warning("interrupted; could not checkpoint the last step (%s)", e)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step; a resumed run drops lines past its checkpoint."""
 
@@ -143,27 +154,31 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     record: dict = {}
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tokens = time.perf_counter(), 0
-    for step in range(start + 1, tc.steps + 1):
-        batch = place_batch({k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in next(data).items()})
-        state, out = train_step(state, frozen, batch)
-        tokens += batch["input_ids"].size
-        last = step == tc.steps
-        if step % tc.log_every == 0 or last:
-            out = jax.device_get(out)
-            now = time.perf_counter()
-            record = {"step": step, "loss": float(out["loss"]), "lr": float(lr_at(step - 1)),
-                      "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
-            tick, tokens = now, 0
-            if eval_examples is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
-                params = T.combine(state["trainable"], frozen)
-                record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
-                if last and cfg.data.target and cfg.data.eval_limit:
-                    record.update(generation_metrics(cfg, model, params, tokenizer))
-            metrics.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (tc.save_every and step % tc.save_every == 0) or last:
-            checkpoint.save(mngr, step, state)
-        bar.update(1)
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            batch = place_batch({k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in next(data).items()})
+            state, out = train_step(state, frozen, batch)
+            tokens += batch["input_ids"].size
+            last = step == tc.steps
+            if step % tc.log_every == 0 or last:
+                out = jax.device_get(out)
+                now = time.perf_counter()
+                record = {"step": step, "loss": float(out["loss"]), "lr": float(lr_at(step - 1)),
+                          "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
+                tick, tokens = now, 0
+                if eval_examples is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+                    params = T.combine(state["trainable"], frozen)
+                    record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
+                    if last and cfg.data.target and cfg.data.eval_limit:
+                        record.update(generation_metrics(cfg, model, params, tokenizer))
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if (tc.save_every and step % tc.save_every == 0) or last:
+                checkpoint.save(mngr, step, state)
+            bar.update(1)
+    except KeyboardInterrupt:
+        save_on_interrupt(mngr, state, cfg.out_dir)
+        raise
     bar.close()
     metrics.close()
     export(cfg, model, T.combine(state["trainable"], frozen))

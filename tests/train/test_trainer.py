@@ -87,3 +87,30 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
+
+
+def test_interrupt_keeps_the_last_step_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C between checkpoints loses nothing: the last completed step is saved on the way out."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer.train(run_config(tiny_run, straight), progress=False)
+    real = trainer.make_train_step
+
+    def interrupting(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, frozen, batch):
+            if int(state["step"]) == 4:
+                raise KeyboardInterrupt
+            return step(state, frozen, batch)
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(run_config(tiny_run, resumed), progress=False)
+    assert checkpoint.manager(str(resumed)).latest_step() == 4
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    trainer.train(run_config(tiny_run, resumed), progress=False)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
