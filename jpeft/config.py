@@ -27,14 +27,14 @@ from jpeft.errors import ConfigError
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     path: str | None = None
     dtype: str = "float32"
     remat: str = "none"  # rematerialise layer activations: none | full | dots
 
 
 @dataclass
-class MethodConfig:
+class MethodSection:
     name: str = "lora"
     rank: int = 8
     alpha: float = 16.0
@@ -43,7 +43,7 @@ class MethodConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     train: str | None = None
     eval: str | None = None
     prompt: str | None = None
@@ -54,7 +54,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     steps: int = 100
     batch_size: int = 8
     seq_len: int = 256
@@ -73,14 +73,14 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
     out_dir: str = "runs/jpeft"
 
 
-_SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "train": TrainSection}
 _TOP_LEVEL = {"out_dir": str}
 _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SECTIONS.items()
                            for f in dataclasses.fields(cls)}}

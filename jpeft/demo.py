@@ -34,8 +34,10 @@ from jpeft.train.step import make_eval_step
 from jpeft.train.trainer import load_tokenizer, mean_nll, prepare, train
 
 log = logging.getLogger("jpeft.demo")
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dialogsum",
-                            "dialogsum.dev.jsonl")
+DIALOGSUM = os.path.join("shared", "data", "dialogsum", "dialogsum.dev.jsonl")
+# ../shared beside the repo: found from the (editable) package, else from the working directory.
+DEFAULT_DATA_CANDIDATES = (os.path.join(os.path.dirname(__file__), "..", "..", DIALOGSUM),
+                           os.path.join("..", DIALOGSUM))
 PROMPT = "{dialogue}\nSummary: "
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
@@ -86,7 +88,7 @@ def run_config(**sections) -> RunConfig:
 def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0) -> dict:
     started = time.time()
     p = PRESETS[preset]
-    data = data or DEFAULT_DATA
+    data = data or next((c for c in DEFAULT_DATA_CANDIDATES if os.path.exists(c)), DEFAULT_DATA_CANDIDATES[0])
     if not os.path.exists(data):
         raise DataError(f"{data}: demo data not found; pass --data with a DialogSum-shaped JSONL "
                         "(fields dialogue, summary)")

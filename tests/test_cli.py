@@ -103,3 +103,8 @@ def test_demo_tiny(tmp_path, capsys):
                  "lora/adapter/adapter_config.json", "loss_curves.png"):
         assert (tmp_path / path).exists(), path
     assert "ROUGE-L" in capsys.readouterr().out
+
+
+def test_demo_missing_data_is_an_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl: demo data not found; pass --data" in capsys.readouterr().err
