@@ -22,8 +22,7 @@ from jpeft.errors import CheckpointError
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
 
-WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
-                "generation_config.json")
+CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -147,7 +146,7 @@ def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
         return
     for name in os.listdir(src_dir):
         src = os.path.join(src_dir, name)
-        if os.path.isfile(src) and name not in WEIGHT_FILES[:3] and not name.endswith((".safetensors", ".bin")):
+        if os.path.isfile(src) and name not in CHECKPOINT_FILES and not name.endswith((".safetensors", ".bin")):
             shutil.copy2(src, os.path.join(dst_dir, name))
 
 

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict
-from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised, tokenize_text
+from jpeft.data import (Examples, batches, check_columns, load_rows, template_columns, tokenize_supervised,
+                        tokenize_text)
 from jpeft.errors import ConfigError
 from jpeft.evaluate import evaluate_generation
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
@@ -55,7 +56,6 @@ def prepare(cfg: RunConfig, path: str, tokenizer) -> Examples:
     if d.text:
         check_columns(rows, path, [d.text])
         return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
-    from jpeft.data import template_columns
     check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
     return tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len)
 
