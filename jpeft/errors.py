@@ -19,3 +19,15 @@ class ConfigError(JpeftError):
 
 class DataError(JpeftError):
     """A data file or row is malformed."""
+
+
+def read_json(path: str, error: type[JpeftError], needed_for: str) -> dict:
+    """A JSON file, or `error` naming it: missing (saying what needs it) or malformed."""
+    import json
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: not found; {needed_for}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); re-save it") from None

@@ -6,10 +6,9 @@ jpeft cannot honour is an error here rather than a silently different model.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
-from jpeft.errors import CheckpointError
+from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
@@ -121,11 +120,5 @@ def _rope_parameters(hf: dict, source: str) -> dict:
 
 
 def read_config(path: str) -> ModelConfig:
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; a model directory needs an HF config.json") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); re-save the checkpoint") from None
+    hf = read_json(path, CheckpointError, "a model directory needs an HF config.json")
     return ModelConfig.from_hf(hf, source=path)

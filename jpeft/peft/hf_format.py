@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jpeft import tree as T
-from jpeft.errors import AdapterError
+from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import is_stacked
 from jpeft.peft.lora import matches, module_name
 
@@ -88,13 +88,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isdir(adapter_dir):
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: not found; an HF PEFT adapter dir needs adapter_config.json") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, AdapterError, "an HF PEFT adapter dir needs adapter_config.json")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; "
                            "jpeft loads LORA adapters")
