@@ -30,11 +30,10 @@ MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
 
 def _model(a: dict):
     """The random Llama that bench_torch builds, as a jpeft module and float32 tree."""
-    import flax.linen as nn
     import jax
 
     from jpeft.models.config import ModelConfig
-    from jpeft.models.llama import CausalLM
+    from jpeft.models.llama import CausalLM, init_params
 
     cfg = ModelConfig(
         model_type="llama", vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"],
@@ -42,9 +41,7 @@ def _model(a: dict):
         head_dim=a["hidden"] // a["heads"], max_position_embeddings=max(2048, a["seq"]),
         dtype=a["dtype"], remat=a["remat"])
     model = CausalLM(cfg)
-    ids = jax.numpy.zeros((1, 1), jax.numpy.int32)
-    params = jax.jit(model.init)(jax.random.key(a["seed"]), ids)["params"]
-    return model, nn.meta.unbox(params)
+    return model, init_params(model, jax.random.key(a["seed"]))
 
 
 def _measure(a: dict, mode: str) -> dict:

@@ -16,9 +16,7 @@ import re
 import shutil
 import time
 
-import flax.linen as nn
 import jax
-import numpy as np
 
 from jpeft import tree as T
 from jpeft.config import RunConfig, load_config
@@ -28,6 +26,7 @@ from jpeft.errors import DataError
 from jpeft.evaluate import predict, text_metrics
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import build, from_pretrained, save_pretrained
+from jpeft.models.llama import init_params
 from jpeft.peft import count_parameters
 from jpeft.peft.hf_format import load_adapter
 from jpeft.train.step import make_eval_step
@@ -73,7 +72,7 @@ def init_base(out_dir: str, tokenizer, p: dict, seed: int) -> str:
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5).to_dict()
     model = build(ModelConfig.from_hf(hf))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), np.zeros((1, 1), np.int32))["params"])
+    params = init_params(model, jax.random.key(seed))
     save_pretrained(out_dir, model, params)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -49,6 +49,11 @@ def leaf_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
+def named(tree: Tree, names) -> Tree:
+    """Bool tree: True on leaves whose own name is in `names`."""
+    return map_with_path(lambda p, _: leaf_name(p) in names, tree)
+
+
 def select(tree: Tree, pattern: str | Iterable[str]) -> Tree:
     """Bool tree: True where the path matches a regex (re.search) in pattern."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)

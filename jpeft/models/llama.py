@@ -125,6 +125,12 @@ class CausalLM(nn.Module):
         return out, {"k": cache_kv[0], "v": cache_kv[1], "valid": valid, "index": index + t}
 
 
+def init_params(model: CausalLM, key) -> dict:
+    """A randomly initialised plain parameter tree (HF's normal(0.02) init)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(jax.jit(model.init)(key, ids)["params"])
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim], valid-slot mask, write index."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)

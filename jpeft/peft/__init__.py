@@ -9,7 +9,7 @@ TRAINABLE_LEAVES = frozenset(lora.TRAINABLE)
 
 def trainable_mask(params):
     """Bool tree: True exactly on adapter leaves (what every PEFT method trains)."""
-    return T.map_with_path(lambda p, _: T.leaf_name(p) in TRAINABLE_LEAVES, params)
+    return T.named(params, TRAINABLE_LEAVES)
 
 
 def merge(params):

@@ -85,7 +85,7 @@ class LoRA:
 
     def mask(self, params):
         """Trainable exactly where the LoRA factors are."""
-        return T.map_with_path(lambda p, _: T.leaf_name(p) in TRAINABLE, params)
+        return T.named(params, TRAINABLE)
 
 
 def apply(module, x, y):

@@ -130,10 +130,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
     method = build_method(cfg)
     params = method.init(jax.random.key(tc.seed), params)
-    log.info("%s: %s", method, parameter_report(params, method.mask(params)))
+    mask = method.mask(params)
+    log.info("%s: %s", method, parameter_report(params, mask))
     mesh = make_mesh(fsdp=tc.fsdp, tensor=tc.tensor)
     params = jax.device_put(params, param_shardings(params, abstract_params(model), mesh))
-    trainable, frozen = T.partition(params, method.mask(params))
+    trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     place_batch = batch_placer(mesh, tc.batch_size)
 

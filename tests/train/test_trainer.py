@@ -1,6 +1,4 @@
 """The training loop: learns, freezes what it must, resumes bit-exactly."""
-import json
-import os
 
 import jax
 import numpy as np
