@@ -13,8 +13,9 @@ from jpeft.errors import AdapterError, CheckpointError, ConfigError, DataError, 
 
 _LAZY = {
     "from_pretrained": "jpeft.models.hf", "save_pretrained": "jpeft.models.hf",
-    "LoRA": "jpeft.peft", "Full": "jpeft.peft", "trainable_mask": "jpeft.peft", "merge": "jpeft.peft",
-    "count_parameters": "jpeft.peft", "parameter_report": "jpeft.peft",
+    **{name: "jpeft.peft" for name in ("LoRA", "QLoRA", "IA3", "BitFit", "NormTuning", "Full", "freeze",
+                                       "trainable_mask", "merge", "count_parameters", "parameter_report")},
+    **{name: "jpeft.peft.multi" for name in ("add_adapter", "use_adapter", "route", "add_weighted_adapter")},
     "save_adapter": "jpeft.peft.hf_format", "load_adapter": "jpeft.peft.hf_format",
 }
 __all__ = [*_LAZY, "JpeftError", "CheckpointError", "AdapterError", "ConfigError", "DataError"]

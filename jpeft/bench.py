@@ -5,7 +5,7 @@ each HF PEFT mode does (jpeft/bench_torch.py), so every ``peak_rss_mb`` is one p
 own ``ru_maxrss`` and both sides run under the same environment. On CPU that environment
 matters: by default glibc malloc returns ~2 GB to the OS and re-faults it every step, so
 unless ``tune_malloc=False`` both sides run with `MALLOC_ENV`, which keeps memory
-(DESIGN.md §6), and the result reports the settings used.
+(docs/design.md §7), and the result reports the settings used.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 
-MODES = ("lora", "full")
+MODES = ("lora", "full", "qlora")
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
               "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20)}
 
@@ -51,16 +51,18 @@ def _measure(a: dict, mode: str) -> dict:
     import numpy as np
 
     from jpeft import tree as T
-    from jpeft.peft import Full, LoRA
+    from jpeft.peft import Full, LoRA, QLoRA, count_parameters
     from jpeft.train.optimizer import adamw
     from jpeft.train.step import init_state, make_train_step
 
     model, params = _model(a)
-    method = LoRA(a["rank"], a["alpha"], a["targets"]) if mode == "lora" else Full()
+    method = {"lora": lambda: LoRA(a["rank"], a["alpha"], a["targets"]), "full": Full,
+              "qlora": lambda: QLoRA(a["rank"], a["alpha"], a["targets"], quant="nf4")}[mode]()
     params = method.init(jax.random.key(a["seed"] + 1), params)
     trainable, frozen = T.partition(params, method.mask(params))
-    if a["dtype"] == "bfloat16":  # frozen base in bf16; trainable leaves stay float32
-        frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+    if a["dtype"] == "bfloat16" or mode == "qlora":  # frozen floats in bf16; trainable leaves stay float32
+        frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              frozen)
     # torch.optim.AdamW's default weight decay; jpeft's adamw also clips, as a trainer would.
     optimizer = adamw(1e-4, a["warmup"] + a["steps"], warmup=0, weight_decay=0.01, min_lr_ratio=1.0)
     state = init_state(trainable, optimizer)
@@ -86,8 +88,9 @@ def _measure(a: dict, mode: str) -> dict:
         "compile_s": times[0],
         "loss": float(metrics["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable_params": T.count(trainable),
-        "total_params": T.count(params),
+        "frozen_mb": sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**20,
+        "trainable_params": count_parameters(params, method.mask(params))[0],
+        "total_params": count_parameters(params, method.mask(params))[1],
     }
 
 
@@ -122,7 +125,7 @@ def _run_worker(a: dict, mode: str, timeout: float) -> dict:
 
 def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 8,
               mlp: int = 1408, batch: int = 8, seq: int = 256, rank: int = 8, alpha: float = 16,
-              targets=("q_proj", "v_proj"), steps: int = 5, warmup: int = 2, modes=MODES,
+              targets=("q_proj", "v_proj"), steps: int = 5, warmup: int = 2, modes=("lora", "full"),
               dtype: str = "float32", remat: str = "none", against: str | None = None,
               tune_malloc: bool = True, seed: int = 0, timeout: float = 1800) -> dict:
     """{mode: {jpeft_tok_s, compile_s, peak_rss_mb, ... [hf_peft_tok_s, ratio]}, "settings": {...}}."""
@@ -150,7 +153,7 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
             r = _run_worker(a, mode, timeout)
             settings.update(jax=r.pop("jax"), devices=r.pop("devices"))
             out = result[mode] = {"jpeft_tok_s": r.pop("tok_s"), **r}
-            if against == "hf-peft":
+            if against == "hf-peft" and mode != "qlora":
                 hf = run_hf_peft({**hf_args, "modes": [mode]}, timeout=timeout)
                 h = hf[mode]
                 out.update(hf_peft_tok_s=h["tok_s"], ratio=out["jpeft_tok_s"] / h["tok_s"],
@@ -165,7 +168,8 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
 def format_table(result: dict) -> str:
     """A few human-readable lines: one row per mode, then the settings that shaped them."""
     hf = any("hf_peft_tok_s" in r for k, r in result.items() if k != "settings")
-    head = f"{'mode':<6}{'jpeft tok/s':>13}{'compile s':>11}{'peak RSS MB':>13}{'trainable':>13}{'total':>13}"
+    head = (f"{'mode':<6}{'jpeft tok/s':>13}{'compile s':>11}{'peak RSS MB':>13}{'frozen MB':>11}"
+            f"{'trainable':>13}{'total':>13}")
     if hf:
         head += f"{'hf-peft tok/s':>15}{'ratio':>8}{'hf RSS MB':>11}"
     lines = [head]
@@ -173,8 +177,8 @@ def format_table(result: dict) -> str:
         if mode == "settings":
             continue
         line = (f"{mode:<6}{r['jpeft_tok_s']:>13.1f}{r['compile_s']:>11.1f}{r['peak_rss_mb']:>13.0f}"
-                f"{r['trainable_params']:>13,d}{r['total_params']:>13,d}")
-        if hf:
+                f"{r['frozen_mb']:>11.1f}{r['trainable_params']:>13,d}{r['total_params']:>13,d}")
+        if "hf_peft_tok_s" in r:
             line += f"{r['hf_peft_tok_s']:>15.1f}{r['ratio']:>7.2f}x{r['hf_peft_peak_rss_mb']:>11.0f}"
         lines.append(line)
     s = result["settings"]
@@ -190,7 +194,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--against", choices=["hf-peft"], default=None,
                         help="also run the same model, batch, optimizer and LoRA through HF PEFT (PyTorch)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["lora", "full"])
+    parser.add_argument("--method", choices=["qlora"], default=None,
+                        help="qlora: NF4-base QLoRA beside LoRA on a bf16 base (memory and speed); sets --modes")
     for name, default in (("steps", 5), ("warmup", 2), ("batch", 8), ("seq", 256), ("hidden", 512),
                           ("layers", 8), ("heads", 8), ("kv-heads", 8), ("mlp", 1408), ("vocab", 32000),
                           ("rank", 8)):
@@ -203,9 +209,10 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> None:
+    modes, dtype = (("lora", "qlora"), "bfloat16") if args.method == "qlora" else (tuple(args.modes), args.dtype)
     result = run_bench(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                        kv_heads=args.kv_heads, mlp=args.mlp, batch=args.batch, seq=args.seq, rank=args.rank,
-                       steps=args.steps, warmup=args.warmup, modes=tuple(args.modes), dtype=args.dtype,
+                       steps=args.steps, warmup=args.warmup, modes=modes, dtype=dtype,
                        remat=args.remat, against=args.against, tune_malloc=args.tune_malloc)
     print(json.dumps(result) if args.json else format_table(result))
 

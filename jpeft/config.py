@@ -16,6 +16,7 @@ Parsing rules worth knowing:
 """
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -35,11 +36,22 @@ class ModelSection:
 
 @dataclass
 class MethodSection:
+    """`name` picks the method; the other keys are its options (those it does not take are an error)."""
     name: str = "lora"
     rank: int = 8
     alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    targets: list[str] | None = None  # None: the method's default; a string with regex characters is a regex
     dropout: float = 0.0
+    init: str = "peft"
+    use_rslora: bool = False
+    use_dora: bool = False
+    layers: list[int] | None = None
+    rank_pattern: dict | None = None
+    alpha_pattern: dict | None = None
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate / A's
+    quant: str = "nf4"
+    double_quant: bool = False
+    feedforward: list[str] | None = None
 
 
 @dataclass
@@ -88,13 +100,33 @@ _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SE
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "method.name": ("full", "lora"),
+    "method.name": ("full", "lora", "qlora", "ia3", "bitfit", "norm"),
+    "method.init": ("peft", "gaussian", "pissa", "olora"),
+    "method.quant": ("nf4", "int8"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.fsdp", "train.tensor",
              "method.rank", "train.log_every", "data.max_new_tokens")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
                  "train.lr", "method.alpha", "data.eval_limit")
 _UNIT_INTERVAL = ("train.min_lr_ratio",)
+
+
+REGEX_CHARS = set("\\.*+?|()[]^$")
+
+
+def method_options(name: str) -> set[str]:
+    """The `method.*` keys a method takes: its constructor's parameters (jpeft.peft.registry)."""
+    import inspect
+
+    from jpeft.peft.registry import BY_NAME
+    cls = BY_NAME[name]
+    names = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+    return (names - {"self", "lora_options"}) & {f.name for f in dataclasses.fields(MethodSection)}
+
+
+def method_kwargs(section: "MethodSection") -> dict:
+    """The options of the configured method, set or defaulted, as keyword arguments."""
+    return {k: v for k in method_options(section.name) if (v := getattr(section, k)) is not None}
 
 
 def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:
@@ -233,12 +265,25 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    if base is bool and isinstance(value, bool):
+        return value
+    if base is dict and isinstance(value, dict):
+        return dict(value)
+    if base == list[int]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
     if base == list[str]:
+        if isinstance(value, str) and key == "method.targets" and any(c in value for c in REGEX_CHARS):
+            return value  # PEFT: a single string is a full regex over module names
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
     expected = {str: "a string (quote it in YAML)", int: "an integer", float: "a number",
+                bool: "true or false", dict: "a mapping, e.g. {k_proj: 4}",
+                list[int]: "a list of integers, e.g. [0, 2]",
                 list[str]: "a list of strings, e.g. [q_proj, v_proj] or q_proj,v_proj"}[base]
     raise ConfigError(f"config key '{key}' in {origin} must be {expected}, "
                       f"got {type(value).__name__} {value!r}")
@@ -267,8 +312,15 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
             fail(key, f"must be between 0 and 1, got {get(key)}")
     if not 0 <= cfg.method.dropout < 1:
         fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
-    if cfg.method.name == "lora" and not cfg.method.targets:
-        fail("method.targets", "must name at least one module for LoRA, e.g. [q_proj, v_proj]")
+    if cfg.method.targets is not None and not cfg.method.targets:
+        fail("method.targets", "must name at least one module, e.g. [q_proj, v_proj]")
+    options = method_options(cfg.method.name)
+    ignored = sorted(k for k in origins if k.startswith("method.") and k != "method.name"
+                     and k.partition(".")[2] not in options)
+    if ignored:  # e.g. a LoRA config run with method.name=full: say so, do not stop
+        logging.getLogger("jpeft.config").warning(
+            "%s: not options of method.name=%s (its options: %s); ignored", ", ".join(ignored), cfg.method.name,
+            ", ".join(sorted(options)) or "none")
     data = cfg.data
     if data.train is not None:
         supervised = data.prompt is not None or data.target is not None

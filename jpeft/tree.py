@@ -13,10 +13,6 @@ import numpy as np
 
 Tree = dict[str, Any]
 
-# Leaves that describe an adapter rather than learn anything (counted nowhere).
-METADATA_LEAVES = frozenset({"lora_scale"})
-
-
 def flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
     """{'a/b/c': leaf} for a nested dict; the inverse of `unflatten`."""
     flat = {}
@@ -76,9 +72,26 @@ def combine(*trees: Tree) -> Tree:
 
 
 def count(tree: Tree) -> int:
-    """Number of scalars, adapter metadata leaves excluded."""
-    return sum(int(np.prod(np.shape(v))) for p, v in flatten(tree).items()
-               if leaf_name(p) not in METADATA_LEAVES)
+    """Number of scalars (`jpeft.count_parameters` counts the way PEFT does)."""
+    return sum(int(np.prod(np.shape(v))) for v in flatten(tree).values())
+
+
+def is_stacked(path: str) -> bool:
+    """Leaves under `layers` carry a leading per-layer axis (the scanned layer stack)."""
+    return "layers" in path.split("/")[:-1]
+
+
+def modules(tree: Tree) -> dict[str, dict[str, Any]]:
+    """{'model/layers/self_attn/q_proj': {'kernel': ..., 'lora_a': ...}}: leaves grouped by their module."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for path, value in flatten(tree).items():
+        module, _, name = path.rpartition("/")
+        grouped.setdefault(module, {})[name] = value
+    return grouped
+
+
+def from_modules(grouped: dict[str, dict[str, Any]]) -> Tree:
+    return unflatten({f"{m}/{n}": v for m, leaves in grouped.items() for n, v in leaves.items()})
 
 
 def shapes(tree: Tree) -> Tree:

@@ -27,3 +27,11 @@ def test_against_hf_peft_reports_both_sides_and_their_ratio():
 def test_unknown_mode_is_a_jpeft_error():
     with pytest.raises(JpeftError, match="unknown modes"):
         run_bench(**TINY, modes=("lora", "ia3"))
+
+
+def test_qlora_mode_stores_the_frozen_base_in_a_fraction_of_bf16():
+    result = run_bench(**TINY, modes=("lora", "qlora"), dtype="bfloat16", timeout=300)
+    lora, qlora = result["lora"], result["qlora"]
+    assert qlora["trainable_params"] == lora["trainable_params"] and qlora["total_params"] == lora["total_params"]
+    assert qlora["frozen_mb"] < 0.5 * lora["frozen_mb"]  # layers in NF4; the embedding stays bf16
+    assert "frozen MB" in format_table(result)

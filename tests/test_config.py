@@ -37,7 +37,7 @@ def good(tmp_path):
 def test_defaults_without_file():
     cfg = load_config(None)
     assert cfg == RunConfig()
-    assert cfg.method.targets == ["q_proj", "v_proj"] and cfg.train.lr == 2e-4
+    assert cfg.method.targets is None and cfg.train.lr == 2e-4  # None: the method's own default targets
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -84,7 +84,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.steps=1.5", r"'train.steps'.* must be an integer, got float"),
     ("train.lr=fast", r"'train.lr'.* must be a number"),
     ("method.targets=[1, 2]", r"'method.targets'.* must be a list of strings"),
-    ("method.name=qlora", r"'method.name'.* must be one of full, lora, got 'qlora'"),
+    ("method.name=prompt", r"'method.name'.* must be one of full, lora, qlora, ia3, bitfit, norm, got 'prompt'"),
     ("model.dtype=fp16", r"must be one of float32, bfloat16"),
     ("train.steps=0", r"'train.steps'.* must be positive"),
     ("train.batch_size=-1", r"'train.batch_size'.* must be positive"),

@@ -9,7 +9,6 @@ import jpeft
 from conftest import make_hf_model, save_hf_model
 from jpeft import tree as T
 from jpeft.generate import _decode, generate, generate_text
-from jpeft.peft import lora
 
 PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
 PAD, NEW = 0, 12
@@ -56,7 +55,7 @@ def test_unmerged_lora_matches_merged_transformers(tiny, tmp_path):
     for path, key in zip(paths, jax.random.split(jax.random.key(1), len(paths))):
         flat[path] = 0.1 * jax.random.normal(key, flat[path].shape)
     params = T.unflatten(flat)
-    jpeft.save_pretrained(str(tmp_path), model, lora.merge(params))
+    jpeft.save_pretrained(str(tmp_path), model, jpeft.merge(params))
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
 
     out = generate(model, params, PROMPTS, NEW, eos_token_id=None)

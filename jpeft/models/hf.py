@@ -21,6 +21,7 @@ from jpeft import tree as T
 from jpeft.errors import CheckpointError
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
+from jpeft.peft.base import layer_names
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -37,20 +38,12 @@ def abstract_params(model: CausalLM):
     return jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
 
 
-def is_stacked(path: str) -> bool:
-    """Leaves under `layers` carry a leading per-layer axis."""
-    return "layers" in path.split("/")[:-1]
-
-
 def hf_names(path: str, num_layers: int) -> list[str]:
     """HF tensor names for one tree leaf: one per layer when the leaf is stacked."""
     *module, leaf = path.split("/")
     if leaf not in HF_LEAF:
         raise CheckpointError(f"tree leaf '{path}' has no HF counterpart (an adapter leaf? merge first)")
-    name = ".".join(module) + "." + HF_LEAF[leaf]
-    if is_stacked(path):
-        return [name.replace(".layers.", f".layers.{i}.", 1) for i in range(num_layers)]
-    return [name]
+    return [f"{name}.{HF_LEAF[leaf]}" for name in layer_names("/".join(module), num_layers)]
 
 
 def _to_hf(path: str, array: np.ndarray) -> np.ndarray:
@@ -103,7 +96,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None):
                 if file not in handles:
                     handles[file] = safe_open(file, "np").__enter__()
                 tensors.append(_to_hf(path, handles[file].get_tensor(name)))
-            array = np.stack(tensors) if is_stacked(path) else tensors[0]
+            array = np.stack(tensors) if T.is_stacked(path) else tensors[0]
             if array.shape != spec.shape:
                 raise CheckpointError(
                     f"{model_dir}: weight for '{path}' has shape {array.shape}, config.json implies {spec.shape}")
@@ -122,22 +115,39 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     `params` must be a plain tree (use `jpeft.merge` first). Tokenizer files are copied
     from `tokenizer_from` (a dir) when given.
     """
+    hf = _config_holding(model.config, params)
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.config
     tensors = {}
     for path, value in T.flatten(params).items():
         array = np.asarray(jax.device_get(value))
         names = hf_names(path, cfg.num_layers)
-        parts = list(array) if is_stacked(path) else [array]
+        parts = list(array) if T.is_stacked(path) else [array]
         for name, part in zip(names, parts):
             tensors[name] = np.ascontiguousarray(_to_hf(path, part))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    hf = cfg.to_hf()
     hf["torch_dtype"] = hf["dtype"] = str(np.asarray(next(iter(tensors.values()))).dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tokenizer_from:
         copy_tokenizer(tokenizer_from, out_dir)
+
+
+def _config_holding(cfg: ModelConfig, params) -> dict:
+    """config.json for `params`: biases BitFit added switch on Llama's `attention_bias` / `mlp_bias`;
+    anything else the family's config cannot hold is an error, never a silently dropped tensor."""
+    hf, leaves = cfg.to_hf(), set(T.flatten(params))
+    for flag, modules in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                          ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
+        if cfg.model_type == "llama" and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
+            hf[flag] = True
+    expected = set(T.flatten(nn.meta.unbox(abstract_params(build(ModelConfig.from_hf(hf))))))
+    if leaves != expected:
+        odd = sorted(leaves ^ expected)
+        raise CheckpointError(f"the tree does not fit a {cfg.model_type} checkpoint: {', '.join(odd[:4])}"
+                              f"{' ...' if len(odd) > 4 else ''} (merge adapters first; biases must cover all "
+                              "attention or all MLP projections)")
+    return hf
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> None:

@@ -12,33 +12,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.models.config import ModelConfig
-from jpeft.peft import lora
+from jpeft.peft import sites
+from jpeft.peft.sites import matmul
 
 NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
 
 
-def matmul(x, w):
-    """x·w in the activation dtype with float32 accumulation."""
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+def module_leaves(module: nn.Module) -> dict:
+    """Every leaf the module holds in `params`, adapter leaves included (what the insertion points read)."""
+    return dict(module.variables.get("params", {}))
+
+
+def dropout_rng(module: nn.Module):
+    return module.make_rng("dropout") if module.has_rng("dropout") else None
 
 
 class Dense(nn.Module):
-    """The dense insertion point: y = x·W + b, plus the deltas of any adapter leaves present."""
+    """The dense insertion point: y = x·W + b, with every adapter whose leaves are present applied."""
     features: int
     axes: tuple[str, str]
     use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(init_normal, self.axes),
-                            (x.shape[-1], self.features), jnp.float32)
-        y = matmul(x, kernel)
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-                              (self.features,), jnp.float32)
-            y = y + bias.astype(y.dtype)
-        return lora.apply(self, x, y)
+        if self.is_initializing():
+            self.param("kernel", nn.with_logical_partitioning(init_normal, self.axes),
+                       (x.shape[-1], self.features), jnp.float32)
+            if self.use_bias:
+                self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                           (self.features,), jnp.float32)
+        return sites.dense(nn.meta.unbox(module_leaves(self)), x, dropout_rng(self))
 
 
 class RMSNorm(nn.Module):
@@ -63,7 +67,8 @@ class Embed(nn.Module):
                                     (self.vocab_size, self.features), jnp.float32)
 
     def __call__(self, ids, dtype):
-        return jnp.take(self.embedding, ids, axis=0).astype(dtype)
+        self.embedding  # noqa: B018 - creates the table at init
+        return sites.embed(nn.meta.unbox(module_leaves(self)), ids, dtype)
 
     def attend(self, x):
         return matmul(x, self.embedding.T)

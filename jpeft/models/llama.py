@@ -138,8 +138,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
             "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def head_kernel(cfg: ModelConfig, params) -> jax.Array:
-    """The LM head as a [hidden, vocab] matrix (the embedding transposed when tied)."""
+def head_leaves(cfg: ModelConfig, params) -> dict:
+    """The LM head's leaves for the dense insertion point (the embedding transposed when tied)."""
     if cfg.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return {"kernel": params["model"]["embed_tokens"]["embedding"].T}
+    return dict(params["lm_head"])

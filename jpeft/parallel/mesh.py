@@ -2,7 +2,8 @@
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`);
 `RULES` maps them to mesh axes. Adapter leaves derive their axes from the weight they
-modify: LoRA A shares the kernel's input axis, B its output axis, the rank is unsharded.
+modify, as each method declares (`jpeft.peft.leaf_axes`): LoRA A shares the kernel's input
+axis, B its output axis, the rank is unsharded; IA3 vectors follow the axis they scale.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft import tree as T
 from jpeft.errors import ConfigError
+from jpeft.peft import leaf_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES = (
@@ -38,20 +40,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 
 
 def logical_axes(params, abstract_base) -> dict:
-    """Logical axis names for every leaf of `params`, adapter leaves included."""
+    """Logical axis names for every leaf of `params`; adapter leaves derive theirs from their weight's."""
     base = T.flatten(nn.get_partition_spec(abstract_base))
     axes = {}
     for path, leaf in T.flatten(params).items():
         prefix, name = path.rsplit("/", 1)
-        kernel = base.get(prefix + "/kernel")
+        weight = base.get(prefix + "/kernel") or base.get(prefix + "/embedding")
         if path in base:
             axes[path] = tuple(base[path])
-        elif name == "lora_a":
-            axes[path] = (*kernel[:-1], None)
-        elif name == "lora_b":
-            axes[path] = (*kernel[:-2], None, kernel[-1])
-        else:  # per-module scalars (lora_scale, ...) follow the stacked layer axis only
-            axes[path] = tuple(kernel[: np.ndim(leaf)]) if kernel is not None else (None,) * np.ndim(leaf)
+        elif weight is not None:
+            axes[path] = leaf_axes(name, tuple(weight), np.ndim(leaf))
+        else:
+            axes[path] = (None,) * np.ndim(leaf)
     return axes
 
 

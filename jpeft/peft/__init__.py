@@ -1,26 +1,66 @@
-"""Adapter methods, each a pure transform of the parameter tree, and what reads any of them."""
-from jpeft import tree as T
-from jpeft.peft import lora
-from jpeft.peft.full import Full
-from jpeft.peft.lora import LoRA
+"""Adapter methods, each a pure transform of the parameter tree, and the tree-wide operations
+(mask, count, merge, freeze) as unions over the method registry."""
+from __future__ import annotations
 
-TRAINABLE_LEAVES = frozenset(lora.TRAINABLE)
+import optax
+
+from jpeft import tree as T
+from jpeft.peft.bitfit import BitFit
+from jpeft.peft.full import Full
+from jpeft.peft.ia3 import IA3
+from jpeft.peft.lora import LoRA
+from jpeft.peft.norm import NormTuning
+from jpeft.peft.qlora import QLoRA, merge_note
+from jpeft.peft.registry import BY_NAME, METHODS
+
+TRAINABLE_LEAVES = frozenset(n for m in METHODS for n in m.trainable)
+METADATA_LEAVES = frozenset(n for m in METHODS for n in m.metadata)
+_OWNER = {n: m for m in METHODS for n in (*m.trainable, *m.metadata, *m.stored)}
+
+
+def leaf_axes(name: str, weight_axes: tuple, ndim: int) -> tuple:
+    """Logical axes of an adapter leaf, derived from those of the weight it modifies: `in`/`out`
+    are the weight's input/output axes, `lead` its stacked-layer axis; unknown shapes replicate."""
+    *lead, d_in, d_out = weight_axes
+    spec = _OWNER[name].axes.get(name) if name in _OWNER else ("lead", "out")  # e.g. a bias BitFit added
+    words = {"in": [d_in], "out": [d_out], "lead": lead, None: [None]}
+    axes = tuple(a for word in spec or () for a in words[word])
+    return axes if len(axes) == ndim else (*lead, *[None] * (ndim - len(lead)))
 
 
 def trainable_mask(params):
-    """Bool tree: True exactly on adapter leaves (what every PEFT method trains)."""
+    """Bool tree: True exactly on adapter leaves (what every adapter method trains)."""
     return T.named(params, TRAINABLE_LEAVES)
 
 
 def merge(params):
     """Fold every adapter into the base weights: a plain tree an HF checkpoint can hold."""
-    return lora.merge(params)
+    merge_note(params)
+    grouped = T.modules(params)
+    for path, leaves in grouped.items():
+        for method in METHODS:
+            if method.present(leaves):
+                leaves = method.merge(leaves)
+        grouped[path] = leaves
+    return T.from_modules(grouped)
+
+
+def _count(params, mask) -> tuple[int, int]:
+    flat_mask = T.flatten(mask)
+    trainable = total = 0
+    for path, leaves in T.modules(params).items():
+        for name in leaves:
+            owner = _OWNER.get(name)
+            n = 0 if name in METADATA_LEAVES else owner.count(leaves, name) if owner else T.count({name: leaves[name]})
+            total += n
+            trainable += n if flat_mask[f"{path}/{name}"] else 0
+    return trainable, total
 
 
 def count_parameters(params, mask=None) -> tuple[int, int]:
-    """(trainable, total) scalar counts; mask defaults to `trainable_mask`."""
-    trainable, _ = T.partition(params, trainable_mask(params) if mask is None else mask)
-    return T.count(trainable), T.count(params)
+    """(trainable, total) as PEFT counts them: metadata leaves never, a quantized weight by its
+    logical size, a partly adapted layer stack by its adapted layers; mask defaults to `trainable_mask`."""
+    return _count(params, trainable_mask(params) if mask is None else mask)
 
 
 def parameter_report(params, mask=None) -> str:
@@ -30,4 +70,16 @@ def parameter_report(params, mask=None) -> str:
             f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
-__all__ = ["LoRA", "Full", "trainable_mask", "merge", "count_parameters", "parameter_report"]
+def freeze(tx: optax.GradientTransformation, params, mask=None) -> optax.GradientTransformation:
+    """`tx` on the trainable leaves only, for a user's own `jax.grad` over the whole tree.
+
+    Frozen leaves get zero updates and no optimizer state. (jpeft's trainer goes further: it
+    differentiates only the trainable partition, so frozen gradients are never computed.)
+    """
+    flat_mask = T.flatten(trainable_mask(params) if mask is None else mask)
+    labels = T.map_with_path(lambda p, _: "train" if flat_mask[p] else "freeze", params)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "IA3", "BitFit", "NormTuning", "Full", "BY_NAME", "trainable_mask", "merge",
+           "count_parameters", "parameter_report", "freeze"]

@@ -1,11 +1,11 @@
 """Full fine-tuning as a method: no new leaves, every leaf trainable."""
 import jax
 
+from jpeft.peft.base import Method
 
-class Full:
-    def init(self, key, params):
-        del key
-        return params
+
+class Full(Method):
+    name = "full"
 
     def mask(self, params):
         return jax.tree.map(lambda _: True, params)

@@ -1,116 +1,341 @@
-"""LoRA as a pure tree transform: `lora_a`/`lora_b` leaves beside each targeted kernel.
+"""LoRA and its variants as one tree transform: `lora_a`/`lora_b` beside each targeted weight.
 
-y = x·W + s·(x·A)·B with s = alpha/rank (alpha/sqrt(rank) for rsLoRA); B starts at
-zero so the model is unchanged at init. The scale travels in the tree as the
-frozen leaf `lora_scale`, so the tree alone says how to apply, merge and export it.
+    y = x·W + s·(x·A)·B,   s = alpha/rank (alpha/sqrt(rank) with rsLoRA)
+    DoRA:  y = m/‖W + s·A·B‖ ⊙ (x·W + s·(x·A)·B),  the norm per output unit and not differentiated
+    embedding: e = table[ids] + s·A[ids]·B
+
+Leaves per module: `lora_a` [..., in, r], `lora_b` [..., r, out], DoRA's `lora_magnitude`
+[..., out] (trained); `lora_scale` [...] and optional `lora_dropout` (metadata). A stacked
+module whose layers are only partly targeted (`layers=`, a regex naming layer indices)
+holds factors for every layer and `lora_scale` 0 where it is not adapted: no delta, no
+gradient, not counted, not saved. PiSSA and OLoRA move the top of W into A·B at init and
+keep A₀, B₀ (`lora_init_a`/`lora_init_b`), so a saved adapter applies to the original base.
+
+Parameters per targeted layer: r·(in + out) (+ out for DoRA).
 """
 from __future__ import annotations
 
+import collections
 import math
 import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import tree as T
-from jpeft.errors import JpeftError
+from jpeft.errors import AdapterError, JpeftError
+from jpeft.peft.base import Method, hf_module, layer_names, leading, targeted_layers, weight_name
+from jpeft.peft.quant import is_quantized
 
-TRAINABLE = ("lora_a", "lora_b")
-
-
-def module_name(kernel_path: str) -> str:
-    """'model/layers/self_attn/q_proj/kernel' -> 'model.layers.self_attn.q_proj'."""
-    return kernel_path.rsplit("/", 1)[0].replace("/", ".")
+INITS = ("peft", "gaussian", "pissa", "olora")
 
 
-def matches(name: str, targets: Sequence[str] | str) -> bool:
-    """PEFT's rule: a list matches a module name or its dotted suffix; a string is a full regex."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) or re.fullmatch(t, name) for t in targets)
+def pattern_value(patterns: dict | None, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
-class LoRA:
-    """Low-rank adapters on the dense kernels whose HF module names match `targets`.
+class LoRA(Method):
+    """Low-rank adapters on the dense (and embedding) weights whose HF module names match `targets`.
 
-    `init` names the initialisation scheme of A: "peft" (kaiming-uniform, as PEFT) or
-    "gaussian" (N(0, 1/r)); B is always zero. (`.init(key, params)` is the transform.)
+    `init`: "peft" (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" or "olora"
+    (A, B from the SVD / QR of W, which keeps the residual). `layers`: adapt only these layer
+    indices (PEFT's layers_to_transform). `lr_ratio`: LoRA+ — B learns `lr_ratio` times faster.
     """
+    name = "lora"
+    trainable = ("lora_a", "lora_b", "lora_magnitude")
+    metadata = ("lora_scale", "lora_dropout", "lora_init_a", "lora_init_b", "adapter_ids")
+    axes = {"lora_a": ("lead", "in", None), "lora_b": ("lead", None, "out"), "lora_magnitude": ("lead", "out"),
+            "lora_scale": ("lead",), "lora_dropout": ("lead",),
+            "lora_init_a": ("lead", "in", None), "lora_init_b": ("lead", None, "out")}
 
-    def __init__(self, rank: int = 8, alpha: float = 16.0,
-                 targets: Sequence[str] | str = ("q_proj", "v_proj"), dropout: float = 0.0,
-                 init: str = "peft", use_rslora: bool = False):
+    def __init__(self, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
+                 dropout: float = 0.0, init: str = "peft", use_rslora: bool = False, use_dora: bool = False,
+                 layers: Sequence[int] | None = None, rank_pattern: dict | None = None,
+                 alpha_pattern: dict | None = None, lr_ratio: float = 1.0):
         if rank < 1:
             raise JpeftError(f"LoRA rank must be >= 1, got {rank}")
-        if init not in ("peft", "gaussian"):
-            raise JpeftError(f"LoRA init must be 'peft' or 'gaussian', got {init!r}")
+        if init not in INITS:
+            raise JpeftError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
         if not 0 <= dropout < 1:
             raise JpeftError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if lr_ratio <= 0:
+            raise JpeftError(f"LoRA+ lr_ratio must be > 0, got {lr_ratio}")
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.targets = targets if isinstance(targets, str) else tuple(targets)
-        self.init_scheme, self.use_rslora = init, use_rslora
+        self.init_scheme, self.use_rslora, self.use_dora = init, use_rslora, use_dora
+        self.layers = None if layers is None else tuple(int(i) for i in layers)
+        self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+        self.lr_ratio = float(lr_ratio)
 
     def __repr__(self):
-        return (f"LoRA(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
-                f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora})")
+        options = {"use_dora": self.use_dora, "layers": self.layers, "rank_pattern": self.rank_pattern,
+                   "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio}
+        defaults = {"use_dora": False, "layers": None, "rank_pattern": {}, "alpha_pattern": {}, "lr_ratio": 1.0}
+        extras = "".join(f", {k}={v!r}" for k, v in options.items() if v != defaults[k] or type(v) is not type(defaults[k]))
+        return (f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
+                f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora}{extras})")
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+    def scaling(self, rank: int, alpha: float) -> float:
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def targeted(self, path: str, leaves: dict) -> list[bool]:
+        """Per layer of a module: is it adapted (targets + layers, as PEFT matches them)?"""
+        if weight_name(leaves) is None and not is_quantized(leaves):
+            return []
+        size = leading(path, next(iter(leaves.values())))
+        return targeted_layers(path, size[0] if size else 1, self.targets, self.layers)
 
     def init(self, key, params):
-        """Return a new tree with adapter leaves beside every targeted kernel."""
-        flat = T.flatten(params)
-        kernels = [p for p in flat if p.endswith("/kernel") and matches(module_name(p), self.targets)]
-        if not kernels:
-            names = sorted({module_name(p) for p in flat if p.endswith("/kernel")})
-            raise JpeftError(f"LoRA targets {self.targets!r} "
+        """A new tree with LoRA leaves beside every targeted weight (PiSSA/OLoRA also rewrite W)."""
+        grouped = T.modules(params)
+        chosen = {path: picked for path, leaves in grouped.items() if any(picked := self.targeted(path, leaves))}
+        if not chosen:
+            names = sorted(hf_module(p) for p, leaves in grouped.items() if self.targeted(p, leaves))
+            raise JpeftError(f"{type(self).__name__} targets {self.targets!r}"
+                             f"{f' in layers {list(self.layers)}' if self.layers is not None else ''} "
                              f"match no dense layer; available: {', '.join(names)}")
-        for path, k in zip(kernels, jax.random.split(key, len(kernels))):
-            kernel = flat[path]
-            *lead, d_in, d_out = kernel.shape
-            prefix = path[: -len("kernel")]
-            if self.init_scheme == "peft":
-                bound = 1.0 / math.sqrt(d_in)
-                a = jax.random.uniform(k, (*lead, d_in, self.rank), jnp.float32, -bound, bound)
-            else:
-                a = jax.random.normal(k, (*lead, d_in, self.rank), jnp.float32) / self.rank
-            flat[prefix + "lora_a"] = a
-            flat[prefix + "lora_b"] = jnp.zeros((*lead, self.rank, d_out), jnp.float32)
-            flat[prefix + "lora_scale"] = jnp.full(lead, self.scale, jnp.float32)
-            if self.dropout > 0:
-                flat[prefix + "lora_dropout"] = jnp.full(lead, self.dropout, jnp.float32)
-        return T.unflatten(flat)
+        for (path, picked), k in zip(chosen.items(), jax.random.split(key, len(chosen))):
+            grouped[path] = self.init_module(k, path, grouped[path], picked)
+        return T.from_modules(grouped)
+
+    def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
+        lead = leading(path, next(iter(leaves.values())))
+        names = layer_names(path, lead[0] if lead else 1)
+        ranks = {int(pattern_value(self.rank_pattern, n, self.rank)) for n, p in zip(names, picked) if p}
+        if len(ranks) > 1:
+            raise JpeftError(f"{hf_module(path)}: rank_pattern gives its layers different ranks {sorted(ranks)}; "
+                             "a stacked layer module needs one rank")
+        rank = ranks.pop()
+        scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
+                             for n, p in zip(names, picked)], jnp.float32).reshape(lead)
+        embedding = "embedding" in leaves
+        if embedding and (self.use_dora or self.init_scheme in ("pissa", "olora")):
+            raise JpeftError(f"{hf_module(path)}: DoRA, PiSSA and OLoRA apply to dense layers, not to embeddings")
+        if is_quantized(leaves) and self.init_scheme in ("pissa", "olora"):
+            raise JpeftError(f"{hf_module(path)}: {self.init_scheme} rewrites the base weight; it cannot start "
+                             "from a quantized one")
+        from jpeft.peft.sites import weight  # the dense weight, whatever stores it
+        w = leaves["embedding"] if embedding else weight(leaves)
+        d_in, d_out = w.shape[-2:]
+        out = dict(leaves)
+        if embedding:  # PEFT: A zero, B normal for embeddings
+            a = jnp.zeros((*lead, d_in, rank), jnp.float32)
+            b = jax.random.normal(key, (*lead, rank, d_out), jnp.float32)
+        elif self.init_scheme in ("pissa", "olora"):
+            kernel = leaves["kernel"].astype(jnp.float32)
+            a, b = decompose(kernel, rank, scale, self.init_scheme)
+            out["kernel"] = (kernel - scale[..., None, None] * (a @ b)).astype(leaves["kernel"].dtype)
+            out["lora_init_a"], out["lora_init_b"] = a, b
+        elif self.init_scheme == "peft":
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key, (*lead, d_in, rank), jnp.float32, -bound, bound)
+            b = jnp.zeros((*lead, rank, d_out), jnp.float32)
+        else:
+            a = jax.random.normal(key, (*lead, d_in, rank), jnp.float32) / rank
+            b = jnp.zeros((*lead, rank, d_out), jnp.float32)
+        out.update(lora_a=a, lora_b=b, lora_scale=scale)
+        if self.dropout > 0:
+            out["lora_dropout"] = jnp.full(lead, self.dropout, jnp.float32)
+        if self.use_dora:
+            out["lora_magnitude"] = column_norm(weight(out).astype(jnp.float32), a, b, scale)
+        return out
+
+    @staticmethod
+    def dense_delta(leaves, x, y, w, rng):
+        """s·(dropout(x)·A)·B, or DoRA's rescaling of the whole output (PEFT's forward)."""
+        if "adapter_ids" in leaves:
+            return _routed(leaves, x)
+        scale = leaves["lora_scale"]
+        xd = x
+        if "lora_dropout" in leaves and rng is not None:
+            rate = leaves["lora_dropout"]
+            keep = jax.random.bernoulli(jax.random.fold_in(rng, 0), 1.0 - rate, x.shape)
+            xd = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        a, b = leaves["lora_a"].astype(x.dtype), leaves["lora_b"].astype(x.dtype)
+        lora = scale * jnp.matmul(jnp.matmul(xd, a), b, preferred_element_type=jnp.float32)
+        if "lora_magnitude" not in leaves:
+            return lora
+        norm = jax.lax.stop_gradient(column_norm(w.astype(jnp.float32), leaves["lora_a"], leaves["lora_b"], scale))
+        mag = leaves["lora_magnitude"] / norm
+        base = y if xd is x else jnp.matmul(xd, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return jnp.where(scale != 0, (mag - 1) * base + mag * lora, 0)
+
+    @staticmethod
+    def embed_delta(leaves, ids):
+        if "adapter_ids" in leaves:
+            chosen = leaves["adapter_ids"]
+            rows = leaves["lora_a"][chosen[:, None], ids]
+            return leaves["lora_scale"][chosen][:, None, None] * jnp.einsum("btr,brd->btd", rows,
+                                                                              leaves["lora_b"][chosen])
+        rows = jnp.take(leaves["lora_a"], ids, axis=0)
+        return leaves["lora_scale"] * jnp.matmul(rows, leaves["lora_b"])
+
+    @classmethod
+    def merge(cls, leaves: dict) -> dict:
+        """W + s·A·B (DoRA: rescaled to the magnitude), in float32, cast back; LoRA leaves dropped."""
+        out = {k: v for k, v in leaves.items() if k not in cls.trainable + cls.metadata}
+        name = weight_name(leaves)
+        w = leaves[name]
+        a, b = leaves["lora_a"].astype(jnp.float32), leaves["lora_b"].astype(jnp.float32)
+        scale = leaves["lora_scale"][..., None, None]
+        merged = w.astype(jnp.float32) + scale * (a @ b)
+        if "lora_magnitude" in leaves:
+            norm = column_norm(w.astype(jnp.float32), a, b, leaves["lora_scale"])
+            mag = jnp.where(leaves["lora_scale"][..., None] != 0, leaves["lora_magnitude"] / norm, 1.0)
+            merged = merged * mag[..., None, :]
+        out[name] = merged.astype(w.dtype)
+        return out
+
+    @classmethod
+    def count(cls, leaves: dict, name: str) -> int:
+        """Only adapted layers count (PEFT's formula over the layers it transforms)."""
+        size = int(np.size(leaves[name]))
+        scale = np.asarray(leaves["lora_scale"])
+        return size * int(np.count_nonzero(scale)) // max(scale.size, 1)
 
     def mask(self, params):
-        """Trainable exactly where the LoRA factors are."""
-        return T.named(params, TRAINABLE)
+        return T.named(params, self.trainable)
 
 
-def apply(module, x, y):
-    """Dense insertion point hook: add s·(dropout(x)·A)·B when the module holds LoRA leaves."""
-    if not module.has_variable("params", "lora_a"):
-        return y
-    get = lambda name: module.get_variable("params", name)
-    if module.has_variable("params", "lora_dropout") and module.has_rng("dropout"):
-        rate = get("lora_dropout")
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-    a, b = get("lora_a").astype(x.dtype), get("lora_b").astype(x.dtype)
-    delta = jnp.matmul(jnp.matmul(x, a), b, preferred_element_type=jnp.float32)
-    return y + (get("lora_scale") * delta).astype(y.dtype)
+def _routed(leaves, x):
+    """Row i of the batch through adapter `adapter_ids[i]` of factors stacked [n, in, r] / [n, r, out]."""
+    ids = leaves["adapter_ids"]
+    a, b = leaves["lora_a"][ids].astype(x.dtype), leaves["lora_b"][ids].astype(x.dtype)
+    delta = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b, preferred_element_type=jnp.float32)
+    return leaves["lora_scale"][ids][:, None, None] * delta
 
 
-def merge(params):
-    """Fold s·A·B into each kernel (in float32, cast back) and drop the LoRA leaves."""
-    flat = T.flatten(params)
-    for path in [p for p in flat if p.endswith("/lora_a")]:
-        prefix = path[: -len("lora_a")]
-        kernel = flat[prefix + "kernel"]
-        a, b = flat.pop(prefix + "lora_a"), flat.pop(prefix + "lora_b")
-        scale = flat.pop(prefix + "lora_scale")
-        flat.pop(prefix + "lora_dropout", None)
-        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-        flat[prefix + "kernel"] = (kernel.astype(jnp.float32) + scale[..., None, None] * delta).astype(kernel.dtype)
-    return T.unflatten(flat)
+def column_norm(w, a, b, scale):
+    """‖W + s·A·B‖ over the input axis: one norm per output unit (DoRA's weight norm)."""
+    merged = w + scale[..., None, None] * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+    return jnp.sqrt(jnp.sum(merged * merged, axis=-2))
+
+
+def decompose(kernel, rank: int, scale, scheme: str):
+    """PiSSA (top-r SVD) or OLoRA (QR) factors of W = kernelᵀ as PEFT computes them; `scale` per layer."""
+    w = jnp.swapaxes(kernel, -1, -2)  # PyTorch's [out, in]
+    if scheme == "pissa":
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+        root = jnp.sqrt(s[..., :rank] / jnp.where(scale == 0, 1.0, scale)[..., None])
+        lora_a = root[..., :, None] * vh[..., :rank, :]            # [r, in]
+        lora_b = u[..., :, :rank] * root[..., None, :]             # [out, r]
+    else:
+        q, r = jnp.linalg.qr(w)
+        lora_a, lora_b = r[..., :rank, :], q[..., :, :rank]
+    return jnp.swapaxes(lora_a, -1, -2), jnp.swapaxes(lora_b, -1, -2)
+
+
+def _per_layer(value, i: int, stacked: bool):
+    return np.asarray(value[i] if stacked else value)
+
+
+def to_peft(modules: dict) -> tuple[dict, dict]:
+    """PEFT tensors and config fields for the LoRA modules of a tree (PiSSA/OLoRA converted back:
+    [A | A₀], [B | -B₀] at twice the rank, so the adapter applies to the original base)."""
+    tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
+    for path, leaves in modules.items():
+        a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
+        if "lora_init_a" in leaves:
+            a = np.concatenate([a, np.asarray(leaves["lora_init_a"])], axis=-1)
+            b = np.concatenate([b, -np.asarray(leaves["lora_init_b"])], axis=-2)
+        scale = np.asarray(leaves["lora_scale"]).reshape(-1)
+        stacked = a.ndim == 3
+        rank, embedding = a.shape[-1], "embedding" in leaves
+        dropouts.add(float(np.max(leaves.get("lora_dropout", 0.0))))
+        for i, name in enumerate(layer_names(path, scale.size)):
+            if scale[i] == 0:
+                continue
+            a_i, b_i = _per_layer(a, i, stacked).T, _per_layer(b, i, stacked).T
+            if embedding:
+                tensors[f"{name}.lora_embedding_A"], tensors[f"{name}.lora_embedding_B"] = a_i, b_i
+            else:
+                tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a_i, b_i
+            if "lora_magnitude" in leaves:
+                tensors[f"{name}.lora_magnitude_vector"] = _per_layer(leaves["lora_magnitude"], i, stacked)
+                dora = True
+            entries[name] = (rank, float(scale[i]) * rank)
+            active.setdefault(path, []).append(i)
+    rank = collections.Counter(r for r, _ in entries.values()).most_common(1)[0][0]
+    alpha = collections.Counter(al for _, al in entries.values()).most_common(1)[0][0]
+    short = {name.rsplit(".", 1)[-1] for name in entries}
+    layer_sets = {tuple(v) for p, v in active.items()}
+    whole = all(len(v) == len(layer_names(p, np.size(modules[p]["lora_scale"]))) for p, v in active.items())
+    config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
+              "rank_pattern": {n: r for n, (r, _) in entries.items() if r != rank},
+              "alpha_pattern": {n: al for n, (_, al) in entries.items() if al != alpha},
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
+    stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
+    if whole:
+        config["target_modules"] = sorted(short)
+    elif len(layer_sets) == 1 and stacked_only:
+        config["target_modules"], config["layers_to_transform"] = sorted(short), list(layer_sets.pop())
+    else:  # an exact regex over the adapted per-layer names
+        config["target_modules"] = "(" + "|".join(re.escape(n) for n in sorted(entries)) + ")"
+    return tensors, config
+
+
+def from_peft(config: dict, tensors, modules: dict) -> dict:
+    """The tree's modules with LoRA leaves read from a PEFT state dict (`tensors.take(key)`)."""
+    layers = config.get("layers_to_transform")
+    init = config.get("init_lora_weights", True)
+    method = LoRA(int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
+                  dropout=float(config.get("lora_dropout") or 0.0),
+                  init=init if init in ("pissa", "olora") else "peft", use_rslora=bool(config.get("use_rslora")),
+                  use_dora=bool(config.get("use_dora")), layers=[layers] if isinstance(layers, int) else layers,
+                  rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+    out, found = dict(modules), False
+    for path, leaves in modules.items():
+        picked = method.targeted(path, leaves)
+        if not any(picked):
+            continue
+        found = True
+        adapted = method.init_module(jax.random.key(0), path, leaves, picked)
+        embedding = "embedding" in leaves
+        lead = leading(path, next(iter(leaves.values())))
+        a, b, mag = (np.array(adapted[k]) for k in ("lora_a", "lora_b", "lora_magnitude") if k in adapted) \
+            if method.use_dora else (*(np.array(adapted[k]) for k in ("lora_a", "lora_b")), None)
+        for i, name in enumerate(layer_names(path, len(picked))):
+            if not picked[i]:
+                continue
+            at = (lambda x: x[i]) if lead else (lambda x: x)
+            if embedding:
+                got_a, got_b = tensors.take(f"{name}.lora_embedding_A").T, \
+                    tensors.take(f"{name}.lora_embedding_B").T
+            else:
+                got_a, got_b = tensors.take(f"{name}.lora_A.weight").T, \
+                    tensors.take(f"{name}.lora_B.weight").T
+            tensors.fits(f"{name} lora_A", got_a.shape, at(a).shape)
+            tensors.fits(f"{name} lora_B", got_b.shape, at(b).shape)
+            at_set(a, i, lead, got_a), at_set(b, i, lead, got_b)
+            if mag is not None:
+                got = tensors.take(f"{name}.lora_magnitude_vector")
+                tensors.fits(f"{name} lora_magnitude_vector", got.shape, at(mag).shape)
+                at_set(mag, i, lead, got)
+            base_key = f"{name}.base_layer.weight"
+            if base_key in tensors.left:  # PEFT saves a targeted embedding / LM head weight too
+                weight = weight_name(leaves)
+                got = tensors.take(base_key)
+                got = got if embedding else got.T
+                tensors.fits(base_key, got.shape, leaves[weight].shape)
+                adapted[weight] = jnp.asarray(got, leaves[weight].dtype)
+        adapted.update(lora_a=jnp.asarray(a), lora_b=jnp.asarray(b))
+        if mag is not None:
+            adapted["lora_magnitude"] = jnp.asarray(mag)
+        out[path] = adapted
+    if not found:
+        raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model")
+    return out
+
+
+def at_set(array: np.ndarray, i: int, lead, value) -> None:
+    if lead:
+        array[i] = value
+    else:
+        array[...] = value

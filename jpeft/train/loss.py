@@ -1,19 +1,23 @@
 """Next-token cross-entropy that never materialises the [tokens, vocab] logits at once.
 
 The LM head runs chunk by chunk under `lax.scan`, and each chunk's gradient (softmax
-minus one-hot) is folded into d(hidden) and d(head) right there in the forward pass, so
-the backward pass only scales stored results: no logits are kept or recomputed. On CPU
-this is faster than autodiff through a rematerialised scan (DESIGN.md §6). d(head) is
-only computed when the head is being differentiated (full fine-tuning).
+minus one-hot) is pulled back through the head right there in the forward pass, so the
+backward pass only scales stored results: no logits are kept or recomputed. On CPU this
+is faster than autodiff through a rematerialised scan (docs/design.md). The head is the
+LM head's leaves applied by the dense insertion point, so an adapter on it (LoRA,
+IA3, a quantized head) stays factored; gradients are computed only for the head leaves
+being differentiated (the kernel under full fine-tuning, the factors under LoRA).
 """
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
+from jpeft.peft import sites
 
-def chunked_cross_entropy(hidden, head, labels, weights, chunk: int = 512):
-    """(sum of weighted token losses, sum of weights) for hidden [B,T,D], head [D,V]."""
+
+def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = 512):
+    """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves."""
     d = hidden.shape[-1]
     x, y, w = hidden.reshape(-1, d), labels.reshape(-1), weights.reshape(-1).astype(jnp.float32)
     n = x.shape[0]
@@ -24,30 +28,33 @@ def chunked_cross_entropy(hidden, head, labels, weights, chunk: int = 512):
     return total, jnp.sum(w)
 
 
-def _matmul(a, b):
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
-
-
-def _scan(chunk, x, head, y, w, grads: bool, head_grad: bool):
-    """sum(w * nll), per-token nll, and (when asked for) d/dx and d/dhead of the sum."""
+def _scan(chunk, x, head, y, w, differentiated: frozenset | None):
+    """sum(w * nll), per-token nll, and (when `differentiated` is given) d/dx and d/d(those head leaves)."""
     d = x.shape[-1]
-    head_c = head.astype(x.dtype)
+    trained = {k: v for k, v in head.items() if differentiated and k in differentiated}
+    fixed = {k: v for k, v in head.items() if k not in trained}
+
+    def logits_of(h, leaves):
+        return sites.dense({**fixed, **leaves}, h).astype(jnp.float32)
 
     def body(dhead, xs):
         h, t, wt = xs
-        logits = _matmul(h, head_c).astype(x.dtype).astype(jnp.float32)
+        if differentiated is None:
+            logits = logits_of(h, trained)
+        else:
+            logits, pullback = jax.vjp(logits_of, h, trained)
         lse = jax.nn.logsumexp(logits, axis=-1)
         nll = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        if not grads:
+        if differentiated is None:
             return dhead, (nll, None)
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
-        dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * wt[:, None]).astype(x.dtype)
-        if head_grad:
-            dhead = dhead + _matmul(h.T, dlogits)
-        return dhead, (nll, _matmul(dlogits, head_c.T).astype(x.dtype))
+        dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * wt[:, None]).astype(x.dtype).astype(jnp.float32)
+        dh, dleaves = pullback(dlogits)
+        dhead = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), dhead, dleaves)
+        return dhead, (nll, dh.astype(x.dtype))
 
     chunks = (x.reshape(-1, chunk, d), y.reshape(-1, chunk), w.reshape(-1, chunk))
-    dhead0 = jnp.zeros(head.shape if head_grad else (), jnp.float32)
+    dhead0 = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), trained)
     dhead, (nll, dx) = jax.lax.scan(body, dhead0, chunks)
     nll = nll.reshape(-1)
     return jnp.sum(nll * w), nll, None if dx is None else dx.reshape(x.shape), dhead
@@ -55,19 +62,21 @@ def _scan(chunk, x, head, y, w, grads: bool, head_grad: bool):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _weighted_nll(chunk, x, head, y, w):
-    return _scan(chunk, x, head, y, w, grads=False, head_grad=False)[0]
+    return _scan(chunk, x, head, y, w, None)[0]
 
 
 def _fwd(chunk, x, head, y, w):
-    total, nll, dx, dhead = _scan(chunk, x.value, head.value, y.value, w.value, grads=True,
-                                  head_grad=head.perturbed)
-    return total, (nll, dx, dhead.astype(head.value.dtype) if head.perturbed else None)
+    values = {k: v.value for k, v in head.items()}
+    perturbed = frozenset(k for k, v in head.items() if v.perturbed)
+    total, nll, dx, dhead = _scan(chunk, x.value, values, y.value, w.value, perturbed)
+    dhead = {k: dhead[k].astype(v.dtype) if k in dhead else None for k, v in values.items()}
+    return total, (nll, dx, dhead)
 
 
 def _bwd(chunk, res, g):
     nll, dx, dhead = res
     scale = lambda a: None if a is None else (g * a).astype(a.dtype)
-    return scale(dx), scale(dhead), None, g * nll
+    return scale(dx), {k: scale(v) for k, v in dhead.items()}, None, g * nll
 
 
 _weighted_nll.defvjp(_fwd, _bwd, symbolic_zeros=True)

@@ -11,15 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import tree as T
-from jpeft.models.llama import head_kernel
-from jpeft.peft import merge
+from jpeft.models.llama import head_leaves
 from jpeft.train.loss import chunked_cross_entropy
-
-
-def lm_head(model, params):
-    """The LM head matrix, with any adapter on it folded in (the chunked loss needs one matrix)."""
-    head = {"lm_head": params["lm_head"]} if "lm_head" in params else {}
-    return head_kernel(model.config, {**params, **merge(head)})
 
 
 def token_loss(model, params, batch, dropout_rng=None):
@@ -27,7 +20,7 @@ def token_loss(model, params, batch, dropout_rng=None):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                          return_hidden=True, rngs=rngs)
-    return chunked_cross_entropy(hidden, lm_head(model, params), batch["labels"], batch["loss_mask"])
+    return chunked_cross_entropy(hidden, head_leaves(model.config, params), batch["labels"], batch["loss_mask"])
 
 
 def init_state(trainable, optimizer) -> dict:

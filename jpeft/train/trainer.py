@@ -19,25 +19,24 @@ import yaml
 from tqdm.auto import tqdm
 
 from jpeft import tree as T
-from jpeft.config import RunConfig, config_to_dict
+from jpeft.config import RunConfig, config_to_dict, method_kwargs
 from jpeft.data import (Examples, batches, check_columns, load_rows, template_columns, tokenize_supervised,
                         tokenize_text)
 from jpeft.errors import ConfigError
 from jpeft.evaluate import evaluate_generation
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import batch_placer, make_mesh, param_shardings
-from jpeft.peft import Full, LoRA, parameter_report
+from jpeft.peft import BY_NAME, parameter_report
 from jpeft.peft.hf_format import save_adapter
 from jpeft.train import checkpoint
-from jpeft.train.optimizer import adamw, schedule
+from jpeft.train.optimizer import adamw, lora_plus, schedule
 from jpeft.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("jpeft.train")
 
 
 def build_method(cfg: RunConfig):
-    m = cfg.method
-    return Full() if m.name == "full" else LoRA(m.rank, m.alpha, m.targets, m.dropout)
+    return BY_NAME[cfg.method.name](**method_kwargs(cfg.method))
 
 
 def load_tokenizer(model_dir: str):
@@ -138,7 +137,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
     place_batch = batch_placer(mesh, tc.batch_size)
 
-    optimizer = adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio)
+    optimizer = lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
+                          getattr(method, "lr_ratio", 1.0))
     lr_at = schedule(tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
     state = jax.jit(init_state, static_argnums=1)(trainable, optimizer)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -182,17 +182,18 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         raise
     bar.close()
     metrics.close()
-    export(cfg, model, T.combine(state["trainable"], frozen))
+    export(cfg, model, method, T.combine(state["trainable"], frozen))
     return record
 
 
-def export(cfg: RunConfig, model, params) -> str:
-    """out_dir/adapter (HF PEFT dir) for adapters, out_dir/model (HF dir) for full fine-tuning."""
+def export(cfg: RunConfig, model, method, params) -> str:
+    """out_dir/model (HF dir) for full fine-tuning, else out_dir/adapter (HF PEFT dir where PEFT has
+    the method, jpeft's own otherwise)."""
     if cfg.method.name == "full":
         out = os.path.join(cfg.out_dir, "model")
         save_pretrained(out, model, params, tokenizer_from=cfg.model.path)
     else:
         out = os.path.join(cfg.out_dir, "adapter")
-        save_adapter(out, params, base_model_name_or_path=os.path.abspath(cfg.model.path))
+        save_adapter(out, params, base_model_name_or_path=os.path.abspath(cfg.model.path), method=method)
         copy_tokenizer(cfg.model.path, out)
     return out

@@ -113,8 +113,8 @@ def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
     edit_config(adapter, peft_type="LOHA")
     with pytest.raises(jpeft.AdapterError, match="peft_type 'LOHA' is not supported"):
         jpeft.load_adapter(str(adapter), params)
-    edit_config(adapter, peft_type="LORA", use_dora=True)
-    with pytest.raises(jpeft.AdapterError, match="use_dora=True cannot be honoured"):
+    edit_config(adapter, peft_type="LORA", fan_in_fan_out=True)
+    with pytest.raises(jpeft.AdapterError, match="fan_in_fan_out=True cannot be honoured"):
         jpeft.load_adapter(str(adapter), params)
 
 
@@ -132,5 +132,5 @@ def test_missing_and_corrupt_files(adapter_dir, tmp_path):
 
 def test_save_without_adapter(tiny_llama, tmp_path):
     _, params = jpeft.from_pretrained(tiny_llama[1])
-    with pytest.raises(jpeft.AdapterError, match="holds no LoRA leaves"):
+    with pytest.raises(jpeft.AdapterError, match="holds no adapter leaves"):
         jpeft.save_adapter(str(tmp_path / "x"), params)

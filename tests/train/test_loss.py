@@ -26,9 +26,11 @@ def test_matches_naive_value_and_gradients(chunk):
     def loss(fn):
         return lambda h, w, m: fn(h, w, labels, m)[0]
 
-    ours, ref = loss(lambda *a: chunked_cross_entropy(*a, chunk=chunk)), loss(naive)
+    ours = loss(lambda h, w, *a: chunked_cross_entropy(h, {"kernel": w}, *a, chunk=chunk))
+    ref = loss(naive)
     np.testing.assert_allclose(ours(hidden, head, weights), ref(hidden, head, weights), rtol=1e-5)
-    np.testing.assert_allclose(chunked_cross_entropy(hidden, head, labels, weights, chunk)[1], weights.sum())
+    np.testing.assert_allclose(chunked_cross_entropy(hidden, {"kernel": head}, labels, weights, chunk)[1],
+                               weights.sum())
     for got, want in zip(jax.grad(ours, argnums=(0, 1, 2))(hidden, head, weights),
                          jax.grad(ref, argnums=(0, 1, 2))(hidden, head, weights)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -47,9 +49,28 @@ def test_bfloat16_hidden_stays_close():
     head = jax.random.normal(kw, (16, 40)) * 0.5
     labels = jax.random.randint(ky, (2, 8), 0, 40)
     weights = jnp.ones((2, 8))
-    f = lambda h, w: chunked_cross_entropy(h, w, labels, weights, chunk=4)[0]
+    f = lambda h, w: chunked_cross_entropy(h, {"kernel": w}, labels, weights, chunk=4)[0]
     g16 = jax.grad(f, argnums=(0, 1))(hidden.astype(jnp.bfloat16), head)
     g32 = jax.grad(f, argnums=(0, 1))(hidden, head)
     assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.float32
     for a, b in zip(g16, g32):
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.05)
+
+
+def test_lora_on_the_head_stays_factored_and_matches_the_merged_head():
+    """A LoRA head is applied as x·W + s·(x·A)·B inside the chunks; its gradients equal the merged head's."""
+    kh, kw, ka, kb, ky = jax.random.split(jax.random.key(2), 5)
+    hidden = jax.random.normal(kh, (2, 9, 16))
+    head = jax.random.normal(kw, (16, 30)) * 0.5
+    a, b = jax.random.normal(ka, (16, 3)) * 0.3, jax.random.normal(kb, (3, 30)) * 0.3
+    labels = jax.random.randint(ky, (2, 9), 0, 30)
+    weights = jnp.ones((2, 9))
+    ours = lambda h, a, b: chunked_cross_entropy(h, {"kernel": head, "lora_a": a, "lora_b": b,
+                                                     "lora_scale": jnp.asarray(2.0)}, labels, weights, chunk=5)[0]
+    ref = lambda h, a, b: naive(h, head + 2.0 * a @ b, labels, weights)[0]
+    np.testing.assert_allclose(ours(hidden, a, b), ref(hidden, a, b), rtol=1e-5)
+    for got, want in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(hidden, a, b),
+                         jax.grad(ref, argnums=(0, 1, 2))(hidden, a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=(1, 2)))(hidden, a, b))
+    assert "16,30] = add" not in jaxpr.replace("f32[", "")  # W + s·A·B is never built

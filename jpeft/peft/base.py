@@ -1,0 +1,100 @@
+"""What every method shares: the protocol a method implements, and PEFT's target matching.
+
+A method is one class. Its instances carry the user's options (`init`, `mask`); its
+class-level parts are what the rest of jpeft reads from any tree, method unknown:
+
+- `trainable` / `metadata` / `stored`: the leaf names it adds beside a weight (trained;
+  describing it, never trained or counted; frozen data that replaces the weight).
+- hooks named after insertion points (`weight`, `dense_input`, `dense_delta`,
+  `dense_output`, `embed_delta`), pure functions of one module's leaves, called by
+  `jpeft.peft.sites` whenever the module holds the method's leaves;
+- `merge(leaves)`: the module's leaves with the method folded into the weight;
+- `axes[leaf]`: its leaves' logical axes in terms of the weight's (`lead`, `in`, `out`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree as T
+from jpeft.errors import JpeftError
+
+
+class Method:
+    name = ""
+    trainable: tuple[str, ...] = ()
+    metadata: tuple[str, ...] = ()
+    stored: tuple[str, ...] = ()
+    axes: dict[str, tuple[str | None, ...]] = {}
+
+    @classmethod
+    def present(cls, leaves: dict) -> bool:
+        return any(n in leaves for n in (*cls.trainable, *cls.stored))
+
+    @classmethod
+    def merge(cls, leaves: dict) -> dict:
+        raise JpeftError(f"{cls.__name__} cannot be merged into the base weights; save it as an adapter instead")
+
+    @classmethod
+    def count(cls, leaves: dict, name: str) -> int:
+        """Scalars of one of its leaves that count as parameters (PEFT's formula)."""
+        return int(np.size(leaves[name]))
+
+    def init(self, key, params):
+        return params
+
+    def mask(self, params):
+        """Bool tree: True exactly on the leaves this method trains."""
+        return T.named(params, self.trainable)
+
+
+def matmul(x, w):
+    """x·w in the activation dtype with float32 accumulation."""
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def hf_module(module_path: str) -> str:
+    """'model/layers/self_attn/q_proj' -> 'model.layers.self_attn.q_proj' (stacked name, no index)."""
+    return module_path.replace("/", ".")
+
+
+def layer_names(module_path: str, num_layers: int) -> list[str]:
+    """The HF module name of each layer a (possibly stacked) module stands for."""
+    name = hf_module(module_path)
+    if T.is_stacked(module_path + "/leaf"):
+        return [name.replace(".layers.", f".layers.{i}.", 1) for i in range(num_layers)]
+    return [name]
+
+
+def matches(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's rule: a list entry is a module name or its dotted suffix; a string is a full regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def layer_index(name: str) -> int | None:
+    found = re.search(r"\.layers\.(\d+)\.", name + ".")
+    return int(found.group(1)) if found else None
+
+
+def targeted_layers(module_path: str, num_layers: int, targets, layers: Sequence[int] | None = None) -> list[bool]:
+    """Per layer of a module: does PEFT's matching (with `layers_to_transform`) pick it?"""
+    picked = []
+    for name in layer_names(module_path, num_layers):
+        index = layer_index(name)
+        picked.append(matches(name, targets) and (layers is None or (index is not None and index in layers)))
+    return picked
+
+
+def weight_name(leaves: dict) -> str | None:
+    """The leaf a dense or embedding method modifies ('kernel' or 'embedding'), if the module has one."""
+    return next((n for n in ("kernel", "embedding") if n in leaves), None)
+
+
+def leading(path: str, array) -> tuple[int, ...]:
+    """The stacked-layer dims of a module's weight: (num_layers,) under `layers`, else ()."""
+    return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()

@@ -1,0 +1,115 @@
+"""IA3: learned vectors that rescale activations, with PEFT's semantics.
+
+A targeted module scales its output (`ia3_out` [..., out], bias included); a module that is
+also in `feedforward` scales its input instead (`ia3_in` [..., in]). Vectors start at one,
+so the model is unchanged at init, and fold exactly into W (and b) on merge.
+Parameters per targeted layer: out (or in, for feedforward modules).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree as T
+from jpeft.errors import AdapterError, JpeftError
+from jpeft.peft.base import Method, hf_module, layer_names, leading, targeted_layers
+
+
+class IA3(Method):
+    name = "ia3"
+    trainable = ("ia3_in", "ia3_out")
+    axes = {"ia3_in": ("lead", "in"), "ia3_out": ("lead", "out")}
+
+    def __init__(self, targets: Sequence[str] | str = ("k_proj", "v_proj", "down_proj"),
+                 feedforward: Sequence[str] | str = ("down_proj",)):
+        self.targets = targets if isinstance(targets, str) else tuple(targets)
+        self.feedforward = feedforward if isinstance(feedforward, str) else tuple(feedforward)
+
+    def __repr__(self):
+        return f"IA3(targets={self.targets!r}, feedforward={self.feedforward!r})"
+
+    def init(self, key, params):
+        del key
+        grouped = T.modules(params)
+        found = []
+        for path, leaves in grouped.items():
+            if "kernel" not in leaves:
+                continue
+            lead = leading(path, leaves["kernel"])
+            picked = targeted_layers(path, lead[0] if lead else 1, self.targets)
+            if not any(picked):
+                continue
+            if not all(picked):
+                raise JpeftError(f"IA3 targets {self.targets!r} pick only some layers of {hf_module(path)}; "
+                                 "IA3 adapts whole layer stacks (use LoRA for layer selection)")
+            is_ff = any(targeted_layers(path, lead[0] if lead else 1, self.feedforward))
+            d_in, d_out = leaves["kernel"].shape[-2:]
+            name, size = ("ia3_in", d_in) if is_ff else ("ia3_out", d_out)
+            grouped[path] = {**leaves, name: jnp.ones((*lead, size), jnp.float32)}
+            found.append(path)
+        if not found:
+            raise JpeftError(f"IA3 targets {self.targets!r} match no dense layer")
+        return T.from_modules(grouped)
+
+    @staticmethod
+    def dense_input(leaves, x):
+        return (x * leaves["ia3_in"]).astype(x.dtype) if "ia3_in" in leaves else x
+
+    @staticmethod
+    def dense_output(leaves, y):
+        return (y * leaves["ia3_out"]).astype(y.dtype) if "ia3_out" in leaves else y
+
+    @classmethod
+    def merge(cls, leaves: dict) -> dict:
+        out = {k: v for k, v in leaves.items() if k not in cls.trainable}
+        kernel = leaves["kernel"].astype(jnp.float32)
+        if "ia3_in" in leaves:
+            kernel = kernel * leaves["ia3_in"][..., :, None]
+        else:
+            kernel = kernel * leaves["ia3_out"][..., None, :]
+            if "bias" in leaves:
+                out["bias"] = (leaves["bias"] * leaves["ia3_out"]).astype(leaves["bias"].dtype)
+        out["kernel"] = kernel.astype(leaves["kernel"].dtype)
+        return out
+
+
+def to_peft(modules: dict) -> tuple[dict, dict]:
+    """PEFT's `ia3_l` tensors: (1, in) for feedforward modules, (out, 1) for the others."""
+    tensors, targets, feedforward = {}, set(), set()
+    for path, leaves in modules.items():
+        ff = "ia3_in" in leaves
+        vec = np.asarray(leaves["ia3_in" if ff else "ia3_out"], np.float32)
+        names = layer_names(path, vec.shape[0] if vec.ndim == 2 else 1)
+        for i, name in enumerate(names):
+            v = vec[i] if vec.ndim == 2 else vec
+            tensors[f"{name}.ia3_l"] = v[None, :] if ff else v[:, None]
+        short = hf_module(path).rsplit(".", 1)[-1]
+        targets.add(short)
+        if ff:
+            feedforward.add(short)
+    return tensors, {"target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
+                     "fan_in_fan_out": False, "inference_mode": True, "init_ia3_weights": True,
+                     "modules_to_save": None}
+
+
+def from_peft(config: dict, tensors, modules: dict) -> dict:
+    if config.get("layers_to_transform") is not None:
+        raise AdapterError("IA3 adapters with layers_to_transform are not supported; IA3 adapts whole layer stacks")
+    method = IA3(config["target_modules"], config.get("feedforward_modules") or ())
+    out = method.init(None, T.from_modules(modules))
+    grouped = T.modules(out)
+    for path, leaves in grouped.items():
+        for leaf in ("ia3_in", "ia3_out"):
+            if leaf not in leaves:
+                continue
+            vec = np.array(leaves[leaf])
+            stacked = vec.ndim == 2
+            for i, name in enumerate(layer_names(path, vec.shape[0] if stacked else 1)):
+                got = tensors.take(f"{name}.ia3_l")
+                want = (1, vec.shape[-1]) if leaf == "ia3_in" else (vec.shape[-1], 1)
+                tensors.fits(f"{name}.ia3_l", got.shape, want)
+                vec[i if stacked else ...] = got.reshape(-1)
+            grouped[path] = {**leaves, leaf: jnp.asarray(vec)}
+    return grouped

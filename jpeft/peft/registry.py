@@ -1,0 +1,15 @@
+"""Every method jpeft knows, once. Adding a method is one file plus one line here.
+
+`METHODS` are the leaf families the insertion points and the tree-wide operations (mask,
+count, merge, axes, adapter export) consult, in the order their hooks apply; `BY_NAME` maps
+`method.name` in a run config to the user-facing class.
+"""
+from jpeft.peft.bitfit import BitFit
+from jpeft.peft.full import Full
+from jpeft.peft.ia3 import IA3
+from jpeft.peft.lora import LoRA
+from jpeft.peft.norm import NormTuning
+from jpeft.peft.qlora import QLoRA, Quantized
+
+METHODS = (Quantized, IA3, LoRA)
+BY_NAME = {cls.name: cls for cls in (Full, LoRA, QLoRA, IA3, BitFit, NormTuning)}

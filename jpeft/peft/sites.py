@@ -1,0 +1,55 @@
+"""The insertion points: the one module of jpeft.peft that model code calls.
+
+Each function takes the leaves of one module (`{"kernel": ..., "lora_a": ..., ...}`) and
+applies every registered method whose leaves are present, so a method is active at a site
+exactly when its leaves are in that module's parameters, and models never name a method.
+The functions are pure, so the chunked LM-head loss calls `dense` on the head directly.
+
+    dense:   w = weight hook or kernel;  x = dense_input(x);  y = x·w + Σ dense_delta;
+             y = y + bias;  y = dense_output(y)
+    embed:   x = table[ids] + Σ embed_delta
+    residual (after attention / after the MLP) and attention key/value sites come with the
+    virtual-token and bottleneck methods.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jpeft.peft.base import matmul
+from jpeft.peft.registry import METHODS
+
+__all__ = ["matmul", "weight", "dense", "embed"]
+
+
+def _with(hook: str, leaves: dict):
+    return [m for m in METHODS if hasattr(m, hook) and m.present(leaves)]
+
+
+def weight(leaves: dict, dtype=None):
+    """The module's dense weight [..., in, out]: the kernel, or what a method stores in its place."""
+    for method in _with("weight", leaves):
+        return method.weight(leaves, dtype)
+    return leaves["kernel"] if dtype is None else leaves["kernel"].astype(dtype)
+
+
+def dense(leaves: dict, x, rng=None):
+    """y = x·W + b with every adapter present applied; `rng` enables adapter dropout."""
+    w = weight(leaves, x.dtype)
+    for method in _with("dense_input", leaves):
+        x = method.dense_input(leaves, x)
+    y = matmul(x, w)
+    for method in _with("dense_delta", leaves):
+        y = y + method.dense_delta(leaves, x, y, w, rng).astype(y.dtype)
+    if "bias" in leaves:
+        y = y + leaves["bias"].astype(y.dtype)
+    for method in _with("dense_output", leaves):
+        y = method.dense_output(leaves, y)
+    return y
+
+
+def embed(leaves: dict, ids, dtype):
+    """Token embeddings: table rows plus every adapter's delta."""
+    x = jnp.take(leaves["embedding"], ids, axis=0).astype(dtype)
+    for method in _with("embed_delta", leaves):
+        x = x + method.embed_delta(leaves, ids).astype(dtype)
+    return x

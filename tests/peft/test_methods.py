@@ -1,0 +1,173 @@
+"""The method protocol: for every method, identity at init, count = formula, only its own leaves
+change when trained, merged = unmerged, and `jpeft.freeze` for users' own training loops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import tree as T
+from jpeft.train.step import token_loss
+
+IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from conftest import make_hf_model, save_hf_model
+    return jpeft.from_pretrained(save_hf_model(make_hf_model("llama", attention_bias=False),
+                                               tmp_path_factory.mktemp("base")))
+
+
+def dims(cfg):
+    kv = cfg.num_kv_heads * cfg.head_dim
+    return {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim), "k_proj": (cfg.hidden_size, kv),
+            "v_proj": (cfg.hidden_size, kv), "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+            "gate_proj": (cfg.hidden_size, cfg.intermediate_size), "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+            "down_proj": (cfg.intermediate_size, cfg.hidden_size), "lm_head": (cfg.hidden_size, cfg.vocab_size),
+            "embed_tokens": (cfg.vocab_size, cfg.hidden_size)}
+
+
+def formula(name, cfg):
+    """Trainable parameters by each method's documented formula (PEFT's where PEFT has it)."""
+    d, L = dims(cfg), cfg.num_layers
+    return {
+        "lora": L * 4 * sum(d[m][0] + d[m][1] for m in ("q_proj", "v_proj")),
+        "dora": L * sum(4 * (d[m][0] + d[m][1]) + d[m][1] for m in ("q_proj", "down_proj")),
+        "lora-layers": 1 * 4 * (d["up_proj"][0] + d["up_proj"][1]),
+        "lora-embed-head": 4 * sum(d[m][0] + d[m][1] for m in ("embed_tokens", "lm_head")),
+        "ia3": L * (d["k_proj"][1] + d["v_proj"][1] + d["down_proj"][0]),
+        "bitfit": L * sum(d[m][1] for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj")),
+        "norm": (2 * L + 1) * cfg.hidden_size,
+        "full": None,
+    }[name]
+
+
+METHODS = {
+    "lora": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"]),
+    "dora": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "down_proj"], use_dora=True),
+    "lora-layers": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["up_proj"], layers=[1]),
+    "lora-embed-head": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "lm_head"]),
+    "ia3": lambda: jpeft.IA3(),
+    "bitfit": lambda: jpeft.BitFit(),
+    "norm": lambda: jpeft.NormTuning(),
+    "full": lambda: jpeft.Full(),
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_identity_at_init_and_count_formula(base, name):
+    model, params = base
+    method = METHODS[name]()
+    adapted = method.init(jax.random.key(0), params)
+    np.testing.assert_allclose(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS),
+                               atol=1e-6, rtol=0)
+    trainable, total = jpeft.count_parameters(adapted, method.mask(adapted))
+    expected = formula(name, model.config)
+    assert trainable == (T.count(params) if expected is None else expected)
+    added = 0 if name in ("norm", "full") else expected
+    assert total == T.count(params) + added
+
+
+def train_steps(model, params, mask, steps=3):
+    """A few AdamW steps on the trainable partition, as the trainer does."""
+    trainable, frozen = T.partition(params, mask)
+    tx = optax.adam(1e-2)
+    state = tx.init(trainable)
+    batch = {"input_ids": IDS, "attention_mask": jnp.ones_like(IDS), "labels": jnp.roll(IDS, -1, axis=1),
+             "loss_mask": jnp.ones(IDS.shape, jnp.float32)}
+
+    @jax.jit
+    def step(trainable, state):
+        grads = jax.grad(lambda tr: token_loss(model, T.combine(tr, frozen), batch)[0])(trainable)
+        updates, state = tx.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state
+
+    for _ in range(steps):
+        trainable, state = step(trainable, state)
+    return T.combine(trainable, frozen)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_training_changes_only_the_methods_leaves(base, name):
+    model, params = base
+    method = METHODS[name]()
+    adapted = method.init(jax.random.key(0), params)
+    before = {p: np.array(v) for p, v in T.flatten(adapted).items()}  # a copy, taken before training
+    trained = T.flatten(train_steps(model, adapted, method.mask(adapted)))
+    mask = T.flatten(method.mask(adapted))
+    assert before.keys() == trained.keys()
+    changed = {p for p in before if not np.array_equal(before[p], np.asarray(trained[p]))}
+    assert changed and changed <= {p for p, m in mask.items() if m}
+    if name == "lora-layers":  # the layer that is not adapted keeps its (inactive) factors untouched
+        b = trained["model/layers/mlp/up_proj/lora_b"]
+        assert not np.any(np.asarray(b[0])) and np.any(np.asarray(b[1]))
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "lora-layers", "lora-embed-head", "ia3"])
+def test_merged_equals_unmerged(base, name):
+    model, params = base
+    method = METHODS[name]()
+    adapted = method.init(jax.random.key(0), params)
+    trained = train_steps(model, adapted, method.mask(adapted))
+    unmerged = model.apply({"params": trained}, IDS)
+    merged_params = jpeft.merge(trained)
+    assert T.flatten(merged_params).keys() == T.flatten(params).keys()
+    assert np.abs(np.asarray(unmerged - model.apply({"params": params}, IDS))).max() > 1e-3
+    np.testing.assert_allclose(model.apply({"params": merged_params}, IDS), unmerged, atol=2e-5, rtol=0)
+
+
+def test_freeze_updates_only_trainable_leaves_and_keeps_no_state_for_the_rest(base):
+    model, params = base
+    adapted = jpeft.LoRA(rank=4, targets=["q_proj", "v_proj"]).init(jax.random.key(0), params)
+    before = {p: np.array(v) for p, v in T.flatten(adapted).items()}
+    tx = jpeft.freeze(optax.adam(1e-2), adapted)
+    state = tx.init(adapted)
+    state_leaves = [x for x in jax.tree.leaves(state) if np.ndim(x) >= 1]
+    n_trainable = sum(np.size(v) for p, v in before.items() if T.leaf_name(p) in ("lora_a", "lora_b"))
+    assert sum(np.size(x) for x in state_leaves) == 2 * n_trainable  # adam's mu and nu, trainable only
+    batch = {"input_ids": IDS, "attention_mask": jnp.ones_like(IDS), "labels": jnp.roll(IDS, -1, axis=1),
+             "loss_mask": jnp.ones(IDS.shape, jnp.float32)}
+    current = adapted
+    for _ in range(2):  # the user's own loop: gradients of the whole tree
+        grads = jax.grad(lambda p: token_loss(model, p, batch)[0])(current)
+        updates, state = tx.update(grads, state, current)
+        current = optax.apply_updates(current, updates)
+    for path, value in T.flatten(current).items():
+        same = np.array_equal(before[path], np.asarray(value))
+        assert same == (T.leaf_name(path) not in ("lora_a", "lora_b")), path
+
+
+def test_unknown_targets_and_partial_ia3_are_errors(base):
+    _, params = base
+    with pytest.raises(jpeft.JpeftError, match="match no dense layer; available: .*q_proj"):
+        jpeft.LoRA(targets=["qkv"]).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.JpeftError, match="only some layers"):
+        jpeft.IA3(targets=r"model\.layers\.0\.self_attn\.k_proj", feedforward=[]).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.JpeftError, match="not to embeddings"):
+        jpeft.LoRA(targets=["embed_tokens"], use_dora=True).init(jax.random.key(0), params)
+
+
+def test_list_targets_are_not_regexes_but_a_string_is(base):
+    """PEFT's rule, the same at init and at load: list entries match names or dotted suffixes."""
+    _, params = base
+    with pytest.raises(jpeft.JpeftError, match="match no dense layer"):
+        jpeft.LoRA(targets=[".*_proj"]).init(jax.random.key(0), params)
+    adapted = jpeft.LoRA(targets=r"model\.layers\.1\.self_attn\.q_proj").init(jax.random.key(0), params)
+    assert np.asarray(adapted["model"]["layers"]["self_attn"]["q_proj"]["lora_scale"]).tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("name", ["bitfit", "norm"])
+def test_methods_peft_lacks_round_trip_through_jpefts_adapter_dir(base, tmp_path, name):
+    model, params = base
+    method = METHODS[name]()
+    adapted = method.init(jax.random.key(0), params)
+    trained = train_steps(model, adapted, method.mask(adapted))
+    jpeft.save_adapter(str(tmp_path / "a"), trained, method=method)
+    loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
+    flat, back = T.flatten(trained), T.flatten(loaded)
+    assert flat.keys() == back.keys()
+    for path in flat:
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(back[path]), err_msg=path)

@@ -1,0 +1,79 @@
+"""Several named adapters on one base: one per call, one per row of a batch, weighted combinations."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jpeft
+from jpeft import tree as T
+from conftest import make_hf_model, save_hf_model
+from test_peft_parity import perturb
+
+IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (3, 10)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch_model = make_hf_model("llama")
+    path = save_hf_model(torch_model, tmp_path_factory.mktemp("base"))
+    model, params = jpeft.from_pretrained(path)
+    one = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"]).init(jax.random.key(0), params),
+                  ("lora_b",), jax.random.key(1))
+    two = perturb(jpeft.LoRA(rank=2, alpha=6, targets=["v_proj", "down_proj", "lm_head"]).init(jax.random.key(2),
+                                                                                             params),
+                  ("lora_b",), jax.random.key(3))
+    three = perturb(jpeft.LoRA(rank=4, alpha=4, targets=["q_proj", "down_proj"]).init(
+        jax.random.key(4), params), ("lora_b",), jax.random.key(5))
+    tree = jpeft.add_adapter(jpeft.add_adapter(jpeft.add_adapter(params, "one", one), "two", two), "three", three)
+    return torch_model, model, params, {"one": one, "two": two, "three": three}, tree
+
+
+def logits(model, params, ids=IDS):
+    return np.asarray(model.apply({"params": params}, ids))
+
+
+def test_use_adapter_gives_each_adapter_alone(setup):
+    _, model, _, single, tree = setup
+    for name, adapted in single.items():
+        np.testing.assert_array_equal(logits(model, jpeft.use_adapter(tree, name)), logits(model, adapted))
+    with pytest.raises(jpeft.JpeftError, match="no adapter named 'four'"):
+        jpeft.use_adapter(tree, "four")
+
+
+def test_mixed_batch_rows_equal_single_adapter_runs(setup):
+    _, model, _, single, tree = setup
+    names = ["one", "two", "three"]
+    ids = np.array([2, 0, 1])
+    routed = jax.jit(lambda t, i: model.apply({"params": jpeft.route(t, names, i)}, IDS))(tree, ids)
+    for row, which in enumerate(ids):
+        alone = logits(model, single[names[which]], IDS[row:row + 1])
+        np.testing.assert_allclose(np.asarray(routed)[row], alone[0], atol=2e-5, rtol=0)
+    assert len({float(np.asarray(routed)[r].sum()) for r in range(3)}) == 3
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_weighted_adapter_matches_peft(setup, tmp_path, combination):
+    _, model, _, single, tree = setup
+    torch_model = make_hf_model("llama")  # PEFT wraps the model in place: a fresh copy per test
+    names = ["one", "three"] if combination == "linear" else ["one", "two"]
+    weights = [0.7, -0.4]
+    combined = jpeft.use_adapter(jpeft.add_weighted_adapter(tree, names, weights, "mix", combination), "mix")
+    for name in names:
+        jpeft.save_adapter(str(tmp_path / name), single[name])
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / names[0], adapter_name=names[0])
+    peft_model.load_adapter(tmp_path / names[1], adapter_name=names[1])
+    peft_model.add_weighted_adapter(names, weights, "mix", combination_type=combination)
+    peft_model.set_adapter("mix")
+    with torch.no_grad():
+        reference = peft_model.eval()(torch.tensor(np.asarray(IDS))).logits.numpy()
+    np.testing.assert_allclose(logits(model, combined), reference, atol=2e-4, rtol=0)
+    if combination == "cat":  # cat is exact: W + Σ wᵢ·ΔWᵢ
+        plain = T.flatten(setup[2])
+        merged = [T.flatten(jpeft.merge(jpeft.use_adapter(tree, n))) for n in names]
+        mixed = T.flatten(jpeft.merge(combined))
+        assert mixed.keys() == plain.keys()
+        for path in plain:
+            want = plain[path] + sum(w * (m[path] - plain[path]) for w, m in zip(weights, merged))
+            np.testing.assert_allclose(np.asarray(mixed[path]), np.asarray(want), atol=1e-5, err_msg=path)

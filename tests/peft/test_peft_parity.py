@@ -1,0 +1,126 @@
+"""Every method PEFT has, both ways against PyTorch PEFT: same logits from the same adapter dir."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jpeft
+from jpeft import tree as T
+from conftest import make_hf_model, save_hf_model
+
+IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def jax_logits(model, params):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+
+
+def perturb(params, names, key, scale=0.1):
+    """Random non-zero values on the named adapter leaves (an identity adapter would hide bugs)."""
+    flat = T.flatten(params)
+    keys = iter(jax.random.split(key, len(flat)))
+    return T.unflatten({p: v + scale * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in names else v
+                        for p, v in flat.items()})
+
+
+PEFT_CONFIGS = {
+    "dora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+                            init_lora_weights=False),
+    "layers": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                              init_lora_weights=False),
+    "regex-layer": peft.LoraConfig(r=2, lora_alpha=6, target_modules=r"model\.layers\.0\.self_attn\.(k|o)_proj",
+                                   init_lora_weights=False),
+    "embed-head": peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
+                                  init_lora_weights=False),
+    "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIGS)
+def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
+    torch_model = make_hf_model("llama")
+    path = save_hf_model(torch_model, tmp_path / "base")
+    peft_model = peft.get_peft_model(torch_model, PEFT_CONFIGS[name]).eval()
+    with torch.no_grad():  # non-trivial values for what PEFT initialises to the identity
+        for n, p in peft_model.named_parameters():
+            if "ia3_l" in n or "lora_embedding_A" in n or "magnitude" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(path)
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-3
+
+
+JPEFT_METHODS = {
+    "dora": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "o_proj", "up_proj"], use_dora=True),
+             ("lora_b", "lora_magnitude")),
+    "layers": (jpeft.LoRA(rank=3, alpha=9, targets=["v_proj", "down_proj"], layers=[0]), ("lora_b",)),
+    "regex-layer": (jpeft.LoRA(rank=2, alpha=4, targets=r"model\.layers\.1\.mlp\.(gate|up)_proj|lm_head"),
+                    ("lora_b",)),
+    "embed-head": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "lm_head"]), ("lora_a", "lora_b")),
+    "rslora-patterns": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj"], use_rslora=True,
+                                   rank_pattern={"k_proj": 2}, alpha_pattern={"k_proj": 3}), ("lora_b",)),
+    "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
+}
+
+
+@pytest.mark.parametrize("name", JPEFT_METHODS)
+def test_jpeft_written_adapter_loads_in_peft(tmp_path, name):
+    method, random_leaves = JPEFT_METHODS[name]
+    torch_model = make_hf_model("llama")
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    adapted = perturb(method.init(jax.random.key(0), params), random_leaves, jax.random.key(1))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    # ... and back: the directory loads into the same leaves (inactive layers aside)
+    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["pissa", "olora"])
+def test_pissa_olora_init_as_peft_and_saved_for_the_original_base(tmp_path, scheme):
+    torch_model = make_hf_model("llama")
+    path = save_hf_model(torch_model, tmp_path / "base")
+    original = {n: p.detach().clone() for n, p in torch_model.named_parameters()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=scheme)
+    peft_model = peft.get_peft_model(make_hf_model("llama"), config)  # a copy of the same weights (same seed)
+    model, params = jpeft.from_pretrained(path)
+    adapted = jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "down_proj"], init=scheme).init(jax.random.key(0), params)
+    q = adapted["model"]["layers"]["self_attn"]["q_proj"]
+    for i in range(2):
+        layer = peft_model.base_model.model.model.layers[i].self_attn.q_proj
+        residual = layer.base_layer.weight.detach().numpy().T
+        np.testing.assert_allclose(np.asarray(q["kernel"][i]), residual, atol=1e-5)
+        product = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy().T
+        np.testing.assert_allclose(np.asarray(q["lora_a"][i] @ q["lora_b"][i]), product, atol=1e-5)
+    # unchanged model at init; after "training" the saved adapter applies to the ORIGINAL base
+    np.testing.assert_allclose(jax_logits(model, adapted), jax_logits(model, params), atol=1e-5)
+    trained = perturb(adapted, ("lora_a", "lora_b"), jax.random.key(2), scale=0.05)
+    jpeft.save_adapter(str(tmp_path / "adapter"), trained)
+    reference = make_hf_model("llama")
+    assert all(torch.equal(p, original[n]) for n, p in reference.named_parameters())
+    loaded = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(torch_logits(loaded), jax_logits(model, trained), atol=2e-4, rtol=0)
+
+
+def test_bitfit_biases_export_as_an_hf_checkpoint(tmp_path):
+    """Biases BitFit added where Llama has none become attention_bias/mlp_bias in config.json."""
+    import transformers
+    torch_model = make_hf_model("llama")
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    trained = perturb(jpeft.BitFit().init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    jpeft.save_pretrained(str(tmp_path / "out"), model, jpeft.merge(trained))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(reloaded), jax_logits(model, trained), atol=2e-4, rtol=0)
+    partial = jpeft.BitFit(targets=["q_proj"]).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.CheckpointError, match="biases must cover all attention"):
+        jpeft.save_pretrained(str(tmp_path / "bad"), model, partial)
