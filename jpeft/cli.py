@@ -14,7 +14,7 @@ EXAMPLES = {
              "--prompt 'Dialogue:\\n{dialogue}\\nSummary: ' --target summary1,summary2,summary3 --limit 100"),
     "generate": "jpeft generate --model my_llama --adapter runs/lora/adapter --prompt 'Hello' --max-new-tokens 32",
     "merge": "jpeft merge --model my_llama --adapter runs/lora/adapter --out merged_llama",
-    "info": "jpeft info --model my_llama --adapter runs/lora/adapter",
+    "info": "jpeft info --model my_llama --adapter runs/lora/adapter   (or: jpeft info --methods)",
     "bench": "jpeft bench --against hf-peft --json",
 }
 
@@ -87,6 +87,14 @@ def cmd_merge(args) -> None:
 
 def cmd_info(args) -> None:
     import jpeft
+    if args.methods:
+        from jpeft.config import method_options
+        from jpeft.peft.registry import BY_NAME
+        for name in BY_NAME:
+            print(f"{name}: {', '.join(f'method.{o}' for o in method_options(name)) or '(no options)'}")
+        return
+    if not args.model:
+        raise jpeft.ConfigError("info needs --model DIR (or --methods)")
     model, params, _ = load(args.model, args.adapter)
     cfg = model.config
     print(f"architecture: {cfg.model_type} · {cfg.num_layers} layers · hidden {cfg.hidden_size} · "
@@ -102,8 +110,9 @@ def cmd_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full or LoRA, "
-                                  "evaluate, generate, merge, benchmark.",
+        prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full, LoRA and its "
+                                  "variants, QLoRA, IA3, BitFit, norm tuning; evaluate, generate, merge, "
+                                  "benchmark.",
         epilog="Every command has --help with an example. Start with: jpeft demo")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -117,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
                 "fine-tune it (full and LoRA) to summarize, evaluate against the base.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--data", default=None, help="DialogSum-shaped JSONL (default: ../shared/data/dialogsum)")
+    p.add_argument("--data", default=None, help="DialogSum-shaped JSONL (default: the 500-dialogue sample shipped with jpeft)")
     p.add_argument("--preset", default="default", choices=["default", "tiny"],
                    help="tiny: a seconds-long smoke run (used by the tests)")
     p.add_argument("--seed", type=int, default=0)
@@ -127,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4")
 
-    def model_args(p, adapter=True):
-        p.add_argument("--model", required=True, help="HF model directory")
+    def model_args(p, adapter=True, required=True):
+        p.add_argument("--model", required=required, help="HF model directory")
         if adapter:
             p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weight dtype on load")
@@ -157,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--out", required=True, help="output HF model directory")
 
-    p = command("info", cmd_info, "Architecture and parameter counts (trainable %% with an adapter).")
-    model_args(p)
+    p = command("info", cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "
+                "or with --methods every method name and its options.")
+    model_args(p, required=False)
+    p.add_argument("--methods", action="store_true", help="list every method.name and its method.* options")
 
     p = command("bench", cmd_bench, "Train-step throughput, compile time and peak memory of jpeft "
                 "(LoRA and full), optionally against HF PEFT in PyTorch.")
@@ -173,6 +184,8 @@ def main(argv=None) -> int:
     if args.verbose or args.command in ("train", "demo"):
         logging.getLogger("jpeft").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # jpeft needs no PyTorch: keep transformers' "PyTorch was not found" advice out of the output.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from jpeft.errors import JpeftError
     try:
         args.fn(args)

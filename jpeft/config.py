@@ -114,14 +114,14 @@ _UNIT_INTERVAL = ("train.min_lr_ratio",)
 REGEX_CHARS = set("\\.*+?|()[]^$")
 
 
-def method_options(name: str) -> set[str]:
+def method_options(name: str) -> list[str]:
     """The `method.*` keys a method takes: its constructor's parameters (jpeft.peft.registry)."""
     import inspect
 
     from jpeft.peft.registry import BY_NAME
-    cls = BY_NAME[name]
-    names = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
-    return (names - {"self", "lora_options"}) & {f.name for f in dataclasses.fields(MethodSection)}
+    keys = [f.name for f in dataclasses.fields(MethodSection)]
+    names = {p for c in BY_NAME[name].__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+    return [k for k in keys if k in names]
 
 
 def method_kwargs(section: "MethodSection") -> dict:

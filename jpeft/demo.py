@@ -20,7 +20,7 @@ import jax
 
 from jpeft import tree as T
 from jpeft.config import RunConfig, load_config
-from jpeft.data import load_rows
+from jpeft.data import DIALOGSUM_SAMPLE, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import DataError
 from jpeft.evaluate import predict, text_metrics
@@ -33,10 +33,6 @@ from jpeft.train.step import make_eval_step
 from jpeft.train.trainer import load_tokenizer, mean_nll, prepare, train
 
 log = logging.getLogger("jpeft.demo")
-DIALOGSUM = os.path.join("shared", "data", "dialogsum", "dialogsum.dev.jsonl")
-# ../shared beside the repo: found from the (editable) package, else from the working directory.
-DEFAULT_DATA_CANDIDATES = (os.path.join(os.path.dirname(__file__), "..", "..", DIALOGSUM),
-                           os.path.join("..", DIALOGSUM))
 PROMPT = "{dialogue}\nSummary: "
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
@@ -87,7 +83,7 @@ def run_config(**sections) -> RunConfig:
 def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0) -> dict:
     started = time.time()
     p = PRESETS[preset]
-    data = data or next((c for c in DEFAULT_DATA_CANDIDATES if os.path.exists(c)), DEFAULT_DATA_CANDIDATES[0])
+    data = data or DIALOGSUM_SAMPLE
     if not os.path.exists(data):
         raise DataError(f"{data}: demo data not found; pass --data with a DialogSum-shaped JSONL "
                         "(fields dialogue, summary)")

@@ -42,13 +42,12 @@ def tiny_llama(tmp_path):
     return model, save_hf_model(model, tmp_path / "llama")
 
 
-DIALOGSUM = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dialogsum",
-                         "dialogsum.dev.jsonl")
-
-
 def dialogsum_rows(n: int, start: int = 0) -> list[dict]:
+    """Rows of the DialogSum sample shipped in the package."""
     import json
-    with open(DIALOGSUM) as f:
+
+    from jpeft.data import DIALOGSUM_SAMPLE
+    with open(DIALOGSUM_SAMPLE) as f:
         return [json.loads(line) for line in f][start:start + n]
 
 

@@ -1,5 +1,6 @@
 """The `jpeft` command line, end to end on a tiny model and DialogSum-shaped rows."""
 import json
+import os
 import subprocess
 import sys
 
@@ -61,9 +62,47 @@ def test_eval_missing_column_is_an_error(tiny_run, capsys):
 
 
 def test_generate_with_adapter(tiny_run, trained_adapter, capsys):
+    """The command prints exactly what the library generates for the same model, adapter and prompt."""
+    from jpeft.generate import generate_text
+    from jpeft.train.trainer import load_tokenizer
+
     assert main(["generate", "--model", tiny_run["model"], "--adapter", str(trained_adapter),
-                 "--prompt", "#Person1#: Hello", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
+                 "--prompt", r"#Person1#: Hello\n", "--max-new-tokens", "6"]) == 0
+    model, base = jpeft.from_pretrained(tiny_run["model"])
+    params = jpeft.load_adapter(str(trained_adapter), base)
+    tokenizer = load_tokenizer(tiny_run["model"])
+    [expected] = generate_text(model, params, tokenizer, ["#Person1#: Hello\n"], 6)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_info_lists_every_method_with_its_options(capsys):
+    from jpeft.peft.registry import BY_NAME
+    assert main(["info", "--methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(BY_NAME) == ["full", "lora", "qlora", "ia3", "bitfit", "norm"]
+    assert "method.use_dora" in lines[1] and "method.quant" in lines[2] and "method.feedforward" in lines[3]
+
+
+BLOCK_TORCH = """
+import importlib.machinery as machinery
+_find = machinery.PathFinder.find_spec
+def _no_torch(cls, name, path=None, target=None):
+    return None if name.split(".")[0] == "torch" else _find(name, path, target)
+machinery.PathFinder.find_spec = classmethod(_no_torch)
+"""
+
+
+def test_no_pytorch_notice_without_pytorch(tiny_run, tmp_path):
+    """Without PyTorch (as after `pip install -e .`), jpeft's output has no transformers notice about it."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    plain = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True, text=True, env=env)
+    assert "PyTorch was not found" in plain.stderr + plain.stdout  # the notice exists when torch is missing
+    out = subprocess.run([sys.executable, "-m", "jpeft.cli", "info", "--model", tiny_run["model"]],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "PyTorch was not found" not in out.stderr + out.stdout and "trainable params" in out.stdout
 
 
 def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):

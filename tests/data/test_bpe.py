@@ -5,17 +5,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from jpeft.data import DIALOGSUM_SAMPLE
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import ConfigError
 
-DEV = Path(__file__).resolve().parents[3] / "shared/data/dialogsum/dialogsum.dev.jsonl"
-
-
 @pytest.fixture(scope="module")
 def rows():
-    if not DEV.exists():
-        pytest.skip(f"{DEV} not present")
-    with open(DEV) as f:
+    with open(DIALOGSUM_SAMPLE) as f:
         return [json.loads(line) for line in f][:60]
 
 
