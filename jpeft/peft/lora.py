@@ -290,52 +290,31 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                   init=init if init in ("pissa", "olora") else "peft", use_rslora=bool(config.get("use_rslora")),
                   use_dora=bool(config.get("use_dora")), layers=[layers] if isinstance(layers, int) else layers,
                   rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
-    out, found = dict(modules), False
+    out = dict(modules)
     for path, leaves in modules.items():
         picked = method.targeted(path, leaves)
         if not any(picked):
             continue
-        found = True
-        adapted = method.init_module(jax.random.key(0), path, leaves, picked)
+        adapted = method.init_module(jax.random.key(0), path, leaves, picked)  # then filled from the file
+        stacked = bool(leading(path, next(iter(leaves.values()))))
         embedding = "embedding" in leaves
-        lead = leading(path, next(iter(leaves.values())))
-        a, b, mag = (np.array(adapted[k]) for k in ("lora_a", "lora_b", "lora_magnitude") if k in adapted) \
-            if method.use_dora else (*(np.array(adapted[k]) for k in ("lora_a", "lora_b")), None)
+        keys = {"lora_a": "lora_embedding_A" if embedding else "lora_A.weight",
+                "lora_b": "lora_embedding_B" if embedding else "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
+        per_layer = {leaf: np.array(adapted[leaf]) if stacked else np.array(adapted[leaf])[None]
+                     for leaf in keys if leaf in adapted}
         for i, name in enumerate(layer_names(path, len(picked))):
-            if not picked[i]:
-                continue
-            at = (lambda x: x[i]) if lead else (lambda x: x)
-            if embedding:
-                got_a, got_b = tensors.take(f"{name}.lora_embedding_A").T, \
-                    tensors.take(f"{name}.lora_embedding_B").T
-            else:
-                got_a, got_b = tensors.take(f"{name}.lora_A.weight").T, \
-                    tensors.take(f"{name}.lora_B.weight").T
-            tensors.fits(f"{name} lora_A", got_a.shape, at(a).shape)
-            tensors.fits(f"{name} lora_B", got_b.shape, at(b).shape)
-            at_set(a, i, lead, got_a), at_set(b, i, lead, got_b)
-            if mag is not None:
-                got = tensors.take(f"{name}.lora_magnitude_vector")
-                tensors.fits(f"{name} lora_magnitude_vector", got.shape, at(mag).shape)
-                at_set(mag, i, lead, got)
-            base_key = f"{name}.base_layer.weight"
-            if base_key in tensors.left:  # PEFT saves a targeted embedding / LM head weight too
+            for leaf in per_layer if picked[i] else ():
+                got = tensors.take(f"{name}.{keys[leaf]}")
+                got = got if leaf == "lora_magnitude" else got.T
+                tensors.fits(f"{name}.{keys[leaf]}", got.shape, per_layer[leaf][i].shape)
+                per_layer[leaf][i] = got
+            if f"{name}.base_layer.weight" in tensors.left:  # PEFT saves a targeted embedding / LM head too
                 weight = weight_name(leaves)
-                got = tensors.take(base_key)
+                got = tensors.take(f"{name}.base_layer.weight")
                 got = got if embedding else got.T
-                tensors.fits(base_key, got.shape, leaves[weight].shape)
+                tensors.fits(f"{name}.base_layer.weight", got.shape, leaves[weight].shape)
                 adapted[weight] = jnp.asarray(got, leaves[weight].dtype)
-        adapted.update(lora_a=jnp.asarray(a), lora_b=jnp.asarray(b))
-        if mag is not None:
-            adapted["lora_magnitude"] = jnp.asarray(mag)
-        out[path] = adapted
-    if not found:
+        out[path] = {**adapted, **{leaf: jnp.asarray(v if stacked else v[0]) for leaf, v in per_layer.items()}}
+    if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model")
     return out
-
-
-def at_set(array: np.ndarray, i: int, lead, value) -> None:
-    if lead:
-        array[i] = value
-    else:
-        array[...] = value

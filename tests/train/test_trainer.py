@@ -46,6 +46,7 @@ def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, 
         step = real_step(*args, **kwargs)
 
         def wrapped(state, frozen, batch):
+            seen.setdefault("init", jax.tree.map(np.array, state["trainable"]))  # before the first update
             seen["state"], out = step(state, frozen, batch)
             return seen["state"], out
         return wrapped
@@ -59,10 +60,13 @@ def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, 
     assert set(final) - adapter == set(base)
     for path, value in base.items():
         np.testing.assert_array_equal(final[path], np.asarray(value), err_msg=path)
-    b_leaves = [p for p in adapter if p.endswith("lora_b")]
-    assert b_leaves and all(np.any(final[p]) for p in b_leaves)  # B starts at zero: the adapter trained
     factors = {p for p in adapter if T.leaf_name(p) != "lora_scale"}
     assert set(T.flatten(seen["state"]["trainable"])) == factors
+    init = T.flatten(seen["init"])
+    assert set(init) == factors and any(T.leaf_name(p) == "lora_a" for p in factors)
+    for path in factors:  # every adapter factor trained away from its init; B starts at zero
+        assert np.any(init[path]) == (T.leaf_name(path) == "lora_a"), path
+        assert np.any(final[path] != init[path]), path
     opt_shapes = {np.shape(x) for x in jax.tree.leaves(seen["state"]["opt_state"]) if np.ndim(x) >= 2}
     assert opt_shapes == {np.shape(final[p]) for p in factors}  # optimizer state for the factors only
 

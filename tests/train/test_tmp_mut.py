@@ -1,0 +1,125 @@
+"""The training loop: learns, freezes what it must, resumes bit-exactly."""
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import jpeft
+from jpeft import tree as T
+from jpeft.train import checkpoint, trainer
+from conftest import read_metrics, run_config
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_loss_decreases_and_exports(tiny_run, tmp_path, method):
+    cfg = run_config(tiny_run, tmp_path, f"method.name={method}", "train.steps=8", "train.grad_accum=2",
+                     "data.eval_limit=3", "data.max_new_tokens=4",
+                     "method.targets=[q_proj,v_proj,down_proj,lm_head]", "train.lr=3e-2")
+    final = trainer.train(cfg, progress=False)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_rougeL", "eval_bleu"} <= final.keys()
+    assert rows[-1] == final
+    model, base = jpeft.from_pretrained(tiny_run["model"])
+    if method == "lora":
+        adapted = jpeft.load_adapter(str(tmp_path / "adapter"), base)
+        assert (tmp_path / "adapter" / "tokenizer.json").exists()
+    else:
+        model, adapted = jpeft.from_pretrained(str(tmp_path / "model"))
+        assert (tmp_path / "model" / "tokenizer.json").exists()
+    ids = np.arange(1, 20)[None]
+    assert np.abs(np.asarray(model.apply({"params": adapted}, ids) - model.apply({"params": base}, ids))).max() > 1e-3
+
+
+def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, monkeypatch):
+    """What the trainer exports keeps every base leaf bit-identical to a fresh load of the checkpoint."""
+    seen = {}
+    real_export, real_step = trainer.export, trainer.make_train_step
+
+    def export_spy(cfg, model, method, params):
+        seen["params"] = jax.tree.map(np.array, params)
+        return real_export(cfg, model, method, params)
+
+    def step_spy(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def wrapped(state, frozen, batch):
+            seen.setdefault("init", jax.tree.map(np.array, state["trainable"]))  # before the first update
+            seen["state"], out = step(state, frozen, batch)
+            return seen["state"], out
+        return wrapped
+
+    monkeypatch.setattr(trainer, "export", export_spy)
+    monkeypatch.setattr(trainer, "make_train_step", step_spy)
+    trainer.train(run_config(tiny_run, tmp_path, "train.steps=3", "train.lr=0"), progress=False)
+    _, base = jpeft.from_pretrained(tiny_run["model"])  # an independent copy of the base weights
+    final, base = T.flatten(seen["params"]), T.flatten(base)
+    adapter = {p for p in final if T.leaf_name(p) in ("lora_a", "lora_b", "lora_scale")}
+    assert set(final) - adapter == set(base)
+    for path, value in base.items():
+        np.testing.assert_array_equal(final[path], np.asarray(value), err_msg=path)
+    factors = {p for p in adapter if T.leaf_name(p) != "lora_scale"}
+    assert set(T.flatten(seen["state"]["trainable"])) == factors
+    init = T.flatten(seen["init"])
+    assert set(init) == factors and any(T.leaf_name(p) == "lora_a" for p in factors)
+    for path in factors:  # every adapter factor trained away from its init; B starts at zero
+        assert np.any(init[path]) == (T.leaf_name(path) == "lora_a"), path
+        assert np.any(final[path] != init[path]), path
+    opt_shapes = {np.shape(x) for x in jax.tree.leaves(seen["state"]["opt_state"]) if np.ndim(x) >= 2}
+    assert opt_shapes == {np.shape(final[p]) for p in factors}  # optimizer state for the factors only
+
+
+def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    trainer.train(run_config(tiny_run, straight, "train.save_every=3", "method.dropout=0.1"), progress=False)
+
+    resumed = tmp_path / "resumed"
+    real_save = checkpoint.save
+
+    def crash_after_first_save(mngr, step, state):
+        real_save(mngr, step, state)
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(checkpoint, "save", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(run_config(tiny_run, resumed, "train.save_every=3", "method.dropout=0.1"), progress=False)
+    assert not (resumed / "adapter").exists()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    trainer.train(run_config(tiny_run, resumed, "train.save_every=3", "method.dropout=0.1"), progress=False)
+
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
+
+
+def test_interrupt_keeps_the_last_step_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    """Ctrl-C between checkpoints loses nothing: the last completed step is saved on the way out."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    trainer.train(run_config(tiny_run, straight), progress=False)
+    real = trainer.make_train_step
+
+    def interrupting(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, frozen, batch):
+            if int(state["step"]) == 4:
+                raise KeyboardInterrupt
+            return step(state, frozen, batch)
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(run_config(tiny_run, resumed), progress=False)
+    assert checkpoint.manager(str(resumed)).latest_step() == 4
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    trainer.train(run_config(tiny_run, resumed), progress=False)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
