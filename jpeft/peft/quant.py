@@ -17,8 +17,9 @@ where bitsandbytes' blocks would straddle output units. Leaves that replace `ker
     int8  kernel_int8 int8 [..., in, out] = round(w / absmax · 127), kernel_absmax
 
 Codes are the nearest table entries (ties to the lower), as bitsandbytes' CUDA kernels
-pick them. Its CPU 8-bit kernel (double_quant's absmax) looks codes up in a 65536-bin
-table instead, so a centred absmax within ~1e-3 of the mean can get a neighbour there.
+pick them. Its CPU 8-bit kernel (0.50, used for double_quant's absmax) first rounds the
+value to a grid of step 2/65535, so the few absmax values that close to a midpoint between
+two codes (about 1 in 500) get the other one there.
 `dequantize` is jax.numpy, run inside the dense insertion point on every step.
 """
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _absmax(leaves: dict):
         return leaves["kernel_absmax"]
     q = leaves["kernel_absmax_q"]
     *lead, n_blocks, d_out = q.shape
-    groups = _groups(q.reshape(*lead, -1), jnp)
+    groups = _groups(jnp.swapaxes(q, -1, -2).reshape(*lead, -1), jnp)
     values = (jnp.asarray(DYNAMIC)[groups] * leaves["kernel_absmax_scale"][..., None]).reshape(*lead, -1)
     values = values[..., : n_blocks * d_out] + leaves["kernel_absmax_offset"][..., None]
     return jnp.swapaxes(values.reshape(*lead, d_out, n_blocks), -1, -2)

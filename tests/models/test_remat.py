@@ -22,19 +22,25 @@ def test_remat_gives_same_gradients(tiny_llama, policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
 
 
-def test_remat_really_saves_less_for_the_backward_pass():
-    """Would pass unchanged if remat did nothing, were it not for this: the compiled gradient's scratch
-    memory shrinks with every policy that saves less (full < dots < none)."""
-    from jpeft.models.config import ModelConfig
-    from jpeft.models.llama import CausalLM, init_params
+def test_remat_really_saves_less_for_the_backward_pass(tmp_path):
+    """Remat must change what the backward pass keeps, not only leave gradients alone: fewer activation
+    bytes saved as residuals and less scratch memory in the compiled gradient, full < dots < none."""
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals lists
 
-    temp = {}
+    from conftest import make_hf_model, save_hf_model
+
+    hf = make_hf_model("llama", num_hidden_layers=4, hidden_size=64, intermediate_size=128, head_dim=16)
+    model, params = jpeft.from_pretrained(save_hf_model(hf, tmp_path))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (4, 64)))
+    saved, temp = {}, {}
     for policy in ("none", "dots", "full"):
-        cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=4,
-                          num_heads=4, num_kv_heads=2, head_dim=16, remat=policy)
-        model = CausalLM(cfg)
-        params = init_params(model, jax.random.key(0))
-        ids = jnp.zeros((4, 64), jnp.int32)
-        grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, ids))[..., 0])))
-        temp[policy] = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+        rematted = model.clone(config=model.config.replace(remat=policy))
+
+        def loss(p):
+            return jnp.mean(jax.nn.log_softmax(rematted.apply({"params": p}, ids))[..., 0])
+
+        saved[policy] = sum(aval.size * aval.dtype.itemsize for aval, why in saved_residuals(loss, params)
+                            if not why.startswith("from the argument"))  # activations, not the weights
+        temp[policy] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+    assert saved["full"] < saved["dots"] < saved["none"] / 2, saved
     assert temp["full"] < temp["dots"] < temp["none"] / 2, temp

@@ -110,6 +110,14 @@ def test_pissa_olora_init_as_peft_and_saved_for_the_original_base(tmp_path, sche
     assert all(torch.equal(p, original[n]) for n, p in reference.named_parameters())
     loaded = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     np.testing.assert_allclose(torch_logits(loaded), jax_logits(model, trained), atol=2e-4, rtol=0)
+    # PEFT's own unconverted directory (init_lora_weights=scheme): jpeft rewrites W on load as PEFT does
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.02 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "peft_dir")
+    from_peft = jpeft.load_adapter(str(tmp_path / "peft_dir"), params)
+    np.testing.assert_allclose(jax_logits(model, from_peft), torch_logits(peft_model.eval()), atol=2e-4, rtol=0)
 
 
 def test_bitfit_biases_export_as_an_hf_checkpoint(tmp_path):

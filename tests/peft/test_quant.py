@@ -159,7 +159,7 @@ def qlora_base(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_qlora_is_lora_on_the_dequantized_base(qlora_base, kind):
+def test_qlora_is_lora_on_the_dequantized_base(qlora_base, kind, caplog):
     """Same logits as LoRA on the dequantized weights; merge dequantizes; counts are PEFT's."""
     model, params = qlora_base
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 9)))
@@ -172,6 +172,8 @@ def test_qlora_is_lora_on_the_dequantized_base(qlora_base, kind):
     b = jax.random.normal(jax.random.key(1), layers["lora_b"].shape) * 0.1
     adapted["model"]["layers"]["self_attn"]["q_proj"] = {**layers, "lora_b": b}
     merged = jpeft.merge(adapted)
+    assert "the base is quantized; it is dequantized to float32" in caplog.text
+    assert merged["model"]["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.float32
     np.testing.assert_allclose(model.apply({"params": merged}, ids), model.apply({"params": adapted}, ids),
                                atol=2e-5, rtol=0)
     plain = model.apply({"params": params}, ids)
