@@ -120,8 +120,7 @@ class LoRA(Method):
         if is_quantized(leaves) and self.init_scheme in ("pissa", "olora"):
             raise JpeftError(f"{hf_module(path)}: {self.init_scheme} rewrites the base weight; it cannot start "
                              "from a quantized one")
-        from jpeft.peft.sites import weight  # the dense weight, whatever stores it
-        w = leaves["embedding"] if embedding else weight(leaves)
+        w = leaves["embedding"] if embedding else _weight(leaves)
         d_in, d_out = w.shape[-2:]
         out = dict(leaves)
         if embedding:  # PEFT: A zero, B normal for embeddings
@@ -143,11 +142,11 @@ class LoRA(Method):
         if self.dropout > 0:
             out["lora_dropout"] = jnp.full(lead, self.dropout, jnp.float32)
         if self.use_dora:
-            out["lora_magnitude"] = column_norm(weight(out).astype(jnp.float32), a, b, scale)
+            out["lora_magnitude"] = column_norm(_weight(out).astype(jnp.float32), a, b, scale)
         return out
 
     @staticmethod
-    def dense_delta(leaves, x, y, w, rng):
+    def dense_delta(leaves, x, y, rng):
         """s·(dropout(x)·A)·B, or DoRA's rescaling of the whole output (PEFT's forward)."""
         if "adapter_ids" in leaves:
             return _routed(leaves, x)
@@ -161,6 +160,7 @@ class LoRA(Method):
         lora = scale * jnp.matmul(jnp.matmul(xd, a), b, preferred_element_type=jnp.float32)
         if "lora_magnitude" not in leaves:
             return lora
+        w = _weight(leaves, x.dtype)
         norm = jax.lax.stop_gradient(column_norm(w.astype(jnp.float32), leaves["lora_a"], leaves["lora_b"], scale))
         mag = leaves["lora_magnitude"] / norm
         base = y if xd is x else jnp.matmul(xd, w.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -201,6 +201,12 @@ class LoRA(Method):
 
     def mask(self, params):
         return T.named(params, self.trainable)
+
+
+def _weight(leaves, dtype=None):
+    """The module's dense weight, whatever stores it (the kernel, or a quantized form)."""
+    from jpeft.peft import sites  # sites imports the registry, which imports this module
+    return sites.weight(leaves, dtype)
 
 
 def _routed(leaves, x):

@@ -13,6 +13,7 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jpeft.peft.base import matmul
@@ -34,12 +35,14 @@ def weight(leaves: dict, dtype=None):
 
 def dense(leaves: dict, x, rng=None):
     """y = x·W + b with every adapter present applied; `rng` enables adapter dropout."""
-    w = weight(leaves, x.dtype)
     for method in _with("dense_input", leaves):
         x = method.dense_input(leaves, x)
-    y = matmul(x, w)
+    if _with("weight", leaves):  # rematerialised: the backward pass re-derives W, never stores it
+        y = jax.checkpoint(lambda x, leaves: matmul(x, weight(leaves, x.dtype)))(x, leaves)
+    else:
+        y = matmul(x, leaves["kernel"])
     for method in _with("dense_delta", leaves):
-        y = y + method.dense_delta(leaves, x, y, w, rng).astype(y.dtype)
+        y = y + method.dense_delta(leaves, x, y, rng).astype(y.dtype)
     if "bias" in leaves:
         y = y + leaves["bias"].astype(y.dtype)
     for method in _with("dense_output", leaves):
