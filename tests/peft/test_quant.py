@@ -55,7 +55,7 @@ def test_double_quantized_state_of_bitsandbytes_dequantizes_to_its_weights():
     np.testing.assert_allclose(np.asarray(quant.dequantize(leaves)).T, reference, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3])  # seed 2: bitsandbytes' CPU kernel picks 2 of 384 codes differently
 def test_double_quantization_equals_bitsandbytes(seed):
     w = weight((48, 512), seed=seed)
     packed, state, reference = bnb_nf4(w, double_quant=True)
