@@ -5,7 +5,7 @@ each HF PEFT mode does (jpeft/bench_torch.py), so every ``peak_rss_mb`` is one p
 own ``ru_maxrss`` and both sides run under the same environment. On CPU that environment
 matters: by default glibc malloc returns ~2 GB to the OS and re-faults it every step, so
 unless ``tune_malloc=False`` both sides run with `MALLOC_ENV`, which keeps memory
-(docs/design.md §7), and the result reports the settings used.
+(docs/design.md §8), and the result reports the settings used.
 """
 from __future__ import annotations
 

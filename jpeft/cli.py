@@ -178,14 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_pytorch_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("PyTorch was not found")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose or args.command in ("train", "demo"):
         logging.getLogger("jpeft").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # jpeft needs no PyTorch: keep transformers' "PyTorch was not found" advice out of the output.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # jpeft needs no PyTorch, so transformers' import-time "PyTorch was not found" notice (a warning on
+    # its "transformers" logger) is noise here; drop that one message before anything imports transformers.
+    logging.getLogger("transformers").addFilter(_no_pytorch_notice)
     from jpeft.errors import JpeftError
     try:
         args.fn(args)
@@ -199,7 +204,7 @@ def entry() -> None:
     """The console script: re-exec once with the tuned allocator unless the user set their own.
 
     glibc then keeps freed memory instead of returning and re-faulting GBs every step: 1.2-1.6x
-    faster train steps on CPU (docs/design.md §7). It must be set before the process starts.
+    faster train steps on CPU (docs/design.md §8). It must be set before the process starts.
     """
     from jpeft.bench import MALLOC_ENV
     if sys.platform.startswith("linux") and not any(k in os.environ for k in MALLOC_ENV):
