@@ -60,10 +60,10 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     `method` is needed only for methods that train base leaves (BitFit, NormTuning): the tree
     alone cannot tell a trained bias from a base one.
     """
-    grouped = T.modules(jax.device_get(params))
-    if method is not None and type(method).name in ("bitfit", "norm"):
-        tensors, config = _native(grouped, params, method)
+    if method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks
+        tensors, config = _native(params, method)
     else:
+        grouped = T.modules(jax.device_get(params))
         found = [t for t, cls in CLASSES.items() if any(cls.present(m) for m in grouped.values())]
         if len(found) != 1:
             what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
@@ -79,7 +79,7 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
         json.dump(config, f, indent=2)
 
 
-def _native(grouped, params, method):
+def _native(params, method):
     mask = T.flatten(method.mask(params))
     tensors = {}
     for path, value in T.flatten(jax.device_get(params)).items():

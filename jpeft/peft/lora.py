@@ -199,9 +199,6 @@ class LoRA(Method):
         scale = np.asarray(leaves["lora_scale"])
         return size * int(np.count_nonzero(scale)) // max(scale.size, 1)
 
-    def mask(self, params):
-        return T.named(params, self.trainable)
-
 
 def _weight(leaves, dtype=None):
     """The module's dense weight, whatever stores it (the kernel, or a quantized form)."""
@@ -270,7 +267,7 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
     rank = collections.Counter(r for r, _ in entries.values()).most_common(1)[0][0]
     alpha = collections.Counter(al for _, al in entries.values()).most_common(1)[0][0]
     short = {name.rsplit(".", 1)[-1] for name in entries}
-    layer_sets = {tuple(v) for p, v in active.items()}
+    layer_sets = {tuple(v) for v in active.values()}
     whole = all(len(v) == len(layer_names(p, np.size(modules[p]["lora_scale"]))) for p, v in active.items())
     config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
               "rank_pattern": {n: r for n, (r, _) in entries.items() if r != rank},
