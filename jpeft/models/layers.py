@@ -21,7 +21,7 @@ init_normal = nn.initializers.normal(0.02)
 
 def module_leaves(module: nn.Module) -> dict:
     """Every leaf the module holds in `params`, adapter leaves included (what the insertion points read)."""
-    return dict(module.variables.get("params", {}))
+    return nn.meta.unbox(dict(module.variables.get("params", {})))
 
 
 def dropout_rng(module: nn.Module):
@@ -42,7 +42,7 @@ class Dense(nn.Module):
             if self.use_bias:
                 self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                            (self.features,), jnp.float32)
-        return sites.dense(nn.meta.unbox(module_leaves(self)), x, dropout_rng(self))
+        return sites.dense(module_leaves(self), x, dropout_rng(self))
 
 
 class RMSNorm(nn.Module):
@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), jnp.float32)
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(x.dtype) * h.astype(x.dtype)
+        return sites.norm(module_leaves(self), scale.astype(x.dtype) * h.astype(x.dtype))
 
 
 class Embed(nn.Module):
@@ -68,7 +68,7 @@ class Embed(nn.Module):
 
     def __call__(self, ids, dtype):
         self.embedding  # noqa: B018 - creates the table at init
-        return sites.embed(nn.meta.unbox(module_leaves(self)), ids, dtype)
+        return sites.embed(module_leaves(self), ids, dtype)
 
     def attend(self, x):
         return matmul(x, self.embedding.T)

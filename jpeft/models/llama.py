@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
+from jpeft.peft import sites
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -38,6 +39,9 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
             cache_kv = (k, v)
+        k, v, prepended = sites.attention_kv(L.module_leaves(self), k, v)
+        if prepended:  # every query sees what a method prepended
+            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], prepended), bool), mask], axis=-1)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -64,9 +68,9 @@ class DecoderLayer(nn.Module):
         positions, mask, cache_index = context
         h, cache_kv = Attention(self.cfg, name="self_attn")(
             L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_kv, cache_index)
-        x = x + h
-        x = x + MLP(self.cfg, name="mlp")(L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, cache_kv
+        x = x + sites.residual(L.module_leaves(self), h, "attention")
+        h = MLP(self.cfg, name="mlp")(L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x + sites.residual(L.module_leaves(self), h, "mlp"), cache_kv
 
 
 class Decoder(nn.Module):

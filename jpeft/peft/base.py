@@ -6,8 +6,9 @@ class-level parts are what the rest of jpeft reads from any tree, method unknown
 - `trainable` / `metadata` / `stored`: the leaf names it adds beside a weight (trained;
   describing it, never trained or counted; frozen data that replaces the weight).
 - hooks named after insertion points (`weight`, `dense_input`, `dense_delta`,
-  `dense_output`, `embed_delta`), pure functions of one module's leaves, called by
-  `jpeft.peft.sites` whenever the module holds the method's leaves;
+  `dense_output`, `embed_delta`, `attention_kv`, `residual`, `norm_output`), pure functions
+  of one module's leaves, called by `jpeft.peft.sites` whenever the module holds the
+  method's leaves;
 - `merge(leaves)`: the module's leaves with the method folded into the weight;
 - `axes[leaf]`: its leaves' logical axes in terms of the weight's (`lead`, `in`, `out`).
 """

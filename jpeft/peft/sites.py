@@ -8,8 +8,11 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     dense:   w = weight hook or kernel;  x = dense_input(x);  y = x·w + Σ dense_delta;
              y = y + bias;  y = dense_output(y)
     embed:   x = table[ids] + Σ embed_delta
-    residual (after attention / after the MLP) and attention key/value sites come with the
-    virtual-token and bottleneck methods.
+    attention_kv: keys/values with each method's prepended (prefix tuning, LLaMA-Adapter);
+             the model lets every query see what was prepended
+    residual: a layer's attention or MLP output before it joins the residual stream
+             (bottleneck adapters); the leaves are the decoder layer's
+    norm:    a norm's output (norm_output)
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from jpeft.peft.base import matmul
 from jpeft.peft.registry import METHODS
 
-__all__ = ["matmul", "weight", "dense", "embed"]
+__all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "residual", "norm"]
 
 
 def _with(hook: str, leaves: dict):
@@ -56,3 +59,25 @@ def embed(leaves: dict, ids, dtype):
     for method in _with("embed_delta", leaves):
         x = x + method.embed_delta(leaves, ids).astype(dtype)
     return x
+
+
+def attention_kv(leaves: dict, k, v):
+    """Keys and values [B, S, KV, D] with every method's entries prepended, and how many were added."""
+    length = k.shape[1]
+    for method in _with("attention_kv", leaves):
+        k, v = method.attention_kv(leaves, k, v)
+    return k, v, k.shape[1] - length
+
+
+def residual(leaves: dict, h, where: str):
+    """A block's output (`where`: "attention" or "mlp") before it is added to the residual stream."""
+    for method in _with("residual", leaves):
+        h = method.residual(leaves, h, where)
+    return h
+
+
+def norm(leaves: dict, y):
+    """A normalisation layer's output."""
+    for method in _with("norm_output", leaves):
+        y = method.norm_output(leaves, y)
+    return y
