@@ -74,13 +74,29 @@ class TrainSection:
     warmup: int = 10
     seed: int = 0
     grad_accum: int = 1
-    fsdp: int = 1  # mesh axes: data = devices / (fsdp * tensor)
-    tensor: int = 1
     save_every: int = 0  # 0 = save only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
     eval_every: int = 0  # 0 = evaluate only at the end
     log_every: int = 10
     weight_decay: float = 0.0
     min_lr_ratio: float = 0.1
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop naming the step, or skip the update (counted)
+
+
+@dataclass
+class MeshSection:
+    """Device mesh axes; one of them may be -1: the devices the others leave."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class DistSection:
+    """Multi-host start (`jax.distributed.initialize`); unset = automatic on TPU VMs / SLURM, else one process."""
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass
@@ -89,10 +105,14 @@ class RunConfig:
     method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    dist: DistSection = field(default_factory=DistSection)
     out_dir: str = "runs/jpeft"
 
 
-_SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "train": TrainSection}
+_SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "train": TrainSection,
+             "mesh": MeshSection, "dist": DistSection}
+MOVED = {"train.fsdp": "mesh.fsdp", "train.tensor": "mesh.tensor"}
 _TOP_LEVEL = {"out_dir": str}
 _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SECTIONS.items()
                            for f in dataclasses.fields(cls)}}
@@ -103,8 +123,9 @@ CHOICES = {
     "method.name": ("full", "lora", "qlora", "ia3", "bitfit", "norm"),
     "method.init": ("peft", "gaussian", "pissa", "olora"),
     "method.quant": ("nf4", "int8"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
-_POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.fsdp", "train.tensor",
+_POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.keep_checkpoints",
              "method.rank", "train.log_every", "data.max_new_tokens")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
                  "train.lr", "method.alpha", "data.eval_limit")
@@ -224,6 +245,9 @@ def _field_type(key: str, origin: str = "") -> Any:
 
 def _unknown(key: str, origin: str) -> typing.NoReturn:
     where = f" in {origin}" if origin else ""
+    if key in MOVED:
+        raise ConfigError(f"config key '{key}'{where} has moved to '{MOVED[key]}' (the device mesh is its own "
+                          f"section: mesh.data, mesh.fsdp, mesh.tensor)")
     if key in _SECTIONS:
         raise ConfigError(f"'{key}'{where} is a section, not a value; set one of its keys, "
                           f"e.g. {key}.{dataclasses.fields(_SECTIONS[key])[0].name}=...")
@@ -310,6 +334,21 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
     for key in _UNIT_INTERVAL:
         if not 0 <= get(key) <= 1:
             fail(key, f"must be between 0 and 1, got {get(key)}")
+    mesh = {k: get(k) for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")}
+    for key, size in mesh.items():
+        if size == 0 or size < -1:
+            fail(key, f"must be a positive number of devices or -1 (the devices left over), got {size}")
+    if sum(size == -1 for size in mesh.values()) > 1:
+        fail("mesh.data", f"only one mesh axis may be -1, got {mesh} (mesh.data is -1 unless set: "
+                          "set it, e.g. mesh.data=1, to give the devices left over to another axis)")
+    dist = cfg.dist
+    if dist.coordinator is not None:
+        if dist.num_processes is None or dist.process_id is None:
+            fail("dist.coordinator", "needs dist.num_processes and dist.process_id too")
+        if not 0 <= dist.process_id < dist.num_processes:
+            fail("dist.process_id", f"must be in [0, dist.num_processes={dist.num_processes}), got {dist.process_id}")
+        if ":" not in dist.coordinator:
+            fail("dist.coordinator", f"must be host:port of process 0, got {dist.coordinator!r}")
     if not 0 <= cfg.method.dropout < 1:
         fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
     if cfg.method.targets is not None and not cfg.method.targets:

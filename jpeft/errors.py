@@ -21,6 +21,10 @@ class DataError(JpeftError):
     """A data file or row is malformed."""
 
 
+class TrainingError(JpeftError):
+    """Training cannot go on as configured (a non-finite loss or gradient)."""
+
+
 def read_json(path: str, error: type[JpeftError], needed_for: str) -> dict:
     """A JSON file, or `error` naming it: missing (saying what needs it) or malformed."""
     import json

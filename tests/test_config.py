@@ -92,6 +92,12 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.grad_accum=0", r"'train.grad_accum'.* must be positive"),
     ("method.dropout=1", r"'method.dropout'.* must be in \[0, 1\)"),
     ("method.targets=[a", r"cannot parse the value of override"),
+    ("train.fsdp=2", r"'train.fsdp' in override 'train.fsdp=2' has moved to 'mesh.fsdp'"),
+    ("train.tensor=2", r"has moved to 'mesh.tensor'"),
+    ("mesh.fsdp=0", r"'mesh.fsdp'.* must be a positive number of devices or -1"),
+    ("train.on_nonfinite=ignore", r"must be one of stop, skip"),
+    ("dist.coordinator=localhost:1234", r"'dist.coordinator'.* needs dist.num_processes and dist.process_id"),
+    ("train.keep_checkpoints=0", r"'train.keep_checkpoints'.* must be positive"),
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -115,6 +121,16 @@ def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="must be a mapping of sections"):
         load_config(write(tmp_path, "- a\n- b\n"))
     assert load_config(write(tmp_path, "")) == RunConfig()
+
+
+def test_mesh_and_dist_rules():
+    with pytest.raises(ConfigError, match="only one mesh axis may be -1"):
+        load_config(None, ["mesh.fsdp=-1"])
+    with pytest.raises(ConfigError, match=r"'dist.process_id'.* must be in \[0, dist.num_processes=2\), got 2"):
+        load_config(None, ["dist.coordinator=10.0.0.1:1234", "dist.num_processes=2", "dist.process_id=2"])
+    cfg = load_config(None, ["mesh.data=2", "mesh.tensor=-1", "dist.coordinator=10.0.0.1:1234",
+                             "dist.num_processes=2", "dist.process_id=1"])
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.dist.process_id) == (2, 1, -1, 1)
 
 
 def test_data_needs_exactly_one_template_kind():

@@ -117,13 +117,14 @@ def encode_prompts(rows: Iterable[dict], tokenizer, prompt: str, max_len: int) -
     return out
 
 
-def batches(examples: Examples, batch_size: int, seed: int,
-            start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def batches(examples: Examples, batch_size: int, seed: int, start_step: int = 0,
+            rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
     """Endless [batch_size, seq_len] batches, reshuffled each epoch by a rng seeded (seed, epoch).
 
     Each epoch yields len(examples) // batch_size batches (the remainder differs per epoch, as
     the order does). `start_step` batches are skipped arithmetically, so a resumed run sees
-    exactly the batches an uninterrupted run would have.
+    exactly the batches an uninterrupted run would have. `rows` picks this process's rows of
+    every batch: in a multi-host job each host gathers only the examples its devices train on.
     """
     n = len(examples)
     if n < batch_size:
@@ -136,7 +137,7 @@ def batches(examples: Examples, batch_size: int, seed: int,
     while True:
         order = np.random.default_rng((seed, epoch)).permutation(n)
         for i in range(offset, per_epoch):
-            index = order[i * batch_size:(i + 1) * batch_size]
+            index = order[i * batch_size:(i + 1) * batch_size][rows]
             yield {name: a[index] for name, a in arrays.items()}
         epoch, offset = epoch + 1, 0
 

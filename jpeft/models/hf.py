@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -72,8 +73,13 @@ def _weight_index(model_dir: str) -> dict[str, str]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def from_pretrained(model_dir: str, dtype: str | None = None):
-    """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights."""
+def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
+    """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights.
+
+    With a `mesh`, each weight is born sharded: every device's slice is read straight from the
+    safetensors file into that device (only this process's devices), so no whole copy of a
+    weight ever sits on one device or host.
+    """
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: model directory not found")
     if dtype is not None and dtype not in DTYPES:
@@ -82,31 +88,56 @@ def from_pretrained(model_dir: str, dtype: str | None = None):
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
     model = build(cfg)
-    expected = T.flatten(nn.meta.unbox(abstract_params(model)))
+    abstract = abstract_params(model)
+    expected = T.flatten(nn.meta.unbox(abstract))
+    target = DTYPES[dtype] if dtype else jnp.float32
+    if mesh is not None:
+        from jpeft.parallel.mesh import param_shardings
+        shardings = T.flatten(param_shardings(T.unflatten(expected), abstract, mesh))
     index = _weight_index(model_dir)
     handles: dict[str, object] = {}
     flat = {}
     try:
         for path, spec in expected.items():
-            tensors = []
-            for name in hf_names(path, cfg.num_layers):
+            names = hf_names(path, cfg.num_layers)
+            for name in names:
                 if name not in index:
                     raise CheckpointError(f"{model_dir}: weight '{name}' is missing from the checkpoint")
-                file = index[name]
-                if file not in handles:
-                    handles[file] = safe_open(file, "np").__enter__()
-                tensors.append(_to_hf(path, handles[file].get_tensor(name)))
-            array = np.stack(tensors) if T.is_stacked(path) else tensors[0]
-            if array.shape != spec.shape:
+                if index[name] not in handles:
+                    handles[index[name]] = safe_open(index[name], "np").__enter__()
+            parts = [handles[index[name]].get_slice(name) for name in names]
+            shape = ((len(parts),) if T.is_stacked(path) else ()) + _tree_shape(path, parts[0].get_shape())
+            if shape != spec.shape:
                 raise CheckpointError(
-                    f"{model_dir}: weight for '{path}' has shape {array.shape}, config.json implies {spec.shape}")
-            flat[path] = jnp.asarray(array, DTYPES[dtype] if dtype else jnp.float32)
+                    f"{model_dir}: weight for '{path}' has shape {shape}, config.json implies {spec.shape}")
+            read = partial(_read_slice, path, parts)
+            if mesh is None:
+                flat[path] = jnp.asarray(read(()), target)
+            else:
+                flat[path] = jax.make_array_from_callback(spec.shape, shardings[path],
+                                                          lambda i, read=read: read(i).astype(target))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{model_dir}: unreadable safetensors file ({e}); re-download or re-save it") from None
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
     return model, T.unflatten(flat)
+
+
+def _tree_shape(path: str, hf_shape) -> tuple:
+    return tuple(reversed(hf_shape)) if path.endswith("/kernel") else tuple(hf_shape)
+
+
+def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
+    """The tree-layout slice `index` of a leaf, reading only that part of each HF tensor."""
+    stacked = T.is_stacked(path)
+    index = tuple(index) + (slice(None),) * (len(parts[0].get_shape()) + stacked - len(index))
+    layers, within = (parts[index[0]], index[1:]) if stacked else (parts, index)
+    if path.endswith("/kernel"):  # HF stores [out, in]
+        arrays = [part[tuple(reversed(within))].T for part in layers]
+    else:
+        arrays = [part[within] for part in layers]
+    return np.stack(arrays) if stacked else arrays[0]
 
 
 def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str | None = None) -> None:

@@ -19,6 +19,12 @@ NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
 
 
+# The residual stream [B, T, D] is split over the batch only, whatever its weights' layout; under a
+# mesh and `jpeft.parallel.RULES` this keeps GSPMD from resharding activations like the weights
+# (outside them it is a no-op).
+ACTIVATION_AXES = ("batch", None, None)
+
+
 def module_leaves(module: nn.Module) -> dict:
     """Every leaf the module holds in `params`, adapter leaves included (what the insertion points read)."""
     return nn.meta.unbox(dict(module.variables.get("params", {})))

@@ -66,6 +66,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, context, cache_kv):
         positions, mask, cache_index = context
+        x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         h, cache_kv = Attention(self.cfg, name="self_attn")(
             L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_kv, cache_index)
         x = x + sites.residual(L.module_leaves(self), h, "attention")
@@ -88,6 +89,7 @@ class Decoder(nn.Module):
                         in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, cache_kv = stack(cfg, name="layers")(x, context, cache_kv)
+        x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), embed, cache_kv
 
 

@@ -1,4 +1,7 @@
-"""Meshes and sharding rules."""
-from jpeft.parallel.mesh import RULES, batch_placer, make_mesh, param_shardings
+"""Meshes, sharding rules and the multi-host start."""
+from jpeft.parallel.distributed import initialize
+from jpeft.parallel.mesh import (RULES, activation_sharding, batch_sharding, local_rows, make_mesh, param_shardings, place_batch,
+                                 state_shardings)
 
-__all__ = ["RULES", "make_mesh", "param_shardings", "batch_placer"]
+__all__ = ["RULES", "activation_sharding", "initialize", "make_mesh", "param_shardings", "state_shardings", "batch_sharding",
+           "local_rows", "place_batch"]

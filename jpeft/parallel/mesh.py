@@ -7,9 +7,12 @@ axis, B its output axis, the rank is unsharded; IA3 vectors follow the axis they
 """
 from __future__ import annotations
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft import tree as T
@@ -29,14 +32,37 @@ RULES = (
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; data=-1 takes the devices left over."""
+    """A (data, fsdp, tensor) mesh; one axis may be -1: the devices the others leave.
+
+    Devices are laid out by `jax.make_mesh` (ICI-aware on TPU); on a multi-slice TPU the data
+    axis spans the slices (DCN), fsdp and tensor stay inside a slice.
+    """
     devices = jax.devices() if devices is None else devices
-    if data == -1:
-        data = len(devices) // (fsdp * tensor)
-    if data < 1 or data * fsdp * tensor > len(devices):
-        raise ConfigError(f"a mesh of fsdp={fsdp} x tensor={tensor} needs more than the {len(devices)} devices here")
-    shape = (data, fsdp, tensor)
-    return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), MESH_AXES)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    for axis, size in sizes.items():
+        if size == -1:
+            sizes[axis] = len(devices) // known
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if min(shape) < 1 or int(np.prod(shape)) != len(devices):
+        raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.tensor={tensor} does not use the "
+                          f"{len(devices)} devices here; set one axis to -1 to take the devices left over")
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        from jax.experimental import mesh_utils
+        if shape[0] % slices:
+            raise ConfigError(f"mesh.data={shape[0]} must be a multiple of the {slices} TPU slices")
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """Trace under this so the models' activation constraints (logical axes) bind to `mesh`."""
+    with jax.sharding.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield
 
 
 def logical_axes(params, abstract_base) -> dict:
@@ -67,14 +93,42 @@ def param_shardings(params, abstract_base, mesh: Mesh):
     return T.map_with_path(sharding, params)
 
 
-def batch_placer(mesh: Mesh, batch_size: int):
-    """Shard [grad_accum, batch, T] batches over the mesh's data-parallel axes."""
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """[grad_accum, batch, T] batches split over the mesh's data-parallel axes (data x fsdp)."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % ways:
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {ways} data-parallel "
-                          f"devices (data x fsdp) of the mesh")
-    sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
-    return lambda batch: jax.device_put(batch, sharding)
+                          f"devices (mesh.data x mesh.fsdp)")
+    return NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+
+def local_rows(sharding: NamedSharding, shape: tuple) -> slice:
+    """The rows of a global [grad_accum, batch, T] batch that this process's devices hold."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        held.update(range(*index[1].indices(shape[1])[:2]))
+    start, stop = min(held), max(held) + 1
+    if len(held) != stop - start:
+        raise ConfigError("this process's devices hold rows of the batch that are not contiguous; "
+                          "order the mesh so each host's devices are adjacent on mesh.data")
+    return slice(start, stop)
+
+
+def place_batch(sharding: NamedSharding, local: dict, global_shape: tuple) -> dict:
+    """This process's rows of a batch -> global arrays (one process: a plain device_put)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}
+
+
+def state_shardings(optimizer, trainable, mesh: Mesh) -> dict:
+    """Shardings of the train state: optimizer moments lie exactly like the (placed) leaves they track."""
+    replicated = NamedSharding(mesh, P())
+    trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    return {"step": replicated, "trainable": trainable_shardings,
+            "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, opt_state, trainable_shardings,
+                                               transform_non_params=lambda _: replicated)}
 
 
 def _size(axis, sizes) -> int:

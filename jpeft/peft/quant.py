@@ -65,52 +65,61 @@ def num_elements(leaves: dict) -> int:
     return 2 * int(np.size(leaves["kernel_nf4"]))
 
 
-def _nearest(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+def _nearest(values, table: np.ndarray):
     """Index of the nearest entry of a sorted table (ties to the lower one)."""
-    return np.searchsorted((table[1:] + table[:-1]) / 2, values, side="left").astype(np.uint8)
+    return jnp.searchsorted(jnp.asarray((table[1:] + table[:-1]) / 2), values, side="left").astype(jnp.uint8)
 
 
-def _normalise(values: np.ndarray, absmax: np.ndarray) -> np.ndarray:
+def _normalise(values, absmax):
     """values · (1 / absmax) as bitsandbytes' kernels compute it (0 stays 0 in an all-zero block)."""
-    return values * (np.float32(1) / np.where(absmax == 0, np.float32(1), absmax))
+    return values * (jnp.float32(1) / jnp.where(absmax == 0, jnp.float32(1), absmax))
 
 
-def _groups(flat, xp):
-    """[..., n] -> [..., ceil(n/256), 256], zero-padded (np or jnp)."""
+def _groups(flat):
+    """[..., n] -> [..., ceil(n/256), 256], zero-padded."""
     pad = -flat.shape[-1] % SCALE_BLOCK
-    return xp.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, pad)]).reshape(*flat.shape[:-1], -1, SCALE_BLOCK)
+    return jnp.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, pad)]).reshape(*flat.shape[:-1], -1, SCALE_BLOCK)
 
 
 def quantize(kernel, kind: str = "nf4", double_quant: bool = False) -> dict:
-    """The leaves that replace a float `kernel` [..., in, out] (see the module docstring)."""
+    """The leaves that replace a float `kernel` [..., in, out] (see the module docstring).
+
+    jax.numpy throughout, so it runs under jit on a sharded weight without gathering it."""
     if kind not in ("nf4", "int8"):
         raise JpeftError(f"unknown quantization {kind!r}; use nf4 or int8")
-    w = np.asarray(kernel, np.float32)
+    w = jnp.asarray(kernel, jnp.float32)
     *lead, d_in, d_out = w.shape
     block = min(BLOCK, d_in)
     if d_in % block or (kind == "nf4" and d_in % 2):
         raise JpeftError(f"cannot quantize a weight of shape {w.shape} to {kind}: its input size {d_in} must be a "
                          f"multiple of the block size {BLOCK}" + (" (or even, below it)" if kind == "nf4" else ""))
     blocks = w.reshape(*lead, d_in // block, block, d_out)
-    absmax = np.max(np.abs(blocks), axis=-2)                        # [..., in/64, out]
+    absmax = jnp.max(jnp.abs(blocks), axis=-2)                      # [..., in/64, out]
     normed = _normalise(blocks, absmax[..., None, :]).reshape(w.shape)
     if kind == "int8":
-        return {"kernel_int8": np.round(normed * 127).astype(np.int8), "kernel_absmax": absmax}
+        return {"kernel_int8": jnp.round(normed * 127).astype(jnp.int8), "kernel_absmax": absmax}
     codes = _nearest(normed, NF4).reshape(*lead, d_in // 2, 2, d_out)
     packed = {"kernel_nf4": (codes[..., 0, :] << 4) | codes[..., 1, :]}
     return {**packed, **(_quantize_absmax(absmax) if double_quant else {"kernel_absmax": absmax})}
 
 
-def _quantize_absmax(absmax: np.ndarray) -> dict:
+def _quantize_absmax(absmax) -> dict:
     """bitsandbytes' nested quantization: (absmax - mean) in 8-bit dynamic blocks of 256, per layer."""
     *lead, n_blocks, d_out = absmax.shape
-    ordered = np.swapaxes(absmax, -1, -2).reshape(*lead, -1)        # bitsandbytes' order: output unit major
-    offset = ordered.mean(axis=-1, dtype=np.float64).astype(np.float32)
-    groups = _groups(ordered - offset[..., None], np)
-    scale = np.max(np.abs(groups), axis=-1)
+    ordered = jnp.swapaxes(absmax, -1, -2).reshape(*lead, -1)       # bitsandbytes' order: output unit major
+    offset = _mean(ordered)
+    groups = _groups(ordered - offset[..., None])
+    scale = jnp.max(jnp.abs(groups), axis=-1)
     q = _nearest(_normalise(groups, scale[..., None]), DYNAMIC).reshape(*lead, -1)[..., : n_blocks * d_out]
-    return {"kernel_absmax_q": np.swapaxes(q.reshape(*lead, d_out, n_blocks), -1, -2),
+    return {"kernel_absmax_q": jnp.swapaxes(q.reshape(*lead, d_out, n_blocks), -1, -2),
             "kernel_absmax_scale": scale, "kernel_absmax_offset": offset}
+
+
+def _mean(x):
+    """The float32 mean of the last axis, corrected by the mean residual: the correctly rounded mean
+    (what PyTorch's accurate summation gives bitsandbytes) without float64, which jit lacks by default."""
+    m = jnp.mean(x, axis=-1)
+    return m + jnp.mean(x - m[..., None], axis=-1)
 
 
 def _absmax(leaves: dict):
@@ -119,7 +128,7 @@ def _absmax(leaves: dict):
         return leaves["kernel_absmax"]
     q = leaves["kernel_absmax_q"]
     *lead, n_blocks, d_out = q.shape
-    groups = _groups(jnp.swapaxes(q, -1, -2).reshape(*lead, -1), jnp)
+    groups = _groups(jnp.swapaxes(q, -1, -2).reshape(*lead, -1))
     values = (jnp.asarray(DYNAMIC)[groups] * leaves["kernel_absmax_scale"][..., None]).reshape(*lead, -1)
     values = values[..., : n_blocks * d_out] + leaves["kernel_absmax_offset"][..., None]
     return jnp.swapaxes(values.reshape(*lead, d_out, n_blocks), -1, -2)

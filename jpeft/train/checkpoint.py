@@ -1,13 +1,31 @@
-"""Orbax checkpoints of the train state, so a re-run on the same out_dir resumes."""
+"""Orbax checkpoints of the train state that survive preemption and refuse a changed run.
+
+Saves are asynchronous (the state is copied to host, then written while training goes on)
+and atomic: orbax writes into a temporary directory and renames it when complete, so a
+checkpoint half-written when the process was killed is never taken as the latest. Each
+checkpoint records a fingerprint of what determines the state — the config keys that shape
+training, the data files, the base weights — and a resume whose fingerprint differs is an
+error naming what changed. Mesh, logging and evaluation keys may change between runs: a
+checkpoint saved on one mesh restores onto another.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import absl.logging
 import jax
 import orbax.checkpoint as ocp
 
+from jpeft.errors import ConfigError
+
 absl.logging.set_verbosity(absl.logging.WARNING)  # orbax logs every file move at INFO
+
+# Keys that do not change the trained state up to a checkpoint.
+FREE_KEYS = ("out_dir", "mesh.", "dist.", "train.log_every", "train.save_every", "train.eval_every",
+             "train.keep_checkpoints", "train.on_nonfinite", "data.eval", "data.eval_limit", "data.max_new_tokens")
+SAMPLES = 16  # blocks hashed per weight file, besides its header
+BLOCK = 1 << 16
 
 
 def manager(out_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -15,15 +33,54 @@ def manager(out_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-    mngr.save(step, args=ocp.args.StandardSave(state))
-    mngr.wait_until_finished()
+def save(mngr: ocp.CheckpointManager, step: int, state, fingerprint: dict) -> None:
+    """Start saving `state` at `step`; returns once the state is on the host, the write goes on."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            fingerprint=ocp.args.JsonSave(fingerprint)))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like):
-    """The latest saved state shaped like `like`, or None when there is none."""
+def restore_latest(mngr: ocp.CheckpointManager, like, fingerprint: dict):
+    """The latest saved state, laid out like `like` (any mesh), or None when there is none.
+
+    Raises ConfigError naming what changed when the checkpoint was made from other inputs.
+    """
     step = mngr.latest_step()
     if step is None:
         return None
+    saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
+    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"{mngr.directory}: the checkpoint at step {step} was made from other inputs ({details}); "
+                          "restore them, or use a new out_dir to start a fresh run")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+def fingerprint(flat_config: dict, data_files: list[str], weight_files: list[str]) -> dict:
+    """What a resumed run must share with the checkpoint: config values, data and weight digests."""
+    record = {k: repr(v) for k, v in flat_config.items() if not k.startswith(FREE_KEYS)}
+    record.update({f"data:{path}": _digest(path, sampled=False) for path in data_files})
+    record.update({f"weights:{os.path.basename(path)}": _digest(path, sampled=True) for path in weight_files})
+    return record
+
+
+def _digest(path: str, sampled: bool) -> str:
+    """sha256 of a file (or a directory's files); `sampled` hashes the size, the safetensors header
+    and SAMPLES blocks spread over the file, so fingerprinting many GB of weights takes milliseconds."""
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+    h = hashlib.sha256()
+    for file in files:
+        size = os.path.getsize(file)
+        h.update(f"{os.path.relpath(file, path)}:{size}".encode())
+        with open(file, "rb") as f:
+            if not sampled:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+                continue
+            header = int.from_bytes(f.read(8), "little") + 8
+            h.update(f.read(min(header, size) - 8))
+            for i in range(SAMPLES):
+                f.seek(header + (size - header) * i // SAMPLES)
+                h.update(f.read(BLOCK))
+    return h.hexdigest()

@@ -17,20 +17,22 @@ from jpeft.peft import sites
 
 
 def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = 512):
-    """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves."""
-    d = hidden.shape[-1]
-    x, y, w = hidden.reshape(-1, d), labels.reshape(-1), weights.reshape(-1).astype(jnp.float32)
-    n = x.shape[0]
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    x, y, w = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, y, w))
-    total = _weighted_nll(chunk, x, head, y, w)
-    return total, jnp.sum(w)
+    """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves.
+
+    Chunks run along time, about `chunk` tokens of the batch at a time, and never across
+    sequences, so a batch axis sharded over devices stays sharded.
+    """
+    b, t, _ = hidden.shape
+    span = max(1, min(t, chunk // b))
+    pad = [(0, 0), (0, -t % span)]
+    x = jnp.pad(hidden, pad + [(0, 0)])
+    y, w = jnp.pad(labels, pad), jnp.pad(weights.astype(jnp.float32), pad)
+    return _weighted_nll(span, x, head, y, w), jnp.sum(w)
 
 
-def _scan(chunk, x, head, y, w, differentiated: frozenset | None):
+def _scan(span, x, head, y, w, differentiated: frozenset | None):
     """sum(w * nll), per-token nll, and (when `differentiated` is given) d/dx and d/d(those head leaves)."""
-    d = x.shape[-1]
+    b, t, d = x.shape
     trained = {k: v for k, v in head.items() if differentiated and k in differentiated}
     fixed = {k: v for k, v in head.items() if k not in trained}
 
@@ -38,42 +40,47 @@ def _scan(chunk, x, head, y, w, differentiated: frozenset | None):
         return sites.dense({**fixed, **leaves}, h).astype(jnp.float32)
 
     def body(dhead, xs):
-        h, t, wt = xs
+        h, target, wt = xs
         if differentiated is None:
             logits = logits_of(h, trained)
         else:
             logits, pullback = jax.vjp(logits_of, h, trained)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        nll = lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        nll = lse - jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
         if differentiated is None:
             return dhead, (nll, None)
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t[:, None]
-        dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * wt[:, None]).astype(x.dtype).astype(jnp.float32)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == target[..., None]
+        dlogits = ((jnp.exp(logits - lse[..., None]) - onehot) * wt[..., None]).astype(x.dtype).astype(jnp.float32)
         dh, dleaves = pullback(dlogits)
         dhead = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), dhead, dleaves)
         return dhead, (nll, dh.astype(x.dtype))
 
-    chunks = (x.reshape(-1, chunk, d), y.reshape(-1, chunk), w.reshape(-1, chunk))
+    def by_time(a):  # [B, T, ...] -> [T / span, B, span, ...]
+        return a.reshape(b, t // span, span, *a.shape[2:]).swapaxes(0, 1)
+
+    def back(a):
+        return a.swapaxes(0, 1).reshape(b, t, *a.shape[3:])
+
     dhead0 = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), trained)
-    dhead, (nll, dx) = jax.lax.scan(body, dhead0, chunks)
-    nll = nll.reshape(-1)
-    return jnp.sum(nll * w), nll, None if dx is None else dx.reshape(x.shape), dhead
+    dhead, (nll, dx) = jax.lax.scan(body, dhead0, (by_time(x), by_time(y), by_time(w)))
+    nll = back(nll)
+    return jnp.sum(nll * w), nll, None if dx is None else back(dx), dhead
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted_nll(chunk, x, head, y, w):
-    return _scan(chunk, x, head, y, w, None)[0]
+def _weighted_nll(span, x, head, y, w):
+    return _scan(span, x, head, y, w, None)[0]
 
 
-def _fwd(chunk, x, head, y, w):
+def _fwd(span, x, head, y, w):
     values = {k: v.value for k, v in head.items()}
     perturbed = frozenset(k for k, v in head.items() if v.perturbed)
-    total, nll, dx, dhead = _scan(chunk, x.value, values, y.value, w.value, perturbed)
+    total, nll, dx, dhead = _scan(span, x.value, values, y.value, w.value, perturbed)
     dhead = {k: dhead[k].astype(v.dtype) if k in dhead else None for k, v in values.items()}
     return total, (nll, dx, dhead)
 
 
-def _bwd(chunk, res, g):
+def _bwd(span, res, g):
     nll, dx, dhead = res
     scale = lambda a: None if a is None else (g * a).astype(a.dtype)
     return scale(dx), {k: scale(v) for k, v in dhead.items()}, None, g * nll

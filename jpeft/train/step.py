@@ -2,7 +2,9 @@
 
 `state = {"step", "trainable", "opt_state"}` is donated and updated in place; the frozen
 partition is an input that is read, never differentiated, never copied into state.
-Gradient accumulation scans over micro-batches inside the one compiled step.
+Gradient accumulation scans over micro-batches inside the one compiled step. A step whose
+loss or gradient is not finite leaves the weights and optimizer state as they were and says
+so (`finite`), so the caller can stop or skip without a corrupted state.
 """
 from __future__ import annotations
 
@@ -53,9 +55,14 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        new_state = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-                     "opt_state": opt_state}
-        return new_state, {"loss": loss / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1,
+                     "trainable": keep(optax.apply_updates(state["trainable"], updates), state["trainable"]),
+                     "opt_state": keep(opt_state, state["opt_state"])}
+        return new_state, {"loss": loss / denom, "grad_norm": grad_norm, "finite": finite,
+                           "loss_tokens": count, "tokens": jnp.sum(batch["attention_mask"])}
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)

@@ -7,6 +7,7 @@ dropout keys) is a pure function of the config and the step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,17 +23,21 @@ from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs
 from jpeft.data import (Examples, batches, check_columns, load_rows, template_columns, tokenize_supervised,
                         tokenize_text)
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_generation
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
-from jpeft.parallel import batch_placer, make_mesh, param_shardings
+from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
+                            place_batch, state_shardings)
 from jpeft.peft import BY_NAME, parameter_report
 from jpeft.peft.hf_format import save_adapter
+from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
 from jpeft.train.optimizer import adamw, lora_plus, schedule
+from jpeft.train.stop import StopRequests
 from jpeft.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger("jpeft.train")
+BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapter export never reads
 
 
 def build_method(cfg: RunConfig):
@@ -81,23 +86,14 @@ def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
 
 
-def save_on_interrupt(mngr, state, out_dir: str) -> None:
-    """Keep the work done so far: checkpoint the last completed step unless it is already saved."""
-    try:
-        step = int(state["step"])
-        if step and mngr.latest_step() != step:
-            checkpoint.save(mngr, step, state)
-        log.warning("interrupted after step %d; re-run the same command on %s to resume", step, out_dir)
-    except Exception as e:  # noqa: BLE001 - the interrupt matters more than a failed rescue
-        log.warning("interrupted; could not checkpoint the last step (%s)", e)
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step; a resumed run drops lines past its checkpoint."""
 
-    def __init__(self, path: str, resume_step: int):
+    def __init__(self, path: str, resume_step: int, enabled: bool = True):
         kept = []
-        if os.path.exists(path):
+        if not enabled:
+            path = os.devnull
+        elif os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         self.file = open(path, "w")
@@ -113,87 +109,162 @@ class MetricsLog:
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run (or resume) the configured fine-tune; returns the final metrics record."""
+    """Run (or resume) the configured fine-tune; returns the final metrics record.
+
+    A SIGTERM or SIGINT stops the run at the next step boundary with a checkpoint saved; the
+    record then says `"stopped"` and no adapter is exported (the re-run finishes the job).
+    """
     if not cfg.model.path or not cfg.data.train:
         raise ConfigError("model.path and data.train must be set (in the YAML file or as key=value overrides)")
     tc = cfg.train
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-
-    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype)
+    initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
+    primary = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
     tokenizer = load_tokenizer(cfg.model.path)
     train_examples = prepare(cfg, cfg.data.train, tokenizer)
     eval_examples = prepare(cfg, cfg.data.eval, tokenizer) if cfg.data.eval else None
 
     method = build_method(cfg)
-    params = method.init(jax.random.key(tc.seed), params)
+    params = init_method(method, params, model, mesh, tc.seed)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
-    mesh = make_mesh(fsdp=tc.fsdp, tensor=tc.tensor)
-    params = jax.device_put(params, param_shardings(params, abstract_params(model), mesh))
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    place_batch = batch_placer(mesh, tc.batch_size)
-
     optimizer = lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
                           getattr(method, "lr_ratio", 1.0))
     lr_at = schedule(tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
-    state = jax.jit(init_state, static_argnums=1)(trainable, optimizer)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    mngr = checkpoint.manager(cfg.out_dir)
-    restored = checkpoint.restore_latest(mngr, state)
+    shardings = state_shardings(optimizer, trainable, mesh)
+    state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    mngr = checkpoint.manager(cfg.out_dir, tc.keep_checkpoints)
+    inputs = run_fingerprint(cfg)
+    restored = checkpoint.restore_latest(mngr, state, inputs)
     if restored is not None:
         state = restored
         log.info("resuming %s from step %d", cfg.out_dir, int(state["step"]))
+    if primary:
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
     start = int(state["step"])
-    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, state_shardings)
+    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings)
     eval_step = make_eval_step(model)
-    data = batches(train_examples, tc.batch_size * tc.grad_accum, tc.seed, start_step=start)
-    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start)
+    in_sharding = batch_sharding(mesh, tc.batch_size)
+    shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
+    rows = local_rows(in_sharding, shape)
+    data = batches(train_examples, tc.batch_size * tc.grad_accum, tc.seed, start_step=start,
+                   rows=_accumulated_rows(rows, tc.batch_size, tc.grad_accum))
+    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start, enabled=primary)
     record: dict = {}
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step")
-    tick, tokens = time.perf_counter(), 0
-    try:
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), desc="train", unit="step")
+    tick, tokens, skipped = time.perf_counter(), 0, 0
+    with StopRequests() as stop, _finishing(mngr):
         for step in range(start + 1, tc.steps + 1):
-            batch = place_batch({k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in next(data).items()})
-            state, out = train_step(state, frozen, batch)
-            tokens += batch["input_ids"].size
+            local = {k: v.reshape(tc.grad_accum, rows.stop - rows.start, -1) for k, v in next(data).items()}
+            with activation_sharding(mesh):
+                state, out = train_step(state, frozen, place_batch(in_sharding, local, shape))
+            out = jax.device_get(out)
+            tokens += int(out["tokens"])
+            if not out["finite"]:
+                skipped = _non_finite(cfg, step, out, skipped, mngr)
             last = step == tc.steps
-            if step % tc.log_every == 0 or last:
-                out = jax.device_get(out)
+            logged, evaluated = step % tc.log_every == 0 or last, eval_examples is not None and (
+                (tc.eval_every and step % tc.eval_every == 0) or last)
+            if logged or evaluated:
                 now = time.perf_counter()
                 record = {"step": step, "loss": float(out["loss"]), "lr": float(lr_at(step - 1)),
                           "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
+                if skipped:
+                    record["skipped_steps"] = skipped
                 tick, tokens = now, 0
-                if eval_examples is not None and ((tc.eval_every and step % tc.eval_every == 0) or last):
+                if evaluated:
                     params = T.combine(state["trainable"], frozen)
                     record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
                     if last and cfg.data.target and cfg.data.eval_limit:
                         record.update(generation_metrics(cfg, model, params, tokenizer))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if (tc.save_every and step % tc.save_every == 0) or last:
-                checkpoint.save(mngr, step, state)
             bar.update(1)
-    except KeyboardInterrupt:
-        save_on_interrupt(mngr, state, cfg.out_dir)
-        raise
+            signal_name = None if last else stop.requested()
+            if (tc.save_every and step % tc.save_every == 0) or last or signal_name:
+                checkpoint.save(mngr, step, state, inputs)
+            if signal_name:
+                log.warning("%s: stopped after step %d with a checkpoint saved; run the same command again to "
+                            "resume from it", signal_name, step)
+                metrics.close()
+                return {**record, "step": step, "stopped": signal_name}
     bar.close()
     metrics.close()
     export(cfg, model, method, T.combine(state["trainable"], frozen))
     return record
 
 
+@contextlib.contextmanager
+def _finishing(mngr):
+    """However the loop ends, a checkpoint being written is completed, never abandoned."""
+    try:
+        yield
+    finally:
+        mngr.wait_until_finished()
+
+
+def init_method(method, params, model, mesh, seed: int):
+    """The method's leaves added under jit, each born with the sharding its weight implies."""
+    key = jax.random.key(seed)
+    shardings = param_shardings(jax.eval_shape(method.init, key, params), abstract_params(model), mesh)
+    return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
+
+
+def run_fingerprint(cfg: RunConfig) -> dict:
+    """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint)."""
+    weights = sorted(os.path.join(cfg.model.path, f) for f in os.listdir(cfg.model.path) if f.endswith(".safetensors"))
+    flat = {f"{section}.{k}": v for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
+            for k, v in values.items()}
+    return checkpoint.fingerprint(flat, [cfg.data.train], weights)
+
+
+def _gathered(params, mask, whole: bool):
+    """Leaves gathered whole onto every host for export; a frozen base weight (which an adapter
+    does not need) only as its shape, unless the whole model is exported."""
+    from jax.experimental import multihost_utils
+    flat, trained = T.flatten(params), T.flatten(mask)
+    skip = {p for p in flat if not whole and not trained[p] and p.rsplit("/", 1)[1] in BASE_WEIGHTS}
+    gathered = multihost_utils.process_allgather({p: v for p, v in flat.items() if p not in skip}, tiled=True)
+    return T.unflatten({**gathered, **{p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype) for p in skip}})
+
+
+def _accumulated_rows(rows: slice, batch_size: int, accum: int) -> np.ndarray:
+    """This process's rows of a [grad_accum * batch] draw, as they fall in each micro-batch."""
+    return np.concatenate([np.arange(rows.start, rows.stop) + i * batch_size for i in range(accum)])
+
+
+def _non_finite(cfg: RunConfig, step: int, out: dict, skipped: int, mngr) -> int:
+    """Stop naming the step, or (train.on_nonfinite=skip) count it; the update was not applied either way."""
+    what = f"loss {float(out['loss'])}, gradient norm {float(out['grad_norm'])}"
+    if cfg.train.on_nonfinite == "skip":
+        log.warning("step %d: %s; update skipped", step, what)
+        return skipped + 1
+    mngr.wait_until_finished()
+    raise TrainingError(f"step {step}: {what} — the update was not applied and the run stopped (latest "
+                        f"checkpoint: step {mngr.latest_step()}); lower train.lr, check the data, or set "
+                        "train.on_nonfinite=skip to skip such steps")
+
+
 def export(cfg: RunConfig, model, method, params) -> str:
     """out_dir/model (HF dir) for full fine-tuning, else out_dir/adapter (HF PEFT dir where PEFT has
-    the method, jpeft's own otherwise)."""
+    the method, jpeft's own otherwise). Every process takes part in gathering the leaves no one
+    host holds whole; process 0 writes."""
+    if jax.process_count() > 1:
+        params = _gathered(params, method.mask(params), whole=cfg.method.name == "full")
+    name = "model" if cfg.method.name == "full" else "adapter"
+    out = os.path.join(cfg.out_dir, name)
+    if jax.process_index() != 0:
+        return out
     if cfg.method.name == "full":
-        out = os.path.join(cfg.out_dir, "model")
         save_pretrained(out, model, params, tokenizer_from=cfg.model.path)
     else:
-        out = os.path.join(cfg.out_dir, "adapter")
         save_adapter(out, params, base_model_name_or_path=os.path.abspath(cfg.model.path), method=method)
         copy_tokenizer(cfg.model.path, out)
     return out

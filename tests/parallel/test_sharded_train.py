@@ -1,12 +1,18 @@
-"""The same train step on a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 fake CPU devices."""
+"""One `jpeft train` on any mesh of 8 fake CPU devices equals the 1-device run; every leaf and its
+optimizer state is sharded like the weight it modifies."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from jpeft.train import trainer
 from conftest import read_metrics, run_config
+
+MESHES = ((2, 2, 2), (8, 1, 1), (1, 8, 1), (2, 1, 4))
+COMMON = ("train.steps=5", "train.batch_size=8", "train.log_every=1", "data.eval=null")
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json
@@ -14,32 +20,108 @@ SCRIPT = textwrap.dedent("""
     import jax
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
-    from jpeft.parallel import make_mesh, param_shardings
-    from conftest import run_config
+    from conftest import read_metrics, run_config
     assert len(jax.devices()) == 8
-    captured = {{}}
+    run, out, specs = json.loads({run!r}), {out!r}, {{}}
     real = trainer.make_train_step
-    def spy(model, optimizer, seed, dropout, state_shardings):
-        captured["specs"] = {{"/".join(str(k.key) for k in path): str(s.spec) for path, s in
-                             jax.tree_util.tree_flatten_with_path(state_shardings["trainable"])[0]}}
-        return real(model, optimizer, seed, dropout, state_shardings)
+    def spy(model, optimizer, seed, dropout, shardings):
+        leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
+        specs[current] = {{jax.tree_util.keystr(path): str(s.spec) for path, s in leaves}}
+        return real(model, optimizer, seed, dropout, shardings)
     trainer.make_train_step = spy
-    run = json.loads({run!r})
-    trainer.train(run_config(run, {out!r}, "train.fsdp=2", "train.tensor=2", "method.name=full"), progress=False)
-    print(json.dumps(captured["specs"]))
+    losses = {{}}
+    for current, extra in json.loads({runs!r}).items():
+        trainer.train(run_config(run, os.path.join(out, current), *extra), progress=False)
+        losses[current] = [r["loss"] for r in read_metrics(os.path.join(out, current))]
+    print(json.dumps({{"losses": losses, "specs": specs}}))
 """)
 
 
-def test_sharded_matches_single_device(tiny_run, tmp_path):
-    here = os.path.dirname(__file__)
-    run = {k: str(v) for k, v in tiny_run.items()}
-    script = SCRIPT.format(tests=os.path.dirname(here), run=json.dumps(run), out=str(tmp_path / "sharded"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+def run_on_fake_devices(tiny_run, out, runs: dict) -> dict:
+    tests = os.path.dirname(os.path.dirname(__file__))
+    script = SCRIPT.format(tests=tests, run=json.dumps({k: str(v) for k, v in tiny_run.items()}), out=str(out),
+                           runs=json.dumps(runs))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    specs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "tensor" in specs["model/layers/mlp/gate_proj/kernel"] and "fsdp" in specs["model/layers/mlp/gate_proj/kernel"]
-    trainer.train(run_config(tiny_run, tmp_path / "single", "method.name=full"), progress=False)
-    sharded, single = read_metrics(tmp_path / "sharded"), read_metrics(tmp_path / "single")
-    assert len(sharded) == len(single) == 6
-    for a, b in zip(sharded, single):
-        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(b["loss"])), (a, b)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_every_mesh_matches_one_device(tiny_run, tmp_path, method):
+    extra = (f"method.name={method}", "method.targets=[q_proj,v_proj,down_proj,embed_tokens]", *COMMON)
+    runs = {f"{d}x{f}x{t}": [*extra, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"] for d, f, t in MESHES}
+    sharded = run_on_fake_devices(tiny_run, tmp_path, runs)
+    trainer.train(run_config(tiny_run, tmp_path / "single", *extra), progress=False)
+    single = [r["loss"] for r in read_metrics(tmp_path / "single")]
+    assert len(single) == 5
+    for name, losses in sharded["losses"].items():
+        assert len(losses) == 5
+        for a, b in zip(losses, single):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, losses, single)
+    specs = sharded["specs"]["2x2x2"]
+    if method == "full":
+        assert specs["['trainable']['model']['layers']['mlp']['gate_proj']['kernel']"] == "P(None, 'fsdp', 'tensor')"
+    else:  # factors follow their weight's axes, and so do both Adam moments
+        q = "['model']['layers']['self_attn']['q_proj']"
+        assert specs[f"['trainable']{q}['lora_a']"] == "P(None, 'fsdp', None)"
+        assert specs[f"['trainable']{q}['lora_b']"] == "P(None, None, 'tensor')"
+        moments = [v for k, v in specs.items() if k.startswith("['opt_state']") and k.endswith(f"{q}['lora_b']")]
+        assert moments and all(m == "P(None, None, 'tensor')" for m in moments)
+        emb = "['model']['embed_tokens']['lora_b']"
+        assert specs[f"['trainable']{emb}"] == "P(None, 'fsdp')"
+
+
+SHARDINGS = textwrap.dedent("""
+    import os, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, optax
+    import jpeft
+    from jpeft import tree as T
+    from jpeft.models.config import ModelConfig
+    from jpeft.models.hf import abstract_params
+    from jpeft.models.llama import CausalLM, init_params
+    from jpeft.parallel import make_mesh, param_shardings, state_shardings
+    from jpeft.train.trainer import init_method
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    model, mesh = CausalLM(cfg), make_mesh(2, 2, 2)
+    params = init_params(model, jax.random.key(0))
+    params = jax.device_put(params, param_shardings(params, abstract_params(model), mesh))
+    methods = {"lora": jpeft.LoRA(targets=["q_proj", "embed_tokens"]), "ia3": jpeft.IA3(),
+               "norm": jpeft.NormTuning(), "bitfit": jpeft.BitFit()}
+    out = {}
+    for name, method in methods.items():
+        tree = init_method(method, jax.tree.map(jax.numpy.copy, params), model, mesh, 0)  # it consumes its input
+        trainable, _ = T.partition(tree, method.mask(tree))
+        state = state_shardings(optax.adam(1e-3), trainable, mesh)
+        moments = [s for p, s in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]
+                   if any(getattr(k, "key", None) == "model" for k in p)]
+        out[name] = {"leaves": {p: str(x.sharding.spec) for p, x in T.flatten(tree).items()},
+                     "trainable": {p: str(x.sharding.spec) for p, x in T.flatten(trainable).items()},
+                     "moments": sorted(str(s.spec) for s in moments)}
+    print(json.dumps(out))
+""")
+
+
+def test_method_leaves_and_optimizer_state_follow_their_weights():
+    """One method per insertion point: dense (LoRA, IA3), embedding (LoRA), norm (norm tuning), bias (BitFit)."""
+    result = subprocess.run([sys.executable, "-c", SHARDINGS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {
+        "lora": {"model/layers/self_attn/q_proj/lora_a": "P(None, 'fsdp', None)",
+                 "model/layers/self_attn/q_proj/lora_b": "P(None, None, 'tensor')",
+                 "model/embed_tokens/lora_a": "P('tensor', None)",
+                 "model/embed_tokens/lora_b": "P(None, 'fsdp')"},
+        "ia3": {"model/layers/self_attn/k_proj/ia3_out": "P(None, 'tensor')",
+                "model/layers/mlp/down_proj/ia3_in": "P(None, 'tensor')"},
+        "norm": {"model/layers/input_layernorm/scale": "P(None, 'fsdp')",
+                 "model/norm/scale": "P('fsdp',)"},
+        "bitfit": {"model/layers/mlp/gate_proj/bias": "P(None, 'tensor')",
+                   "model/layers/self_attn/o_proj/bias": "P(None, 'fsdp')"},
+    }
+    for name, leaves in expected.items():
+        for path, spec in leaves.items():
+            assert out[name]["leaves"][path] == spec, (name, path, out[name]["leaves"][path])
+        # Adam's two moments of every trained leaf lie exactly as the leaf does
+        assert out[name]["moments"] == sorted(2 * list(out[name]["trainable"].values())), name

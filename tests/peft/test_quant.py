@@ -118,6 +118,16 @@ def test_stacked_layers_quantize_like_each_layer(kind, double_quant):
 
 
 @pytest.mark.parametrize("kind,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
+def test_quantize_under_jit_is_bit_identical(kind, double_quant):
+    """The trainer quantizes under jit, on sharded weights: the same bytes as the eager (bitsandbytes-checked) path."""
+    w = weight((3, 256, 384), seed=5)
+    eager, jitted = quant.quantize(w, kind, double_quant), jax.jit(lambda w: quant.quantize(w, kind, double_quant))(w)
+    assert eager.keys() == jitted.keys()
+    for name in eager:
+        np.testing.assert_array_equal(jitted[name], eager[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kind,double_quant", [("nf4", False), ("nf4", True), ("int8", False)])
 def test_dequantize_under_jit_ignores_other_leaves(kind, double_quant):
     w = weight((2, 128, 96), seed=4)
     leaves = quant.quantize(w, kind, double_quant)

@@ -1,4 +1,6 @@
 """The training loop: learns, freezes what it must, resumes bit-exactly."""
+import os
+import signal
 
 import jax
 import numpy as np
@@ -78,12 +80,12 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
     real_save = checkpoint.save
 
-    def crash_after_first_save(mngr, step, state):
-        real_save(mngr, step, state)
-        raise KeyboardInterrupt("simulated interruption")
+    def crash_after_first_save(mngr, step, state, fingerprint):
+        real_save(mngr, step, state, fingerprint)
+        raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(checkpoint, "save", crash_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train(run_config(tiny_run, resumed, "train.save_every=3", "method.dropout=0.1"), progress=False)
     assert not (resumed / "adapter").exists()
     monkeypatch.setattr(checkpoint, "save", real_save)
@@ -98,28 +100,32 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
 
 
-def test_interrupt_keeps_the_last_step_and_resumes_exactly(tiny_run, tmp_path, monkeypatch):
-    """Ctrl-C between checkpoints loses nothing: the last completed step is saved on the way out."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_at_step_boundary_and_resumes_exactly(tiny_run, tmp_path, monkeypatch, signum):
+    """Preemption (SIGTERM) or Ctrl-C between checkpoints: the run checkpoints the step it is on,
+    returns normally, and the same command resumes to the uninterrupted result bit for bit."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     trainer.train(run_config(tiny_run, straight), progress=False)
     real = trainer.make_train_step
 
-    def interrupting(*args, **kwargs):
+    def signalled(*args, **kwargs):
         step = real(*args, **kwargs)
 
         def wrapped(state, frozen, batch):
-            if int(state["step"]) == 4:
-                raise KeyboardInterrupt
+            if int(state["step"]) == 3:
+                os.kill(os.getpid(), signum)  # arrives mid-step, as preemption does
             return step(state, frozen, batch)
         return wrapped
 
-    monkeypatch.setattr(trainer, "make_train_step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(run_config(tiny_run, resumed), progress=False)
-    assert checkpoint.manager(str(resumed)).latest_step() == 4
+    monkeypatch.setattr(trainer, "make_train_step", signalled)
+    record = trainer.train(run_config(tiny_run, resumed), progress=False)
+    assert record["stopped"] == signal.Signals(signum).name and record["step"] == 4
+    assert checkpoint.manager(str(resumed)).latest_step() == 4 and not (resumed / "adapter").exists()
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum) != signal.SIG_IGN
     monkeypatch.setattr(trainer, "make_train_step", real)
     trainer.train(run_config(tiny_run, resumed), progress=False)
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(resumed / "adapter" / "adapter_model.safetensors")
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
