@@ -16,6 +16,7 @@ EXAMPLES = {
     "merge": "jpeft merge --model my_llama --adapter runs/lora/adapter --out merged_llama",
     "info": "jpeft info --model my_llama --adapter runs/lora/adapter   (or: jpeft info --methods)",
     "bench": "jpeft bench --against hf-peft --json",
+    "plot": "jpeft plot runs/lora   (writes runs/lora/plots/loss.png, lr.png, grad_norm.png, eval.png)",
 }
 
 
@@ -108,6 +109,11 @@ def cmd_bench(args) -> None:
     bench.main(args)
 
 
+def cmd_plot(args) -> None:
+    from jpeft.plot import plot_run
+    print("\n".join(plot_run(args.run_dir, args.out)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full, LoRA and its "
@@ -175,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "(LoRA and full), optionally against HF PEFT in PyTorch.")
     from jpeft import bench
     bench.add_arguments(p)
+
+    p = command("plot", cmd_plot, "PNGs of a run's loss, learning rate, gradient norm and eval metrics "
+                "(from its metrics.jsonl; works while the run is going).")
+    p.add_argument("run_dir", help="the out_dir of a jpeft train run")
+    p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
     return parser
 
 

@@ -8,7 +8,6 @@ dropout keys) is a pure function of the config and the step.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -32,6 +31,7 @@ from jpeft.peft import BY_NAME, parameter_report
 from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
+from jpeft.train.metrics import MetricsLog
 from jpeft.train.optimizer import adamw, lora_plus, schedule
 from jpeft.train.stop import StopRequests
 from jpeft.train.step import init_state, make_eval_step, make_train_step
@@ -84,28 +84,6 @@ def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
     scores = evaluate_generation(model, params, tokenizer, rows, cfg.data.prompt, [cfg.data.target],
                                  cfg.data.max_new_tokens, cfg.train.batch_size)
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; a resumed run drops lines past its checkpoint."""
-
-    def __init__(self, path: str, resume_step: int, enabled: bool = True):
-        kept = []
-        if not enabled:
-            path = os.devnull
-        elif os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.file = open(path, "w")
-        self.file.writelines(kept)
-        self.file.flush()
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:

@@ -1,0 +1,43 @@
+"""Where a run's numbers go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard
+event files in `tensorboard/` beside it (tensorboardX: no TensorFlow needed).
+
+A resumed run drops the lines past its checkpoint and asks TensorBoard to hide the points
+past it (`purge_step`), so both show one history. In a multi-host job only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+
+
+class MetricsLog:
+    def __init__(self, path: str, resume_step: int, enabled: bool = True):
+        self.file = self.board = None
+        if not enabled:
+            return
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.file = open(path, "w")
+        self.file.writelines(kept)
+        self.file.flush()
+        from tensorboardX import SummaryWriter
+        self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"),
+                                   purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, numbers.Real):
+                self.board.add_scalar(key, value, record["step"])
+        self.board.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.board.close()
