@@ -16,6 +16,7 @@ EXAMPLES = {
     "merge": "jpeft merge --model my_llama --adapter runs/lora/adapter --out merged_llama",
     "info": "jpeft info --model my_llama --adapter runs/lora/adapter   (or: jpeft info --methods)",
     "bench": "jpeft bench --against hf-peft --json",
+    "plan": "jpeft plan configs/llama3_8b_lora_8gpu.yaml model.path=Meta-Llama-3-8B --devices 8 --device-memory 80GB",
     "plot": "jpeft plot runs/lora   (writes runs/lora/plots/loss.png, lr.png, grad_norm.png, eval.png)",
 }
 
@@ -41,15 +42,29 @@ def cmd_demo(args) -> None:
     run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed)
 
 
-def cmd_train(args) -> None:
+def run_config(args):
+    """The RunConfig of `CONFIG [key=value ...]` arguments (the file is optional when all are overrides)."""
     from jpeft.config import load_config
-    from jpeft.train import train
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not os.path.exists(config):  # only overrides were given
         config, overrides = None, [config, *overrides]
     overrides = [unescape(o) if o.startswith("data.prompt=") else o for o in overrides]
-    record = train(load_config(config, overrides))
+    return load_config(config, overrides)
+
+
+def cmd_train(args) -> None:
+    from jpeft.train import train
+    record = train(run_config(args))
     print(json.dumps(record))
+
+
+def cmd_plan(args) -> None:
+    import jax
+
+    from jpeft.parallel.plan import format_plan, parse_size, plan
+    memory = None if args.device_memory is None else parse_size(args.device_memory)
+    result = plan(run_config(args), args.devices or jax.local_device_count(), memory)
+    print(json.dumps(result.to_dict()) if args.json else format_plan(result))
 
 
 def cmd_eval(args) -> None:
@@ -177,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p, required=False)
     p.add_argument("--methods", action="store_true", help="list every method.name and its method.* options")
 
+    p = command("plan", cmd_plan, "Per-device memory of a training config (frozen and trainable params, "
+                "gradients, optimizer state, activations) from the model's config.json alone, and the largest "
+                "train.batch_size that fits a device.")
+    p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=16 mesh.fsdp=8")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices of the mesh, resolving a -1 mesh axis (default: the local JAX devices)")
+    p.add_argument("--device-memory", metavar="SIZE",
+                   help="memory of one device, e.g. 16GiB, 95GB or 80e9: also print the largest batch that fits")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
     p = command("bench", cmd_bench, "Train-step throughput, compile time and peak memory of jpeft "
                 "(LoRA and full), optionally against HF PEFT in PyTorch.")
     from jpeft import bench
@@ -194,7 +220,12 @@ def _no_pytorch_notice(record: logging.LogRecord) -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value pairs after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose or args.command in ("train", "demo"):
         logging.getLogger("jpeft").setLevel(logging.INFO)

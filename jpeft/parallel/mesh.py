@@ -38,15 +38,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     axis spans the slices (DCN), fsdp and tensor stay inside a slice.
     """
     devices = jax.devices() if devices is None else devices
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-    known = int(np.prod([s for s in sizes.values() if s != -1]))
-    for axis, size in sizes.items():
-        if size == -1:
-            sizes[axis] = len(devices) // known
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if min(shape) < 1 or int(np.prod(shape)) != len(devices):
-        raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.tensor={tensor} does not use the "
-                          f"{len(devices)} devices here; set one axis to -1 to take the devices left over")
+    shape = tuple(mesh_shape(data, fsdp, tensor, len(devices)).values())
     auto = (jax.sharding.AxisType.Auto,) * len(shape)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:
@@ -56,6 +48,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
         return Mesh(grid, MESH_AXES, axis_types=auto)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> dict:
+    """{axis: size} on `n_devices` devices, the one -1 axis taking the devices the others leave."""
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    sizes = {a: n_devices // known if s == -1 else s for a, s in sizes.items()}
+    if min(sizes.values()) < 1 or int(np.prod(list(sizes.values()))) != n_devices:
+        raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} x mesh.tensor={tensor} does not use the "
+                          f"{n_devices} devices; set one axis to -1 to take the devices left over")
+    return sizes
+
+
+def fitted_spec(shape: tuple, axes: tuple, sizes: dict) -> list:
+    """Mesh axes for a leaf's logical `axes` through `RULES`; a dimension they do not divide replicates."""
+    spec = nn.logical_to_mesh_axes(axes, RULES)
+    return [ax if ax is None or shape[i] % axis_size(ax, sizes) == 0 else None for i, ax in enumerate(spec)]
 
 
 @contextlib.contextmanager
@@ -87,9 +96,7 @@ def param_shardings(params, abstract_base, mesh: Mesh):
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
 
     def sharding(path, leaf):
-        spec = nn.logical_to_mesh_axes(axes[path], RULES)
-        fitted = [ax if ax is None or leaf.shape[i] % _size(ax, sizes) == 0 else None for i, ax in enumerate(spec)]
-        return NamedSharding(mesh, P(*fitted))
+        return NamedSharding(mesh, P(*fitted_spec(leaf.shape, axes[path], sizes)))
     return T.map_with_path(sharding, params)
 
 
@@ -131,5 +138,5 @@ def state_shardings(optimizer, trainable, mesh: Mesh) -> dict:
                                                transform_non_params=lambda _: replicated)}
 
 
-def _size(axis, sizes) -> int:
+def axis_size(axis, sizes) -> int:
     return int(np.prod([sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)]))

@@ -16,7 +16,10 @@ import jax.numpy as jnp
 from jpeft.peft import sites
 
 
-def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = 512):
+CHUNK = 512  # tokens of the batch per loss chunk: [CHUNK, vocab] float32 logits live at a time
+
+
+def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUNK):
     """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves.
 
     Chunks run along time, about `chunk` tokens of the batch at a time, and never across

@@ -14,15 +14,16 @@ import optax
 
 from jpeft import tree as T
 from jpeft.models.llama import head_leaves
-from jpeft.train.loss import chunked_cross_entropy
+from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
 
-def token_loss(model, params, batch, dropout_rng=None):
+def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
     """(summed next-token NLL over loss_mask, number of loss tokens)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                          return_hidden=True, rngs=rngs)
-    return chunked_cross_entropy(hidden, head_leaves(model.config, params), batch["labels"], batch["loss_mask"])
+    return chunked_cross_entropy(hidden, head_leaves(model.config, params), batch["labels"], batch["loss_mask"],
+                                 chunk)
 
 
 def init_state(trainable, optimizer) -> dict:
@@ -33,9 +34,14 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
     """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T].
 
     With `state_shardings` the new state keeps exactly the layout of the old one (pjit style);
-    the frozen partition and the batch keep whatever sharding they were placed with.
+    the frozen partition and the batch keep whatever sharding they were placed with, and each
+    device's loss chunks hold about CHUNK of its own tokens.
     """
     base_key = jax.random.key(seed)
+    chunk = CHUNK
+    if state_shardings is not None:
+        mesh = state_shardings["step"].mesh
+        chunk *= mesh.shape["data"] * mesh.shape["fsdp"]
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(base_key, state["step"])
@@ -45,7 +51,7 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
             index, mb = xs
             rng = jax.random.fold_in(key, index) if dropout else None
             (l, n), g = jax.value_and_grad(
-                lambda tr: token_loss(model, T.combine(tr, frozen), mb, rng), has_aux=True)(state["trainable"])
+                lambda tr: token_loss(model, T.combine(tr, frozen), mb, rng, chunk), has_aux=True)(state["trainable"])
             return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,13 @@ BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapte
 
 def build_method(cfg: RunConfig):
     return BY_NAME[cfg.method.name](**method_kwargs(cfg.method))
+
+
+def build_optimizer(cfg: RunConfig, method, trainable):
+    """AdamW on the configured schedule; LoRA+ gives B `method.lr_ratio` times A's rate."""
+    tc = cfg.train
+    return lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
+                     getattr(method, "lr_ratio", 1.0))
 
 
 def load_tokenizer(model_dir: str):
@@ -110,8 +118,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    optimizer = lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
-                          getattr(method, "lr_ratio", 1.0))
+    optimizer = build_optimizer(cfg, method, trainable)
     lr_at = schedule(tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
     shardings = state_shardings(optimizer, trainable, mesh)
     state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
@@ -192,7 +199,9 @@ def init_method(method, params, model, mesh, seed: int):
     """The method's leaves added under jit, each born with the sharding its weight implies."""
     key = jax.random.key(seed)
     shardings = param_shardings(jax.eval_shape(method.init, key, params), abstract_params(model), mesh)
-    return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
+    with warnings.catch_warnings():  # weights a method replaces (QLoRA's kernels) cannot be reused: fine
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
 
 
 def run_fingerprint(cfg: RunConfig) -> dict:

@@ -1,0 +1,268 @@
+"""Per-device memory of a fine-tuning run, planned from config.json alone: no weights read, no devices needed.
+
+Parameters and optimizer state are exact: every leaf is measured as the shard that
+`jpeft.parallel.mesh.param_shardings` would give it (logical axes through `RULES`, a dimension
+the mesh axes do not divide stays whole), from the mesh's axis sizes only. Gradients count the
+trainable leaves twice in float32: the micro-batch's gradient and the running sum it joins.
+
+Activations count what the train step keeps live at its peak, per device, with b = micro-batch
+rows per device (train.batch_size / (data x fsdp)), t = train.seq_len, s = bytes of model.dtype,
+and heads, kv heads, MLP width and vocab split over `tensor`:
+
+- the batch: grad_accum x b x t x 16 bytes (ids, labels, attention mask, loss weights);
+- every layer's residuals for the backward pass (the layers run under one scan, so all of them
+  are live when it starts), per token of a layer:
+    remat none: the attention probabilities twice in float32 (plus their copy in s when s is not 4
+      bytes), 5 MLP-wide tensors, q, k, v, 3 hidden-wide ones; and for what trains: down_proj's
+      and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2 rank-wide per LoRA pair;
+    remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
+    remat full: the layer input;
+- plus the larger of two working sets: one layer's backward (`BACKWARD_WORKING_SET` multiples of
+  its unrematerialised residuals and of its LoRA-adapted projections' widths, plus its weights in
+  s, gathered over fsdp (`FSDP_WEIGHT_COPIES`) or dequantized whole (QLoRA), plus under fsdp its
+  trained weights' whole float32 gradient), or one chunk of the loss (float32 logits and their
+  gradient, the LM head gathered twice under fsdp, the final hidden state and its gradient);
+- under fsdp, a trained LM head's whole float32 gradient, which the loss keeps to the end.
+
+The counts and multiples were fitted to XLA's buffer assignment of the real compiled step (CPU
+backend, float32; tests/parallel/test_plan.py checks the total within 15%). bfloat16 counts the
+same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
+computes bfloat16 arithmetic in float32, keeps more than that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft import tree as T
+from jpeft.config import RunConfig
+from jpeft.errors import ConfigError
+from jpeft.models.config import read_config
+from jpeft.models.hf import DTYPES, abstract_params, build
+from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
+from jpeft.train.loss import CHUNK
+from jpeft.train.trainer import build_method, build_optimizer
+
+BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
+FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part of them twice in the backward
+# One layer's backward working set per remat policy, fitted to XLA: multiples of its unrematerialised
+# attention probabilities, of its other residuals, and of the input + output widths of its LoRA-adapted
+# projections (their delta path); a rematerialised layer recomputes what it needs first.
+BACKWARD_WORKING_SET = {"none": (1.1, 0.6, 1.2), "dots": (1.5, 0.6, 0.8), "full": (1.0, 1.1, 1.3)}
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+         "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Bytes per device of one train step at its peak; `max_batch_size` answers `device_memory`."""
+    frozen: int
+    trainable: int
+    gradients: int
+    optimizer: int
+    activations: int
+    mesh: dict
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    remat: str
+    dtype: str
+    method: str
+    device_memory: int | None = None
+    max_batch_size: int | None = None  # a multiple of data x fsdp; 0 when not even that fits
+
+    @property
+    def total(self) -> int:
+        return self.frozen + self.trainable + self.gradients + self.optimizer + self.activations
+
+    @property
+    def batch_granularity(self) -> int:
+        return self.mesh["data"] * self.mesh["fsdp"]
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total": self.total, "batch_granularity": self.batch_granularity}
+
+
+def shard_shape(shape: tuple, axes: tuple, sizes: dict) -> tuple:
+    """The per-device shape of a leaf with logical `axes` on a mesh of axis `sizes` (as `param_shardings` lays it)."""
+    spec = fitted_spec(shape, axes, sizes)
+    return tuple(dim // (1 if ax is None else axis_size(ax, sizes)) for dim, ax in zip(shape, spec))
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '95GB', '80e9', '512 MiB' -> bytes (k/M/G/T powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not found or found.group(2) not in UNITS:
+        raise ConfigError(f"device memory {text!r} is not a size; write e.g. 16GiB, 95GB or 80e9 (bytes)")
+    return int(float(found.group(1)) * UNITS[found.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan:
+    """The per-device memory of training `cfg` on `devices` devices; with `device_memory` (bytes)
+    also the largest train.batch_size (a multiple of data x fsdp) whose step fits in it."""
+    if not cfg.model.path:
+        raise ConfigError("model.path must be set (a directory with the model's config.json)")
+    sizes = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    ways = sizes["data"] * sizes["fsdp"]
+    tc = cfg.train
+    if tc.batch_size % ways:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {ways} data-parallel "
+                          f"devices (mesh.data x mesh.fsdp)")
+    model_cfg = read_config(os.path.join(cfg.model.path, "config.json")).replace(
+        dtype=cfg.model.dtype, remat=cfg.model.remat)
+    abstract = abstract_params(build(model_cfg))
+    dtype = DTYPES[cfg.model.dtype]
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(abstract))
+    method = build_method(cfg)
+    params = jax.eval_shape(method.init, jax.random.key(0), base)
+    axes, mask = logical_axes(params, abstract), method.mask(params)
+    shards = T.map_with_path(lambda p, x: shard_shape(x.shape, axes[p], sizes), params)
+    trainable, frozen = T.partition(params, mask)
+    trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)
+    trainable_sizes = jax.tree.map(math.prod, T.partition(shards, mask)[0], is_leaf=lambda x: isinstance(x, tuple))
+
+    def nbytes(tree) -> int:
+        flat = T.flatten(shards)
+        return sum(math.prod(flat[p]) * x.dtype.itemsize for p, x in T.flatten(tree).items())
+
+    optimizer = build_optimizer(cfg, method, trainable)
+    moments = optax.tree_map_params(optimizer, lambda s, size: size * s.dtype.itemsize,
+                                    jax.eval_shape(optimizer.init, trainable), trainable_sizes,
+                                    transform_non_params=lambda s: s.size * s.dtype.itemsize)
+    trained = nbytes(trainable)
+    activations = _Activations(cfg, model_cfg, params, mask, abstract, axes, sizes)
+    result = Plan(frozen=nbytes(frozen), trainable=trained, gradients=2 * trained,
+                  optimizer=int(sum(jax.tree.leaves(moments))), activations=activations(tc.batch_size),
+                  mesh=sizes, batch_size=tc.batch_size, seq_len=tc.seq_len, grad_accum=tc.grad_accum,
+                  remat=cfg.model.remat, dtype=cfg.model.dtype, method=cfg.method.name)
+    if device_memory is not None:
+        fixed = result.total - result.activations
+        result.device_memory = device_memory
+        result.max_batch_size = _largest_batch(lambda b: fixed + activations(b) <= device_memory, ways)
+    return result
+
+
+class _Activations:
+    """Activation bytes per device as a function of train.batch_size (see the module docstring)."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, params, mask, abstract, axes: dict, sizes: dict):
+        tp = sizes["tensor"]
+        split = lambda n: -(-n // tp)  # noqa: E731  (GSPMD splits an activation even where tp does not divide it)
+        self.layers, self.seq, self.hidden, self.head_dim = (model_cfg.num_layers, cfg.train.seq_len,
+                                                             model_cfg.hidden_size, model_cfg.head_dim)
+        self.heads, self.kv, self.mlp, self.vocab = (split(model_cfg.num_heads), split(model_cfg.num_kv_heads),
+                                                     split(model_cfg.intermediate_size), split(model_cfg.vocab_size))
+        self.itemsize = jnp.dtype(DTYPES[cfg.model.dtype]).itemsize
+        self.remat, self.accum, self.fsdp = cfg.model.remat, cfg.train.grad_accum, sizes["fsdp"]
+        self.ways = sizes["data"] * sizes["fsdp"]
+        gathered = {**sizes, "fsdp": 1}  # a weight as the layer computing with it holds it
+        layer = {m: leaves for m, leaves in T.modules(params).items() if T.is_stacked(m + "/leaf")}
+        trains = {m.rsplit("/", 1)[-1] for m, leaves in T.modules(mask).items() if any(leaves.values())}
+        self.o_trains, self.down_trains = "o_proj" in trains, "down_proj" in trains
+        self.norms_train = "input_layernorm" in trains or "post_attention_layernorm" in trains
+        self.lora = [(leaves["lora_a"].shape[-1],  # (rank, input width, output width) per adapted projection
+                      shard_shape(leaves["lora_a"].shape, axes[m + "/lora_a"], gathered)[-2],
+                      shard_shape(leaves["lora_b"].shape, axes[m + "/lora_b"], gathered)[-1])
+                     for m, leaves in layer.items() if "lora_a" in leaves]
+        flat = T.flatten(nn.meta.unbox(abstract))
+        base_axes = T.flatten(nn.get_partition_spec(abstract))
+        held, trains_leaf = T.flatten(params), T.flatten(mask)
+        stacked = [p for p in flat if T.is_stacked(p)]
+        # a layer's weights as it computes with them, in s: gathered over fsdp, or dequantized whole from
+        # codes stored unsharded (QLoRA), per layer
+        self.layer_weights = sum(math.prod(shard_shape(flat[p].shape, tuple(base_axes[p]), gathered))
+                                 for p in stacked if p in held) // self.layers * self.itemsize
+        self.dequantized = sum(flat[p].size for p in stacked if p not in held) // self.layers * self.itemsize
+        head = "model/embed_tokens/embedding" if model_cfg.tie_word_embeddings else "lm_head/kernel"
+        head_gathered = shard_shape(flat[head].shape, tuple(base_axes[head]), gathered)
+        split_by_fsdp = head_gathered != shard_shape(flat[head].shape, tuple(base_axes[head]), sizes)
+        self.head_copies = 2 * math.prod(head_gathered) * self.itemsize if split_by_fsdp else 0
+        # under fsdp a trained weight's gradient is whole (over fsdp) until reduce-scattered: the layer's
+        # in flight, and the head's, which the loss computes in the forward pass and keeps to the end
+        trained = {p: x for p, x in held.items() if trains_leaf[p]} if self.fsdp > 1 else {}
+        self.layer_gradient = sum(math.prod(shard_shape(x.shape, axes[p], gathered)) * 4
+                                  for p, x in trained.items() if T.is_stacked(p)) // self.layers
+        self.head_gradient = math.prod(head_gathered) * 4 if head in trained else 0
+
+    def residuals_per_row(self) -> int:
+        """Bytes one sequence leaves behind in one layer for the backward pass, under the run's remat."""
+        t, d, s = self.seq, self.hidden, self.itemsize
+        if self.remat == "full":
+            return t * d * s
+        if self.remat == "dots":
+            outputs = 3 * d + (self.heads + 2 * self.kv) * self.head_dim + 2 * self.mlp
+            return t * s * (outputs + sum(r + out for r, _, out in self.lora))
+        probabilities, widths, trained = self.unrematerialised()
+        return probabilities + t * s * (widths + trained)
+
+    def unrematerialised(self) -> tuple[int, int, int]:
+        """One layer's residuals per sequence without remat: (attention probabilities in bytes, the widths
+        of the tensors kept whatever trains, those kept for what trains) -- widths per token, in elements."""
+        t, s = self.seq, self.itemsize
+        widths = 5 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 3 * self.hidden
+        trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
+                   + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora))
+        return self.heads * t * t * (8 + (s if s != 4 else 0)), widths, trained
+
+    def __call__(self, batch_size: int) -> int:
+        rows, t, s = batch_size // self.ways, self.seq, self.itemsize
+        span = max(1, min(t, CHUNK // rows))  # each device's loss chunks hold about CHUNK of its tokens
+        probabilities, widths, _ = self.unrematerialised()
+        adapted = sum(d_in + d_out for _, d_in, d_out in self.lora)
+        a, b, c = BACKWARD_WORKING_SET[self.remat]
+        layer_backward = (rows * (a * probabilities + t * s * (b * widths + c * adapted))
+                          + (FSDP_WEIGHT_COPIES if self.fsdp > 1 else 1) * self.layer_weights + self.dequantized
+                          + self.layer_gradient)
+        loss_chunk = 2 * rows * span * self.vocab * 4 + self.head_copies + 2 * rows * t * self.hidden * s
+        return int(self.accum * rows * t * BATCH_BYTES_PER_TOKEN + self.layers * rows * self.residuals_per_row()
+                   + self.head_gradient + max(layer_backward, loss_chunk))
+
+
+def _largest_batch(fits, step: int) -> int:
+    """The largest multiple of `step` that fits while the next one does not (0: not even `step`)."""
+    if not fits(step):
+        return 0
+    low, high = step, 2 * step
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > step:
+        mid = (low + high) // 2 // step * step
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def format_plan(p: Plan) -> str:
+    """A table of the plan in human units."""
+    mesh = " x ".join(f"{axis} {p.mesh[axis]}" for axis in MESH_AXES)
+    rows = [("frozen params", p.frozen), ("trainable params", p.trainable), ("gradients", p.gradients),
+            ("optimizer state", p.optimizer), ("activations", p.activations)]
+    lines = [f"{p.method} · {p.dtype} · remat {p.remat} · mesh {mesh} ({math.prod(p.mesh.values())} devices)",
+             f"train.batch_size {p.batch_size} ({p.batch_size // p.batch_granularity} per device) x seq_len "
+             f"{p.seq_len}, grad_accum {p.grad_accum}", "", f"{'per device':<18}{'bytes':>12}"]
+    lines += [f"{name:<18}{format_bytes(n):>12}" for name, n in rows]
+    lines += [f"{'-' * 30}", f"{'total':<18}{format_bytes(p.total):>12}"]
+    if p.device_memory is not None:
+        lines.append("")
+        if p.max_batch_size:
+            lines.append(f"largest train.batch_size in {format_bytes(p.device_memory)}: {p.max_batch_size} "
+                         f"(a multiple of data x fsdp = {p.batch_granularity})")
+        else:
+            lines.append(f"train.batch_size {p.batch_granularity} (data x fsdp) does not fit in "
+                         f"{format_bytes(p.device_memory)}; try model.remat=full, a larger mesh.fsdp or "
+                         "mesh.tensor, or a shorter train.seq_len")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""`jpeft plan` against XLA: the planner's per-device bytes of the real compiled train step, on 8 fake
+CPU devices, for LoRA and full fine-tuning on a data-parallel and a 3-axis mesh."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from jpeft.cli import main
+from jpeft.config import load_config
+from jpeft.errors import ConfigError
+from jpeft.models.config import ModelConfig
+from jpeft.models.hf import save_pretrained
+from jpeft.models.llama import CausalLM, init_params
+from jpeft.parallel.plan import parse_size, plan
+
+MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
+SETTINGS = ("train.batch_size=8", "train.seq_len=128")
+
+# The train step built exactly as jpeft.train.trainer.train builds it, compiled, never run.
+SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jpeft import tree as T
+    from jpeft.config import load_config
+    from jpeft.models.hf import from_pretrained
+    from jpeft.parallel import activation_sharding, batch_sharding, make_mesh, state_shardings
+    from jpeft.parallel.plan import plan
+    from jpeft.train.step import init_state, make_train_step
+    from jpeft.train.trainer import build_method, build_optimizer, init_method
+    assert len(jax.devices()) == 8
+    shard_bytes = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+    out = {{}}
+    for name, overrides in json.loads({runs!r}).items():
+        cfg = load_config(None, overrides)
+        tc = cfg.train
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
+        model = model.clone(config=model.config.replace(remat=cfg.model.remat))
+        method = build_method(cfg)
+        params = init_method(method, params, model, mesh, tc.seed)
+        trainable, frozen = T.partition(params, method.mask(params))
+        trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
+        optimizer = build_optimizer(cfg, method, trainable)
+        shardings = state_shardings(optimizer, trainable, mesh)
+        state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
+        step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings)
+        shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
+        batch = {{k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
+                  for k in ("input_ids", "labels", "loss_mask", "attention_mask")}}
+        batch = jax.device_put(batch, batch_sharding(mesh, tc.batch_size))
+        with activation_sharding(mesh):
+            memory = step.lower(state, frozen, batch).compile().memory_analysis()
+        xla = {{k: getattr(memory, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}}
+        out[name] = {{"xla": xla, "frozen": shard_bytes(frozen), "trainable": shard_bytes(state["trainable"]),
+                     "optimizer": shard_bytes(state["opt_state"]), "plan": plan(cfg, 8).to_dict()}}
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small Llama whose activations outweigh its weights, as in real fine-tuning (config.json + weights)."""
+    model = CausalLM(ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)))
+    path = str(tmp_path_factory.mktemp("plan") / "model")
+    save_pretrained(path, model, init_params(model, jax.random.key(0)))
+    return path
+
+
+def overrides(model_dir, method, mesh):
+    data, fsdp, tensor = MESHES[mesh]
+    return [f"model.path={model_dir}", f"method.name={method}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+            f"mesh.tensor={tensor}", *SETTINGS]
+
+
+def test_plan_matches_the_compiled_train_step(model_dir):
+    runs = {f"{method} {mesh}": overrides(model_dir, method, mesh) for method in ("lora", "full") for mesh in MESHES}
+    result = subprocess.run([sys.executable, "-c", SCRIPT.format(runs=json.dumps(runs))], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, run in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        planned, xla = run["plan"], run["xla"]
+        # The step's arguments are the state, the frozen partition and the batch; its outputs (new state)
+        # reuse the donated state's buffers (alias), so only the metrics add; temp is XLA's peak of the
+        # rest: gradients, activations and every temporary of the backward pass and the optimizer.
+        compiled = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+        ratio = planned["total"] / compiled
+        print(f"{name}: planned {planned['total']} bytes, XLA {compiled} bytes, ratio {ratio:.3f}")
+        assert abs(ratio - 1) <= 0.15, (name, ratio, planned, xla)
+        assert planned["frozen"] == run["frozen"] and planned["trainable"] == run["trainable"], (name, planned, run)
+        assert planned["optimizer"] == run["optimizer"], (name, planned, run)
+
+
+def test_largest_batch_fits_and_the_next_does_not(model_dir):
+    cfg = load_config(None, overrides(model_dir, "lora", "2x2x2"))
+    memory = parse_size("64MiB")
+    p = plan(cfg, 8, memory)
+    assert p.max_batch_size > 0 and p.max_batch_size % p.batch_granularity == 0 and p.batch_granularity == 4
+    def total_at(batch_size):
+        return plan(load_config(None, [*overrides(model_dir, "lora", "2x2x2"), f"train.batch_size={batch_size}"]), 8).total
+
+    assert total_at(p.max_batch_size) <= memory < total_at(p.max_batch_size + p.batch_granularity)
+    assert plan(cfg, 8, parse_size("1MB")).max_batch_size == 0
+
+
+def test_sizes_and_mesh_errors(model_dir):
+    assert parse_size("16GiB") == 16 * 2**30 and parse_size("95GB") == 95 * 10**9 and parse_size("80e9") == 80 * 10**9
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("lots")
+    with pytest.raises(ConfigError, match="does not use the 6 devices"):
+        plan(load_config(None, overrides(model_dir, "lora", "2x2x2")), 6)
+    with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by the 4"):
+        plan(load_config(None, [*overrides(model_dir, "lora", "2x2x2"), "train.batch_size=6"]), 8)
+    resolved = plan(load_config(None, [f"model.path={model_dir}", "mesh.data=-1", "mesh.tensor=2"]), 8)
+    assert resolved.mesh == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+def test_cli_prints_the_table_and_json(model_dir, capsys):
+    args = ["plan", *overrides(model_dir, "lora", "2x2x2"), "--devices", "8", "--device-memory", "64MiB"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for row in ("frozen params", "trainable params", "gradients", "optimizer state", "activations", "total",
+                "largest train.batch_size in 64.0 MiB"):
+        assert row in table, table
+    assert main([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["total"] == sum(record[k] for k in ("frozen", "trainable", "gradients", "optimizer", "activations"))
+    assert main(["plan", *overrides(model_dir, "lora", "2x2x2"), "--devices", "6"]) == 2
+    assert "does not use the 6 devices" in capsys.readouterr().err
+    # key=value pairs may also follow the options
+    first, *rest = overrides(model_dir, "lora", "2x2x2")
+    assert main(["plan", first, "--devices", "8", "--device-memory", "64MiB", "--json", *rest]) == 0
+    assert json.loads(capsys.readouterr().out) == record
