@@ -4,7 +4,8 @@
 partition is an input that is read, never differentiated, never copied into state.
 Gradient accumulation scans over micro-batches inside the one compiled step. A step whose
 loss or gradient is not finite leaves the weights and optimizer state as they were and says
-so (`finite`), so the caller can stop or skip without a corrupted state.
+so (`finite`), so the caller can stop or skip without a corrupted state (a `lax.cond`, so the
+update of the donated state stays in place).
 """
 from __future__ import annotations
 
@@ -60,13 +61,16 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
             micro, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(accum), batch))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"step": state["step"] + 1,
-                     "trainable": keep(optax.apply_updates(state["trainable"], updates), state["trainable"]),
-                     "opt_state": keep(opt_state, state["opt_state"])}
+
+        def update(trainable, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        # a cond, not a select: the update stays in place on the donated buffers
+        trainable, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["trainable"], state["opt_state"])
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
         return new_state, {"loss": loss / denom, "grad_norm": grad_norm, "finite": finite,
                            "loss_tokens": count, "tokens": jnp.sum(batch["attention_mask"])}
 
