@@ -7,9 +7,7 @@ matters: by default glibc malloc returns ~2 GB to the OS and re-faults it every 
 unless ``tune_malloc=False`` both sides run with `MALLOC_ENV`, which keeps memory
 (docs/design.md §8), and the result reports the settings used.
 
-``--load`` measures loading instead: one random HF checkpoint onto `LOAD_DEVICES` fake CPU
-devices (mesh.fsdp), whole then sharded vs sharded from birth, each way in its own process,
-its peaks read from /proc/self/status (see `_load` for why not ru_maxrss).
+``--load`` measures loading instead (jpeft/bench_load.py).
 """
 from __future__ import annotations
 
@@ -21,8 +19,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,8 +28,6 @@ from jpeft.errors import JpeftError
 MODES = ("lora", "full", "qlora")
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
               "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20)}
-LOAD_DEVICES = 8
-LOAD_WAYS = ("baseline", "whole", "sharded")  # worker modes of `run_load_bench`
 
 
 def _model(a: dict):
@@ -100,95 +94,6 @@ def _measure(a: dict, mode: str) -> dict:
         "trainable_params": count_parameters(params, method.mask(params))[0],
         "total_params": count_parameters(params, method.mask(params))[1],
     }
-
-
-def _status_mb(field: str) -> float:
-    """One memory field of /proc/self/status (VmHWM, RssAnon, ...), in MB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-@contextlib.contextmanager
-def _anon_peak(out: dict):
-    """Poll RssAnon every millisecond while inside; its highest value goes to out["peak_anon_mb"].
-
-    The kernel keeps no high-water mark of anonymous memory alone, and VmHWM also counts the
-    checkpoint's mmap-ed (file-backed, reclaimable) pages. Polled, so a lower bound.
-    """
-    stop = threading.Event()
-
-    def poll():
-        while not stop.wait(0.001):
-            out["peak_anon_mb"] = max(out["peak_anon_mb"], _status_mb("RssAnon"))
-
-    out["peak_anon_mb"] = _status_mb("RssAnon")
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        out["peak_anon_mb"] = max(out["peak_anon_mb"], _status_mb("RssAnon"))
-
-
-def _load(a: dict, way: str) -> dict:
-    """Peak memory of one way of loading ``a["checkpoint"]`` onto an fsdp mesh of fake CPU devices.
-
-    Peak RSS is VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent,
-    so it would floor at the peak of whoever started the worker (this bench's parent holds the
-    random model). "baseline" only imports and builds the mesh: a way's own cost is its peak minus
-    the baseline's. Peaks are read before the checksum, which copies shards to float64.
-    """
-    import jax
-
-    from jpeft.models.hf import abstract_params, from_pretrained
-    from jpeft.parallel import make_mesh, param_shardings
-
-    mesh = make_mesh(1, LOAD_DEVICES, 1)
-    if way == "baseline":
-        return {"peak_rss_mb": _status_mb("VmHWM")}
-    out = {"anon_before_mb": _status_mb("RssAnon")}
-    t0 = time.perf_counter()
-    with _anon_peak(out):
-        if way == "whole":  # what the trainer did before weights were born sharded
-            model, whole = from_pretrained(a["checkpoint"], a["dtype"])
-            params = jax.block_until_ready(
-                jax.device_put(whole, param_shardings(whole, abstract_params(model), mesh)))
-            del whole
-        else:
-            _, params = from_pretrained(a["checkpoint"], a["dtype"], mesh=mesh)
-            jax.block_until_ready(params)
-    out.update(load_s=time.perf_counter() - t0, peak_rss_mb=_status_mb("VmHWM"))
-    held = dict.fromkeys(mesh.devices.flat, 0)
-    for x in jax.tree.leaves(params):
-        for shard in x.addressable_shards:
-            held[shard.device] += shard.data.nbytes
-    return {**out, "device_share_mb": max(held.values()) / 2**20, "checksum": _checksum(params)}
-
-
-def _checksum(params) -> dict:
-    """{leaf path: float64 sum of the leaf weighted by position}, each element counted once.
-
-    Axis k weighs index i by 1 + (k + 1) i / n, so equal sums also mean equal layout
-    (a transposed or misplaced slice changes them), not just equal values.
-    """
-    import numpy as np
-
-    from jpeft import tree as T
-
-    sums = {}
-    for path, x in T.flatten(params).items():
-        sums[path] = 0.0
-        for shard in x.addressable_shards:
-            if shard.replica_id:
-                continue
-            data = np.asarray(shard.data, np.float64)
-            for k, (s, n) in enumerate(zip(shard.index, x.shape)):
-                weight = 1 + (k + 1) * np.arange(*s.indices(n)) / n
-                data = data * weight.reshape((-1,) + (1,) * (x.ndim - k - 1))
-            sums[path] += float(data.sum())
-    return sums
 
 
 @contextlib.contextmanager
@@ -262,74 +167,6 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
     return result
 
 
-def run_load_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 8,
-                   mlp: int = 1408, dtype: str = "float32", tune_malloc: bool = True, seed: int = 0,
-                   timeout: float = 1800) -> dict:
-    """{"load": {checkpoint_mb, device_share_mb, baseline_rss_mb, whole_then_shard, sharded_from_birth,
-    ratio, anon_ratio}, "settings": {...}}: ratio = sharded-from-birth / whole-then-shard load cost in
-    peak RSS (load_mb), anon_ratio the same in peak anonymous memory (anon_load_mb).
-
-    The parent writes a random float32 Llama checkpoint (the train bench's model) to a temp dir;
-    each way then loads it in a fresh process under the same malloc settings as the train bench.
-    """
-    if dtype not in ("float32", "bfloat16"):
-        raise JpeftError(f"bench: dtype {dtype!r} is not supported; use float32 or bfloat16")
-    if not os.path.exists("/proc/self/status"):
-        raise JpeftError("bench --load reads peak memory from /proc/self/status, which only Linux has")
-    from jpeft.models.hf import build, save_pretrained
-
-    a = {"vocab": vocab, "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "mlp": mlp,
-         "seq": 1, "dtype": dtype, "remat": "none", "seed": seed}
-    malloc = MALLOC_ENV if tune_malloc else {}
-    # Fake devices must be asked for before jax starts, hence in the workers' environment.
-    devices = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(
-        f for f in (os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={LOAD_DEVICES}") if f)}
-    with tempfile.TemporaryDirectory(prefix="jpeft-bench-load-") as ckpt:
-        model, params = _model({**a, "dtype": "float32"})
-        hf = {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": mlp,
-              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-              "head_dim": hidden // heads, "rms_norm_eps": model.config.rms_norm_eps}
-        save_pretrained(ckpt, build(model.config.replace(hf_config=hf)), params)  # config.json from hf_config
-        del params
-        checkpoint_mb = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors")) / 2**20
-        with _environ({**malloc, **devices}):
-            runs = {way: _run_worker({**a, "checkpoint": ckpt}, way, timeout) for way in LOAD_WAYS}
-    base = runs["baseline"]["peak_rss_mb"]
-    whole, sharded = ({"peak_rss_mb": r["peak_rss_mb"], "load_mb": r["peak_rss_mb"] - base,
-                       "peak_anon_mb": r["peak_anon_mb"], "anon_load_mb": r["peak_anon_mb"] - r["anon_before_mb"],
-                       "load_s": r["load_s"], "checksum": r["checksum"]} for r in (runs["whole"], runs["sharded"]))
-    load = {"checkpoint_mb": checkpoint_mb, "device_share_mb": runs["sharded"]["device_share_mb"],
-            "baseline_rss_mb": base, "whole_then_shard": whole, "sharded_from_birth": sharded,
-            **{ratio: sharded[key] / whole[key] if whole[key] > 0 else None
-               for ratio, key in (("ratio", "load_mb"), ("anon_ratio", "anon_load_mb"))}}
-    settings = {**a, "mesh": {"data": 1, "fsdp": LOAD_DEVICES, "tensor": 1}, "malloc_env": malloc,
-                "device_env": devices, "jax": runs["sharded"]["jax"], "devices": runs["sharded"]["devices"],
-                "cpu_count": os.cpu_count(), "machine": platform.machine(), "process_per_mode": True}
-    return {"load": load, "settings": settings}
-
-
-def format_load_table(result: dict) -> str:
-    """The load bench's rows (one per way), then the checkpoint, mesh and settings behind them."""
-    r, s = result["load"], result["settings"]
-    lines = [f"{'load':<20}{'peak RSS MB':>13}{'load MB':>10}{'peak anon MB':>14}{'anon load MB':>14}{'load s':>9}"]
-    for name in ("whole_then_shard", "sharded_from_birth"):
-        w = r[name]
-        lines.append(f"{name:<20}{w['peak_rss_mb']:>13.0f}{w['load_mb']:>10.0f}{w['peak_anon_mb']:>14.0f}"
-                     f"{w['anon_load_mb']:>14.0f}{w['load_s']:>9.1f}")
-    ratio, anon = ("n/a" if r[k] is None else f"{r[k]:.2f}x" for k in ("ratio", "anon_ratio"))
-    malloc = " ".join(f"{k}={v}" for k, v in s["malloc_env"].items()) or "default glibc malloc"
-    lines.append(f"sharded/whole: load MB {ratio}, anon load MB {anon}; load MB = peak RSS (VmHWM) - "
-                 f"{r['baseline_rss_mb']:.0f} MB of a process that only imports and builds the mesh; "
-                 "anon = RssAnon polled every ms, minus its value before the load (RSS also counts the "
-                 "checkpoint's mmap-ed pages)")
-    lines.append(f"checkpoint {r['checkpoint_mb']:.1f} MB ({s['dtype']} once loaded: {r['device_share_mb']:.1f} MB "
-                 f"per device), vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers; mesh fsdp="
-                 f"{s['mesh']['fsdp']} over {len(s['devices'])} fake CPU devices")
-    lines.append(f"each way in its own process under: {malloc}; {s['machine']}, {s['cpu_count']} CPUs, "
-                 f"jax {s['jax']}")
-    return "\n".join(lines)
-
-
 def format_table(result: dict) -> str:
     """A few human-readable lines: one row per mode, then the settings that shaped them."""
     hf = any("hf_peft_tok_s" in r for k, r in result.items() if k != "settings")
@@ -360,8 +197,8 @@ def add_arguments(parser) -> None:
                         help="also run the same model, batch, optimizer and LoRA through HF PEFT (PyTorch)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--load", action="store_true",
-                        help=f"instead of train steps: peak host RSS of loading a random HF checkpoint onto "
-                             f"{LOAD_DEVICES} fake CPU devices (mesh.fsdp={LOAD_DEVICES}), whole then sharded vs "
+                        help="instead of train steps: peak host RSS of loading a random HF checkpoint onto "
+                             "8 fake CPU devices (mesh.fsdp=8), whole then sharded vs "
                              "sharded from birth; uses the model sizes, --dtype and malloc options")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["lora", "full"])
     parser.add_argument("--method", choices=["qlora"], default=None,
@@ -379,6 +216,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> None:
     if args.load:
+        from jpeft.bench_load import format_load_table, run_load_bench
         if args.against or args.method:
             raise JpeftError("bench: --load measures loading only; drop --against/--method")
         result = run_load_bench(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -397,8 +235,10 @@ def main(args) -> None:
 def _worker(a: dict) -> None:
     import jax
 
+    from jpeft.bench_load import LOAD_WAYS, load
+
     mode = a.pop("mode")
-    out = _load(a, mode) if mode in LOAD_WAYS else _measure(a, mode)
+    out = load(a, mode) if mode in LOAD_WAYS else _measure(a, mode)
     print(json.dumps({**out, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}))
 
 

@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from jpeft.bench import add_arguments, format_load_table, format_table, main, run_bench, run_load_bench
+from jpeft.bench import add_arguments, format_table, main, run_bench
+from jpeft.bench_load import format_load_table, run_load_bench
 from jpeft.errors import JpeftError
 
 TINY = dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=4, mlp=128, batch=2, seq=32, steps=1, warmup=1)
