@@ -26,6 +26,9 @@ from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 
 MODES = ("lora", "full", "qlora")
+# Dense bf16 peak TFLOP/s per chip, by device_kind substring: the denominator of MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
+               "TPU v6 lite": 918.0, "TPU v4": 275.0}
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
               "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20)}
 
@@ -54,6 +57,7 @@ def _measure(a: dict, mode: str) -> dict:
 
     from jpeft import tree as T
     from jpeft.peft import Full, LoRA, QLoRA, count_parameters
+    from jpeft.train.flops import train_step_flops
     from jpeft.train.optimizer import adamw
     from jpeft.train.step import init_state, make_train_step
 
@@ -84,8 +88,12 @@ def _measure(a: dict, mode: str) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = times[max(a["warmup"], 1):]
     tokens = a["batch"] * a["seq"]
+    tflops = train_step_flops(model.config, params, method.mask(params), tokens, a["seq"]) / 1e12
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in jax.devices()[0].device_kind), None)
     return {
         "tok_s": statistics.median(tokens / s for s in step_s),
+        "model_tflop_per_step": tflops,
+        "mfu": tflops / statistics.median(step_s) / peak if peak else None,
         "step_s": step_s,
         "compile_s": times[0],
         "loss": float(metrics["loss"]),
@@ -170,15 +178,18 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
 def format_table(result: dict) -> str:
     """A few human-readable lines: one row per mode, then the settings that shaped them."""
     hf = any("hf_peft_tok_s" in r for k, r in result.items() if k != "settings")
-    head = (f"{'mode':<6}{'jpeft tok/s':>13}{'compile s':>11}{'peak RSS MB':>13}{'frozen MB':>11}"
-            f"{'trainable':>13}{'total':>13}")
+    head = (f"{'mode':<6}{'jpeft tok/s':>13}{'TFLOP/s':>9}{'MFU':>7}{'compile s':>11}{'peak RSS MB':>13}"
+            f"{'frozen MB':>11}{'trainable':>13}{'total':>13}")
+    tokens = result["settings"]["batch"] * result["settings"]["seq"]
     if hf:
         head += f"{'hf-peft tok/s':>15}{'ratio':>8}{'hf RSS MB':>11}"
     lines = [head]
     for mode, r in result.items():
         if mode == "settings":
             continue
-        line = (f"{mode:<6}{r['jpeft_tok_s']:>13.1f}{r['compile_s']:>11.1f}{r['peak_rss_mb']:>13.0f}"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        line = (f"{mode:<6}{r['jpeft_tok_s']:>13.1f}{r['model_tflop_per_step'] * r['jpeft_tok_s'] / tokens:>9.3f}"
+                f"{mfu:>7}{r['compile_s']:>11.1f}{r['peak_rss_mb']:>13.0f}"
                 f"{r['frozen_mb']:>11.1f}{r['trainable_params']:>13,d}{r['total_params']:>13,d}")
         if "hf_peft_tok_s" in r:
             line += f"{r['hf_peft_tok_s']:>15.1f}{r['ratio']:>7.2f}x{r['hf_peft_peak_rss_mb']:>11.0f}"
@@ -188,6 +199,8 @@ def format_table(result: dict) -> str:
     lines.append(f"model: vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, "
                  f"batch {s['batch']}x{s['seq']}, dtype {s['dtype']}, remat {s['remat']}; median of {s['steps']} steps after {s['warmup']} warm-up")
     lines.append(f"each mode in its own process, both sides under: {malloc}; devices {s['devices']}")
+    lines.append("TFLOP/s: model FLOPs the step really does (jpeft/train/flops.py: no weight gradients for frozen "
+                 "weights, no remat recomputation); MFU against the device's dense bf16 peak, where known")
     return "\n".join(lines)
 
 
