@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
-                "Re-running on the same out_dir resumes.")
+                "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "
+                "same out_dir resumes.")
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4")
 
