@@ -18,8 +18,9 @@ class MetricsLog:
             return
         kept = []
         if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with open(path) as f:  # a line without its newline was cut short by a kill: drop it, don't fail
+                kept = [line for line in f if line.endswith("\n") and line.strip()
+                        and json.loads(line).get("step", 0) <= resume_step]
         self.file = open(path, "w")
         self.file.writelines(kept)
         self.file.flush()

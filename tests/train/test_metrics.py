@@ -9,19 +9,21 @@ from tensorboardX.proto import event_pb2
 from jpeft.train.metrics import MetricsLog
 
 
-def scalars(board_dir) -> list[tuple[int, str, float]]:
-    """(step, tag, value) of every scalar in a directory of event files (TFRecord framing)."""
-    out = []
+def events(board_dir):
+    """Every Event in a directory of event files (TFRecord framing: length, its crc, data, data crc)."""
     for name in sorted(os.listdir(board_dir)):
         with open(os.path.join(board_dir, name), "rb") as f:
             data = f.read()
         i = 0
         while i < len(data):
             (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            yield event_pb2.Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
-    return out
+
+
+def scalars(board_dir) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a directory of event files."""
+    return [(e.step, v.tag, v.simple_value) for e in events(board_dir) for v in e.summary.value]
 
 
 def test_records_go_to_jsonl_and_tensorboard(tmp_path):
@@ -49,20 +51,10 @@ def test_resume_drops_lines_past_the_checkpoint_and_purges_the_board(tmp_path):
     log.close()
     with open(path) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
-    events = scalars(tmp_path / "tensorboard")
-    assert (4, "loss", 40.0) in events
+    assert (4, "loss", 40.0) in scalars(tmp_path / "tensorboard")
     # the resumed writer records where its history restarts, so TensorBoard hides steps 4 and 5 of the first run
-    purges = []
-    for name in sorted(os.listdir(tmp_path / "tensorboard")):
-        with open(tmp_path / "tensorboard" / name, "rb") as f:
-            data = f.read()
-        i = 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-            if event.session_log.status == event_pb2.SessionLog.START:
-                purges.append(event.step)
-            i += 12 + n + 4
+    purges = [e.step for e in events(tmp_path / "tensorboard")
+              if e.session_log.status == event_pb2.SessionLog.START]
     assert purges == [4]
 
 
@@ -71,3 +63,12 @@ def test_disabled_writes_nothing(tmp_path):
     log.write({"step": 1, "loss": 1.0})
     log.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_resume_survives_a_line_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    log = MetricsLog(str(path), 2)
+    log.write({"step": 3, "loss": 3.0})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
