@@ -52,6 +52,12 @@ class MethodSection:
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None
+    num_virtual_tokens: int = 20  # prompt / prefix tuning
+    init_text: str | None = None  # prompt tuning: start from the embeddings of this text
+    tasks: int = 1  # prompt tuning: soft prompts side by side, one per task
+    projection: int | None = None  # prefix tuning: hidden size of the reparameterisation MLP
+    adapter_len: int = 10  # LLaMA-Adapter: prompt length per layer
+    adapter_layers: int | None = None  # LLaMA-Adapter: the top this many layers (None: all)
 
 
 @dataclass
@@ -120,13 +126,13 @@ _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SE
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "method.name": ("full", "lora", "qlora", "ia3", "bitfit", "norm"),
     "method.init": ("peft", "gaussian", "pissa", "olora"),
     "method.quant": ("nf4", "int8"),
     "train.on_nonfinite": ("stop", "skip"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.keep_checkpoints",
-             "method.rank", "train.log_every", "data.max_new_tokens")
+             "method.rank", "train.log_every", "data.max_new_tokens", "method.num_virtual_tokens", "method.tasks",
+             "method.adapter_len")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
                  "train.lr", "method.alpha", "data.eval_limit")
 _UNIT_INTERVAL = ("train.min_lr_ratio",)
@@ -322,7 +328,8 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
     def fail(key, message):
         raise ConfigError(f"config key '{key}' (from {origins.get(key, 'defaults')}) {message}")
 
-    for key, choices in CHOICES.items():
+    from jpeft.peft.registry import BY_NAME
+    for key, choices in {**CHOICES, "method.name": tuple(BY_NAME)}.items():
         if get(key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}, got {get(key)!r}")
     for key in _POSITIVE:

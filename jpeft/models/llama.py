@@ -67,11 +67,12 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, context, cache_kv):
         positions, mask, cache_index = context
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        h, cache_kv = Attention(self.cfg, name="self_attn")(
-            L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x), positions, mask, cache_kv, cache_index)
-        x = x + sites.residual(L.module_leaves(self), h, "attention")
-        h = MLP(self.cfg, name="mlp")(L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x + sites.residual(L.module_leaves(self), h, "mlp"), cache_kv
+        normed = L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x)
+        h, cache_kv = Attention(self.cfg, name="self_attn")(normed, positions, mask, cache_kv, cache_index)
+        x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
+        normed = L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
+        h = MLP(self.cfg, name="mlp")(normed)
+        return x + sites.residual(L.module_leaves(self), h, "mlp", normed), cache_kv
 
 
 class Decoder(nn.Module):

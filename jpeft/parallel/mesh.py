@@ -83,10 +83,8 @@ def logical_axes(params, abstract_base) -> dict:
         weight = base.get(prefix + "/kernel") or base.get(prefix + "/embedding")
         if path in base:
             axes[path] = tuple(base[path])
-        elif weight is not None:
-            axes[path] = leaf_axes(name, tuple(weight), np.ndim(leaf))
         else:
-            axes[path] = (None,) * np.ndim(leaf)
+            axes[path] = leaf_axes(name, None if weight is None else tuple(weight), np.ndim(leaf), T.is_stacked(path))
     return axes
 
 

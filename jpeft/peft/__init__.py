@@ -18,13 +18,18 @@ METADATA_LEAVES = frozenset(n for m in METHODS for n in m.metadata)
 _OWNER = {n: m for m in METHODS for n in (*m.trainable, *m.metadata, *m.stored)}
 
 
-def leaf_axes(name: str, weight_axes: tuple, ndim: int) -> tuple:
+def leaf_axes(name: str, weight_axes: tuple | None, ndim: int, stacked: bool = False) -> tuple:
     """Logical axes of an adapter leaf, derived from those of the weight it modifies: `in`/`out`
-    are the weight's input/output axes, `lead` its stacked-layer axis; unknown shapes replicate."""
-    *lead, d_in, d_out = weight_axes
+    are the weight's input/output axes, `lead` its stacked-layer axis; a leaf in a module without
+    a weight (a prefix, a soft prompt, a bottleneck adapter) names logical axes itself, `lead`
+    being `layers` when stacked. Unknown shapes replicate."""
+    if weight_axes is None:
+        lead, d_in, d_out = ["layers"] if stacked else [], None, None
+    else:
+        *lead, d_in, d_out = weight_axes
     spec = _OWNER[name].axes.get(name) if name in _OWNER else ("lead", "out")  # e.g. a bias BitFit added
     words = {"in": [d_in], "out": [d_out], "lead": lead, None: [None]}
-    axes = tuple(a for word in spec or () for a in words[word])
+    axes = tuple(a for word in spec or () for a in words.get(word, [word]))
     return axes if len(axes) == ndim else (*lead, *[None] * (ndim - len(lead)))
 
 

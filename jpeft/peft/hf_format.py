@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,13 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
-from jpeft.peft import ia3, lora
+from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_FAMILIES = {"LORA": lora, "IA3": ia3}  # peft_type -> the method's module (to_peft, from_peft)
-CLASSES = {"LORA": lora.LoRA, "IA3": ia3.IA3}
+UNPREFIXED = ("prompt_embeddings",)  # prompt learning's one tensor belongs to no module of the base
+CLASSES = {cls.peft_type: cls for cls in METHODS if getattr(cls, "peft_type", None)}
+PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
 # adapter_config fields that change the math; jpeft refuses rather than ignores them.
 UNHONOURED = {"fan_in_fan_out": False, "modules_to_save": None, "layer_replication": None,
               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
@@ -70,7 +72,8 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
             raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
         cls = CLASSES[found[0]]
         tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)})
-        tensors = {PREFIX + k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+        tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
+                   for k, v in tensors.items()}
         config = {"peft_type": found[0], "task_type": "CAUSAL_LM", **config}
     config["base_model_name_or_path"] = base_model_name_or_path
     os.makedirs(out_dir, exist_ok=True)

@@ -19,6 +19,7 @@ from jpeft.peft.base import Method, hf_module, layer_names, leading, targeted_la
 
 class IA3(Method):
     name = "ia3"
+    peft_type = "IA3"
     trainable = ("ia3_in", "ia3_out")
     axes = {"ia3_in": ("lead", "in"), "ia3_out": ("lead", "out")}
 

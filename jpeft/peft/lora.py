@@ -48,6 +48,7 @@ class LoRA(Method):
     indices (PEFT's layers_to_transform). `lr_ratio`: LoRA+ — B learns `lr_ratio` times faster.
     """
     name = "lora"
+    peft_type = "LORA"
     trainable = ("lora_a", "lora_b", "lora_magnitude")
     metadata = ("lora_scale", "lora_dropout", "lora_init_a", "lora_init_b", "adapter_ids")
     axes = {"lora_a": ("lead", "in", None), "lora_b": ("lead", None, "out"), "lora_magnitude": ("lead", "out"),

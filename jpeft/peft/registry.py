@@ -1,8 +1,9 @@
-"""Every method jpeft knows, once. Adding a method is one file plus one line here.
+"""Every method jpeft knows, once. Adding a method is one file plus one line in each list here.
 
 `METHODS` are the leaf families the insertion points and the tree-wide operations (mask,
 count, merge, axes, adapter export) consult, in the order their hooks apply; `BY_NAME` maps
-`method.name` in a run config to the user-facing class.
+`method.name` in a run config to the user-facing class. A class with a `peft_type` has an
+adapter-directory mapping (`to_peft` / `from_peft`) in its own module.
 """
 from jpeft.peft.bitfit import BitFit
 from jpeft.peft.full import Full
@@ -11,5 +12,16 @@ from jpeft.peft.lora import LoRA
 from jpeft.peft.norm import NormTuning
 from jpeft.peft.qlora import QLoRA, Quantized
 
-METHODS = (Quantized, IA3, LoRA)
-BY_NAME = {cls.name: cls for cls in (Full, LoRA, QLoRA, IA3, BitFit, NormTuning)}
+METHODS = (
+    Quantized,
+    IA3,
+    LoRA,
+)
+BY_NAME = {cls.name: cls for cls in (
+    Full,
+    LoRA,
+    QLoRA,
+    IA3,
+    BitFit,
+    NormTuning,
+)}

@@ -10,8 +10,8 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     embed:   x = table[ids] + Σ embed_delta
     attention_kv: keys/values with each method's prepended (prefix tuning, LLaMA-Adapter);
              the model lets every query see what was prepended
-    residual: a layer's attention or MLP output before it joins the residual stream
-             (bottleneck adapters); the leaves are the decoder layer's
+    residual: a layer's attention or MLP output before it joins the residual stream, given
+             the block's input too (bottleneck adapters); the leaves are the decoder layer's
     norm:    a norm's output (norm_output)
 """
 from __future__ import annotations
@@ -69,10 +69,11 @@ def attention_kv(leaves: dict, k, v):
     return k, v, k.shape[1] - length
 
 
-def residual(leaves: dict, h, where: str):
-    """A block's output (`where`: "attention" or "mlp") before it is added to the residual stream."""
+def residual(leaves: dict, h, where: str, x):
+    """A block's output h (`where`: "attention" or "mlp") before it joins the residual stream; x is
+    the block's (normalised) input, for methods that run beside the block."""
     for method in _with("residual", leaves):
-        h = method.residual(leaves, h, where)
+        h = method.residual(leaves, h, where, x)
     return h
 
 

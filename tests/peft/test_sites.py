@@ -27,7 +27,7 @@ class ToyShift(Method):
     trainable = ("toy_shift",)
 
     @staticmethod
-    def residual(leaves, h, where):
+    def residual(leaves, h, where, x):
         return h + leaves["toy_shift"] if where == "mlp" else h
 
 
