@@ -8,16 +8,18 @@ import os
 import sys
 
 EXAMPLES = {
-    "demo": "jpeft demo --out runs/demo",
+    "demo": "jpeft demo --out runs/demo   (or: jpeft demo --methods lora,ia3,bitfit --out runs/demo_peft)",
     "train": "jpeft train configs/dialogsum_lora.yaml model.path=my_llama train.steps=200 method.rank=16",
     "eval": ("jpeft eval --model my_llama --adapter runs/lora/adapter --data test.jsonl "
-             "--prompt 'Dialogue:\\n{dialogue}\\nSummary: ' --target summary1,summary2,summary3 --limit 100"),
+             "--prompt 'Dialogue:\\n{dialogue}\\nSummary: ' --target summary1,summary2,summary3 --limit 100\n"
+             "  jpeft eval --model runs/sentiment/model --data test.jsonl --prompt 'Review: {text}' --label label"),
     "generate": "jpeft generate --model my_llama --adapter runs/lora/adapter --prompt 'Hello' --max-new-tokens 32",
     "merge": "jpeft merge --model my_llama --adapter runs/lora/adapter --out merged_llama",
     "info": "jpeft info --model my_llama --adapter runs/lora/adapter   (or: jpeft info --methods)",
     "bench": "jpeft bench --against hf-peft --json",
     "plan": "jpeft plan configs/llama3_8b_lora_8gpu.yaml model.path=Meta-Llama-3-8B --devices 8 --device-memory 80GB",
     "plot": "jpeft plot runs/lora   (writes runs/lora/plots/loss.png, lr.png, grad_norm.png, eval.png)",
+    "compare": "jpeft compare runs/full runs/lora runs/ia3 --baseline full --out runs   (comparison.md/json/png)",
 }
 
 
@@ -39,7 +41,7 @@ def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
 
 def cmd_demo(args) -> None:
     from jpeft.demo import run_demo
-    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed)
+    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods)
 
 
 def run_config(args):
@@ -69,16 +71,21 @@ def cmd_plan(args) -> None:
 
 def cmd_eval(args) -> None:
     from jpeft.data import check_columns, load_rows, template_columns
-    from jpeft.evaluate import evaluate_generation
+    from jpeft.evaluate import evaluate_classification, evaluate_generation
+    from jpeft.peft.classifier import read_labels
 
-    prompt, targets = unescape(args.prompt), [t for t in args.target.split(",") if t]
+    prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
     rows = load_rows(args.data)
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
     check_columns(rows, args.data, sorted(set(template_columns(prompt)) | set(targets)))
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
-    result = evaluate_generation(model, params, tokenizer, rows, prompt, targets, args.max_new_tokens,
-                                 args.batch_size)
+    if args.label:
+        result = evaluate_classification(model, params, tokenizer, rows, prompt, args.label, args.data,
+                                         read_labels(args.adapter or args.model), args.batch_size)
+    else:
+        result = evaluate_generation(model, params, tokenizer, rows, prompt, targets, args.max_new_tokens,
+                                     args.batch_size)
     text = json.dumps(result)
     print(text)
     if args.out:
@@ -129,6 +136,12 @@ def cmd_plot(args) -> None:
     print("\n".join(plot_run(args.run_dir, args.out)))
 
 
+def cmd_compare(args) -> None:
+    from jpeft.compare import compare, format_markdown
+    table = compare(args.run_dirs, args.out, args.baseline)
+    print(json.dumps(table) if args.json else format_markdown(table))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full, LoRA and its "
@@ -145,12 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("demo", cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
-                "fine-tune it (full and LoRA) to summarize, evaluate against the base.")
+                "fine-tune it (full and LoRA, or --methods) to summarize, score them against the base.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--data", default=None, help="DialogSum-shaped JSONL (default: the 500-dialogue sample shipped with jpeft)")
     p.add_argument("--preset", default="default", choices=["default", "tiny"],
                    help="tiny: a seconds-long smoke run (used by the tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="full,lora",
+                   help="comma-separated method names trained on the same base under one step budget, "
+                        "or all (every method but classifier); default full,lora")
 
     p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
                 "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "
@@ -165,11 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weight dtype on load")
 
     p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
-                "against one or more reference columns.")
+                "against one or more reference columns; or, with --label, score a classifier's accuracy and "
+                "macro-F1.")
     model_args(p)
     p.add_argument("--data", required=True, help="JSONL / CSV / parquet file or a `datasets` dir")
     p.add_argument("--prompt", required=True, help=r"template with {column} placeholders; \n means newline")
-    p.add_argument("--target", required=True, help="reference column(s), comma-separated")
+    scored = p.add_mutually_exclusive_group(required=True)
+    scored.add_argument("--target", help="reference column(s), comma-separated")
+    scored.add_argument("--label", help="the label column, for a classifier (its --adapter, or an exported "
+                                        "classifier as --model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
     p.add_argument("--batch-size", type=int, default=16)
@@ -213,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "(from its metrics.jsonl; works while the run is going).")
     p.add_argument("run_dir", help="the out_dir of a jpeft train run")
     p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
+
+    p = command("compare", cmd_compare, "One table of finished runs (their summary.json): trainable parameters, "
+                "held-out NLL, ROUGE/BLEU or accuracy/macro-F1, change vs a baseline, train time, peak memory; "
+                "printed as markdown and written to comparison.md, comparison.json and comparison.png.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="out_dirs of finished jpeft train runs")
+    p.add_argument("--out", default=".", help="where to write comparison.md/json/png (default: current dir)")
+    p.add_argument("--baseline", metavar="RUN_DIR_OR_NAME",
+                   help="the run the delta columns subtract (default: no delta columns)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON object instead")
     return parser
 
 

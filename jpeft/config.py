@@ -13,6 +13,9 @@ Parsing rules worth knowing:
 - float fields accept ints and numeric strings, because YAML 1.1 reads `2e-4` (no dot)
   as a string.
 - list fields accept a comma-separated string: `method.targets=q_proj,v_proj`.
+- `method.lora` (the LoRA a classifier trains with its head) maps LoRA's options, typed as their
+  `method.*` keys: a YAML mapping or dotted overrides (`method.lora.rank=8`); a mapping replaces
+  the whole of it, a dotted key sets one option. `jpeft.LoRA(**options)` checks them.
 """
 import dataclasses
 import difflib
@@ -58,6 +61,14 @@ class MethodSection:
     projection: int | None = None  # prefix tuning: hidden size of the reparameterisation MLP
     adapter_len: int = 10  # LLaMA-Adapter: prompt length per layer
     adapter_layers: int | None = None  # LLaMA-Adapter: the top this many layers (None: all)
+    kind: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer | parallel
+    size: int = 64  # bottleneck adapters: hidden units
+    activation: str = "relu"  # bottleneck adapters: a key of jpeft.models.layers.ACTIVATIONS
+    scale: float = 1.0  # parallel bottleneck adapters: the output scale s
+    num_labels: int | None = None  # classifier: number of classes (None: those of data.label in data.train)
+    pooling: str = "last"  # classifier: last (non-pad token, as HF) | mean
+    hidden: int | None = None  # classifier: hidden units of an MLP head (None: a linear head, HF's)
+    lora: dict | None = None  # classifier: LoRA trained with the head, LoRA's options (method.lora.rank=8)
 
 
 @dataclass
@@ -67,6 +78,7 @@ class DataSection:
     prompt: str | None = None
     target: str | None = None
     text: str | None = None
+    label: str | None = None  # classification: the label column; data.prompt (or data.text) is the input
     eval_limit: int = 64
     max_new_tokens: int = 64
 
@@ -128,17 +140,20 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "method.init": ("peft", "gaussian", "pissa", "olora"),
     "method.quant": ("nf4", "int8"),
+    "method.kind": ("houlsby", "pfeiffer", "parallel"),
+    "method.pooling": ("last", "mean"),
     "train.on_nonfinite": ("stop", "skip"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.keep_checkpoints",
              "method.rank", "train.log_every", "data.max_new_tokens", "method.num_virtual_tokens", "method.tasks",
-             "method.adapter_len")
+             "method.adapter_len", "method.size", "method.num_labels", "method.hidden")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
                  "train.lr", "method.alpha", "data.eval_limit")
 _UNIT_INTERVAL = ("train.min_lr_ratio",)
 
 
 REGEX_CHARS = set("\\.*+?|()[]^$")
+LORA_KEY = "method.lora"
 
 
 def method_options(name: str) -> list[str]:
@@ -161,19 +176,33 @@ def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:
     values: dict[str, tuple[Any, str]] = {}  # dotted key -> (value, where it came from)
     if path is not None:
         for key, value in _flatten(_read_yaml(path), path).items():
-            values[key] = (value, path)
+            _put(values, key, value, path)
     for text in overrides:
         key, value = _parse_override(text)
-        values[key] = (value, f"override '{text}'")
+        _put(values, key, value, f"override '{text}'")
     sections = {name: {} for name in _SECTIONS}
     top = {}
     for key, (value, origin) in values.items():
         section, _, name = key.rpartition(".")
         typed = _coerce(value, _field_type(key, origin), key, origin)
-        (sections[section] if section else top)[name] = typed
+        if section == LORA_KEY:
+            sections["method"]["lora"] = {**(sections["method"].get("lora") or {}), name: typed}
+        else:
+            (sections[section] if section else top)[name] = typed
     cfg = RunConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS.items()}, **top)
     _check(cfg, {key: origin for key, (_, origin) in values.items()})
     return cfg
+
+
+def _put(values: dict, key: str, value: Any, origin: str) -> None:
+    """values[key] = (value, origin), a `method.lora` mapping as one key per option (replacing any
+    set before), so a later dotted `method.lora.rank=...` changes that option alone."""
+    if key == LORA_KEY:
+        for old in [k for k in values if k.startswith(LORA_KEY + ".")]:
+            del values[old]
+    values[key] = ({} if isinstance(value, dict) else value, origin)
+    for name, item in (value.items() if key == LORA_KEY and isinstance(value, dict) else ()):
+        values[f"{LORA_KEY}.{name}"] = (item, origin)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
@@ -244,6 +273,8 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 def _field_type(key: str, origin: str = "") -> Any:
+    if key.startswith(LORA_KEY + "."):  # typed as LoRA's own method.* key; another name fails in _check_lora
+        return _TYPES.get("method." + key[len(LORA_KEY) + 1:], Any)
     if key not in _TYPES:
         _unknown(key, origin)
     return _TYPES[key]
@@ -280,6 +311,8 @@ def _base_type(tp: Any) -> Any:
 
 def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
     """`value` as the field's type, or a ConfigError naming the key and expected type."""
+    if tp is Any:
+        return value
     if value is None and _optional(tp):
         return None
     base = _base_type(tp)
@@ -305,7 +338,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
     if base == list[str]:
-        if isinstance(value, str) and key == "method.targets" and any(c in value for c in REGEX_CHARS):
+        if isinstance(value, str) and key in ("method.targets", f"{LORA_KEY}.targets") and any(
+                c in value for c in REGEX_CHARS):
             return value  # PEFT: a single string is a full regex over module names
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
@@ -333,7 +367,7 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
         if get(key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}, got {get(key)!r}")
     for key in _POSITIVE:
-        if get(key) <= 0:
+        if get(key) is not None and get(key) <= 0:
             fail(key, f"must be positive, got {get(key)}")
     for key in _NON_NEGATIVE:
         if get(key) < 0:
@@ -362,13 +396,17 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
         fail("method.targets", "must name at least one module, e.g. [q_proj, v_proj]")
     options = method_options(cfg.method.name)
     ignored = sorted(k for k in origins if k.startswith("method.") and k != "method.name"
-                     and k.partition(".")[2] not in options)
+                     and k.split(".")[1] not in options)
     if ignored:  # e.g. a LoRA config run with method.name=full: say so, do not stop
         logging.getLogger("jpeft.config").warning(
             "%s: not options of method.name=%s (its options: %s); ignored", ", ".join(ignored), cfg.method.name,
             ", ".join(sorted(options)) or "none")
+    if cfg.method.lora is not None and "lora" in options:
+        _check_lora(cfg.method.lora, origins)
     data = cfg.data
-    if data.train is not None:
+    if data.train is not None and (data.label is not None or cfg.method.name == "classifier"):
+        _check_classification(cfg, fail)
+    elif data.train is not None:
         supervised = data.prompt is not None or data.target is not None
         if supervised and (data.prompt is None or data.target is None):
             missing = "data.target" if data.target is None else "data.prompt"
@@ -383,3 +421,38 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
             fail("data.train", "needs templates: set data.prompt+data.target (supervised, e.g. "
                                "prompt: 'Summarize: {dialogue}', target: '{summary}') or "
                                "data.text (language modelling, e.g. text: '{dialogue}')")
+
+
+def _check_lora(options: dict, origins: dict[str, str]) -> None:
+    """A classifier's LoRA options, checked the sure way: by building `jpeft.LoRA` from them."""
+    import inspect
+
+    from jpeft.errors import JpeftError
+    from jpeft.peft.lora import LoRA
+    try:
+        LoRA(**options)
+    except TypeError:  # an option LoRA does not take
+        valid = list(inspect.signature(LoRA).parameters)
+        bad = next(name for name in options if name not in valid)
+        close = difflib.get_close_matches(bad, valid, n=1)
+        hint = f"; did you mean '{LORA_KEY}.{close[0]}'?" if close else ";"
+        raise ConfigError(f"config key '{LORA_KEY}.{bad}' (from {origins[f'{LORA_KEY}.{bad}']}) is not an option "
+                          f"of jpeft.LoRA{hint} its options: {', '.join(valid)}") from None
+    except JpeftError as e:
+        where = ", ".join(dict.fromkeys(o for k, o in origins.items() if k.startswith(LORA_KEY)))
+        raise ConfigError(f"config key '{LORA_KEY}' (from {where}): {e}") from None
+
+
+def _check_classification(cfg: RunConfig, fail) -> None:
+    """A classifier trains on a label column, with an input text (data.prompt or data.text) and no target."""
+    data = cfg.data
+    if data.label is None:
+        fail("data.label", "is required by method.name=classifier: name the column holding each row's class")
+    if cfg.method.name != "classifier":
+        fail("data.label", f"needs method.name=classifier (got {cfg.method.name!r}); a label column is "
+                           "what a classification head trains on")
+    if data.target is not None:
+        fail("data.target", "conflicts with data.label: a classifier predicts the label column, not a target text")
+    if (data.prompt is None) == (data.text is None):
+        fail("data.label", "needs the input text from exactly one of data.prompt (a template, e.g. "
+                           "'Review: {review}') or data.text (a column, e.g. review)")

@@ -3,9 +3,10 @@
 No pretrained weights can be downloaded, so the demo builds its base honestly: a
 byte-level BPE tokenizer and a small Llama trained (through the same trainer) on the
 dialogues of the training rows. It then fine-tunes that base to summarize, once fully
-and once with LoRA, and scores base, full and LoRA on rows none of them ever saw:
-teacher-forced NLL of the reference summaries and ROUGE/BLEU of greedy summaries,
-beside a lead baseline (the dialogue's opening) for scale.
+and once with LoRA (or with each of `methods`, under one step budget), and scores the base
+and every fine-tune on rows none of them ever saw: teacher-forced NLL of the reference
+summaries and ROUGE/BLEU of greedy summaries, beside a lead baseline (the dialogue's
+opening) for scale, in one `jpeft compare` table.
 """
 from __future__ import annotations
 
@@ -18,33 +19,47 @@ import time
 
 import jax
 
+from jpeft import compare
 from jpeft import tree as T
 from jpeft.config import RunConfig, load_config
 from jpeft.data import DIALOGSUM_SAMPLE, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
-from jpeft.errors import DataError
+from jpeft.errors import ConfigError, DataError
 from jpeft.evaluate import predict, text_metrics
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import build, from_pretrained, save_pretrained
 from jpeft.models.llama import init_params
-from jpeft.peft import count_parameters
 from jpeft.peft.hf_format import load_adapter
 from jpeft.train.step import make_eval_step
 from jpeft.train.trainer import load_tokenizer, mean_nll, prepare, train
 
 log = logging.getLogger("jpeft.demo")
 PROMPT = "{dialogue}\nSummary: "
+METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
+# `finetune` is the one step budget every method gets; `methods` tweaks METHOD_PRESETS for a model size.
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
                     base=dict(steps=220, batch_size=16, seq_len=256, lr=1e-3, warmup=20),
-                    full=dict(steps=180, batch_size=8, seq_len=256, lr=1e-3, warmup=10),
-                    lora=dict(steps=180, batch_size=8, seq_len=256, lr=5e-3, warmup=10, rank=16)),
+                    finetune=dict(steps=180, batch_size=8, seq_len=256, warmup=10)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
-                 full=dict(steps=3, batch_size=4, seq_len=96, lr=1e-3, warmup=1),
-                 lora=dict(steps=3, batch_size=4, seq_len=96, lr=3e-3, warmup=1, rank=4)),
+                 finetune=dict(steps=3, batch_size=4, seq_len=96, warmup=1),
+                 methods={"lora": dict(lr=3e-3, rank=4, alpha=8)}),
 }
-LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+LORA_PRESET = dict(lr=5e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
+DEFAULT_LR = 5e-3  # the learning rate of a method METHOD_PRESETS lacks (which also keeps its default options)
+METHOD_PRESETS = {  # train.lr and method.* options per method
+    "full": dict(lr=1e-3),
+    "lora": LORA_PRESET,
+    "qlora": LORA_PRESET,
+    "ia3": dict(lr=2e-2),
+    "prompt": dict(lr=3e-2, num_virtual_tokens=20),  # PEFT's prompt-tuning examples use 3e-2
+    "prefix": dict(lr=1e-2, num_virtual_tokens=20),
+    "llama_adapter": dict(lr=1e-2, adapter_len=10),  # the paper's 9e-3
+    "bottleneck": dict(size=64),
+}
+NOT_SUMMARISING = ("classifier",)  # a classification head has no summaries to score
 
 
 def lead(dialogue: str, sentences: int = 2) -> str:
@@ -80,8 +95,53 @@ def run_config(**sections) -> RunConfig:
     return load_config(None, overrides + [f"out_dir={sections['out_dir']}"])
 
 
-def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0) -> dict:
+def parse_methods(text: str) -> list[str]:
+    """`--methods` as method names (`all`: every method that summarises), checked before any training."""
+    from jpeft.peft.registry import BY_NAME
+    available = [name for name in BY_NAME if name not in NOT_SUMMARISING]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = available if names == ["all"] else list(dict.fromkeys(names))
+    unknown = [name for name in names if name not in available]
+    if unknown or not names:
+        problem = f"no such method for the demo: {', '.join(unknown)}" if unknown else "names no method"
+        raise ConfigError(f"--methods {text!r}: {problem}; available: {', '.join(available)} (or all)")
+    return names
+
+
+def method_config(name: str, p: dict, base_dir: str, task: dict, seed: int, out_dir: str) -> RunConfig:
+    """One method's fine-tune: the preset's shared step budget, the method's own lr and options."""
+    options = {"lr": DEFAULT_LR, **METHOD_PRESETS.get(name, {}), **p.get("methods", {}).get(name, {})}
+    lr = options.pop("lr")
+    return run_config(model={"path": base_dir, "dtype": "bfloat16"}, method={"name": name, **options}, data=task,
+                      train={**p["finetune"], "lr": lr, "seed": seed, "log_every": 10}, out_dir=out_dir)
+
+
+def trained_params(run_dir: str, method: str, base_params):
+    """A fine-tune's tree: full fine-tuning exports a whole model, every other method an adapter."""
+    if method == "full":
+        return from_pretrained(os.path.join(run_dir, "model"))[1]
+    return load_adapter(os.path.join(run_dir, "adapter"), base_params)
+
+
+def reset_peak_rss() -> None:
+    """Restart Linux's peak-RSS count, so each run's summary.json has its own peak, not the demo's so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peaks stay cumulative
+        pass
+
+
+def as_row(name: str, scores: dict) -> dict:
+    """Demo scores as a `jpeft compare` row (its keys as a run's summary.json names them)."""
+    return {"name": name, **{"eval_loss" if k == "nll" else f"eval_{k}": v for k, v in scores.items()}}
+
+
+def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0,
+             methods: str = "full,lora") -> dict:
+    """`methods`: comma-separated method names (or all), each fine-tuned into `out/<method>/`."""
     started = time.time()
+    methods = parse_methods(methods)
     p = PRESETS[preset]
     data = data or DIALOGSUM_SAMPLE
     if not os.path.exists(data):
@@ -92,65 +152,64 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
+    train_file, test_file = os.path.join(work, "train.jsonl"), os.path.join(work, "test.jsonl")
+    base_dir = os.path.join(out, "base")
+    task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary", "eval_limit": 0}
+    configs = {name: method_config(name, p, base_dir, task, seed, os.path.join(out, name)) for name in methods}
     dialogues = [r["dialogue"] for r in train_rows]
     log.info("demo: %d training rows, %d held-out rows from %s", len(train_rows), len(test_rows), data)
 
     tokenizer = train_bpe_tokenizer(dialogues, p["vocab"], speaker_tags(dialogues))
-    train_file = write_jsonl(os.path.join(work, "train.jsonl"), train_rows)
-    test_file = write_jsonl(os.path.join(work, "test.jsonl"), test_rows)
+    write_jsonl(train_file, train_rows)
+    write_jsonl(test_file, test_rows)
     init_dir = init_base(os.path.join(work, "init"), tokenizer, p, seed)
 
-    log.info("demo: 1/3 training the base language model on dialogues")
+    stages = len(methods) + 1
+    log.info("demo: 1/%d training the base language model on dialogues", stages)
     base_run = os.path.join(work, "base_run")
     train(run_config(model={"path": init_dir, "dtype": "bfloat16"}, method={"name": "full"},
                      data={"train": train_file, "text": "dialogue"}, train={**p["base"], "seed": seed,
                                                                            "log_every": 10},
                      out_dir=base_run))
-    base_dir = os.path.join(out, "base")
     if os.path.exists(base_dir):
         shutil.rmtree(base_dir)
     os.replace(os.path.join(base_run, "model"), base_dir)
 
-    task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary", "eval_limit": 0}
-    log.info("demo: 2/3 full fine-tuning to summarize")
-    full_cfg = run_config(model={"path": base_dir, "dtype": "bfloat16"}, method={"name": "full"}, data=task,
-                          train={**p["full"], "seed": seed, "log_every": 10}, out_dir=os.path.join(out, "full"))
-    train(full_cfg)
-    log.info("demo: 3/3 LoRA fine-tuning to summarize")
-    lora_p = dict(p["lora"])
-    rank = lora_p.pop("rank")
-    lora_cfg = run_config(model={"path": base_dir, "dtype": "bfloat16"},
-                          method={"name": "lora", "rank": rank, "alpha": 2 * rank, "targets": LORA_TARGETS},
-                          data=task, train={**lora_p, "seed": seed, "log_every": 10},
-                          out_dir=os.path.join(out, "lora"))
-    train(lora_cfg)
+    for stage, (name, cfg) in enumerate(configs.items(), 2):
+        log.info("demo: %d/%d %s fine-tuning to summarize", stage, stages, name)
+        reset_peak_rss()
+        train(cfg)
 
     model, base_params = from_pretrained(base_dir)
-    _, full_params = from_pretrained(os.path.join(out, "full", "model"))
-    lora_params = load_adapter(os.path.join(out, "lora", "adapter"), base_params)
     tokenizer = load_tokenizer(base_dir)
-    examples = prepare(full_cfg, test_file, tokenizer)
+    examples = prepare(configs[methods[0]], test_file, tokenizer)  # every method shares data and seq_len
     eval_step = make_eval_step(model)
     summary, outputs = {}, {}
     references = [[r["summary"]] for r in test_rows]
-    for name, params in (("base", base_params), ("full", full_params), ("lora", lora_params)):
+    for name in ("base", *methods):
+        params = base_params if name == "base" else trained_params(os.path.join(out, name), name, base_params)
         outputs[name] = predict(model, params, tokenizer, test_rows, PROMPT, p["max_new_tokens"])
         scores = text_metrics(outputs[name], references)
-        summary[name] = {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")}
+        summary[name] = {k: scores[k] for k in METRICS}
         summary[name]["nll"] = mean_nll(eval_step, params, examples, 8)
     write_jsonl(os.path.join(out, "predictions.jsonl"),
                 [{"fname": r.get("fname"), "reference": r["summary"], **{k: v[i] for k, v in outputs.items()}}
                  for i, r in enumerate(test_rows)])
     lead_scores = text_metrics([lead(r["dialogue"]) for r in test_rows], references)
-    summary["lead"] = {k: lead_scores[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")}
-    summary["trainable_params"] = {"full": T.count(base_params),
-                                   "lora": count_parameters(lora_params)[0]}
+    summary["lead"] = {k: lead_scores[k] for k in METRICS}
+    runs = {name: compare.read_run(os.path.join(out, name)) for name in methods}
+    summary["trainable_params"] = {name: run["trainable_params"] for name, run in runs.items()}
     summary["total_params"] = T.count(base_params)
     summary["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_losses(out, {"base (LM)": base_run, "full": os.path.join(out, "full"), "lora": os.path.join(out, "lora")})
-    print(format_table(summary))
+    plot_losses(out, {"base (LM)": base_run, **{name: os.path.join(out, name) for name in methods}})
+    scored = [as_row("lead", summary["lead"]), as_row("base", summary["base"]),
+              *({**runs[name], **as_row(name, summary[name])} for name in methods)]  # the demo's scores win
+    table = compare.comparison(scored, baseline="base")
+    compare.write_comparison(table, out)
+    print(compare.format_markdown(table))
+    print(f"total params {summary['total_params']:,d} · {summary['seconds']:.0f} s")
     return summary
 
 
@@ -167,17 +226,3 @@ def plot_losses(out: str, runs: dict[str, str]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=120)
     plt.close(fig)
-
-
-def format_table(s: dict) -> str:
-    rows = [("method", "trainable", "NLL", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU")]
-    for name in ("lead", "base", "full", "lora"):
-        m = s[name]
-        trainable = {"base": "-", "lead": "-"}.get(name) or f"{s['trainable_params'][name]:,d}"
-        nll = f"{m['nll']:.3f}" if "nll" in m else "-"
-        rows.append((name, trainable, nll, *(f"{m[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL")),
-                     f"{m['bleu']:.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:],
-                      f"total params {s['total_params']:,d} · {s['seconds']:.0f} s"])

@@ -1,6 +1,9 @@
-"""Text metrics for generated outputs: ROUGE (best of several references), corpus BLEU, accuracy."""
+"""Text metrics for generated outputs: ROUGE (best of several references), corpus BLEU, accuracy;
+and a classifier's loss, accuracy and macro-F1."""
 import re
 from collections.abc import Sequence
+
+import numpy as np
 
 from jpeft.errors import DataError
 
@@ -74,3 +77,50 @@ def evaluate_generation(model, params, tokenizer, rows, prompt: str, target_colu
     predictions = predict(model, params, tokenizer, rows, prompt, max_new_tokens, batch_size)
     references = [[row[c] for c in target_columns] for row in rows]
     return text_metrics(predictions, references)
+
+
+def classification_metrics(predicted: Sequence[int], labels: Sequence[int]) -> dict:
+    """Accuracy and macro-F1: F1 averaged over the classes that occur among the labels or the
+    predictions (scikit-learn's `average="macro"`), and `n`."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if len(predicted) != len(labels) or not len(labels):
+        raise DataError(f"{len(predicted)} predictions for {len(labels)} labels; score one prediction per row")
+    f1 = []
+    for c in np.union1d(predicted, labels):
+        hit = np.sum((predicted == c) & (labels == c))
+        f1.append(2 * hit / (np.sum(predicted == c) + np.sum(labels == c)))
+    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1)), "n": len(labels)}
+
+
+def evaluate_classifier(model, params, examples, batch_size: int = 16) -> dict:
+    """Mean cross-entropy (`loss`), accuracy, macro-F1 and `n` of a classifier on tokenized examples
+    (`jpeft.data.tokenize_classification`); the last batch is filled up with repeated rows."""
+    import jax
+
+    from jpeft.peft.classifier import classify
+    logits_of = jax.jit(classify, static_argnums=0)
+    n = len(examples)
+    logits = np.concatenate([np.asarray(logits_of(model, params, examples.input_ids[index],
+                                                  examples.attention_mask[index]))
+                             for index in (np.arange(s, s + batch_size) % n for s in range(0, n, batch_size))])[:n]
+    top = logits.max(axis=-1, keepdims=True)
+    nll = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0] - logits[np.arange(n), examples.labels]
+    return {"loss": float(np.mean(nll)), **classification_metrics(logits.argmax(axis=-1), examples.labels)}
+
+
+def evaluate_classification(model, params, tokenizer, rows, text: str, label_column: str, path: str,
+                            labels: Sequence[str] | None = None, batch_size: int = 16) -> dict:
+    """A classifier's loss, accuracy and macro-F1 on the rows of a data file (`path`, for errors): `text`
+    templates its input, `label_column` holds each row's label, `labels` are the classifier's class
+    names (default LABEL_0, ...); a label the classifier does not know is an error naming its row."""
+    from jpeft.data import label_ids, tokenize_classification
+    from jpeft.data.labels import default_names
+    from jpeft.peft.classifier import require_head
+
+    num_labels = int(np.shape(require_head(params)["kernel"])[-1])
+    labels = list(labels) if labels is not None else default_names(num_labels)
+    if len(labels) != num_labels:
+        raise DataError(f"{len(labels)} saved class labels for a head of {num_labels} classes")
+    ids = label_ids(rows, label_column, path, labels)
+    examples = tokenize_classification(rows, tokenizer, text, model.config.max_position_embeddings, ids)
+    return evaluate_classifier(model, params, examples, batch_size)

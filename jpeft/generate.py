@@ -3,7 +3,8 @@
 Prompts are left-padded to a bucketed length, prefilled in one call, and decoded one
 token per step inside a single jit-compiled `lax.while_loop` that stops as soon as
 every row has emitted EOS. Adapter leaves in `params` are applied by the model itself,
-so an unmerged adapter needs nothing special here.
+so an unmerged adapter needs nothing special here; virtual tokens (soft prompts, prefixes)
+enter the KV cache in the prefill, and the decoding steps run without them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jpeft.errors import JpeftError
 from jpeft.models.llama import init_cache
+from jpeft.peft import sites
 
 PROMPT_BUCKET = 32  # padded prompt lengths are multiples of this, so batches share compiled code
 EOS_SLOTS = 8  # EOS ids are padded with -1 (never generated) to this many, for the same reason
@@ -129,17 +131,19 @@ def _decode(model, max_new_tokens, greedy, params, ids, mask, eos, temperature, 
     batch, width = ids.shape
     pick = functools.partial(_pick, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
-    cache = init_cache(model.config, batch, width + max_new_tokens, jnp.dtype(model.config.dtype))
+    virtual = sum(sites.virtual_tokens(params))
+    cache = init_cache(model.config, batch, virtual + width + max_new_tokens, jnp.dtype(model.config.dtype))
     positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
     logits, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache)
     first = pick(logits[:, -1], jax.random.fold_in(key, 0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    lengths = mask.sum(axis=-1)  # the position of the first new token
+    lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
+    decoding = sites.decoding(params)  # soft prompts and prefixes are in the cache now
 
     def body(state):
         step, tokens, done, cache = state
         prev = tokens[:, step - 1]
-        logits, cache = model.apply({"params": params}, prev[:, None], attention_mask=jnp.ones((batch, 1), jnp.int32),
+        logits, cache = model.apply({"params": decoding}, prev[:, None], attention_mask=jnp.ones((batch, 1), jnp.int32),
                                     positions=(lengths + step - 1)[:, None], cache=cache)
         token = pick(logits[:, -1], jax.random.fold_in(key, step))
         token = jnp.where(done, prev, token)  # a finished row repeats its EOS

@@ -13,7 +13,7 @@ import transformers
 import jpeft
 from jpeft.cli import EXAMPLES, main
 
-COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench"]
+COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare"]
 
 
 def test_top_level_help_lists_every_command():
@@ -79,8 +79,13 @@ def test_info_lists_every_method_with_its_options(capsys):
     from jpeft.peft.registry import BY_NAME
     assert main(["info", "--methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in lines] == list(BY_NAME) == ["full", "lora", "qlora", "ia3", "bitfit", "norm"]
-    assert "method.use_dora" in lines[1] and "method.quant" in lines[2] and "method.feedforward" in lines[3]
+    options = dict(line.split(": ", 1) for line in lines)
+    assert list(options) == list(BY_NAME) == ["full", "lora", "qlora", "ia3", "bitfit", "norm", "prompt", "prefix",
+                                              "llama_adapter", "bottleneck", "classifier"]
+    assert "method.use_dora" in options["lora"] and "method.quant" in options["qlora"]
+    assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]
+    assert "method.projection" in options["prefix"] and "method.adapter_layers" in options["llama_adapter"]
+    assert "method.kind" in options["bottleneck"] and "method.pooling" in options["classifier"]
 
 
 BLOCK_TORCH = """
@@ -142,6 +147,52 @@ def test_demo_tiny(tmp_path, capsys):
                  "lora/adapter/adapter_config.json", "loss_curves.png"):
         assert (tmp_path / path).exists(), path
     assert "ROUGE-L" in capsys.readouterr().out
+
+
+def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora,ia3"]) == 0
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["name"] for r in table["rows"]] == ["lead", "base", "lora", "ia3"] and table["baseline"] == "base"
+    printed = capsys.readouterr().out
+    assert all(f"| {name} " in printed for name in ("lead", "base", "lora", "ia3"))
+    assert printed.startswith((tmp_path / "comparison.md").read_text().rstrip("\n"))
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) >= {"base", "lora", "ia3", "lead"} and "full" not in summary
+    for name, run in zip(("lora", "ia3"), table["rows"][2:]):
+        trained = json.loads((tmp_path / name / "summary.json").read_text())  # written by the trainer
+        assert trained["method"] == name and trained["steps"] == 3 and trained["peak_rss_bytes"] > 0
+        assert 0 < trained["trainable_params"] == summary["trainable_params"][name] < trained["total_params"]
+        assert run["eval_loss"] == summary[name]["nll"] and "eval_loss" in trained  # the demo's own scoring wins
+        assert (tmp_path / name / "adapter" / "adapter_config.json").exists()
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert (config["train"]["steps"], config["train"]["batch_size"], config["train"]["seq_len"]) == (3, 4, 96)
+    assert table["rows"][2]["delta_eval_loss"] == pytest.approx(summary["lora"]["nll"] - summary["base"]["nll"])
+
+
+def test_demo_unknown_method_lists_the_available_ones(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora,lorra"]) == 2
+    err = capsys.readouterr().err
+    assert "no such method for the demo: lorra; available: full, lora, qlora" in err and "(or all)" in err
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_demo_all_is_every_method_but_the_classifier():
+    from jpeft.demo import parse_methods
+    from jpeft.peft.registry import BY_NAME
+    assert parse_methods("all") == [name for name in BY_NAME if name != "classifier"]
+    assert parse_methods(" lora, ia3,lora") == ["lora", "ia3"]
+
+
+def test_demo_presets_are_options_of_their_methods():
+    """A preset option the method does not take would only warn at run time; this test says it first."""
+    from jpeft.config import method_options
+    from jpeft.demo import METHOD_PRESETS, PRESETS
+    from jpeft.peft.registry import BY_NAME
+    for presets in (METHOD_PRESETS, *(p.get("methods", {}) for p in PRESETS.values())):
+        for name, options in presets.items():
+            if name in BY_NAME:  # methods still being written are checked once they are registered
+                assert set(options) - {"lr"} <= set(method_options(name)), name
 
 
 def test_demo_missing_data_is_an_error(tmp_path, capsys):

@@ -84,7 +84,8 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.steps=1.5", r"'train.steps'.* must be an integer, got float"),
     ("train.lr=fast", r"'train.lr'.* must be a number"),
     ("method.targets=[1, 2]", r"'method.targets'.* must be a list of strings"),
-    ("method.name=prompt", r"'method.name'.* must be one of full, lora, qlora, ia3, bitfit, norm, got 'prompt'"),
+    ("method.name=adalora", r"'method.name'.* must be one of full, lora, qlora, ia3, bitfit, norm, prompt, prefix, "
+                            r"llama_adapter, bottleneck, classifier, got 'adalora'"),
     ("model.dtype=fp16", r"must be one of float32, bfloat16"),
     ("train.steps=0", r"'train.steps'.* must be positive"),
     ("train.batch_size=-1", r"'train.batch_size'.* must be positive"),

@@ -5,6 +5,7 @@ reads `input_ids[t]` and predicts `labels[t]` (= token t+1); `loss_mask[t]` says
 prediction counts. Supervised rows: prompt (with the tokenizer's special tokens, e.g. BOS) +
 target + EOS, loss on the target and EOS only. Text rows: text (with special tokens) + EOS,
 loss everywhere. Padding is on the right with the pad token (EOS when there is none).
+Classification rows are the text alone, with one label per row (`labels` [N]).
 
 Templates use `str.format_map` over the row (`{dialogue}`; literal braces as `{{ }}`); there
 is no escape processing of their own: write a newline as a real newline (YAML `"\\n"` in
@@ -24,10 +25,10 @@ logger = logging.getLogger("jpeft.data")
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-    """Tokenized examples, all arrays [N, seq_len]."""
+    """Tokenized examples, arrays [N, seq_len]; for classification `labels` and `loss_mask` are [N]."""
     input_ids: np.ndarray  # int32
-    labels: np.ndarray  # int32, labels[:, t] = token t + 1
-    loss_mask: np.ndarray  # float32, 1 where labels[:, t] counts in the loss
+    labels: np.ndarray  # int32, labels[:, t] = token t + 1 (classification: the class id of each row)
+    loss_mask: np.ndarray  # float32, 1 where labels[:, t] (classification: labels[i]) counts in the loss
     attention_mask: np.ndarray  # int32, 1 on real (non-padding) input tokens
     n_truncated: int = 0
 
@@ -76,7 +77,7 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
                     "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
-    return _pack_rows(seqs, starts, seq_len, _pad_id(tokenizer), n_truncated)
+    return _pack_rows(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
 
 
 def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
@@ -94,7 +95,7 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
         n_truncated = sum(len(x) > seq_len + 1 for x in ids)
         _log_truncation(n_truncated, len(ids), f"seq_len={seq_len}", "cut on the right")
         return _pack_rows([x[:seq_len + 1] for x in ids], [0] * len(ids), seq_len,
-                          _pad_id(tokenizer), n_truncated)
+                          pad_id(tokenizer), n_truncated)
     stream = np.fromiter((t for x in ids for t in x), dtype=np.int32)
     n = (len(stream) - 1) // seq_len
     if n == 0:
@@ -105,6 +106,40 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
                 "%d tokens", len(ids), len(stream), n, seq_len, len(stream) - 1 - n * seq_len)
     ones = np.ones((n, seq_len), np.int32)
     return Examples(windows[:, :-1].copy(), windows[:, 1:].copy(), ones.astype(np.float32), ones)
+
+
+def tokenize_classification(rows: Iterable[dict], tokenizer, text: str, seq_len: int, labels) -> Examples:
+    """The rendered `text` of each row (with special tokens, e.g. BOS) and its class id `labels[i]`.
+
+    Over-long rows are cut from the left keeping BOS, as prompts are (the end, where a last-token
+    classifier reads, stays); rows are right-padded to the longest one, at most `seq_len` tokens.
+    """
+    rows = list(rows)
+    ids = _encode(tokenizer, [render(text, r) for r in rows], special=True)
+    empty = next((i for i, x in enumerate(ids) if not x), None)
+    if empty is not None:
+        raise DataError(f"row {empty + 1}: the text {text!r} renders to no tokens; a classifier needs at least one")
+    cut = [_keep_end(x, seq_len, _head_len(x, tokenizer)) for x in ids]
+    n_truncated = sum(len(x) > seq_len for x in ids)
+    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "cut from the left")
+    width = max(len(x) for x in cut)
+    input_ids = np.full((len(cut), width), pad_id(tokenizer), np.int32)
+    for i, x in enumerate(cut):
+        input_ids[i, :len(x)] = x
+    attention = (np.arange(width)[None, :] < np.array([len(x) for x in cut])[:, None]).astype(np.int32)
+    return Examples(input_ids, np.asarray(labels, np.int32), np.ones(len(cut), np.float32), attention, n_truncated)
+
+
+def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
+    """HF's sequence classifiers pool the last token that is not the pad token; a row ending in the pad
+    token would be read elsewhere by them than by jpeft (which goes by the attention mask)."""
+    last = examples.input_ids[np.arange(len(examples)), examples.attention_mask.sum(axis=1) - 1]
+    bad = np.flatnonzero(last == pad_id(tokenizer))
+    if bad.size:
+        raise DataError(f"data file '{path}' row {bad[0] + 1} ({bad.size} rows in all) ends with token id "
+                        f"{last[bad[0]]}, the pad token (or EOS standing in for it); HF's last-token pooling "
+                        "skips it, so an exported classifier would read another token: give the tokenizer a "
+                        "distinct pad_token, or end the data.prompt template with other text")
 
 
 def encode_prompts(rows: Iterable[dict], tokenizer, prompt: str, max_len: int) -> list[list[int]]:
@@ -197,7 +232,7 @@ def _eos_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
 
 

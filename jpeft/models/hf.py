@@ -23,9 +23,11 @@ from jpeft.errors import CheckpointError
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
 from jpeft.peft.base import layer_names
+from jpeft.peft.classifier import hf_tree
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # + ForCausalLM / ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -45,6 +47,20 @@ def hf_names(path: str, num_layers: int) -> list[str]:
     if leaf not in HF_LEAF:
         raise CheckpointError(f"tree leaf '{path}' has no HF counterpart (an adapter leaf? merge first)")
     return [f"{name}.{HF_LEAF[leaf]}" for name in layer_names("/".join(module), num_layers)]
+
+
+def sequence_classes(hf: dict) -> int | None:
+    """The number of classes of an HF sequence-classification config; None for a causal LM."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        return None
+    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+
+
+def _with_score(flat: dict, hidden_size: int, num_labels: int) -> dict:
+    """A sequence classifier's leaves: the base's, with HF's `score` head in place of the LM head."""
+    out = {p: v for p, v in flat.items() if not p.startswith("lm_head/")}
+    out["score/kernel"] = jax.ShapeDtypeStruct((hidden_size, num_labels), jnp.float32)
+    return out
 
 
 def _to_hf(path: str, array: np.ndarray) -> np.ndarray:
@@ -90,6 +106,8 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     model = build(cfg)
     abstract = abstract_params(model)
     expected = T.flatten(nn.meta.unbox(abstract))
+    if classes := sequence_classes(cfg.hf_config):
+        expected = _with_score(expected, cfg.hidden_size, classes)
     target = DTYPES[dtype] if dtype else jnp.float32
     if mesh is not None:
         from jpeft.parallel.mesh import param_shardings
@@ -140,13 +158,16 @@ def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
     return np.stack(arrays) if stacked else arrays[0]
 
 
-def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str | None = None) -> None:
+def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str | None = None,
+                    config: dict | None = None) -> None:
     """Write an HF dir (config.json + model.safetensors) that transformers loads as-is.
 
-    `params` must be a plain tree (use `jpeft.merge` first). Tokenizer files are copied
-    from `tokenizer_from` (a dir) when given.
+    `params` must be a plain tree (use `jpeft.merge` first); one with a classification head is
+    written as HF's *ForSequenceClassification. `config`: fields set in config.json (a classifier's
+    `id2label`, `pad_token_id`). Tokenizer files are copied from `tokenizer_from` (a dir) when given.
     """
-    hf = _config_holding(model.config, params)
+    params = hf_tree(params)
+    hf = {**_config_holding(model.config, params), **(config or {})}
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.config
     tensors = {}
@@ -172,9 +193,12 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
                           ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
         if cfg.model_type == "llama" and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
             hf[flag] = True
-    expected = set(T.flatten(nn.meta.unbox(abstract_params(build(ModelConfig.from_hf(hf))))))
-    if leaves != expected:
-        odd = sorted(leaves ^ expected)
+    expected = T.flatten(nn.meta.unbox(abstract_params(build(ModelConfig.from_hf(hf)))))
+    if "score/kernel" in leaves:
+        hf["architectures"] = [ARCHITECTURE[cfg.model_type] + "ForSequenceClassification"]
+        expected = _with_score(expected, cfg.hidden_size, np.shape(T.flatten(params)["score/kernel"])[-1])
+    if leaves != set(expected):
+        odd = sorted(leaves ^ set(expected))
         raise CheckpointError(f"the tree does not fit a {cfg.model_type} checkpoint: {', '.join(odd[:4])}"
                               f"{' ...' if len(odd) > 4 else ''} (merge adapters first; biases must cover all "
                               "attention or all MLP projections)")

@@ -13,7 +13,6 @@ import numpy as np
 
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
-from jpeft.peft.sites import matmul
 
 NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
@@ -64,7 +63,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-    """The input-embedding insertion point; `attend` reuses the table as a tied LM head."""
+    """The input-embedding insertion point."""
     vocab_size: int
     features: int
 
@@ -75,9 +74,6 @@ class Embed(nn.Module):
     def __call__(self, ids, dtype):
         self.embedding  # noqa: B018 - creates the table at init
         return sites.embed(module_leaves(self), ids, dtype)
-
-    def attend(self, x):
-        return matmul(x, self.embedding.T)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:

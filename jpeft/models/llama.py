@@ -35,17 +35,15 @@ class Attention(nn.Module):
         q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
         k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         if cache_kv is not None:
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
             cache_kv = (k, v)
-        k, v, prepended = sites.attention_kv(L.module_leaves(self), k, v)
-        if prepended:  # every query sees what a method prepended
-            mask = jnp.concatenate([jnp.ones((*mask.shape[:2], prepended), bool), mask], axis=-1)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
-        return out, cache_kv
+        return sites.attention_output(L.module_leaves(self), q, out), cache_kv
 
 
 class MLP(nn.Module):
@@ -81,8 +79,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, context, cache_kv):
         cfg = self.cfg
-        embed = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")
-        x = embed(input_ids, jnp.dtype(cfg.dtype))
+        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype))
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -91,7 +88,7 @@ class Decoder(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         x, cache_kv = stack(cfg, name="layers")(x, context, cache_kv)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), embed, cache_kv
+        return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), cache_kv
 
 
 class CausalLM(nn.Module):
@@ -99,7 +96,8 @@ class CausalLM(nn.Module):
 
     Returns logits [B, T, vocab] (float32), or hidden states with `return_hidden=True`
     (for a chunked loss that never materialises all logits). With a cache it returns
-    `(output, new_cache)`.
+    `(output, new_cache)`. Virtual tokens a method adds (soft prompts, prefixes) come before
+    the input at positions 0..n-1, shift the given `positions` by n, and are not in the output.
     """
     config: ModelConfig
 
@@ -107,29 +105,33 @@ class CausalLM(nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
         b, t = input_ids.shape
+        rows, keys = sites.virtual_tokens(self.variables.get("params", {}))
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)),
+                                     positions + rows + keys], axis=1)
+        valid = jnp.concatenate([jnp.ones((b, rows + keys), bool), attention_mask.astype(bool)], axis=1)
         if cache is None:
-            slots, index, cache_kv = jnp.arange(t), 0, None
-            mask = L.attention_mask(slots, slots, attention_mask, cfg.sliding_window)
+            index, cache_kv, k_slots = 0, None, jnp.arange(keys + rows + t)
         else:
-            index = cache["index"]
-            valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask.astype(bool), (0, index))
+            index, cache_kv = cache["index"], (cache["k"], cache["v"])
+            valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
             k_slots = jnp.arange(valid.shape[1])
-            mask = L.attention_mask(index + jnp.arange(t), k_slots, valid, cfg.sliding_window)
-            cache_kv = (cache["k"], cache["v"])
-        hidden, embed, cache_kv = Decoder(cfg, name="model")(input_ids, (positions, mask, index), cache_kv)
+        mask = L.attention_mask(index + keys + jnp.arange(rows + t), k_slots, valid, cfg.sliding_window)
+        decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
+        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (positions, mask, index), cache_kv)
+        hidden = hidden[:, rows:]
         if return_hidden:
             out = hidden
         elif cfg.tie_word_embeddings:
-            out = embed.attend(hidden).astype(jnp.float32)
+            out = sites.dense(head_leaves(cfg, L.module_leaves(self)), hidden).astype(jnp.float32)
         else:
             out = L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden).astype(jnp.float32)
         if cache is None:
             return out
-        return out, {"k": cache_kv[0], "v": cache_kv[1], "valid": valid, "index": index + t}
+        return out, {"k": cache_kv[0], "v": cache_kv[1], "valid": valid, "index": index + keys + rows + t}
 
 
 def init_params(model: CausalLM, key) -> dict:

@@ -120,10 +120,12 @@ def local_rows(sharding: NamedSharding, shape: tuple) -> slice:
 
 
 def place_batch(sharding: NamedSharding, local: dict, global_shape: tuple) -> dict:
-    """This process's rows of a batch -> global arrays (one process: a plain device_put)."""
+    """This process's rows of a batch -> global arrays (one process: a plain device_put); `global_shape`
+    is (grad_accum, batch, ...), each array keeping its own trailing dims (a classifier's labels have none)."""
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v, (*global_shape[:2], *v.shape[2:]))
+            for k, v in local.items()}
 
 
 def state_shardings(optimizer, trainable, mesh: Mesh) -> dict:

@@ -6,15 +6,21 @@ import optax
 
 from jpeft import tree as T
 from jpeft.peft.bitfit import BitFit
+from jpeft.peft.bottleneck import Bottleneck
+from jpeft.peft.classifier import Classifier, classify
 from jpeft.peft.full import Full
 from jpeft.peft.ia3 import IA3
 from jpeft.peft.lora import LoRA
+from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.norm import NormTuning
+from jpeft.peft.prefix import PrefixTuning
+from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
 from jpeft.peft.registry import BY_NAME, METHODS
 
 TRAINABLE_LEAVES = frozenset(n for m in METHODS for n in m.trainable)
 METADATA_LEAVES = frozenset(n for m in METHODS for n in m.metadata)
+HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)
 _OWNER = {n: m for m in METHODS for n in (*m.trainable, *m.metadata, *m.stored)}
 
 
@@ -34,8 +40,12 @@ def leaf_axes(name: str, weight_axes: tuple | None, ndim: int, stacked: bool = F
 
 
 def trainable_mask(params):
-    """Bool tree: True exactly on adapter leaves (what every adapter method trains)."""
-    return T.named(params, TRAINABLE_LEAVES)
+    """Bool tree: True exactly on adapter leaves and on a head's leaves but its metadata (what every
+    method trains). A head is matched by its top-level module, so a base `kernel` never is."""
+    def trained(path, _):
+        name = T.leaf_name(path)
+        return name in TRAINABLE_LEAVES or (path.split("/", 1)[0] in HEAD_MODULES and name not in METADATA_LEAVES)
+    return T.map_with_path(trained, params)
 
 
 def merge(params):
@@ -86,5 +96,6 @@ def freeze(tx: optax.GradientTransformation, params, mask=None) -> optax.Gradien
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "IA3", "BitFit", "NormTuning", "Full", "BY_NAME", "trainable_mask", "merge",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PrefixTuning",
+           "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze"]

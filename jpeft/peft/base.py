@@ -10,7 +10,8 @@ class-level parts are what the rest of jpeft reads from any tree, method unknown
   of one module's leaves, called by `jpeft.peft.sites` whenever the module holds the
   method's leaves;
 - `merge(leaves)`: the module's leaves with the method folded into the weight;
-- `axes[leaf]`: its leaves' logical axes in terms of the weight's (`lead`, `in`, `out`).
+- `axes[leaf]`: its leaves' logical axes in terms of the weight's (`lead`, `in`, `out`);
+- `heads`: top-level modules it adds whole (a classification head), every leaf trained but metadata.
 """
 from __future__ import annotations
 
@@ -30,10 +31,16 @@ class Method:
     metadata: tuple[str, ...] = ()
     stored: tuple[str, ...] = ()
     axes: dict[str, tuple[str | None, ...]] = {}
+    heads: tuple[str, ...] = ()
 
     @classmethod
     def present(cls, leaves: dict) -> bool:
         return any(n in leaves for n in (*cls.trainable, *cls.stored))
+
+    @classmethod
+    def present_in(cls, tree) -> bool:
+        """Does any module of the tree hold this method's leaves?"""
+        return any(cls.present(leaves) for leaves in T.modules(tree).values())
 
     @classmethod
     def merge(cls, leaves: dict) -> dict:
@@ -99,3 +106,19 @@ def weight_name(leaves: dict) -> str | None:
 def leading(path: str, array) -> tuple[int, ...]:
     """The stacked-layer dims of a module's weight: (num_layers,) under `layers`, else ()."""
     return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()
+
+
+def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
+    """{attention module path: (stacked-layer dims, hidden size, kv_heads·head_dim)} of a grouped tree
+    (`T.modules`): the parents of q_proj, k_proj, v_proj and o_proj with plain kernels."""
+    found = {}
+    for path, leaves in grouped.items():
+        parent, _, name = path.rpartition("/")
+        projections = [grouped.get(f"{parent}/{p}", {}) for p in ("q_proj", "k_proj", "v_proj")]
+        if name == "o_proj" and all("kernel" in p for p in (leaves, *projections)):
+            q, k = projections[0]["kernel"], projections[1]["kernel"]
+            found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), int(np.shape(k)[-1]))
+    if not found:
+        raise JpeftError("this method needs attention modules with plain q_proj, k_proj, v_proj and o_proj kernels "
+                         "(a quantized base cannot carry it)")
+    return found

@@ -1,11 +1,15 @@
 """Adapter directories (adapter_config.json + adapter_model.safetensors), both ways.
 
-Methods PEFT has (LoRA and its variants, IA3) are written with PEFT's key names and shapes
-(`base_model.model.<module>.lora_A.weight`, ...), so `peft.PeftModel.from_pretrained` reads
-what we write; each method's file holds its own mapping (`to_peft` / `from_peft`). Methods
-PEFT lacks (BitFit, norm tuning) use jpeft's own directory in the same style: `peft_type`
-"JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
-Loading is stricter than PEFT: a missing or unexpected key, a shape that does not fit the
+Methods PEFT has (LoRA and its variants, IA3, prompt tuning, prefix tuning, adaption prompts)
+are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
+`prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
+method's file holds its own mapping (`to_peft` / `from_peft`, found through the method's
+`peft_type`). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
+the same style (see `bottleneck.py`); methods that train base leaves (BitFit, norm tuning) use
+`peft_type` "JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
+A classification head is saved with the adapter trained beside it: as PEFT's SEQ_CLS
+`modules_to_save` (`score.weight`) where HF has the head, else in a JPEFT dir (`method`
+"classifier") that nests the adapter's PEFT config. Loading is stricter than PEFT: a missing or unexpected key, a shape that does not fit the
 base, or a config field jpeft cannot honour is an error, never a warning.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
+from jpeft.peft import classifier
 from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
@@ -30,7 +35,8 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 UNPREFIXED = ("prompt_embeddings",)  # prompt learning's one tensor belongs to no module of the base
 CLASSES = {cls.peft_type: cls for cls in METHODS if getattr(cls, "peft_type", None)}
 PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
-# adapter_config fields that change the math; jpeft refuses rather than ignores them.
+# adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save
+# only beyond a SEQ_CLS adapter's classification head).
 UNHONOURED = {"fan_in_fan_out": False, "modules_to_save": None, "layer_replication": None,
               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
               "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None}
@@ -60,26 +66,48 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     """Write the adapter leaves of `params` as an adapter directory (PEFT's, where PEFT has the method).
 
     `method` is needed only for methods that train base leaves (BitFit, NormTuning): the tree
-    alone cannot tell a trained bias from a base one.
+    alone cannot tell a trained bias from a base one. A tree with a classification head is saved
+    with it (see `_classifier`).
     """
-    if method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks
+    if classifier.split_head(params)[1]:
+        tensors, config = _classifier(params)
+    elif method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks
         tensors, config = _native(params, method)
     else:
-        grouped = T.modules(jax.device_get(params))
-        found = [t for t, cls in CLASSES.items() if any(cls.present(m) for m in grouped.values())]
-        if len(found) != 1:
-            what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
-            raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
-        cls = CLASSES[found[0]]
-        tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)})
-        tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
-                   for k, v in tensors.items()}
-        config = {"peft_type": found[0], "task_type": "CAUSAL_LM", **config}
+        tensors, config = _peft(params)
     config["base_model_name_or_path"] = base_model_name_or_path
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def _peft(params):
+    """PEFT's tensors and adapter_config for the one PEFT adapter type the tree holds."""
+    grouped = T.modules(jax.device_get(params))
+    found = [t for t, cls in CLASSES.items() if any(cls.present(m) for m in grouped.values())]
+    if len(found) != 1:
+        what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
+        raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
+    cls = CLASSES[found[0]]
+    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)})
+    tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
+               for k, v in tensors.items()}
+    return tensors, {"peft_type": found[0], "task_type": "CAUSAL_LM", **config}
+
+
+def _classifier(params):
+    """A head and the PEFT adapter trained with it (if any): PEFT's SEQ_CLS layout, the head saved as a
+    module to save, where HF can hold the head; else jpeft's own dir, the adapter's config nested in it."""
+    body, head = classifier.split_head(params)
+    tensors = {PREFIX + k: v for k, v in classifier.head_tensors(head).items()}
+    adapted = any(cls.present(m) for m in T.modules(body).values() for cls in CLASSES.values())
+    adapter_tensors, adapter = _peft(body) if adapted else ({}, None)
+    tensors.update(adapter_tensors)
+    if adapter and classifier.hf_unsupported(head) is None:
+        return tensors, {**adapter, "task_type": "SEQ_CLS", "modules_to_save": list(classifier.PEFT_HEAD_MODULES)}
+    return tensors, {"peft_type": "JPEFT", "method": classifier.Classifier.name, **classifier.head_options(head),
+                     "adapter": adapter}
 
 
 def _native(params, method):
@@ -107,7 +135,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
                            f"{', '.join(PEFT_FAMILIES)} adapters and its own (JPEFT)")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config.get('bias')!r} adapters are not supported; use bias='none'")
+    head = config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= set(
+        classifier.PEFT_HEAD_MODULES)  # what PEFT saves of a classifier: its head, which jpeft reads as one
     for key, neutral in UNHONOURED.items():
+        if key == "modules_to_save" and head:
+            continue
         if config.get(key, neutral) not in (neutral, [], {}):
             raise AdapterError(f"{path}: {key}={config[key]!r} cannot be honoured by jpeft; "
                                f"re-export the adapter with {key}={neutral!r}")
@@ -124,21 +156,29 @@ def load_adapter(adapter_dir: str, base_params):
         tensors = Tensors(load_file(weights_path), weights_path)
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{weights_path}: unreadable safetensors file ({e})") from None
-    grouped = T.modules(base_params)
-    if config["peft_type"] == "JPEFT":
+    if config["peft_type"] == "JPEFT" and config.get("method") == classifier.Classifier.name:
+        adapter = config.get("adapter")
+        loaded = _from_peft(adapter, tensors, base_params, adapter_dir) if adapter else base_params
+        loaded = classifier.read_head(tensors, loaded, config.get("pooling", "last"), config.get("hidden"))
+    elif config["peft_type"] == "JPEFT":
         loaded = _load_native(tensors, base_params)
     else:
-        try:
-            loaded = PEFT_FAMILIES[config["peft_type"]].from_peft(config, tensors, grouped)
-        except KeyError as e:
-            raise AdapterError(f"{adapter_dir}: adapter_config.json lacks the field {e}") from None
-        loaded = T.from_modules(loaded)
+        loaded = _from_peft(config, tensors, base_params, adapter_dir)
+        if config.get("task_type") == "SEQ_CLS":
+            loaded = classifier.read_head(tensors, loaded)
     if tensors.left:
         keys = sorted(tensors.left)
         raise AdapterError(f"{weights_path}: unexpected keys that match no targeted module of the base model: "
                            f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}; "
                            "was the adapter trained on a different base model?")
     return loaded
+
+
+def _from_peft(config: dict, tensors: Tensors, base_params, adapter_dir: str):
+    try:
+        return T.from_modules(PEFT_FAMILIES[config["peft_type"]].from_peft(config, tensors, T.modules(base_params)))
+    except KeyError as e:
+        raise AdapterError(f"{adapter_dir}: adapter_config.json lacks the field {e}") from None
 
 
 def _load_native(tensors: Tensors, base_params):

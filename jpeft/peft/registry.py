@@ -6,16 +6,26 @@ count, merge, axes, adapter export) consult, in the order their hooks apply; `BY
 adapter-directory mapping (`to_peft` / `from_peft`) in its own module.
 """
 from jpeft.peft.bitfit import BitFit
+from jpeft.peft.bottleneck import Bottleneck
+from jpeft.peft.classifier import Classifier
 from jpeft.peft.full import Full
 from jpeft.peft.ia3 import IA3
+from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.lora import LoRA
 from jpeft.peft.norm import NormTuning
+from jpeft.peft.prefix import PrefixTuning
+from jpeft.peft.prompt import PromptTuning
 from jpeft.peft.qlora import QLoRA, Quantized
 
 METHODS = (
     Quantized,
     IA3,
     LoRA,
+    PromptTuning,
+    PrefixTuning,
+    LlamaAdapter,
+    Bottleneck,
+    Classifier,
 )
 BY_NAME = {cls.name: cls for cls in (
     Full,
@@ -24,4 +34,9 @@ BY_NAME = {cls.name: cls for cls in (
     IA3,
     BitFit,
     NormTuning,
+    PromptTuning,
+    PrefixTuning,
+    LlamaAdapter,
+    Bottleneck,
+    Classifier,
 )}

@@ -7,22 +7,34 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
 
     dense:   w = weight hook or kernel;  x = dense_input(x);  y = x·w + Σ dense_delta;
              y = y + bias;  y = dense_output(y)
-    embed:   x = table[ids] + Σ embed_delta
-    attention_kv: keys/values with each method's prepended (prefix tuning, LLaMA-Adapter);
-             the model lets every query see what was prepended
+    embed:   x = [Σ embed_prepend ; table[ids] + Σ embed_delta]   (soft prompts as extra rows)
+    attention_kv: keys/values with each method's prepended (prefix tuning), before the KV
+             cache is written, so a prefix lives in the cache like past tokens
+    attention_output: the attention block's output, given its post-RoPE queries (LLaMA-Adapter)
     residual: a layer's attention or MLP output before it joins the residual stream, given
              the block's input too (bottleneck adapters); the leaves are the decoder layer's
     norm:    a norm's output (norm_output)
+
+Whole-tree points, read by the model once per call:
+    virtual_tokens: (rows prepended to the input, keys prepended in every layer), so the model
+             extends its masks and positions (virtual tokens come first, at positions 0..n-1,
+             as in PEFT) and drops the prepended rows from its output
+    expand:  a reparameterised method's training-time leaves -> the leaves its hooks read
+             (prefix tuning's MLP), applied by the model to its variables (nn.map_variables)
+    decoding: the tree for decoding steps after a prefill: without the leaves whose effect
+             the prefill already wrote into the KV cache
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from jpeft import tree as T
 from jpeft.peft.base import matmul
 from jpeft.peft.registry import METHODS
 
-__all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "residual", "norm"]
+__all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
+           "virtual_tokens", "expand", "decoding"]
 
 
 def _with(hook: str, leaves: dict):
@@ -54,19 +66,27 @@ def dense(leaves: dict, x, rng=None):
 
 
 def embed(leaves: dict, ids, dtype):
-    """Token embeddings: table rows plus every adapter's delta."""
+    """Token embeddings: table rows plus every adapter's delta, after the rows methods prepend."""
     x = jnp.take(leaves["embedding"], ids, axis=0).astype(dtype)
     for method in _with("embed_delta", leaves):
         x = x + method.embed_delta(leaves, ids).astype(dtype)
+    for method in _with("embed_prepend", leaves):
+        x = jnp.concatenate([method.embed_prepend(leaves, ids.shape[0]).astype(dtype), x], axis=1)
     return x
 
 
 def attention_kv(leaves: dict, k, v):
-    """Keys and values [B, S, KV, D] with every method's entries prepended, and how many were added."""
-    length = k.shape[1]
+    """Keys and values [B, S, KV, D] with every method's entries prepended."""
     for method in _with("attention_kv", leaves):
         k, v = method.attention_kv(leaves, k, v)
-    return k, v, k.shape[1] - length
+    return k, v
+
+
+def attention_output(leaves: dict, q, out):
+    """The attention block's output [B, T, D] (after o_proj); q [B, T, H, head_dim] after RoPE."""
+    for method in _with("attention_output", leaves):
+        out = method.attention_output(leaves, q, out)
+    return out
 
 
 def residual(leaves: dict, h, where: str, x):
@@ -82,3 +102,29 @@ def norm(leaves: dict, y):
     for method in _with("norm_output", leaves):
         y = method.norm_output(leaves, y)
     return y
+
+
+def virtual_tokens(params) -> tuple[int, int]:
+    """(rows prepended to the input embeddings, keys/values prepended in every layer) for this tree."""
+    names = {T.leaf_name(p): v for p, v in T.flatten(params).items()}
+    rows = keys = 0
+    for method in METHODS:
+        if hasattr(method, "virtual_tokens"):
+            r, k = method.virtual_tokens(names)
+            rows, keys = rows + r, keys + k
+    return rows, keys
+
+
+def expand(variables: dict) -> dict:
+    """A model's variables with every reparameterised method's leaves derived (for nn.map_variables)."""
+    params = variables.get("params", {})
+    for method in METHODS:
+        if hasattr(method, "expand") and method.present_in(params):
+            params = method.expand(params)
+    return {**variables, "params": params}
+
+
+def decoding(params):
+    """`params` for the decoding steps after a prefill: the leaves whose effect is cached dropped."""
+    cached = {n for m in METHODS if getattr(m, "cached", False) for n in (*m.trainable, *m.metadata)}
+    return T.unflatten({p: v for p, v in T.flatten(params).items() if T.leaf_name(p) not in cached})

@@ -39,18 +39,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state, fingerprint: dict) -> No
                                             fingerprint=ocp.args.JsonSave(fingerprint)))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, like, fingerprint: dict):
+def restore_latest(mngr: ocp.CheckpointManager, like, fingerprint: dict, defaults: dict | None = None):
     """The latest saved state, laid out like `like` (any mesh), or None when there is none.
 
-    Raises ConfigError naming what changed when the checkpoint was made from other inputs.
+    Raises ConfigError naming what changed when the checkpoint was made from other inputs. A key
+    one side lacks counts as its value in `defaults` (`fingerprint(defaults, [], [])`), so a
+    config key added in a later jpeft version does not orphan older checkpoints.
     """
     step = mngr.latest_step()
     if step is None:
         return None
     saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    defaults = defaults or {}
+    value = lambda record, k: record.get(k, defaults.get(k))
+    changed = sorted(k for k in set(saved) | set(fingerprint) if value(saved, k) != value(fingerprint, k))
     if changed:
-        details = "; ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed[:6])
+        details = "; ".join(f"{k}: {value(saved, k)!r} -> {value(fingerprint, k)!r}" for k in changed[:6])
         raise ConfigError(f"{mngr.directory}: the checkpoint at step {step} was made from other inputs ({details}); "
                           "restore them, or use a new out_dir to start a fresh run")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -5,7 +5,8 @@ partition is an input that is read, never differentiated, never copied into stat
 Gradient accumulation scans over micro-batches inside the one compiled step. A step whose
 loss or gradient is not finite leaves the weights and optimizer state as they were and says
 so (`finite`), so the caller can stop or skip without a corrupted state (a `lax.cond`, so the
-update of the donated state stays in place).
+update of the donated state stays in place). The loss is the one the batch asks for
+(`batch_loss`): next tokens, or one class per row for a classifier.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import optax
 
 from jpeft import tree as T
 from jpeft.models.llama import head_leaves
+from jpeft.peft.classifier import classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
 
@@ -27,12 +29,28 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
                                  chunk)
 
 
+def class_loss(model, params, batch, dropout_rng=None):
+    """(summed cross-entropy of each row's class `labels` [B], weighted by `loss_mask` [B]; the weight)."""
+    logits = classify(model, params, batch["input_ids"], batch["attention_mask"], dropout_rng)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, batch["labels"][:, None], axis=-1)[:, 0]
+    weights = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def batch_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
+    """(summed loss, count) of what the batch holds: a class per row (`labels` [B]) or next tokens ([B, T])."""
+    if batch["labels"].ndim == 1:
+        return class_loss(model, params, batch, dropout_rng)
+    return token_loss(model, params, batch, dropout_rng, chunk)
+
+
 def init_state(trainable, optimizer) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
 
 
 def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=None):
-    """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T].
+    """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T] (a
+    classifier's `labels` and `loss_mask` [grad_accum, micro]).
 
     With `state_shardings` the new state keeps exactly the layout of the old one (pjit style);
     the frozen partition and the batch keep whatever sharding they were placed with, and each
@@ -52,7 +70,7 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
             index, mb = xs
             rng = jax.random.fold_in(key, index) if dropout else None
             (l, n), g = jax.value_and_grad(
-                lambda tr: token_loss(model, T.combine(tr, frozen), mb, rng, chunk), has_aux=True)(state["trainable"])
+                lambda tr: batch_loss(model, T.combine(tr, frozen), mb, rng, chunk), has_aux=True)(state["trainable"])
             return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
@@ -79,5 +97,5 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
 
 
 def make_eval_step(model):
-    """params, batch -> (summed NLL, token count); batch leaves are [B, T]."""
-    return jax.jit(lambda params, batch: token_loss(model, params, batch))
+    """params, batch -> (summed loss, count): NLL and tokens, or cross-entropy and rows for a classifier."""
+    return jax.jit(lambda params, batch: batch_loss(model, params, batch))

@@ -8,8 +8,11 @@ dropout keys) is a pure function of the config and the step.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import resource
+import sys
 import time
 import warnings
 
@@ -20,15 +23,16 @@ import yaml
 from tqdm.auto import tqdm
 
 from jpeft import tree as T
-from jpeft.config import RunConfig, config_to_dict, method_kwargs
-from jpeft.data import (Examples, batches, check_columns, load_rows, template_columns, tokenize_supervised,
-                        tokenize_text)
+from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
+from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, label_ids, label_names, load_rows,
+                        pad_id, template_columns, tokenize_classification, tokenize_supervised, tokenize_text)
 from jpeft.errors import ConfigError, TrainingError
-from jpeft.evaluate import evaluate_generation
+from jpeft.evaluate import evaluate_classifier, evaluate_generation
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
-from jpeft.peft import BY_NAME, parameter_report
+from jpeft.peft import BY_NAME, count_parameters, parameter_report
+from jpeft.peft.classifier import Classifier, hf_unsupported, label_config, save_label_config, split_head
 from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
@@ -41,8 +45,21 @@ log = logging.getLogger("jpeft.train")
 BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapter export never reads
 
 
-def build_method(cfg: RunConfig):
-    return BY_NAME[cfg.method.name](**method_kwargs(cfg.method))
+def build_method(cfg: RunConfig, labels: list[str] | None = None):
+    """The configured method; a classifier also gets its class names (`class_labels`)."""
+    options = method_kwargs(cfg.method)
+    if "init_text" in options:  # prompt tuning from a text: tokenized by the base model's tokenizer
+        options["tokenizer"] = cfg.model.path
+    if labels is not None:
+        options["labels"] = labels
+    return BY_NAME[cfg.method.name](**options)
+
+
+def class_labels(cfg: RunConfig) -> list[str] | None:
+    """A classifier's class names in id order, from data.label of the training file; None otherwise."""
+    if cfg.data.label is None:
+        return None
+    return label_names(load_rows(cfg.data.train), cfg.data.label, cfg.data.train, cfg.method.num_labels)
 
 
 def build_optimizer(cfg: RunConfig, method, trainable):
@@ -61,10 +78,19 @@ def load_tokenizer(model_dir: str):
                           "copy the base model's tokenizer files into it") from None
 
 
-def prepare(cfg: RunConfig, path: str, tokenizer) -> Examples:
-    """Rows of a data file -> fixed-shape token arrays with the loss mask the config asks for."""
+def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None) -> Examples:
+    """Rows of a data file -> fixed-shape token arrays with the loss mask the config asks for (a
+    classifier's: one class id per row, through the class names `labels`)."""
     d = cfg.data
     rows = load_rows(path)
+    if d.label:
+        text = d.prompt if d.prompt is not None else "{" + d.text + "}"
+        check_columns(rows, path, template_columns(text))
+        examples = tokenize_classification(rows, tokenizer, text, cfg.train.seq_len,
+                                           label_ids(rows, d.label, path, labels))
+        if cfg.method.pooling == "last":
+            check_last_not_pad(examples, tokenizer, path)
+        return examples
     if d.text:
         check_columns(rows, path, [d.text])
         return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
@@ -109,10 +135,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
     tokenizer = load_tokenizer(cfg.model.path)
-    train_examples = prepare(cfg, cfg.data.train, tokenizer)
-    eval_examples = prepare(cfg, cfg.data.eval, tokenizer) if cfg.data.eval else None
+    labels = class_labels(cfg)
+    train_examples = prepare(cfg, cfg.data.train, tokenizer, labels)
+    eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels) if cfg.data.eval else None
 
-    method = build_method(cfg)
+    method = build_method(cfg, labels)
     params = init_method(method, params, model, mesh, tc.seed)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
@@ -125,8 +152,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     mngr = checkpoint.manager(cfg.out_dir, tc.keep_checkpoints)
-    inputs = run_fingerprint(cfg)
-    restored = checkpoint.restore_latest(mngr, state, inputs)
+    inputs, defaults = run_fingerprint(cfg)
+    restored = checkpoint.restore_latest(mngr, state, inputs, defaults)
     if restored is not None:
         state = restored
         log.info("resuming %s from step %d", cfg.out_dir, int(state["step"]))
@@ -145,9 +172,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     record: dict = {}
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), desc="train", unit="step")
     tick, tokens, skipped = time.perf_counter(), 0, 0
+    loop_started = tick  # summary.json's train_seconds: the loop's wall time, first-step compile and evals included
     with StopRequests() as stop, _finishing(mngr):
         for step in range(start + 1, tc.steps + 1):
-            local = {k: v.reshape(tc.grad_accum, rows.stop - rows.start, -1) for k, v in next(data).items()}
+            local = {k: v.reshape(tc.grad_accum, rows.stop - rows.start, *v.shape[1:])
+                     for k, v in next(data).items()}
             with activation_sharding(mesh):
                 state, out = train_step(state, frozen, place_batch(in_sharding, local, shape))
             out = jax.device_get(out)
@@ -166,7 +195,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                 tick, tokens = now, 0
                 if evaluated:
                     params = T.combine(state["trainable"], frozen)
-                    record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
+                    if labels is not None:
+                        scores = evaluate_classifier(model, params, eval_examples, tc.batch_size)
+                        record.update({f"eval_{k}": v for k, v in scores.items() if k != "n"})
+                    else:
+                        record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
                     if last and cfg.data.target and cfg.data.eval_limit:
                         record.update(generation_metrics(cfg, model, params, tokenizer))
                 metrics.write(record)
@@ -182,8 +215,35 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                 return {**record, "step": step, "stopped": signal_name}
     bar.close()
     metrics.close()
-    export(cfg, model, method, T.combine(state["trainable"], frozen))
+    train_seconds = time.perf_counter() - loop_started
+    params = T.combine(state["trainable"], frozen)
+    export(cfg, model, method, params)
+    if primary and record:  # an empty record: a re-run of a finished run, which trained nothing; keep its summary
+        write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record, train_seconds)
     return record
+
+
+def write_summary(cfg: RunConfig, method, counts: tuple[int, int], steps: int, record: dict,
+                  train_seconds: float) -> None:
+    """out_dir/summary.json: the few numbers `jpeft compare` tabulates, written only by a finished run
+    (train_seconds is this process's loop: a resumed run's last leg)."""
+    trainable, total = counts
+    summary = {"method": cfg.method.name, "method_repr": repr(method), "trainable_params": trainable,
+               "total_params": total, "train_seconds": round(train_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
+               "steps": steps, **{k: v for k, v in record.items() if k.startswith("eval_")}}
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far, not this run's alone (a process that trains twice
+    reports the larger peak unless it resets the count: jpeft.demo does). VmHWM where Linux has it:
+    ru_maxrss carries over fork + exec from the parent."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 @contextlib.contextmanager
@@ -204,12 +264,19 @@ def init_method(method, params, model, mesh, seed: int):
         return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
 
 
-def run_fingerprint(cfg: RunConfig) -> dict:
-    """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint)."""
+def run_fingerprint(cfg: RunConfig) -> tuple[dict, dict]:
+    """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint), and the
+    fingerprint of the defaults (a key one side lacks counts as its default)."""
     weights = sorted(os.path.join(cfg.model.path, f) for f in os.listdir(cfg.model.path) if f.endswith(".safetensors"))
-    flat = {f"{section}.{k}": v for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
-            for k, v in values.items()}
-    return checkpoint.fingerprint(flat, [cfg.data.train], weights)
+    return (checkpoint.fingerprint(_shaping_keys(cfg), [cfg.data.train], weights),
+            checkpoint.fingerprint(_shaping_keys(RunConfig()), [], []))
+
+
+def _shaping_keys(cfg: RunConfig) -> dict:
+    """Flat config keys, without the options of methods other than the configured one."""
+    options = set(method_options(cfg.method.name)) | {"name"}
+    return {f"{section}.{k}": v for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
+            for k, v in values.items() if section != "method" or k in options}
 
 
 def _gathered(params, mask, whole: bool):
@@ -240,18 +307,26 @@ def _non_finite(cfg: RunConfig, step: int, out: dict, skipped: int, mngr) -> int
 
 
 def export(cfg: RunConfig, model, method, params) -> str:
-    """out_dir/model (HF dir) for full fine-tuning, else out_dir/adapter (HF PEFT dir where PEFT has
-    the method, jpeft's own otherwise). Every process takes part in gathering the leaves no one
+    """out_dir/model (HF dir) for full fine-tuning or a lone classification head HF can hold, else
+    out_dir/adapter (HF PEFT dir where PEFT has the method, jpeft's own otherwise; a classifier's
+    class names and pad id beside it). Every process takes part in gathering the leaves no one
     host holds whole; process 0 writes."""
+    whole = cfg.method.name == "full" or getattr(method, "saves_model", False)
     if jax.process_count() > 1:
-        params = _gathered(params, method.mask(params), whole=cfg.method.name == "full")
-    name = "model" if cfg.method.name == "full" else "adapter"
-    out = os.path.join(cfg.out_dir, name)
+        params = _gathered(params, method.mask(params), whole=whole)
+    out = os.path.join(cfg.out_dir, "model" if whole else "adapter")
     if jax.process_index() != 0:
         return out
-    if cfg.method.name == "full":
-        save_pretrained(out, model, params, tokenizer_from=cfg.model.path)
+    fields = None
+    if isinstance(method, Classifier):  # built with the data's labels (build_method)
+        fields = label_config(method.labels, pad_id(load_tokenizer(cfg.model.path)))
+    if whole:
+        save_pretrained(out, model, params, tokenizer_from=cfg.model.path, config=fields)
     else:
         save_adapter(out, params, base_model_name_or_path=os.path.abspath(cfg.model.path), method=method)
         copy_tokenizer(cfg.model.path, out)
+        if fields:
+            save_label_config(out, fields)
+            if reason := hf_unsupported(split_head(params)[1]):
+                log.info("%s holds the classifier in jpeft's own format: HF cannot hold %s", out, reason)
     return out

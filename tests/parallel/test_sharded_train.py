@@ -88,7 +88,9 @@ SHARDINGS = textwrap.dedent("""
     params = init_params(model, jax.random.key(0))
     params = jax.device_put(params, param_shardings(params, abstract_params(model), mesh))
     methods = {"lora": jpeft.LoRA(targets=["q_proj", "embed_tokens"]), "ia3": jpeft.IA3(),
-               "norm": jpeft.NormTuning(), "bitfit": jpeft.BitFit()}
+               "norm": jpeft.NormTuning(), "bitfit": jpeft.BitFit(), "prompt": jpeft.PromptTuning(4),
+               "prefix": jpeft.PrefixTuning(4), "llama_adapter": jpeft.LlamaAdapter(4),
+               "bottleneck": jpeft.Bottleneck(size=8)}
     out = {}
     for name, method in methods.items():
         tree = init_method(method, jax.tree.map(jax.numpy.copy, params), model, mesh, 0)  # it consumes its input
@@ -104,7 +106,9 @@ SHARDINGS = textwrap.dedent("""
 
 
 def test_method_leaves_and_optimizer_state_follow_their_weights():
-    """One method per insertion point: dense (LoRA, IA3), embedding (LoRA), norm (norm tuning), bias (BitFit)."""
+    """One method per insertion point: dense (LoRA, IA3), embedding (LoRA), norm (norm tuning), bias (BitFit),
+    embedding rows (prompt tuning), keys/values (prefix tuning), attention output (LLaMA-Adapter), residual
+    (bottleneck); leaves of modules without a weight name their axes themselves."""
     result = subprocess.run([sys.executable, "-c", SHARDINGS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -119,6 +123,11 @@ def test_method_leaves_and_optimizer_state_follow_their_weights():
                  "model/norm/scale": "P('fsdp',)"},
         "bitfit": {"model/layers/mlp/gate_proj/bias": "P(None, 'tensor')",
                    "model/layers/self_attn/o_proj/bias": "P(None, 'fsdp')"},
+        "prompt": {"model/embed_tokens/soft_prompt": "P(None, None, 'fsdp')"},
+        "prefix": {"model/layers/self_attn/prefix_k": "P(None, None, 'tensor')"},
+        "llama_adapter": {"model/layers/self_attn/adaption_prompt": "P(None, None, 'fsdp')"},
+        "bottleneck": {"model/layers/mlp_adapter/adapter_down": "P(None, 'fsdp', None)",
+                       "model/layers/attention_adapter/adapter_up": "P(None, None, 'fsdp')"},
     }
     for name, leaves in expected.items():
         for path, spec in leaves.items():

@@ -21,6 +21,10 @@ class ToyPrefix(Method):
         batch = lambda p: jnp.broadcast_to(p, (k.shape[0], *p.shape)).astype(k.dtype)
         return jnp.concatenate([batch(leaves["toy_k"]), k], 1), jnp.concatenate([batch(leaves["toy_v"]), v], 1)
 
+    @staticmethod
+    def virtual_tokens(leaves):
+        return 0, leaves["toy_k"].shape[-3] if "toy_k" in leaves else 0
+
 
 class ToyShift(Method):
     """A learned vector added to the MLP block's output (where a bottleneck adapter acts)."""
@@ -58,14 +62,15 @@ def with_leaves(params, **leaves):
 
 
 def test_prepended_keys_values_act_as_a_cached_prefix(model):
-    """Keys/values of a first chunk, prepended at the site, give exactly the logits of the full sequence."""
+    """Keys/values of a first chunk, prepended at the site, give exactly the logits of the full sequence
+    (the model places the real tokens after the prefix's positions itself)."""
     m, params = model
     ids = IDS.at[1, :3].set(IDS[0, :3])  # one prefix for the whole batch, as prefix tuning has
     cache = init_cache(m.config, 2, 3)
     _, cache = m.apply({"params": params}, ids[:, :3], cache=cache)
     prefixed = with_leaves(params, **{"model/layers/self_attn/toy_k": cache["k"][:, 0],
                                       "model/layers/self_attn/toy_v": cache["v"][:, 0]})
-    rest = m.apply({"params": prefixed}, ids[:, 3:], positions=jnp.broadcast_to(jnp.arange(3, 7), (2, 4)))
+    rest = m.apply({"params": prefixed}, ids[:, 3:])
     full = m.apply({"params": params}, ids)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5, rtol=0)
     assert np.abs(np.asarray(rest - m.apply({"params": params}, ids[:, 3:]))).max() > 1e-3

@@ -21,6 +21,10 @@ RUNS = {
     "ia3": ["method.name=ia3"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
+    "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
+    "prompt-from-text": ["method.name=prompt", "method.num_virtual_tokens=4", "method.init_text=Summarize briefly"],
+    "prefix-projection": ["method.name=prefix", "method.num_virtual_tokens=4", "method.projection=16"],
+    "llama-adapter": ["method.name=llama_adapter", "method.adapter_len=4", "method.adapter_layers=1"],
 }
 
 

@@ -137,6 +137,18 @@ def test_logging_and_mesh_keys_may_change_on_resume(tiny_run, tmp_path, monkeypa
     assert checkpoint.manager(str(tmp_path)).all_steps() == [6]
 
 
+def test_a_key_added_later_at_its_default_does_not_orphan_a_checkpoint(tmp_path):
+    """A checkpoint from a jpeft without `method.new_key` resumes while the key keeps its default."""
+    mngr = checkpoint.manager(str(tmp_path))
+    state = {"step": np.zeros((), np.int32)}
+    checkpoint.save(mngr, 1, state, {"train.lr": "0.1"})
+    mngr.wait_until_finished()
+    defaults = {"method.new_key": "8", "train.lr": "0.0002"}
+    assert checkpoint.restore_latest(mngr, state, {"train.lr": "0.1", "method.new_key": "8"}, defaults) is not None
+    with pytest.raises(ConfigError, match=r"method.new_key: '8' -> '4'"):
+        checkpoint.restore_latest(mngr, state, {"train.lr": "0.1", "method.new_key": "4"}, defaults)
+
+
 def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tiny_run, tmp_path):
     blowup = ("train.lr=1e38", "train.warmup=0")  # step 1's update overflows the weights
     with pytest.raises(TrainingError, match=r"step 2: loss nan") as e:

@@ -1,0 +1,118 @@
+"""LLaMA-Adapter (Zhang et al. 2023; PEFT's "adaption prompt"): learned prompts in the top layers,
+read through a zero-initialised gate, so the model is unchanged at init.
+
+In each adapted layer a prompt P [adapter_len, D] goes through the layer's own k_proj and
+v_proj (no RoPE); the queries attend to those keys in a softmax of their own, the result is
+scaled by the layer's gate and passed through o_proj, and added to the attention output:
+
+    out = attention(x) + o_proj(gate · softmax(q·k_proj(P)ᵀ / √d) · v_proj(P))
+
+as PEFT computes it (o_proj's bias, where there is one, is applied to both terms). Leaves
+beside each attention module: `adaption_prompt` [layers, len, D], `adaption_gate` [layers, 1]
+(trained) and `adaption_layers` [layers] (1 where a layer is adapted: the stack is scanned,
+so the lower layers carry unused zeros-gated leaves that get no gradient and are not counted
+or saved). Parameters: adapter_layers·(adapter_len·D + 1).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree as T
+from jpeft.errors import AdapterError, JpeftError
+from jpeft.peft.base import Method, attention_modules, hf_module, layer_names
+
+
+class LlamaAdapter(Method):
+    name = "llama_adapter"
+    peft_type = "ADAPTION_PROMPT"
+    trainable = ("adaption_prompt", "adaption_gate")
+    metadata = ("adaption_layers",)
+    axes = {"adaption_prompt": ("lead", None, "embed"), "adaption_gate": ("lead", None), "adaption_layers": ("lead",)}
+
+    def __init__(self, adapter_len: int = 10, adapter_layers: int | None = None):
+        if adapter_len < 1 or (adapter_layers is not None and adapter_layers < 1):
+            raise JpeftError(f"LLaMA-Adapter needs adapter_len >= 1 and adapter_layers None or >= 1, "
+                             f"got {adapter_len} and {adapter_layers}")
+        self.adapter_len, self.adapter_layers = adapter_len, adapter_layers
+
+    def __repr__(self):
+        return f"LlamaAdapter(adapter_len={self.adapter_len}, adapter_layers={self.adapter_layers})"
+
+    def init(self, key, params):
+        """Prompts N(0, 1) and gates 0, as PEFT's; only the top `adapter_layers` layers adapted."""
+        grouped = T.modules(params)
+        attention = attention_modules(grouped)
+        for (path, (lead, dim, _)), k in zip(attention.items(), jax.random.split(key, len(attention))):
+            layers = lead[0] if lead else 1
+            top = layers if self.adapter_layers is None else self.adapter_layers
+            if top > layers:
+                raise JpeftError(f"adapter_layers={top} but {hf_module(path)} has {layers} layers")
+            grouped[path] = {**grouped.get(path, {}),
+                             "adaption_prompt": jax.random.normal(k, (*lead, self.adapter_len, dim)),
+                             "adaption_gate": jnp.zeros((*lead, 1)),
+                             "adaption_layers": (jnp.arange(layers) >= layers - top).astype(jnp.float32).reshape(lead)}
+        return T.from_modules(grouped)
+
+    @staticmethod
+    def attention_output(leaves, q, out):
+        from jpeft.peft import sites  # the prompt goes through the layer's own projections (sites imports us)
+        b, t, heads, dim = q.shape
+        prompt = leaves["adaption_prompt"].astype(q.dtype)
+        k = sites.dense(leaves["k_proj"], prompt)
+        v = sites.dense(leaves["v_proj"], prompt)
+        kv = k.shape[-1] // dim
+        k, v = (a.reshape(a.shape[0], kv, dim) for a in (k, v))
+        q = q.reshape(b, t, kv, heads // kv, dim)
+        scores = jnp.einsum("btkgd,skd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(dim)
+        probs = (leaves["adaption_gate"].astype(jnp.float32) * jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
+        gated = jnp.einsum("bkgts,skd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+        delta = sites.dense(leaves["o_proj"], gated.reshape(b, t, heads * dim))
+        return out + (leaves["adaption_layers"] * delta).astype(out.dtype)
+
+    @classmethod
+    def count(cls, leaves: dict, name: str) -> int:
+        adapted = np.asarray(leaves["adaption_layers"])
+        return int(np.size(leaves[name]) // max(adapted.size, 1) * adapted.sum())
+
+
+def to_peft(modules: dict) -> tuple[dict, dict]:
+    """PEFT's per-layer `adaption_prompt` [1, len, D] and `adaption_gate` [1] of the adapted layers."""
+    tensors, lengths, adapted_layers = {}, set(), set()
+    for path, leaves in modules.items():
+        on = np.asarray(leaves["adaption_layers"]).reshape(-1)
+        prompt = np.asarray(leaves["adaption_prompt"], np.float32).reshape(on.size, *leaves["adaption_prompt"].shape[-2:])
+        gate = np.asarray(leaves["adaption_gate"], np.float32).reshape(on.size, 1)
+        for i, name in enumerate(layer_names(path, on.size)):
+            if on[i]:
+                tensors[f"{name}.adaption_prompt"] = prompt[i][None]
+                tensors[f"{name}.adaption_gate"] = gate[i]
+        lengths.add(prompt.shape[1])
+        adapted_layers.add(int(on.sum()))
+    if len(lengths) != 1 or len(adapted_layers) != 1:
+        raise AdapterError("PEFT's adaption prompt has one adapter_len and adapter_layers for the whole model")
+    return tensors, {"adapter_len": lengths.pop(), "adapter_layers": adapted_layers.pop(), "target_modules": "self_attn"}
+
+
+def from_peft(config: dict, tensors, modules: dict) -> dict:
+    method = LlamaAdapter(config["adapter_len"], config["adapter_layers"])
+    grouped = T.modules(method.init(jax.random.key(0), T.from_modules(modules)))
+    for path, leaves in grouped.items():
+        if "adaption_layers" not in leaves:
+            continue
+        on = np.asarray(leaves["adaption_layers"]).reshape(-1)
+        prompt, gate = np.zeros(leaves["adaption_prompt"].shape, np.float32), np.zeros(leaves["adaption_gate"].shape, np.float32)
+        flat_prompt, flat_gate = prompt.reshape(on.size, *prompt.shape[-2:]), gate.reshape(on.size, 1)
+        for i, name in enumerate(layer_names(path, on.size)):
+            if on[i]:
+                flat_prompt[i] = _fitting(tensors, f"{name}.adaption_prompt", (1, *prompt.shape[-2:]))[0]
+                flat_gate[i] = _fitting(tensors, f"{name}.adaption_gate", (1,))
+        grouped[path] = {**leaves, "adaption_prompt": jnp.asarray(prompt), "adaption_gate": jnp.asarray(gate)}
+    return grouped
+
+
+def _fitting(tensors, key: str, shape: tuple) -> np.ndarray:
+    got = tensors.take(key)
+    tensors.fits(key, got.shape, shape)
+    return got

@@ -1,0 +1,131 @@
+"""Prompt tuning (Lester et al. 2021): n trained virtual-token embeddings before the input.
+
+The soft prompts live beside the embedding table (`model/embed_tokens/soft_prompt`
+[tasks, n, D]); the embedding insertion point prepends one per row, and the model gives the
+virtual tokens positions 0..n-1, lets every real token attend to them and drops them from its
+output, so they are never a loss target. Several prompts side by side (`tasks`) serve several
+tasks from one tree: `select_task(params, task_ids)` picks one per call or per row.
+Parameters: tasks·n·D.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import tree as T
+from jpeft.errors import AdapterError, JpeftError
+from jpeft.peft.base import Method
+
+TASK_IDS = "prompt_task_ids"
+
+
+class PromptTuning(Method):
+    """`init_text`: start from the embeddings of this text's tokens (PEFT's `prompt_tuning_init="TEXT"`),
+    repeated or cut to n; needs `tokenizer` (a tokenizer or its directory). Otherwise rows of
+    the embedding table drawn at random, so the prompts start at the scale of real tokens."""
+    name = "prompt"
+    peft_type = "PROMPT_TUNING"
+    trainable = ("soft_prompt",)
+    metadata = (TASK_IDS,)
+    axes = {"soft_prompt": (None, None, "embed")}
+    cached = True  # a prefill writes the virtual tokens into the KV cache
+
+    def __init__(self, num_virtual_tokens: int = 20, init_text: str | None = None, tasks: int = 1,
+                 tokenizer=None):
+        if num_virtual_tokens < 1 or tasks < 1:
+            raise JpeftError(f"prompt tuning needs num_virtual_tokens >= 1 and tasks >= 1, "
+                             f"got {num_virtual_tokens} and {tasks}")
+        if init_text is not None and tokenizer is None:
+            raise JpeftError("PromptTuning(init_text=...) needs tokenizer= (a tokenizer or its directory)")
+        self.num_virtual_tokens, self.init_text, self.tasks, self.tokenizer = num_virtual_tokens, init_text, tasks, tokenizer
+
+    def __repr__(self):
+        return f"PromptTuning(num_virtual_tokens={self.num_virtual_tokens}, init_text={self.init_text!r}, tasks={self.tasks})"
+
+    def init(self, key, params):
+        path = _table_path(params)
+        table = T.flatten(params)[path]
+        n = self.num_virtual_tokens
+        if self.init_text is None:
+            rows = jax.random.randint(key, (self.tasks, n), 0, table.shape[0])
+        else:
+            ids = _token_ids(self.tokenizer, self.init_text)
+            rows = jnp.asarray((ids * -(-n // len(ids)))[:n])[None].repeat(self.tasks, 0)
+        prompt = jnp.take(table, rows, axis=0).astype(jnp.float32)
+        return T.combine(params, T.unflatten({path.replace("embedding", "soft_prompt"): prompt}))
+
+    @staticmethod
+    def embed_prepend(leaves, batch: int):
+        prompts = leaves["soft_prompt"]
+        if TASK_IDS in leaves:
+            ids = jnp.broadcast_to(jnp.asarray(leaves[TASK_IDS], jnp.int32), (batch,))
+            return jnp.take(prompts, ids, axis=0)
+        if prompts.shape[0] > 1:
+            raise JpeftError(f"this tree holds {prompts.shape[0]} task prompts; pick one per call or per row "
+                             "with jpeft.select_task(params, task_ids)")
+        return jnp.broadcast_to(prompts[0], (batch, *prompts.shape[1:]))
+
+    @staticmethod
+    def virtual_tokens(leaves: dict) -> tuple[int, int]:
+        return (leaves["soft_prompt"].shape[-2], 0) if "soft_prompt" in leaves else (0, 0)
+
+
+def select_task(params, task_ids):
+    """The tree with soft prompt `task_ids` active: an int for the whole batch, or one id per row."""
+    flat = T.flatten(params)
+    prompts = [p for p in flat if T.leaf_name(p) == "soft_prompt"]
+    if not prompts:
+        raise JpeftError("select_task: the tree holds no soft prompts (call jpeft.PromptTuning(...).init first)")
+    tasks = flat[prompts[0]].shape[0]
+    ids = np.asarray(task_ids)
+    if ids.ndim > 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= tasks:
+        raise JpeftError(f"task_ids must be one int or one per row, each in [0, {tasks}); got {task_ids!r}")
+    return T.unflatten({**flat, prompts[0].replace("soft_prompt", TASK_IDS): jnp.asarray(ids, jnp.int32)})
+
+
+def _table_path(params) -> str:
+    tables = [p for p in T.flatten(params) if p.endswith("embed_tokens/embedding")]
+    if len(tables) != 1:
+        raise JpeftError("prompt tuning needs the tree of a model with one input embedding table "
+                         f"(.../embed_tokens/embedding); found {tables or 'none'}")
+    return tables[0]
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        raise JpeftError(f"init_text {text!r} tokenizes to no tokens")
+    return list(ids)
+
+
+def to_peft(modules: dict) -> tuple[dict, dict]:
+    """PEFT's `prompt_embeddings` [n, D]: one prompt (PEFT's prompt tuning has no tasks)."""
+    (leaves,) = modules.values()
+    prompts = np.asarray(leaves["soft_prompt"], np.float32)
+    chosen = np.asarray(leaves.get(TASK_IDS, 0))
+    if prompts.shape[0] > 1 and (TASK_IDS not in leaves or chosen.ndim):
+        raise AdapterError(f"PEFT's prompt-tuning directory holds one prompt and this tree has {prompts.shape[0]}; "
+                           "save one task's: jpeft.save_adapter(dir, jpeft.select_task(params, task))")
+    prompts = prompts[int(chosen)]
+    return {"prompt_embeddings": prompts}, {
+        "num_virtual_tokens": prompts.shape[0], "token_dim": prompts.shape[1], "num_transformer_submodules": 1,
+        "num_attention_heads": None, "num_layers": None, "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True}
+
+
+def from_peft(config: dict, tensors, modules: dict) -> dict:
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterError("prompt-tuning adapters for encoder-decoder models are not supported for this base")
+    params = T.from_modules(modules)
+    path = _table_path(params)
+    dim = T.flatten(params)[path].shape[-1]
+    got = tensors.take("prompt_embeddings")
+    tensors.fits("prompt_embeddings", got.shape, (config["num_virtual_tokens"], dim))
+    grouped = dict(modules)
+    module = path.rsplit("/", 1)[0]
+    grouped[module] = {**grouped[module], "soft_prompt": jnp.asarray(got, jnp.float32)[None]}
+    return grouped

@@ -1,0 +1,154 @@
+"""Prompt tuning, prefix tuning and LLaMA-Adapter against PyTorch PEFT, both ways: the logits of the
+input tokens (virtual-token positions dropped) and greedy generation, from the same adapter dir."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jpeft
+from jpeft import tree as T
+from jpeft.generate import generate
+from conftest import make_hf_model, save_hf_model
+
+IDS = np.random.RandomState(0).randint(0, 97, (2, 9))
+N = 5
+PEFT_CONFIGS = {
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    "adaption": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
+}
+METHODS = {"prompt": lambda: jpeft.PromptTuning(N), "prefix": lambda: jpeft.PrefixTuning(N),
+           "adaption": lambda: jpeft.LlamaAdapter(4, 2)}
+TRAINED = {"prompt": ("soft_prompt",), "prefix": ("prefix_k", "prefix_v"),
+           "adaption": ("adaption_prompt", "adaption_gate")}
+SIZE = dict(num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch_model = make_hf_model("llama", **SIZE)
+    return save_hf_model(torch_model, tmp_path_factory.mktemp("base") / "llama")
+
+
+def torch_base(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def peft_logits(peft_model, name):
+    with torch.no_grad():
+        logits = peft_model(input_ids=torch.tensor(IDS)).logits.numpy()
+    return logits[:, N:] if name == "prompt" else logits  # PEFT returns the prompt tuning's virtual positions too
+
+
+def jax_logits(model, params):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+
+
+def nonzero(params, name, key):
+    """Random non-zero values on the method's leaves (a zero gate would hide the adapter)."""
+    flat = T.flatten(params)
+    keys = iter(jax.random.split(key, len(flat)))
+    return T.unflatten({p: v + 0.5 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in TRAINED[name] else v
+                        for p, v in flat.items()})
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIGS)
+def test_peft_written_adapter_gives_peft_logits(tmp_path, base, name):
+    peft_model = peft.get_peft_model(torch_base(base), PEFT_CONFIGS[name]()).eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(base)
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), peft_logits(peft_model, name), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIGS)
+def test_jpeft_written_adapter_gives_the_same_logits_in_peft(tmp_path, base, name):
+    model, params = jpeft.from_pretrained(base)
+    adapted = nonzero(METHODS[name]().init(jax.random.key(1), params), name, jax.random.key(2))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, name), jax_logits(model, adapted), atol=2e-4, rtol=0)
+    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", PEFT_CONFIGS)
+def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
+    """The reference is greedy decoding through PeftModel's forward pass. PeftModel.generate with its KV
+    cache is not: with peft 0.21 and transformers 5 it re-injects the soft prompt at every step and never
+    puts the prefix in the cache (transformers now passes the cache as `cache`, PEFT looks for
+    `past_key_values`); without the cache it agrees for prompt tuning and adaption prompts."""
+    model, params = jpeft.from_pretrained(base)
+    adapted = nonzero(METHODS[name]().init(jax.random.key(3), params), name, jax.random.key(4))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
+    prompt = IDS[0].tolist()
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            sequence.append(int(peft_model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+        uncached = peft_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                       max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
+    got = generate(model, adapted, [prompt, prompt[3:]], max_new_tokens=12, eos_token_id=None)
+    assert got[0] == sequence[len(prompt):]
+    if name != "prefix":
+        assert got[0] == uncached[0, len(prompt):].tolist()
+    assert got[1] == generate(model, adapted, [prompt[3:]], max_new_tokens=12, eos_token_id=None)[0]  # left padding
+
+
+def test_zero_gates_leave_the_model_unchanged_and_still_learn(base):
+    model, params = jpeft.from_pretrained(base)
+    adapted = jpeft.LlamaAdapter(4, 2).init(jax.random.key(0), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), jax_logits(model, params), atol=1e-6, rtol=0)
+    trainable, frozen = T.partition(adapted, jpeft.trainable_mask(adapted))
+    grads = jax.grad(lambda tr: model.apply({"params": T.combine(tr, frozen)}, jnp.asarray(IDS)).std())(trainable)
+    gate = np.asarray(T.flatten(grads)["model/layers/self_attn/adaption_gate"])[:, 0]
+    assert gate[0] == 0 and np.all(gate[1:] != 0)  # only the top two layers are adapted
+
+
+def test_each_row_gets_the_prompt_of_its_task(tmp_path, base):
+    model, params = jpeft.from_pretrained(base)
+    tasks = jpeft.PromptTuning(N, tasks=3).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.JpeftError, match="select_task"):
+        jax_logits(model, tasks)
+    alone = {t: jax_logits(model, jpeft.select_task(tasks, t)) for t in (0, 2)}
+    per_row = jax_logits(model, jpeft.select_task(tasks, [2, 0]))
+    np.testing.assert_allclose(per_row[0], alone[2][0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(per_row[1], alone[0][1], atol=1e-6, rtol=0)
+    assert np.abs(alone[2] - alone[0]).max() > 1e-3
+    with pytest.raises(jpeft.AdapterError, match="select_task"):
+        jpeft.save_adapter(str(tmp_path / "all"), tasks)
+    jpeft.save_adapter(str(tmp_path / "two"), jpeft.select_task(tasks, 2))  # one task, in PEFT's layout
+    np.testing.assert_allclose(jax_logits(model, jpeft.load_adapter(str(tmp_path / "two"), params)), alone[2],
+                               atol=1e-6, rtol=0)
+
+
+def test_prompt_from_text_starts_at_the_texts_embeddings(base, tokenizer):
+    _, params = jpeft.from_pretrained(base)
+    ids = tokenizer("the cat sat")["input_ids"]  # <s> the cat sat: 4 tokens, repeated to fill N
+    prompt = jpeft.PromptTuning(N, init_text="the cat sat", tokenizer=tokenizer).init(jax.random.key(0), params)
+    table = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(np.asarray(prompt["model"]["embed_tokens"]["soft_prompt"])[0],
+                                  table[(ids * 2)[:N]])
+    with pytest.raises(jpeft.JpeftError, match="needs tokenizer"):
+        jpeft.PromptTuning(N, init_text="the cat")
+
+
+def test_projection_folds_into_plain_prefixes(tmp_path, base):
+    """Trained through PEFT's MLP, saved as the prefixes it gives: the same logits in jpeft and PEFT."""
+    model, params = jpeft.from_pretrained(base)
+    projected = jpeft.PrefixTuning(N, projection=8).init(jax.random.key(0), params)  # random, non-zero throughout
+    jpeft.save_adapter(str(tmp_path / "adapter"), projected)
+    folded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    assert "prefix_encoder" not in folded["model"]
+    np.testing.assert_allclose(jax_logits(model, folded), jax_logits(model, projected), atol=1e-5, rtol=0)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, "prefix"), jax_logits(model, projected), atol=2e-4, rtol=0)
