@@ -394,6 +394,10 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
         fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
     if cfg.method.targets is not None and not cfg.method.targets:
         fail("method.targets", "must name at least one module, e.g. [q_proj, v_proj]")
+    if cfg.method.name == "prompt" and cfg.method.tasks > 1:
+        fail("method.tasks", f"={cfg.method.tasks}: a run of jpeft train trains one prompt (its data has no task "
+                             "column to route rows by); train one run per task, or several prompts from Python "
+                             "with jpeft.select_task(params, task_ids) per batch")
     options = method_options(cfg.method.name)
     ignored = sorted(k for k in origins if k.startswith("method.") and k != "method.name"
                      and k.split(".")[1] not in options)

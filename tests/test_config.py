@@ -84,6 +84,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.steps=1.5", r"'train.steps'.* must be an integer, got float"),
     ("train.lr=fast", r"'train.lr'.* must be a number"),
     ("method.targets=[1, 2]", r"'method.targets'.* must be a list of strings"),
+    ("method.name=prompt & method.tasks=2", r"'method.tasks'.* =2: a run of jpeft train trains one prompt"),
     ("method.name=adalora", r"'method.name'.* must be one of full, lora, qlora, ia3, bitfit, norm, prompt, prefix, "
                             r"llama_adapter, bottleneck, classifier, got 'adalora'"),
     ("model.dtype=fp16", r"must be one of float32, bfloat16"),
@@ -102,7 +103,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
 ])
 def test_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" & "))
 
 
 def test_type_errors_in_yaml_name_the_file(tmp_path):

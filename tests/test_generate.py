@@ -141,3 +141,22 @@ def test_user_errors(tiny, args, kwargs, match):
     model, params = tiny
     with pytest.raises(jpeft.JpeftError, match=match):
         generate(model, params, *args, eos_token_id=None, **kwargs)
+
+
+@pytest.mark.parametrize("method", [
+    jpeft.Bottleneck("houlsby", 8), jpeft.LlamaAdapter(3, 1), jpeft.PromptTuning(4), jpeft.PrefixTuning(4),
+], ids=lambda m: m.name)
+def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
+    """Cached decoding with an adapter (bottleneck adapters in every step, prompts and prefixes from the
+    cache) equals re-running the whole sequence each step."""
+    model, params = tiny
+    flat = T.flatten(method.init(jax.random.key(0), params))
+    keys = iter(jax.random.split(jax.random.key(1), len(flat)))
+    adapted = T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in method.trainable
+                           else v for p, v in flat.items()})
+    sequence = list(PROMPTS[1])
+    for _ in range(8):
+        sequence.append(int(np.argmax(model.apply({"params": adapted}, np.asarray([sequence]))[0, -1])))
+    got = generate(model, adapted, [PROMPTS[1], PROMPTS[2]], max_new_tokens=8, eos_token_id=None)
+    assert got[0] == sequence[len(PROMPTS[1]):]
+    assert got[0] != generate(model, params, [PROMPTS[1]], max_new_tokens=8, eos_token_id=None)[0]
