@@ -18,6 +18,7 @@ import shutil
 import time
 
 import jax
+import numpy as np
 
 from jpeft import compare
 from jpeft import tree as T
@@ -58,8 +59,12 @@ METHOD_PRESETS = {  # train.lr and method.* options per method
     "prefix": dict(lr=1e-2, num_virtual_tokens=20),
     "llama_adapter": dict(lr=1e-2, adapter_len=10),  # the paper's 9e-3
     "bottleneck": dict(size=64),
+    "classifier": dict(lr=1e-2),  # a linear head on the frozen base's last-token features
 }
-NOT_SUMMARISING = ("classifier",)  # a classification head has no summaries to score
+# The classifier has no summaries to score: it learns whether a summary belongs to its dialogue
+# (each dialogue with its own summary and with another row's), on the base's frozen features.
+CLASSIFIER = "classifier"
+PAIR_PROMPT = "{dialogue}\nSummary: {summary}"
 
 
 def lead(dialogue: str, sentences: int = 2) -> str:
@@ -96,9 +101,9 @@ def run_config(**sections) -> RunConfig:
 
 
 def parse_methods(text: str) -> list[str]:
-    """`--methods` as method names (`all`: every method that summarises), checked before any training."""
+    """`--methods` as method names (`all`: every method), checked before any training."""
     from jpeft.peft.registry import BY_NAME
-    available = [name for name in BY_NAME if name not in NOT_SUMMARISING]
+    available = list(BY_NAME)
     names = [n.strip() for n in text.split(",") if n.strip()]
     names = available if names == ["all"] else list(dict.fromkeys(names))
     unknown = [name for name in names if name not in available]
@@ -114,6 +119,15 @@ def method_config(name: str, p: dict, base_dir: str, task: dict, seed: int, out_
     lr = options.pop("lr")
     return run_config(model={"path": base_dir, "dtype": "bfloat16"}, method={"name": name, **options}, data=task,
                       train={**p["finetune"], "lr": lr, "seed": seed, "log_every": 10}, out_dir=out_dir)
+
+
+def summary_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """Each dialogue with its own summary (label "match") and with another row's ("mismatch")."""
+    order = np.random.RandomState(seed).permutation(len(rows))
+    other = {int(i): rows[int(j)]["summary"] for i, j in zip(order, np.roll(order, 1))}
+    return [pair for i, r in enumerate(rows) for pair in
+            ({"dialogue": r["dialogue"], "summary": r["summary"], "label": "match"},
+             {"dialogue": r["dialogue"], "summary": other[i], "label": "mismatch"})]
 
 
 def trained_params(run_dir: str, method: str, base_params):
@@ -155,13 +169,18 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     train_file, test_file = os.path.join(work, "train.jsonl"), os.path.join(work, "test.jsonl")
     base_dir = os.path.join(out, "base")
     task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary", "eval_limit": 0}
-    configs = {name: method_config(name, p, base_dir, task, seed, os.path.join(out, name)) for name in methods}
+    pair_task = {"train": os.path.join(work, "pairs_train.jsonl"), "eval": os.path.join(work, "pairs_test.jsonl"),
+                 "prompt": PAIR_PROMPT, "label": "label", "eval_limit": 0}
+    configs = {name: method_config(name, p, base_dir, pair_task if name == CLASSIFIER else task, seed,
+                                   os.path.join(out, name)) for name in methods}
     dialogues = [r["dialogue"] for r in train_rows]
     log.info("demo: %d training rows, %d held-out rows from %s", len(train_rows), len(test_rows), data)
 
     tokenizer = train_bpe_tokenizer(dialogues, p["vocab"], speaker_tags(dialogues))
     write_jsonl(train_file, train_rows)
     write_jsonl(test_file, test_rows)
+    write_jsonl(pair_task["train"], summary_pairs(train_rows, seed))
+    write_jsonl(pair_task["eval"], summary_pairs(test_rows, seed))
     init_dir = init_base(os.path.join(work, "init"), tokenizer, p, seed)
 
     stages = len(methods) + 1
@@ -176,17 +195,20 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     os.replace(os.path.join(base_run, "model"), base_dir)
 
     for stage, (name, cfg) in enumerate(configs.items(), 2):
-        log.info("demo: %d/%d %s fine-tuning to summarize", stage, stages, name)
+        log.info("demo: %d/%d %s fine-tuning to %s", stage, stages, name,
+                 "tell matching summaries from others" if name == CLASSIFIER else "summarize")
         reset_peak_rss()
         train(cfg)
 
     model, base_params = from_pretrained(base_dir)
     tokenizer = load_tokenizer(base_dir)
-    examples = prepare(configs[methods[0]], test_file, tokenizer)  # every method shares data and seq_len
+    summarisers = [name for name in methods if name != CLASSIFIER]
+    task_cfg = method_config("full", p, base_dir, task, seed, out)  # every summariser shares data and seq_len
+    examples = prepare(task_cfg, test_file, tokenizer)
     eval_step = make_eval_step(model)
     summary, outputs = {}, {}
     references = [[r["summary"]] for r in test_rows]
-    for name in ("base", *methods):
+    for name in ("base", *summarisers):
         params = base_params if name == "base" else trained_params(os.path.join(out, name), name, base_params)
         outputs[name] = predict(model, params, tokenizer, test_rows, PROMPT, p["max_new_tokens"])
         scores = text_metrics(outputs[name], references)
@@ -203,9 +225,11 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     summary["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_losses(out, {"base (LM)": base_run, **{name: os.path.join(out, name) for name in methods}})
+    plot_losses(out, {"base (LM)": base_run, **{name: os.path.join(out, name) for name in summarisers}})
     scored = [as_row("lead", summary["lead"]), as_row("base", summary["base"]),
-              *({**runs[name], **as_row(name, summary[name])} for name in methods)]  # the demo's scores win
+              *({**runs[name], **as_row(name, summary[name])} for name in summarisers),  # the demo's scores win
+              # the classifier's own held-out accuracy and F1; its loss is per row, not the summaries' NLL
+              *({k: v for k, v in runs[name].items() if k != "eval_loss"} for name in methods if name == CLASSIFIER)]
     table = compare.comparison(scored, baseline="base")
     compare.write_comparison(table, out)
     print(compare.format_markdown(table))

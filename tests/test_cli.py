@@ -150,9 +150,12 @@ def test_demo_tiny(tmp_path, capsys):
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora,ia3"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora,ia3,classifier"]) == 0
     table = json.loads((tmp_path / "comparison.json").read_text())
-    assert [r["name"] for r in table["rows"]] == ["lead", "base", "lora", "ia3"] and table["baseline"] == "base"
+    assert [r["name"] for r in table["rows"]] == ["lead", "base", "lora", "ia3", "classifier"]
+    assert table["baseline"] == "base" and "eval_macro_f1" in table["columns"]
+    classifier = table["rows"][-1]  # scored on held-out summary pairs, by accuracy, not by the summaries' NLL
+    assert 0 <= classifier["eval_accuracy"] <= 1 and "eval_loss" not in classifier
     printed = capsys.readouterr().out
     assert all(f"| {name} " in printed for name in ("lead", "base", "lora", "ia3"))
     assert printed.startswith((tmp_path / "comparison.md").read_text().rstrip("\n"))
@@ -177,10 +180,10 @@ def test_demo_unknown_method_lists_the_available_ones(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before any work
 
 
-def test_demo_all_is_every_method_but_the_classifier():
+def test_demo_all_is_every_method():
     from jpeft.demo import parse_methods
     from jpeft.peft.registry import BY_NAME
-    assert parse_methods("all") == [name for name in BY_NAME if name != "classifier"]
+    assert parse_methods("all") == list(BY_NAME)
     assert parse_methods(" lora, ia3,lora") == ["lora", "ia3"]
 
 
@@ -191,8 +194,7 @@ def test_demo_presets_are_options_of_their_methods():
     from jpeft.peft.registry import BY_NAME
     for presets in (METHOD_PRESETS, *(p.get("methods", {}) for p in PRESETS.values())):
         for name, options in presets.items():
-            if name in BY_NAME:  # methods still being written are checked once they are registered
-                assert set(options) - {"lr"} <= set(method_options(name)), name
+            assert name in BY_NAME and set(options) - {"lr"} <= set(method_options(name)), name
 
 
 def test_demo_missing_data_is_an_error(tmp_path, capsys):
