@@ -9,8 +9,9 @@ the same style (see `bottleneck.py`); methods that train base leaves (BitFit, no
 `peft_type` "JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
 A classification head is saved with the adapter trained beside it: as PEFT's SEQ_CLS
 `modules_to_save` (`score.weight`) where HF has the head, else in a JPEFT dir (`method`
-"classifier") that nests the adapter's PEFT config. Loading is stricter than PEFT: a missing or unexpected key, a shape that does not fit the
-base, or a config field jpeft cannot honour is an error, never a warning.
+"classifier") that nests the adapter's PEFT config. Loading is stricter than PEFT: a missing or
+unexpected key, a shape that does not fit the base, or a config field jpeft cannot honour is an
+error, never a warning.
 """
 from __future__ import annotations
 

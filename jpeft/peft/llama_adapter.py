@@ -77,22 +77,27 @@ class LlamaAdapter(Method):
         return int(np.size(leaves[name]) // max(adapted.size, 1) * adapted.sum())
 
 
+def _adapted(path: str, leaves: dict):
+    """A module's adapted layers as (index, HF name), and copies of its prompts [layers, len, D] and gates
+    [layers, 1] (one layer per row, stacked or not)."""
+    on = np.asarray(leaves["adaption_layers"]).reshape(-1)
+    prompt = np.array(leaves["adaption_prompt"], np.float32).reshape(on.size, *np.shape(leaves["adaption_prompt"])[-2:])
+    gate = np.array(leaves["adaption_gate"], np.float32).reshape(on.size, 1)
+    return [(i, name) for i, name in enumerate(layer_names(path, on.size)) if on[i]], prompt, gate
+
+
 def to_peft(modules: dict) -> tuple[dict, dict]:
     """PEFT's per-layer `adaption_prompt` [1, len, D] and `adaption_gate` [1] of the adapted layers."""
-    tensors, lengths, adapted_layers = {}, set(), set()
+    tensors, lengths, counts = {}, set(), set()
     for path, leaves in modules.items():
-        on = np.asarray(leaves["adaption_layers"]).reshape(-1)
-        prompt = np.asarray(leaves["adaption_prompt"], np.float32).reshape(on.size, *leaves["adaption_prompt"].shape[-2:])
-        gate = np.asarray(leaves["adaption_gate"], np.float32).reshape(on.size, 1)
-        for i, name in enumerate(layer_names(path, on.size)):
-            if on[i]:
-                tensors[f"{name}.adaption_prompt"] = prompt[i][None]
-                tensors[f"{name}.adaption_gate"] = gate[i]
+        layers, prompt, gate = _adapted(path, leaves)
+        for i, name in layers:
+            tensors[f"{name}.adaption_prompt"], tensors[f"{name}.adaption_gate"] = prompt[i][None], gate[i]
         lengths.add(prompt.shape[1])
-        adapted_layers.add(int(on.sum()))
-    if len(lengths) != 1 or len(adapted_layers) != 1:
+        counts.add(len(layers))
+    if len(lengths) != 1 or len(counts) != 1:
         raise AdapterError("PEFT's adaption prompt has one adapter_len and adapter_layers for the whole model")
-    return tensors, {"adapter_len": lengths.pop(), "adapter_layers": adapted_layers.pop(), "target_modules": "self_attn"}
+    return tensors, {"adapter_len": lengths.pop(), "adapter_layers": counts.pop(), "target_modules": "self_attn"}
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:
@@ -101,14 +106,12 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     for path, leaves in grouped.items():
         if "adaption_layers" not in leaves:
             continue
-        on = np.asarray(leaves["adaption_layers"]).reshape(-1)
-        prompt, gate = np.zeros(leaves["adaption_prompt"].shape, np.float32), np.zeros(leaves["adaption_gate"].shape, np.float32)
-        flat_prompt, flat_gate = prompt.reshape(on.size, *prompt.shape[-2:]), gate.reshape(on.size, 1)
-        for i, name in enumerate(layer_names(path, on.size)):
-            if on[i]:
-                flat_prompt[i] = _fitting(tensors, f"{name}.adaption_prompt", (1, *prompt.shape[-2:]))[0]
-                flat_gate[i] = _fitting(tensors, f"{name}.adaption_gate", (1,))
-        grouped[path] = {**leaves, "adaption_prompt": jnp.asarray(prompt), "adaption_gate": jnp.asarray(gate)}
+        layers, prompt, gate = _adapted(path, leaves)
+        for i, name in layers:
+            prompt[i] = _fitting(tensors, f"{name}.adaption_prompt", (1, *prompt.shape[1:]))[0]
+            gate[i] = _fitting(tensors, f"{name}.adaption_gate", (1,))
+        grouped[path] = {**leaves, "adaption_prompt": jnp.asarray(prompt.reshape(leaves["adaption_prompt"].shape)),
+                         "adaption_gate": jnp.asarray(gate.reshape(leaves["adaption_gate"].shape))}
     return grouped
 
 

@@ -152,3 +152,11 @@ def test_projection_folds_into_plain_prefixes(tmp_path, base):
     np.testing.assert_allclose(jax_logits(model, folded), jax_logits(model, projected), atol=1e-5, rtol=0)
     peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(peft_logits(peft_model, "prefix"), jax_logits(model, projected), atol=2e-4, rtol=0)
+
+
+def test_an_adapter_for_another_base_is_refused(tmp_path, base):
+    model, params = jpeft.from_pretrained(base)
+    jpeft.save_adapter(str(tmp_path / "prefix"), jpeft.PrefixTuning(N).init(jax.random.key(0), params))
+    _, two_layers = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "other"))
+    with pytest.raises(jpeft.AdapterError, match=r"'prompt_embeddings' has shape \(5, 96\).*expected \(5, 64\)"):
+        jpeft.load_adapter(str(tmp_path / "prefix"), two_layers)
