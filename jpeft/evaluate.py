@@ -97,14 +97,13 @@ def evaluate_classifier(model, params, examples, batch_size: int = 16) -> dict:
     (`jpeft.data.tokenize_classification`); the last batch is filled up with repeated rows."""
     import jax
 
-    from jpeft.peft.classifier import classify
+    from jpeft.peft.classifier import class_nll, classify
     logits_of = jax.jit(classify, static_argnums=0)
     n = len(examples)
     logits = np.concatenate([np.asarray(logits_of(model, params, examples.input_ids[index],
                                                   examples.attention_mask[index]))
                              for index in (np.arange(s, s + batch_size) % n for s in range(0, n, batch_size))])[:n]
-    top = logits.max(axis=-1, keepdims=True)
-    nll = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0] - logits[np.arange(n), examples.labels]
+    nll = class_nll(logits, examples.labels)
     return {"loss": float(np.mean(nll)), **classification_metrics(logits.argmax(axis=-1), examples.labels)}
 
 

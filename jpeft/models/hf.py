@@ -63,7 +63,8 @@ def _with_score(flat: dict, hidden_size: int, num_labels: int) -> dict:
     return out
 
 
-def _to_hf(path: str, array: np.ndarray) -> np.ndarray:
+def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
+    """A leaf between jpeft's layout and HF's, either way: kernels [in, out] <-> weights [out, in]."""
     return array.T if path.endswith("/kernel") else array
 
 
@@ -176,7 +177,7 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         names = hf_names(path, cfg.num_layers)
         parts = list(array) if T.is_stacked(path) else [array]
         for name, part in zip(names, parts):
-            tensors[name] = np.ascontiguousarray(_to_hf(path, part))
+            tensors[name] = np.ascontiguousarray(hf_layout(path, part))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf["torch_dtype"] = hf["dtype"] = str(np.asarray(next(iter(tensors.values()))).dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -15,9 +15,11 @@ class-level parts are what the rest of jpeft reads from any tree, method unknown
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +59,12 @@ class Method:
     def mask(self, params):
         """Bool tree: True exactly on the leaves this method trains."""
         return T.named(params, self.trainable)
+
+
+def linear_uniform(key, shape, fan_in: int):
+    """torch.nn.Linear's default init (and PEFT's LoRA A): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def matmul(x, w):

@@ -148,6 +148,11 @@ def classify(model, params, input_ids, attention_mask, dropout_rng=None):
     return sites.dense(score, x).astype(jnp.float32)
 
 
+def class_nll(logits, labels):
+    """Each row's cross-entropy [B] of its class `labels` [B] under `logits` [B, num_labels]."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+
+
 def split_head(params) -> tuple[dict, dict]:
     """(the tree without its head, the head's modules)."""
     return ({k: v for k, v in params.items() if k not in Classifier.heads},
@@ -187,26 +192,21 @@ def hf_tree(params):
 
 def head_tensors(head: dict) -> dict:
     """The head's trained leaves under their HF names, in HF's [out, in] layout (`score.weight`, ...)."""
-    from jpeft.models.hf import hf_names  # models import the peft package, which imports this module
-    return {hf_names(path, 1)[0]: np.ascontiguousarray(_transposed(path, np.asarray(value)), np.float32)
+    from jpeft.models.hf import hf_layout, hf_names  # models import the peft package, which imports this module
+    return {hf_names(path, 1)[0]: np.ascontiguousarray(hf_layout(path, np.asarray(value)), np.float32)
             for path, value in T.flatten(jax.device_get(head)).items() if is_head_leaf(path)}
-
-
-def _transposed(path: str, array):
-    """A kernel between jpeft's [in, out] and HF's [out, in] (either way); other leaves as they are."""
-    return array.T if T.leaf_name(path) == "kernel" else array
 
 
 def read_head(tensors, params, pooling: str = "last", hidden: int | None = None):
     """`params` with the head an adapter file holds (`tensors`: hf_format.Tensors) in place of the LM head."""
-    from jpeft.models.hf import hf_names
+    from jpeft.models.hf import hf_layout, hf_names
     if "score.weight" not in tensors.left:
         raise AdapterError(f"{tensors.source}: no classification head (score.weight) in a classifier adapter")
     num_labels = tensors.left["score.weight"].shape[0]
     head = T.flatten(Classifier(num_labels, pooling, hidden).init_head(jax.random.key(0), hidden_size(params)))
     for path in [p for p in head if is_head_leaf(p)]:
         name = hf_names(path, 1)[0]
-        got = _transposed(path, tensors.take(name))
+        got = hf_layout(path, tensors.take(name))
         tensors.fits(name, got.shape, head[path].shape)
         head[path] = jnp.asarray(got, jnp.float32)
     return {**{k: v for k, v in params.items() if k != "lm_head"}, **T.unflatten(head)}

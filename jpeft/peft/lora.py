@@ -26,7 +26,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import Method, hf_module, layer_names, leading, targeted_layers, weight_name
+from jpeft.peft.base import Method, hf_module, layer_names, leading, linear_uniform, targeted_layers, weight_name
 from jpeft.peft.quant import is_quantized
 
 INITS = ("peft", "gaussian", "pissa", "olora")
@@ -133,8 +133,7 @@ class LoRA(Method):
             out["kernel"] = (kernel - scale[..., None, None] * (a @ b)).astype(leaves["kernel"].dtype)
             out["lora_init_a"], out["lora_init_b"] = a, b
         elif self.init_scheme == "peft":
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(key, (*lead, d_in, rank), jnp.float32, -bound, bound)
+            a = linear_uniform(key, (*lead, d_in, rank), d_in)
             b = jnp.zeros((*lead, rank, d_out), jnp.float32)
         else:
             a = jax.random.normal(key, (*lead, d_in, rank), jnp.float32) / rank

@@ -15,15 +15,13 @@ Parameters: layers·2·n·KV·D, or with the projection n·KV·D + (KV·D+1)·E 
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import Method, attention_modules
+from jpeft.peft.base import Method, attention_modules, linear_uniform
 
 ENCODER = "prefix_encoder"
 SHARED = ("prefix_embedding", "prefix_in_kernel", "prefix_in_bias")  # at model/prefix_encoder
@@ -61,12 +59,12 @@ class PrefixTuning(Method):
         e = self.projection
         root = next(iter(attention)).split("/", 1)[0]
         grouped[f"{root}/{ENCODER}"] = {"prefix_embedding": jax.random.normal(next(keys), (n, width)),
-                                        "prefix_in_kernel": _uniform(next(keys), (width, e), width),
-                                        "prefix_in_bias": _uniform(next(keys), (e,), width)}
+                                        "prefix_in_kernel": linear_uniform(next(keys), (width, e), width),
+                                        "prefix_in_bias": linear_uniform(next(keys), (e,), width)}
         for path, (lead, width) in attention.items():
             k1, k2 = jax.random.split(next(keys))
-            grouped[path] = {**grouped.get(path, {}), "prefix_out_kernel": _uniform(k1, (*lead, e, 2 * width), e),
-                             "prefix_out_bias": _uniform(k2, (*lead, 2 * width), e)}
+            grouped[path] = {**grouped.get(path, {}), "prefix_out_kernel": linear_uniform(k1, (*lead, e, 2 * width), e),
+                             "prefix_out_bias": linear_uniform(k2, (*lead, 2 * width), e)}
         return T.from_modules(grouped)
 
     @staticmethod
@@ -99,12 +97,6 @@ class PrefixTuning(Method):
                 width = kv.shape[-1] // 2
                 grouped[path] = {**leaves, "prefix_k": kv[..., :width], "prefix_v": kv[..., width:]}
         return T.from_modules(grouped)
-
-
-def _uniform(key, shape, fan_in: int):
-    """torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
-    bound = 1 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def _layers(modules: dict) -> tuple[str, int, int]:

@@ -16,7 +16,7 @@ import optax
 
 from jpeft import tree as T
 from jpeft.models.llama import head_leaves
-from jpeft.peft.classifier import classify
+from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
 
@@ -32,7 +32,7 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
 def class_loss(model, params, batch, dropout_rng=None):
     """(summed cross-entropy of each row's class `labels` [B], weighted by `loss_mask` [B]; the weight)."""
     logits = classify(model, params, batch["input_ids"], batch["attention_mask"], dropout_rng)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, batch["labels"][:, None], axis=-1)[:, 0]
+    nll = class_nll(logits, batch["labels"])
     weights = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
