@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=required, help="HF model directory")
         if adapter:
             p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
-        p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weight dtype on load")
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                       help="weight and compute dtype on load (auto: bfloat16 where matmuls in it are native)")
 
     p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
                 "against one or more reference columns; or, with --label, score a classifier's accuracy and "

@@ -33,7 +33,7 @@ from jpeft.errors import ConfigError
 @dataclass
 class ModelSection:
     path: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 | bfloat16 | auto: bfloat16 where matmuls in it are native (jpeft.hardware)
     remat: str = "none"  # rematerialise layer activations: none | full | dots
 
 
@@ -79,6 +79,7 @@ class DataSection:
     target: str | None = None
     text: str | None = None
     label: str | None = None  # classification: the label column; data.prompt (or data.text) is the input
+    packing: bool = True  # prompt/target rows: several examples per row, attention kept within each
     eval_limit: int = 64
     max_new_tokens: int = 64
 
@@ -136,7 +137,7 @@ _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SE
                            for f in dataclasses.fields(cls)}}
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("auto", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "method.init": ("peft", "gaussian", "pissa", "olora"),
     "method.quant": ("nf4", "int8"),

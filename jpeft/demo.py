@@ -117,7 +117,7 @@ def method_config(name: str, p: dict, base_dir: str, task: dict, seed: int, out_
     """One method's fine-tune: the preset's shared step budget, the method's own lr and options."""
     options = {"lr": DEFAULT_LR, **METHOD_PRESETS.get(name, {}), **p.get("methods", {}).get(name, {})}
     lr = options.pop("lr")
-    return run_config(model={"path": base_dir, "dtype": "bfloat16"}, method={"name": name, **options}, data=task,
+    return run_config(model={"path": base_dir, "dtype": "auto"}, method={"name": name, **options}, data=task,
                       train={**p["finetune"], "lr": lr, "seed": seed, "log_every": 10}, out_dir=out_dir)
 
 
@@ -186,7 +186,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     stages = len(methods) + 1
     log.info("demo: 1/%d training the base language model on dialogues", stages)
     base_run = os.path.join(work, "base_run")
-    train(run_config(model={"path": init_dir, "dtype": "bfloat16"}, method={"name": "full"},
+    train(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"},
                      data={"train": train_file, "text": "dialogue"}, train={**p["base"], "seed": seed,
                                                                            "log_every": 10},
                      out_dir=base_run))

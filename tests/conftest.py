@@ -78,7 +78,7 @@ def run_config(run, out, *extra):
     """A short supervised run on `tiny_run`, with extra key=value overrides."""
     from jpeft.config import load_config
     return load_config(None, [
-        f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
+        "model.dtype=float32", f"model.path={run['model']}", f"data.train={run['train']}", f"data.eval={run['eval']}",
         "data.prompt=Summarize:\n{dialogue}\nSummary: ", "data.target=summary", "train.steps=6",
         "train.batch_size=4", "train.seq_len=96", "train.log_every=1", "train.warmup=1", "train.lr=5e-3",
         "data.eval_limit=0", f"out_dir={out}", *extra])

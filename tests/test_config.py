@@ -87,7 +87,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("method.name=prompt & method.tasks=2", r"'method.tasks'.* =2: a run of jpeft train trains one prompt"),
     ("method.name=adalora", r"'method.name'.* must be one of full, lora, qlora, ia3, bitfit, norm, prompt, prefix, "
                             r"llama_adapter, bottleneck, classifier, got 'adalora'"),
-    ("model.dtype=fp16", r"must be one of float32, bfloat16"),
+    ("model.dtype=fp16", r"must be one of auto, float32, bfloat16"),
     ("train.steps=0", r"'train.steps'.* must be positive"),
     ("train.batch_size=-1", r"'train.batch_size'.* must be positive"),
     ("train.seq_len=0", r"'train.seq_len'.* must be positive"),

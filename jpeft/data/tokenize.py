@@ -11,6 +11,7 @@ Templates use `str.format_map` over the row (`{dialogue}`; literal braces as `{{
 is no escape processing of their own: write a newline as a real newline (YAML `"\\n"` in
 double quotes or a block scalar).
 """
+import bisect
 import dataclasses
 import logging
 import string
@@ -25,15 +26,38 @@ logger = logging.getLogger("jpeft.data")
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-    """Tokenized examples, arrays [N, seq_len]; for classification `labels` and `loss_mask` are [N]."""
+    """Tokenized rows, arrays [N, seq_len]; for classification `labels` and `loss_mask` are [N].
+
+    Packed rows hold several examples: `attention_mask` numbers them 1, 2, ... (0 on padding;
+    the model keeps attention within one), and `positions` restart at 0 for each. `loss_index`
+    [N, K] lists each row's loss positions first (then others, weight 0), K covering the row
+    with the most, so the LM head runs only where there is loss (jpeft.train.step.token_loss).
+    """
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, labels[:, t] = token t + 1 (classification: the class id of each row)
     loss_mask: np.ndarray  # float32, 1 where labels[:, t] (classification: labels[i]) counts in the loss
-    attention_mask: np.ndarray  # int32, 1 on real (non-padding) input tokens
+    attention_mask: np.ndarray  # int32, 1 (packed: the example's number) on real input tokens, 0 on padding
+    positions: np.ndarray | None = None  # int32, packed rows: each token's position in its example
+    loss_index: np.ndarray | None = None  # int32 [N, K], K < seq_len: where the loss positions are
     n_truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-row arrays a batch carries (those present)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), np.ndarray)}
+
+    def with_loss_index(self, multiple: int = 16) -> "Examples":
+        """These rows with `loss_index` set, where it saves LM-head work (K, a multiple of `multiple`
+        so similar data shares compiled steps, falls short of seq_len)."""
+        counts = (self.loss_mask > 0).sum(axis=1)
+        k = -(-int(counts.max(initial=1)) // multiple) * multiple
+        if self.loss_mask.ndim != 2 or k >= self.loss_mask.shape[1]:
+            return self
+        order = np.argsort(self.loss_mask <= 0, axis=1, kind="stable")[:, :k].astype(np.int32)
+        return dataclasses.replace(self, loss_index=order)
 
 
 def template_columns(template: str) -> list[str]:
@@ -63,8 +87,12 @@ def render(template: str, row: dict) -> str:
 
 
 def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: str,
-                        seq_len: int) -> Examples:
-    """Loss on target + EOS only; over-long rows lose prompt tokens from the left (see `_fit`)."""
+                        seq_len: int, pack: bool = False) -> Examples:
+    """Loss on target + EOS only; over-long rows lose prompt tokens from the left (see `_fit`).
+
+    pack=True puts several examples in each row (see `Examples`): the same predictions and
+    losses as one padded row per example, with far less padding.
+    """
     rows = list(rows)
     prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
     targets = _encode(tokenizer, [render(target, r) for r in rows], special=False)
@@ -77,6 +105,8 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
                     "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
+    if pack:
+        return _pack_examples(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
     return _pack_rows(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
 
 
@@ -127,7 +157,8 @@ def tokenize_classification(rows: Iterable[dict], tokenizer, text: str, seq_len:
     for i, x in enumerate(cut):
         input_ids[i, :len(x)] = x
     attention = (np.arange(width)[None, :] < np.array([len(x) for x in cut])[:, None]).astype(np.int32)
-    return Examples(input_ids, np.asarray(labels, np.int32), np.ones(len(cut), np.float32), attention, n_truncated)
+    return Examples(input_ids, np.asarray(labels, np.int32), np.ones(len(cut), np.float32), attention,
+                    n_truncated=n_truncated)
 
 
 def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
@@ -167,8 +198,7 @@ def batches(examples: Examples, batch_size: int, seed: int, start_step: int = 0,
                         "lower train.batch_size")
     per_epoch = n // batch_size
     epoch, offset = divmod(start_step, per_epoch)
-    arrays = {f.name: getattr(examples, f.name) for f in dataclasses.fields(Examples)
-              if f.name != "n_truncated"}
+    arrays = examples.arrays()
     while True:
         order = np.random.default_rng((seed, epoch)).permutation(n)
         for i in range(offset, per_epoch):
@@ -222,7 +252,47 @@ def _pack_rows(seqs: list[list[int]], starts: list[int], seq_len: int, pad: int,
         lengths[i] = len(seq)
     attention = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
     return Examples(full[:, :-1].copy(), full[:, 1:].copy(), counted[:, 1:].copy(), attention,
-                    n_truncated)
+                    n_truncated=n_truncated)
+
+
+def _pack_examples(seqs: list[list[int]], starts: list[int], seq_len: int, pad: int,
+                   n_truncated: int) -> Examples:
+    """Sequences of <= seq_len + 1 tokens, each shifted on its own (no label crosses examples),
+    placed best-fit decreasing into rows of seq_len predictions; loss on labels from index start - 1."""
+    bins = _best_fit([len(s) - 1 for s in seqs], seq_len)
+    shape = (len(bins), seq_len)
+    ids, labels = np.full(shape, pad, np.int32), np.full(shape, pad, np.int32)
+    mask, segments, positions = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for row, members in enumerate(bins):
+        at = 0
+        for segment, i in enumerate(members, 1):
+            seq, n = seqs[i], len(seqs[i]) - 1
+            ids[row, at:at + n], labels[row, at:at + n] = seq[:-1], seq[1:]
+            mask[row, at + max(starts[i] - 1, 0):at + n] = 1.0
+            segments[row, at:at + n], positions[row, at:at + n] = segment, np.arange(n)
+            at += n
+    real = int((segments > 0).sum())
+    logger.info("packed %d examples into %d rows of %d tokens (%.0f%% of slots used)", len(seqs), len(bins),
+                seq_len, 100 * real / max(segments.size, 1))
+    return Examples(ids, labels, mask, segments, positions, n_truncated=n_truncated)
+
+
+def _best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity`: longest first, each into the fullest bin it fits
+    (best-fit decreasing, deterministic); bins in the order they were opened."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at == len(free):
+            bins.append([])
+            room, b = capacity, len(bins) - 1
+        else:
+            room, b = free.pop(at)
+        bins[b].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], b))
+    return bins
 
 
 def _eos_id(tokenizer) -> int:

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from jpeft import tree as T
 from jpeft.errors import CheckpointError
+from jpeft.hardware import resolve_dtype
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
 from jpeft.peft.base import layer_names
@@ -91,7 +92,8 @@ def _weight_index(model_dir: str) -> dict[str, str]:
 
 
 def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
-    """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights.
+    """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights (`auto`:
+    bfloat16 where the hardware has native bf16 matmuls, else float32; jpeft.hardware).
 
     With a `mesh`, each weight is born sharded: every device's slice is read straight from the
     safetensors file into that device (only this process's devices), so no whole copy of a
@@ -99,8 +101,9 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     """
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: model directory not found")
+    dtype = resolve_dtype(dtype)
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     cfg = read_config(os.path.join(model_dir, "config.json"))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")

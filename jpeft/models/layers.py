@@ -105,12 +105,18 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def attention_mask(q_slots, k_slots, k_valid, window: int | None):
-    """Bool [B, Tq, Tk]: causal over cache slots, valid keys only, optional sliding window."""
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None):
+    """Bool [B, Tq, Tk]: causal over cache slots, optional sliding window, and within a segment.
+
+    Segment ids [B, T] generalise a 0/1 attention mask: 0 is padding (never attended to), a
+    query sees only keys of its own segment (packed examples never see each other), and a
+    negative id (virtual tokens) is seen by every segment.
+    """
     allowed = k_slots[None, None, :] <= q_slots[None, :, None]
     if window is not None:
         allowed &= q_slots[None, :, None] - k_slots[None, None, :] < window
-    return allowed & k_valid[:, None, :].astype(bool)
+    same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
+    return allowed & same & (k_segments[:, None, :] != 0)
 
 
 def attend(q, k, v, mask):

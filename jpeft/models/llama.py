@@ -98,6 +98,9 @@ class CausalLM(nn.Module):
     (for a chunked loss that never materialises all logits). With a cache it returns
     `(output, new_cache)`. Virtual tokens a method adds (soft prompts, prefixes) come before
     the input at positions 0..n-1, shift the given `positions` by n, and are not in the output.
+    `attention_mask` [B, T] is 0 on padding and may hold segment ids (1, 2, ... for examples
+    packed into one row, with `positions` restarting per example): a token attends only to its
+    own segment (and to virtual tokens).
     """
     config: ModelConfig
 
@@ -112,14 +115,16 @@ class CausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)),
                                      positions + rows + keys], axis=1)
-        valid = jnp.concatenate([jnp.ones((b, rows + keys), bool), attention_mask.astype(bool)], axis=1)
+        segments = jnp.concatenate([jnp.full((b, rows + keys), -1, jnp.int32), attention_mask.astype(jnp.int32)], 1)
+        q_segments = segments[:, keys:]
         if cache is None:
             index, cache_kv, k_slots = 0, None, jnp.arange(keys + rows + t)
         else:
             index, cache_kv = cache["index"], (cache["k"], cache["v"])
-            valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-            k_slots = jnp.arange(valid.shape[1])
-        mask = L.attention_mask(index + keys + jnp.arange(rows + t), k_slots, valid, cfg.sliding_window)
+            segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
+            k_slots = jnp.arange(segments.shape[1])
+        mask = L.attention_mask(index + keys + jnp.arange(rows + t), k_slots, q_segments, segments,
+                                cfg.sliding_window)
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
         hidden, cache_kv = decoder(cfg, name="model")(input_ids, (positions, mask, index), cache_kv)
         hidden = hidden[:, rows:]
@@ -131,7 +136,7 @@ class CausalLM(nn.Module):
             out = L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden).astype(jnp.float32)
         if cache is None:
             return out
-        return out, {"k": cache_kv[0], "v": cache_kv[1], "valid": valid, "index": index + keys + rows + t}
+        return out, {"k": cache_kv[0], "v": cache_kv[1], "segments": segments, "index": index + keys + rows + t}
 
 
 def init_params(model: CausalLM, key) -> dict:
@@ -141,10 +146,11 @@ def init_params(model: CausalLM, key) -> dict:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim], valid-slot mask, write index."""
+    """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim], each slot's segment id (0:
+    empty), write index."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+            "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def head_leaves(cfg: ModelConfig, params) -> dict:

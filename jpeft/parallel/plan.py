@@ -45,6 +45,7 @@ from jpeft import tree as T
 from jpeft.config import RunConfig
 from jpeft.errors import ConfigError
 from jpeft.models.config import read_config
+from jpeft.hardware import resolve_dtype
 from jpeft.models.hf import DTYPES, abstract_params, build
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
@@ -123,10 +124,11 @@ def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan
     if tc.batch_size % ways:
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {ways} data-parallel "
                           f"devices (mesh.data x mesh.fsdp)")
+    dtype_name = resolve_dtype(cfg.model.dtype)  # auto: as on this machine (configs for others name theirs)
     model_cfg = read_config(os.path.join(cfg.model.path, "config.json")).replace(
-        dtype=cfg.model.dtype, remat=cfg.model.remat)
+        dtype=dtype_name, remat=cfg.model.remat)
     abstract = abstract_params(build(model_cfg))
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = DTYPES[dtype_name]
     base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(abstract))
     method = build_method(cfg)
     params = jax.eval_shape(method.init, jax.random.key(0), base)
@@ -149,7 +151,7 @@ def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan
     result = Plan(frozen=nbytes(frozen), trainable=trained, gradients=2 * trained,
                   optimizer=int(sum(jax.tree.leaves(moments))), activations=activations(tc.batch_size),
                   mesh=sizes, batch_size=tc.batch_size, seq_len=tc.seq_len, grad_accum=tc.grad_accum,
-                  remat=cfg.model.remat, dtype=cfg.model.dtype, method=cfg.method.name)
+                  remat=cfg.model.remat, dtype=dtype_name, method=cfg.method.name)
     if device_memory is not None:
         fixed = result.total - result.activations
         result.device_memory = device_memory
@@ -167,7 +169,7 @@ class _Activations:
                                                              model_cfg.hidden_size, model_cfg.head_dim)
         self.heads, self.kv, self.mlp, self.vocab = (split(model_cfg.num_heads), split(model_cfg.num_kv_heads),
                                                      split(model_cfg.intermediate_size), split(model_cfg.vocab_size))
-        self.itemsize = jnp.dtype(DTYPES[cfg.model.dtype]).itemsize
+        self.itemsize = jnp.dtype(model_cfg.dtype).itemsize
         self.remat, self.accum, self.fsdp = cfg.model.remat, cfg.train.grad_accum, sizes["fsdp"]
         self.ways = sizes["data"] * sizes["fsdp"]
         gathered = {**sizes, "fsdp": 1}  # a weight as the layer computing with it holds it

@@ -21,12 +21,20 @@ from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
 
 def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
-    """(summed next-token NLL over loss_mask, number of loss tokens)."""
+    """(summed next-token NLL over loss_mask, number of loss tokens).
+
+    A packed batch brings `positions`; one with `loss_index` [B, K] gets the LM head (and its
+    backward) only at those K positions of each row, which hold all of its loss.
+    """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("positions"),
                          return_hidden=True, rngs=rngs)
-    return chunked_cross_entropy(hidden, head_leaves(model.config, params), batch["labels"], batch["loss_mask"],
-                                 chunk)
+    labels, weights = batch["labels"], batch["loss_mask"]
+    if "loss_index" in batch:
+        index = batch["loss_index"]
+        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+        labels, weights = (jnp.take_along_axis(a, index, axis=1) for a in (labels, weights))
+    return chunked_cross_entropy(hidden, head_leaves(model.config, params), labels, weights, chunk)
 
 
 def class_loss(model, params, batch, dropout_rng=None):
@@ -90,7 +98,7 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         trainable, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["trainable"], state["opt_state"])
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
         return new_state, {"loss": loss / denom, "grad_norm": grad_norm, "finite": finite,
-                           "loss_tokens": count, "tokens": jnp.sum(batch["attention_mask"])}
+                           "loss_tokens": count, "tokens": jnp.sum(batch["attention_mask"] > 0)}
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)

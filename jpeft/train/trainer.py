@@ -95,7 +95,8 @@ def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = Non
         check_columns(rows, path, [d.text])
         return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
     check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
-    return tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len)
+    examples = tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len, d.packing)
+    return examples.with_loss_index()
 
 
 def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
@@ -104,7 +105,7 @@ def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
     n = len(examples.input_ids)
     for start in range(0, n, batch_size):
         index = np.arange(start, start + batch_size) % n
-        batch = {k: getattr(examples, k)[index] for k in ("input_ids", "labels", "loss_mask", "attention_mask")}
+        batch = {k: v[index] for k, v in examples.arrays().items()}
         batch["loss_mask"] = batch["loss_mask"] * (np.arange(start, start + batch_size) < n)[:, None]
         s, c = eval_step(params, batch)
         total, count = total + float(s), count + float(c)
@@ -134,6 +135,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
+    log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
     labels = class_labels(cfg)
     train_examples = prepare(cfg, cfg.data.train, tokenizer, labels)

@@ -132,3 +132,51 @@ def test_batches_resume_equals_skipping():
 def test_batches_need_enough_examples():
     with pytest.raises(DataError, match="batch_size"):
         next(batches(examples(2), 3, seed=0))
+
+
+PACK_ROWS = [{"dialogue": d, "summary": s} for d, s in [
+    ("a cat sat on the mat", "cat sat"), ("hello world", "we go out today"), ("it is sunny", "sunny"),
+    ("the dog ran to the park and then home", "dog ran home"), ("we go out", "out")]]
+
+
+def test_packing_keeps_every_example_whole_and_apart(tokenizer):
+    plain = tokenize_supervised(PACK_ROWS, tokenizer, PROMPT, TARGET, seq_len=24)
+    packed = tokenize_supervised(PACK_ROWS, tokenizer, PROMPT, TARGET, seq_len=24, pack=True)
+    assert len(packed) < len(plain) and packed.input_ids.shape[1] == 24
+    segments = [(r, s) for r in range(len(packed)) for s in range(1, packed.attention_mask[r].max() + 1)]
+    assert len(segments) == len(PACK_ROWS)
+    found = []
+    for r, s in segments:
+        at = packed.attention_mask[r] == s
+        np.testing.assert_array_equal(packed.positions[r][at], np.arange(at.sum()))  # restart per example
+        found.append((tokenizer.decode(packed.input_ids[r][at]), tokenizer.decode(packed.labels[r][at]),
+                      tokenizer.decode(packed.labels[r][at & (packed.loss_mask[r] == 1)])))
+    want = []
+    for i in range(len(plain)):
+        at = np.flatnonzero(plain.attention_mask[i])[:-1]  # the final EOS is an input only unpacked: it predicts padding
+        want.append((tokenizer.decode(plain.input_ids[i][at]), tokenizer.decode(plain.labels[i][at]),
+                     masked_text(tokenizer, plain, i)))
+    assert sorted(found) == sorted(want)  # the same inputs, labels and loss tokens, example by example
+    assert (packed.loss_mask[packed.attention_mask == 0] == 0).all()
+    assert packed.loss_mask.sum() == plain.loss_mask.sum()
+
+
+def test_best_fit_fills_rows_without_overflow():
+    from jpeft.data.tokenize import _best_fit
+    lengths = list(np.random.default_rng(0).integers(1, 50, 200))
+    bins = _best_fit(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= -(-sum(lengths) // 64) * 1.1  # within 10% of the bound: best fit packs tightly
+    assert bins == _best_fit(lengths, 64)
+
+
+def test_loss_index_lists_every_loss_position_once(tokenizer):
+    ex = tokenize_supervised(PACK_ROWS, tokenizer, PROMPT, TARGET, seq_len=40).with_loss_index(multiple=4)
+    k = ex.loss_index.shape[1]
+    assert k % 4 == 0 and k < 40 and ex.loss_index.dtype == np.int32
+    for i in range(len(ex)):
+        index = ex.loss_index[i]
+        assert len(set(index)) == k
+        np.testing.assert_array_equal(np.sort(index[:int(ex.loss_mask[i].sum())]), np.flatnonzero(ex.loss_mask[i]))
+    assert tokenize_text(PACK_ROWS, tokenizer, "{dialogue}", 4).with_loss_index().loss_index is None  # all loss

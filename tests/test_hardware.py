@@ -1,0 +1,31 @@
+"""`model.dtype: auto`: bfloat16 only where matmuls in it are native."""
+import pytest
+
+from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype
+
+
+@pytest.mark.parametrize("backend, flags, want", [
+    ("gpu", frozenset(), "bfloat16"),
+    ("tpu", frozenset(), "bfloat16"),
+    ("cpu", frozenset({"avx2", "avx512f", "avx512bw"}), "float32"),  # AVX-512 without BF16: emulated
+    ("cpu", frozenset({"avx2", "fma"}), "float32"),
+    ("cpu", frozenset({"avx512f", "avx512_bf16"}), "bfloat16"),
+    ("cpu", frozenset({"amx_bf16", "amx_tile"}), "bfloat16"),
+    ("cpu", frozenset({"asimd", "bf16"}), "bfloat16"),  # Arm FEAT_BF16
+    ("cpu", frozenset(), "float32"),  # no /proc/cpuinfo (macOS): the safe choice
+])
+def test_auto_picks_bf16_only_where_native(backend, flags, want):
+    assert auto_dtype(backend, flags) == want
+
+
+def test_resolve_keeps_explicit_choices_and_reads_this_machine():
+    assert resolve_dtype("float32") == "float32" and resolve_dtype(None) is None
+    assert resolve_dtype("auto") == ("bfloat16" if {"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags() else "float32")
+
+
+def test_auto_is_the_default_and_from_pretrained_takes_it(tiny_llama):
+    from jpeft.config import RunConfig
+    from jpeft.models.hf import from_pretrained
+    assert RunConfig().model.dtype == "auto"
+    model, params = from_pretrained(tiny_llama[1], dtype="auto")
+    assert model.config.dtype == resolve_dtype("auto")
