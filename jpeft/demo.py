@@ -27,6 +27,7 @@ from jpeft.data import DIALOGSUM_SAMPLE, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import ConfigError, DataError
 from jpeft.evaluate import predict, text_metrics
+from jpeft.hardware import reported_flags, resolve_dtype
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import build, from_pretrained, save_pretrained
 from jpeft.models.llama import init_params
@@ -41,7 +42,7 @@ METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
 PRESETS = {
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
                     base=dict(steps=220, batch_size=16, seq_len=256, lr=1e-3, warmup=20),
-                    finetune=dict(steps=180, batch_size=8, seq_len=256, warmup=10)),
+                    finetune=dict(steps=100, batch_size=8, seq_len=512, warmup=10)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
                  finetune=dict(steps=3, batch_size=4, seq_len=96, warmup=1),
@@ -222,7 +223,10 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     runs = {name: compare.read_run(os.path.join(out, name)) for name in methods}
     summary["trainable_params"] = {name: run["trainable_params"] for name, run in runs.items()}
     summary["total_params"] = T.count(base_params)
+    # summaries that depend on the dialogue differ from row to row; a collapsed model repeats one
+    summary["distinct_outputs"] = {name: len(set(texts)) for name, texts in outputs.items()}
     summary["seconds"] = round(time.time() - started, 1)
+    summary["machine"] = {"cpu_flags": reported_flags(), "cpu_count": os.cpu_count(), "dtype": resolve_dtype("auto")}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_losses(out, {"base (LM)": base_run, **{name: os.path.join(out, name) for name in summarisers}})
@@ -233,7 +237,11 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     table = compare.comparison(scored, baseline="base")
     compare.write_comparison(table, out)
     print(compare.format_markdown(table))
-    print(f"total params {summary['total_params']:,d} · {summary['seconds']:.0f} s")
+    print("distinct outputs of %d held-out rows: %s" % (len(test_rows), ", ".join(
+        f"{name} {n}" for name, n in summary["distinct_outputs"].items())))
+    machine = summary["machine"]
+    print(f"total params {summary['total_params']:,d} · {summary['seconds']:.0f} s on {machine['cpu_count']} cores "
+          f"(flags: {' '.join(machine['cpu_flags']) or 'none reported'}; compute dtype {machine['dtype']})")
     return summary
 
 

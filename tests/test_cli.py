@@ -146,7 +146,9 @@ def test_demo_tiny(tmp_path, capsys):
     for path in ("base/config.json", "base/tokenizer.json", "full/model/model.safetensors",
                  "lora/adapter/adapter_config.json", "loss_curves.png"):
         assert (tmp_path / path).exists(), path
-    assert "ROUGE-L" in capsys.readouterr().out
+    assert 1 <= summary["distinct_outputs"]["lora"] <= 4 and summary["machine"]["dtype"] in ("float32", "bfloat16")
+    out = capsys.readouterr().out
+    assert "ROUGE-L" in out and "distinct outputs of 4 held-out rows" in out and "flags:" in out
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):
