@@ -1,9 +1,11 @@
 """`jpeft bench` end to end on a tiny model: --against hf-peft (both sides run, count alike,
-compare), qlora, and --load (both ways of loading onto 8 fake devices load the same values)."""
+compare, beside each framework's matmul peak), qlora, and --load (both ways of loading onto 8 fake
+devices load the same values); the rounds and dtypes' bookkeeping on stand-in workers."""
 import argparse
 
 import pytest
 
+from jpeft import bench
 from jpeft.bench import add_arguments, format_table, main, run_bench
 from jpeft.bench_load import format_load_table, run_load_bench
 from jpeft.errors import JpeftError
@@ -11,20 +13,111 @@ from jpeft.errors import JpeftError
 TINY = dict(vocab=256, hidden=64, layers=2, heads=4, kv_heads=4, mlp=128, batch=2, seq=32, steps=1, warmup=1)
 
 
-def test_against_hf_peft_reports_both_sides_and_their_ratio():
+def _alternates(order: list, rounds: int, dtypes, modes) -> bool:
+    """order is, round after round, each dtype's modes with jpeft then hf-peft."""
+    one = [f"{side} {m} {d}" for d in dtypes for m in modes for side in ("jpeft", "hf-peft")]
+    return order == one * rounds
+
+
+def test_against_hf_peft_reports_both_sides_their_ratio_and_roofline():
     pytest.importorskip("torch")
     pytest.importorskip("peft")
-    result = run_bench(**TINY, against="hf-peft", timeout=300)
+    result = run_bench(**TINY, against="hf-peft", rounds=1, compile_depths=(2,), timeout=300)
     for mode in ("lora", "full"):
         r = result[mode]
+        assert r["dtype"] == "float32"
         assert r["jpeft_tok_s"] > 0 and r["hf_peft_tok_s"] > 0
+        assert r["jpeft_tok_s_min"] <= r["jpeft_tok_s"] <= r["jpeft_tok_s_max"]
         assert r["ratio"] == pytest.approx(r["jpeft_tok_s"] / r["hf_peft_tok_s"])
         assert r["trainable_params"] == r["hf_peft_trainable_params"]
         assert r["total_params"] == r["hf_peft_total_params"]
-        assert r["compile_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["compile_s"] > 0 and r["peak_rss_mb"] > 0 and r["hf_peft_first_step_s"] > 0
+        assert r["hf_peft_frozen_dtypes"] == (["float32"] if mode == "lora" else [])
+        assert r["hf_peft_autocast"] is None
+        for side in ("jpeft", "hf_peft"):
+            assert r[f"{side}_roofline_fraction"] > 0 and r[f"{side}_roofline_fraction_of_best"] > 0
     assert result["lora"]["trainable_params"] < result["full"]["trainable_params"] == result["full"]["total_params"]
-    assert result["settings"]["malloc_env"]["MALLOC_ARENA_MAX"] == "1"
-    assert "hf-peft tok/s" in format_table(result)
+    assert set(result["roofline"]) == {"xla", "torch"}
+    for peaks in result["roofline"].values():
+        assert set(peaks) == {"float32", "bfloat16"} and all(g > 0 for g in peaks.values())
+    assert list(result["compile_s_by_layers"]) == ["2"] and result["compile_s_by_layers"]["2"] > 0
+    s = result["settings"]
+    assert s["malloc_env"]["MALLOC_ARENA_MAX"] == "1"
+    assert _alternates(s["run_order"], 1, ["float32"], ["lora", "full"])
+    assert s["cpu_flags"] is None or isinstance(s["cpu_flags"], list)
+    table = format_table(result)
+    assert "hf-peft" in table and "roofline" in table and "matmul flags" in table
+
+
+def _stand_ins(monkeypatch) -> list:
+    """Replace both sides' workers with ones that answer at once, each run's tok/s one more than the
+    last; returns the list of (side, mode, dtype) they were called with."""
+    calls = []
+
+    def jpeft_worker(a, mode, timeout):
+        calls.append(("jpeft", mode, a["dtype"]))
+        if mode == "roofline":
+            return {"roofline": {"float32": 100.0, "bfloat16": 400.0}, "jax": "j", "devices": ["cpu:0"]}
+        if mode == "compile":
+            return {"compile_s": 0.1 * a["layers"]}
+        return {"tok_s": float(len(calls)), "model_tflop_per_step": 0.5, "peak_tflops": None, "step_s": [1.0],
+                "compile_s": 2.0, "loss": 1.0, "peak_rss_mb": float(len(calls)), "frozen_mb": 1.0,
+                "trainable_params": 1, "total_params": 2}
+
+    def hf_worker(args, timeout):
+        mode, dtype = args["modes"][0], args.get("dtype", "float32")
+        calls.append(("hf-peft", mode, dtype))
+        out = {"torch": "t", "threads": 2}
+        if mode == "roofline":
+            return {**out, "roofline": {"float32": 200.0, "bfloat16": 50.0}}
+        return {**out, mode: {"tok_s": float(len(calls)), "step_s": [1.0], "first_step_s": 0.5, "peak_rss_mb": 1.0,
+                              "trainable_params": 1, "total_params": 2, "trainable_dtypes": ["float32"],
+                              "frozen_dtypes": ["bfloat16"], "autocast": "bfloat16"}}
+
+    monkeypatch.setattr(bench, "_run_worker", jpeft_worker)
+    monkeypatch.setattr(bench, "run_hf_peft", hf_worker)
+    return calls
+
+
+def test_rounds_alternate_the_sides_and_report_median_min_and_max(monkeypatch):
+    calls = _stand_ins(monkeypatch)
+    result = run_bench(**TINY, modes=("lora", "full"), dtype="both", rounds=3, against="hf-peft")
+    train = [c for c in calls if c[1] in ("lora", "full")]
+    assert [" ".join(c) for c in train] == result["settings"]["run_order"]
+    assert _alternates(result["settings"]["run_order"], 3, ["float32", "bfloat16"], ["lora", "full"])
+    assert [k for k in result if k not in bench.SUMMARY_KEYS] == ["lora", "full", "lora_bf16", "full_bf16"]
+    # after 4 calls for the peaks and compiles, lora float32 ran as calls 5, 13, 21 (jpeft) and 6, 14, 22
+    r = result["lora"]
+    assert (r["jpeft_tok_s_min"], r["jpeft_tok_s"], r["jpeft_tok_s_max"]) == (5.0, 13.0, 21.0)
+    assert (r["hf_peft_tok_s_min"], r["hf_peft_tok_s"], r["hf_peft_tok_s_max"]) == (6.0, 14.0, 22.0)
+    assert r["ratio"] == pytest.approx(13 / 14) and r["peak_rss_mb"] == 21.0 and len(r["step_s"]) == 3
+    tokens = TINY["batch"] * TINY["seq"]
+    assert r["jpeft_roofline_fraction"] == pytest.approx(500 * 13 / tokens / 100)  # GFLOP/s over xla's float32
+    assert r["hf_peft_roofline_fraction_of_best"] == pytest.approx(500 * 14 / tokens / 200)  # torch's is faster
+    bf16 = result["lora_bf16"]
+    assert bf16["dtype"] == "bfloat16" and bf16["jpeft_roofline_fraction_of_best"] == bf16["jpeft_roofline_fraction"]
+    assert result["compile_s_by_layers"] == {"4": pytest.approx(0.4), "32": pytest.approx(3.2)}
+    assert "lora_bf16" in format_table(result) and "torch.autocast" in format_table(result)
+
+
+def test_without_against_only_jpeft_runs_and_only_xla_is_measured(monkeypatch):
+    calls = _stand_ins(monkeypatch)
+    result = run_bench(**TINY, modes=("lora",), rounds=2, compile_depths=())
+    assert {c[0] for c in calls} == {"jpeft"} and set(result["roofline"]) == {"xla"}
+    assert result["compile_s_by_layers"] == {} and "hf_peft_tok_s" not in result["lora"]
+    assert "not measured" in format_table(result)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--compile-depths", "4,x"], "--compile-depths takes layer counts"),
+    (["--compile-depths", "0"], "--compile-depths are layer counts"),
+])
+def test_bad_options_are_jpeft_errors_naming_the_option(options, message):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(JpeftError, match=message):
+        main(parser.parse_args(options))
 
 
 def test_load_with_against_is_a_jpeft_error():
@@ -40,8 +133,8 @@ def test_unknown_mode_is_a_jpeft_error():
 
 
 def test_qlora_mode_stores_the_frozen_base_in_a_fraction_of_bf16():
-    result = run_bench(**TINY, modes=("lora", "qlora"), dtype="bfloat16", timeout=300)
-    lora, qlora = result["lora"], result["qlora"]
+    result = run_bench(**TINY, modes=("lora", "qlora"), dtype="bfloat16", rounds=1, compile_depths=(), timeout=300)
+    lora, qlora = result["lora_bf16"], result["qlora_bf16"]
     assert qlora["trainable_params"] == lora["trainable_params"] and qlora["total_params"] == lora["total_params"]
     assert qlora["frozen_mb"] < 0.5 * lora["frozen_mb"]  # layers in NF4; the embedding stays bf16
     assert "frozen MB" in format_table(result)
