@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpeft.errors import JpeftError
-from jpeft.models.llama import init_cache
+from jpeft.models.llama import head_leaves, init_cache
 from jpeft.peft import sites
 
 PROMPT_BUCKET = 32  # padded prompt lengths are multiples of this, so batches share compiled code
@@ -32,7 +32,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted to the top_k most likely (0: all) and to the smallest set whose probability
-    reaches top_p. The same seed gives the same output for the same batch.
+    reaches top_p. The same seed gives the same output for the same batch. top_k is static: each
+    value compiles its own decoding loop (`lax.top_k` needs a fixed k), as does switching a nucleus
+    without top_k on or off; temperature, the value of top_p and seed are traced.
     """
     cfg = model.config
     check_prompts(prompts, cfg)
@@ -54,8 +56,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
-    tokens = _decode(model, max_new_tokens, temperature == 0, params, jnp.asarray(ids), jnp.asarray(mask),
-                     jnp.asarray(eos_slots), jnp.float32(temperature or 1.0), jnp.int32(top_k),
+    tokens = _decode(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size), params,
+                     jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots), jnp.float32(temperature or 1.0),
                      jnp.float32(top_p), jax.random.key(seed))
     return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
 
@@ -106,36 +108,53 @@ def _cut_at_eos(tokens: list[int], eos: list[int]) -> list[int]:
     return tokens
 
 
-def _pick(logits, key, greedy, temperature, top_k, top_p):
-    """Next token per row from logits [B, V]: argmax, or a top-k/top-p filtered sample."""
-    if greedy:
+def _candidates(temperature: float, top_k: int, top_p: float, vocab_size: int) -> int | None:
+    """How many of the most likely tokens a step ranks: None for greedy, 0 for none (plain sampling).
+
+    A nucleus without top_k ranks the whole vocabulary (a full sort): any smaller bound would
+    silently cut a flat distribution's nucleus, which can span most of the vocabulary.
+    """
+    if temperature == 0:
+        return None
+    if top_k:
+        return min(top_k, vocab_size)
+    return vocab_size if top_p < 1 else 0
+
+
+def _pick(logits, key, candidates, temperature, top_p):
+    """Next token per row from logits [B, V]: argmax (candidates None), or a sample from the
+    `candidates` most likely tokens (0: all, unranked) cut to the top_p nucleus."""
+    if candidates is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    order = jnp.argsort(-logits, axis=-1)  # stable: ties keep the lower id first, as argmax
-    ranked = jnp.take_along_axis(logits, order, axis=-1) / temperature
-    rank = jnp.arange(ranked.shape[-1])
-    ranked = jnp.where((top_k == 0) | (rank < top_k), ranked, -jnp.inf)
+    if not candidates:
+        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    ranked, ids = jax.lax.top_k(logits, candidates)  # ties keep the lower id first, as argmax
+    ranked = ranked / temperature
     probs = jax.nn.softmax(ranked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token always survives
     ranked = jnp.where((top_p >= 1) | (mass_before < top_p), ranked, -jnp.inf)
     choice = jax.random.categorical(key, ranked, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode(model, max_new_tokens, greedy, params, ids, mask, eos, temperature, top_k, top_p, key):
+def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key):
     """Prefill + decode loop -> tokens [B, max_new_tokens]; what follows a row's first EOS is filler.
 
-    Compiled once per (model, batch, padded prompt length, max_new_tokens, greedy); the
-    sampling knobs are traced, so changing them does not recompile.
+    Compiled once per (model, batch, padded prompt length, max_new_tokens, candidates); the
+    other sampling knobs are traced, so changing them does not recompile.
     """
     batch, width = ids.shape
-    pick = functools.partial(_pick, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    pick = functools.partial(_pick, candidates=candidates, temperature=temperature, top_p=top_p)
     is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
     virtual = sum(sites.virtual_tokens(params))
     cache = init_cache(model.config, batch, virtual + width + max_new_tokens, jnp.dtype(model.config.dtype))
     positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
-    logits, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache)
-    first = pick(logits[:, -1], jax.random.fold_in(key, 0))
+    hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
+                                return_hidden=True)
+    # The head on the last position only: the prompt's other logits are never used.
+    last = sites.dense(head_leaves(model.config, params), hidden[:, -1]).astype(jnp.float32)
+    first = pick(last, jax.random.fold_in(key, 0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
     decoding = sites.decoding(params)  # soft prompts and prefixes are in the cache now

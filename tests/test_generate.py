@@ -99,13 +99,33 @@ def test_sampling_is_seeded_and_filtered(tiny):
     assert set(first) <= nucleus
 
 
-def test_same_shapes_do_not_recompile(tiny):
+def test_every_sampled_token_is_among_the_top_k(tiny):
+    """At every step, not only the first: each token is one of the k most likely after its prefix."""
     model, params = tiny
-    generate(model, params, PROMPTS, 4, eos_token_id=None, temperature=1.0)
+    prompt, k = PROMPTS[0], 3
+    rows = generate(model, params, [prompt] * 16, 6, None, temperature=3.0, top_k=k, top_p=0.95, seed=1)
+    logits = np.asarray(model.apply({"params": params}, np.array([prompt + row for row in rows])))
+    for row, row_logits in zip(rows, logits):
+        for i, token in enumerate(row):
+            assert token in np.argsort(-row_logits[len(prompt) - 1 + i])[:k]
+    assert len({tuple(row) for row in rows}) > 1  # it does sample
+    greedy = generate(model, params, PROMPTS, NEW, eos_token_id=None)
+    assert all(generate(model, params, PROMPTS, NEW, None, temperature=5.0, top_k=1, seed=s) == greedy
+               for s in range(3))
+    vocab = model.config.vocab_size  # a top_k beyond the vocabulary ranks the whole vocabulary
+    assert (generate(model, params, PROMPTS, NEW, None, temperature=1.0, top_k=vocab + 50)
+            == generate(model, params, PROMPTS, NEW, None, temperature=1.0, top_k=vocab))
+
+
+def test_same_shapes_and_top_k_do_not_recompile(tiny):
+    model, params = tiny
+    generate(model, params, PROMPTS, 4, eos_token_id=None, temperature=1.0, top_k=5)
     compiled = _decode._cache_size()
     other = [[3, 4], [50] * 20, [7] * 11]  # same batch size and prompt bucket
     generate(model, params, other, 4, eos_token_id=[5, 6], temperature=0.5, top_k=5, top_p=0.9, seed=7)
     assert _decode._cache_size() == compiled
+    generate(model, params, other, 4, eos_token_id=None, temperature=0.5, top_k=6)  # top_k is static
+    assert _decode._cache_size() == compiled + 1
 
 
 def test_generate_text_batches_and_decodes(tiny):

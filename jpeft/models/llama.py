@@ -25,7 +25,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv, cache_index):
+    def __call__(self, x, positions, mask, cache_kv, cache_index, layer):
         cfg = self.cfg
         b, t, _ = x.shape
         q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
@@ -36,10 +36,10 @@ class Attention(nn.Module):
         k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        if cache_kv is not None:
-            k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), (0, cache_index, 0, 0))
-            cache_kv = (k, v)
+        if cache_kv is not None:  # the new keys/values into this layer's rows of the whole stack, in place
+            cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
+                             for c, new in zip(cache_kv, (k, v)))
+            k, v = (c[layer] for c in cache_kv)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
@@ -62,18 +62,25 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, context, cache_kv):
+    def __call__(self, carry, context):
+        x, cache_kv, layer = carry
         positions, mask, cache_index = context
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         normed = L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x)
-        h, cache_kv = Attention(self.cfg, name="self_attn")(normed, positions, mask, cache_kv, cache_index)
+        h, cache_kv = Attention(self.cfg, name="self_attn")(normed, positions, mask, cache_kv, cache_index, layer)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         normed = L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
         h = MLP(self.cfg, name="mlp")(normed)
-        return x + sites.residual(L.module_leaves(self), h, "mlp", normed), cache_kv
+        return (x + sites.residual(L.module_leaves(self), h, "mlp", normed), cache_kv, layer + 1), None
 
 
 class Decoder(nn.Module):
+    """Embedding, the scanned layers, final norm.
+
+    The stacked KV cache is part of the scan's carry, not its per-layer inputs/outputs: as
+    those, every call would copy the whole cache (a slice in, a re-stacked array out); as
+    carry, each layer writes only the new tokens' keys/values in place and reads its own rows.
+    """
     cfg: ModelConfig
 
     @nn.compact
@@ -84,9 +91,9 @@ class Decoder(nn.Module):
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                        in_axes=(nn.broadcast,), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, cache_kv = stack(cfg, name="layers")(x, context, cache_kv)
+        (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), cache_kv
 
