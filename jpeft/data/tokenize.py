@@ -52,9 +52,10 @@ class Examples:
     def with_loss_index(self, multiple: int = 16) -> "Examples":
         """These rows with `loss_index` set, where it saves LM-head work (K, a multiple of `multiple`
         so similar data shares compiled steps, falls short of seq_len)."""
-        counts = (self.loss_mask > 0).sum(axis=1)
-        k = -(-int(counts.max(initial=1)) // multiple) * multiple
-        if self.loss_mask.ndim != 2 or k >= self.loss_mask.shape[1]:
+        if self.loss_mask.ndim != 2:  # one class per row: no token positions to choose
+            return self
+        k = -(-int((self.loss_mask > 0).sum(axis=1).max(initial=1)) // multiple) * multiple
+        if k >= self.loss_mask.shape[1]:
             return self
         order = np.argsort(self.loss_mask <= 0, axis=1, kind="stable")[:, :k].astype(np.int32)
         return dataclasses.replace(self, loss_index=order)

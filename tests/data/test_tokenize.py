@@ -180,3 +180,5 @@ def test_loss_index_lists_every_loss_position_once(tokenizer):
         assert len(set(index)) == k
         np.testing.assert_array_equal(np.sort(index[:int(ex.loss_mask[i].sum())]), np.flatnonzero(ex.loss_mask[i]))
     assert tokenize_text(PACK_ROWS, tokenizer, "{dialogue}", 4).with_loss_index().loss_index is None  # all loss
+    rows = Examples(ex.input_ids, np.zeros(len(ex), np.int32), np.ones(len(ex), np.float32), ex.attention_mask)
+    assert rows.with_loss_index().loss_index is None  # a classifier's one label per row
