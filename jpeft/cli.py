@@ -122,7 +122,7 @@ def cmd_info(args) -> None:
     cfg = model.config
     print(f"architecture: {cfg.model_type} · {cfg.num_layers} layers · hidden {cfg.hidden_size} · "
           f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
-          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · rope {cfg.rope_type}")
+          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · rope {cfg.rope.type}")
     print(jpeft.parameter_report(params))
 
 

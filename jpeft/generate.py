@@ -17,7 +17,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpeft.errors import JpeftError
-from jpeft.models.llama import head_leaves, init_cache
 from jpeft.peft import sites
 
 PROMPT_BUCKET = 32  # padded prompt lengths are multiples of this, so batches share compiled code
@@ -148,12 +147,12 @@ def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperatu
     pick = functools.partial(_pick, candidates=candidates, temperature=temperature, top_p=top_p)
     is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
     virtual = sum(sites.virtual_tokens(params))
-    cache = init_cache(model.config, batch, virtual + width + max_new_tokens, jnp.dtype(model.config.dtype))
+    cache = model.init_cache(batch, virtual + width + max_new_tokens)
     positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
     hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
                                 return_hidden=True)
     # The head on the last position only: the prompt's other logits are never used.
-    last = sites.dense(head_leaves(model.config, params), hidden[:, -1]).astype(jnp.float32)
+    last = model.logits(model.head_leaves(params), hidden[:, -1])
     first = pick(last, jax.random.fold_in(key, 0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     lengths = virtual + mask.sum(axis=-1)  # the position of the first new token

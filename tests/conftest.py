@@ -10,6 +10,13 @@ import pytest  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+# One tiny config per family beyond Llama/Mistral/Qwen2, with each family's own features switched on.
+FAMILIES = {
+    "qwen3": dict(head_dim=16),
+    "gemma2": dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=0.05,
+                   final_logit_softcapping=0.5),
+    "gemma3_text": dict(head_dim=8, sliding_window=4),
+}
 
 
 def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
@@ -17,10 +24,7 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     import torch
     import transformers
 
-    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config}[model_type]
-    kwargs = {**TINY, **overrides}
-    config = config_cls(**kwargs)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases so a mapping bug cannot hide

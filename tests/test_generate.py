@@ -37,6 +37,12 @@ def tiny(tmp_path_factory):
     ("llama", {}),
     ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # biases, MQA, tied head
     ("mistral", dict(sliding_window=4)),  # the window must hold across the cache
+    ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("gemma2", dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=1.0,
+                    final_logit_softcapping=2.0)),  # alternating windows, soft-capped scores and logits
+    ("gemma3_text", dict(head_dim=8, sliding_window=4, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

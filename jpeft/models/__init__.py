@@ -1,6 +1,19 @@
-"""Model families owned by jpeft (transformers 5 has no Flax models)."""
+"""Model families owned by jpeft (transformers 5 has no Flax models).
+
+The model protocol: everything outside this package (trainer, loss, generation, methods,
+sharding) uses only this surface of the module `from_pretrained` returns, so it knows no family:
+
+- `model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None,
+  return_hidden=False)`: logits, or the final hidden states the LM head reads;
+- `model.head_leaves(p)`: the LM head's leaves (the tied embedding, transposed, or its own kernel
+  with any adapter leaves), and `model.logits(head, hidden)`: the head applied (soft-capped where
+  the family does), so a chunked loss can run the head chunk by chunk;
+- `model.init_cache(batch, max_len)`: an empty KV cache for `apply(..., cache=...)`;
+- `model.config` (a `ModelConfig`); the parameters' logical axes come with `abstract_params`,
+  and their HF names from the tree paths (`jpeft.models.hf`).
+"""
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import from_pretrained, save_pretrained
-from jpeft.models.llama import CausalLM, init_cache
+from jpeft.models.llama import CausalLM
 
-__all__ = ["ModelConfig", "CausalLM", "init_cache", "from_pretrained", "save_pretrained"]
+__all__ = ["ModelConfig", "CausalLM", "from_pretrained", "save_pretrained"]

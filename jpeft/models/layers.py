@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.models.config import ModelConfig
+from jpeft.models.config import ModelConfig, Rope
 from jpeft.peft import sites
 
 NEG_INF = -1e30
@@ -51,14 +51,19 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """Llama's RMSNorm (w · x, cast first), or Gemma's (`plus_one`: (1 + w) · x in float32, w born zero)."""
     eps: float
+    plus_one: bool = False
+    axes: tuple[str] = ("embed",)
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                           (x.shape[-1],), jnp.float32)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, self.axes), (x.shape[-1],), jnp.float32)
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return sites.norm(module_leaves(self), (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype))
         return sites.norm(module_leaves(self), scale.astype(x.dtype) * h.astype(x.dtype))
 
 
@@ -76,16 +81,16 @@ class Embed(nn.Module):
         return sites.embed(module_leaves(self), ids, dtype)
 
 
-def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """RoPE inverse frequencies (float32, as HF computes them), with `rope_scaling` applied."""
-    dim = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+def rope_inverse_frequencies(head_dim: int, rope: Rope) -> np.ndarray:
+    """RoPE inverse frequencies (float32, as HF computes them), with the rope's scaling applied."""
+    dim = head_dim
+    inv = 1.0 / (np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv = inv.astype(np.float32)
-    if cfg.rope_type == "linear":
-        inv = inv / np.float32(cfg.rope_factor)
-    elif cfg.rope_type == "llama3":
-        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        old = cfg.rope_original_max_positions
+    if rope.type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.type == "llama3":
+        factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+        old = rope.original_max_positions
         wavelen = 2 * np.pi / inv
         scaled = np.where(wavelen > old / low, inv / factor, inv)
         smooth = (old / wavelen - low) / (high - low)
@@ -93,6 +98,12 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv
+
+
+def layer_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """[layers, head_dim / 2]: each layer's RoPE (Gemma 3's sliding layers have their own base)."""
+    ropes = {False: cfg.rope, True: cfg.local_rope or cfg.rope}
+    return np.stack([rope_inverse_frequencies(cfg.head_dim, ropes[s]) for s in cfg.sliding_layers])
 
 
 def apply_rope(x, positions, inv_freq):
@@ -119,12 +130,17 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None)
     return allowed & same & (k_segments[:, None, :] != 0)
 
 
-def attend(q, k, v, mask):
+def softcap(x, cap: float | None):
+    """Gemma's tanh soft-capping: cap · tanh(x / cap), or x when there is no cap."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def attend(q, k, v, mask, scale: float, cap: float | None = None):
     """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    scores = softcap(jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2): one module, families differ by config.
+"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -7,9 +7,12 @@ result, so decoding stays a pure function.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
@@ -31,16 +34,20 @@ class Attention(nn.Module):
         q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
         k = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
         v = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
-        inv_freq = L.rope_inverse_frequencies(cfg)
-        q = L.apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = L.apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = (L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, ("head_dim",), name=name)(a)
+                    for name, a in (("q_norm", q), ("k_norm", k)))
+        inv_freq = jnp.asarray(L.layer_inverse_frequencies(cfg))[layer]
+        q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         if cache_kv is not None:  # the new keys/values into this layer's rows of the whole stack, in place
             cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
                              for c, new in zip(cache_kv, (k, v)))
             k, v = (c[layer] for c in cache_kv)
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
@@ -59,19 +66,36 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, carry, context):
         x, cache_kv, layer = carry
-        positions, mask, cache_index = context
+        positions, masks, cache_index = context
+        cfg = self.cfg
+        norm = partial(L.RMSNorm, cfg.rms_norm_eps, cfg.norm_plus_one)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        normed = L.RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(x)
-        h, cache_kv = Attention(self.cfg, name="self_attn")(normed, positions, mask, cache_kv, cache_index, layer)
+        normed = norm(name="input_layernorm")(x)
+        h, cache_kv = Attention(cfg, name="self_attn")(normed, positions, layer_mask(cfg, masks, layer), cache_kv,
+                                                       cache_index, layer)
+        if cfg.sandwich_norms:
+            h = norm(name="post_attention_layernorm")(h)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
-        normed = L.RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(x)
-        h = MLP(self.cfg, name="mlp")(normed)
+        normed = norm(name="pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm")(x)
+        h = MLP(cfg, name="mlp")(normed)
+        if cfg.sandwich_norms:
+            h = norm(name="post_feedforward_layernorm")(h)
         return (x + sites.residual(L.module_leaves(self), h, "mlp", normed), cache_kv, layer + 1), None
+
+
+def layer_mask(cfg: ModelConfig, masks, layer):
+    """The mask of this layer's kind: (full, sliding-window) masks, picked per layer where they alternate."""
+    full, sliding = masks
+    kinds = cfg.sliding_layers
+    if all(kinds) or not any(kinds):
+        return sliding if all(kinds) else full
+    return jnp.where(jnp.asarray(kinds)[layer], sliding, full)
 
 
 class Decoder(nn.Module):
@@ -87,6 +111,8 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, context, cache_kv):
         cfg = self.cfg
         x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype))
+        if cfg.embed_scale:  # Gemma: by sqrt(hidden), rounded to the compute dtype as HF does
+            x = x * jnp.asarray(np.sqrt(cfg.hidden_size), x.dtype)
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -95,7 +121,7 @@ class Decoder(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return L.RMSNorm(cfg.rms_norm_eps, name="norm")(x), cache_kv
+        return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, name="norm")(x), cache_kv
 
 
 class CausalLM(nn.Module):
@@ -130,38 +156,45 @@ class CausalLM(nn.Module):
             index, cache_kv = cache["index"], (cache["k"], cache["v"])
             segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
             k_slots = jnp.arange(segments.shape[1])
-        mask = L.attention_mask(index + keys + jnp.arange(rows + t), k_slots, q_segments, segments,
-                                cfg.sliding_window)
+        q_slots = index + keys + jnp.arange(rows + t)
+        masks = tuple(L.attention_mask(q_slots, k_slots, q_segments, segments, window) if use else None
+                      for window, use in ((None, not all(cfg.sliding_layers)),
+                                          (cfg.sliding_window, any(cfg.sliding_layers))))
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
-        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (positions, mask, index), cache_kv)
+        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (positions, masks, index), cache_kv)
         hidden = hidden[:, rows:]
-        if return_hidden:
-            out = hidden
-        elif cfg.tie_word_embeddings:
-            out = sites.dense(head_leaves(cfg, L.module_leaves(self)), hidden).astype(jnp.float32)
-        else:
-            out = L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden).astype(jnp.float32)
+        if not cfg.tie_word_embeddings and self.is_initializing():
+            L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
+        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
         return out, {"k": cache_kv[0], "v": cache_kv[1], "segments": segments, "index": index + keys + rows + t}
+
+    # The model protocol beside `apply` (jpeft.models): what training and decoding use, knowing no family.
+    @nn.nowrap
+    def head_leaves(self, params) -> dict:
+        """The LM head's leaves for the dense insertion point (the embedding transposed when tied)."""
+        if self.config.tie_word_embeddings:
+            return {"kernel": params["model"]["embed_tokens"]["embedding"].T}
+        return dict(params["lm_head"])
+
+    @nn.nowrap
+    def logits(self, head: dict, hidden):
+        """float32 logits of hidden states [..., D] through the head's leaves (Gemma 2 soft-caps them)."""
+        return L.softcap(sites.dense(head, hidden).astype(jnp.float32), self.config.final_softcap)
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim] (compute dtype by default),
+        each slot's segment id (0: empty), write index."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
 def init_params(model: CausalLM, key) -> dict:
     """A randomly initialised plain parameter tree (HF's normal(0.02) init)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(jax.jit(model.init)(key, ids)["params"])
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim], each slot's segment id (0:
-    empty), write index."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
-def head_leaves(cfg: ModelConfig, params) -> dict:
-    """The LM head's leaves for the dense insertion point (the embedding transposed when tied)."""
-    if cfg.tie_word_embeddings:
-        return {"kernel": params["model"]["embed_tokens"]["embedding"].T}
-    return dict(params["lm_head"])

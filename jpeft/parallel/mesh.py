@@ -28,6 +28,7 @@ RULES = (
     ("kv", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("head_dim", None),
 )
 
 

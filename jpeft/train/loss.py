@@ -4,8 +4,9 @@ The LM head runs chunk by chunk under `lax.scan`, and each chunk's gradient (sof
 minus one-hot) is pulled back through the head right there in the forward pass, so the
 backward pass only scales stored results: no logits are kept or recomputed. On CPU this
 is faster than autodiff through a rematerialised scan (docs/design.md). The head is the
-LM head's leaves applied by the dense insertion point, so an adapter on it (LoRA,
-IA3, a quantized head) stays factored; gradients are computed only for the head leaves
+LM head's leaves applied by the model (`model.logits`: the dense insertion point, then any
+soft-capping, whose backward the pullback includes), so an adapter on it (LoRA, IA3, a
+quantized head) stays factored; gradients are computed only for the head leaves
 being differentiated (the kernel under full fine-tuning, the factors under LoRA).
 """
 from functools import partial
@@ -19,8 +20,14 @@ from jpeft.peft import sites
 CHUNK = 512  # tokens of the batch per loss chunk: [CHUNK, vocab] float32 logits live at a time
 
 
-def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUNK):
-    """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves.
+def dense_logits(head: dict, hidden):
+    """The plain LM head: hidden states through the dense insertion point, as float32 logits."""
+    return sites.dense(head, hidden).astype(jnp.float32)
+
+
+def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUNK, logits=dense_logits):
+    """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves;
+    `logits(head, h)` applies the head (a model's `model.logits`).
 
     Chunks run along time, about `chunk` tokens of the batch at a time, and never across
     sequences, so a batch axis sharded over devices stays sharded.
@@ -30,17 +37,17 @@ def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUN
     pad = [(0, 0), (0, -t % span)]
     x = jnp.pad(hidden, pad + [(0, 0)])
     y, w = jnp.pad(labels, pad), jnp.pad(weights.astype(jnp.float32), pad)
-    return _weighted_nll(span, x, head, y, w), jnp.sum(w)
+    return _weighted_nll(span, logits, x, head, y, w), jnp.sum(w)
 
 
-def _scan(span, x, head, y, w, differentiated: frozenset | None):
+def _scan(span, apply_head, x, head, y, w, differentiated: frozenset | None):
     """sum(w * nll), per-token nll, and (when `differentiated` is given) d/dx and d/d(those head leaves)."""
     b, t, d = x.shape
     trained = {k: v for k, v in head.items() if differentiated and k in differentiated}
     fixed = {k: v for k, v in head.items() if k not in trained}
 
     def logits_of(h, leaves):
-        return sites.dense({**fixed, **leaves}, h).astype(jnp.float32)
+        return apply_head({**fixed, **leaves}, h)
 
     def body(dhead, xs):
         h, target, wt = (a.reshape(b * span, *a.shape[2:]) for a in xs)  # 2-D matmuls: XLA's fastest
@@ -70,20 +77,20 @@ def _scan(span, x, head, y, w, differentiated: frozenset | None):
     return jnp.sum(nll * w), nll, None if dx is None else back(dx), dhead
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted_nll(span, x, head, y, w):
-    return _scan(span, x, head, y, w, None)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _weighted_nll(span, apply_head, x, head, y, w):
+    return _scan(span, apply_head, x, head, y, w, None)[0]
 
 
-def _fwd(span, x, head, y, w):
+def _fwd(span, apply_head, x, head, y, w):
     values = {k: v.value for k, v in head.items()}
     perturbed = frozenset(k for k, v in head.items() if v.perturbed)
-    total, nll, dx, dhead = _scan(span, x.value, values, y.value, w.value, perturbed)
+    total, nll, dx, dhead = _scan(span, apply_head, x.value, values, y.value, w.value, perturbed)
     dhead = {k: dhead[k].astype(v.dtype) if k in dhead else None for k, v in values.items()}
     return total, (nll, dx, dhead)
 
 
-def _bwd(span, res, g):
+def _bwd(span, apply_head, res, g):
     nll, dx, dhead = res
     scale = lambda a: None if a is None else (g * a).astype(a.dtype)
     return scale(dx), {k: scale(v) for k, v in dhead.items()}, None, g * nll

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import tree as T
-from jpeft.models.llama import head_leaves
 from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
@@ -34,7 +33,7 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
         index = batch["loss_index"]
         hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
         labels, weights = (jnp.take_along_axis(a, index, axis=1) for a in (labels, weights))
-    return chunked_cross_entropy(hidden, head_leaves(model.config, params), labels, weights, chunk)
+    return chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits)
 
 
 def class_loss(model, params, batch, dropout_rng=None):

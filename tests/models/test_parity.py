@@ -14,6 +14,13 @@ from conftest import make_hf_model, save_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+# Small caps, windows and query scalars, so that each changes these tiny models' logits.
+GEMMA2 = dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=0.02,
+              final_logit_softcapping=0.1)
+GEMMA3 = dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, num_hidden_layers=3,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})
 CASES = {
     "llama-gqa-untied": ("llama", {}),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
@@ -22,6 +29,17 @@ CASES = {
     "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rms_norm_eps=1e-5)),
     "mistral-sliding": ("mistral", dict(sliding_window=5)),
     "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=16)),
+    "qwen3-tied-sliding-layers": ("qwen3", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=4,
+                                                max_window_layers=1)),
+    "gemma": ("gemma", dict(head_dim=8)),
+    "gemma2-softcaps-alternating": ("gemma2", GEMMA2),
+    "gemma2-untied-no-caps": ("gemma2", dict(GEMMA2, tie_word_embeddings=False, attn_logit_softcapping=None,
+                                             final_logit_softcapping=None, num_key_value_heads=1)),
+    "gemma3-local-rope": ("gemma3_text", GEMMA3),
+    "gemma3-legacy-rope-fields": ("gemma3_text", dict(GEMMA3, rope_parameters=None, rope_theta=50000.0,
+                                                      rope_local_base_freq=100.0)),
 }
 
 
@@ -129,3 +147,23 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     (two, two_size), (sixteen, sixteen_size) = compile_gradient(2), compile_gradient(16)
     assert sixteen_size < 1.05 * two_size, (two_size, sixteen_size)
     assert sixteen < 2.0 * two, (two, sixteen)
+
+
+@pytest.mark.parametrize("case,feature", [
+    ("gemma2-softcaps-alternating", dict(attn_softcap=None)),
+    ("gemma2-softcaps-alternating", dict(final_softcap=None)),
+    ("gemma2-softcaps-alternating", dict(layer_types=("full_attention",) * 2)),
+    ("gemma2-softcaps-alternating", dict(query_pre_attn_scalar=None)),
+    ("gemma", dict(embed_scale=False)),
+    ("gemma3-local-rope", dict(local_rope=None)),
+    ("gemma3-legacy-rope-fields", dict(local_rope=None)),
+    ("qwen3-qk-norm", dict(qk_norm=False)),
+    ("qwen3-tied-sliding-layers", dict(sliding_window=None)),
+])
+def test_each_family_feature_changes_logits(case, feature, tmp_path):
+    """Guards the parity cases above: a feature both sides silently ignored would pass them too."""
+    model_type, overrides = CASES[case]
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(model_type, **overrides), tmp_path))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (1, 12)))
+    changed = model.clone(config=model.config.replace(**feature)).apply({"params": params}, ids)
+    assert np.abs(np.asarray(changed - model.apply({"params": params}, ids))).max() > 1e-4

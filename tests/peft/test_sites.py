@@ -7,7 +7,7 @@ import pytest
 
 from jpeft import tree as T
 from jpeft.models.config import ModelConfig
-from jpeft.models.llama import CausalLM, init_cache, init_params
+from jpeft.models.llama import CausalLM, init_params
 from jpeft.peft import sites
 from jpeft.peft.base import Method
 
@@ -66,7 +66,7 @@ def test_prepended_keys_values_act_as_a_cached_prefix(model):
     (the model places the real tokens after the prefix's positions itself)."""
     m, params = model
     ids = IDS.at[1, :3].set(IDS[0, :3])  # one prefix for the whole batch, as prefix tuning has
-    cache = init_cache(m.config, 2, 3)
+    cache = m.init_cache(2, 3)
     _, cache = m.apply({"params": params}, ids[:, :3], cache=cache)
     prefixed = with_leaves(params, **{"model/layers/self_attn/toy_k": cache["k"][:, 0],
                                       "model/layers/self_attn/toy_v": cache["v"][:, 0]})

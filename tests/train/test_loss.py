@@ -74,3 +74,22 @@ def test_lora_on_the_head_stays_factored_and_matches_the_merged_head():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     jaxpr = str(jax.make_jaxpr(jax.grad(ours, argnums=(1, 2)))(hidden, a, b))
     assert "16,30] = add" not in jaxpr.replace("f32[", "")  # W + s·A·B is never built
+
+
+def test_soft_capped_head_matches_naive_value_and_gradients():
+    """Gemma 2's cap · tanh(logits / cap) inside the chunks, forward and in the pulled-back gradient."""
+    from jpeft.models.layers import softcap
+    kh, kw, ky = jax.random.split(jax.random.key(2), 3)
+    hidden = jax.random.normal(kh, (2, 9, 16))
+    head = jax.random.normal(kw, (16, 30))
+    labels = jax.random.randint(ky, (2, 9), 0, 30)
+    weights = jnp.ones((2, 9))
+    capped = lambda leaves, h: softcap((h @ leaves["kernel"]).astype(jnp.float32), 2.0)
+    ours = lambda h, w: chunked_cross_entropy(h, {"kernel": w}, labels, weights, 4, logits=capped)[0]
+    ref = lambda h, w: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+        softcap(h.reshape(-1, 16) @ w, 2.0), labels.reshape(-1)))
+    uncapped = lambda h, w: naive(h, w, labels, weights)[0]
+    np.testing.assert_allclose(ours(hidden, head), ref(hidden, head), rtol=1e-5)
+    assert abs(float(ref(hidden, head) - uncapped(hidden, head))) > 1.0  # the cap matters at these logits
+    for got, want in zip(jax.grad(ours, argnums=(0, 1))(hidden, head), jax.grad(ref, argnums=(0, 1))(hidden, head)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
