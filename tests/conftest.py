@@ -13,6 +13,7 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_laye
 # One tiny config per family beyond Llama/Mistral/Qwen2, with each family's own features switched on.
 FAMILIES = {
     "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=8),
     "gemma2": dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=0.05,
                    final_logit_softcapping=0.5),
     "gemma3_text": dict(head_dim=8, sliding_window=4),

@@ -68,8 +68,11 @@ def linear_uniform(key, shape, fan_in: int):
 
 
 def matmul(x, w):
-    """x·w in the activation dtype with float32 accumulation."""
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    """x·w in the activation dtype with float32 accumulation, as one 2-D product over all leading
+    axes: XLA:CPU runs [B·T, in]·[in, out] and its weight gradient about twice as fast as the same
+    product with separate batch and time axes (docs/design.md §8)."""
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def hf_module(module_path: str) -> str:

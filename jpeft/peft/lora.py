@@ -26,7 +26,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import Method, hf_module, layer_names, leading, linear_uniform, targeted_layers, weight_name
+from jpeft.peft.base import (Method, hf_module, layer_names, leading, linear_uniform, matmul, targeted_layers,
+                             weight_name)
 from jpeft.peft.quant import is_quantized
 
 INITS = ("peft", "gaussian", "pissa", "olora")
@@ -156,8 +157,10 @@ class LoRA(Method):
             rate = leaves["lora_dropout"]
             keep = jax.random.bernoulli(jax.random.fold_in(rng, 0), 1.0 - rate, x.shape)
             xd = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-        a, b = leaves["lora_a"].astype(x.dtype), leaves["lora_b"].astype(x.dtype)
-        lora = scale * jnp.matmul(jnp.matmul(xd, a), b, preferred_element_type=jnp.float32)
+        # the scale on the rank-r factor, not on the [tokens, out] product: an elementwise op fused
+        # into that big product (and its gradient) takes XLA:CPU off its fast matmul path
+        a, b = (scale * leaves["lora_a"]).astype(x.dtype), leaves["lora_b"].astype(x.dtype)
+        lora = matmul(matmul(xd, a), b)
         if "lora_magnitude" not in leaves:
             return lora
         w = _weight(leaves, x.dtype)
