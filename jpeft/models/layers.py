@@ -81,9 +81,8 @@ class Embed(nn.Module):
         return sites.embed(module_leaves(self), ids, dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, rope: Rope) -> np.ndarray:
-    """RoPE inverse frequencies (float32, as HF computes them), with the rope's scaling applied."""
-    dim = head_dim
+def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
+    """RoPE inverse frequencies for heads of `dim` (float32, as HF computes them), with the rope's scaling."""
     inv = 1.0 / (np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv = inv.astype(np.float32)
     if rope.type == "linear":

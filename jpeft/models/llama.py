@@ -91,11 +91,10 @@ class DecoderLayer(nn.Module):
 
 def layer_mask(cfg: ModelConfig, masks, layer):
     """The mask of this layer's kind: (full, sliding-window) masks, picked per layer where they alternate."""
-    full, sliding = masks
-    kinds = cfg.sliding_layers
-    if all(kinds) or not any(kinds):
-        return sliding if all(kinds) else full
-    return jnp.where(jnp.asarray(kinds)[layer], sliding, full)
+    full, sliding = masks  # None where no layer is of that kind
+    if full is None or sliding is None:
+        return sliding if full is None else full
+    return jnp.where(jnp.asarray(cfg.sliding_layers)[layer], sliding, full)
 
 
 class Decoder(nn.Module):
