@@ -47,7 +47,10 @@ class Attention(nn.Module):
             cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
                              for c, new in zip(cache_kv, (k, v)))
             k, v = (c[layer] for c in cache_kv)
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap)
+        # Without a cache the queries are the last keys (after any prefix): causal in static slots.
+        causal_offset = None if cache_kv is not None else k.shape[1] - q.shape[1]
+        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
+                       causal_offset)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv

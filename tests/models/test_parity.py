@@ -63,6 +63,16 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating"])
+def test_rows_longer_than_an_attention_block_match_transformers(case, tmp_path):
+    model_type, overrides = CASES[case]
+    ref_model = make_hf_model(model_type, **overrides)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    ids = np.random.RandomState(1).randint(0, 97, (1, 300))  # query blocks of 128: two whole, one ragged
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
 def test_sliding_window_changes_logits(tmp_path):
     """Guards the parity test above against a window that is silently ignored on both sides."""
     ref_model = make_hf_model("mistral", sliding_window=5)
