@@ -76,9 +76,13 @@ def count(tree: Tree) -> int:
     return sum(int(np.prod(np.shape(v))) for v in flatten(tree).values())
 
 
+# The scanned layer stacks, named as the HF module lists they stand for (Llama's `layers`, T5's `block`).
+STACKS = ("layers", "block")
+
+
 def is_stacked(path: str) -> bool:
-    """Leaves under `layers` carry a leading per-layer axis (the scanned layer stack)."""
-    return "layers" in path.split("/")[:-1]
+    """Leaves under a stack carry a leading per-layer axis (the scanned layer stack)."""
+    return any(part in STACKS for part in path.split("/")[:-1])
 
 
 def modules(tree: Tree) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,38 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+# T5 v1.0 (relu FFN, decoder output scaled for its tied head) and v1.1 / FLAN-T5 (gated-gelu, unscaled),
+# with few relative-position buckets so that short rows reach the logarithmic ones.
+T5_TINY = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
+T5_VARIANTS = {"t5-v1.0": dict(feed_forward_proj="relu"),
+               "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+
+
+def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 0):
+    """(torch model, checkpoint dir) for a tiny random T5 with non-trivial norms. `own_head`: the file
+    holds an lm_head of its own, as original FLAN-T5 files do (transformers 5 otherwise ties it)."""
+    import numpy as np
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_TINY, **T5_VARIANTS[variant]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    if own_head:
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        weights["lm_head.weight"] = np.random.default_rng(seed).normal(0, 0.5, weights["shared.weight"].shape
+                                                                       ).astype(np.float32)
+        save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        model = transformers.T5ForConditionalGeneration.from_pretrained(path)
+    return model.eval(), str(path)
+
+
 def save_hf_model(model, path, **save_kwargs) -> str:
     model.save_pretrained(path, **save_kwargs)
     return str(path)

@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Qwen2/3 and Gemma 1/2/3 differ only in these fields; anything in a config.json that
+Llama, Mistral, Qwen2/3 and Gemma 1/2/3 differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "t5")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 QK_NORM_TYPES = ("qwen3", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
 ROPE_TYPES = ("default", "linear", "llama3")
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -59,6 +60,14 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     max_position_embeddings: int = 2048
+    gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) is not gated
+    # T5: an encoder of num_layers blocks and a decoder of num_decoder_layers, with a learned bias per
+    # relative-position bucket and head instead of RoPE; v1.0 scales the decoder output by
+    # hidden ** -0.5 before its tied head.
+    num_decoder_layers: int = 0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_decoder_outputs: bool = False
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
     remat: str = "none"             # none | full | dots
@@ -71,6 +80,10 @@ class ModelConfig:
         if self.sliding_window is None:
             return (False,) * self.num_layers
         return tuple(t == SLIDING for t in self.layer_types) or (True,) * self.num_layers
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.num_decoder_layers > 0
 
     @property
     def query_scale(self) -> float:
@@ -88,7 +101,9 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (decoder-only Llama-family models)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders and T5)")
+        if model_type == "t5":
+            return _t5(hf, source, need)
         gemma = model_type in GEMMA_TYPES
         act = (hf.get("hidden_activation") if model_type != "gemma" else None) or hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
@@ -139,6 +154,30 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _t5(hf: dict, source: str, need) -> ModelConfig:
+    """T5, T5 v1.1, FLAN-T5: `feed_forward_proj` is `relu` (v1.0) or `gated-gelu` (v1.1). v1.0 scales the
+    decoder output (transformers 5 writes that as `scale_decoder_outputs`, older files as
+    `tie_word_embeddings`) and ties its head; whether a checkpoint's head is tied `from_pretrained`
+    decides by its weights (their own `lm_head.weight` or none), as transformers does."""
+    proj = hf.get("feed_forward_proj", "relu")
+    gated, _, act = proj.rpartition("-")
+    act = "gelu_new" if proj == "gated-gelu" else act
+    if gated not in ("", "gated") or act not in T5_ACTIVATIONS:
+        raise CheckpointError(f"{source}: feed_forward_proj {proj!r} is not supported; use relu, gated-gelu, "
+                              f"or [gated-]{{{', '.join(T5_ACTIVATIONS)}}}")
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    heads, layers = need("num_heads"), need("num_layers")
+    return ModelConfig(
+        model_type="t5", vocab_size=need("vocab_size"), hidden_size=need("d_model"), intermediate_size=need("d_ff"),
+        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=need("d_kv"),
+        rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_word_embeddings=scaled,
+        hidden_act=T5_ACTIVATIONS[act], gated_mlp=gated == "gated",
+        num_decoder_layers=hf.get("num_decoder_layers") or layers,
+        relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        scale_decoder_outputs=scaled, max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
 
 
 def _layer_types(hf: dict) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from jpeft.errors import CheckpointError
 from jpeft.hardware import resolve_dtype
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
+from jpeft.models.t5 import T5
 from jpeft.peft.base import layer_names
 from jpeft.peft.classifier import hf_tree
 
@@ -33,8 +34,8 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build(cfg: ModelConfig) -> CausalLM:
-    return CausalLM(cfg)
+def build(cfg: ModelConfig) -> CausalLM | T5:
+    return T5(cfg) if cfg.is_encoder_decoder else CausalLM(cfg)
 
 
 def abstract_params(model: CausalLM):
@@ -108,6 +109,9 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     cfg = read_config(os.path.join(model_dir, "config.json"))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
+    index = _weight_index(model_dir)
+    if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds its own (as transformers)
+        cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index)
     model = build(cfg)
     abstract = abstract_params(model)
     expected = T.flatten(nn.meta.unbox(abstract))
@@ -117,12 +121,11 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     if mesh is not None:
         from jpeft.parallel.mesh import param_shardings
         shardings = T.flatten(param_shardings(T.unflatten(expected), abstract, mesh))
-    index = _weight_index(model_dir)
     handles: dict[str, object] = {}
     flat = {}
     try:
         for path, spec in expected.items():
-            names = hf_names(path, cfg.num_layers)
+            names = hf_names(path, spec.shape[0] if T.is_stacked(path) else 1)
             for name in names:
                 if name not in index:
                     raise CheckpointError(f"{model_dir}: weight '{name}' is missing from the checkpoint")
@@ -178,8 +181,8 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     tensors = {}
     for path, value in T.flatten(params).items():
         array = np.asarray(jax.device_get(value))
-        names = hf_names(path, cfg.num_layers)
         parts = list(array) if T.is_stacked(path) else [array]
+        names = hf_names(path, len(parts))
         for name, part in zip(names, parts):
             tensors[name] = np.ascontiguousarray(hf_layout(path, part))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -198,7 +201,8 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
                           ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
         if cfg.model_type == "llama" and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
             hf[flag] = True
-    expected = T.flatten(nn.meta.unbox(abstract_params(build(ModelConfig.from_hf(hf)))))
+    expected = T.flatten(nn.meta.unbox(abstract_params(build(
+        ModelConfig.from_hf(hf).replace(tie_word_embeddings=cfg.tie_word_embeddings)))))
     if "score/kernel" in leaves:
         hf["architectures"] = [ARCHITECTURE[cfg.model_type] + "ForSequenceClassification"]
         expected = _with_score(expected, cfg.hidden_size, np.shape(T.flatten(params)["score/kernel"])[-1])

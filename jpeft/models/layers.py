@@ -115,14 +115,15 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None):
-    """Bool [B, Tq, Tk]: causal over cache slots, optional sliding window, and within a segment.
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True):
+    """Bool [B, Tq, Tk]: causal over cache slots (unless `causal` is off: an encoder, cross-attention),
+    optional sliding window, and within a segment.
 
     Segment ids [B, T] generalise a 0/1 attention mask: 0 is padding (never attended to), a
     query sees only keys of its own segment (packed examples never see each other), and a
     negative id (virtual tokens) is seen by every segment.
     """
-    allowed = k_slots[None, None, :] <= q_slots[None, :, None]
+    allowed = k_slots[None, None, :] <= q_slots[None, :, None] if causal else True
     if window is not None:
         allowed &= q_slots[None, :, None] - k_slots[None, None, :] < window
     same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
@@ -135,8 +136,9 @@ def softcap(x, cap: float | None):
 
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
-           block: int = 128):
-    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D].
+           block: int = 128, bias=None):
+    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]; `bias`
+    [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
     slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
@@ -145,21 +147,25 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
     """
     t = q.shape[1]
     if causal_offset is None or t <= block:
-        return _attend(q, k, v, mask, scale, cap)
+        return _attend(q, k, v, mask, scale, cap, bias)
     blocks = [(start, min(start + block, t)) for start in range(0, t, block)]
     return jnp.concatenate([_attend(q[:, start:end], k[:, :causal_offset + end], v[:, :causal_offset + end],
-                                    mask[:, start:end, :causal_offset + end], scale, cap)
+                                    mask[:, start:end, :causal_offset + end], scale, cap,
+                                    None if bias is None else bias[:, :, start:end, :causal_offset + end])
                             for start, end in blocks], axis=1)
 
 
-def _attend(q, k, v, mask, scale: float, cap: float | None):
+def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
     """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * t, d)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
-    scores = softcap(scores.reshape(b, kv, h // kv, t, -1), cap)
+    scores = scores.reshape(b, kv, h // kv, t, -1)
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
+    scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, h // kv * t, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)

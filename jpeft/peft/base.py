@@ -75,16 +75,27 @@ def matmul(x, w):
     return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
 
 
+# Modules outside the scanned stack whose HF home is one block of it (T5 keeps a stack's
+# position-bias table in block 0's self-attention).
+HF_HOMES = {f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
+            for stack in ("encoder", "decoder")}
+
+
 def hf_module(module_path: str) -> str:
-    """'model/layers/self_attn/q_proj' -> 'model.layers.self_attn.q_proj' (stacked name, no index)."""
-    return module_path.replace("/", ".")
+    """'model/layers/self_attn/q_proj' -> 'model.layers.self_attn.q_proj' (stacked name, no index).
+
+    Tree paths spell HF module names; flax names a list's submodules `layer_0` where torch says `layer.0`.
+    """
+    name = re.sub(r"(?<![^.])layer_(\d+)(?![^.])", r"layer.\1", module_path.replace("/", "."))
+    return HF_HOMES.get(name, name)
 
 
 def layer_names(module_path: str, num_layers: int) -> list[str]:
     """The HF module name of each layer a (possibly stacked) module stands for."""
     name = hf_module(module_path)
     if T.is_stacked(module_path + "/leaf"):
-        return [name.replace(".layers.", f".layers.{i}.", 1) for i in range(num_layers)]
+        stack = next(s for s in module_path.split("/") if s in T.STACKS)
+        return [name.replace(f".{stack}.", f".{stack}.{i}.", 1) for i in range(num_layers)]
     return [name]
 
 
@@ -96,7 +107,7 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
 
 
 def layer_index(name: str) -> int | None:
-    found = re.search(r"\.layers\.(\d+)\.", name + ".")
+    found = re.search(rf"\.(?:{'|'.join(T.STACKS)})\.(\d+)\.", name + ".")
     return int(found.group(1)) if found else None
 
 

@@ -1,0 +1,65 @@
+"""T5 v1.0, T5 v1.1 / FLAN-T5: logits equal transformers' T5ForConditionalGeneration, checkpoints round-trip."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jpeft
+from conftest import make_t5
+from jpeft.models.t5 import relative_buckets
+
+CASES = {"t5-v1.0": ("t5-v1.0", False), "flan-t5": ("flan-t5", False), "flan-t5-own-head": ("flan-t5", True)}
+
+
+def rows(encoder_len=11, decoder_len=7, seed=0):
+    rng = np.random.RandomState(seed)
+    ids, dec = rng.randint(2, 97, (2, encoder_len)), rng.randint(2, 97, (2, decoder_len))
+    mask = np.ones_like(ids)
+    mask[1, encoder_len - 3:] = 0  # the second row's encoder input is padded
+    return ids, dec, mask
+
+
+def torch_logits(model, ids, dec, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     decoder_input_ids=torch.tensor(dec)).logits.numpy()
+
+
+def jax_logits(model, params, ids, dec, mask):
+    return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(dec), jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+    ref, model_dir = make_t5(tmp_path, *CASES[case])
+    model, params = jpeft.from_pretrained(model_dir)
+    assert model.config.tie_word_embeddings is not CASES[case][1]
+    batch = rows()
+    np.testing.assert_allclose(jax_logits(model, params, *batch), torch_logits(ref, *batch), atol=2e-4, rtol=0)
+
+
+def test_decoder_rows_longer_than_an_attention_block_match_transformers(tmp_path):
+    ref, model_dir = make_t5(tmp_path, "flan-t5")
+    model, params = jpeft.from_pretrained(model_dir)
+    batch = rows(encoder_len=20, decoder_len=150)  # causal query blocks of 128, each with its bias slice
+    np.testing.assert_allclose(jax_logits(model, params, *batch), torch_logits(ref, *batch), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets_are_transformers_buckets(bidirectional):
+    relative = np.arange(-300, 300)[None, :]
+    want = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+        torch.tensor(relative), bidirectional, 32, 128).numpy()
+    np.testing.assert_array_equal(np.asarray(relative_buckets(jnp.asarray(relative), bidirectional, 32, 128)), want)
+
+
+@pytest.mark.parametrize("case", ["t5-v1.0", "flan-t5-own-head"])
+def test_save_pretrained_loads_in_transformers(case, tmp_path):
+    model, params = jpeft.from_pretrained(make_t5(tmp_path / "in", *CASES[case])[1])
+    params = jax.tree.map(lambda x: x * 1.01, params)  # not the file it came from
+    jpeft.save_pretrained(str(tmp_path / "out"), model, params)
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    batch = rows(seed=1)
+    np.testing.assert_allclose(torch_logits(reloaded, *batch), jax_logits(model, params, *batch), atol=2e-4, rtol=0)
