@@ -94,7 +94,8 @@ def _peft(params):
     tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)})
     tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
-    return tensors, {"peft_type": found[0], "task_type": "CAUSAL_LM", **config}
+    task = "SEQ_2_SEQ_LM" if {"encoder", "decoder"} <= set(params) else "CAUSAL_LM"
+    return tensors, {"peft_type": found[0], "task_type": task, **config}
 
 
 def _classifier(params):

@@ -63,3 +63,4 @@ def test_save_pretrained_loads_in_transformers(case, tmp_path):
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
     batch = rows(seed=1)
     np.testing.assert_allclose(torch_logits(reloaded, *batch), jax_logits(model, params, *batch), atol=2e-4, rtol=0)
+

@@ -8,7 +8,7 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from conftest import FAMILIES, make_hf_model, save_hf_model
+from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 
@@ -156,3 +156,41 @@ def test_adapter_round_trip_for_each_family(tmp_path, family, method):
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+
+
+def t5_logits(model, params, ids, dec):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec)))
+
+
+def torch_t5_logits(model, ids, dec):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+
+
+T5_ADAPTERS = {  # PEFT's module names for T5
+    "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("lora_b",)),
+    "ia3": (jpeft.IA3(targets=["k", "v", "wo"], feedforward=["wo"]), ("ia3_in", "ia3_out")),
+}
+
+
+@pytest.mark.parametrize("method", T5_ADAPTERS)
+def test_t5_adapter_round_trip(tmp_path, method):
+    """jpeft -> PEFT -> jpeft on FLAN-T5: the same logits on all three, adapters on encoder and decoder."""
+    init, random_leaves = T5_ADAPTERS[method]
+    ref, model_dir = make_t5(tmp_path / "base", "flan-t5")
+    model, params = jpeft.from_pretrained(model_dir)
+    adapted = perturb(init.init(jax.random.key(0), params), random_leaves, jax.random.key(1))
+    rng = np.random.RandomState(0)
+    batch = rng.randint(2, 97, (2, 11)), rng.randint(2, 97, (2, 7))
+    assert np.abs(t5_logits(model, adapted, *batch) - t5_logits(model, params, *batch)).max() > 1e-4
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    names = [n for n, _ in peft_model.named_parameters() if "lora_A" in n or "ia3_l" in n]
+    assert any(".encoder." in n for n in names) and any("EncDecAttention" in n for n in names)
+    np.testing.assert_allclose(t5_logits(model, adapted, *batch), torch_t5_logits(peft_model, *batch), atol=2e-4, rtol=0)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(t5_logits(model, reloaded, *batch), t5_logits(model, adapted, *batch), atol=1e-5,
+                               rtol=0)
+    merged = jpeft.merge(adapted)
+    np.testing.assert_allclose(t5_logits(model, merged, *batch), t5_logits(model, adapted, *batch), atol=1e-4, rtol=0)
