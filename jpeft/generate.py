@@ -1,4 +1,4 @@
-"""KV-cache decoding (greedy and sampling) for jpeft's causal LMs.
+"""KV-cache decoding (greedy and sampling) for jpeft's causal LMs and encoder-decoders.
 
 Prompts are left-padded to a bucketed length, prefilled in one call, and decoded one
 token per step inside a single jit-compiled `lax.while_loop` that stops as soon as
@@ -136,6 +136,30 @@ def _pick(logits, key, candidates, temperature, top_p):
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
+def _prefill(model, params, ids, mask, max_new_tokens):
+    """(hidden states of the prompt, the cache after it, advance(tokens [B, 1], step, cache) -> (logits, cache)).
+
+    A decoder reads the prompt into its cache (virtual tokens first); an encoder-decoder encodes
+    it once, writes the cross-attention keys/values, and starts its decoder at the start token.
+    """
+    batch, width = ids.shape
+    if model.config.is_encoder_decoder:
+        cache = model.init_cache(batch, max_new_tokens, encoder_len=width)
+        start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
+        hidden, cache = model.apply({"params": params}, ids, start, mask, cache=cache, return_hidden=True)
+        return hidden, cache, lambda tokens, step, cache: model.apply({"params": params}, None, tokens, cache=cache)
+    virtual = sum(sites.virtual_tokens(params))
+    cache = model.init_cache(batch, virtual + width + max_new_tokens)
+    positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
+    hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
+                                return_hidden=True)
+    lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
+    decoding = sites.decoding(params)  # soft prompts and prefixes are in the cache now
+    return hidden, cache, lambda tokens, step, cache: model.apply(
+        {"params": decoding}, tokens, attention_mask=jnp.ones((batch, 1), jnp.int32),
+        positions=(lengths + step - 1)[:, None], cache=cache)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key):
     """Prefill + decode loop -> tokens [B, max_new_tokens]; what follows a row's first EOS is filler.
@@ -143,26 +167,19 @@ def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperatu
     Compiled once per (model, batch, padded prompt length, max_new_tokens, candidates); the
     other sampling knobs are traced, so changing them does not recompile.
     """
-    batch, width = ids.shape
+    batch = ids.shape[0]
     pick = functools.partial(_pick, candidates=candidates, temperature=temperature, top_p=top_p)
     is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
-    virtual = sum(sites.virtual_tokens(params))
-    cache = model.init_cache(batch, virtual + width + max_new_tokens)
-    positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
-    hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
-                                return_hidden=True)
+    hidden, cache, advance = _prefill(model, params, ids, mask, max_new_tokens)
     # The head on the last position only: the prompt's other logits are never used.
     last = model.logits(model.head_leaves(params), hidden[:, -1])
     first = pick(last, jax.random.fold_in(key, 0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
-    decoding = sites.decoding(params)  # soft prompts and prefixes are in the cache now
 
     def body(state):
         step, tokens, done, cache = state
         prev = tokens[:, step - 1]
-        logits, cache = model.apply({"params": decoding}, prev[:, None], attention_mask=jnp.ones((batch, 1), jnp.int32),
-                                    positions=(lengths + step - 1)[:, None], cache=cache)
+        logits, cache = advance(prev[:, None], step, cache)
         token = pick(logits[:, -1], jax.random.fold_in(key, step))
         token = jnp.where(done, prev, token)  # a finished row repeats its EOS
         return step + 1, tokens.at[:, step].set(token), done | is_eos(token), cache

@@ -43,7 +43,7 @@ T5_VARIANTS = {"t5-v1.0": dict(feed_forward_proj="relu"),
                "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 
 
-def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 0):
+def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 0, **overrides):
     """(torch model, checkpoint dir) for a tiny random T5 with non-trivial norms. `own_head`: the file
     holds an lm_head of its own, as original FLAN-T5 files do (transformers 5 otherwise ties it)."""
     import numpy as np
@@ -52,7 +52,7 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
     from safetensors.numpy import load_file, save_file
 
     torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_TINY, **T5_VARIANTS[variant]))
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layer_norm.weight"):

@@ -68,6 +68,7 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     scale_decoder_outputs: bool = False
+    decoder_start_token_id: int = 0
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
     remat: str = "none"             # none | full | dots
@@ -177,7 +178,8 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
         num_decoder_layers=hf.get("num_decoder_layers") or layers,
         relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
-        scale_decoder_outputs=scaled, max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
+        scale_decoder_outputs=scaled, decoder_start_token_id=hf.get("decoder_start_token_id") or 0,
+        max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
 
 
 def _layer_types(hf: dict) -> tuple[str, ...]:

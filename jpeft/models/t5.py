@@ -8,6 +8,7 @@ head), computed once per stack (HF keeps its table in block 0), is added to ever
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,19 +44,31 @@ class RelativeBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """q/k/v/o attention of `x` over `source` (itself, or the encoder output for cross-attention)."""
+    """q/k/v/o attention of `x` over `source` (itself, or the encoder output for cross-attention).
+
+    With `cache` (this kind's stacked [layers, B, slots, H, D] keys and values) the new keys and
+    values go into the layer's rows at `index` and attention reads all of them; a cross-attention
+    step without `source` reads the encoder's keys and values the prefill wrote.
+    """
     cfg: ModelConfig
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x, source, mask, bias):
+    def __call__(self, x, source, mask, bias, cache=None, layer=None, index=0):
         cfg = self.cfg
         heads, dim = cfg.num_heads, cfg.head_dim
-        q = L.Dense(heads * dim, ("embed", "heads"), name="q")(x).reshape(*x.shape[:2], heads, dim)
-        k, v = (L.Dense(heads * dim, ("embed", "kv"), name=n)(source).reshape(*source.shape[:2], heads, dim)
-                for n in ("k", "v"))
-        out = L.attend(q, k, v, mask, 1.0, None, 0 if self.causal else None, bias=bias)
-        return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim))
+        split = lambda a: a.reshape(*a.shape[:2], heads, dim)  # noqa: E731
+        q = split(L.Dense(heads * dim, ("embed", "heads"), name="q")(x))
+        if source is not None:
+            k, v = (split(L.Dense(heads * dim, ("embed", "kv"), name=n)(source)) for n in ("k", "v"))
+        if cache is not None:
+            if source is not None:
+                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0, 0))
+                              for c, new in zip(cache, (k, v)))
+            k, v = (c[layer].astype(q.dtype) for c in cache)
+        causal_offset = 0 if self.causal and cache is None else None
+        out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias)
+        return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache
 
 
 class DenseReluDense(nn.Module):
@@ -78,30 +91,35 @@ class Sublayer(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x, *context):
+    def __call__(self, x, source=None, mask=None, bias=None, cache=None, layer=None, index=0):
         normed = L.RMSNorm(self.cfg.rms_norm_eps, name="layer_norm")(x)
         if self.kind == "DenseReluDense":
-            h = DenseReluDense(self.cfg, name=self.kind)(normed)
-        else:
-            source, mask, bias = context
-            h = Attention(self.cfg, self.causal, name=self.kind)(normed, normed if source is None else source,
-                                                                 mask, bias)
-        return x + h
+            return x + DenseReluDense(self.cfg, name=self.kind)(normed), cache
+        source = normed if self.kind == "SelfAttention" else source
+        h, cache = Attention(self.cfg, self.causal, name=self.kind)(normed, source, mask, bias, cache, layer, index)
+        return x + h, cache
 
 
 class Block(nn.Module):
-    """One encoder block (self-attention, FF) or decoder block (causal self-, cross-attention, FF)."""
+    """One encoder block (self-attention, FF) or decoder block (causal self-, cross-attention, FF).
+
+    The carry holds the stacked KV caches (self, cross) and the layer counter, as the decoders' does.
+    """
     cfg: ModelConfig
     decoder: bool
 
     @nn.compact
-    def __call__(self, x, context):
+    def __call__(self, carry, context):
+        x, caches, layer = carry
+        mask, bias, encoded, cross_mask, index = context
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        mask, bias, encoded, cross_mask = context
-        parts = [Sublayer(self.cfg, "SelfAttention", self.decoder, name="layer_0")(x, None, mask, bias)]
+        own, cross = caches if caches is not None else (None, None)
+        x, own = Sublayer(self.cfg, "SelfAttention", self.decoder, name="layer_0")(x, None, mask, bias, own, layer,
+                                                                                   index)
         if self.decoder:
-            parts.append(Sublayer(self.cfg, "EncDecAttention", name="layer_1")(parts[-1], encoded, cross_mask, None))
-        return Sublayer(self.cfg, "DenseReluDense", name=f"layer_{len(parts)}")(parts[-1]), None
+            x, cross = Sublayer(self.cfg, "EncDecAttention", name="layer_1")(x, encoded, cross_mask, None, cross, layer)
+        x, _ = Sublayer(self.cfg, "DenseReluDense", name=f"layer_{1 + self.decoder}")(x)
+        return (x, None if caches is None else (own, cross), layer + 1), None
 
 
 class Stack(nn.Module):
@@ -110,53 +128,82 @@ class Stack(nn.Module):
     decoder: bool
 
     @nn.compact
-    def __call__(self, x, mask, encoded=None, cross_mask=None):
+    def __call__(self, x, q_slots, k_slots, mask, encoded=None, cross_mask=None, caches=None, index=0):
         cfg = self.cfg
-        t = x.shape[1]
-        buckets = relative_buckets(jnp.arange(t)[None, :] - jnp.arange(t)[:, None], not self.decoder,
-                                   cfg.relative_buckets, cfg.relative_max_distance)
-        bias = RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]  # [1, H, T, T]
+        buckets = relative_buckets(k_slots[None, :] - q_slots[:, None], not self.decoder, cfg.relative_buckets,
+                                   cfg.relative_max_distance)
+        bias = RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]  # [1, H, T, S]
         stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,), length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = stack(cfg, self.decoder, name="block")(x, (mask, bias, encoded, cross_mask))
+        (x, caches, _), _ = stack(cfg, self.decoder, name="block")(
+            (x, caches, jnp.int32(0)), (mask, bias, encoded, cross_mask, index))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return L.RMSNorm(cfg.rms_norm_eps, name="final_layer_norm")(x)
+        return L.RMSNorm(cfg.rms_norm_eps, name="final_layer_norm")(x), caches
 
 
 class T5(nn.Module):
-    """`__call__(input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None)`.
+    """`__call__(input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, cache=None)`.
 
     Returns decoder logits [B, T_dec, vocab] (float32), or the decoder's hidden states with
-    `return_hidden=True`. Masks are 0 on padding (segment ids, as for the decoders). Without
-    decoder ids (initialisation) the decoder reads one start token.
+    `return_hidden=True`. Masks are 0 on padding (segment ids, as for the decoders: a decoder token
+    sees the encoder tokens of its own segment). Without decoder ids (initialisation) the decoder
+    reads one start token. With a cache (`init_cache`) it returns `(output, new_cache)`: a call
+    with `input_ids` encodes them and writes every layer's cross-attention keys/values; later
+    calls pass `input_ids=None` and only decoder tokens.
     """
     config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,
-                 return_hidden=False):
+                 cache=None, return_hidden=False):
         cfg = self.config
-        if decoder_input_ids is None:
-            decoder_input_ids = jnp.zeros((input_ids.shape[0], 1), jnp.int32)
-        segments = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        dec_segments = (jnp.ones(decoder_input_ids.shape, jnp.int32) if decoder_attention_mask is None
-                        else decoder_attention_mask.astype(jnp.int32))
-        slots, dec_slots = jnp.arange(input_ids.shape[1]), jnp.arange(decoder_input_ids.shape[1])
         shared = L.Embed(cfg.vocab_size, cfg.hidden_size, name="shared")
         dtype = jnp.dtype(cfg.dtype)
-        encoded = Stack(cfg, False, name="encoder")(
-            shared(input_ids, dtype), L.attention_mask(slots, slots, segments, segments, None, causal=False))
-        # Decoder tokens see the encoder tokens of their own segment (all of them without packing).
-        cross_mask = L.attention_mask(dec_slots, slots, jnp.minimum(dec_segments, 1), segments, None, causal=False)
-        hidden = Stack(cfg, True, name="decoder")(
-            shared(decoder_input_ids, dtype), L.attention_mask(dec_slots, dec_slots, dec_segments, dec_segments, None),
-            encoded, cross_mask)
+        if decoder_input_ids is None:
+            decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, jnp.int32)
+        dec_segments = _segments(decoder_input_ids, decoder_attention_mask)
+        caches, index = None, 0
+        if cache is not None:
+            caches, index = ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"])), cache["index"]
+        encoded = None
+        if input_ids is not None:
+            segments = _segments(input_ids, attention_mask)
+            slots = jnp.arange(input_ids.shape[1])
+            encoded, _ = Stack(cfg, False, name="encoder")(
+                shared(input_ids, dtype), slots, slots, L.attention_mask(slots, slots, segments, segments, None, False))
+        else:
+            segments = cache["encoder_segments"]
+        q_slots = index + jnp.arange(decoder_input_ids.shape[1])
+        k_segments, k_slots = dec_segments, q_slots
+        if cache is not None:
+            k_segments = jax.lax.dynamic_update_slice(cache["segments"], dec_segments, (0, index))
+            k_slots = jnp.arange(k_segments.shape[1])
+        cross_mask = L.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
+        hidden, caches = Stack(cfg, True, name="decoder")(
+            shared(decoder_input_ids, dtype), q_slots, k_slots,
+            L.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
         if cfg.scale_decoder_outputs:
             hidden = hidden * jnp.asarray(cfg.hidden_size ** -0.5, hidden.dtype)
         if not cfg.tie_word_embeddings and self.is_initializing():
             L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        return hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
+        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
+        if cache is None:
+            return out
+        (k, v), (cross_k, cross_v) = caches
+        return out, {"k": k, "v": v, "cross_k": cross_k, "cross_v": cross_v, "segments": k_segments,
+                     "encoder_segments": segments, "index": index + decoder_input_ids.shape[1]}
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int, dtype=None, encoder_len: int = 1) -> dict:
+        """An empty cache for `max_len` decoder tokens over an encoder input of `encoder_len` tokens."""
+        cfg = self.config
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        own = (cfg.num_decoder_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+        cross = (cfg.num_decoder_layers, batch, encoder_len, cfg.num_heads, cfg.head_dim)
+        return {"k": jnp.zeros(own, dtype), "v": jnp.zeros(own, dtype), "cross_k": jnp.zeros(cross, dtype),
+                "cross_v": jnp.zeros(cross, dtype), "segments": jnp.zeros((batch, max_len), jnp.int32),
+                "encoder_segments": jnp.zeros((batch, encoder_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:
@@ -167,3 +214,7 @@ class T5(nn.Module):
     @nn.nowrap
     def logits(self, head: dict, hidden):
         return sites.dense(head, hidden).astype(jnp.float32)
+
+
+def _segments(ids, mask):
+    return jnp.ones(ids.shape, jnp.int32) if mask is None else mask.astype(jnp.int32)
