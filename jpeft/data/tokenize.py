@@ -39,6 +39,9 @@ class Examples:
     attention_mask: np.ndarray  # int32, 1 (packed: the example's number) on real input tokens, 0 on padding
     positions: np.ndarray | None = None  # int32, packed rows: each token's position in its example
     loss_index: np.ndarray | None = None  # int32 [N, K], K < seq_len: where the loss positions are
+    # An encoder-decoder's rows: input_ids / attention_mask are the encoder's; labels, loss_mask and
+    # these decoder inputs (the start token, then the labels shifted right) are [N, target_len].
+    decoder_input_ids: np.ndarray | None = None
     n_truncated: int = 0
 
     def __len__(self) -> int:
@@ -109,6 +112,30 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     if pack:
         return _pack_examples(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
     return _pack_rows(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
+
+
+def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, seq_len: int,
+                     start_id: int) -> Examples:
+    """Encoder input: the prompt (with the tokenizer's special tokens), cut on the right to seq_len but
+    keeping a final EOS; decoder: the start token + target, predicting target + EOS (loss on all of
+    it). Targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
+    rows = list(rows)
+    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
+    eos = _eos_id(tokenizer)
+    targets = [t + [eos] for t in _encode(tokenizer, [render(target, r) for r in rows], special=False)]
+    target_len = min(seq_len, -(-max(map(len, targets), default=1) // 16) * 16)
+    cut = [p[:seq_len - 1] + [eos] if p[-1:] == [eos] else p[:seq_len] for p in prompts]
+    n_truncated = sum(len(p) > seq_len for p in prompts) + sum(len(t) > target_len for t in targets)
+    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts cut on the right")
+    pad = pad_id(tokenizer)
+    ids, labels = np.full((len(rows), seq_len), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
+    mask, loss = np.zeros(ids.shape, np.int32), np.zeros(labels.shape, np.float32)
+    for i, (p, t) in enumerate(zip(cut, targets)):
+        t = t[:target_len]
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+        labels[i, :len(t)], loss[i, :len(t)] = t, 1.0
+    decoder = np.concatenate([np.full((len(rows), 1), start_id, np.int32), labels[:, :-1]], axis=1)
+    return Examples(ids, labels, loss, mask, decoder_input_ids=decoder, n_truncated=n_truncated)
 
 
 def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,

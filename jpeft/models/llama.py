@@ -138,6 +138,7 @@ class CausalLM(nn.Module):
     own segment (and to virtual tokens).
     """
     config: ModelConfig
+    insertion_points = sites.HOOKS
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):

@@ -153,6 +153,7 @@ class T5(nn.Module):
     calls pass `input_ids=None` and only decoder tokens.
     """
     config: ModelConfig
+    insertion_points = sites.WEIGHT_SPACE  # no virtual tokens, prefixes, gates or bottlenecks (yet)
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,

@@ -34,7 +34,22 @@ from jpeft.peft.base import matmul
 from jpeft.peft.registry import METHODS
 
 __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
-           "virtual_tokens", "expand", "decoding"]
+           "virtual_tokens", "expand", "decoding", "require"]
+
+# The hooks a method may implement; a model lists those it calls (`insertion_points`).
+HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "attention_kv",
+         "attention_output", "residual", "norm_output", "virtual_tokens", "expand")
+WEIGHT_SPACE = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "norm_output")
+
+
+def require(method, model) -> None:
+    """Refuse a method that needs an insertion point the model never calls (it would silently do nothing)."""
+    missing = [h for h in HOOKS if hasattr(method, h) and h not in model.insertion_points]
+    if missing:
+        from jpeft.errors import ConfigError
+        raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
+                          f"{model.config.model_type} models do not have; use a weight-space method "
+                          "(full, lora, qlora, ia3, bitfit, norm) with this family")
 
 
 def _with(hook: str, leaves: dict):

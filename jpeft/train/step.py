@@ -26,8 +26,12 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
     backward) only at those K positions of each row, which hold all of its loss.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("positions"),
-                         return_hidden=True, rngs=rngs)
+    if "decoder_input_ids" in batch:  # an encoder-decoder: the loss is on its decoder's tokens
+        hidden = model.apply({"params": params}, batch["input_ids"], batch["decoder_input_ids"],
+                             batch["attention_mask"], return_hidden=True, rngs=rngs)
+    else:
+        hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("positions"),
+                             return_hidden=True, rngs=rngs)
     labels, weights = batch["labels"], batch["loss_mask"]
     if "loss_index" in batch:
         index = batch["loss_index"]

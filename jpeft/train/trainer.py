@@ -25,13 +25,15 @@ from tqdm.auto import tqdm
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
 from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, label_ids, label_names, load_rows,
-                        pad_id, template_columns, tokenize_classification, tokenize_supervised, tokenize_text)
+                        pad_id, template_columns, tokenize_classification, tokenize_seq2seq, tokenize_supervised,
+                        tokenize_text)
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, evaluate_generation
+from jpeft.models.config import ModelConfig
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
-from jpeft.peft import BY_NAME, count_parameters, parameter_report
+from jpeft.peft import BY_NAME, count_parameters, parameter_report, sites
 from jpeft.peft.classifier import Classifier, hf_unsupported, label_config, save_label_config, split_head
 from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
@@ -78,11 +80,20 @@ def load_tokenizer(model_dir: str):
                           "copy the base model's tokenizer files into it") from None
 
 
-def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None) -> Examples:
+def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None,
+            model_cfg: ModelConfig | None = None) -> Examples:
     """Rows of a data file -> fixed-shape token arrays with the loss mask the config asks for (a
-    classifier's: one class id per row, through the class names `labels`)."""
+    classifier's: one class id per row, through the class names `labels`; an encoder-decoder's:
+    prompt into the encoder, target from the decoder, unpacked)."""
     d = cfg.data
     rows = load_rows(path)
+    if model_cfg is not None and model_cfg.is_encoder_decoder:
+        if d.label or d.text:
+            raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
+                              "rows, not data.text or data.label")
+        check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
+        return tokenize_seq2seq(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len,
+                                model_cfg.decoder_start_token_id)
     if d.label:
         text = d.prompt if d.prompt is not None else "{" + d.text + "}"
         check_columns(rows, path, template_columns(text))
@@ -138,10 +149,11 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
     labels = class_labels(cfg)
-    train_examples = prepare(cfg, cfg.data.train, tokenizer, labels)
-    eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels) if cfg.data.eval else None
+    train_examples = prepare(cfg, cfg.data.train, tokenizer, labels, model.config)
+    eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels, model.config) if cfg.data.eval else None
 
     method = build_method(cfg, labels)
+    sites.require(method, model)
     params = init_method(method, params, model, mesh, tc.seed)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
