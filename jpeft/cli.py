@@ -41,7 +41,7 @@ def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
 
 def cmd_demo(args) -> None:
     from jpeft.demo import run_demo
-    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods)
+    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods, family=args.family)
 
 
 def run_config(args):
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="full,lora",
                    help="comma-separated method names trained on the same base under one step budget, "
                         "or all (every method but classifier); default full,lora")
+    p.add_argument("--family", default="llama", choices=["llama", "t5"],
+                   help="the base to build: llama (a decoder, default) or t5 (an encoder-decoder with FLAN-T5's "
+                        "architecture, pre-trained as a prefix LM); weight-space methods only for t5")
 
     p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
                 "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "

@@ -49,6 +49,8 @@ PRESETS = {
                  methods={"lora": dict(lr=3e-3, rank=4, alpha=8)}),
 }
 ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+T5_PROJECTIONS = "[q,k,v,o,wi_0,wi_1,wo]"  # the same projections, as PEFT names them in T5
+FAMILIES = ("llama", "t5")
 LORA_PRESET = dict(lr=5e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
 DEFAULT_LR = 5e-3  # the learning rate of a method METHOD_PRESETS lacks (which also keeps its default options)
 METHOD_PRESETS = {  # train.lr and method.* options per method
@@ -80,14 +82,20 @@ def write_jsonl(path: str, rows) -> str:
     return path
 
 
-def init_base(out_dir: str, tokenizer, p: dict, seed: int) -> str:
-    """A randomly initialised Llama as an HF dir (with the tokenizer), ready for the trainer."""
-    from transformers import LlamaConfig
-    hf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["mlp"],
-                     num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                     num_key_value_heads=p["heads"], max_position_embeddings=1024, tie_word_embeddings=True,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, rms_norm_eps=1e-5).to_dict()
+def init_base(out_dir: str, tokenizer, p: dict, seed: int, family: str = "llama") -> str:
+    """A randomly initialised Llama (or FLAN-T5-style T5) as an HF dir with the tokenizer, ready for the trainer."""
+    from transformers import LlamaConfig, T5Config
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "t5":
+        hf = T5Config(vocab_size=len(tokenizer), d_model=p["hidden"], d_kv=p["hidden"] // p["heads"], d_ff=p["mlp"],
+                      num_layers=p["layers"], num_heads=p["heads"], feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, n_positions=1024,
+                      **ids).to_dict()
+    else:
+        hf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["mlp"],
+                         num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+                         num_key_value_heads=p["heads"], max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, rms_norm_eps=1e-5, **ids).to_dict()
     model = build(ModelConfig.from_hf(hf))
     params = init_params(model, jax.random.key(seed))
     save_pretrained(out_dir, model, params)
@@ -114,9 +122,12 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def method_config(name: str, p: dict, base_dir: str, task: dict, seed: int, out_dir: str) -> RunConfig:
+def method_config(name: str, p: dict, base_dir: str, task: dict, seed: int, out_dir: str,
+                  family: str = "llama") -> RunConfig:
     """One method's fine-tune: the preset's shared step budget, the method's own lr and options."""
     options = {"lr": DEFAULT_LR, **METHOD_PRESETS.get(name, {}), **p.get("methods", {}).get(name, {})}
+    if family == "t5" and "targets" in options:
+        options["targets"] = T5_PROJECTIONS
     lr = options.pop("lr")
     return run_config(model={"path": base_dir, "dtype": "auto"}, method={"name": name, **options}, data=task,
                       train={**p["finetune"], "lr": lr, "seed": seed, "log_every": 10}, out_dir=out_dir)
@@ -152,11 +163,37 @@ def as_row(name: str, scores: dict) -> dict:
     return {"name": name, **{"eval_loss" if k == "nll" else f"eval_{k}": v for k, v in scores.items()}}
 
 
+def continuation_rows(rows: list[dict]) -> list[dict]:
+    """A T5 base's pre-training task: each dialogue's second half from its first (a prefix LM)."""
+    out = []
+    for r in rows:
+        lines = r["dialogue"].split("\n")
+        half = max(len(lines) // 2, 1)
+        out.append({"context": "\n".join(lines[:half]), "continuation": "\n".join(lines[half:]) or lines[-1]})
+    return out
+
+
+def check_family(family: str, methods: list[str]) -> None:
+    """Refuse, before any training, a family the demo lacks or a method it cannot apply."""
+    from jpeft.models.t5 import T5
+    from jpeft.peft import sites
+    from jpeft.peft.registry import BY_NAME
+    if family not in FAMILIES:
+        raise ConfigError(f"--family {family!r}: the demo builds {' or '.join(FAMILIES)}")
+    if family == "t5":
+        if CLASSIFIER in methods:
+            raise ConfigError("--family t5: the classifier reads a decoder's last-token features; drop it")
+        for name in methods:
+            sites.require(BY_NAME[name], T5.insertion_points, "t5")
+
+
 def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0,
-             methods: str = "full,lora") -> dict:
-    """`methods`: comma-separated method names (or all), each fine-tuned into `out/<method>/`."""
+             methods: str = "full,lora", family: str = "llama") -> dict:
+    """`methods`: comma-separated method names (or all), each fine-tuned into `out/<method>/`; `family`:
+    llama (a decoder) or t5 (an encoder-decoder, FLAN-T5's architecture, pre-trained as a prefix LM)."""
     started = time.time()
     methods = parse_methods(methods)
+    check_family(family, methods)
     p = PRESETS[preset]
     data = data or DIALOGSUM_SAMPLE
     if not os.path.exists(data):
@@ -173,7 +210,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     pair_task = {"train": os.path.join(work, "pairs_train.jsonl"), "eval": os.path.join(work, "pairs_test.jsonl"),
                  "prompt": PAIR_PROMPT, "label": "label", "eval_limit": 0}
     configs = {name: method_config(name, p, base_dir, pair_task if name == CLASSIFIER else task, seed,
-                                   os.path.join(out, name)) for name in methods}
+                                   os.path.join(out, name), family) for name in methods}
     dialogues = [r["dialogue"] for r in train_rows]
     log.info("demo: %d training rows, %d held-out rows from %s", len(train_rows), len(test_rows), data)
 
@@ -182,15 +219,17 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     write_jsonl(test_file, test_rows)
     write_jsonl(pair_task["train"], summary_pairs(train_rows, seed))
     write_jsonl(pair_task["eval"], summary_pairs(test_rows, seed))
-    init_dir = init_base(os.path.join(work, "init"), tokenizer, p, seed)
+    init_dir = init_base(os.path.join(work, "init"), tokenizer, p, seed, family)
+    base_data = {"train": train_file, "text": "dialogue"}
+    if family == "t5":
+        base_data = {"train": write_jsonl(os.path.join(work, "continuations.jsonl"), continuation_rows(train_rows)),
+                     "prompt": "{context}", "target": "continuation"}
 
     stages = len(methods) + 1
-    log.info("demo: 1/%d training the base language model on dialogues", stages)
+    log.info("demo: 1/%d training the base %s on dialogues", stages, "T5 (prefix LM)" if family == "t5" else "LM")
     base_run = os.path.join(work, "base_run")
-    train(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"},
-                     data={"train": train_file, "text": "dialogue"}, train={**p["base"], "seed": seed,
-                                                                           "log_every": 10},
-                     out_dir=base_run))
+    train(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"}, data=base_data,
+                     train={**p["base"], "seed": seed, "log_every": 10}, out_dir=base_run))
     if os.path.exists(base_dir):
         shutil.rmtree(base_dir)
     os.replace(os.path.join(base_run, "model"), base_dir)
@@ -205,7 +244,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     tokenizer = load_tokenizer(base_dir)
     summarisers = [name for name in methods if name != CLASSIFIER]
     task_cfg = method_config("full", p, base_dir, task, seed, out)  # every summariser shares data and seq_len
-    examples = prepare(task_cfg, test_file, tokenizer)
+    examples = prepare(task_cfg, test_file, tokenizer, model_cfg=model.config)
     eval_step = make_eval_step(model)
     summary, outputs = {}, {}
     references = [[r["summary"]] for r in test_rows]
@@ -227,6 +266,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     summary["distinct_outputs"] = {name: len(set(texts)) for name, texts in outputs.items()}
     summary["seconds"] = round(time.time() - started, 1)
     summary["machine"] = {"cpu_flags": reported_flags(), "cpu_count": os.cpu_count(), "dtype": resolve_dtype("auto")}
+    summary["family"] = family
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     plot_losses(out, {"base (LM)": base_run, **{name: os.path.join(out, name) for name in summarisers}})

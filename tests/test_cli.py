@@ -151,6 +151,20 @@ def test_demo_tiny(tmp_path, capsys):
     assert "ROUGE-L" in out and "distinct outputs of 4 held-out rows" in out and "flags:" in out
 
 
+def test_demo_t5_family(tmp_path, capsys):
+    """The seed table's experiment scaled down: a T5 base, full and LoRA fine-tunes, the same table."""
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--family", "t5"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["family"] == "t5" and json.loads((tmp_path / "base/config.json").read_text())["model_type"] == "t5"
+    for name in ("base", "full", "lora"):
+        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll"}
+    assert summary["trainable_params"]["full"] == summary["total_params"] > summary["trainable_params"]["lora"]
+    assert "ROUGE-L" in capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path / "x"), "--preset", "tiny", "--family", "t5",
+                 "--methods", "lora,prefix"]) == 2
+    assert "'prefix' acts at the attention_kv" in capsys.readouterr().err
+
+
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora,ia3,classifier"]) == 0
     table = json.loads((tmp_path / "comparison.json").read_text())

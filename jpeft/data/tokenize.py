@@ -118,17 +118,18 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, 
                      start_id: int) -> Examples:
     """Encoder input: the prompt (with the tokenizer's special tokens), cut on the right to seq_len but
     keeping a final EOS; decoder: the start token + target, predicting target + EOS (loss on all of
-    it). Targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
+    it). Inputs and targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
     rows = list(rows)
     prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
     eos = _eos_id(tokenizer)
     targets = [t + [eos] for t in _encode(tokenizer, [render(target, r) for r in rows], special=False)]
-    target_len = min(seq_len, -(-max(map(len, targets), default=1) // 16) * 16)
-    cut = [p[:seq_len - 1] + [eos] if p[-1:] == [eos] else p[:seq_len] for p in prompts]
+    longest = lambda seqs: min(seq_len, -(-max(map(len, seqs), default=1) // 16) * 16)  # noqa: E731
+    target_len, width = longest(targets), longest(prompts)
+    cut = [p[:width - 1] + [eos] if p[-1:] == [eos] else p[:width] for p in prompts]
     n_truncated = sum(len(p) > seq_len for p in prompts) + sum(len(t) > target_len for t in targets)
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts cut on the right")
     pad = pad_id(tokenizer)
-    ids, labels = np.full((len(rows), seq_len), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
+    ids, labels = np.full((len(rows), width), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
     mask, loss = np.zeros(ids.shape, np.int32), np.zeros(labels.shape, np.float32)
     for i, (p, t) in enumerate(zip(cut, targets)):
         t = t[:target_len]

@@ -42,14 +42,15 @@ HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", 
 WEIGHT_SPACE = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "norm_output")
 
 
-def require(method, model) -> None:
-    """Refuse a method that needs an insertion point the model never calls (it would silently do nothing)."""
-    missing = [h for h in HOOKS if hasattr(method, h) and h not in model.insertion_points]
+def require(method, insertion_points, family: str) -> None:
+    """Refuse a method (instance or class) that needs an insertion point the family's model never
+    calls: it would silently do nothing."""
+    missing = [h for h in HOOKS if hasattr(method, h) and h not in insertion_points]
     if missing:
         from jpeft.errors import ConfigError
         raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
-                          f"{model.config.model_type} models do not have; use a weight-space method "
-                          "(full, lora, qlora, ia3, bitfit, norm) with this family")
+                          f"{family} models do not have; use a weight-space method (full, lora, qlora, ia3, "
+                          "bitfit, norm) with this family")
 
 
 def _with(hook: str, leaves: dict):

@@ -153,7 +153,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels, model.config) if cfg.data.eval else None
 
     method = build_method(cfg, labels)
-    sites.require(method, model)
+    sites.require(method, model.insertion_points, model.config.model_type)
     params = init_method(method, params, model, mesh, tc.seed)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
