@@ -76,8 +76,9 @@ def count(tree: Tree) -> int:
     return sum(int(np.prod(np.shape(v))) for v in flatten(tree).values())
 
 
-# The scanned layer stacks, named as the HF module lists they stand for (Llama's `layers`, T5's `block`).
-STACKS = ("layers", "block")
+# The scanned layer stacks, named as the HF module lists they stand for (Llama's `layers`, T5's `block`,
+# GPT-2's `h`).
+STACKS = ("layers", "block", "h")
 
 
 def is_stacked(path: str) -> bool:

@@ -18,6 +18,7 @@ FAMILIES = {
                    final_logit_softcapping=0.5),
     "gemma3_text": dict(head_dim=8, sliding_window=4),
 }
+GPT2 = dict(n_inner=64)  # GPT-2 (Conv1D projections, learned positions, LayerNorm): weight-space methods only
 
 
 def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
@@ -30,7 +31,7 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases so a mapping bug cannot hide
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
+            if name.endswith(("norm.weight", ".bias")) or ".ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
 

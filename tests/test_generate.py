@@ -44,6 +44,7 @@ def tiny(tmp_path_factory):
     ("gemma3_text", dict(head_dim=8, sliding_window=4, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})),
+    ("gpt2", dict(n_inner=64)),  # learned positions of left-padded rows
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

@@ -9,11 +9,15 @@ sharding) uses only this surface of the module `from_pretrained` returns, so it 
   with any adapter leaves), and `model.logits(head, hidden)`: the head applied (soft-capped where
   the family does), so a chunked loss can run the head chunk by chunk;
 - `model.init_cache(batch, max_len)`: an empty KV cache for `apply(..., cache=...)`;
+- `model.insertion_points`: the adapter hooks it calls (`jpeft.peft.sites.require` refuses others);
+- encoder-decoders (`config.is_encoder_decoder`, T5) take decoder ids as `apply`'s second argument
+  and encode once into their cache (`jpeft.models.t5`);
 - `model.config` (a `ModelConfig`); the parameters' logical axes come with `abstract_params`,
   and their HF names from the tree paths (`jpeft.models.hf`).
 """
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import from_pretrained, save_pretrained
 from jpeft.models.llama import CausalLM
+from jpeft.models.t5 import T5
 
-__all__ = ["ModelConfig", "CausalLM", "from_pretrained", "save_pretrained"]
+__all__ = ["ModelConfig", "CausalLM", "T5", "from_pretrained", "save_pretrained"]

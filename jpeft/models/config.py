@@ -10,7 +10,7 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "t5")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 QK_NORM_TYPES = ("qwen3", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
@@ -102,9 +102,11 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders and T5)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, T5 and GPT-2)")
         if model_type == "t5":
             return _t5(hf, source, need)
+        if model_type == "gpt2":
+            return _gpt2(hf, source, need)
         gemma = model_type in GEMMA_TYPES
         act = (hf.get("hidden_activation") if model_type != "gemma" else None) or hf.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
@@ -180,6 +182,23 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         scale_decoder_outputs=scaled, decoder_start_token_id=hf.get("decoder_start_token_id") or 0,
         max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
+
+
+def _gpt2(hf: dict, source: str, need) -> ModelConfig:
+    """GPT-2: learned positions, LayerNorm, biases everywhere, a tied head, 1/sqrt(d) attention scale."""
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{source}: only GPT-2's default attention scale (1/sqrt(head_dim)) is supported")
+    act = {"gelu_new": "gelu_pytorch_tanh"}.get(hf.get("activation_function", "gelu_new"),
+                                                hf.get("activation_function"))
+    if act not in ACTIVATIONS:
+        raise CheckpointError(f"{source}: activation_function {act!r} is not supported")
+    hidden, heads = need("n_embd"), need("n_head")
+    return ModelConfig(
+        model_type="gpt2", vocab_size=need("vocab_size"), hidden_size=hidden,
+        intermediate_size=hf.get("n_inner") or 4 * hidden, num_layers=need("n_layer"), num_heads=heads,
+        num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hidden_act=act, gated_mlp=False,
+        max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
 
 
 def _layer_types(hf: dict) -> tuple[str, ...]:

@@ -23,8 +23,9 @@ from jpeft.errors import CheckpointError
 from jpeft.hardware import resolve_dtype
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
+from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
-from jpeft.peft.base import layer_names
+from jpeft.peft.base import CONV1D, layer_names
 from jpeft.peft.classifier import hf_tree
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
@@ -34,8 +35,8 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build(cfg: ModelConfig) -> CausalLM | T5:
-    return T5(cfg) if cfg.is_encoder_decoder else CausalLM(cfg)
+def build(cfg: ModelConfig) -> CausalLM | T5 | GPT2:
+    return {"t5": T5, "gpt2": GPT2}.get(cfg.model_type, CausalLM)(cfg)
 
 
 def abstract_params(model: CausalLM):
@@ -66,9 +67,14 @@ def _with_score(flat: dict, hidden_size: int, num_labels: int) -> dict:
     return out
 
 
+def transposed(path: str) -> bool:
+    """Does HF store this leaf transposed? nn.Linear weights are [out, in]; GPT-2's Conv1D are [in, out]."""
+    return path.endswith("/kernel") and path.split("/")[-2] not in CONV1D
+
+
 def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
     """A leaf between jpeft's layout and HF's, either way: kernels [in, out] <-> weights [out, in]."""
-    return array.T if path.endswith("/kernel") else array
+    return array.T if transposed(path) else array
 
 
 def _weight_index(model_dir: str) -> dict[str, str]:
@@ -151,7 +157,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
 
 
 def _tree_shape(path: str, hf_shape) -> tuple:
-    return tuple(reversed(hf_shape)) if path.endswith("/kernel") else tuple(hf_shape)
+    return tuple(reversed(hf_shape)) if transposed(path) else tuple(hf_shape)
 
 
 def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
@@ -159,7 +165,7 @@ def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
     stacked = T.is_stacked(path)
     index = tuple(index) + (slice(None),) * (len(parts[0].get_shape()) + stacked - len(index))
     layers, within = (parts[index[0]], index[1:]) if stacked else (parts, index)
-    if path.endswith("/kernel"):  # HF stores [out, in]
+    if transposed(path):  # HF stores [out, in]
         arrays = [part[tuple(reversed(within))].T for part in layers]
     else:
         arrays = [part[within] for part in layers]

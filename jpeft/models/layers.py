@@ -67,6 +67,21 @@ class RMSNorm(nn.Module):
         return sites.norm(module_leaves(self), scale.astype(x.dtype) * h.astype(x.dtype))
 
 
+class LayerNorm(nn.Module):
+    """GPT-2's LayerNorm: mean and variance in float32, then w · x + b."""
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                           jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],),
+                          jnp.float32)
+        h = x.astype(jnp.float32)
+        h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + self.eps)
+        return sites.norm(module_leaves(self), (h * scale + bias).astype(x.dtype))
+
+
 class Embed(nn.Module):
     """The input-embedding insertion point."""
     vocab_size: int
@@ -128,6 +143,14 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None,
         allowed &= q_slots[None, :, None] - k_slots[None, None, :] < window
     same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
     return allowed & same & (k_segments[:, None, :] != 0)
+
+
+def cached(cache_kv, k, v, layer, index):
+    """(cache, k, v): new keys/values [B, T, KV, D] written in place into the layer's rows of a stacked
+    [layers, B, slots, KV, D] cache at slot `index`, and all of that layer's slots read back."""
+    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0, 0))
+                     for c, new in zip(cache_kv, (k, v)))
+    return (cache_kv, *(c[layer] for c in cache_kv))
 
 
 def softcap(x, cap: float | None):

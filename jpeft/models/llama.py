@@ -43,10 +43,8 @@ class Attention(nn.Module):
         q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        if cache_kv is not None:  # the new keys/values into this layer's rows of the whole stack, in place
-            cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, cache_index, 0, 0))
-                             for c, new in zip(cache_kv, (k, v)))
-            k, v = (c[layer] for c in cache_kv)
+        if cache_kv is not None:
+            cache_kv, k, v = L.cached(cache_kv, k, v, layer, cache_index)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = None if cache_kv is not None else k.shape[1] - q.shape[1]
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,

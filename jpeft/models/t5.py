@@ -63,9 +63,10 @@ class Attention(nn.Module):
             k, v = (split(L.Dense(heads * dim, ("embed", "kv"), name=n)(source)) for n in ("k", "v"))
         if cache is not None:
             if source is not None:
-                cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0, 0))
-                              for c, new in zip(cache, (k, v)))
-            k, v = (c[layer].astype(q.dtype) for c in cache)
+                cache, k, v = L.cached(cache, k, v, layer, index)
+            else:  # a decoding step: the encoder's keys/values as the prefill wrote them
+                k, v = (c[layer] for c in cache)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         causal_offset = 0 if self.causal and cache is None else None
         out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias)
         return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache

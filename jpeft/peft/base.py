@@ -81,6 +81,10 @@ HF_HOMES = {f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAt
             for stack in ("encoder", "decoder")}
 
 
+# GPT-2's projections: HF Conv1D modules, weights stored [in, out] (PEFT adapts them with fan_in_fan_out).
+CONV1D = ("c_attn", "c_proj", "c_fc")
+
+
 def hf_module(module_path: str) -> str:
     """'model/layers/self_attn/q_proj' -> 'model.layers.self_attn.q_proj' (stacked name, no index).
 

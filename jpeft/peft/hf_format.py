@@ -37,8 +37,9 @@ UNPREFIXED = ("prompt_embeddings",)  # prompt learning's one tensor belongs to n
 CLASSES = {cls.peft_type: cls for cls in METHODS if getattr(cls, "peft_type", None)}
 PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
 # adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save
-# only beyond a SEQ_CLS adapter's classification head).
-UNHONOURED = {"fan_in_fan_out": False, "modules_to_save": None, "layer_replication": None,
+# only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
+# stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.
+UNHONOURED = {"modules_to_save": None, "layer_replication": None,
               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
               "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None}
 

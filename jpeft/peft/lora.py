@@ -26,7 +26,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (Method, hf_module, layer_names, leading, linear_uniform, matmul, targeted_layers,
+from jpeft.peft.base import (CONV1D, Method, hf_module, layer_names, leading, linear_uniform, matmul, targeted_layers,
                              weight_name)
 from jpeft.peft.quant import is_quantized
 
@@ -275,7 +275,8 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
     config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
               "rank_pattern": {n: r for n, (r, _) in entries.items() if r != rank},
               "alpha_pattern": {n: al for n, (_, al) in entries.items() if al != alpha},
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+              "bias": "none", "fan_in_fan_out": bool(short & set(CONV1D)), "inference_mode": True,
+              "init_lora_weights": True,
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
     if whole:

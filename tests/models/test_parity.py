@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import make_hf_model, save_hf_model
+from conftest import GPT2, make_hf_model, save_hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -40,6 +40,8 @@ CASES = {
     "gemma3-local-rope": ("gemma3_text", GEMMA3),
     "gemma3-legacy-rope-fields": ("gemma3_text", dict(GEMMA3, rope_parameters=None, rope_theta=50000.0,
                                                       rope_local_base_freq=100.0)),
+    "gpt2": ("gpt2", GPT2),
+    "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
 }
 
 
@@ -110,7 +112,8 @@ def test_sharded_safetensors_load(tmp_path):
                                torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True))])
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),
+                                                 ("gpt2", GPT2)])
 def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **overrides)
     model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path / "src"))

@@ -113,9 +113,15 @@ def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
     edit_config(adapter, peft_type="LOHA")
     with pytest.raises(jpeft.AdapterError, match="peft_type 'LOHA' is not supported"):
         jpeft.load_adapter(str(adapter), params)
-    edit_config(adapter, peft_type="LORA", fan_in_fan_out=True)
-    with pytest.raises(jpeft.AdapterError, match="fan_in_fan_out=True cannot be honoured"):
+    edit_config(adapter, peft_type="LORA")
+    as_written = T.flatten(jpeft.load_adapter(str(adapter), params))
+    edit_config(adapter, lora_bias=True)
+    with pytest.raises(jpeft.AdapterError, match="lora_bias=True cannot be honoured"):
         jpeft.load_adapter(str(adapter), params)
+    edit_config(adapter, lora_bias=False, fan_in_fan_out=True)  # the torch base's layout, not the adapter's math
+    flagged = T.flatten(jpeft.load_adapter(str(adapter), params))
+    assert flagged.keys() == as_written.keys() and "model/layers/self_attn/q_proj/lora_a" in flagged
+    assert all(np.array_equal(flagged[k], as_written[k]) for k in flagged)
 
 
 def test_missing_and_corrupt_files(adapter_dir, tmp_path):

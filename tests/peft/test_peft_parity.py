@@ -194,3 +194,21 @@ def test_t5_adapter_round_trip(tmp_path, method):
                                rtol=0)
     merged = jpeft.merge(adapted)
     np.testing.assert_allclose(t5_logits(model, merged, *batch), t5_logits(model, adapted, *batch), atol=1e-4, rtol=0)
+
+
+def test_gpt2_lora_round_trip_with_fan_in_fan_out(tmp_path):
+    """LoRA on GPT-2's Conv1D projections (fused c_attn): jpeft -> PEFT (fan_in_fan_out) -> jpeft, and merge."""
+    from conftest import GPT2
+    torch_model = make_hf_model("gpt2", **GPT2)
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    adapted = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["c_attn", "c_proj", "c_fc"]).init(jax.random.key(0), params),
+                      ("lora_b",), jax.random.key(1))
+    assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-4
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
+    assert peft_model.peft_config["default"].fan_in_fan_out
+    np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(jax_logits(model, jpeft.merge(adapted)), jax_logits(model, adapted), atol=1e-4, rtol=0)

@@ -4,20 +4,23 @@ import pytest
 from transformers import AutoTokenizer
 
 import jpeft
-from conftest import FAMILIES, make_hf_model, read_metrics, run_config, save_hf_model
+from conftest import FAMILIES, GPT2, make_hf_model, read_metrics, run_config, save_hf_model
 from jpeft.train import trainer
 
 
-@pytest.mark.parametrize("family,method", [("qwen3", "lora"), ("gemma2", "full"), ("gemma3_text", "full")])
-def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method):
+@pytest.mark.parametrize("family,method,lr", [("qwen3", "lora", 1e-1), ("gemma2", "full", 3e-2),
+                                              ("gemma3_text", "full", 3e-2), ("gpt2", "lora", 3e-1),
+                                              ("gpt2", "full", 1e-2)])
+def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method, lr):
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
-    base = save_hf_model(make_hf_model(family, **FAMILIES[family], vocab_size=len(tokenizer),
+    base = save_hf_model(make_hf_model(family, **{**FAMILIES, "gpt2": GPT2}[family], vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
                          tmp_path / "base")
     tokenizer.save_pretrained(base)
-    trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", f"method.name={method}",
-                             "train.lr=3e-2" if method == "full" else "train.lr=1e-1",
+    targets = ["method.targets=[c_attn,c_proj,c_fc]"] if family == "gpt2" else []
+    trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", f"method.name={method}", *targets,
+                             f"train.lr={lr}",
                              "train.steps=8"), progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses

@@ -1,0 +1,114 @@
+"""GPT-2: learned positions, LayerNorm, fused q/k/v, from the shared layers.
+
+Parameter paths spell HF's names (`transformer/h/attn/c_attn/kernel` <-> `transformer.h.{i}.attn.c_attn.weight`).
+Its projections are HF `Conv1D`s, whose weights are already [in, out], so they are read and
+written untransposed (`jpeft.peft.base.CONV1D`); PEFT adapts them with `fan_in_fan_out`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.models import layers as L
+from jpeft.models.config import ModelConfig
+from jpeft.peft import sites
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, cache_kv, index, layer):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = L.Dense(3 * cfg.hidden_size, ("embed", "heads"), True, name="c_attn")(x)
+        q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        if cache_kv is not None:
+            cache_kv, k, v = L.cached(cache_kv, k, v, layer, index)
+        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
+                       None if cache_kv is not None else 0)
+        return L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1)), cache_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        h = L.Dense(cfg.intermediate_size, ("embed", "mlp"), True, name="c_fc")(x)
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), True, name="c_proj")(L.ACTIVATIONS[cfg.hidden_act](h))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, context):
+        x, cache_kv, layer = carry
+        mask, index = context
+        x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
+        h, cache_kv = Attention(self.cfg, name="attn")(L.LayerNorm(self.cfg.rms_norm_eps, name="ln_1")(x), mask,
+                                                        cache_kv, index, layer)
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(L.LayerNorm(self.cfg.rms_norm_eps, name="ln_2")(x))
+        return (x, cache_kv, layer + 1), None
+
+
+class Transformer(nn.Module):
+    """HF's GPT2Model: token and position embeddings, the scanned blocks `h`, the final norm."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, cache_kv, index):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = (L.Embed(cfg.vocab_size, cfg.hidden_size, name="wte")(input_ids, dtype)
+             + L.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")(positions, dtype))
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,), length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, cache_kv, _), _ = stack(cfg, name="h")((x, cache_kv, jnp.int32(0)), (mask, index))
+        return L.LayerNorm(cfg.rms_norm_eps, name="ln_f")(nn.with_logical_constraint(x, L.ACTIVATION_AXES)), cache_kv
+
+
+class GPT2(nn.Module):
+    """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (no virtual
+    tokens); the head is the token embedding, tied."""
+    config: ModelConfig
+    insertion_points = sites.WEIGHT_SPACE
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
+        cfg = self.config
+        b, t = input_ids.shape
+        segments = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        index, cache_kv, k_segments = 0, None, segments
+        if cache is not None:
+            index, cache_kv = cache["index"], (cache["k"], cache["v"])
+            k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
+        q_slots = index + jnp.arange(t)
+        if positions is None:
+            positions = jnp.broadcast_to(q_slots, (b, t))
+        mask = L.attention_mask(q_slots, jnp.arange(k_segments.shape[1]), segments, k_segments, None)
+        hidden, cache_kv = Transformer(cfg, name="transformer")(input_ids, positions, mask, cache_kv, index)
+        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
+        if cache is None:
+            return out
+        return out, {"k": cache_kv[0], "v": cache_kv[1], "segments": k_segments, "index": index + t}
+
+    @nn.nowrap
+    def head_leaves(self, params) -> dict:
+        return {"kernel": params["transformer"]["wte"]["embedding"].T}
+
+    @nn.nowrap
+    def logits(self, head: dict, hidden):
+        return sites.dense(head, hidden).astype(jnp.float32)
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        cfg = self.config
+        shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+        dtype = dtype or jnp.dtype(cfg.dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
