@@ -107,8 +107,4 @@ class GPT2(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        cfg = self.config
-        shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-        dtype = dtype or jnp.dtype(cfg.dtype)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+        return L.empty_cache(self.config, batch, max_len, dtype)

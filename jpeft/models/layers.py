@@ -145,6 +145,15 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None,
     return allowed & same & (k_segments[:, None, :] != 0)
 
 
+def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty decoder KV cache: k/v [layers, batch, max_len, kv_heads, head_dim] (compute dtype by default),
+    each slot's segment id (0: empty), the write index."""
+    shape = (cfg.num_decoder_layers or cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
 def cached(cache_kv, k, v, layer, index):
     """(cache, k, v): new keys/values [B, T, KV, D] written in place into the layer's rows of a stacked
     [layers, B, slots, KV, D] cache at slot `index`, and all of that layer's slots read back."""

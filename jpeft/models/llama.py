@@ -186,13 +186,8 @@ class CausalLM(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty KV cache: k/v [layers, batch, max_len, kv_heads, head_dim] (compute dtype by default),
-        each slot's segment id (0: empty), write index."""
-        cfg = self.config
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        dtype = dtype or jnp.dtype(cfg.dtype)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+        """An empty KV cache (`layers.empty_cache`)."""
+        return L.empty_cache(self.config, batch, max_len, dtype)
 
 
 def init_params(model: CausalLM, key) -> dict:

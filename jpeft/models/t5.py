@@ -199,13 +199,9 @@ class T5(nn.Module):
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None, encoder_len: int = 1) -> dict:
         """An empty cache for `max_len` decoder tokens over an encoder input of `encoder_len` tokens."""
-        cfg = self.config
-        dtype = dtype or jnp.dtype(cfg.dtype)
-        own = (cfg.num_decoder_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-        cross = (cfg.num_decoder_layers, batch, encoder_len, cfg.num_heads, cfg.head_dim)
-        return {"k": jnp.zeros(own, dtype), "v": jnp.zeros(own, dtype), "cross_k": jnp.zeros(cross, dtype),
-                "cross_v": jnp.zeros(cross, dtype), "segments": jnp.zeros((batch, max_len), jnp.int32),
-                "encoder_segments": jnp.zeros((batch, encoder_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+        cross = L.empty_cache(self.config, batch, encoder_len, dtype)
+        return {**L.empty_cache(self.config, batch, max_len, dtype), "cross_k": cross["k"], "cross_v": cross["v"],
+                "encoder_segments": cross["segments"]}
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:
