@@ -42,8 +42,8 @@ def test_corrupted_safetensors(ckpt):
 
 
 def test_unsupported_model_type(ckpt):
-    edit_config(ckpt, model_type="gpt2")
-    with pytest.raises(jpeft.CheckpointError, match="model_type 'gpt2' is not supported; jpeft supports llama"):
+    edit_config(ckpt, model_type="falcon")
+    with pytest.raises(jpeft.CheckpointError, match="model_type 'falcon' is not supported; jpeft supports llama"):
         jpeft.from_pretrained(str(ckpt))
 
 
