@@ -120,9 +120,13 @@ def cmd_info(args) -> None:
         raise jpeft.ConfigError("info needs --model DIR (or --methods)")
     model, params, _ = load(args.model, args.adapter)
     cfg = model.config
-    print(f"architecture: {cfg.model_type} · {cfg.num_layers} layers · hidden {cfg.hidden_size} · "
+    layers = (f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder layers" if cfg.is_encoder_decoder
+              else f"{cfg.num_layers} layers")
+    positions = {"t5": f"{cfg.relative_buckets} relative-position buckets",
+                 "gpt2": "learned positions"}.get(cfg.model_type, f"rope {cfg.rope.type}")
+    print(f"architecture: {cfg.model_type} · {layers} · hidden {cfg.hidden_size} · "
           f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
-          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · rope {cfg.rope.type}")
+          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · {positions}")
     print(jpeft.parameter_report(params))
 
 

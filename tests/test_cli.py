@@ -131,6 +131,13 @@ def test_info_reports_counts(tiny_run, trained_adapter, capsys):
     assert "architecture: llama" in out and f"trainable params: {trainable:,d} || all params: {total:,d}" in out
 
 
+def test_info_describes_an_encoder_decoder(tmp_path, capsys):
+    from conftest import make_t5
+    assert main(["info", "--model", make_t5(tmp_path, "flan-t5")[1]]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: t5 · 2 encoder + 3 decoder layers" in out and "8 relative-position buckets" in out
+
+
 def test_bad_override_is_an_error(tiny_run, capsys):
     assert main(["train", f"model.path={tiny_run['model']}", "train.lrr=1"]) == 2
     assert "train.lrr" in capsys.readouterr().err
