@@ -56,3 +56,23 @@ def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
                              - model.apply({"params": params}, ids, ids[:, :5]))).max() > 1e-3
     with pytest.raises(jpeft.ConfigError, match="prefix.*insertion point"):
         trainer.train(run_config(run, tmp_path / "prefix", "method.name=prefix"), progress=False)
+
+
+@pytest.mark.parametrize("config", ["configs/flan_t5_dialogsum_full.yaml", "configs/flan_t5_dialogsum_lora.yaml"])
+def test_the_seed_table_configs_run(tiny_run, tmp_path, config):
+    """The FLAN-T5 DialogSum configs as shipped, on a tiny T5 and a few rows: two steps, eval, export."""
+    import os
+
+    from conftest import make_t5
+    from jpeft.config import load_config
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    _, base = make_t5(tmp_path / "base", "flan-t5", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    tokenizer.save_pretrained(base)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, config), [
+        f"model.path={base}", f"data.train={tiny_run['train']}", f"data.eval={tiny_run['eval']}", "train.steps=2",
+        "train.batch_size=4", "train.seq_len=96", "data.eval_limit=2", "data.max_new_tokens=4", f"out_dir={tmp_path}/run"])
+    trainer.train(cfg, progress=False)
+    assert "eval_rougeL" in read_metrics(tmp_path / "run")[-1]
+    assert (tmp_path / "run" / ("adapter" if cfg.method.name == "lora" else "model")).is_dir()
