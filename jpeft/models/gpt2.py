@@ -66,8 +66,7 @@ class Transformer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = (L.Embed(cfg.vocab_size, cfg.hidden_size, name="wte")(input_ids, dtype)
              + L.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")(positions, dtype))
-        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,), length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = L.scan_layers(Block, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="h")((x, cache_kv, jnp.int32(0)), (mask, index))
         return L.LayerNorm(cfg.rms_norm_eps, name="ln_f")(nn.with_logical_constraint(x, L.ACTIVATION_AXES)), cache_kv
 

@@ -24,6 +24,21 @@ init_normal = nn.initializers.normal(0.02)
 ACTIVATION_AXES = ("batch", None, None)
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(block, cfg: ModelConfig, length: int):
+    """`block` under nn.scan: its params stacked on a leading `layers` axis, compiled once whatever the
+    depth, carry in and out, context broadcast; rematerialised as `cfg.remat` says."""
+    if cfg.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 def module_leaves(module: nn.Module) -> dict:
     """Every leaf the module holds in `params`, adapter leaves included (what the insertion points read)."""
     return nn.meta.unbox(dict(module.variables.get("params", {})))

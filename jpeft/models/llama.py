@@ -18,12 +18,6 @@ from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -113,12 +107,7 @@ class Decoder(nn.Module):
         x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype))
         if cfg.embed_scale:  # Gemma: by sqrt(hidden), rounded to the compute dtype as HF does
             x = x * jnp.asarray(np.sqrt(cfg.hidden_size), x.dtype)
-        layer = DecoderLayer
-        if cfg.remat != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,), length=cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, name="norm")(x), cache_kv

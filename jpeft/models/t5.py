@@ -134,9 +134,7 @@ class Stack(nn.Module):
         buckets = relative_buckets(k_slots[None, :] - q_slots[:, None], not self.decoder, cfg.relative_buckets,
                                    cfg.relative_max_distance)
         bias = RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]  # [1, H, T, S]
-        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,), length=cfg.num_decoder_layers if self.decoder else cfg.num_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = L.scan_layers(Block, cfg, cfg.num_decoder_layers if self.decoder else cfg.num_layers)
         (x, caches, _), _ = stack(cfg, self.decoder, name="block")(
             (x, caches, jnp.int32(0)), (mask, bias, encoded, cross_mask, index))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
