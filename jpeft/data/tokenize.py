@@ -127,7 +127,7 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, 
     target_len, width = longest(targets), longest(prompts)
     cut = [p[:width - 1] + [eos] if p[-1:] == [eos] else p[:width] for p in prompts]
     n_truncated = sum(len(p) > seq_len for p in prompts) + sum(len(t) > target_len for t in targets)
-    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts cut on the right")
+    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts and targets cut on the right")
     pad = pad_id(tokenizer)
     ids, labels = np.full((len(rows), width), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
     mask, loss = np.zeros(ids.shape, np.int32), np.zeros(labels.shape, np.float32)
