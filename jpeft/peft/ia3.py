@@ -14,7 +14,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import Method, hf_module, layer_names, leading, targeted_layers
+from jpeft.peft.base import CONV1D, Method, hf_module, layer_names, leading, targeted_layers
 
 
 class IA3(Method):
@@ -91,7 +91,7 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
         if ff:
             feedforward.add(short)
     return tensors, {"target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
-                     "fan_in_fan_out": False, "inference_mode": True, "init_ia3_weights": True,
+                     "fan_in_fan_out": bool(targets & set(CONV1D)), "inference_mode": True, "init_ia3_weights": True,
                      "modules_to_save": None}
 
 
