@@ -7,7 +7,6 @@ written untransposed (`jpeft.peft.base.CONV1D`); PEFT adapts them with `fan_in_f
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jpeft.models import layers as L
@@ -82,14 +81,11 @@ class GPT2(nn.Module):
         cfg = self.config
         b, t = input_ids.shape
         segments = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        index, cache_kv, k_segments = 0, None, segments
-        if cache is not None:
-            index, cache_kv = cache["index"], (cache["k"], cache["v"])
-            k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
-        q_slots = index + jnp.arange(t)
+        q_slots, k_slots, k_segments, index = L.slots(segments, cache)
+        cache_kv = None if cache is None else (cache["k"], cache["v"])
         if positions is None:
             positions = jnp.broadcast_to(q_slots, (b, t))
-        mask = L.attention_mask(q_slots, jnp.arange(k_segments.shape[1]), segments, k_segments, None)
+        mask = L.attention_mask(q_slots, k_slots, segments, k_segments, None)
         hidden, cache_kv = Transformer(cfg, name="transformer")(input_ids, positions, mask, cache_kv, index)
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
@@ -102,7 +98,7 @@ class GPT2(nn.Module):
 
     @nn.nowrap
     def logits(self, head: dict, hidden):
-        return sites.dense(head, hidden).astype(jnp.float32)
+        return L.head_logits(head, hidden)
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:

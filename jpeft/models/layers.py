@@ -160,6 +160,23 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None,
     return allowed & same & (k_segments[:, None, :] != 0)
 
 
+def slots(segments, cache, first_query: int = 0):
+    """(q_slots, k_slots, k_segments, index) of a call whose new slots hold `segments` [B, n]: written into
+    the cache at its index (without one, slots 0..n-1 are all there is); keys span every slot, the
+    queries are the new slots from `first_query` on (a decoder's prefix keys come before its queries)."""
+    if cache is None:
+        index, k_segments = 0, segments
+    else:
+        index = cache["index"]
+        k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
+    return index + jnp.arange(first_query, segments.shape[1]), jnp.arange(k_segments.shape[1]), k_segments, index
+
+
+def head_logits(head: dict, hidden, cap: float | None = None):
+    """float32 logits of hidden states [..., D] through the LM head's leaves, soft-capped where a family does."""
+    return softcap(sites.dense(head, hidden).astype(jnp.float32), cap)
+
+
 def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """An empty decoder KV cache: k/v [layers, batch, max_len, kv_heads, head_dim] (compute dtype by default),
     each slot's segment id (0: empty), the write index."""

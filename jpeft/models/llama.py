@@ -140,13 +140,8 @@ class CausalLM(nn.Module):
                                      positions + rows + keys], axis=1)
         segments = jnp.concatenate([jnp.full((b, rows + keys), -1, jnp.int32), attention_mask.astype(jnp.int32)], 1)
         q_segments = segments[:, keys:]
-        if cache is None:
-            index, cache_kv, k_slots = 0, None, jnp.arange(keys + rows + t)
-        else:
-            index, cache_kv = cache["index"], (cache["k"], cache["v"])
-            segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
-            k_slots = jnp.arange(segments.shape[1])
-        q_slots = index + keys + jnp.arange(rows + t)
+        q_slots, k_slots, segments, index = L.slots(segments, cache, keys)
+        cache_kv = None if cache is None else (cache["k"], cache["v"])
         masks = tuple(L.attention_mask(q_slots, k_slots, q_segments, segments, window) if use else None
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
@@ -171,7 +166,7 @@ class CausalLM(nn.Module):
     @nn.nowrap
     def logits(self, head: dict, hidden):
         """float32 logits of hidden states [..., D] through the head's leaves (Gemma 2 soft-caps them)."""
-        return L.softcap(sites.dense(head, hidden).astype(jnp.float32), self.config.final_softcap)
+        return L.head_logits(head, hidden, self.config.final_softcap)
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:

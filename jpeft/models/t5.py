@@ -8,7 +8,6 @@ head), computed once per stack (HF keeps its table in block 0), is added to ever
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -163,9 +162,8 @@ class T5(nn.Module):
         if decoder_input_ids is None:
             decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, jnp.int32)
         dec_segments = _segments(decoder_input_ids, decoder_attention_mask)
-        caches, index = None, 0
-        if cache is not None:
-            caches, index = ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"])), cache["index"]
+        q_slots, k_slots, k_segments, index = L.slots(dec_segments, cache)
+        caches = None if cache is None else ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"]))
         encoded = None
         if input_ids is not None:
             segments = _segments(input_ids, attention_mask)
@@ -174,11 +172,6 @@ class T5(nn.Module):
                 shared(input_ids, dtype), slots, slots, L.attention_mask(slots, slots, segments, segments, None, False))
         else:
             segments = cache["encoder_segments"]
-        q_slots = index + jnp.arange(decoder_input_ids.shape[1])
-        k_segments, k_slots = dec_segments, q_slots
-        if cache is not None:
-            k_segments = jax.lax.dynamic_update_slice(cache["segments"], dec_segments, (0, index))
-            k_slots = jnp.arange(k_segments.shape[1])
         cross_mask = L.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
         hidden, caches = Stack(cfg, True, name="decoder")(
             shared(decoder_input_ids, dtype), q_slots, k_slots,
@@ -209,7 +202,7 @@ class T5(nn.Module):
 
     @nn.nowrap
     def logits(self, head: dict, hidden):
-        return sites.dense(head, hidden).astype(jnp.float32)
+        return L.head_logits(head, hidden)
 
 
 def _segments(ids, mask):
