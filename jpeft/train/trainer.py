@@ -87,13 +87,10 @@ def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = Non
     prompt into the encoder, target from the decoder, unpacked)."""
     d = cfg.data
     rows = load_rows(path)
-    if model_cfg is not None and model_cfg.is_encoder_decoder:
-        if d.label or d.text:
-            raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
-                              "rows, not data.text or data.label")
-        check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
-        return tokenize_seq2seq(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len,
-                                model_cfg.decoder_start_token_id)
+    seq2seq = model_cfg is not None and model_cfg.is_encoder_decoder
+    if seq2seq and (d.label or d.text):
+        raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
+                          "rows, not data.text or data.label")
     if d.label:
         text = d.prompt if d.prompt is not None else "{" + d.text + "}"
         check_columns(rows, path, template_columns(text))
@@ -106,6 +103,9 @@ def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = Non
         check_columns(rows, path, [d.text])
         return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
     check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
+    if seq2seq:
+        return tokenize_seq2seq(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len,
+                                model_cfg.decoder_start_token_id)
     examples = tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len, d.packing)
     return examples.with_loss_index()
 
