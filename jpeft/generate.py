@@ -144,7 +144,8 @@ def _prefill(model, params, ids, mask, max_new_tokens):
     """
     batch, width = ids.shape
     if model.config.is_encoder_decoder:
-        cache = model.init_cache(batch, max_new_tokens, encoder_len=width)
+        rows, _ = sites.virtual_tokens(params)  # a soft prompt lengthens the encoder's input
+        cache = model.init_cache(batch, max_new_tokens, encoder_len=rows + width)
         start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
         hidden, cache = model.apply({"params": params}, ids, start, mask, cache=cache, return_hidden=True)
         return hidden, cache, lambda tokens, step, cache: model.apply({"params": params}, None, tokens, cache=cache)

@@ -106,9 +106,9 @@ class Embed(nn.Module):
         self.embedding = self.param("embedding", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                     (self.vocab_size, self.features), jnp.float32)
 
-    def __call__(self, ids, dtype):
+    def __call__(self, ids, dtype, prepend: bool = True):
         self.embedding  # noqa: B018 - creates the table at init
-        return sites.embed(module_leaves(self), ids, dtype)
+        return sites.embed(module_leaves(self), ids, dtype, prepend)
 
 
 def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:

@@ -151,7 +151,8 @@ class T5(nn.Module):
     calls pass `input_ids=None` and only decoder tokens.
     """
     config: ModelConfig
-    insertion_points = sites.WEIGHT_SPACE  # no virtual tokens, prefixes, gates or bottlenecks (yet)
+    # Soft prompts go before the encoder's input, as PEFT's; no prefixes, gates or bottlenecks (yet).
+    insertion_points = (*sites.WEIGHT_SPACE, "embed_prepend", "virtual_tokens")
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,
@@ -166,15 +167,17 @@ class T5(nn.Module):
         caches = None if cache is None else ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"]))
         encoded = None
         if input_ids is not None:
-            segments = _segments(input_ids, attention_mask)
-            slots = jnp.arange(input_ids.shape[1])
+            rows, _ = sites.virtual_tokens(self.variables.get("params", {}))
+            segments = _segments(input_ids, attention_mask)  # soft prompt rows: seen by, and seeing, every token
+            segments = jnp.concatenate([jnp.ones((segments.shape[0], rows), jnp.int32), segments], axis=1)
+            slots = jnp.arange(segments.shape[1])
             encoded, _ = Stack(cfg, False, name="encoder")(
                 shared(input_ids, dtype), slots, slots, L.attention_mask(slots, slots, segments, segments, None, False))
         else:
             segments = cache["encoder_segments"]
         cross_mask = L.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
         hidden, caches = Stack(cfg, True, name="decoder")(
-            shared(decoder_input_ids, dtype), q_slots, k_slots,
+            shared(decoder_input_ids, dtype, prepend=False), q_slots, k_slots,
             L.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
         if cfg.scale_decoder_outputs:
             hidden = hidden * jnp.asarray(cfg.hidden_size ** -0.5, hidden.dtype)

@@ -3,7 +3,9 @@
 The soft prompts live beside the embedding table (`model/embed_tokens/soft_prompt`
 [tasks, n, D]); the embedding insertion point prepends one per row, and the model gives the
 virtual tokens positions 0..n-1, lets every real token attend to them and drops them from its
-output, so they are never a loss target. Several prompts side by side (`tasks`) serve several
+output, so they are never a loss target. An encoder-decoder (T5, table `shared/embedding`)
+prepends them to the encoder's input only, as PEFT does; PEFT's file for it holds 2n rows
+(one block per transformer submodule) of which only the first n are ever read. Several prompts side by side (`tasks`) serve several
 tasks from one tree: `select_task(params, task_ids)` picks one per call or per row.
 Parameters: tasks·n·D.
 """
@@ -84,11 +86,14 @@ def select_task(params, task_ids):
     return T.unflatten({**flat, prompts[0].replace("soft_prompt", TASK_IDS): jnp.asarray(ids, jnp.int32)})
 
 
+SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
+
+
 def _table_path(params) -> str:
-    tables = [p for p in T.flatten(params) if p.endswith("embed_tokens/embedding")]
+    tables = [p for p in T.flatten(params) if p.endswith("embed_tokens/embedding") or p == SEQ2SEQ_TABLE]
     if len(tables) != 1:
         raise JpeftError("prompt tuning needs the tree of a model with one input embedding table "
-                         f"(.../embed_tokens/embedding); found {tables or 'none'}")
+                         f"(.../embed_tokens/embedding or shared/embedding); found {tables or 'none'}")
     return tables[0]
 
 
@@ -104,27 +109,35 @@ def _token_ids(tokenizer, text: str) -> list[int]:
 
 def to_peft(modules: dict) -> tuple[dict, dict]:
     """PEFT's `prompt_embeddings` [n, D]: one prompt (PEFT's prompt tuning has no tasks)."""
-    (leaves,) = modules.values()
+    ((path, leaves),) = modules.items()
     prompts = np.asarray(leaves["soft_prompt"], np.float32)
     chosen = np.asarray(leaves.get(TASK_IDS, 0))
     if prompts.shape[0] > 1 and (TASK_IDS not in leaves or chosen.ndim):
         raise AdapterError(f"PEFT's prompt-tuning directory holds one prompt and this tree has {prompts.shape[0]}; "
                            "save one task's: jpeft.save_adapter(dir, jpeft.select_task(params, task))")
     prompts = prompts[int(chosen)]
+    n = prompts.shape[0]
+    submodules = 2 if f"{path}/embedding" == SEQ2SEQ_TABLE else 1  # PEFT's decoder block: never read, zeros
+    prompts = np.concatenate([prompts, np.zeros(((submodules - 1) * n, prompts.shape[1]), np.float32)])
     return {"prompt_embeddings": prompts}, {
-        "num_virtual_tokens": prompts.shape[0], "token_dim": prompts.shape[1], "num_transformer_submodules": 1,
+        "num_virtual_tokens": n, "token_dim": prompts.shape[1], "num_transformer_submodules": submodules,
         "num_attention_heads": None, "num_layers": None, "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True}
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise AdapterError("prompt-tuning adapters for encoder-decoder models are not supported for this base")
     params = T.from_modules(modules)
     path = _table_path(params)
+    submodules = 2 if path == SEQ2SEQ_TABLE else 1
+    if config.get("num_transformer_submodules") not in (None, submodules):
+        raise AdapterError(f"this prompt-tuning adapter has num_transformer_submodules="
+                           f"{config['num_transformer_submodules']}; this base needs {submodules} "
+                           f"({'an encoder-decoder' if submodules == 2 else 'a decoder-only model'})")
     dim = T.flatten(params)[path].shape[-1]
+    n = config["num_virtual_tokens"]
     got = tensors.take("prompt_embeddings")
-    tensors.fits("prompt_embeddings", got.shape, (config["num_virtual_tokens"], dim))
+    tensors.fits("prompt_embeddings", got.shape, (submodules * n, dim))
+    got = got[:n]  # PEFT reads only the first block: the encoder's
     grouped = dict(modules)
     module = path.rsplit("/", 1)[0]
     grouped[module] = {**grouped[module], "soft_prompt": jnp.asarray(got, jnp.float32)[None]}

@@ -81,12 +81,13 @@ def dense(leaves: dict, x, rng=None):
     return y
 
 
-def embed(leaves: dict, ids, dtype):
-    """Token embeddings: table rows plus every adapter's delta, after the rows methods prepend."""
+def embed(leaves: dict, ids, dtype, prepend: bool = True):
+    """Token embeddings: table rows plus every adapter's delta, after the rows methods prepend (unless
+    `prepend` is off: an encoder-decoder's decoder reads the shared table without the soft prompt)."""
     x = jnp.take(leaves["embedding"], ids, axis=0).astype(dtype)
     for method in _with("embed_delta", leaves):
         x = x + method.embed_delta(leaves, ids).astype(dtype)
-    for method in _with("embed_prepend", leaves):
+    for method in _with("embed_prepend", leaves) if prepend else ():
         x = jnp.concatenate([method.embed_prepend(leaves, ids.shape[0]).astype(dtype), x], axis=1)
     return x
 

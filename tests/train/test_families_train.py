@@ -31,7 +31,12 @@ def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method, lr):
     assert np.abs(np.asarray(model.apply({"params": tuned}, ids) - model.apply({"params": params}, ids))).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+T5_RUNS = {"full": ("method.targets=[q,v,wi_0,wo]", "train.lr=1e-2"),
+           "lora": ("method.targets=[q,v,wi_0,wo]", "train.lr=5e-2"),
+           "prompt": ("method.num_virtual_tokens=4", "train.lr=3e-1")}  # a soft prompt before the encoder input
+
+
+@pytest.mark.parametrize("method", T5_RUNS)
 def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
     """Prompt into the encoder, loss on the decoder's target tokens: the loss falls, eval generates,
     and the export loads; methods T5 has no insertion points for are refused, naming why."""
@@ -41,8 +46,7 @@ def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
                       eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     tokenizer.save_pretrained(base)
     run = {**tiny_run, "model": base}
-    trainer.train(run_config(run, tmp_path / "run", f"method.name={method}", "method.targets=[q,v,wi_0,wo]",
-                             "train.lr=1e-2" if method == "full" else "train.lr=5e-2", "train.steps=8",
+    trainer.train(run_config(run, tmp_path / "run", f"method.name={method}", *T5_RUNS[method], "train.steps=8",
                              "data.eval_limit=2", "data.max_new_tokens=4"), progress=False)
     records = read_metrics(tmp_path / "run")
     losses = [r["loss"] for r in records]
