@@ -50,7 +50,8 @@ def require(method, insertion_points, family: str) -> None:
         from jpeft.errors import ConfigError
         raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
                           f"{family} models do not have; use a weight-space method (full, lora, qlora, ia3, "
-                          "bitfit, norm) with this family")
+                          "bitfit, norm)" + (" or prompt tuning" if "embed_prepend" in insertion_points else "")
+                          + " with this family")
 
 
 def _with(hook: str, leaves: dict):
