@@ -5,8 +5,8 @@ The soft prompts live beside the embedding table (`model/embed_tokens/soft_promp
 virtual tokens positions 0..n-1, lets every real token attend to them and drops them from its
 output, so they are never a loss target. An encoder-decoder (T5, table `shared/embedding`)
 prepends them to the encoder's input only, as PEFT does; PEFT's file for it holds 2n rows
-(one block per transformer submodule) of which only the first n are ever read. Several prompts side by side (`tasks`) serve several
-tasks from one tree: `select_task(params, task_ids)` picks one per call or per row.
+(one block per transformer submodule) of which only the first n are ever read. Several
+prompts side by side (`tasks`) serve several tasks from one tree: `select_task(params, task_ids)` picks one per call or per row.
 Parameters: tasks·n·D.
 """
 from __future__ import annotations
@@ -89,6 +89,11 @@ def select_task(params, task_ids):
 SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
 
 
+def _submodules(table_path: str) -> int:
+    """PEFT's `num_transformer_submodules` for a base with this table: 2 for an encoder-decoder."""
+    return 2 if table_path == SEQ2SEQ_TABLE else 1
+
+
 def _table_path(params) -> str:
     tables = [p for p in T.flatten(params) if p.endswith("embed_tokens/embedding") or p == SEQ2SEQ_TABLE]
     if len(tables) != 1:
@@ -108,7 +113,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
 
 
 def to_peft(modules: dict) -> tuple[dict, dict]:
-    """PEFT's `prompt_embeddings` [n, D]: one prompt (PEFT's prompt tuning has no tasks)."""
+    """PEFT's `prompt_embeddings` [submodules·n, D]: one prompt (PEFT's prompt tuning has no tasks)."""
     ((path, leaves),) = modules.items()
     prompts = np.asarray(leaves["soft_prompt"], np.float32)
     chosen = np.asarray(leaves.get(TASK_IDS, 0))
@@ -117,7 +122,7 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
                            "save one task's: jpeft.save_adapter(dir, jpeft.select_task(params, task))")
     prompts = prompts[int(chosen)]
     n = prompts.shape[0]
-    submodules = 2 if f"{path}/embedding" == SEQ2SEQ_TABLE else 1  # PEFT's decoder block: never read, zeros
+    submodules = _submodules(f"{path}/embedding")  # PEFT's decoder block: never read, written as zeros
     prompts = np.concatenate([prompts, np.zeros(((submodules - 1) * n, prompts.shape[1]), np.float32)])
     return {"prompt_embeddings": prompts}, {
         "num_virtual_tokens": n, "token_dim": prompts.shape[1], "num_transformer_submodules": submodules,
@@ -128,7 +133,7 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
 def from_peft(config: dict, tensors, modules: dict) -> dict:
     params = T.from_modules(modules)
     path = _table_path(params)
-    submodules = 2 if path == SEQ2SEQ_TABLE else 1
+    submodules = _submodules(path)
     if config.get("num_transformer_submodules") not in (None, submodules):
         raise AdapterError(f"this prompt-tuning adapter has num_transformer_submodules="
                            f"{config['num_transformer_submodules']}; this base needs {submodules} "

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.peft.base import matmul
-from jpeft.peft.registry import METHODS
+from jpeft.peft.registry import BY_NAME, METHODS
 
 __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
            "virtual_tokens", "expand", "decoding", "require"]
@@ -44,14 +44,15 @@ WEIGHT_SPACE = ("weight", "dense_input", "dense_delta", "dense_output", "embed_d
 
 def require(method, insertion_points, family: str) -> None:
     """Refuse a method (instance or class) that needs an insertion point the family's model never
-    calls: it would silently do nothing."""
-    missing = [h for h in HOOKS if hasattr(method, h) and h not in insertion_points]
+    calls: it would silently do nothing. The error lists the methods the family does take."""
+    def needs(m):
+        return [h for h in HOOKS if hasattr(m, h) and h not in insertion_points]
+    missing = needs(method)
     if missing:
         from jpeft.errors import ConfigError
+        usable = ", ".join(name for name, cls in BY_NAME.items() if not needs(cls))
         raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
-                          f"{family} models do not have; use a weight-space method (full, lora, qlora, ia3, "
-                          "bitfit, norm)" + (" or prompt tuning" if "embed_prepend" in insertion_points else "")
-                          + " with this family")
+                          f"{family} models do not have; use one of {usable} with this family")
 
 
 def _with(hook: str, leaves: dict):
