@@ -18,7 +18,7 @@ from jpeft.models.llama import CausalLM, init_params
 from jpeft.parallel.plan import parse_size, plan
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
-SETTINGS = ("train.batch_size=8", "train.seq_len=128")
+SETTINGS = ("train.batch_size=8", "train.seq_len=128", "model.dtype=float32")
 
 # The train step built exactly as jpeft.train.trainer.train builds it, compiled, never run.
 SCRIPT = textwrap.dedent("""

@@ -58,7 +58,7 @@ def toy(tmp_path_factory):
 
 
 def toy_config(toy, out, *extra):
-    return load_config(None, [f"model.path={toy['base']}", f"data.train={toy['train']}", f"data.eval={toy['eval']}",
+    return load_config(None, ["model.dtype=float32", f"model.path={toy['base']}", f"data.train={toy['train']}", f"data.eval={toy['eval']}",
                               "data.text=text", "data.label=label", "method.name=classifier", "train.steps=80",
                               "train.batch_size=8", "train.lr=5e-2", "train.warmup=2", "train.log_every=10",
                               f"out_dir={out}", *extra])
