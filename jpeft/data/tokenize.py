@@ -101,17 +101,15 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
     targets = _encode(tokenizer, [render(target, r) for r in rows], special=False)
     eos = _eos_id(tokenizer)
-    seqs, starts = [], []
+    seqs, masks = [], []
     for p, t in zip(prompts, targets):
         p, t = _fit(p, t + [eos], seq_len + 1, _head_len(p, tokenizer))
         seqs.append(p + t)
-        starts.append(len(p))
+        masks.append([0] * len(p) + [1] * len(t))
     n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
                     "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
-    if pack:
-        return _pack_examples(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
-    return _pack_rows(seqs, starts, seq_len, pad_id(tokenizer), n_truncated)
+    return next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated)
 
 
 def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, seq_len: int,
@@ -153,8 +151,8 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
     if not pack:
         n_truncated = sum(len(x) > seq_len + 1 for x in ids)
         _log_truncation(n_truncated, len(ids), f"seq_len={seq_len}", "cut on the right")
-        return _pack_rows([x[:seq_len + 1] for x in ids], [0] * len(ids), seq_len,
-                          pad_id(tokenizer), n_truncated)
+        cut = [x[:seq_len + 1] for x in ids]
+        return next_token_examples(cut, [[1] * len(x) for x in cut], seq_len, pad_id(tokenizer), False, n_truncated)
     stream = np.fromiter((t for x in ids for t in x), dtype=np.int32)
     n = (len(stream) - 1) // seq_len
     if n == 0:
@@ -268,26 +266,33 @@ def _fit(prompt: list[int], target: list[int], limit: int, head: int) -> tuple[l
     return _keep_end(prompt, limit - len(target), head), target
 
 
-def _pack_rows(seqs: list[list[int]], starts: list[int], seq_len: int, pad: int,
+def next_token_examples(seqs: list[list[int]], masks: list[list[int]], seq_len: int, pad: int, pack: bool,
+                        n_truncated: int) -> Examples:
+    """Sequences of <= seq_len + 1 tokens as next-token Examples, the loss on the labels whose token has
+    mask 1 (`masks[i][j]`: token j of sequence i is trained); packed (`_pack_examples`) or one padded row each."""
+    return (_pack_examples if pack else _pack_rows)(seqs, masks, seq_len, pad, n_truncated)
+
+
+def _pack_rows(seqs: list[list[int]], masks: list[list[int]], seq_len: int, pad: int,
                n_truncated: int) -> Examples:
-    """Right-pad sequences of <= seq_len + 1 tokens; loss on tokens at index >= start."""
+    """Right-pad sequences of <= seq_len + 1 tokens, one per row."""
     n = len(seqs)
     full = np.full((n, seq_len + 1), pad, np.int32)
     counted = np.zeros((n, seq_len + 1), np.float32)
     lengths = np.zeros(n, np.int64)
-    for i, (seq, start) in enumerate(zip(seqs, starts)):
+    for i, (seq, mask) in enumerate(zip(seqs, masks)):
         full[i, :len(seq)] = seq
-        counted[i, start:len(seq)] = 1.0
+        counted[i, :len(seq)] = mask
         lengths[i] = len(seq)
     attention = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int32)
     return Examples(full[:, :-1].copy(), full[:, 1:].copy(), counted[:, 1:].copy(), attention,
                     n_truncated=n_truncated)
 
 
-def _pack_examples(seqs: list[list[int]], starts: list[int], seq_len: int, pad: int,
+def _pack_examples(seqs: list[list[int]], masks: list[list[int]], seq_len: int, pad: int,
                    n_truncated: int) -> Examples:
     """Sequences of <= seq_len + 1 tokens, each shifted on its own (no label crosses examples),
-    placed best-fit decreasing into rows of seq_len predictions; loss on labels from index start - 1."""
+    placed best-fit decreasing into rows of seq_len predictions."""
     bins = _best_fit([len(s) - 1 for s in seqs], seq_len)
     shape = (len(bins), seq_len)
     ids, labels = np.full(shape, pad, np.int32), np.full(shape, pad, np.int32)
@@ -296,8 +301,7 @@ def _pack_examples(seqs: list[list[int]], starts: list[int], seq_len: int, pad: 
         at = 0
         for segment, i in enumerate(members, 1):
             seq, n = seqs[i], len(seqs[i]) - 1
-            ids[row, at:at + n], labels[row, at:at + n] = seq[:-1], seq[1:]
-            mask[row, at + max(starts[i] - 1, 0):at + n] = 1.0
+            ids[row, at:at + n], labels[row, at:at + n], mask[row, at:at + n] = seq[:-1], seq[1:], masks[i][1:]
             segments[row, at:at + n], positions[row, at:at + n] = segment, np.arange(n)
             at += n
     real = int((segments > 0).sum())
