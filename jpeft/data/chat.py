@@ -1,0 +1,115 @@
+"""Chat rows -> the tokenizer's chat template, with the loss on the assistant turns only.
+
+A conversation is a list of `{"role": "system" | "user" | "assistant", "content": str}` messages.
+The template is the only authority on layout, so assistant turns are found by rendering, not by
+guessing markers: a turn spans from the end of the conversation before it rendered with the
+generation prompt to the end of the conversation up to and including it, i.e. its content and the
+template's end-of-turn marker (`<|im_end|>`, EOS), so the model learns to stop. Whitespace after
+the marker (ChatML's newline) is layout between turns and stays untrained, as in HF's
+`{% generation %}` blocks. The whole text is tokenized once, with character offsets, and every token
+overlapping a span is trained, so the ids are exactly `tokenizer.apply_chat_template(messages)`.
+"""
+import jinja2
+import numpy as np
+
+from jpeft.data.tokenize import Examples, _log_truncation, next_token_examples, pad_id, render
+from jpeft.errors import ConfigError, DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+def conversations(rows, path: str, prompt: str | None = None, target: str | None = None,
+                  system: str | None = None) -> list[list[dict]]:
+    """Each row of the data file `path` as a conversation: with the `prompt` and `target` templates, the
+    rendered prompt as the user message and the rendered target as the assistant's; without them, the
+    row's `messages` column (checked). `system` becomes the first message of rows that have none."""
+    rows = list(rows)
+    if prompt is not None:
+        chats = [[{"role": "user", "content": render(prompt, r)},
+                  {"role": "assistant", "content": render(target, r)}] for r in rows]
+    else:
+        if rows and "messages" not in rows[0]:
+            raise DataError(f"data file '{path}' row 1 has no column 'messages' (columns: {', '.join(rows[0])}); "
+                            "data.chat needs a messages column (a list of {role, content} messages) or the "
+                            "data.prompt and data.target templates")
+        problems = [(i, p) for i, r in enumerate(rows) if (p := _problem(r.get("messages")))]
+        if problems:
+            (i, problem), more = problems[0], len(problems) - 1
+            raise DataError(f"data file '{path}' row {i + 1}, column 'messages': {problem}"
+                            f"{f' ({more} more rows with problems)' if more else ''}; each message needs a role "
+                            f"({', '.join(ROLES)}) and a string content, and a row at least one assistant message")
+        chats = [[{"role": m["role"], "content": m["content"]} for m in r["messages"]] for r in rows]
+    if system is not None:
+        chats = [c if any(m["role"] == "system" for m in c) else [{"role": "system", "content": system}, *c]
+                 for c in chats]
+    return chats
+
+
+def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool = True) -> Examples:
+    """Conversations rendered by the tokenizer's chat template, the loss on assistant turns (see the module).
+
+    Over-long conversations are cut on the right to seq_len + 1 tokens (later turns are lost);
+    pack=True puts several conversations in each row, as `tokenize_supervised` does.
+    """
+    if tokenizer.chat_template is None:
+        raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "
+                          "tokenizer_config.json (or a chat_template.jinja beside it), or set data.chat=false")
+    if not tokenizer.is_fast:
+        raise ConfigError("data.chat needs a fast tokenizer (character offsets); save the checkpoint's tokenizer "
+                          "with a tokenizer.json, or set data.chat=false")
+    rendered = [_rendered(chat, tokenizer, i) for i, chat in enumerate(chats)]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,  # the template writes BOS
+                        return_offsets_mapping=True)
+    seqs, masks = [], []
+    for ids, offsets, (_, turns) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
+        start, end = np.asarray(offsets, np.int64).reshape(-1, 2).T
+        trained = np.zeros(len(ids), bool)
+        for a, b in turns:
+            trained |= (start < b) & (end > a)
+        seqs.append(list(ids[:seq_len + 1]))
+        masks.append(trained[:seq_len + 1].astype(np.int32).tolist())
+    n_truncated = sum(len(ids) > seq_len + 1 for ids in encoded["input_ids"])
+    _log_truncation(n_truncated, len(chats), f"seq_len={seq_len}", "cut on the right, later turns lost")
+    return next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated)
+
+
+def _problem(messages) -> str | None:
+    """What is wrong with one row's messages, or None."""
+    if not isinstance(messages, list):
+        return f"{type(messages).__name__} {messages!r:.80}, not a list of messages"
+    for j, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {j} is {type(m).__name__} {m!r:.80}, not a {{role, content}} mapping"
+        if m.get("role") not in ROLES:
+            return f"message {j} has role {m.get('role')!r}"
+        if not isinstance(m.get("content"), str):
+            return f"message {j} ({m['role']}) has content {m.get('content')!r:.80}, not a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message, so nothing to train on"
+    return None
+
+
+def _rendered(chat: list[dict], tokenizer, row: int) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character span of each assistant turn in it."""
+    full = _render(tokenizer, chat, row)
+    spans = []
+    for j, message in enumerate(chat):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, chat[:j], row, add_generation_prompt=True)
+        upto = _render(tokenizer, chat[:j + 1], row)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise DataError(f"row {row + 1}: the chat template does not render prefixes stably (the conversation "
+                            f"up to message {j + 1}, an assistant turn, is not the start of the whole conversation "
+                            "as rendered), so its assistant turns cannot be located; use a template that renders "
+                            "each turn the same whatever follows it, or set data.chat=false")
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def _render(tokenizer, messages: list[dict], row: int, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise DataError(f"row {row + 1}: the chat template refused the conversation ({e}); fix the row's "
+                        "messages (e.g. the role order the template expects)") from None

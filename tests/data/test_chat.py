@@ -1,0 +1,127 @@
+"""Chat rows: the chat template's own tokens, the loss on assistant turns (content + end-of-turn) only."""
+import copy
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from jpeft.data import conversations, load_rows, tokenize_chat
+from jpeft.data.bpe import train_bpe_tokenizer
+from jpeft.errors import ConfigError, DataError
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TURNS = [("system", "You answer in short sentences."), ("user", "Where did the cat sit?"),
+         ("assistant", "On the mat, all day."), ("user", "And the dog?"), ("assistant", "It ran to the park."),
+         ("user", "Then what?"), ("assistant", "Then it went home, happy.")]
+MESSAGES = [{"role": r, "content": c} for r, c in TURNS]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level BPE (decodes exactly) with ChatML's markers as single tokens and a ChatML template."""
+    texts = [c for _, c in TURNS] + ["system user assistant", "a cat sat on the mat and the dog ran home"]
+    tok = train_bpe_tokenizer(texts, 400, ["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
+def chat_ids(tok, messages) -> list[int]:
+    return tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+
+
+def ids_of(tok, text) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loss_covers_every_assistant_turn_and_its_end_marker_only(tok):
+    ex = tokenize_chat([MESSAGES], tok, seq_len=128, pack=False)
+    n = int(ex.attention_mask[0].sum())
+    full = chat_ids(tok, MESSAGES)
+    assert ex.input_ids[0, :n].tolist() == full  # the template's own tokens (BOS written once, by the template)
+    assert ex.labels[0, :n - 1].tolist() == full[1:]
+    trained = ex.labels[0][ex.loss_mask[0] == 1]
+    answers = [m["content"] + "<|im_end|>" for m in MESSAGES if m["role"] == "assistant"]
+    assert tok.decode(trained) == "".join(answers)
+    assert trained.tolist() == [t for a in answers for t in ids_of(tok, a)]  # each answer's tokens, nothing else
+    runs = np.flatnonzero(np.diff(np.r_[0, ex.loss_mask[0], 0]) == 1)
+    assert len(runs) == 3  # one contiguous span per assistant turn
+
+
+def test_prompt_target_rows_and_system_message(tok, tmp_path):
+    rows = [{"q": "Where did the cat sit?", "a": "On the mat."}, {"q": "And the dog?", "a": "It ran."}]
+    chats = conversations(rows, "f.jsonl", "Answer: {q}", "{a}", system="Be brief.")
+    assert chats == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Answer: " + r["q"]},
+                      {"role": "assistant", "content": r["a"]}] for r in rows]
+    path = tmp_path / "chat.jsonl"
+    own = [{"role": "system", "content": "Mine."}, *MESSAGES[1:3]]
+    path.write_text("".join(json.dumps({"messages": m, "id": i}) + "\n" for i, m in enumerate([MESSAGES[1:3], own])))
+    assert conversations(load_rows(str(path)), str(path), system="Be brief.") == [
+        [{"role": "system", "content": "Be brief."}, *MESSAGES[1:3]], own]  # a row's own system message is kept
+    ex = tokenize_chat(chats, tok, seq_len=64, pack=False)
+    for i, row in enumerate(rows):
+        assert tok.decode(ex.labels[i][ex.loss_mask[i] == 1]) == row["a"] + "<|im_end|>"
+
+
+def conversation_set(n):
+    rng = np.random.default_rng(0)
+    return [[MESSAGES[0], *MESSAGES[1:1 + 2 * int(rng.integers(1, 4))]] for _ in range(n)]
+
+
+def test_packing_gives_the_same_labels_and_loss_per_conversation(tok):
+    chats = conversation_set(7)
+    plain = tokenize_chat(chats, tok, seq_len=96, pack=False)
+    packed = tokenize_chat(chats, tok, seq_len=96, pack=True)
+    assert len(packed) < len(plain)
+
+    def example(ids, labels, loss):
+        return tuple(ids.tolist()), tuple(labels.tolist()), tuple(loss.tolist())
+
+    found = [example(*(a[r][packed.attention_mask[r] == s] for a in (packed.input_ids, packed.labels, packed.loss_mask)))
+             for r in range(len(packed)) for s in range(1, packed.attention_mask[r].max() + 1)]
+    want = []
+    for i in range(len(plain)):
+        at = np.flatnonzero(plain.attention_mask[i])[:-1]  # unpacked, the last token is an input predicting padding
+        want.append(example(plain.input_ids[i][at], plain.labels[i][at], plain.loss_mask[i][at]))
+    assert sorted(found) == sorted(want)
+    indexed = packed.with_loss_index(multiple=4)
+    for i in range(len(indexed)):
+        k = int(indexed.loss_mask[i].sum())
+        np.testing.assert_array_equal(np.sort(indexed.loss_index[i, :k]), np.flatnonzero(indexed.loss_mask[i]))
+
+
+def test_long_conversations_are_cut_on_the_right_and_counted(tok, caplog):
+    chats = [MESSAGES, MESSAGES[:3]]
+    whole = tokenize_chat(chats, tok, seq_len=128, pack=False)
+    seq_len = len(chat_ids(tok, MESSAGES)) - 10
+    assert len(chat_ids(tok, MESSAGES[:3])) <= seq_len + 1
+    with caplog.at_level(logging.WARNING, logger="jpeft.data"):
+        cut = tokenize_chat(chats, tok, seq_len=seq_len, pack=False)
+    assert cut.n_truncated == 1 and "1 of 2 rows" in caplog.text
+    for a, b in ((cut.input_ids, whole.input_ids), (cut.labels, whole.labels), (cut.loss_mask, whole.loss_mask)):
+        np.testing.assert_array_equal(a, b[:, :seq_len])  # the first seq_len + 1 tokens, masks unchanged
+
+
+def test_chat_errors(tok):
+    bare = train_bpe_tokenizer(["a cat"], 300)
+    with pytest.raises(ConfigError, match="no chat template.*tokenizer_config.json.*data.chat=false"):
+        tokenize_chat([MESSAGES], bare, seq_len=64)
+    bad_role = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]
+    no_answer = MESSAGES[:2]
+    not_text = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]
+    for chat, problem in ((bad_role, "message 2 has role 'bot'"), (no_answer, "no assistant message"),
+                          (not_text, r"message 2 \(assistant\) has content 3")):
+        with pytest.raises(DataError, match=rf"'f.jsonl' row 2, column 'messages': {problem}"):
+            conversations([{"messages": MESSAGES}, {"messages": chat}], "f.jsonl")
+    with pytest.raises(DataError, match=r"row 1 has no column 'messages'.*data.prompt and data.target"):
+        conversations([{"text": "a"}], "f.jsonl")
+    with pytest.raises(DataError, match=r"row 1, column 'messages': str 'hi', not a list.* \(1 more rows"):
+        conversations([{"messages": "hi"}, {"messages": None}], "f.jsonl")
+    unstable = copy.deepcopy(tok)
+    unstable.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% if loop.last %} .{% endif %}\n{% endfor %}"
+    with pytest.raises(DataError, match="row 2: the chat template does not render prefixes stably"):
+        tokenize_chat([MESSAGES[:1], MESSAGES], unstable, seq_len=64)
+    unstable.chat_template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}x"
+    with pytest.raises(DataError, match=r"row 1: the chat template refused the conversation \(no system\)"):
+        tokenize_chat([MESSAGES], unstable, seq_len=64)
