@@ -80,6 +80,8 @@ class DataSection:
     text: str | None = None
     label: str | None = None  # classification: the label column; data.prompt (or data.text) is the input
     packing: bool = True  # prompt/target rows: several examples per row, attention kept within each
+    chat: bool = False  # rows (messages column, or prompt/target) through the chat template, loss on assistant turns
+    system: str | None = None  # data.chat: the system message of rows that have none
     eval_limit: int = 64
     max_new_tokens: int = 64
 
@@ -409,6 +411,12 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
     if cfg.method.lora is not None and "lora" in options:
         _check_lora(cfg.method.lora, origins)
     data = cfg.data
+    if data.chat and (data.text is not None or data.label is not None):
+        fail("data.text" if data.text is not None else "data.label",
+             "conflicts with data.chat=true: chat rows train on the assistant turns of a messages column or of "
+             "data.prompt + data.target; set data.chat=false for language modelling or classification")
+    if data.system is not None and not data.chat:
+        fail("data.system", "needs data.chat=true: a system message is rendered by the tokenizer's chat template")
     if data.train is not None and (data.label is not None or cfg.method.name == "classifier"):
         _check_classification(cfg, fail)
     elif data.train is not None:
@@ -422,10 +430,11 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
             fail("data.text", "conflicts with data.prompt/data.target: set either prompt+target "
                               "(supervised, loss on the target) or text (language modelling, "
                               "loss everywhere), not both")
-        if not supervised and data.text is None:
+        if not supervised and data.text is None and not data.chat:
             fail("data.train", "needs templates: set data.prompt+data.target (supervised, e.g. "
-                               "prompt: 'Summarize: {dialogue}', target: '{summary}') or "
-                               "data.text (language modelling, e.g. text: '{dialogue}')")
+                               "prompt: 'Summarize: {dialogue}', target: '{summary}'), "
+                               "data.text (language modelling, e.g. text: '{dialogue}') or data.chat=true "
+                               "(rows with a messages column)")
 
 
 def _check_lora(options: dict, origins: dict[str, str]) -> None:

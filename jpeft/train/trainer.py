@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
-from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, label_ids, label_names, load_rows,
-                        pad_id, template_columns, tokenize_classification, tokenize_seq2seq, tokenize_supervised,
-                        tokenize_text)
+from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, conversations, label_ids, label_names,
+                        load_rows, pad_id, template_columns, tokenize_chat, tokenize_classification, tokenize_seq2seq,
+                        tokenize_supervised, tokenize_text)
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, evaluate_generation
 from jpeft.models.config import ModelConfig
@@ -84,13 +84,14 @@ def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = Non
             model_cfg: ModelConfig | None = None) -> Examples:
     """Rows of a data file -> fixed-shape token arrays with the loss mask the config asks for (a
     classifier's: one class id per row, through the class names `labels`; an encoder-decoder's:
-    prompt into the encoder, target from the decoder, unpacked)."""
+    prompt into the encoder, target from the decoder, unpacked; data.chat: the chat template, loss on
+    assistant turns)."""
     d = cfg.data
     rows = load_rows(path)
     seq2seq = model_cfg is not None and model_cfg.is_encoder_decoder
-    if seq2seq and (d.label or d.text):
+    if seq2seq and (d.label or d.text or d.chat):
         raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
-                          "rows, not data.text or data.label")
+                          "rows, not data.text, data.label or data.chat")
     if d.label:
         text = d.prompt if d.prompt is not None else "{" + d.text + "}"
         check_columns(rows, path, template_columns(text))
@@ -102,7 +103,11 @@ def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = Non
     if d.text:
         check_columns(rows, path, [d.text])
         return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
-    check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
+    if d.prompt is not None:  # data.chat may read a messages column instead
+        check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
+    if d.chat:
+        chats = conversations(rows, path, d.prompt, None if d.target is None else "{" + d.target + "}", d.system)
+        return tokenize_chat(chats, tokenizer, cfg.train.seq_len, d.packing).with_loss_index()
     if seq2seq:
         return tokenize_seq2seq(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len,
                                 model_cfg.decoder_start_token_id)
@@ -214,7 +219,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                         record.update({f"eval_{k}": v for k, v in scores.items() if k != "n"})
                     else:
                         record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
-                    if last and cfg.data.target and cfg.data.eval_limit:
+                    if last and cfg.data.target and cfg.data.eval_limit and not cfg.data.chat:  # it prompts without the chat template
                         record.update(generation_metrics(cfg, model, params, tokenizer))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -2,13 +2,17 @@
 import copy
 import json
 import logging
+import shutil
+import types
 
 import numpy as np
 import pytest
 
+from jpeft.config import load_config
 from jpeft.data import conversations, load_rows, tokenize_chat
 from jpeft.data.bpe import train_bpe_tokenizer
 from jpeft.errors import ConfigError, DataError
+from conftest import read_metrics, run_config
 
 CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -125,3 +129,63 @@ def test_chat_errors(tok):
     unstable.chat_template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}x"
     with pytest.raises(DataError, match=r"row 1: the chat template refused the conversation \(no system\)"):
         tokenize_chat([MESSAGES], unstable, seq_len=64)
+
+
+def test_config_checks_and_encoder_decoder(tmp_path):
+    from jpeft.train.trainer import prepare
+    assert load_config(None, ["data.train=x.jsonl", "data.chat=true", "data.system=Be brief."]).data.chat
+    with pytest.raises(ConfigError, match="'data.text'.*conflicts with data.chat"):
+        load_config(None, ["data.train=x.jsonl", "data.chat=true", "data.text=t"])
+    with pytest.raises(ConfigError, match="'data.label'.*conflicts with data.chat"):
+        load_config(None, ["data.train=x.jsonl", "data.chat=true", "data.label=y", "method.name=classifier"])
+    with pytest.raises(ConfigError, match="'data.system'.*needs data.chat=true"):
+        load_config(None, ["data.train=x.jsonl", "data.text=t", "data.system=Be brief."])
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": MESSAGES}) + "\n")
+    cfg = load_config(None, [f"data.train={path}", "data.chat=true"])
+    with pytest.raises(ConfigError, match="t5 is an encoder-decoder.*not .*data.chat"):
+        prepare(cfg, str(path), None, model_cfg=types.SimpleNamespace(is_encoder_decoder=True, model_type="t5"))
+
+
+# A template that ends each assistant turn with EOS (the tiny model's vocabulary has no room for markers); the
+# newline after a block is written as an expression, since HF renders templates with trim_blocks.
+EOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m.role }}:\n{{ m.content }}"
+                "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}assistant:\n{% endif %}")
+
+
+def test_train_on_assistant_turns_only(tiny_run, tmp_path):
+    import jax
+
+    import jpeft
+    from jpeft.train import trainer
+
+    model_dir = shutil.copytree(tiny_run["model"], tmp_path / "base")
+    tok = trainer.load_tokenizer(str(model_dir))
+    tok.chat_template = EOS_TEMPLATE
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    cfg = run_config(tiny_run, out, f"model.path={model_dir}", "data.chat=true", "data.prompt=Topic: {topic}",
+                     "data.system=Summarize the dialogue on this topic.", "train.seq_len=192", "train.steps=8",
+                     "data.eval_limit=2", "train.lr=3e-2", "method.targets=[q_proj,v_proj,down_proj,lm_head]")
+    final = trainer.train(cfg, progress=False)
+    rows = read_metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert "eval_rouge1" not in final  # generation would prompt without the chat template
+
+    # eval_loss, independently: the NLL of each eval summary's tokens + EOS, read off one padded forward pass
+    model, base = jpeft.from_pretrained(str(model_dir))
+    params = jpeft.load_adapter(str(out / "adapter"), base)
+    seqs, answers = [], []
+    for row in load_rows(tiny_run["eval"]):
+        chat = [{"role": "system", "content": cfg.data.system}, {"role": "user", "content": f"Topic: {row['topic']}"},
+                {"role": "assistant", "content": row["summary"]}]
+        seqs.append(chat_ids(tok, chat))
+        answers.append(len(ids_of(tok, row["summary"] + tok.eos_token)))
+        assert seqs[-1][-2] == tok.eos_token_id and seqs[-1][-1] != tok.eos_token_id  # then a newline: untrained
+    width = max(map(len, seqs))
+    ids = np.array([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, ids, (ids != tok.pad_token_id).astype(np.int32))))
+    nll = [-logp[i, t, s[t + 1]] for i, (s, k) in enumerate(zip(seqs, answers))
+           for t in range(len(s) - 2 - k, len(s) - 2)]  # the positions predicting the summary and EOS
+    assert final["eval_loss"] == pytest.approx(np.mean(nll), rel=1e-4)
