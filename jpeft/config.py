@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -84,6 +85,12 @@ class DataSection:
     system: str | None = None  # data.chat: the system message of rows that have none
     eval_limit: int = 64
     max_new_tokens: int = 64
+    template: str | None = None  # a template set (configs/templates/NAME.yaml or a path): phrasings for prompt/target
+    template_mode: str = "random"  # one phrasing per example: random (seeded) | cycle
+    columns: dict | None = None  # template field -> the data's column, e.g. {text: dialogue}
+    split: dict | None = None  # {train: 0.9, eval: 0.1} of data.train's rows, or named splits {train: train, eval: validation}
+    mixture: list | None = None  # tasks mixed by weight: [{train, template | prompt+target | text, weight, cap, name}, ...]
+    strict: bool = False  # a row that cannot be used is an error instead of dropped (and counted)
 
 
 @dataclass
@@ -146,6 +153,7 @@ CHOICES = {
     "method.kind": ("houlsby", "pfeiffer", "parallel"),
     "method.pooling": ("last", "mean"),
     "train.on_nonfinite": ("stop", "skip"),
+    "data.template_mode": ("random", "cycle"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum", "train.keep_checkpoints",
              "method.rank", "train.log_every", "data.max_new_tokens", "method.num_virtual_tokens", "method.tasks",
@@ -335,6 +343,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         return value
     if base is dict and isinstance(value, dict):
         return dict(value)
+    if base is list and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return [dict(v) for v in value]
     if base == list[int]:
         if isinstance(value, int) and not isinstance(value, bool):
             return [value]
@@ -350,6 +360,7 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
             return list(value)
     expected = {str: "a string (quote it in YAML)", int: "an integer", float: "a number",
                 bool: "true or false", dict: "a mapping, e.g. {k_proj: 4}",
+                list: "a list of mappings, e.g. [{train: a.jsonl, text: text}, {train: b.jsonl, text: text}]",
                 list[int]: "a list of integers, e.g. [0, 2]",
                 list[str]: "a list of strings, e.g. [q_proj, v_proj] or q_proj,v_proj"}[base]
     raise ConfigError(f"config key '{key}' in {origin} must be {expected}, "
@@ -411,30 +422,100 @@ def _check(cfg: RunConfig, origins: dict[str, str]) -> None:
     if cfg.method.lora is not None and "lora" in options:
         _check_lora(cfg.method.lora, origins)
     data = cfg.data
-    if data.chat and (data.text is not None or data.label is not None):
-        fail("data.text" if data.text is not None else "data.label",
-             "conflicts with data.chat=true: chat rows train on the assistant turns of a messages column or of "
-             "data.prompt + data.target; set data.chat=false for language modelling or classification")
-    if data.system is not None and not data.chat:
-        fail("data.system", "needs data.chat=true: a system message is rendered by the tokenizer's chat template")
-    if data.train is not None and (data.label is not None or cfg.method.name == "classifier"):
+    if data.mixture is not None:
+        _check_mixture(cfg, fail)
+    elif data.train is not None and (data.label is not None or cfg.method.name == "classifier"):
+        if data.chat:
+            fail("data.label", "conflicts with data.chat=true: chat rows train on the assistant turns of a "
+                               "messages column or of data.prompt + data.target; set data.chat=false to classify")
         _check_classification(cfg, fail)
     elif data.train is not None:
+        _check_source(data, lambda key, message: fail(f"data.{key}", message))
+
+
+def _check_source(data: DataSection, fail) -> None:
+    """One source of rows renders them one way: a template set, prompt + target, or text; a split
+    of its file replaces data.eval. `fail(key, message)` names the key within its section."""
+    if data.template is not None:
+        if data.prompt is not None or data.target is not None:
+            fail("template", "conflicts with data.prompt/data.target: a template set brings its own prompt and "
+                             "target phrasings; set one or the other")
+        if data.text is not None:
+            fail("text", "conflicts with data.template: set a template set (supervised) or text (language "
+                         "modelling), not both")
+    elif data.columns is not None:
+        fail("columns", "maps the fields of a template set; set data.template too")
+    else:
         supervised = data.prompt is not None or data.target is not None
         if supervised and (data.prompt is None or data.target is None):
-            missing = "data.target" if data.target is None else "data.prompt"
-            fail(missing, "is required: supervised data needs both data.prompt and "
-                          "data.target templates, e.g. prompt: 'Summarize: {dialogue}', "
-                          "target: '{summary}'")
+            fail("target" if data.target is None else "prompt",
+                 "is required: supervised data needs both data.prompt and data.target templates, e.g. "
+                 "prompt: 'Summarize: {dialogue}', target: '{summary}' (or data.template: summarization)")
         if supervised and data.text is not None:
-            fail("data.text", "conflicts with data.prompt/data.target: set either prompt+target "
-                              "(supervised, loss on the target) or text (language modelling, "
-                              "loss everywhere), not both")
+            fail("text", "conflicts with data.prompt/data.target: set either prompt+target (supervised, loss on "
+                         "the target) or text (language modelling, loss everywhere), not both")
         if not supervised and data.text is None and not data.chat:
-            fail("data.train", "needs templates: set data.prompt+data.target (supervised, e.g. "
-                               "prompt: 'Summarize: {dialogue}', target: '{summary}'), "
-                               "data.text (language modelling, e.g. text: '{dialogue}') or data.chat=true "
-                               "(rows with a messages column)")
+            fail("train", "needs templates: set data.prompt+data.target (supervised, e.g. prompt: 'Summarize: "
+                          "{dialogue}', target: '{summary}'), data.template (a set of phrasings, e.g. "
+                          "summarization), data.text (language modelling, e.g. text: '{dialogue}') or "
+                          "data.chat=true (rows with a messages column)")
+    if data.chat and data.text is not None:
+        fail("text", "conflicts with data.chat=true: chat rows train on the assistant turns of a messages column "
+                     "or of data.prompt + data.target; set data.chat=false for language modelling")
+    if data.system is not None and not data.chat:
+        fail("system", "needs data.chat=true: a system message is rendered by the tokenizer's chat template")
+    if data.split is not None:
+        from jpeft.data.tasks import check_split
+        check_split(data.split, data.eval, fail)
+
+
+MIXTURE_OWN = {"name": str | None, "weight": float | None, "cap": int | None}  # an entry's own keys
+NOT_PER_TASK = ("mixture", "label", "eval_limit", "max_new_tokens")  # run-wide data.* keys
+
+
+def _check_mixture(cfg: RunConfig, fail) -> None:
+    """Each entry: a mapping of its own keys and the data.* keys it sets for its task (typed here,
+    in place), checked as a source of its own; no run-wide source beside them."""
+    data = cfg.data
+    for key in ("train", "eval", "prompt", "target", "text", "template", "split", "label"):
+        if getattr(data, key) is not None:
+            fail(f"data.{key}", "conflicts with data.mixture: each mixture entry names its own train file, "
+                                f"templates and eval file; move data.{key} into the entries")
+    if cfg.method.name == "classifier":
+        fail("data.mixture", "mixes generation tasks; a classifier trains on one labelled file (data.label)")
+    if not data.mixture:
+        fail("data.mixture", "must list at least one task, e.g. [{train: a.jsonl, template: summarization}]")
+    per_task = [f.name for f in dataclasses.fields(DataSection) if f.name not in NOT_PER_TASK]
+    typed = []
+    for i, entry in enumerate(data.mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(entry, dict):
+            fail("data.mixture", f"entry {i} must be a mapping, e.g. {{train: a.jsonl, text: text}}, got {entry!r}")
+        values = {}
+        for key, value in entry.items():
+            if key not in MIXTURE_OWN and key not in per_task:
+                close = difflib.get_close_matches(str(key), [*MIXTURE_OWN, *per_task], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                fail("data.mixture", f"entry {i} has an unknown key {key!r}{hint}; an entry takes "
+                                     f"{', '.join([*MIXTURE_OWN, *per_task])}")
+            tp = MIXTURE_OWN.get(key) or _TYPES[f"data.{key}"]
+            values[key] = _coerce(value, tp, f"{where}.{key}", "data.mixture")
+        if values.get("train") is None:
+            fail("data.mixture", f"entry {i} needs a train file (train: path)")
+        for key in ("weight", "cap"):
+            if values.get(key) is not None and values[key] <= 0:
+                fail("data.mixture", f"entry {i}: {key} must be positive, got {values[key]}")
+        typed.append(values)
+    data.mixture = typed
+    from jpeft.data.tasks import run_tasks
+    names = [task.name for task in run_tasks(data)]
+    if len(set(names)) != len(names):
+        fail("data.mixture", f"task names must differ, got {names}; give entries a name: key")
+    for i, task in enumerate(run_tasks(data)):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", task.name):
+            fail("data.mixture", f"entry {i}: name {task.name!r} may hold only letters, digits, '_', '.', '-' "
+                                 "(it names the task's metrics)")
+        _check_source(task.data, lambda key, message, i=i: fail("data.mixture", f"entry {i}: {key} {message}"))
 
 
 def _check_lora(options: dict, origins: dict[str, str]) -> None:

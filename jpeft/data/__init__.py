@@ -4,7 +4,7 @@ import os
 from jpeft.data.chat import conversations, tokenize_chat
 from jpeft.data.labels import label_ids, label_names
 from jpeft.data.sources import check_columns, load_rows
-from jpeft.data.tokenize import (Examples, batches, check_last_not_pad, encode_prompts, pad_id, render,
+from jpeft.data.tokenize import (Examples, batches, check_last_not_pad, encode_prompts, pad_id, render, render_all,
                                  template_columns, tokenize_classification, tokenize_seq2seq, tokenize_supervised,
                                  tokenize_text)
 
@@ -12,5 +12,5 @@ from jpeft.data.tokenize import (Examples, batches, check_last_not_pad, encode_p
 DIALOGSUM_SAMPLE = os.path.join(os.path.dirname(__file__), "dialogsum", "dialogsum.dev.jsonl")
 
 __all__ = ["DIALOGSUM_SAMPLE", "Examples", "batches", "check_columns", "check_last_not_pad", "conversations",
-           "encode_prompts", "label_ids", "label_names", "load_rows", "pad_id", "render", "template_columns",
+           "encode_prompts", "label_ids", "label_names", "load_rows", "pad_id", "render", "render_all", "template_columns",
            "tokenize_chat", "tokenize_classification", "tokenize_seq2seq", "tokenize_supervised", "tokenize_text"]

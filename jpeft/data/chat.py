@@ -12,21 +12,21 @@ overlapping a span is trained, so the ids are exactly `tokenizer.apply_chat_temp
 import jinja2
 import numpy as np
 
-from jpeft.data.tokenize import Examples, _log_truncation, next_token_examples, pad_id, render
+from jpeft.data.tokenize import Examples, Templates, _log_truncation, next_token_examples, pad_id, render_all
 from jpeft.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 
 
-def conversations(rows, path: str, prompt: str | None = None, target: str | None = None,
+def conversations(rows, path: str, prompt: Templates | None = None, target: Templates | None = None,
                   system: str | None = None) -> list[list[dict]]:
     """Each row of the data file `path` as a conversation: with the `prompt` and `target` templates, the
     rendered prompt as the user message and the rendered target as the assistant's; without them, the
     row's `messages` column (checked). `system` becomes the first message of rows that have none."""
     rows = list(rows)
     if prompt is not None:
-        chats = [[{"role": "user", "content": render(prompt, r)},
-                  {"role": "assistant", "content": render(target, r)}] for r in rows]
+        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": t}]
+                 for p, t in zip(render_all(prompt, rows), render_all(target, rows))]
     else:
         if rows and "messages" not in rows[0]:
             raise DataError(f"data file '{path}' row 1 has no column 'messages' (columns: {', '.join(rows[0])}); "

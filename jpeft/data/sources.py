@@ -52,6 +52,31 @@ def check_columns(ds: datasets.Dataset, path: str, columns) -> None:
                             f"{more}; fix the data or choose other columns in the templates")
 
 
+def usable_rows(ds: datasets.Dataset, path: str, columns, strict: bool = False) -> tuple[datasets.Dataset, dict]:
+    """The rows holding a string in every needed column, and the count of the others by reason.
+
+    A column no row has is always an error (the config names the wrong column); a row whose value is
+    missing or not a string is dropped and counted, or with `strict` (data.strict) an error naming it.
+    """
+    if strict:
+        check_columns(ds, path, columns)
+        return ds, {}
+    check_columns(ds.select(range(0)), path, columns)  # the columns exist
+    table = ds.select_columns(list(columns)).to_dict()
+    dropped, keep = {}, []
+    for i in range(len(ds)):
+        bad = next((c for c in columns if not isinstance(table[c][i], str)), None)
+        if bad is None:
+            keep.append(i)
+        else:
+            reason = f"column '{bad}' " + ("missing (null)" if table[bad][i] is None else "not a string")
+            dropped[reason] = dropped.get(reason, 0) + 1
+    if not keep:
+        raise DataError(f"data file '{path}': no row has a string in every needed column ({', '.join(columns)}); "
+                        f"dropped: {dropped}")
+    return (ds if len(keep) == len(ds) else ds.select(keep)), dropped
+
+
 def _load_dir(path: str) -> datasets.Dataset:
     try:
         ds = datasets.load_from_disk(path)

@@ -15,7 +15,7 @@ import bisect
 import dataclasses
 import logging
 import string
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,7 +42,10 @@ class Examples:
     # An encoder-decoder's rows: input_ids / attention_mask are the encoder's; labels, loss_mask and
     # these decoder inputs (the start token, then the labels shifted right) are [N, target_len].
     decoder_input_ids: np.ndarray | None = None
-    n_truncated: int = 0
+    task: np.ndarray | None = None  # int32 [N]: a mixture's rows, the task each belongs to
+    n_truncated: int = 0  # examples that did not fit and were cut
+    prompt_tokens_lost: int = 0  # tokens those cuts removed from prompts (inputs without loss)
+    target_tokens_lost: int = 0  # ... and from targets (tokens the loss would have covered)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -51,6 +54,35 @@ class Examples:
         """The per-row arrays a batch carries (those present)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), np.ndarray)}
+
+    def examples_per_row(self) -> np.ndarray:
+        """[N]: how many examples each row holds (a packed row several, any other one)."""
+        return np.maximum(self.attention_mask.max(axis=1), 1) if self.positions is not None else np.ones(len(self))
+
+    @staticmethod
+    def concatenate(parts: Sequence["Examples"]) -> "Examples":
+        """The rows of several tasks' Examples as one, `task` numbering their part. Narrower parts are
+        padded with zeros (attention and loss 0); positions count on where a part has none."""
+        fields = [f.name for f in dataclasses.fields(Examples)
+                  if (isinstance(getattr(parts[0], f.name), np.ndarray) or f.name == "positions") and f.name != "task"]
+        merged = {}
+        for name in fields:
+            arrays = [getattr(p, name) for p in parts]
+            if name == "positions":
+                if all(a is None for a in arrays):
+                    continue
+                arrays = [np.broadcast_to(np.arange(p.input_ids.shape[1], dtype=np.int32), p.input_ids.shape)
+                          if a is None else a for a, p in zip(arrays, parts)]
+            if any(a is None for a in arrays):
+                raise ValueError(f"Examples.concatenate: '{name}' is missing from some parts")
+            width = max(a.shape[1] for a in arrays) if arrays[0].ndim == 2 else None
+            merged[name] = np.concatenate([a if width is None else np.pad(a, [(0, 0), (0, width - a.shape[1])])
+                                           for a in arrays])
+        merged.pop("loss_index", None)  # widths differ per part: set it anew on the whole
+        counts = {k: sum(getattr(p, k) for p in parts) for k in ("n_truncated", "prompt_tokens_lost",
+                                                                 "target_tokens_lost")}
+        task = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)])
+        return Examples(**merged, **counts, task=task)
 
     def with_loss_index(self, multiple: int = 16) -> "Examples":
         """These rows with `loss_index` set, where it saves LM-head work (K, a multiple of `multiple`
@@ -78,6 +110,18 @@ def template_columns(template: str) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
+Templates = str | Sequence[str]  # one template for every row, or one per row (a template set's phrasings)
+
+
+def render_all(templates: Templates, rows: Sequence[dict]) -> list[str]:
+    """Each row filled into its template."""
+    if isinstance(templates, str):
+        return [render(templates, r) for r in rows]
+    if len(templates) != len(rows):
+        raise ValueError(f"{len(templates)} templates for {len(rows)} rows")
+    return [render(t, r) for t, r in zip(templates, rows)]
+
+
 def render(template: str, row: dict) -> str:
     """The template filled from one row."""
     try:
@@ -90,7 +134,7 @@ def render(template: str, row: dict) -> str:
                           "{dialogue} and write literal braces as {{ }}") from None
 
 
-def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: str,
+def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, target: Templates,
                         seq_len: int, pack: bool = False) -> Examples:
     """Loss on target + EOS only; over-long rows lose prompt tokens from the left (see `_fit`).
 
@@ -98,8 +142,8 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     losses as one padded row per example, with far less padding.
     """
     rows = list(rows)
-    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
-    targets = _encode(tokenizer, [render(target, r) for r in rows], special=False)
+    prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
+    targets = _encode(tokenizer, render_all(target, rows), special=False)
     eos = _eos_id(tokenizer)
     seqs, masks = [], []
     for p, t in zip(prompts, targets):
@@ -109,22 +153,25 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: str, target: st
     n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
                     "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
-    return next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated)
+    kept = sum(map(sum, masks))
+    return dataclasses.replace(next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated),
+                               prompt_tokens_lost=sum(map(len, prompts)) - (sum(map(len, seqs)) - kept),
+                               target_tokens_lost=sum(len(t) + 1 for t in targets) - kept)
 
 
-def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, seq_len: int,
+def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: Templates, target: Templates, seq_len: int,
                      start_id: int) -> Examples:
     """Encoder input: the prompt (with the tokenizer's special tokens), cut on the right to seq_len but
     keeping a final EOS; decoder: the start token + target, predicting target + EOS (loss on all of
     it). Inputs and targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
     rows = list(rows)
-    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
+    prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
     eos = _eos_id(tokenizer)
-    targets = [t + [eos] for t in _encode(tokenizer, [render(target, r) for r in rows], special=False)]
+    targets = [t + [eos] for t in _encode(tokenizer, render_all(target, rows), special=False)]
     longest = lambda seqs: min(seq_len, -(-max(map(len, seqs), default=1) // 16) * 16)  # noqa: E731
     target_len, width = longest(targets), longest(prompts)
     cut = [p[:width - 1] + [eos] if p[-1:] == [eos] else p[:width] for p in prompts]
-    n_truncated = sum(len(p) > seq_len for p in prompts) + sum(len(t) > target_len for t in targets)
+    n_truncated = sum(len(p) > width or len(t) > target_len for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts and targets cut on the right")
     pad = pad_id(tokenizer)
     ids, labels = np.full((len(rows), width), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
@@ -134,7 +181,9 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: str, target: str, 
         ids[i, :len(p)], mask[i, :len(p)] = p, 1
         labels[i, :len(t)], loss[i, :len(t)] = t, 1.0
     decoder = np.concatenate([np.full((len(rows), 1), start_id, np.int32), labels[:, :-1]], axis=1)
-    return Examples(ids, labels, loss, mask, decoder_input_ids=decoder, n_truncated=n_truncated)
+    return Examples(ids, labels, loss, mask, decoder_input_ids=decoder, n_truncated=n_truncated,
+                    prompt_tokens_lost=sum(len(p) - len(c) for p, c in zip(prompts, cut)),
+                    target_tokens_lost=sum(max(len(t) - target_len, 0) for t in targets))
 
 
 def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
@@ -147,12 +196,14 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
     boundaries. pack=False pads each row instead, cutting long rows on the right.
     """
     eos = _eos_id(tokenizer)
-    ids = [x + [eos] for x in _encode(tokenizer, [render(text, r) for r in rows], special=True)]
+    ids = [x + [eos] for x in _encode(tokenizer, render_all(text, rows), special=True)]
     if not pack:
         n_truncated = sum(len(x) > seq_len + 1 for x in ids)
         _log_truncation(n_truncated, len(ids), f"seq_len={seq_len}", "cut on the right")
         cut = [x[:seq_len + 1] for x in ids]
-        return next_token_examples(cut, [[1] * len(x) for x in cut], seq_len, pad_id(tokenizer), False, n_truncated)
+        return dataclasses.replace(
+            next_token_examples(cut, [[1] * len(x) for x in cut], seq_len, pad_id(tokenizer), False, n_truncated),
+            target_tokens_lost=sum(len(x) - len(c) for x, c in zip(ids, cut)))
     stream = np.fromiter((t for x in ids for t in x), dtype=np.int32)
     n = (len(stream) - 1) // seq_len
     if n == 0:
@@ -162,7 +213,8 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
     logger.info("packed %d rows (%d tokens) into %d windows of %d tokens; dropped the last "
                 "%d tokens", len(ids), len(stream), n, seq_len, len(stream) - 1 - n * seq_len)
     ones = np.ones((n, seq_len), np.int32)
-    return Examples(windows[:, :-1].copy(), windows[:, 1:].copy(), ones.astype(np.float32), ones)
+    return Examples(windows[:, :-1].copy(), windows[:, 1:].copy(), ones.astype(np.float32), ones,
+                    target_tokens_lost=len(stream) - 1 - n * seq_len)
 
 
 def tokenize_classification(rows: Iterable[dict], tokenizer, text: str, seq_len: int, labels) -> Examples:
@@ -172,7 +224,7 @@ def tokenize_classification(rows: Iterable[dict], tokenizer, text: str, seq_len:
     classifier reads, stays); rows are right-padded to the longest one, at most `seq_len` tokens.
     """
     rows = list(rows)
-    ids = _encode(tokenizer, [render(text, r) for r in rows], special=True)
+    ids = _encode(tokenizer, render_all(text, rows), special=True)
     empty = next((i for i, x in enumerate(ids) if not x), None)
     if empty is not None:
         raise DataError(f"row {empty + 1}: the text {text!r} renders to no tokens; a classifier needs at least one")
@@ -185,7 +237,7 @@ def tokenize_classification(rows: Iterable[dict], tokenizer, text: str, seq_len:
         input_ids[i, :len(x)] = x
     attention = (np.arange(width)[None, :] < np.array([len(x) for x in cut])[:, None]).astype(np.int32)
     return Examples(input_ids, np.asarray(labels, np.int32), np.ones(len(cut), np.float32), attention,
-                    n_truncated=n_truncated)
+                    n_truncated=n_truncated, prompt_tokens_lost=sum(len(x) - len(c) for x, c in zip(ids, cut)))
 
 
 def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
@@ -200,10 +252,10 @@ def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
                         "distinct pad_token, or end the data.prompt template with other text")
 
 
-def encode_prompts(rows: Iterable[dict], tokenizer, prompt: str, max_len: int) -> list[list[int]]:
+def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: int) -> list[list[int]]:
     """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens."""
     rows = list(rows)
-    prompts = _encode(tokenizer, [render(prompt, r) for r in rows], special=True)
+    prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
     out = [_keep_end(p, max_len, _head_len(p, tokenizer)) for p in prompts]
     _log_truncation(sum(len(p) > max_len for p in prompts), len(rows), f"{max_len} prompt tokens",
                     "cut from the left")

@@ -59,9 +59,14 @@ def init_state(trainable, optimizer) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": optimizer.init(trainable)}
 
 
-def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=None):
+def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=None, tasks: int = 0):
     """step(state, frozen, batch) -> (state, metrics); batch leaves are [grad_accum, micro, T] (a
     classifier's `labels` and `loss_mask` [grad_accum, micro]).
+
+    A mixture of `tasks` tasks numbers each row's task (`task` [grad_accum, micro]); the metrics then
+    hold each task's summed loss and loss tokens (`task_loss`, `task_tokens` [tasks]). Each token's
+    loss is the loss's gradient with respect to its weight in `loss_mask`, which the backward pass
+    computes anyway, so this costs no second pass.
 
     With `state_shardings` the new state keeps exactly the layout of the old one (pjit style);
     the frozen partition and the batch keep whatever sharding they were placed with, and each
@@ -77,17 +82,27 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         key = jax.random.fold_in(base_key, state["step"])
 
         def micro(carry, xs):
-            grads, loss, count = carry
+            grads, loss, count, by_task = carry
             index, mb = xs
             rng = jax.random.fold_in(key, index) if dropout else None
-            (l, n), g = jax.value_and_grad(
-                lambda tr: batch_loss(model, T.combine(tr, frozen), mb, rng, chunk), has_aux=True)(state["trainable"])
-            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+            weights = mb["loss_mask"]
+
+            def loss_of(tr, w):
+                return batch_loss(model, T.combine(tr, frozen), {**mb, "loss_mask": w}, rng, chunk)
+
+            (l, n), g = jax.value_and_grad(loss_of, argnums=(0, 1) if tasks else 0, has_aux=True)(
+                state["trainable"], weights)
+            if tasks:
+                g, token_loss = g
+                by_task = by_task + jnp.stack([
+                    jax.ops.segment_sum(a.reshape(len(a), -1).sum(axis=1), mb["task"], num_segments=tasks)
+                    for a in (token_loss * weights, weights)])
+            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, by_task), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
         accum = jax.tree.leaves(batch)[0].shape[0]
-        (grads, loss, count), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(accum), batch))
+        (grads, loss, count, by_task), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((2, tasks))), (jnp.arange(accum), batch))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -100,8 +115,11 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         # a cond, not a select: the update stays in place on the donated buffers
         trainable, opt_state = jax.lax.cond(finite, update, lambda *old: old, state["trainable"], state["opt_state"])
         new_state = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        return new_state, {"loss": loss / denom, "grad_norm": grad_norm, "finite": finite,
-                           "loss_tokens": count, "tokens": jnp.sum(batch["attention_mask"] > 0)}
+        metrics = {"loss": loss / denom, "grad_norm": grad_norm, "finite": finite, "loss_tokens": count,
+                   "tokens": jnp.sum(batch["attention_mask"] > 0)}
+        if tasks:
+            metrics["task_loss"], metrics["task_tokens"] = by_task
+        return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)

@@ -15,6 +15,7 @@ import resource
 import sys
 import time
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,11 @@ from tqdm.auto import tqdm
 
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
-from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, conversations, label_ids, label_names,
-                        load_rows, pad_id, template_columns, tokenize_chat, tokenize_classification, tokenize_seq2seq,
-                        tokenize_supervised, tokenize_text)
+from jpeft.data import Examples, batches, label_names, load_rows, pad_id, render_all
+from jpeft.data.prepare import RunData, prepare_rows, run_data
+from jpeft.data.tasks import mixture_batches, run_tasks
 from jpeft.errors import ConfigError, TrainingError
-from jpeft.evaluate import evaluate_classifier, evaluate_generation
+from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
@@ -82,41 +83,13 @@ def load_tokenizer(model_dir: str):
 
 def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None,
             model_cfg: ModelConfig | None = None) -> Examples:
-    """Rows of a data file -> fixed-shape token arrays with the loss mask the config asks for (a
-    classifier's: one class id per row, through the class names `labels`; an encoder-decoder's:
-    prompt into the encoder, target from the decoder, unpacked; data.chat: the chat template, loss on
-    assistant turns)."""
-    d = cfg.data
-    rows = load_rows(path)
-    seq2seq = model_cfg is not None and model_cfg.is_encoder_decoder
-    if seq2seq and (d.label or d.text or d.chat):
-        raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
-                          "rows, not data.text, data.label or data.chat")
-    if d.label:
-        text = d.prompt if d.prompt is not None else "{" + d.text + "}"
-        check_columns(rows, path, template_columns(text))
-        examples = tokenize_classification(rows, tokenizer, text, cfg.train.seq_len,
-                                           label_ids(rows, d.label, path, labels))
-        if cfg.method.pooling == "last":
-            check_last_not_pad(examples, tokenizer, path)
-        return examples
-    if d.text:
-        check_columns(rows, path, [d.text])
-        return tokenize_text(rows, tokenizer, "{" + d.text + "}", cfg.train.seq_len)
-    if d.prompt is not None:  # data.chat may read a messages column instead
-        check_columns(rows, path, sorted(set(template_columns(d.prompt)) | {d.target}))
-    if d.chat:
-        chats = conversations(rows, path, d.prompt, None if d.target is None else "{" + d.target + "}", d.system)
-        return tokenize_chat(chats, tokenizer, cfg.train.seq_len, d.packing).with_loss_index()
-    if seq2seq:
-        return tokenize_seq2seq(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len,
-                                model_cfg.decoder_start_token_id)
-    examples = tokenize_supervised(rows, tokenizer, d.prompt, "{" + d.target + "}", cfg.train.seq_len, d.packing)
-    return examples.with_loss_index()
+    """Rows of one data file as the run's data.* keys make them (jpeft.data.prepare.prepare_rows)."""
+    return prepare_rows(cfg.data, load_rows(path), path, tokenizer, cfg.train.seq_len, cfg.train.seed, model_cfg,
+                        labels, cfg.method.pooling).examples.with_loss_index()
 
 
-def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
-    """Token-weighted mean NLL over all examples (the last batch padded with zero weight)."""
+def nll_sums(eval_step, params, examples: Examples, batch_size: int) -> tuple[float, float]:
+    """(summed NLL, token count) over all examples (the last batch padded with zero weight)."""
     total, count = 0.0, 0.0
     n = len(examples.input_ids)
     for start in range(0, n, batch_size):
@@ -125,16 +98,38 @@ def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
         batch["loss_mask"] = batch["loss_mask"] * (np.arange(start, start + batch_size) < n)[:, None]
         s, c = eval_step(params, batch)
         total, count = total + float(s), count + float(c)
+    return total, count
+
+
+def mean_nll(eval_step, params, examples: Examples, batch_size: int) -> float:
+    """Token-weighted mean NLL over all examples."""
+    total, count = nll_sums(eval_step, params, examples, batch_size)
     return total / max(count, 1.0)
 
 
-def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
-    """ROUGE/BLEU of greedy outputs on the first `data.eval_limit` eval rows, keys prefixed `eval_`."""
-    rows = load_rows(cfg.data.eval)
-    rows = rows.select(range(min(cfg.data.eval_limit, len(rows))))
-    scores = evaluate_generation(model, params, tokenizer, rows, cfg.data.prompt, [cfg.data.target],
-                                 cfg.data.max_new_tokens, cfg.train.batch_size)
-    return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
+def evaluation(cfg: RunConfig, model, params, tokenizer, data: RunData, eval_step, generate: bool) -> dict:
+    """The eval_* keys of a record: each task's held-out loss (a classifier's accuracy and F1), the
+    token-weighted loss over all of them, and with `generate` ROUGE/BLEU of greedy outputs on the first
+    data.eval_limit rows of each supervised task. A mixture's tasks get `eval_<task>_...` keys beside the overall `eval_loss`."""
+    record, total, count = {}, 0.0, 0.0
+    for name, prepared in data.evals.items():
+        prefix = f"eval_{name}_" if name else "eval_"
+        if prepared.examples.labels.ndim == 1:
+            scores = evaluate_classifier(model, params, prepared.examples, cfg.train.batch_size)
+            record.update({prefix + k: v for k, v in scores.items() if k != "n"})
+            continue
+        s, c = nll_sums(eval_step, params, prepared.examples, cfg.train.batch_size)
+        record[prefix + "loss"], total, count = s / max(c, 1.0), total + s, count + c
+        if generate and prepared.prompts is not None and cfg.data.eval_limit:
+            n = min(cfg.data.eval_limit, len(prepared.rows))
+            rows, prompts, targets = (prepared.rows.select(range(n)), *(
+                t if isinstance(t, str) else t[:n] for t in (prepared.prompts, prepared.targets)))
+            outputs = predict(model, params, tokenizer, rows, prompts, cfg.data.max_new_tokens, cfg.train.batch_size)
+            scores = text_metrics(outputs, render_all(targets, rows))
+            record.update({prefix + k: v for k, v in scores.items() if k != "n"})
+    if count and len(data.evals) > 1:
+        record["eval_loss"] = total / count
+    return record
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:
@@ -143,8 +138,9 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     A SIGTERM or SIGINT stops the run at the next step boundary with a checkpoint saved; the
     record then says `"stopped"` and no adapter is exported (the re-run finishes the job).
     """
-    if not cfg.model.path or not cfg.data.train:
-        raise ConfigError("model.path and data.train must be set (in the YAML file or as key=value overrides)")
+    if not cfg.model.path or not (cfg.data.train or cfg.data.mixture):
+        raise ConfigError("model.path and data.train (or data.mixture) must be set (in the YAML file or as "
+                          "key=value overrides)")
     tc = cfg.train
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
@@ -154,8 +150,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
     labels = class_labels(cfg)
-    train_examples = prepare(cfg, cfg.data.train, tokenizer, labels, model.config)
-    eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels, model.config) if cfg.data.eval else None
+    data = run_data(cfg, tokenizer, labels, model.config)
 
     method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
@@ -179,14 +174,17 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     if primary:
         with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        write_data_files(cfg.out_dir, data)
     start = int(state["step"])
-    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings)
+    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings,
+                                 tasks=0 if data.rates is None else len(data.tasks))
     eval_step = make_eval_step(model)
     in_sharding = batch_sharding(mesh, tc.batch_size)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
     rows = local_rows(in_sharding, shape)
-    data = batches(train_examples, tc.batch_size * tc.grad_accum, tc.seed, start_step=start,
-                   rows=_accumulated_rows(rows, tc.batch_size, tc.grad_accum))
+    draw = batches if data.rates is None else partial(mixture_batches, rates=data.rates)
+    stream = draw(data.train, batch_size=tc.batch_size * tc.grad_accum, seed=tc.seed, start_step=start,
+                  rows=_accumulated_rows(rows, tc.batch_size, tc.grad_accum))
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start, enabled=primary)
     record: dict = {}
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), desc="train", unit="step")
@@ -195,7 +193,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     with StopRequests() as stop, _finishing(mngr):
         for step in range(start + 1, tc.steps + 1):
             local = {k: v.reshape(tc.grad_accum, rows.stop - rows.start, *v.shape[1:])
-                     for k, v in next(data).items()}
+                     for k, v in next(stream).items()}
             with activation_sharding(mesh):
                 state, out = train_step(state, frozen, place_batch(in_sharding, local, shape))
             out = jax.device_get(out)
@@ -203,7 +201,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             if not out["finite"]:
                 skipped = _non_finite(cfg, step, out, skipped, mngr)
             last = step == tc.steps
-            logged, evaluated = step % tc.log_every == 0 or last, eval_examples is not None and (
+            logged, evaluated = step % tc.log_every == 0 or last, bool(data.evals) and (
                 (tc.eval_every and step % tc.eval_every == 0) or last)
             if logged or evaluated:
                 now = time.perf_counter()
@@ -211,16 +209,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                           "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
                 if skipped:
                     record["skipped_steps"] = skipped
+                for task, loss, count in zip(data.tasks, out.get("task_loss", ()), out.get("task_tokens", ())):
+                    if count:
+                        record[f"loss_{task.name}"] = float(loss / count)
                 tick, tokens = now, 0
                 if evaluated:
-                    params = T.combine(state["trainable"], frozen)
-                    if labels is not None:
-                        scores = evaluate_classifier(model, params, eval_examples, tc.batch_size)
-                        record.update({f"eval_{k}": v for k, v in scores.items() if k != "n"})
-                    else:
-                        record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
-                    if last and cfg.data.target and cfg.data.eval_limit and not cfg.data.chat:  # it prompts without the chat template
-                        record.update(generation_metrics(cfg, model, params, tokenizer))
+                    record.update(evaluation(cfg, model, T.combine(state["trainable"], frozen), tokenizer, data,
+                                             eval_step, generate=last))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -240,6 +235,16 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     if primary and record:  # an empty record: a re-run of a finished run, which trained nothing; keep its summary
         write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record, train_seconds)
     return record
+
+
+def write_data_files(out_dir: str, data: RunData) -> None:
+    """out_dir/data.json: the account of every task's rows; out_dir/split.json: the row ids of each part
+    of a split file (so evaluation can be checked never to see a training row)."""
+    with open(os.path.join(out_dir, "data.json"), "w") as f:
+        json.dump(data.report, f, indent=2)
+    if data.splits:
+        with open(os.path.join(out_dir, "split.json"), "w") as f:
+            json.dump(data.splits, f)
 
 
 def write_summary(cfg: RunConfig, method, counts: tuple[int, int], steps: int, record: dict,
@@ -287,7 +292,8 @@ def run_fingerprint(cfg: RunConfig) -> tuple[dict, dict]:
     """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint), and the
     fingerprint of the defaults (a key one side lacks counts as its default)."""
     weights = sorted(os.path.join(cfg.model.path, f) for f in os.listdir(cfg.model.path) if f.endswith(".safetensors"))
-    return (checkpoint.fingerprint(_shaping_keys(cfg), [cfg.data.train], weights),
+    files = [task.data.train for task in run_tasks(cfg.data)]
+    return (checkpoint.fingerprint(_shaping_keys(cfg), files, weights),
             checkpoint.fingerprint(_shaping_keys(RunConfig()), [], []))
 
 
