@@ -13,7 +13,7 @@ import transformers
 import jpeft
 from jpeft.cli import EXAMPLES, main
 
-COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare"]
+COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare", "forgetting"]
 
 
 def test_top_level_help_lists_every_command():
