@@ -10,13 +10,14 @@ import torch
 import transformers
 
 import jpeft
-from conftest import dialogsum_rows
+from conftest import dialogsum_rows, read_metrics, run_config
 from jpeft import tree as T
 from jpeft.cli import main
+from jpeft.config import load_config
 from jpeft.errors import CheckpointError, ConfigError, DataError
 from jpeft.evaluate import predict
 from jpeft.forgetting import read_probe, read_probes, report, score, tuned_params
-from jpeft.train.trainer import load_tokenizer
+from jpeft.train.trainer import load_tokenizer, train
 
 MAX_NEW = 4
 
@@ -156,6 +157,74 @@ def test_library_report_of_an_untouched_model_changes_nothing(setup):
     assert [e["change"] for e in result["probes"].values()] == [0.0, 0.0]
 
 
+def test_forgetting_is_forced_by_a_disjoint_fine_tune(tiny_run, tmp_path, capsys):
+    """A base that learnt dialogues, fully fine-tuned on a repeated string of digits: its held-out dialogues'
+    perplexity rises at each evaluation while the new task's loss falls; the figures equal what
+    `jpeft forgetting` finds in the exported model."""
+    lm = ["model.dtype=float32", "method.name=full", "data.prompt=null", "data.target=null", "data.eval=null",
+          "data.text=text", "train.seq_len=64", "train.batch_size=4", "train.log_every=1"]
+    dialogues = write_jsonl(tmp_path / "dialogues.jsonl", [{"text": r["dialogue"]} for r in dialogsum_rows(40)])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"text": r["dialogue"]} for r in dialogsum_rows(6, 40)])
+    digits = write_jsonl(tmp_path / "digits.jsonl", [{"text": " ".join("7 3 9 1".split() * 16)}] * 16)
+    train(run_config(tiny_run, tmp_path / "base", *lm, f"data.train={dialogues}", "train.steps=30",
+                     "train.lr=1e-2"), progress=False)
+    base = str(tmp_path / "base" / "model")
+    out = tmp_path / "digits"
+    train(run_config(tiny_run, out, *lm, f"model.path={base}", f"data.train={digits}", "train.steps=20",
+                     "train.eval_every=10", f"eval.forgetting=[{held_out}]"), progress=False)
+    records = read_metrics(out)
+    evals = [r for r in records if "forget_held_out_perplexity" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert records[-1]["loss"] < records[0]["loss"] / 2
+    assert 0 < evals[0]["forget_held_out_change"] < evals[1]["forget_held_out_change"]
+    assert main(["forgetting", "--model", base, "--finetuned", str(out / "model"), "--dtype", "float32",
+                 "--seq-len", "64", "--probe", held_out, "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["probes"][held_out]
+    assert entry["base"] == pytest.approx(evals[-1]["forget_held_out_base"], rel=1e-5)
+    assert entry["tuned"] == pytest.approx(evals[-1]["forget_held_out_perplexity"], rel=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k.startswith("forget_")} == {
+        k: v for k, v in evals[-1].items() if k.startswith("forget_")}
+
+
+def test_eval_forgetting_is_logged_at_each_evaluation(setup, tiny_run, tmp_path):
+    out = tmp_path / "run"
+    train(run_config(tiny_run, out, "train.eval_every=3", f"data.max_new_tokens={MAX_NEW}",
+                     f"eval.forgetting={setup['text']},{setup['exact']}:accuracy"), progress=False)
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    base_perplexity = score(setup["model"], setup["base"], setup["tokenizer"], read_probe(setup["text"]), 96, 4)
+    for r in evals:
+        assert r["forget_dialogues_base"] == pytest.approx(base_perplexity, rel=1e-5)
+        assert r["forget_exact_base"] == pytest.approx(2 / 3)
+        assert r["forget_dialogues_change"] == pytest.approx(
+            (r["forget_dialogues_perplexity"] - base_perplexity) / base_perplexity, rel=1e-4)
+        assert r["forget_exact_change"] == pytest.approx((r["forget_exact_accuracy"] - 2 / 3) / (2 / 3))
+        assert all(isinstance(v, float) for k, v in r.items() if k.startswith("forget_"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["forget_dialogues_perplexity"] == evals[-1]["forget_dialogues_perplexity"]
+    assert summary["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_a_missing_probe_fails_before_training(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"eval.forgetting: probe file '.*nope.jsonl' not found"):
+        train(run_config(tiny_run, out, f"eval.forgetting=[{tmp_path / 'nope.jsonl'}]"), progress=False)
+    assert not out.exists()
+
+
+def test_eval_section_is_checked_like_the_others(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("eval:\n  forgetting: [a.jsonl, 'b.jsonl:accuracy']\n")
+    assert load_config(str(config)).eval.forgetting == ["a.jsonl", "b.jsonl:accuracy"]
+    assert load_config(None, ["eval.forgetting=a.jsonl,b.csv"]).eval.forgetting == ["a.jsonl", "b.csv"]
+    with pytest.raises(ConfigError, match="did you mean 'eval.forgetting'"):
+        load_config(None, ["eval.forgeting=a.jsonl"])
+    config.write_text("eval:\n  probes: [a.jsonl]\n")
+    with pytest.raises(ConfigError, match="unknown config key 'eval.probes'.*valid keys in 'eval': forgetting"):
+        load_config(str(config))
+
+
 def test_probe_errors_name_the_file_and_what_to_do(setup, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     assert main(["forgetting", "--model", setup["dir"], "--adapter", setup["adapter"], "--probe", bad]) == 2
@@ -168,8 +237,8 @@ def test_probe_errors_name_the_file_and_what_to_do(setup, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     twin = write_jsonl(other / "dialogues.jsonl", [{"text": "hello"}])
-    with pytest.raises(ConfigError, match="--probe: '.*' and '.*' share the name 'dialogues'"):
-        read_probes([setup["text"], twin], "--probe")
+    with pytest.raises(ConfigError, match="eval.forgetting: '.*' and '.*' share the name 'dialogues'"):
+        read_probes([setup["text"], twin], "eval.forgetting")
     with pytest.raises(ConfigError, match="is given twice"):
         read_probes([setup["echo"], setup["echo"] + ":accuracy"], "--probe")
 

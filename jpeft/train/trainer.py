@@ -22,6 +22,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from jpeft import forgetting
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
 from jpeft.data import (Examples, batches, check_columns, check_last_not_pad, label_ids, label_names, load_rows,
@@ -132,6 +133,12 @@ def generation_metrics(cfg: RunConfig, model, params, tokenizer) -> dict:
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"}
 
 
+def probe_scores(cfg: RunConfig, model, params, tokenizer, probes: list[forgetting.Probe]) -> list[float]:
+    """Each eval.forgetting probe's score, at the run's train.seq_len, train.batch_size and data.max_new_tokens."""
+    return [forgetting.score(model, params, tokenizer, probe, cfg.train.seq_len, cfg.train.batch_size,
+                             cfg.data.max_new_tokens) for probe in probes]
+
+
 def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run (or resume) the configured fine-tune; returns the final metrics record.
 
@@ -141,6 +148,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     if not cfg.model.path or not cfg.data.train:
         raise ConfigError("model.path and data.train must be set (in the YAML file or as key=value overrides)")
     tc = cfg.train
+    probes = forgetting.read_probes(cfg.eval.forgetting or [], "eval.forgetting")
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -151,6 +159,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     labels = class_labels(cfg)
     train_examples = prepare(cfg, cfg.data.train, tokenizer, labels, model.config)
     eval_examples = prepare(cfg, cfg.data.eval, tokenizer, labels, model.config) if cfg.data.eval else None
+    base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
     method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
@@ -198,7 +207,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             if not out["finite"]:
                 skipped = _non_finite(cfg, step, out, skipped, mngr)
             last = step == tc.steps
-            logged, evaluated = step % tc.log_every == 0 or last, eval_examples is not None and (
+            logged, evaluated = step % tc.log_every == 0 or last, (eval_examples is not None or bool(probes)) and (
                 (tc.eval_every and step % tc.eval_every == 0) or last)
             if logged or evaluated:
                 now = time.perf_counter()
@@ -209,13 +218,15 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                 tick, tokens = now, 0
                 if evaluated:
                     params = T.combine(state["trainable"], frozen)
-                    if labels is not None:
+                    if eval_examples is not None and labels is not None:
                         scores = evaluate_classifier(model, params, eval_examples, tc.batch_size)
                         record.update({f"eval_{k}": v for k, v in scores.items() if k != "n"})
-                    else:
+                    elif eval_examples is not None:
                         record["eval_loss"] = mean_nll(eval_step, params, eval_examples, tc.batch_size)
-                    if last and cfg.data.target and cfg.data.eval_limit:
+                    if last and cfg.data.eval and cfg.data.target and cfg.data.eval_limit:
                         record.update(generation_metrics(cfg, model, params, tokenizer))
+                    record.update(forgetting.record(probes, base_scores,
+                                                    probe_scores(cfg, model, params, tokenizer, probes)))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -244,7 +255,7 @@ def write_summary(cfg: RunConfig, method, counts: tuple[int, int], steps: int, r
     trainable, total = counts
     summary = {"method": cfg.method.name, "method_repr": repr(method), "trainable_params": trainable,
                "total_params": total, "train_seconds": round(train_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
-               "steps": steps, **{k: v for k, v in record.items() if k.startswith("eval_")}}
+               "steps": steps, **{k: v for k, v in record.items() if k.startswith(("eval_", forgetting.KEY_PREFIX))}}
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
