@@ -17,7 +17,7 @@ from jpeft.config import load_config
 from jpeft.errors import CheckpointError, ConfigError, DataError
 from jpeft.evaluate import predict
 from jpeft.forgetting import read_probe, read_probes, report, score, tuned_params
-from jpeft.train.trainer import load_tokenizer, train
+from jpeft.train.trainer import load_tokenizer, run_fingerprint, train
 
 MAX_NEW = 4
 
@@ -211,6 +211,13 @@ def test_a_missing_probe_fails_before_training(tiny_run, tmp_path):
     with pytest.raises(DataError, match=r"eval.forgetting: probe file '.*nope.jsonl' not found"):
         train(run_config(tiny_run, out, f"eval.forgetting=[{tmp_path / 'nope.jsonl'}]"), progress=False)
     assert not out.exists()
+
+
+def test_probes_do_not_shape_the_trained_state(tiny_run, tmp_path):
+    """A resumed run may add, drop or change its probes, as it may its other evaluation keys."""
+    plain, _ = run_fingerprint(run_config(tiny_run, tmp_path))
+    assert run_fingerprint(run_config(tiny_run, tmp_path, "eval.forgetting=[a.jsonl]"))[0] == plain
+    assert run_fingerprint(run_config(tiny_run, tmp_path, "train.lr=1e-3"))[0] != plain  # the fingerprint sees keys
 
 
 def test_eval_section_is_checked_like_the_others(tmp_path):
