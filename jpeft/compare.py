@@ -3,8 +3,9 @@
 Each run's `summary.json` (written by `jpeft train` when the run finishes) is a row: trainable
 parameters (count and share of the total), held-out NLL first, then the generation metrics the
 run has (ROUGE/BLEU, or accuracy/macro-F1 for a classification run), the change against a
-baseline row, forgetting figures (`eval.forgetting` probes), train time and peak memory. A column is shown when some row has its value, so a
-table of summarization runs, of classification runs, or of both, needs no options.
+baseline row, forgetting figures (`eval.forgetting` probes), train time and peak memory. A
+column is shown when some row has its value, so a table of summarization runs, of
+classification runs, or of both, needs no options.
 """
 from __future__ import annotations
 
