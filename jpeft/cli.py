@@ -20,6 +20,9 @@ EXAMPLES = {
     "plan": "jpeft plan configs/llama3_8b_lora_8gpu.yaml model.path=Meta-Llama-3-8B --devices 8 --device-memory 80GB",
     "plot": "jpeft plot runs/lora   (writes runs/lora/plots/loss.png, lr.png, grad_norm.png, eval.png)",
     "compare": "jpeft compare runs/full runs/lora runs/ia3 --baseline full --out runs   (comparison.md/json/png)",
+    "forgetting": ("jpeft forgetting --model my_llama --adapter runs/lora/adapter --probe wiki.jsonl qa.jsonl:accuracy "
+                   "--limit 200 --json\n"
+                   "  jpeft forgetting --model my_llama --finetuned runs/full/model --probe wiki.jsonl"),
 }
 
 
@@ -146,11 +149,21 @@ def cmd_compare(args) -> None:
     print(json.dumps(table) if args.json else format_markdown(table))
 
 
+def cmd_forgetting(args) -> None:
+    from jpeft.forgetting import format_report, read_probes, report, tuned_params
+    probes = read_probes(args.probe, "--probe", args.limit)
+    model, base, tokenizer = load(args.model, None, args.dtype)
+    tuned = tuned_params(base, args.adapter, args.finetuned, args.dtype)
+    result = report(model, base, tuned, tokenizer, probes, seq_len=args.seq_len, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens)
+    print(json.dumps(result) if args.json else format_report(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full, LoRA and its "
                                   "variants, QLoRA, IA3, BitFit, norm tuning; evaluate, generate, merge, "
-                                  "benchmark.",
+                                  "benchmark, measure forgetting.",
         epilog="Every command has --help with an example. Start with: jpeft demo")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,6 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="RUN_DIR_OR_NAME",
                    help="the run the delta columns subtract (default: no delta columns)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object instead")
+
+    p = command("forgetting", cmd_forgetting, "How much a fine-tune lost of what its base could do: each probe "
+                "file scored on the base and on the fine-tuned model, and the relative change (tuned - base) / base. "
+                "Rows with a 'text' column are scored by perplexity; rows with 'prompt' and 'target' columns by "
+                "ROUGE-L of greedy outputs (FILE:accuracy: exact match; FILE:perplexity: the target's given the "
+                "prompt).")
+    model_args(p, adapter=False)
+    tuned = p.add_mutually_exclusive_group(required=True)
+    tuned.add_argument("--adapter", help="HF PEFT adapter directory trained on --model")
+    tuned.add_argument("--finetuned", metavar="DIR", help="a fully fine-tuned HF model directory of --model")
+    p.add_argument("--probe", nargs="+", required=True, metavar="FILE[:METRIC]",
+                   help="probe data files (JSONL / JSON / CSV / parquet or a `datasets` dir); METRIC: perplexity, "
+                        "rougeL or accuracy (default: perplexity for text rows, rougeL for prompt/target rows)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"probes": {FILE: {"metric", "base", "tuned", "change"}}} instead of a table')
+    p.add_argument("--limit", type=int, default=0, help="score only the first N rows of each probe")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy output length for ROUGE-L and accuracy")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="cut each perplexity row to this many tokens (default: the model's positions, at most 1024)")
     return parser
 
 

@@ -3,8 +3,9 @@
 Each run's `summary.json` (written by `jpeft train` when the run finishes) is a row: trainable
 parameters (count and share of the total), held-out NLL first, then the generation metrics the
 run has (ROUGE/BLEU, or accuracy/macro-F1 for a classification run), the change against a
-baseline row, train time and peak memory. A column is shown when some row has its value, so a
-table of summarization runs, of classification runs, or of both, needs no options.
+baseline row, forgetting figures (`eval.forgetting` probes), train time and peak memory. A
+column is shown when some row has its value, so a table of summarization runs, of
+classification runs, or of both, needs no options.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 
 from jpeft.errors import ConfigError, read_json
+from jpeft.forgetting import FORMATS, KEY_PREFIX
 
 COLUMNS = (  # row key, header, format spec of its value
     ("trainable_params", "trainable", ",d"),
@@ -32,6 +34,16 @@ COLUMNS = (  # row key, header, format spec of its value
 HEADERS = {key: header for key, header, _ in COLUMNS}
 # The metrics a reader compares first: each gets a change-vs-baseline column and a bar chart.
 HEADLINE = {"eval_loss": "lower", "eval_rougeL": "higher", "eval_accuracy": "higher"}  # which way is better
+
+
+def all_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS with, before the time and memory columns, one per forgetting figure some row has
+    (jpeft.forgetting.record's keys): each probe's score and its change relative to the base (the
+    base's own score is what that change is relative to, so it gets no column)."""
+    keys = dict.fromkeys(k for row in rows for k in row if k.startswith(KEY_PREFIX) and not k.endswith("_base"))
+    forgetting = [(k, k[len(KEY_PREFIX):].replace("_", " "), FORMATS.get(k.rsplit("_", 1)[1], ".4g")) for k in keys]
+    at = [key for key, _, _ in COLUMNS].index("train_seconds")
+    return [*COLUMNS[:at], *forgetting, *COLUMNS[at:]]
 
 
 def read_run(run_dir: str) -> dict:
@@ -67,7 +79,7 @@ def comparison(rows: list[dict], baseline: str | None = None) -> dict:
         if base is not None:
             row.update({f"delta_{k}": row[k] - base[k] for k in HEADLINE if k in row and k in base})
         table.append(row)
-    columns = [key for key, _, _ in COLUMNS if any(key in row for row in table)]
+    columns = [key for key, _, _ in all_columns(table) if any(key in row for row in table)]
     return {"baseline": None if base is None else base["name"], "columns": columns, "rows": table}
 
 
@@ -88,9 +100,10 @@ def label(row: dict) -> str:
 
 def format_markdown(table: dict) -> str:
     """The table as markdown (padded, so it also reads in a terminal), with a line saying what NLL and Δ are."""
-    cells = [["method", *(HEADERS[k] for k in table["columns"])]]
-    cells += [[label(row), *("-" if row.get(k) is None else format(row[k], spec)
-                             for k, _, spec in COLUMNS if k in table["columns"])] for row in table["rows"]]
+    shown = [(key, header, spec) for key, header, spec in all_columns(table["rows"]) if key in table["columns"]]
+    cells = [["method", *(header for _, header, _ in shown)]]
+    cells += [[label(row), *("-" if row.get(k) is None else format(row[k], spec) for k, _, spec in shown)]
+              for row in table["rows"]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
 
     def line(values):
@@ -101,6 +114,8 @@ def format_markdown(table: dict) -> str:
     note = "NLL: teacher-forced nats/token of the held-out targets (lower is better)"
     if table["baseline"] is not None:
         note += f"; Δ: minus {table['baseline']}"
+    if any(key.startswith(KEY_PREFIX) for key in table["columns"]):
+        note += "; change: a forgetting probe's (fine-tuned - base) / base"
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:]), "", note + "."])
 
 

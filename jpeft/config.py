@@ -128,6 +128,12 @@ class DistSection:
 
 
 @dataclass
+class EvalSection:
+    """What each evaluation measures besides data.eval."""
+    forgetting: list[str] | None = None  # probe files (FILE or FILE:METRIC) scored on the base, then at each eval
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
@@ -135,11 +141,12 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     dist: DistSection = field(default_factory=DistSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     out_dir: str = "runs/jpeft"
 
 
 _SECTIONS = {"model": ModelSection, "method": MethodSection, "data": DataSection, "train": TrainSection,
-             "mesh": MeshSection, "dist": DistSection}
+             "mesh": MeshSection, "dist": DistSection, "eval": EvalSection}
 MOVED = {"train.fsdp": "mesh.fsdp", "train.tensor": "mesh.tensor"}
 _TOP_LEVEL = {"out_dir": str}
 _TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in _SECTIONS.items()

@@ -6,7 +6,8 @@ dialogues of the training rows. It then fine-tunes that base to summarize, once 
 and once with LoRA (or with each of `methods`, under one step budget), and scores the base
 and every fine-tune on rows none of them ever saw: teacher-forced NLL of the reference
 summaries and ROUGE/BLEU of greedy summaries, beside a lead baseline (the dialogue's
-opening) for scale, in one `jpeft compare` table.
+opening) for scale, and what each fine-tune forgot of the base's own task (the perplexity of
+the held-out dialogues, before and after), in one `jpeft compare` table.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from jpeft.data import DIALOGSUM_SAMPLE, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import ConfigError, DataError
 from jpeft.evaluate import predict, text_metrics
+from jpeft.forgetting import KEY_PREFIX, read_probe, record, score
 from jpeft.hardware import reported_flags, resolve_dtype
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import build, from_pretrained, save_pretrained
@@ -160,7 +162,8 @@ def reset_peak_rss() -> None:
 
 def as_row(name: str, scores: dict) -> dict:
     """Demo scores as a `jpeft compare` row (its keys as a run's summary.json names them)."""
-    return {"name": name, **{"eval_loss" if k == "nll" else f"eval_{k}": v for k, v in scores.items()}}
+    keys = {"nll": "eval_loss", **{k: k for k in scores if k.startswith(KEY_PREFIX)}}
+    return {"name": name, **{keys.get(k, f"eval_{k}"): v for k, v in scores.items()}}
 
 
 def continuation_rows(rows: list[dict]) -> list[dict]:
@@ -171,6 +174,16 @@ def continuation_rows(rows: list[dict]) -> list[dict]:
         half = max(len(lines) // 2, 1)
         out.append({"context": "\n".join(lines[:half]), "continuation": "\n".join(lines[half:]) or lines[-1]})
     return out
+
+
+def dialogue_probe(rows: list[dict], family: str, path: str):
+    """The base's own task on held-out rows, as a forgetting probe scored by perplexity: each dialogue as
+    text (a decoder, pre-trained as an LM on dialogues), or its second half given its first (T5's prefix LM)."""
+    if family == "t5":
+        probe_rows = [{"prompt": r["context"], "target": r["continuation"]} for r in continuation_rows(rows)]
+    else:
+        probe_rows = [{"text": r["dialogue"]} for r in rows]
+    return read_probe(write_jsonl(path, probe_rows) + ":perplexity")
 
 
 def check_family(family: str, methods: list[str]) -> None:
@@ -246,6 +259,8 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     task_cfg = method_config("full", p, base_dir, task, seed, out)  # every summariser shares data and seq_len
     examples = prepare(task_cfg, test_file, tokenizer, model_cfg=model.config)
     eval_step = make_eval_step(model)
+    probe = dialogue_probe(test_rows, family, os.path.join(work, "dialogues.jsonl"))
+    base_perplexity = score(model, base_params, tokenizer, probe, batch_size=8)
     summary, outputs = {}, {}
     references = [[r["summary"]] for r in test_rows]
     for name in ("base", *summarisers):
@@ -254,6 +269,8 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
         scores = text_metrics(outputs[name], references)
         summary[name] = {k: scores[k] for k in METRICS}
         summary[name]["nll"] = mean_nll(eval_step, params, examples, 8)
+        perplexity = base_perplexity if name == "base" else score(model, params, tokenizer, probe, batch_size=8)
+        summary[name].update(record([probe], [base_perplexity], [perplexity]))
     write_jsonl(os.path.join(out, "predictions.jsonl"),
                 [{"fname": r.get("fname"), "reference": r["summary"], **{k: v[i] for k, v in outputs.items()}}
                  for i, r in enumerate(test_rows)])

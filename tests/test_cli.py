@@ -13,7 +13,7 @@ import transformers
 import jpeft
 from jpeft.cli import EXAMPLES, main
 
-COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare"]
+COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare", "forgetting"]
 
 
 def test_top_level_help_lists_every_command():
@@ -143,12 +143,26 @@ def test_bad_override_is_an_error(tiny_run, capsys):
     assert "train.lrr" in capsys.readouterr().err
 
 
+DIALOGUE_PERPLEXITY = ("forget_dialogues_perplexity", "forget_dialogues_base", "forget_dialogues_change")
+
+
+def check_forgetting_column(summary: dict, printed: str) -> None:
+    """The base's held-out dialogue perplexity before (the base row's own) and after each fine-tune, its change."""
+    before = summary["base"]["forget_dialogues_perplexity"]
+    for name in ("base", "full", "lora"):
+        after = summary[name]["forget_dialogues_perplexity"]
+        assert summary[name]["forget_dialogues_base"] == before and after > 1
+        assert summary[name]["forget_dialogues_change"] == pytest.approx((after - before) / before)
+    assert summary["base"]["forget_dialogues_change"] == 0 and summary["full"]["forget_dialogues_change"] != 0
+    assert "dialogues perplexity" in printed and "dialogues change" in printed
+
+
 def test_demo_tiny(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) >= {"base", "full", "lora", "lead", "trainable_params", "total_params", "seconds"}
     for name in ("base", "full", "lora"):
-        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll"}
+        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll", *DIALOGUE_PERPLEXITY}
     assert summary["trainable_params"]["full"] == summary["total_params"] > summary["trainable_params"]["lora"]
     for path in ("base/config.json", "base/tokenizer.json", "full/model/model.safetensors",
                  "lora/adapter/adapter_config.json", "loss_curves.png"):
@@ -156,6 +170,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert 1 <= summary["distinct_outputs"]["lora"] <= 4 and summary["machine"]["dtype"] in ("float32", "bfloat16")
     out = capsys.readouterr().out
     assert "ROUGE-L" in out and "distinct outputs of 4 held-out rows" in out and "flags:" in out
+    check_forgetting_column(summary, out)
 
 
 def test_demo_t5_family(tmp_path, capsys):
@@ -164,9 +179,11 @@ def test_demo_t5_family(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["family"] == "t5" and json.loads((tmp_path / "base/config.json").read_text())["model_type"] == "t5"
     for name in ("base", "full", "lora"):
-        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll"}
+        assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll", *DIALOGUE_PERPLEXITY}
     assert summary["trainable_params"]["full"] == summary["total_params"] > summary["trainable_params"]["lora"]
-    assert "ROUGE-L" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ROUGE-L" in out
+    check_forgetting_column(summary, out)  # a prefix LM's: each dialogue's second half given its first
     assert main(["demo", "--out", str(tmp_path / "x"), "--preset", "tiny", "--family", "t5",
                  "--methods", "lora,prefix"]) == 2
     assert "'prefix' acts at the attention_kv" in capsys.readouterr().err

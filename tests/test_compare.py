@@ -56,6 +56,22 @@ def test_classification_runs_show_accuracy_and_f1(tmp_path):
     assert "head (classifier)" in format_markdown(table)  # a dir name that is not the method says the method
 
 
+def test_forgetting_figures_get_a_column_each_before_time_and_memory(tmp_path):
+    """A run trained with eval.forgetting: each probe's score and change, not its base (the change's reference)."""
+    forgetting = {"forget_wiki_perplexity": 12.5, "forget_wiki_base": 10.0, "forget_wiki_change": 0.25,
+                  "forget_qa_accuracy": 0.5, "forget_qa_base": 0.6}  # qa: no change where the base was 0
+    table = comparison(read_runs(write_runs(tmp_path, full=FULL, lora={**LORA, **forgetting})))
+    columns = table["columns"]
+    assert columns[columns.index("train_seconds") - 3:columns.index("train_seconds")] == [
+        "forget_wiki_perplexity", "forget_wiki_change", "forget_qa_accuracy"]
+    assert "forget_wiki_base" not in columns and "forget_qa_base" not in columns
+    header, _, full, lora = format_markdown(table).splitlines()[:4]
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    assert cells(header)[-5:-2] == ["wiki perplexity", "wiki change", "qa accuracy"]
+    assert cells(lora)[-5:-2] == ["12.50", "+25.0%", "0.5000"] and cells(full)[-5:-2] == ["-", "-", "-"]
+    assert "change: a forgetting probe's (fine-tuned - base) / base" in format_markdown(table)
+
+
 def test_baseline_by_run_dir_and_clashing_dir_names(tmp_path):
     dirs = write_runs(tmp_path, **{"a/lora": LORA, "b/lora": FULL})
     table = comparison(read_runs(dirs), baseline=dirs[1] + "/")

@@ -23,7 +23,8 @@ absl.logging.set_verbosity(absl.logging.WARNING)  # orbax logs every file move a
 
 # Keys that do not change the trained state up to a checkpoint.
 FREE_KEYS = ("out_dir", "mesh.", "dist.", "train.log_every", "train.save_every", "train.eval_every",
-             "train.keep_checkpoints", "train.on_nonfinite", "data.eval", "data.eval_limit", "data.max_new_tokens")
+             "train.keep_checkpoints", "train.on_nonfinite", "data.eval", "data.eval_limit", "data.max_new_tokens",
+             "eval.")
 SAMPLES = 16  # blocks hashed per weight file, besides its header
 BLOCK = 1 << 16
 

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from jpeft import forgetting
 from jpeft import tree as T
 from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
 from jpeft.data import Examples, batches, label_names, load_rows, pad_id, render_all
@@ -132,6 +133,12 @@ def evaluation(cfg: RunConfig, model, params, tokenizer, data: RunData, eval_ste
     return record
 
 
+def probe_scores(cfg: RunConfig, model, params, tokenizer, probes: list[forgetting.Probe]) -> list[float]:
+    """Each eval.forgetting probe's score, at the run's train.seq_len, train.batch_size and data.max_new_tokens."""
+    return [forgetting.score(model, params, tokenizer, probe, cfg.train.seq_len, cfg.train.batch_size,
+                             cfg.data.max_new_tokens) for probe in probes]
+
+
 def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run (or resume) the configured fine-tune; returns the final metrics record.
 
@@ -142,6 +149,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         raise ConfigError("model.path and data.train (or data.mixture) must be set (in the YAML file or as "
                           "key=value overrides)")
     tc = cfg.train
+    probes = forgetting.read_probes(cfg.eval.forgetting or [], "eval.forgetting")
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -151,6 +159,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     tokenizer = load_tokenizer(cfg.model.path)
     labels = class_labels(cfg)
     data = run_data(cfg, tokenizer, labels, model.config)
+    base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
     method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
@@ -201,7 +210,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             if not out["finite"]:
                 skipped = _non_finite(cfg, step, out, skipped, mngr)
             last = step == tc.steps
-            logged, evaluated = step % tc.log_every == 0 or last, bool(data.evals) and (
+            logged, evaluated = step % tc.log_every == 0 or last, (bool(data.evals) or bool(probes)) and (
                 (tc.eval_every and step % tc.eval_every == 0) or last)
             if logged or evaluated:
                 now = time.perf_counter()
@@ -214,8 +223,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
                         record[f"loss_{task.name}"] = float(loss / count)
                 tick, tokens = now, 0
                 if evaluated:
-                    record.update(evaluation(cfg, model, T.combine(state["trainable"], frozen), tokenizer, data,
-                                             eval_step, generate=last))
+                    params = T.combine(state["trainable"], frozen)
+                    record.update(evaluation(cfg, model, params, tokenizer, data, eval_step, generate=last))
+                    record.update(forgetting.record(probes, base_scores,
+                                                    probe_scores(cfg, model, params, tokenizer, probes)))
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -254,7 +265,7 @@ def write_summary(cfg: RunConfig, method, counts: tuple[int, int], steps: int, r
     trainable, total = counts
     summary = {"method": cfg.method.name, "method_repr": repr(method), "trainable_params": trainable,
                "total_params": total, "train_seconds": round(train_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
-               "steps": steps, **{k: v for k, v in record.items() if k.startswith("eval_")}}
+               "steps": steps, **{k: v for k, v in record.items() if k.startswith(("eval_", forgetting.KEY_PREFIX))}}
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
