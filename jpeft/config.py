@@ -218,7 +218,7 @@ def _put(values: dict, key: str, value: Any, origin: str) -> None:
     if key == LORA_KEY:
         for old in [k for k in values if k.startswith(LORA_KEY + ".")]:
             del values[old]
-    values[key] = ({} if isinstance(value, dict) else value, origin)
+    values[key] = ({} if key == LORA_KEY and isinstance(value, dict) else value, origin)
     for name, item in (value.items() if key == LORA_KEY and isinstance(value, dict) else ()):
         values[f"{LORA_KEY}.{name}"] = (item, origin)
 
@@ -496,8 +496,6 @@ def _check_mixture(cfg: RunConfig, fail) -> None:
     typed = []
     for i, entry in enumerate(data.mixture):
         where = f"data.mixture[{i}]"
-        if not isinstance(entry, dict):
-            fail("data.mixture", f"entry {i} must be a mapping, e.g. {{train: a.jsonl, text: text}}, got {entry!r}")
         values = {}
         for key, value in entry.items():
             if key not in MIXTURE_OWN and key not in per_task:

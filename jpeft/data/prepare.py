@@ -14,7 +14,8 @@ from typing import Any
 from jpeft.data.chat import conversations, tokenize_chat
 from jpeft.data.labels import label_ids
 from jpeft.data.sources import usable_rows
-from jpeft.data.tasks import mixing_rates, needed_columns, phrasings, run_tasks, split_rows, task_rows
+from jpeft.data.tasks import (mixing_rates, needed_columns, phrasings, run_tasks, split_rows, task_rows,
+                              template_set)
 from jpeft.data.tokenize import (Examples, Templates, check_last_not_pad, tokenize_classification, tokenize_seq2seq,
                                  tokenize_supervised, tokenize_text)
 from jpeft.errors import ConfigError
@@ -44,6 +45,8 @@ def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0,
         raise ConfigError(f"{model_cfg.model_type} is an encoder-decoder: train it on data.prompt / data.target "
                           "rows, not data.text, data.label or data.chat")
     read = len(rows)
+    if data.template is not None:
+        template_set(data).check_columns(rows.column_names, where)
     rows, dropped = usable_rows(rows, where, needed_columns(data), data.strict)
     prompts, targets = phrasings(data, len(rows), seed)
     if data.label:

@@ -115,7 +115,7 @@ def needed_columns(data) -> list[str]:
     if data.text is not None:
         return [data.text]
     if data.template is not None:
-        return _template_set(data).columns()
+        return template_set(data).columns()
     if data.prompt is None:  # chat rows: a messages column, checked by jpeft.data.chat
         return []
     return list(dict.fromkeys(template_columns(data.prompt) + [data.target]))
@@ -125,7 +125,7 @@ def phrasings(data, n: int, seed: int) -> tuple[Sequence[str] | str | None, Sequ
     """(prompt templates, target templates) of n supervised rows: a template set's chosen phrasing per
     row, or data.prompt and data.target's column for every row; (None, None) for other rows."""
     if data.template is not None:
-        ts = _template_set(data)
+        ts = template_set(data)
         chosen = ts.choose(n, data.template_mode, seed)
         return [ts.phrasings[i][0] for i in chosen], [ts.phrasings[i][1] for i in chosen]
     if data.prompt is None or data.target is None:
@@ -133,7 +133,8 @@ def phrasings(data, n: int, seed: int) -> tuple[Sequence[str] | str | None, Sequ
     return data.prompt, "{" + data.target + "}"
 
 
-def _template_set(data):
+def template_set(data):
+    """The task's template set, reading the data's own column names."""
     from jpeft.data.templates import load_template_set
     return load_template_set(data.template).renamed(data.columns)
 

@@ -20,7 +20,7 @@ import string
 import numpy as np
 import yaml
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, DataError
 
 MODES = ("random", "cycle")
 
@@ -42,6 +42,14 @@ class TemplateSet:
         if mode == "cycle":
             return [i % len(self.phrasings) for i in range(n)]
         return [int(np.random.default_rng((seed, i)).integers(len(self.phrasings))) for i in range(n)]
+
+    def check_columns(self, columns: list[str], where: str) -> None:
+        """Every column the phrasings read is among the data's `columns`, or an error naming the set."""
+        missing = [c for c in self.columns() if c not in columns]
+        if missing:
+            raise DataError(f"template set {self.name!r} ({self.path}) reads column(s) {', '.join(missing)}, which "
+                            f"data file '{where}' lacks (its columns: {', '.join(columns)}); say which column holds "
+                            f"each with data.columns, e.g. {{{missing[0]}: <column>}}")
 
     def renamed(self, columns: dict[str, str] | None) -> "TemplateSet":
         """The same set reading the data's own columns: `columns` maps a field to the column that holds it."""
