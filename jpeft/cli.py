@@ -44,7 +44,8 @@ def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
 
 def cmd_demo(args) -> None:
     from jpeft.demo import run_demo
-    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods, family=args.family)
+    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods, family=args.family,
+             replay=args.replay)
 
 
 def run_config(args):
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="llama", choices=["llama", "t5"],
                    help="the base to build: llama (a decoder, default) or t5 (an encoder-decoder with FLAN-T5's "
                         "architecture, pre-trained as a prefix LM); weight-space methods and prompt tuning for t5")
+    p.add_argument("--replay", action="store_true",
+                   help="also fine-tune each summarizing method with replay (a mixture in which 20%% of the examples "
+                        "are the base's own pre-training task) and show what it does to forgetting")
 
     p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
                 "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "

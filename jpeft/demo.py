@@ -66,6 +66,8 @@ METHOD_PRESETS = {  # train.lr and method.* options per method
     "bottleneck": dict(size=64),
     "classifier": dict(lr=1e-2),  # a linear head on the frozen base's last-token features
 }
+REPLAY = "+replay"  # `--replay` runs: a method's name and this
+REPLAY_SHARE = 0.2  # ... fine-tune on a mixture: this share of the examples replays the base's own pre-training task
 # The classifier has no summaries to score: it learns whether a summary belongs to its dialogue
 # (each dialogue with its own summary and with another row's), on the base's frozen features.
 CLASSIFIER = "classifier"
@@ -106,8 +108,8 @@ def init_base(out_dir: str, tokenizer, p: dict, seed: int, family: str = "llama"
 
 
 def run_config(**sections) -> RunConfig:
-    overrides = [f"{section}.{k}={v}" for section, values in sections.items() if section != "out_dir"
-                 for k, v in values.items()]
+    overrides = [f"{section}.{k}={json.dumps(v) if isinstance(v, list | dict) else v}"
+                 for section, values in sections.items() if section != "out_dir" for k, v in values.items()]
     return load_config(None, overrides + [f"out_dir={sections['out_dir']}"])
 
 
@@ -144,9 +146,17 @@ def summary_pairs(rows: list[dict], seed: int) -> list[dict]:
              {"dialogue": r["dialogue"], "summary": other[i], "label": "mismatch"})]
 
 
+def with_replay(task: dict, base_task: dict) -> dict:
+    """The summarization task mixed with the base's own pre-training task (REPLAY_SHARE of the examples),
+    FLAN's multi-task cure for catastrophic forgetting."""
+    own = {k: v for k, v in task.items() if k != "eval_limit"}
+    return {"mixture": [{"name": "summarize", **own, "weight": 1 - REPLAY_SHARE},
+                        {"name": "replay", **base_task, "weight": REPLAY_SHARE}], "eval_limit": 0}
+
+
 def trained_params(run_dir: str, method: str, base_params):
     """A fine-tune's tree: full fine-tuning exports a whole model, every other method an adapter."""
-    if method == "full":
+    if method.removesuffix(REPLAY) == "full":
         return from_pretrained(os.path.join(run_dir, "model"))[1]
     return load_adapter(os.path.join(run_dir, "adapter"), base_params)
 
@@ -201,9 +211,10 @@ def check_family(family: str, methods: list[str]) -> None:
 
 
 def run_demo(out: str, data: str | None = None, preset: str = "default", seed: int = 0,
-             methods: str = "full,lora", family: str = "llama") -> dict:
+             methods: str = "full,lora", family: str = "llama", replay: bool = False) -> dict:
     """`methods`: comma-separated method names (or all), each fine-tuned into `out/<method>/`; `family`:
-    llama (a decoder) or t5 (an encoder-decoder, FLAN-T5's architecture, pre-trained as a prefix LM)."""
+    llama (a decoder) or t5 (an encoder-decoder, FLAN-T5's architecture, pre-trained as a prefix LM);
+    `replay`: each summarizing method also fine-tuned with replay, into `out/<method>+replay/`."""
     started = time.time()
     methods = parse_methods(methods)
     check_family(family, methods)
@@ -222,8 +233,16 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     task = {"train": train_file, "eval": test_file, "prompt": PROMPT, "target": "summary", "eval_limit": 0}
     pair_task = {"train": os.path.join(work, "pairs_train.jsonl"), "eval": os.path.join(work, "pairs_test.jsonl"),
                  "prompt": PAIR_PROMPT, "label": "label", "eval_limit": 0}
+    base_data = {"train": train_file, "text": "dialogue"}  # the base's pre-training task
+    if family == "t5":
+        base_data = {"train": os.path.join(work, "continuations.jsonl"), "prompt": "{context}",
+                     "target": "continuation"}
     configs = {name: method_config(name, p, base_dir, pair_task if name == CLASSIFIER else task, seed,
                                    os.path.join(out, name), family) for name in methods}
+    if replay:
+        configs.update({name + REPLAY: method_config(name, p, base_dir, with_replay(task, base_data), seed,
+                                                     os.path.join(out, name + REPLAY), family)
+                        for name in methods if name != CLASSIFIER})
     dialogues = [r["dialogue"] for r in train_rows]
     log.info("demo: %d training rows, %d held-out rows from %s", len(train_rows), len(test_rows), data)
 
@@ -232,13 +251,10 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     write_jsonl(test_file, test_rows)
     write_jsonl(pair_task["train"], summary_pairs(train_rows, seed))
     write_jsonl(pair_task["eval"], summary_pairs(test_rows, seed))
+    write_jsonl(os.path.join(work, "continuations.jsonl"), continuation_rows(train_rows))
     init_dir = init_base(os.path.join(work, "init"), tokenizer, p, seed, family)
-    base_data = {"train": train_file, "text": "dialogue"}
-    if family == "t5":
-        base_data = {"train": write_jsonl(os.path.join(work, "continuations.jsonl"), continuation_rows(train_rows)),
-                     "prompt": "{context}", "target": "continuation"}
 
-    stages = len(methods) + 1
+    stages = len(configs) + 1
     log.info("demo: 1/%d training the base %s on dialogues", stages, "T5 (prefix LM)" if family == "t5" else "LM")
     base_run = os.path.join(work, "base_run")
     train(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"}, data=base_data,
@@ -255,7 +271,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
 
     model, base_params = from_pretrained(base_dir)
     tokenizer = load_tokenizer(base_dir)
-    summarisers = [name for name in methods if name != CLASSIFIER]
+    summarisers = [name for name in configs if name != CLASSIFIER]
     task_cfg = method_config("full", p, base_dir, task, seed, out)  # every summariser shares data and seq_len
     examples = prepare(task_cfg, test_file, tokenizer, model_cfg=model.config)
     eval_step = make_eval_step(model)
@@ -276,7 +292,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
                  for i, r in enumerate(test_rows)])
     lead_scores = text_metrics([lead(r["dialogue"]) for r in test_rows], references)
     summary["lead"] = {k: lead_scores[k] for k in METRICS}
-    runs = {name: compare.read_run(os.path.join(out, name)) for name in methods}
+    runs = {name: compare.read_run(os.path.join(out, name)) for name in configs}
     summary["trainable_params"] = {name: run["trainable_params"] for name, run in runs.items()}
     summary["total_params"] = T.count(base_params)
     # summaries that depend on the dialogue differ from row to row; a collapsed model repeats one

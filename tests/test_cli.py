@@ -158,10 +158,18 @@ def check_forgetting_column(summary: dict, printed: str) -> None:
 
 
 def test_demo_tiny(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny"]) == 0
+    """The default methods, and with --replay each again on a mixture that replays the base's own task."""
+    assert main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--replay"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) >= {"base", "full", "lora", "lead", "trainable_params", "total_params", "seconds"}
-    for name in ("base", "full", "lora"):
+    assert set(summary) >= {"base", "full", "lora", "full+replay", "lora+replay", "lead", "trainable_params",
+                            "total_params", "seconds"}
+    for name in ("full+replay", "lora+replay"):
+        mixture = yaml.safe_load((tmp_path / name / "config.yaml").read_text())["data"]["mixture"]
+        assert [(m["name"], m["weight"]) for m in mixture] == [("summarize", 0.8), ("replay", 0.2)]
+        assert mixture[1]["text"] == "dialogue" and mixture[0]["prompt"].endswith("\nSummary: ")
+        assert summary[name]["forget_dialogues_change"] != summary[name.split("+")[0]]["forget_dialogues_change"]
+    assert summary["trainable_params"]["lora+replay"] == summary["trainable_params"]["lora"]
+    for name in ("base", "full", "lora", "full+replay", "lora+replay"):
         assert set(summary[name]) == {"rouge1", "rouge2", "rougeL", "bleu", "nll", *DIALOGUE_PERPLEXITY}
     assert summary["trainable_params"]["full"] == summary["total_params"] > summary["trainable_params"]["lora"]
     for path in ("base/config.json", "base/tokenizer.json", "full/model/model.safetensors",

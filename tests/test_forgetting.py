@@ -185,6 +185,17 @@ def test_forgetting_is_forced_by_a_disjoint_fine_tune(tiny_run, tmp_path, capsys
     summary = json.loads((out / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k.startswith("forget_")} == {
         k: v for k, v in evals[-1].items() if k.startswith("forget_")}
+    # Replay: the same fine-tune with half of its examples the base's own dialogues forgets less, and still learns
+    mixture = json.dumps([{"name": "digits", "train": digits, "text": "text", "weight": 0.5},
+                          {"name": "replay", "train": dialogues, "text": "text", "weight": 0.5}])
+    replayed = tmp_path / "replayed"
+    train(run_config(tiny_run, replayed, *lm, f"model.path={base}", "data.train=null", "data.text=null",
+                     f"data.mixture={mixture}",
+                     "train.steps=20", "train.eval_every=10", f"eval.forgetting=[{held_out}]"), progress=False)
+    with_replay = [r for r in read_metrics(replayed) if "forget_held_out_perplexity" in r]
+    assert with_replay[-1]["forget_held_out_change"] < evals[-1]["forget_held_out_change"] / 2
+    digits_loss = [r["loss_digits"] for r in read_metrics(replayed) if "loss_digits" in r]
+    assert digits_loss[-1] < digits_loss[0] / 2
 
 
 def test_eval_forgetting_is_logged_at_each_evaluation(setup, tiny_run, tmp_path):

@@ -169,3 +169,17 @@ def test_a_mixed_run_logs_each_task_and_evaluates_on_rows_it_never_trained_on(ti
     train_rows = [json.loads(line) for line in open(tiny_run["train"])]
     held_out = {train_rows[i]["dialogue"] for i in split["eval"]}
     assert not held_out & {train_rows[i]["dialogue"] for i in split["train"]}
+
+
+def test_the_replay_config_runs_as_shipped(tiny_run, tmp_path):
+    """configs/dialogsum_lora_replay.yaml on a tiny model: both tasks train on the same 90% of the rows and
+    evaluate on the other 10%."""
+    out = tmp_path / "run"
+    cfg = load_config("configs/dialogsum_lora_replay.yaml", [
+        f"model.path={tiny_run['model']}", "model.dtype=float32", "train.steps=2", "train.batch_size=4",
+        "train.seq_len=128", "train.eval_every=0", "data.eval_limit=1", "data.max_new_tokens=4", f"out_dir={out}"])
+    record = trainer.train(cfg, progress=False)
+    assert {"eval_summarize_loss", "eval_replay_loss", "eval_summarize_rougeL"} <= record.keys()
+    split = json.loads((out / "split.json").read_text())
+    assert split["summarize"]["eval"] == split["replay"]["eval"] and len(split["replay"]["eval"]) == 50
+    assert not set(split["replay"]["train"]) & set(split["summarize"]["eval"])
