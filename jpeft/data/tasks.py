@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from jpeft.data.sources import load_rows
-from jpeft.errors import ConfigError, DataError
+from jpeft.errors import DataError
 
 SPLITS = ("train", "eval", "test")
 
