@@ -205,8 +205,9 @@ def _check_classification(cfg: RunConfig, fail) -> None:
     if cfg.method.name != "classifier":
         fail("data.label", f"needs method.name=classifier (got {cfg.method.name!r}); a label column is "
                            "what a classification head trains on")
-    if data.target is not None:
-        fail("data.target", "conflicts with data.label: a classifier predicts the label column, not a target text")
+    if data.target is not None or data.template is not None:
+        key = "data.target" if data.target is not None else "data.template"
+        fail(key, "conflicts with data.label: a classifier predicts the label column, not a target text")
     if (data.prompt is None) == (data.text is None):
         fail("data.label", "needs the input text from exactly one of data.prompt (a template, e.g. "
                            "'Review: {review}') or data.text (a column, e.g. review)")

@@ -118,6 +118,8 @@ def test_config_checks(tmp_path):
         load_config(None, base + ["data.template=qa", "data.prompt={a}", "data.target=b"])
     with pytest.raises(ConfigError, match="data.columns.*set data.template too"):
         load_config(None, base + ["data.prompt={a}", "data.target=b", "data.columns={a: b}"])
+    with pytest.raises(ConfigError, match="data.template.*conflicts with data.label"):
+        load_config(None, base + ["data.template=qa", "data.label=y", "data.text=x", "method.name=classifier"])
     with pytest.raises(ConfigError, match="data.template_mode.*must be one of random, cycle"):
         load_config(None, base + ["data.template=qa", "data.template_mode=shuffle"])
     config = tmp_path / "run.yaml"
