@@ -183,3 +183,18 @@ def test_the_replay_config_runs_as_shipped(tiny_run, tmp_path):
     split = json.loads((out / "split.json").read_text())
     assert split["summarize"]["eval"] == split["replay"]["eval"] and len(split["replay"]["eval"]) == 50
     assert not set(split["replay"]["train"]) & set(split["summarize"]["eval"])
+
+
+def test_concatenated_parts_are_padded_with_nothing_to_attend_or_learn():
+    """Parts of different widths (an encoder-decoder's rows are padded per file) become one set of rows whose
+    extra columns neither attend nor count; positions count on where a part has none."""
+    def part(n, width, target, packed):
+        ids = np.full((n, width), 7, np.int32)
+        return Examples(ids, np.full((n, target), 5, np.int32), np.ones((n, target), np.float32),
+                        np.ones((n, width), np.int32), np.zeros((n, width), np.int32) + 3 if packed else None,
+                        decoder_input_ids=np.full((n, target), 9, np.int32), n_truncated=1, target_tokens_lost=2)
+    merged = Examples.concatenate([part(2, 4, 3, True), part(3, 6, 5, False)])
+    assert merged.input_ids.shape == (5, 6) and merged.labels.shape == merged.decoder_input_ids.shape == (5, 5)
+    assert merged.task.tolist() == [0, 0, 1, 1, 1] and merged.n_truncated == 2 and merged.target_tokens_lost == 4
+    assert (merged.attention_mask[:2, 4:] == 0).all() and (merged.loss_mask[:2, 3:] == 0).all()
+    assert (merged.positions[:2, :4] == 3).all() and merged.positions[2:].tolist() == [list(range(6))] * 3
