@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or all (every method but classifier); default full,lora")
     p.add_argument("--family", default="llama", choices=["llama", "t5"],
                    help="the base to build: llama (a decoder, default) or t5 (an encoder-decoder with FLAN-T5's "
-                        "architecture, pre-trained as a prefix LM); weight-space methods and prompt tuning for t5")
+                        "architecture, pre-trained as a prefix LM); weight-space methods, prompt and prefix tuning "
+                        "for t5")
 
     p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
                 "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "
