@@ -140,22 +140,24 @@ def _prefill(model, params, ids, mask, max_new_tokens):
     """(hidden states of the prompt, the cache after it, advance(tokens [B, 1], step, cache) -> (logits, cache)).
 
     A decoder reads the prompt into its cache (virtual tokens first); an encoder-decoder encodes
-    it once, writes the cross-attention keys/values, and starts its decoder at the start token.
+    it once, writes the cross-attention keys/values (and any decoder prefix), and starts its decoder
+    at the start token. The steps after the prefill run without the virtual tokens' leaves: they are
+    in the cache by then.
     """
     batch, width = ids.shape
+    decoding = sites.decoding(params)
     if model.config.is_encoder_decoder:
-        rows, _ = sites.virtual_tokens(params)  # a soft prompt lengthens the encoder's input
-        cache = model.init_cache(batch, max_new_tokens, encoder_len=rows + width)
+        rows, keys = sites.virtual_tokens(params)  # a soft prompt lengthens the encoder's input, a prefix the decoder's
+        cache = model.init_cache(batch, keys + max_new_tokens, encoder_len=rows + width)
         start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
         hidden, cache = model.apply({"params": params}, ids, start, mask, cache=cache, return_hidden=True)
-        return hidden, cache, lambda tokens, step, cache: model.apply({"params": params}, None, tokens, cache=cache)
+        return hidden, cache, lambda tokens, step, cache: model.apply({"params": decoding}, None, tokens, cache=cache)
     virtual = sum(sites.virtual_tokens(params))
     cache = model.init_cache(batch, virtual + width + max_new_tokens)
     positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
     hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
                                 return_hidden=True)
     lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
-    decoding = sites.decoding(params)  # soft prompts and prefixes are in the cache now
     return hidden, cache, lambda tokens, step, cache: model.apply(
         {"params": decoding}, tokens, attention_mask=jnp.ones((batch, 1), jnp.int32),
         positions=(lengths + step - 1)[:, None], cache=cache)

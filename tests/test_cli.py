@@ -193,8 +193,8 @@ def test_demo_t5_family(tmp_path, capsys):
     assert "ROUGE-L" in out
     check_forgetting_column(summary, out)  # a prefix LM's: each dialogue's second half given its first
     assert main(["demo", "--out", str(tmp_path / "x"), "--preset", "tiny", "--family", "t5",
-                 "--methods", "lora,prefix"]) == 2
-    assert "'prefix' acts at the attention_kv" in capsys.readouterr().err
+                 "--methods", "lora,bottleneck"]) == 2
+    assert "'bottleneck' acts at the residual" in capsys.readouterr().err
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):

@@ -47,7 +47,9 @@ class Attention(nn.Module):
 
     With `cache` (this kind's stacked [layers, B, slots, H, D] keys and values) the new keys and
     values go into the layer's rows at `index` and attention reads all of them; a cross-attention
-    step without `source` reads the encoder's keys and values the prefill wrote.
+    step without `source` reads the encoder's keys and values the prefill wrote. The decoder's
+    self-attention (`causal`) is the keys/values insertion point: a prefix comes before its keys and
+    is cached like past tokens, as PEFT passes its prefixes there (as past key values) and nowhere else.
     """
     cfg: ModelConfig
     causal: bool = False
@@ -60,13 +62,16 @@ class Attention(nn.Module):
         q = split(L.Dense(heads * dim, ("embed", "heads"), name="q")(x))
         if source is not None:
             k, v = (split(L.Dense(heads * dim, ("embed", "kv"), name=n)(source)) for n in ("k", "v"))
+            if self.causal:
+                k, v = sites.attention_kv(L.module_leaves(self), k, v)
         if cache is not None:
             if source is not None:
                 cache, k, v = L.cached(cache, k, v, layer, index)
             else:  # a decoding step: the encoder's keys/values as the prefill wrote them
                 k, v = (c[layer] for c in cache)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        causal_offset = 0 if self.causal and cache is None else None
+        # Without a cache the queries are the last keys (after any prefix): causal in static slots.
+        causal_offset = k.shape[1] - q.shape[1] if self.causal and cache is None else None
         out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias)
         return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache
 
@@ -148,11 +153,14 @@ class T5(nn.Module):
     sees the encoder tokens of its own segment). Without decoder ids (initialisation) the decoder
     reads one start token. With a cache (`init_cache`) it returns `(output, new_cache)`: a call
     with `input_ids` encodes them and writes every layer's cross-attention keys/values; later
-    calls pass `input_ids=None` and only decoder tokens.
+    calls pass `input_ids=None` and only decoder tokens. Virtual tokens go where PEFT's SEQ_2_SEQ_LM
+    methods put them: a soft prompt's rows before the encoder's input, a prefix's keys before the
+    decoder's self-attention keys (slots 0..n-1 of its cache, so the decoder tokens' relative
+    positions count from n, as transformers' T5 counts them after n past tokens).
     """
     config: ModelConfig
-    # Soft prompts go before the encoder's input, as PEFT's; no prefixes, gates or bottlenecks (yet).
-    insertion_points = (*sites.WEIGHT_SPACE, "embed_prepend", "virtual_tokens")
+    # No gates or bottlenecks (yet): T5 calls no attention_output or residual point.
+    insertion_points = (*sites.WEIGHT_SPACE, "embed_prepend", "attention_kv", "virtual_tokens", "expand")
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,
@@ -162,12 +170,13 @@ class T5(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         if decoder_input_ids is None:
             decoder_input_ids = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, jnp.int32)
+        rows, keys = sites.virtual_tokens(self.variables.get("params", {}))
         dec_segments = _segments(decoder_input_ids, decoder_attention_mask)
-        q_slots, k_slots, k_segments, index = L.slots(dec_segments, cache)
+        prefixed = jnp.concatenate([jnp.full((dec_segments.shape[0], keys), -1, jnp.int32), dec_segments], axis=1)
+        q_slots, k_slots, k_segments, index = L.slots(prefixed, cache, keys)  # prefix keys: seen by every token
         caches = None if cache is None else ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"]))
         encoded = None
         if input_ids is not None:
-            rows, _ = sites.virtual_tokens(self.variables.get("params", {}))
             segments = _segments(input_ids, attention_mask)  # soft prompt rows: seen by, and seeing, every token
             segments = jnp.concatenate([jnp.ones((segments.shape[0], rows), jnp.int32), segments], axis=1)
             slots = jnp.arange(segments.shape[1])
@@ -176,7 +185,8 @@ class T5(nn.Module):
         else:
             segments = cache["encoder_segments"]
         cross_mask = L.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
-        hidden, caches = Stack(cfg, True, name="decoder")(
+        decoder = nn.map_variables(Stack, "params", trans_in_fn=sites.expand, init=True)
+        hidden, caches = decoder(cfg, True, name="decoder")(
             shared(decoder_input_ids, dtype, prepend=False), q_slots, k_slots,
             L.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
         if cfg.scale_decoder_outputs:
@@ -188,11 +198,12 @@ class T5(nn.Module):
             return out
         (k, v), (cross_k, cross_v) = caches
         return out, {"k": k, "v": v, "cross_k": cross_k, "cross_v": cross_v, "segments": k_segments,
-                     "encoder_segments": segments, "index": index + decoder_input_ids.shape[1]}
+                     "encoder_segments": segments, "index": index + keys + decoder_input_ids.shape[1]}
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None, encoder_len: int = 1) -> dict:
-        """An empty cache for `max_len` decoder tokens over an encoder input of `encoder_len` tokens."""
+        """An empty cache for `max_len` decoder slots (prefix keys included) over an encoder input of
+        `encoder_len` tokens."""
         cross = L.empty_cache(self.config, batch, encoder_len, dtype)
         return {**L.empty_cache(self.config, batch, max_len, dtype), "cross_k": cross["k"], "cross_v": cross["v"],
                 "encoder_segments": cross["segments"]}

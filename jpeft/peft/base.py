@@ -134,17 +134,22 @@ def leading(path: str, array) -> tuple[int, ...]:
     return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()
 
 
+# An attention module's q, k, v and o projections, as each family names them (Llama-like, T5).
+ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"))
+
+
 def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
     """{attention module path: (stacked-layer dims, hidden size, kv_heads·head_dim)} of a grouped tree
-    (`T.modules`): the parents of q_proj, k_proj, v_proj and o_proj with plain kernels."""
+    (`T.modules`): the parents of q, k, v and o projections (`ATTENTION_PROJECTIONS`) with plain kernels."""
     found = {}
     for path, leaves in grouped.items():
         parent, _, name = path.rpartition("/")
-        projections = [grouped.get(f"{parent}/{p}", {}) for p in ("q_proj", "k_proj", "v_proj")]
-        if name == "o_proj" and all("kernel" in p for p in (leaves, *projections)):
-            q, k = projections[0]["kernel"], projections[1]["kernel"]
-            found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), int(np.shape(k)[-1]))
+        for *qkv, out in ATTENTION_PROJECTIONS:
+            projections = [grouped.get(f"{parent}/{p}", {}) for p in qkv]
+            if name == out and all("kernel" in p for p in (leaves, *projections)):
+                q, k = projections[0]["kernel"], projections[1]["kernel"]
+                found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), int(np.shape(k)[-1]))
     if not found:
-        raise JpeftError("this method needs attention modules with plain q_proj, k_proj, v_proj and o_proj kernels "
+        raise JpeftError("this method needs attention modules with plain q, k, v and o projection kernels "
                          "(a quantized base cannot carry it)")
     return found

@@ -33,13 +33,15 @@ def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method, lr):
 
 T5_RUNS = {"full": ("method.targets=[q,v,wi_0,wo]", "train.lr=1e-2"),
            "lora": ("method.targets=[q,v,wi_0,wo]", "train.lr=5e-2"),
-           "prompt": ("method.num_virtual_tokens=4", "train.lr=3e-1")}  # a soft prompt before the encoder input
+           "prompt": ("method.num_virtual_tokens=4", "train.lr=3e-1"),  # a soft prompt before the encoder input
+           "prefix": ("method.num_virtual_tokens=4", "train.lr=1e-1")}  # keys/values in the decoder's self-attention
 
 
 @pytest.mark.parametrize("method", T5_RUNS)
 def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
     """Prompt into the encoder, loss on the decoder's target tokens: the loss falls, eval generates,
-    and the export loads; methods T5 has no insertion points for are refused, naming why."""
+    and the export loads (a prefix adapter in PEFT too, with jpeft's logits); methods T5 has no
+    insertion points for are refused, naming why."""
     from conftest import make_t5
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     _, base = make_t5(tmp_path / "base", "flan-t5", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -56,10 +58,19 @@ def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
     tuned = (jpeft.from_pretrained(str(tmp_path / "run" / "model"))[1] if method == "full"
              else jpeft.load_adapter(str(tmp_path / "run" / "adapter"), params))
     ids = np.arange(1, 20)[None]
-    assert np.abs(np.asarray(model.apply({"params": tuned}, ids, ids[:, :5])
-                             - model.apply({"params": params}, ids, ids[:, :5]))).max() > 1e-3
-    with pytest.raises(jpeft.ConfigError, match="prefix.*insertion point"):
-        trainer.train(run_config(run, tmp_path / "prefix", "method.name=prefix"), progress=False)
+    logits = np.asarray(model.apply({"params": tuned}, ids, ids[:, :5]))
+    assert np.abs(logits - np.asarray(model.apply({"params": params}, ids, ids[:, :5]))).max() > 1e-3
+    if method == "prefix":
+        import peft
+        import torch
+        from transformers import T5ForConditionalGeneration
+        peft_model = peft.PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(base),
+                                                    str(tmp_path / "run" / "adapter")).eval()
+        with torch.no_grad():
+            theirs = peft_model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(ids[:, :5])).logits
+        np.testing.assert_allclose(logits, theirs.numpy(), atol=2e-4, rtol=0)
+    with pytest.raises(jpeft.ConfigError, match="llama_adapter.*attention_output insertion point"):
+        trainer.train(run_config(run, tmp_path / "gates", "method.name=llama_adapter"), progress=False)
 
 
 @pytest.mark.parametrize("config", ["configs/flan_t5_dialogsum_full.yaml", "configs/flan_t5_dialogsum_lora.yaml"])
