@@ -165,6 +165,13 @@ def _check_mixture(cfg: RunConfig, fail) -> None:
             if values.get(key) is not None and values[key] <= 0:
                 fail("data.mixture", f"entry {i}: {key} must be positive, got {values[key]}")
         typed.append(values)
+    weighted = [entry.get("weight") is not None for entry in typed]
+    if any(weighted) and not all(weighted):
+        fail("data.mixture", "gives some entries a weight and not others; give every entry a weight (shares of the "
+                             "examples), or none (each task's share is its number of examples, up to its cap)")
+    if any(weighted) and any(entry.get("cap") is not None for entry in typed):
+        fail("data.mixture", "sets a cap beside weights; a cap limits an examples-proportional share, so drop the "
+                             "weights or the caps")
     data.mixture = typed
     from jpeft.data.tasks import run_tasks
     names = [task.name for task in run_tasks(data)]

@@ -111,13 +111,17 @@ def test_split_and_mixture_config_errors():
         load_config(None, ["data.mixture=[{train: x/a.jsonl, text: t}, {train: y/a.jsonl, text: t}]"])
     with pytest.raises(ConfigError, match="entry 0: weight must be positive"):
         load_config(None, ["data.mixture=[{train: a.jsonl, text: t, weight: 0}]"])
+    with pytest.raises(ConfigError, match="gives some entries a weight and not others"):
+        load_config(None, ["data.mixture=[{train: a.jsonl, text: t, weight: 1}, {train: b.jsonl, text: t}]"])
+    with pytest.raises(ConfigError, match="sets a cap beside weights"):
+        load_config(None, ["data.mixture=[{train: a.jsonl, text: t, weight: 1, cap: 5}]"])
     with pytest.raises(ConfigError, match="data.mixture.*must be a list of mappings"):
         load_config(None, ["data.mixture=[a.jsonl]"])
-    cfg = load_config(None, ["data.packing=false", "data.mixture=[{train: a.jsonl, text: t, weight: 2}, "
+    cfg = load_config(None, ["data.packing=false", "data.mixture=[{train: a.jsonl, text: t, cap: 2}, "
                              "{name: s, train: b.jsonl, template: qa, packing: true}]"])
     tasks = run_tasks(cfg.data)
-    assert [(t.name, t.weight, t.data.packing, t.data.template) for t in tasks] == [
-        ("a", 2.0, False, None), ("s", None, True, "qa")]  # entries override the run's data.* keys
+    assert [(t.name, t.cap, t.data.packing, t.data.template) for t in tasks] == [
+        ("a", 2, False, None), ("s", None, True, "qa")]  # entries override the run's data.* keys
 
 
 def test_rows_are_accounted_for_and_strict_refuses_drops(tokenizer):
