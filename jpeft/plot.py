@@ -9,7 +9,15 @@ import os
 
 from jpeft.errors import ConfigError
 
-PANELS = {"loss.png": ("loss", "eval_loss"), "lr.png": ("lr",), "grad_norm.png": ("grad_norm",)}
+def panels(records: list[dict]) -> dict[str, tuple[str, ...]]:
+    """File name -> the metrics it plots: every loss (a mixture's per task too), lr, grad_norm, then the
+    other eval_* metrics and the forgetting probes' relative changes where the run has them."""
+    keys = sorted({k for r in records for k in r})
+    losses = ("loss", *(k for k in keys if k != "loss" and (k.endswith("loss") or k.startswith("loss_"))))
+    found = {"loss.png": losses, "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
+             "eval.png": tuple(k for k in keys if k.startswith("eval_") and not k.endswith("loss")),
+             "forgetting.png": tuple(k for k in keys if k.startswith("forget_") and k.endswith("_change"))}
+    return {name: chosen for name, chosen in found.items() if chosen}
 
 
 def read_records(path: str) -> list[dict]:
@@ -26,7 +34,8 @@ def read_records(path: str) -> list[dict]:
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Write loss.png, lr.png, grad_norm.png (and eval.png with every other eval_* metric); return their paths."""
+    """Write loss.png, lr.png, grad_norm.png (and eval.png, forgetting.png where there are such metrics);
+    return their paths."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: pass the out_dir of a `jpeft train` run")
@@ -39,10 +48,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
 
     out_dir = out_dir or os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
-    evals = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_loss"})
-    panels = {**PANELS, **({"eval.png": tuple(evals)} if evals else {})}
     written = []
-    for name, keys in panels.items():
+    for name, keys in panels(records).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             points = [(r["step"], r[key]) for r in records if key in r]

@@ -6,7 +6,7 @@ import pytest
 
 from jpeft.cli import main
 from jpeft.errors import ConfigError
-from jpeft.plot import plot_run
+from jpeft.plot import panels, plot_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -37,6 +37,17 @@ def test_eval_metrics_get_their_own_plot_and_cli_prints_paths(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "pngs")]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "pngs" / n) for n in ("loss.png", "lr.png", "grad_norm.png", "eval.png")]
+
+
+def test_a_mixture_and_forgetting_probes_are_plotted_with_the_losses_and_on_their_own():
+    records = [{"step": 1, "loss": 2.0, "loss_summarize": 2.5, "loss_replay": 1.5, "lr": 1e-3, "grad_norm": 1.0},
+               {"step": 2, "loss": 1.5, "lr": 1e-3, "grad_norm": 0.5, "eval_loss": 1.9, "eval_summarize_loss": 2.1,
+                "eval_summarize_rougeL": 0.2, "forget_wiki_perplexity": 21.0, "forget_wiki_base": 20.0,
+                "forget_wiki_change": 0.05}]
+    assert panels(records) == {"loss.png": ("loss", "eval_loss", "eval_summarize_loss", "loss_replay",
+                                            "loss_summarize"),
+                               "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
+                               "eval.png": ("eval_summarize_rougeL",), "forgetting.png": ("forget_wiki_change",)}
 
 
 def test_errors_name_the_path_and_what_to_do(tmp_path):
