@@ -39,7 +39,6 @@ __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_outp
 # The hooks a method may implement; a model lists those it calls (`insertion_points`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "attention_kv",
          "attention_output", "residual", "norm_output", "virtual_tokens", "expand")
-WEIGHT_SPACE = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "norm_output")
 
 
 def require(method, insertion_points, family: str) -> None:
