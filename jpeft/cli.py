@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or all (every method but classifier); default full,lora")
     p.add_argument("--family", default="llama", choices=["llama", "t5"],
                    help="the base to build: llama (a decoder, default) or t5 (an encoder-decoder with FLAN-T5's "
-                        "architecture, pre-trained as a prefix LM); weight-space methods, prompt and prefix tuning "
-                        "for t5")
+                        "architecture, pre-trained as a prefix LM); t5 takes every method but llama_adapter and "
+                        "classifier")
     p.add_argument("--replay", action="store_true",
                    help="also fine-tune each summarizing method with replay (a mixture in which 20%% of the examples "
                         "are the base's own pre-training task) and show what it does to forgetting")

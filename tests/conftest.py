@@ -18,15 +18,19 @@ FAMILIES = {
                    final_logit_softcapping=0.5),
     "gemma3_text": dict(head_dim=8, sliding_window=4),
 }
-GPT2 = dict(n_inner=64)  # GPT-2 (Conv1D projections, learned positions, LayerNorm): weight-space methods only
+# GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
+# num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.
+GPT2 = dict(n_inner=64, num_key_value_heads=None)
 
 
 def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
-    """A tiny random transformers model of the given family, in float32 eval mode."""
+    """A tiny random transformers model of the given family, in float32 eval mode; an override None drops
+    that key of TINY."""
     import torch
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    fields = {k: v for k, v in {**TINY, **overrides}.items() if not (v is None and k in TINY)}
+    config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases so a mapping bug cannot hide

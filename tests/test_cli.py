@@ -193,8 +193,9 @@ def test_demo_t5_family(tmp_path, capsys):
     assert "ROUGE-L" in out
     check_forgetting_column(summary, out)  # a prefix LM's: each dialogue's second half given its first
     assert main(["demo", "--out", str(tmp_path / "x"), "--preset", "tiny", "--family", "t5",
-                 "--methods", "lora,bottleneck"]) == 2
-    assert "'bottleneck' acts at the residual" in capsys.readouterr().err
+                 "--methods", "lora,llama_adapter"]) == 2
+    err = capsys.readouterr().err
+    assert "'llama_adapter' acts at the attention_output" in err and "PEFT has no adaption prompt for T5" in err
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):

@@ -3,6 +3,11 @@
 Parameter paths spell HF's names (`transformer/h/attn/c_attn/kernel` <-> `transformer.h.{i}.attn.c_attn.weight`).
 Its projections are HF `Conv1D`s, whose weights are already [in, out], so they are read and
 written untransposed (`jpeft.peft.base.CONV1D`); PEFT adapts them with `fan_in_fan_out`.
+
+Virtual tokens go where PEFT's CAUSAL_LM methods put them (peft 0.21, transformers 5): a soft prompt is
+prepended to the input embeddings, so GPT-2 adds its learned positions 0..n-1 to the prompt and n.. to
+the real tokens; a prefix is passed as n past keys/values, so the real tokens' positions start at n and
+the prefix itself has none (its keys and values are per head, after c_attn's split).
 """
 from __future__ import annotations
 
@@ -23,10 +28,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = L.Dense(3 * cfg.hidden_size, ("embed", "heads"), True, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         if cache_kv is not None:
             cache_kv, k, v = L.cached(cache_kv, k, v, layer, index)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
-                       None if cache_kv is not None else 0)
+                       None if cache_kv is not None else k.shape[1] - t)
         return L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1)), cache_kv
 
 
@@ -48,10 +54,11 @@ class Block(nn.Module):
         x, cache_kv, layer = carry
         mask, index = context
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        h, cache_kv = Attention(self.cfg, name="attn")(L.LayerNorm(self.cfg.rms_norm_eps, name="ln_1")(x), mask,
-                                                        cache_kv, index, layer)
-        x = x + h
-        x = x + MLP(self.cfg, name="mlp")(L.LayerNorm(self.cfg.rms_norm_eps, name="ln_2")(x))
+        normed = L.LayerNorm(self.cfg.rms_norm_eps, name="ln_1")(x)
+        h, cache_kv = Attention(self.cfg, name="attn")(normed, mask, cache_kv, index, layer)
+        x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
+        normed = L.LayerNorm(self.cfg.rms_norm_eps, name="ln_2")(x)
+        x = x + sites.residual(L.module_leaves(self), MLP(self.cfg, name="mlp")(normed), "mlp", normed)
         return (x, cache_kv, layer + 1), None
 
 
@@ -64,33 +71,32 @@ class Transformer(nn.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x = (L.Embed(cfg.vocab_size, cfg.hidden_size, name="wte")(input_ids, dtype)
-             + L.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")(positions, dtype))
+             + L.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")(positions, dtype, prepend=False))
         stack = L.scan_layers(Block, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="h")((x, cache_kv, jnp.int32(0)), (mask, index))
         return L.LayerNorm(cfg.rms_norm_eps, name="ln_f")(nn.with_logical_constraint(x, L.ACTIVATION_AXES)), cache_kv
 
 
 class GPT2(nn.Module):
-    """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (no virtual
-    tokens); the head is the token embedding, tied."""
+    """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (virtual tokens
+    included); the head is the token embedding, tied."""
     config: ModelConfig
-    insertion_points = sites.WEIGHT_SPACE
+    # No LLaMA-Adapter gates: GPT-2 calls no attention_output point (see LlamaAdapter.scope).
+    insertion_points = tuple(hook for hook in sites.HOOKS if hook != "attention_output")
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
-        b, t = input_ids.shape
-        segments = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-        q_slots, k_slots, k_segments, index = L.slots(segments, cache)
+        d = L.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
-        if positions is None:
-            positions = jnp.broadcast_to(q_slots, (b, t))
-        mask = L.attention_mask(q_slots, k_slots, segments, k_segments, None)
-        hidden, cache_kv = Transformer(cfg, name="transformer")(input_ids, positions, mask, cache_kv, index)
+        mask = L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, None)
+        transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=True)
+        hidden, cache_kv = transformer(cfg, name="transformer")(input_ids, d.positions, mask, cache_kv, d.index)
+        hidden = hidden[:, d.rows:]
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
-        return out, {"k": cache_kv[0], "v": cache_kv[1], "segments": k_segments, "index": index + t}
+        return out, L.written_cache(cache_kv, d, input_ids.shape[1])
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:

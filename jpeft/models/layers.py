@@ -6,6 +6,8 @@ each method lives in `jpeft.peft`.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -170,6 +172,41 @@ def slots(segments, cache, first_query: int = 0):
         index = cache["index"]
         k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
     return index + jnp.arange(first_query, segments.shape[1]), jnp.arange(k_segments.shape[1]), k_segments, index
+
+
+class DecoderInputs(NamedTuple):
+    """What a decoder-only call derives from its inputs once methods' virtual tokens come first."""
+    rows: int  # soft-prompt rows prepended to the input embeddings
+    keys: int  # prefix keys/values prepended in every layer
+    positions: jax.Array  # [B, rows + T]: the virtual rows' and the real tokens' positions
+    q_segments: jax.Array  # [B, rows + T]: the queries' segment ids (virtual rows: -1)
+    q_slots: jax.Array
+    k_slots: jax.Array
+    k_segments: jax.Array
+    index: jax.Array  # the cache slot this call writes first (0 without a cache)
+
+
+def decoder_inputs(params, input_ids, attention_mask=None, positions=None, cache=None) -> DecoderInputs:
+    """Masks' and positions' inputs of a decoder call, with virtual tokens first as PEFT puts them: the prefix's
+    keys at slots 0..keys-1 (positions of their own, never given), the soft prompt's rows at positions
+    keys..keys+rows-1 and the real tokens' positions shifted by keys + rows; every segment sees them.
+
+    `positions` default to the tokens' cache slots (0..T-1 without a cache); `attention_mask` to all ones."""
+    b, t = input_ids.shape
+    rows, keys = sites.virtual_tokens(params)
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t), jnp.int32)
+    segments = jnp.concatenate([jnp.full((b, rows + keys), -1, jnp.int32), attention_mask.astype(jnp.int32)], 1)
+    q_slots, k_slots, k_segments, index = slots(segments, cache, keys)
+    if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+    positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)), positions + rows + keys], 1)
+    return DecoderInputs(rows, keys, positions, segments[:, keys:], q_slots, k_slots, k_segments, index)
+
+
+def written_cache(cache_kv, d: DecoderInputs, t: int) -> dict:
+    """A decoder's cache after a call of `t` tokens: its keys/values, every slot's segment, the next slot."""
+    return {"k": cache_kv[0], "v": cache_kv[1], "segments": d.k_segments, "index": d.index + d.keys + d.rows + t}
 
 
 def head_logits(head: dict, hidden, cap: float | None = None):

@@ -130,30 +130,20 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
-        b, t = input_ids.shape
-        rows, keys = sites.virtual_tokens(self.variables.get("params", {}))
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)),
-                                     positions + rows + keys], axis=1)
-        segments = jnp.concatenate([jnp.full((b, rows + keys), -1, jnp.int32), attention_mask.astype(jnp.int32)], 1)
-        q_segments = segments[:, keys:]
-        q_slots, k_slots, segments, index = L.slots(segments, cache, keys)
+        d = L.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
-        masks = tuple(L.attention_mask(q_slots, k_slots, q_segments, segments, window) if use else None
+        masks = tuple(L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window) if use else None
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
-        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (positions, masks, index), cache_kv)
-        hidden = hidden[:, rows:]
+        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (d.positions, masks, d.index), cache_kv)
+        hidden = hidden[:, d.rows:]
         if not cfg.tie_word_embeddings and self.is_initializing():
             L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
-        return out, {"k": cache_kv[0], "v": cache_kv[1], "segments": segments, "index": index + keys + rows + t}
+        return out, L.written_cache(cache_kv, d, input_ids.shape[1])
 
     # The model protocol beside `apply` (jpeft.models): what training and decoding use, knowing no family.
     @nn.nowrap

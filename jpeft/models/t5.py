@@ -90,7 +90,8 @@ class DenseReluDense(nn.Module):
 
 
 class Sublayer(nn.Module):
-    """x + f(layer_norm(x)): HF's T5LayerSelfAttention, T5LayerCrossAttention and T5LayerFF."""
+    """f(layer_norm(x)) and layer_norm(x): HF's T5LayerSelfAttention, T5LayerCrossAttention and T5LayerFF
+    before their residual sum, which the block takes through the residual insertion point."""
     cfg: ModelConfig
     kind: str  # SelfAttention | EncDecAttention | DenseReluDense
     causal: bool = False
@@ -99,15 +100,17 @@ class Sublayer(nn.Module):
     def __call__(self, x, source=None, mask=None, bias=None, cache=None, layer=None, index=0):
         normed = L.RMSNorm(self.cfg.rms_norm_eps, name="layer_norm")(x)
         if self.kind == "DenseReluDense":
-            return x + DenseReluDense(self.cfg, name=self.kind)(normed), cache
+            return DenseReluDense(self.cfg, name=self.kind)(normed), normed, cache
         source = normed if self.kind == "SelfAttention" else source
         h, cache = Attention(self.cfg, self.causal, name=self.kind)(normed, source, mask, bias, cache, layer, index)
-        return x + h, cache
+        return h, normed, cache
 
 
 class Block(nn.Module):
     """One encoder block (self-attention, FF) or decoder block (causal self-, cross-attention, FF).
 
+    Each sublayer's output joins the residual stream through the residual insertion point: "attention"
+    (self-attention), "cross_attention" and "mlp" (the FF), as the decoders' blocks name theirs.
     The carry holds the stacked KV caches (self, cross) and the layer counter, as the decoders' does.
     """
     cfg: ModelConfig
@@ -119,11 +122,15 @@ class Block(nn.Module):
         mask, bias, encoded, cross_mask, index = context
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         own, cross = caches if caches is not None else (None, None)
-        x, own = Sublayer(self.cfg, "SelfAttention", self.decoder, name="layer_0")(x, None, mask, bias, own, layer,
-                                                                                   index)
+        h, normed, own = Sublayer(self.cfg, "SelfAttention", self.decoder, name="layer_0")(x, None, mask, bias, own,
+                                                                                           layer, index)
+        x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         if self.decoder:
-            x, cross = Sublayer(self.cfg, "EncDecAttention", name="layer_1")(x, encoded, cross_mask, None, cross, layer)
-        x, _ = Sublayer(self.cfg, "DenseReluDense", name=f"layer_{1 + self.decoder}")(x)
+            h, normed, cross = Sublayer(self.cfg, "EncDecAttention", name="layer_1")(x, encoded, cross_mask, None,
+                                                                                     cross, layer)
+            x = x + sites.residual(L.module_leaves(self), h, "cross_attention", normed)
+        h, normed, _ = Sublayer(self.cfg, "DenseReluDense", name=f"layer_{1 + self.decoder}")(x)
+        x = x + sites.residual(L.module_leaves(self), h, "mlp", normed)
         return (x, None if caches is None else (own, cross), layer + 1), None
 
 
@@ -159,8 +166,8 @@ class T5(nn.Module):
     positions count from n, as transformers' T5 counts them after n past tokens).
     """
     config: ModelConfig
-    # No gates or bottlenecks (yet): T5 calls no attention_output or residual point.
-    insertion_points = (*sites.WEIGHT_SPACE, "embed_prepend", "attention_kv", "virtual_tokens", "expand")
+    # No LLaMA-Adapter gates: T5 calls no attention_output point (see LlamaAdapter.scope).
+    insertion_points = tuple(hook for hook in sites.HOOKS if hook != "attention_output")
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,

@@ -11,7 +11,9 @@ class-level parts are what the rest of jpeft reads from any tree, method unknown
   method's leaves;
 - `merge(leaves)`: the module's leaves with the method folded into the weight;
 - `axes[leaf]`: its leaves' logical axes in terms of the weight's (`lead`, `in`, `out`);
-- `heads`: top-level modules it adds whole (a classification head), every leaf trained but metadata.
+- `heads`: top-level modules it adds whole (a classification head), every leaf trained but metadata;
+- `scope`: why a family whose model lacks an insertion point the method needs cannot take it (the
+  error `sites.require` raises says it).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ class Method:
     stored: tuple[str, ...] = ()
     axes: dict[str, tuple[str | None, ...]] = {}
     heads: tuple[str, ...] = ()
+    scope: str = ""
 
     @classmethod
     def present(cls, leaves: dict) -> bool:
@@ -134,8 +137,9 @@ def leading(path: str, array) -> tuple[int, ...]:
     return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()
 
 
-# An attention module's q, k, v and o projections, as each family names them (Llama-like, T5).
-ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"))
+# An attention module's q, k, v and o projections, as each family names them (Llama-like, T5), or its fused
+# q/k/v projection and o (GPT-2's c_attn [D, 3·D] and c_proj).
+ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"), ("c_attn", "c_proj"))
 
 
 def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
@@ -147,8 +151,11 @@ def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, in
         for *qkv, out in ATTENTION_PROJECTIONS:
             projections = [grouped.get(f"{parent}/{p}", {}) for p in qkv]
             if name == out and all("kernel" in p for p in (leaves, *projections)):
-                q, k = projections[0]["kernel"], projections[1]["kernel"]
-                found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), int(np.shape(k)[-1]))
+                fused = len(qkv) == 1  # q, k and v side by side in one kernel: k's width is a third of it
+                q = projections[0]["kernel"]
+                k = q if fused else projections[1]["kernel"]
+                width = int(np.shape(k)[-1]) // (3 if fused else 1)
+                found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), width)
     if not found:
         raise JpeftError("this method needs attention modules with plain q, k, v and o projection kernels "
                          "(a quantized base cannot carry it)")

@@ -5,11 +5,16 @@ joins the residual stream.
     pfeiffer (Pfeiffer et al. 2020): h ← h + up(act(down(h)))      after the MLP only
     parallel (He et al. 2022):       h ← h + s·up(act(down(x)))    beside the MLP; x is its normalised input
 
+Every layer stack gets them: a decoder's (`model/layers`, GPT-2's `transformer/h`) and both of T5's
+(`encoder/block`, `decoder/block`), where "attention" is the block's self-attention and "mlp" its FF. T5's
+decoder cross-attention gets none: that is AdapterHub's placement for T5 (its bottleneck configs default to
+`cross_adapter=False`), and the Houlsby paper's two adapters per layer sit after attention and after the FF.
+
 with down(z) = z·W_down + b_down (D → size) and up likewise (size → D). W_down ~ N(0, 0.02²) (BERT's
 init, adapter-transformers' default); b_down, W_up and b_up start at zero, so the model is unchanged
 at init. The adapters are nonlinear, so they cannot be merged into the base weights.
 
-Leaves, in `model/layers/attention_adapter` and `model/layers/mlp_adapter` (stacked like the layers):
+Leaves, in `<stack>/attention_adapter` and `<stack>/mlp_adapter` (stacked like the layers):
 `adapter_down` [L, D, size], `adapter_down_bias` [L, size], `adapter_up` [L, size, D], `adapter_up_bias`
 [L, D] (trained); `adapter_activation` [L] (int32, its index in `jpeft.models.layers.ACTIVATIONS`) and,
 for parallel adapters only, `adapter_parallel_scale` [L] (s), both metadata: the hooks see only the
@@ -17,10 +22,10 @@ tree, so the tree says how to apply it. Parameters per adapted block: 2·D·size
 
 Adapter directory (PEFT has no bottleneck adapters; this is jpeft's own, in PEFT's style):
 `adapter_config.json` holds `"peft_type": "BOTTLENECK"`, `"task_type": "CAUSAL_LM"`, `kind`, `size`,
-`activation`, `scale` and `base_model_name_or_path`; `adapter_model.safetensors` holds, for each
-adapted block and layer i, `base_model.model.model.layers.{i}.{attention,mlp}_adapter.{down,up}.{weight,bias}`
-in torch.nn.Linear's layout (out × in): `down.weight` [size, D], `down.bias` [size], `up.weight`
-[D, size], `up.bias` [D].
+`activation`, `scale` and `base_model_name_or_path` (`task_type` SEQ_2_SEQ_LM for T5); `adapter_model.safetensors`
+holds, for each adapted block and layer i, `base_model.model.<stack>.{i}.{attention,mlp}_adapter.{down,up}.{weight,bias}`
+(<stack>: `model.layers`, `transformer.h`, `encoder.block`, `decoder.block`) in torch.nn.Linear's layout
+(out × in): `down.weight` [size, D], `down.bias` [size], `up.weight` [D, size], `up.bias` [D].
 """
 from __future__ import annotations
 
@@ -34,6 +39,9 @@ from jpeft.peft.base import Method, layer_names, matmul
 
 KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}  # kind -> blocks adapted
 SUBMODULES = {"attention": "attention_adapter", "mlp": "mlp_adapter"}  # block -> its adapter's module in a layer
+# The norm before each family's attention block, under its layer stack (Llama-like, GPT-2, T5): its scale
+# [layers, D] gives the stack's depth and residual width.
+BLOCK_NORMS = ("input_layernorm", "ln_1", "layer_0/layer_norm")
 # trained leaf -> its tensor in the adapter file; `.T` converts both ways (a bias's transpose is itself)
 FILE_NAMES = {"adapter_down": "down.weight", "adapter_down_bias": "down.bias",
               "adapter_up": "up.weight", "adapter_up_bias": "up.bias"}
@@ -84,18 +92,19 @@ class Bottleneck(Method):
                          "with load_adapter")
 
     def init(self, key, params):
-        layers = params.get("model", {}).get("layers", {})
-        if "input_layernorm" not in layers:
-            raise JpeftError("bottleneck adapters need a decoder layer stack (model/layers/input_layernorm)")
-        if any(m in layers for m in SUBMODULES.values()):
+        grouped = T.modules(params)
+        stacks = layer_stacks(grouped)
+        if not stacks:
+            raise JpeftError("bottleneck adapters need a stack of transformer layers (model/layers, transformer/h, "
+                             "encoder/block, decoder/block) with its norms")
+        if any(_adapter_module(path) for path in grouped):
             raise JpeftError("this tree already holds bottleneck adapters; initialise from the base tree")
-        num_layers, hidden = np.shape(layers["input_layernorm"]["scale"])
         flat = T.flatten(params)
-        blocks = KINDS[self.kind]
-        for block, k in zip(blocks, jax.random.split(key, len(blocks))):
-            down = 0.02 * jax.random.normal(k, (num_layers, hidden, self.size), jnp.float32)
+        places = [(stack, block) for stack in stacks for block in KINDS[self.kind]]
+        for (stack, block), k in zip(places, jax.random.split(key, len(places))):
+            down = 0.02 * jax.random.normal(k, (*stacks[stack], self.size), jnp.float32)
             for leaf, value in self.module_leaves(down).items():
-                flat[f"model/layers/{SUBMODULES[block]}/{leaf}"] = value
+                flat[f"{stack}/{SUBMODULES[block]}/{leaf}"] = value
         return T.unflatten(flat)
 
     def module_leaves(self, down) -> dict:
@@ -111,7 +120,7 @@ class Bottleneck(Method):
 
     @staticmethod
     def residual(leaves, h, where, x):
-        adapter = leaves.get(SUBMODULES[where])
+        adapter = leaves.get(SUBMODULES.get(where))  # none at T5's cross-attention (see the module's docstring)
         if adapter is None:
             return h
         parallel = "adapter_parallel_scale" in adapter
@@ -122,10 +131,25 @@ class Bottleneck(Method):
         return h + (out * adapter["adapter_parallel_scale"].astype(h.dtype) if parallel else out)
 
 
+def layer_stacks(grouped: dict) -> dict[str, tuple[int, int]]:
+    """{layer stack path: (layers, residual width)} of a grouped tree: each stack a block norm sits in."""
+    found = {}
+    for path, leaves in grouped.items():
+        for norm in BLOCK_NORMS:
+            stack = path.removesuffix("/" + norm)
+            if stack != path and T.leaf_name(stack) in T.STACKS and "scale" in leaves:
+                found[stack] = tuple(int(d) for d in np.shape(leaves["scale"]))
+    return found
+
+
+def _adapter_module(path: str) -> bool:
+    return T.leaf_name(path) in SUBMODULES.values()
+
+
 def settings(modules: dict) -> dict:
     """kind, size, activation and scale as an adapted tree's leaves encode them (`from_peft` inverts it)."""
     blocks = {T.leaf_name(path) for path in modules}
-    mlp = modules["model/layers/mlp_adapter"]  # every kind adapts the MLP block
+    mlp = next(leaves for path, leaves in modules.items() if T.leaf_name(path) == "mlp_adapter")  # every kind has it
     parallel = "adapter_parallel_scale" in mlp
     index = {int(i) for leaves in modules.values() for i in np.asarray(leaves["adapter_activation"])}
     scale = {float(s) for s in np.asarray(mlp["adapter_parallel_scale"])} if parallel else {1.0}
@@ -154,8 +178,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     except JpeftError as e:
         raise AdapterError(f"adapter_config.json: {e}") from None
     grouped = T.modules(method.init(jax.random.key(0), T.from_modules(modules)))
-    for block in KINDS[method.kind]:
-        path = f"model/layers/{SUBMODULES[block]}"
+    for path in filter(_adapter_module, list(grouped)):
         leaves = dict(grouped[path])
         for leaf, suffix in FILE_NAMES.items():
             stack = np.array(leaves[leaf])

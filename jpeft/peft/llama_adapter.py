@@ -30,6 +30,10 @@ class LlamaAdapter(Method):
     trainable = ("adaption_prompt", "adaption_gate")
     metadata = ("adaption_layers",)
     axes = {"adaption_prompt": ("lead", None, "embed"), "adaption_gate": ("lead", None), "adaption_layers": ("lead",)}
+    scope = ("jpeft has LLaMA-Adapter for the Llama-like families only, as PEFT's adaption prompt computes it for "
+             "llama and mistral: a prompt through the layer's own k_proj, v_proj and o_proj beside its RoPE'd "
+             "queries; PEFT has no adaption prompt for T5, and its GPT-2 variant (the prompt through the fused "
+             "c_attn, added after c_proj) is not implemented")
 
     def __init__(self, adapter_len: int = 10, adapter_layers: int | None = None):
         if adapter_len < 1 or (adapter_layers is not None and adapter_layers < 1):
@@ -44,6 +48,8 @@ class LlamaAdapter(Method):
         """Prompts N(0, 1) and gates 0, as PEFT's; only the top `adapter_layers` layers adapted."""
         grouped = T.modules(params)
         attention = attention_modules(grouped)
+        if not all(f"{path}/k_proj" in grouped for path in attention):
+            raise JpeftError(f"LLaMA-Adapter cannot adapt this model: {self.scope}")
         for (path, (lead, dim, _)), k in zip(attention.items(), jax.random.split(key, len(attention))):
             layers = lead[0] if lead else 1
             top = layers if self.adapter_layers is None else self.adapter_layers

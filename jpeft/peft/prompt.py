@@ -1,8 +1,9 @@
 """Prompt tuning (Lester et al. 2021): n trained virtual-token embeddings before the input.
 
-The soft prompts live beside the embedding table (`model/embed_tokens/soft_prompt`
-[tasks, n, D]); the embedding insertion point prepends one per row, and the model gives the
-virtual tokens positions 0..n-1, lets every real token attend to them and drops them from its
+The soft prompts live beside the token embedding table (`model/embed_tokens/soft_prompt`, GPT-2's
+`transformer/wte/soft_prompt` [tasks, n, D]); the embedding insertion point prepends one per row, and the
+model gives the virtual tokens positions 0..n-1 (GPT-2 adds its learned position embeddings to them, as
+PEFT's inputs_embeds get them), lets every real token attend to them and drops them from its
 output, so they are never a loss target. An encoder-decoder (T5, table `shared/embedding`)
 prepends them to the encoder's input only, as PEFT does; PEFT's file for it holds 2n rows
 (one block per transformer submodule) of which only the first n are ever read. Several
@@ -87,6 +88,7 @@ def select_task(params, task_ids):
 
 
 SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
+TOKEN_TABLES = ("embed_tokens/embedding", "wte/embedding")  # a decoder's token table: Llama-like, GPT-2
 
 
 def _submodules(table_path: str) -> int:
@@ -95,10 +97,11 @@ def _submodules(table_path: str) -> int:
 
 
 def _table_path(params) -> str:
-    tables = [p for p in T.flatten(params) if p.endswith("embed_tokens/embedding") or p == SEQ2SEQ_TABLE]
+    tables = [p for p in T.flatten(params) if p.endswith(TOKEN_TABLES) or p == SEQ2SEQ_TABLE]
     if len(tables) != 1:
         raise JpeftError("prompt tuning needs the tree of a model with one input embedding table "
-                         f"(.../embed_tokens/embedding or shared/embedding); found {tables or 'none'}")
+                         f"(.../embed_tokens/embedding, transformer/wte/embedding or shared/embedding); "
+                         f"found {tables or 'none'}")
     return tables[0]
 
 

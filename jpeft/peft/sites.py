@@ -11,8 +11,8 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     attention_kv: keys/values with each method's prepended (prefix tuning), before the KV
              cache is written, so a prefix lives in the cache like past tokens
     attention_output: the attention block's output, given its post-RoPE queries (LLaMA-Adapter)
-    residual: a layer's attention or MLP output before it joins the residual stream, given
-             the block's input too (bottleneck adapters); the leaves are the decoder layer's
+    residual: a layer's attention, cross-attention (T5's decoder) or MLP output before it joins the
+             residual stream, given the block's input too (bottleneck adapters); the leaves are the layer's
     norm:    a norm's output (norm_output)
 
 Whole-tree points, read by the model once per call:
@@ -39,20 +39,21 @@ __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_outp
 # The hooks a method may implement; a model lists those it calls (`insertion_points`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "attention_kv",
          "attention_output", "residual", "norm_output", "virtual_tokens", "expand")
-WEIGHT_SPACE = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "norm_output")
 
 
 def require(method, insertion_points, family: str) -> None:
     """Refuse a method (instance or class) that needs an insertion point the family's model never
-    calls: it would silently do nothing. The error lists the methods the family does take."""
+    calls: it would silently do nothing. The error says why (the method's `scope`) and lists the
+    methods the family does take."""
     def needs(m):
         return [h for h in HOOKS if hasattr(m, h) and h not in insertion_points]
     missing = needs(method)
     if missing:
         from jpeft.errors import ConfigError
         usable = ", ".join(name for name, cls in BY_NAME.items() if not needs(cls))
+        why = f" ({method.scope})" if method.scope else ""
         raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
-                          f"{family} models do not have; use one of {usable} with this family")
+                          f"{family} models do not have{why}; use one of {usable} with this family")
 
 
 def _with(hook: str, leaves: dict):
@@ -109,8 +110,8 @@ def attention_output(leaves: dict, q, out):
 
 
 def residual(leaves: dict, h, where: str, x):
-    """A block's output h (`where`: "attention" or "mlp") before it joins the residual stream; x is
-    the block's (normalised) input, for methods that run beside the block."""
+    """A block's output h (`where`: "attention", "cross_attention" or "mlp") before it joins the residual
+    stream; x is the block's (normalised) input, for methods that run beside the block."""
     for method in _with("residual", leaves):
         h = method.residual(leaves, h, where, x)
     return h

@@ -1,6 +1,7 @@
 """Bottleneck adapters (Houlsby, Pfeiffer, parallel): the model is unchanged at init, the residual hook
 computes each kind's formula at the right block, the tree-wide operations see exactly the adapter
-leaves, and the adapter directory round-trips strictly."""
+leaves, and the adapter directory round-trips strictly; on GPT-2 and T5 the adapted model is the
+transformers model with the adapters hooked in (logits and greedy tokens)."""
 import json
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+import torch
 from scipy.special import erf
 
 import jpeft
@@ -18,6 +20,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.hf import abstract_params
 from jpeft.models.llama import CausalLM, init_params
 from jpeft.parallel.mesh import logical_axes
+from jpeft.generate import generate
 from jpeft.peft import BY_NAME, Bottleneck, sites
 from jpeft.train.step import token_loss
 
@@ -247,3 +250,111 @@ def test_run_config_reaches_the_constructor():
     for bad, key in (("method.kind=serial", "method.kind"), ("method.size=0", "method.size")):
         with pytest.raises(ConfigError, match=key):
             load_config(None, ["method.name=bottleneck", bad])
+
+
+# GPT-2 and T5: the same adapters at each family's residual insertion points, checked against the
+# transformers model with the adapters added by forward hooks (an independent computation in PyTorch).
+FAMILY_KINDS = {"houlsby": ("relu", 1.0), "pfeiffer": ("gelu", 1.0), "parallel": ("silu", 4.0)}  # torch's names too
+# family -> {adapter block: the torch submodules whose output it adapts, per layer stack}; T5's cross-attention
+# (layer.1.EncDecAttention in the decoder) gets none.
+HOOKED = {"gpt2": {"transformer/h": {"attention": "attn", "mlp": "mlp"}},
+          "t5": {f"{stack}/block": {"attention": "layer.0.SelfAttention", "mlp": f"layer.{last}.DenseReluDense"}
+                 for stack, last in (("encoder", 1), ("decoder", 2))}}
+
+
+def family_base(tmp_path, family):
+    """(torch model, jpeft model, base params); GPT-2's weights N(0, 0.2²), so its greedy tokens vary."""
+    from conftest import GPT2, make_hf_model, make_t5, save_hf_model
+    if family == "gpt2":
+        ref = make_hf_model("gpt2", **GPT2, initializer_range=0.2)
+        path = save_hf_model(ref, tmp_path / "gpt2")
+    else:
+        ref, path = make_t5(tmp_path / "t5", "flan-t5", own_head=True)
+    return (ref, *jpeft.from_pretrained(path))
+
+
+def family_logits(family, model, params, ids, dec):
+    args = (ids,) if family == "gpt2" else (ids, dec)
+    return np.asarray(model.apply({"params": params}, *map(jnp.asarray, args)))
+
+
+def hooked(ref, family, params, activation):
+    """`ref` with each adapter of `params` added to its block's output by a forward hook, from its own leaves."""
+    fn = getattr(torch.nn.functional, activation)
+    flat, handles = T.flatten(params), []
+    for stack, blocks in HOOKED[family].items():
+        scale = flat.get(f"{stack}/mlp_adapter/adapter_parallel_scale")  # parallel: s, and the block's input
+        for where, submodule in blocks.items():
+            adapter = {n: flat.get(f"{stack}/{where}_adapter/{n}") for n in TRAINED}
+            if adapter["adapter_down"] is None:
+                continue
+            for i, layer in enumerate(ref.get_submodule(stack.replace("/", "."))):
+                w = {n: torch.tensor(np.asarray(v[i])) for n, v in adapter.items()}
+                s = None if scale is None else float(scale[i])
+
+                def hook(module, inputs, output, w=w, s=s):
+                    out = output[0] if isinstance(output, tuple) else output
+                    z = fn((out if s is None else inputs[0]) @ w["adapter_down"] + w["adapter_down_bias"])
+                    delta = z @ w["adapter_up"] + w["adapter_up_bias"]
+                    out = out + (delta if s is None else s * delta)
+                    return (out, *output[1:]) if isinstance(output, tuple) else out
+                handles.append(layer.get_submodule(submodule).register_forward_hook(hook))
+    return handles
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_family_adapters_equal_the_torch_model_with_hooked_adapters(tmp_path, family, kind):
+    """Zero-initialised: the logits are the base's. Random: they are the transformers model's with each adapter
+    added where AdapterHub puts it (T5: self-attention and FF of both stacks, no cross-attention), and greedy
+    generation (jpeft's KV cache) gives the tokens of greedy decoding through the hooked model."""
+    activation, scale = FAMILY_KINDS[kind]
+    ref, model, params = family_base(tmp_path, family)
+    rng = np.random.RandomState(0)
+    ids, dec = rng.randint(2, 97, (2, 9)), rng.randint(2, 97, (2, 5))
+    adapted = Bottleneck(kind, size=SIZE, activation=activation, scale=scale).init(jax.random.key(1), params)
+    np.testing.assert_array_equal(family_logits(family, model, adapted, ids, dec),
+                                  family_logits(family, model, params, ids, dec))
+    adapted = randomised(adapted)
+    handles = hooked(ref, family, adapted, activation)
+    kwargs = {"decoder_input_ids": torch.tensor(dec)} if family == "t5" else {}
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids), **kwargs).logits.numpy()
+    ours = family_logits(family, model, adapted, ids, dec)
+    assert np.abs(ours - family_logits(family, model, params, ids, dec)).max() > 1e-2
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
+
+    prompt = ids[0].tolist()
+    got = generate(model, adapted, [prompt, prompt[4:]], max_new_tokens=6, eos_token_id=None)
+    sequence = list(prompt) if family == "gpt2" else [model.config.decoder_start_token_id]
+    start = len(sequence)
+    with torch.no_grad():
+        for _ in range(6):
+            run = ({"input_ids": torch.tensor([sequence])} if family == "gpt2" else
+                   {"input_ids": torch.tensor([prompt]), "decoder_input_ids": torch.tensor([sequence])})
+            sequence.append(int(ref(**run).logits[0, -1].argmax()))
+    for h in handles:
+        h.remove()
+    assert got[0] == sequence[start:]
+    assert got[1] == generate(model, adapted, [prompt[4:]], max_new_tokens=6, eos_token_id=None)[0]  # padding
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_family_adapter_directory_round_trip(tmp_path, family):
+    """Each stack's adapters under its HF name; the directory loads back exactly; merging is refused."""
+    _, model, params = family_base(tmp_path, family)
+    adapted = randomised(Bottleneck("houlsby", size=SIZE).init(jax.random.key(1), params))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == ("CAUSAL_LM" if family == "gpt2" else "SEQ_2_SEQ_LM") and config["kind"] == "houlsby"
+    stacks = {"gpt2": {"transformer.h": L}, "t5": {"encoder.block": 2, "decoder.block": 3}}[family]
+    assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == {
+        f"base_model.model.{stack}.{i}.{module}.{name}" for stack, layers in stacks.items() for i in range(layers)
+        for module in KINDS["houlsby"] for name in ("down.weight", "down.bias", "up.weight", "up.bias")}
+    loaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    want, got = T.flatten(adapted), T.flatten(loaded)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    with pytest.raises(jpeft.JpeftError, match="cannot be merged"):
+        jpeft.merge(adapted)

@@ -1,4 +1,5 @@
-"""`jpeft train` on each family beyond Llama: a few steps lower the loss, and the result exports."""
+"""`jpeft train` on each family beyond Llama: a few steps lower the loss, and the result exports; a method a
+family cannot take is refused, saying why."""
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
@@ -8,18 +9,27 @@ from conftest import FAMILIES, GPT2, make_hf_model, read_metrics, run_config, sa
 from jpeft.train import trainer
 
 
+GPT2_OPTIONS = {"lora": ("method.targets=[c_attn,c_proj,c_fc]",), "prompt": ("method.num_virtual_tokens=4",),
+                "prefix": ("method.num_virtual_tokens=4",), "bottleneck": ("method.size=8",)}
+
+
 @pytest.mark.parametrize("family,method,lr", [("qwen3", "lora", 1e-1), ("gemma2", "full", 3e-2),
                                               ("gemma3_text", "full", 3e-2), ("gpt2", "lora", 3e-1),
-                                              ("gpt2", "full", 1e-2)])
+                                              ("gpt2", "full", 1e-2), ("gpt2", "prompt", 3e-1),
+                                              ("gpt2", "prefix", 1.0), ("gpt2", "bottleneck", 3e-2)])
 def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method, lr):
+    """... and the export loads: in jpeft with other logits than the base's, and a GPT-2 prompt or prefix
+    adapter in PeftModel with jpeft's logits."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
-    base = save_hf_model(make_hf_model(family, **{**FAMILIES, "gpt2": GPT2}[family], vocab_size=len(tokenizer),
+    # Virtual tokens act only through attention, which GPT-2's N(0, 0.02²) init all but mutes: weights N(0, 0.2²).
+    sizes = {**FAMILIES, "gpt2": {**GPT2, **({"initializer_range": 0.2} if method in ("prompt", "prefix") else {})}}
+    base = save_hf_model(make_hf_model(family, **sizes[family], vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
                          tmp_path / "base")
     tokenizer.save_pretrained(base)
-    targets = ["method.targets=[c_attn,c_proj,c_fc]"] if family == "gpt2" else []
-    trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", f"method.name={method}", *targets,
+    options = GPT2_OPTIONS.get(method, ()) if family == "gpt2" else ()
+    trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", f"method.name={method}", *options,
                              f"train.lr={lr}",
                              "train.steps=8"), progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
@@ -28,20 +38,44 @@ def test_a_few_steps_lower_the_loss(tiny_run, tmp_path, family, method, lr):
     tuned = (jpeft.from_pretrained(str(tmp_path / "run" / "model"))[1] if method == "full"
              else jpeft.load_adapter(str(tmp_path / "run" / "adapter"), params))
     ids = np.arange(1, 20)[None]
-    assert np.abs(np.asarray(model.apply({"params": tuned}, ids) - model.apply({"params": params}, ids))).max() > 1e-3
+    logits = np.asarray(model.apply({"params": tuned}, ids))
+    assert np.abs(logits - np.asarray(model.apply({"params": params}, ids))).max() > 1e-3
+    if method in ("prompt", "prefix"):
+        import peft
+        import torch
+        from transformers import AutoModelForCausalLM
+        peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                    str(tmp_path / "run" / "adapter")).eval()
+        with torch.no_grad():
+            theirs = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+        np.testing.assert_allclose(logits, theirs[:, -ids.shape[1]:], atol=2e-4, rtol=0)
+
+
+def test_llama_adapter_is_refused_on_gpt2_saying_why(tiny_run, tmp_path):
+    """GPT-2 has no attention_output insertion point: LLaMA-Adapter is refused before any training."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    base = save_hf_model(make_hf_model("gpt2", **GPT2, vocab_size=len(tokenizer), max_position_embeddings=512),
+                         tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    with pytest.raises(jpeft.ConfigError, match="llama_adapter.*attention_output insertion point.*gpt2 models do "
+                                                "not have.*Llama-like families only.*GPT-2 variant"):
+        trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", "method.name=llama_adapter"),
+                      progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 T5_RUNS = {"full": ("method.targets=[q,v,wi_0,wo]", "train.lr=1e-2"),
            "lora": ("method.targets=[q,v,wi_0,wo]", "train.lr=5e-2"),
            "prompt": ("method.num_virtual_tokens=4", "train.lr=3e-1"),  # a soft prompt before the encoder input
-           "prefix": ("method.num_virtual_tokens=4", "train.lr=1e-1")}  # keys/values in the decoder's self-attention
+           "prefix": ("method.num_virtual_tokens=4", "train.lr=1e-1"),  # keys/values in the decoder's self-attention
+           "bottleneck": ("method.size=8", "train.lr=3e-2")}  # after self-attention and FF, both stacks
 
 
 @pytest.mark.parametrize("method", T5_RUNS)
 def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
     """Prompt into the encoder, loss on the decoder's target tokens: the loss falls, eval generates,
-    and the export loads (a prefix adapter in PEFT too, with jpeft's logits); methods T5 has no
-    insertion points for are refused, naming why."""
+    and the export loads (a prefix adapter in PEFT too, with jpeft's logits); LLaMA-Adapter, which
+    needs an insertion point T5 lacks, is refused, saying why."""
     from conftest import make_t5
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     _, base = make_t5(tmp_path / "base", "flan-t5", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -69,7 +103,8 @@ def test_t5_trains_as_seq2seq(tiny_run, tmp_path, method):
         with torch.no_grad():
             theirs = peft_model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(ids[:, :5])).logits
         np.testing.assert_allclose(logits, theirs.numpy(), atol=2e-4, rtol=0)
-    with pytest.raises(jpeft.ConfigError, match="llama_adapter.*attention_output insertion point"):
+    with pytest.raises(jpeft.ConfigError, match="llama_adapter.*attention_output insertion point.*PEFT has no "
+                                                "adaption prompt for T5"):
         trainer.train(run_config(run, tmp_path / "gates", "method.name=llama_adapter"), progress=False)
 
 
