@@ -24,10 +24,10 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 8
     run, out, specs = json.loads({run!r}), {out!r}, {{}}
     real = trainer.make_train_step
-    def spy(model, optimizer, seed, dropout, shardings):
+    def spy(model, optimizer, seed, dropout, shardings, **options):
         leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
         specs[current] = {{jax.tree_util.keystr(path): str(s.spec) for path, s in leaves}}
-        return real(model, optimizer, seed, dropout, shardings)
+        return real(model, optimizer, seed, dropout, shardings, **options)
     trainer.make_train_step = spy
     losses = {{}}
     for current, extra in json.loads({runs!r}).items():
