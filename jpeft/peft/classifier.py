@@ -112,7 +112,13 @@ def is_head_leaf(path: str) -> bool:
 
 
 def hidden_size(params) -> int:
-    return int(np.shape(params["model"]["norm"]["scale"])[-1])
+    """The width of the features the head reads: the Llama-like decoder's final norm."""
+    norm = params.get("model", {}).get("norm", {}).get("scale")
+    if norm is None:
+        raise JpeftError("the classifier reads the last features of a Llama-like decoder (Llama, Mistral, Qwen, "
+                         "Gemma); this model is another family (GPT-2 or T5), for which jpeft has no classifier head "
+                         "yet: fine-tune it to generate the label text instead (data.prompt + data.target)")
+    return int(np.shape(norm)[-1])
 
 
 def pool(hidden, attention_mask, pooling=None):

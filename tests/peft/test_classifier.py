@@ -279,3 +279,13 @@ def test_config_lora_options_nested_or_dotted_and_errors(toy, tmp_path):
         load_config(None, ["method.name=classifier", "data.train=x.jsonl", "data.text=text"])
     with pytest.raises(jpeft.DataError, match="no label column 'sentiment' \\(data.label\\); columns are: text, label"):
         trainer.train(toy_config(toy, tmp_path / "out", "data.label=sentiment"), progress=False)
+
+
+def test_families_without_a_classifier_head_are_refused_clearly():
+    from jpeft.models.config import ModelConfig
+    from jpeft.models.hf import build
+    from jpeft.models.llama import init_params
+    gpt2 = build(ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=32, n_embd=16, n_layer=1, n_head=2,
+                                          n_positions=16)))
+    with pytest.raises(jpeft.JpeftError, match="reads the last features of a Llama-like decoder.*GPT-2 or T5"):
+        jpeft.Classifier(num_labels=2).init(jax.random.key(0), init_params(gpt2, jax.random.key(0)))
