@@ -7,7 +7,8 @@ written untransposed (`jpeft.peft.base.CONV1D`); PEFT adapts them with `fan_in_f
 Virtual tokens go where PEFT's CAUSAL_LM methods put them (peft 0.21, transformers 5): a soft prompt is
 prepended to the input embeddings, so GPT-2 adds its learned positions 0..n-1 to the prompt and n.. to
 the real tokens; a prefix is passed as n past keys/values, so the real tokens' positions start at n and
-the prefix itself has none (its keys and values are per head, after c_attn's split).
+the prefix itself has none (its keys and values are per head, after c_attn's split). LLaMA-Adapter's
+gated prompt attention joins c_proj's output (`attention_output`), as PEFT's GPT-2 adaption prompt adds it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class Attention(nn.Module):
             cache_kv, k, v = L.cached(cache_kv, k, v, layer, index)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
                        None if cache_kv is not None else k.shape[1] - t)
-        return L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1)), cache_kv
+        out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))
+        return sites.attention_output(L.module_leaves(self), q, out), cache_kv
 
 
 class MLP(nn.Module):
@@ -81,8 +83,7 @@ class GPT2(nn.Module):
     """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (virtual tokens
     included); the head is the token embedding, tied."""
     config: ModelConfig
-    # No LLaMA-Adapter gates: GPT-2 calls no attention_output point (see LlamaAdapter.scope).
-    insertion_points = tuple(hook for hook in sites.HOOKS if hook != "attention_output")
+    insertion_points = sites.HOOKS
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):

@@ -1,13 +1,18 @@
 """LLaMA-Adapter (Zhang et al. 2023; PEFT's "adaption prompt"): learned prompts in the top layers,
 read through a zero-initialised gate, so the model is unchanged at init.
 
-In each adapted layer a prompt P [adapter_len, D] goes through the layer's own k_proj and
-v_proj (no RoPE); the queries attend to those keys in a softmax of their own, the result is
-scaled by the layer's gate and passed through o_proj, and added to the attention output:
+In each adapted layer a prompt P [adapter_len, D] goes through the layer's own key and value
+projections (no RoPE); the queries attend to those keys in a softmax of their own, and the result,
+scaled by the layer's gate, is added to the attention output. Where the prompt goes is PEFT's
+per-model table (TRANSFORMERS_MODEL_CONFIG in peft/tuners/adaption_prompt/config.py):
 
-    out = attention(x) + o_proj(gate · softmax(q·k_proj(P)ᵀ / √d) · v_proj(P))
+    Llama, Mistral (and jpeft's other Llama-like families):
+        out = o_proj(attention(x)) + o_proj(gate · softmax(q·k_proj(P)ᵀ / √d) · v_proj(P))
+    GPT-2 (model_type gpt2):
+        out = c_proj(attention(x)) + gate · softmax(q·kᵀ / √d) · v,   (_, k, v) = split(c_attn(P))
 
-as PEFT computes it (o_proj's bias, where there is one, is applied to both terms). Leaves
+so on GPT-2 the prompt's keys and values carry c_attn's bias, and the gated result does not pass
+through c_proj (o_proj's bias, on a Llama-like family that has one, is applied to both terms). Leaves
 beside each attention module: `adaption_prompt` [layers, len, D], `adaption_gate` [layers, 1]
 (trained) and `adaption_layers` [layers] (1 where a layer is adapted: the stack is scanned,
 so the lower layers carry unused zeros-gated leaves that get no gradient and are not counted
@@ -30,10 +35,9 @@ class LlamaAdapter(Method):
     trainable = ("adaption_prompt", "adaption_gate")
     metadata = ("adaption_layers",)
     axes = {"adaption_prompt": ("lead", None, "embed"), "adaption_gate": ("lead", None), "adaption_layers": ("lead",)}
-    scope = ("jpeft has LLaMA-Adapter for the Llama-like families only, as PEFT's adaption prompt computes it for "
-             "llama and mistral: a prompt through the layer's own k_proj, v_proj and o_proj beside its RoPE'd "
-             "queries; PEFT has no adaption prompt for T5, and its GPT-2 variant (the prompt through the fused "
-             "c_attn, added after c_proj) is not implemented")
+    scope = ("LLaMA-Adapter adds a gated prompt attention to a decoder layer's attention output, as PEFT's adaption "
+             "prompt does for llama, mistral and gpt2 and jpeft for its Llama-like families and GPT-2; PEFT has no "
+             "adaption prompt for T5")
 
     def __init__(self, adapter_len: int = 10, adapter_layers: int | None = None):
         if adapter_len < 1 or (adapter_layers is not None and adapter_layers < 1):
@@ -48,7 +52,7 @@ class LlamaAdapter(Method):
         """Prompts N(0, 1) and gates 0, as PEFT's; only the top `adapter_layers` layers adapted."""
         grouped = T.modules(params)
         attention = attention_modules(grouped)
-        if not all(f"{path}/k_proj" in grouped for path in attention):
+        if not all(any(f"{path}/{p}" in grouped for p in PROMPT_KEYS) for path in attention):
             raise JpeftError(f"LLaMA-Adapter cannot adapt this model: {self.scope}")
         for (path, (lead, dim, _)), k in zip(attention.items(), jax.random.split(key, len(attention))):
             layers = lead[0] if lead else 1
@@ -65,22 +69,38 @@ class LlamaAdapter(Method):
     def attention_output(leaves, q, out):
         from jpeft.peft import sites  # the prompt goes through the layer's own projections (sites imports us)
         b, t, heads, dim = q.shape
-        prompt = leaves["adaption_prompt"].astype(q.dtype)
-        k = sites.dense(leaves["k_proj"], prompt)
-        v = sites.dense(leaves["v_proj"], prompt)
+        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype))
         kv = k.shape[-1] // dim
         k, v = (a.reshape(a.shape[0], kv, dim) for a in (k, v))
         q = q.reshape(b, t, kv, heads // kv, dim)
         scores = jnp.einsum("btkgd,skd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(dim)
         probs = (leaves["adaption_gate"].astype(jnp.float32) * jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
         gated = jnp.einsum("bkgts,skd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
-        delta = sites.dense(leaves["o_proj"], gated.reshape(b, t, heads * dim))
+        delta = gated.reshape(b, t, heads * dim)
+        if output is not None:
+            delta = sites.dense(leaves[output], delta)
         return out + (leaves["adaption_layers"] * delta).astype(out.dtype)
 
     @classmethod
     def count(cls, leaves: dict, name: str) -> int:
         adapted = np.asarray(leaves["adaption_layers"])
         return int(np.size(leaves[name]) // max(adapted.size, 1) * adapted.sum())
+
+
+# PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the
+# projection the gated result passes through). GPT-2's fused c_attn gives keys and values both; no projection follows.
+PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None)}
+
+
+def _through_attention(leaves: dict, prompt):
+    """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
+    from jpeft.peft import sites
+    key_proj = next(p for p in PROMPT_KEYS if p in leaves)
+    value_proj, output = PROMPT_KEYS[key_proj]
+    if key_proj == value_proj:  # fused q/k/v: the key and value thirds
+        _, k, v = jnp.split(sites.dense(leaves[key_proj], prompt), 3, axis=-1)
+        return k, v, output
+    return sites.dense(leaves[key_proj], prompt), sites.dense(leaves[value_proj], prompt), output
 
 
 def _adapted(path: str, leaves: dict):
@@ -94,16 +114,18 @@ def _adapted(path: str, leaves: dict):
 
 def to_peft(modules: dict) -> tuple[dict, dict]:
     """PEFT's per-layer `adaption_prompt` [1, len, D] and `adaption_gate` [1] of the adapted layers."""
-    tensors, lengths, counts = {}, set(), set()
+    tensors, lengths, counts, names = {}, set(), set(), set()
     for path, leaves in modules.items():
+        names.add(path.rpartition("/")[2])  # PEFT's target_modules: the attention module's name (self_attn, attn)
         layers, prompt, gate = _adapted(path, leaves)
         for i, name in layers:
             tensors[f"{name}.adaption_prompt"], tensors[f"{name}.adaption_gate"] = prompt[i][None], gate[i]
         lengths.add(prompt.shape[1])
         counts.add(len(layers))
-    if len(lengths) != 1 or len(counts) != 1:
-        raise AdapterError("PEFT's adaption prompt has one adapter_len and adapter_layers for the whole model")
-    return tensors, {"adapter_len": lengths.pop(), "adapter_layers": counts.pop(), "target_modules": "self_attn"}
+    if len(lengths) != 1 or len(counts) != 1 or len(names) != 1:
+        raise AdapterError("PEFT's adaption prompt has one adapter_len, adapter_layers and target module for the "
+                           "whole model")
+    return tensors, {"adapter_len": lengths.pop(), "adapter_layers": counts.pop(), "target_modules": names.pop()}
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

@@ -135,12 +135,18 @@ def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
     peft_model.save_pretrained(tmp_path / "adapter")
     model, params = jpeft.from_pretrained(base)
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    assert_greedy_as_peft(model, params, adapted, peft_model)
+
+
+def assert_greedy_as_peft(model, params, adapted, peft_model, steps: int = 10):
+    """jpeft's greedy tokens for a full and a shorter (left-padded) prompt are those of greedy decoding through
+    PeftModel's forward pass on each prompt alone, and differ from the base's."""
     prompts = [IDS[0].tolist(), IDS[1, 3:].tolist()]
-    got = generate(model, adapted, prompts, max_new_tokens=10, eos_token_id=None)
+    got = generate(model, adapted, prompts, max_new_tokens=steps, eos_token_id=None)
     for prompt, tokens in zip(prompts, got):
         sequence = list(prompt)
         with torch.no_grad():
-            for _ in range(10):
+            for _ in range(steps):
                 sequence.append(int(peft_model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
         assert tokens == sequence[len(prompt):]
-    assert got != generate(model, params, prompts, max_new_tokens=10, eos_token_id=None)  # the adapter matters
+    assert got != generate(model, params, prompts, max_new_tokens=steps, eos_token_id=None)  # the adapter matters
