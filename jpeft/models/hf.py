@@ -31,7 +31,7 @@ from jpeft.peft.classifier import hf_tree
 CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-                "gemma2": "Gemma2", "gemma3_text": "Gemma3Text"}  # + ForSequenceClassification
+                "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

@@ -3,8 +3,8 @@
     logits = score(pool(hidden))                  linear head (HF's `score`, no bias)
     logits = score(tanh(score_hidden(pool(hidden))))   MLP head (`hidden` units, with biases)
 
-`pool` is the hidden state of each row's last attended token ("last": HF's
-LlamaForSequenceClassification reads the last non-pad token, the same token whether the rows
+`pool` is the hidden state of each row's last attended token ("last": HF's Llama and GPT-2
+*ForSequenceClassification read the last non-pad token, the same token whether the rows
 are padded on the right or the left) or the masked mean over tokens ("mean"). The head is
 whole top-level modules beside the base (`score`, `score_hidden`), named as in HF, so a linear
 head is HF's `score.weight`; the LM head is dropped, as HF's classifier has none. The pooling
@@ -111,14 +111,25 @@ def is_head_leaf(path: str) -> bool:
     return path.split("/", 1)[0] in Classifier.heads and T.leaf_name(path) not in Classifier.metadata
 
 
+# The final norm of each decoder family's tree, by the tree's top-level module (Llama-like: `model`, GPT-2:
+# `transformer`, as HF's *ForSequenceClassification name the base): the head pools what it outputs.
+FINAL_NORMS = {"model": "norm", "transformer": "ln_f"}
+
+
 def hidden_size(params) -> int:
-    """The width of the features the head reads: the Llama-like decoder's final norm."""
-    norm = params.get("model", {}).get("norm", {}).get("scale")
-    if norm is None:
-        raise JpeftError("the classifier reads the last features of a Llama-like decoder (Llama, Mistral, Qwen, "
-                         "Gemma); this model is another family (GPT-2 or T5), for which jpeft has no classifier head "
-                         "yet: fine-tune it to generate the label text instead (data.prompt + data.target)")
-    return int(np.shape(norm)[-1])
+    """The width of the features the head reads: the decoder's final norm's."""
+    for top, norm in FINAL_NORMS.items():
+        scale = params.get(top, {}).get(norm, {}).get("scale")
+        if scale is not None:
+            return int(np.shape(scale)[-1])
+    if {"encoder", "decoder"} <= set(params):
+        raise JpeftError("jpeft has no classification head for encoder-decoders (T5): HF's T5ForSequenceClassification "
+                         "runs the decoder over the shifted input and reads its last EOS token through a dense-tanh "
+                         "head of its own, which jpeft does not implement; fine-tune T5 to generate the label text "
+                         "instead (data.prompt + data.target)")
+    norms = ", ".join(f"{top}/{norm}" for top, norm in FINAL_NORMS.items())
+    raise JpeftError(f"the classifier reads a decoder's final norm ({norms}), which this parameter tree does not "
+                     "have; pass the tree jpeft.from_pretrained returns")
 
 
 def pool(hidden, attention_mask, pooling=None):

@@ -17,13 +17,23 @@ from jpeft.cli import main
 from jpeft.config import load_config
 from jpeft.data import check_last_not_pad, label_ids, label_names, tokenize_classification
 from jpeft.evaluate import classification_metrics
-from jpeft.peft.classifier import pool
+from jpeft.peft.classifier import pool, split_head
 from jpeft.train import trainer
-from conftest import WORDS, make_hf_model, make_tokenizer, save_hf_model
+from conftest import GPT2, WORDS, make_hf_model, make_tokenizer, save_hf_model
 from test_peft_parity import perturb
 
 LORA = {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
 VOCAB = list(dict.fromkeys(WORDS))
+# Each decoder family with a classifier: its tiny checkpoint's overrides, its toy fixture, the linear head's
+# learning rate and the held-out accuracy it reaches on the toy task, the targets of the LoRA jpeft trains under
+# the head and of one PyTorch PEFT writes, the class transformers loads the export as, and the base's top-level
+# module in it. GPT-2's random features are harder to read (its learned positions are as large as its token
+# embeddings): weights N(0, 0.2²) and a larger rate take its head to 0.9 in the same 80 steps.
+FAMILIES = {"llama": dict(sizes={}, toy="toy", lr=5e-2, accuracy=0.95, lora=["q_proj", "v_proj"],
+                          peft_lora=["k_proj"], architecture="LlamaForSequenceClassification", body="model"),
+            "gpt2": dict(sizes={**GPT2, "initializer_range": 0.2}, toy="gpt2_toy", lr=5e-1, accuracy=0.9,
+                         lora=["c_attn", "c_fc"], peft_lora=["c_proj"], architecture="GPT2ForSequenceClassification",
+                         body="transformer")}
 
 
 def toy_rows(n: int, seed: int) -> list[dict]:
@@ -42,19 +52,27 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """A tiny Llama with a word-level tokenizer, and train/eval files of the toy task."""
-    root = tmp_path_factory.mktemp("classifier")
+def make_toy(root, family: str = "llama") -> dict:
+    """A tiny model of the family with a word-level tokenizer, and train/eval files of the toy task."""
     tokenizer = make_tokenizer()
-    base = save_hf_model(make_hf_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-                         root / "base")
+    base = save_hf_model(make_hf_model(family, **FAMILIES[family]["sizes"], vocab_size=len(tokenizer),
+                                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                       eos_token_id=tokenizer.eos_token_id), root / "base")
     tokenizer.save_pretrained(base)
     train_rows = toy_rows(128, seed=0)
     assert train_rows[0]["label"] == "pos"  # so "neg" = 0 shows the sorted order, not the first seen
     return {"root": root, "base": base, "tokenizer": tokenizer, "train": write_jsonl(root / "train.jsonl", train_rows),
-            "eval": write_jsonl(root / "eval.jsonl", toy_rows(32, seed=1))}
+            "eval": write_jsonl(root / "eval.jsonl", toy_rows(32, seed=1)), "family": family}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("classifier_gpt2"), "gpt2")
 
 
 def toy_config(toy, out, *extra):
@@ -64,11 +82,12 @@ def toy_config(toy, out, *extra):
                               f"out_dir={out}", *extra])
 
 
-@pytest.fixture(scope="module")
-def trained(toy):
-    """A linear head trained alone (exported as an HF model dir), and its final metrics."""
+@pytest.fixture(scope="module", params=FAMILIES)
+def trained(request):
+    """A linear head trained alone on each family (exported as an HF model dir): its toy, out dir and final metrics."""
+    toy = request.getfixturevalue(FAMILIES[request.param]["toy"])
     out = toy["root"] / "run"
-    return out, trainer.train(toy_config(toy, out), progress=False)
+    return toy, out, trainer.train(toy_config(toy, out, f"train.lr={FAMILIES[request.param]['lr']}"), progress=False)
 
 
 def padded(tokenizer, texts, side="right"):
@@ -81,18 +100,21 @@ def hf_logits(model, ids, mask):
         return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
 
-def test_head_trains_with_the_base_frozen_and_exports_an_hf_classifier(toy, trained):
-    """The head alone learns the toy task; the export is transformers' own classifier, with the base untouched."""
-    out, record = trained
-    assert record["eval_accuracy"] >= 0.95 and {"eval_loss", "eval_macro_f1"} <= record.keys()
+def test_head_trains_with_the_base_frozen_and_exports_an_hf_classifier(trained):
+    """The head alone learns the toy task; the export is transformers' own classifier (Llama's or GPT-2's), with
+    the base untouched."""
+    toy, out, record = trained
+    assert record["eval_accuracy"] >= FAMILIES[toy["family"]]["accuracy"]
+    assert {"eval_loss", "eval_macro_f1"} <= record.keys()
     config = json.loads((out / "model" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["architectures"] == [FAMILIES[toy["family"]]["architecture"]]
     assert config["id2label"] == {"0": "neg", "1": "pos"} and config["pad_token_id"] == toy["tokenizer"].pad_token_id
     model, params = jpeft.from_pretrained(str(out / "model"))
     _, base = jpeft.from_pretrained(toy["base"])
-    assert set(params) == {"model", "score"}  # HF's classifier: no LM head
-    for path, value in T.flatten(base["model"]).items():
-        np.testing.assert_array_equal(np.asarray(T.flatten(params["model"])[path]), np.asarray(value), err_msg=path)
+    body = FAMILIES[toy["family"]]["body"]
+    assert set(params) == {body, "score"}  # HF's classifier: no LM head
+    for path, value in T.flatten(base[body]).items():
+        np.testing.assert_array_equal(np.asarray(T.flatten(params[body])[path]), np.asarray(value), err_msg=path)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model", dtype=torch.float32).eval()
     texts = ["cat sat on mat", "hello world it is sunny today we go out", "dog ran"]
     for side in ("right", "left"):  # HF's last non-pad token is jpeft's last attended one either way
@@ -101,13 +123,14 @@ def test_head_trains_with_the_base_frozen_and_exports_an_hf_classifier(toy, trai
                                    atol=2e-4, rtol=0)
 
 
-def test_jpeft_eval_scores_a_classifier_as_computed_by_hand(toy, trained, tmp_path, capsys):
+def test_jpeft_eval_scores_a_classifier_as_computed_by_hand(trained, tmp_path, capsys):
     """`jpeft eval --label` agrees with accuracy/macro-F1 computed from transformers' predictions."""
+    toy = trained[0]
     rows = toy_rows(24, seed=2)
     for row in rows[:5]:  # wrong labels, so both classes have errors to score
         row["label"] = "pos" if row["label"] == "neg" else "neg"
     data = write_jsonl(tmp_path / "test.jsonl", rows)
-    out = trained[0] / "model"
+    out = trained[1] / "model"
     assert main(["eval", "--model", str(out), "--data", data, "--prompt", "{text}", "--label", "label"]) == 0
     result = json.loads(capsys.readouterr().out)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
@@ -123,10 +146,12 @@ def test_jpeft_eval_scores_a_classifier_as_computed_by_hand(toy, trained, tmp_pa
     assert "row 8: label 'bird' is not one of the classifier's 2 classes (neg, pos)" in capsys.readouterr().err
 
 
-def test_lora_run_exports_a_peft_dir_that_hf_loads_with_its_classifier_json(toy, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_run_exports_a_peft_dir_that_hf_loads_with_its_classifier_json(family, request, tmp_path):
     """A LoRA + head run's adapter dir is all PEFT needs: classifier.json holds the from_pretrained kwargs."""
+    toy = request.getfixturevalue(FAMILIES[family]["toy"])
     trainer.train(toy_config(toy, tmp_path, "train.steps=3", "method.lora.rank=4", "method.lora.dropout=0.1",
-                             "method.lora.targets=[q_proj,v_proj]"), progress=False)
+                             f"method.lora.targets=[{','.join(FAMILIES[family]['lora'])}]"), progress=False)
     adapter = tmp_path / "adapter"
     kwargs = json.loads((adapter / "classifier.json").read_text())
     assert kwargs["id2label"] == {"0": "neg", "1": "pos"} and not (tmp_path / "model").exists()
@@ -144,11 +169,11 @@ def test_macro_f1_averages_the_classes_seen_in_labels_or_predictions():
     assert scores == {"accuracy": pytest.approx(0.6), "macro_f1": pytest.approx(1.3 / 3), "n": 5}
 
 
-@pytest.fixture
-def base(tiny_llama):
-    """(torch model, checkpoint dir, jpeft model, params) of a tiny Llama; pad id 0 for HF's pooling."""
-    torch_model, path = tiny_llama
-    return (torch_model, path, *jpeft.from_pretrained(path))
+@pytest.fixture(params=FAMILIES)
+def base(request, tmp_path):
+    """(family, checkpoint dir, jpeft model, params) of a tiny model of each family; pad id 0 for HF's pooling."""
+    path = save_hf_model(make_hf_model(request.param, **FAMILIES[request.param]["sizes"]), tmp_path / "base")
+    return (request.param, path, *jpeft.from_pretrained(path))
 
 
 IDS = np.random.RandomState(0).randint(1, 97, (3, 9))
@@ -163,8 +188,9 @@ def hf_classifier(path, num_labels):
 
 def test_lora_head_saves_as_peft_seq_cls_and_loads_both_ways(base, tmp_path):
     """PEFT's SEQ_CLS layout (head as modules_to_save) both ways; any other modules_to_save stays refused."""
-    _, path, model, params = base
-    trained = perturb(jpeft.Classifier(3, lora=LORA).init(jax.random.key(0), params), ("lora_b",), jax.random.key(1))
+    family, path, model, params = base
+    lora = {**LORA, "targets": FAMILIES[family]["lora"]}
+    trained = perturb(jpeft.Classifier(3, lora=lora).init(jax.random.key(0), params), ("lora_b",), jax.random.key(1))
     logits = np.asarray(jpeft.classify(model, trained, IDS_PADDED, MASK))
     jpeft.save_adapter(str(tmp_path / "adapter"), trained)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -175,7 +201,7 @@ def test_lora_head_saves_as_peft_seq_cls_and_loads_both_ways(base, tmp_path):
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, reloaded, IDS_PADDED, MASK)), logits, atol=1e-6)
     # ... and a directory PEFT itself wrote
     written = peft.get_peft_model(hf_classifier(path, 3), peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
-                                                                          target_modules=["k_proj"],
+                                                                          target_modules=FAMILIES[family]["peft_lora"],
                                                                           init_lora_weights=False)).eval()
     written.save_pretrained(tmp_path / "peft")
     from_peft = jpeft.load_adapter(str(tmp_path / "peft"), params)
@@ -203,9 +229,10 @@ def by_hand(model, params, options):
 @pytest.mark.parametrize("options, reason", [({"pooling": "mean"}, "mean pooling"), ({"hidden": 8}, "an MLP head")])
 def test_heads_hf_lacks_use_jpeft_dirs_and_hf_export_says_why(base, tmp_path, options, reason):
     """Mean pooling and MLP heads compute what they claim, round-trip through jpeft's dir, and HF export refuses."""
-    _, _, model, params = base
-    trained = perturb(jpeft.Classifier(3, lora=LORA, **options).init(jax.random.key(0), params), ("lora_b", "bias"),
-                      jax.random.key(1))
+    family, _, model, params = base
+    lora = {**LORA, "targets": FAMILIES[family]["lora"]}
+    body, head = split_head(jpeft.Classifier(3, lora=lora, **options).init(jax.random.key(0), params))
+    trained = {**perturb(body, ("lora_b",), jax.random.key(1)), **perturb(head, ("bias",), jax.random.key(2))}
     logits = np.asarray(jpeft.classify(model, trained, IDS_PADDED, MASK))
     np.testing.assert_allclose(logits, by_hand(model, trained, options), atol=1e-5)
     jpeft.save_adapter(str(tmp_path / "adapter"), trained)
@@ -224,9 +251,10 @@ def test_pooling_reads_the_last_attended_token_or_the_masked_mean():
     np.testing.assert_allclose(pool(hidden, mask, np.int32(1)), [hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
 
 
-def test_counts_are_the_head_plus_lora_as_peft_counts(base):
+def test_counts_are_the_head_plus_lora_as_peft_counts(tiny_llama):
     """The head counts (and trains by default) without any base kernel; with LoRA, PEFT's own number."""
-    _, path, _, params = base
+    _, path = tiny_llama
+    params = jpeft.from_pretrained(path)[1]
     d = 32
     total = jpeft.count_parameters(params)[1] - 97 * d  # the base without its LM head
     for options, head in (({}, d * 3), ({"hidden": 16}, d * 16 + 16 + 16 * 3 + 3)):
@@ -281,11 +309,19 @@ def test_config_lora_options_nested_or_dotted_and_errors(toy, tmp_path):
         trainer.train(toy_config(toy, tmp_path / "out", "data.label=sentiment"), progress=False)
 
 
-def test_families_without_a_classifier_head_are_refused_clearly():
-    from jpeft.models.config import ModelConfig
-    from jpeft.models.hf import build
-    from jpeft.models.llama import init_params
-    gpt2 = build(ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=32, n_embd=16, n_layer=1, n_head=2,
-                                          n_positions=16)))
-    with pytest.raises(jpeft.JpeftError, match="reads the last features of a Llama-like decoder.*GPT-2 or T5"):
-        jpeft.Classifier(num_labels=2).init(jax.random.key(0), init_params(gpt2, jax.random.key(0)))
+def test_t5_is_refused_saying_why(tmp_path):
+    """HF's T5 classifier reads the decoder's last EOS through a head of its own: jpeft says it has none, and
+    `jpeft train` refuses a label column on T5 before any work."""
+    from conftest import make_t5
+    tokenizer = make_tokenizer()
+    _, path = make_t5(tmp_path / "t5", vocab_size=len(tokenizer), pad_token_id=0, decoder_start_token_id=0)
+    with pytest.raises(jpeft.JpeftError, match="no classification head for encoder-decoders \\(T5\\).*"
+                                               "T5ForSequenceClassification.*generate the label text"):
+        jpeft.Classifier(num_labels=2).init(jax.random.key(0), jpeft.from_pretrained(path)[1])
+    tokenizer.save_pretrained(path)
+    toy = {"base": path, "train": write_jsonl(tmp_path / "train.jsonl", toy_rows(8, 0)),
+           "eval": write_jsonl(tmp_path / "eval.jsonl", toy_rows(4, 1))}
+    with pytest.raises(jpeft.ConfigError, match="t5 is an encoder-decoder: train it on data.prompt / data.target "
+                                                "rows, not data.text, data.label"):
+        trainer.train(toy_config(toy, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
