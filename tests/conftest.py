@@ -2,11 +2,24 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+
+def _torch_one_thread():
+    """The PyTorch references run on one thread: their tiny ops are ~100x slower on two threads that
+    contend with each other and with JAX's (3 s instead of 0.03 s for a 12-token generate here)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def pytest_collection_finish(session):
+    _torch_one_thread()  # the test modules that use PyTorch have imported it by now
+
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -29,6 +42,7 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     import torch
     import transformers
 
+    _torch_one_thread()
     fields = {k: v for k, v in {**TINY, **overrides}.items() if not (v is None and k in TINY)}
     config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
@@ -56,6 +70,7 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
     import transformers
     from safetensors.numpy import load_file, save_file
 
+    _torch_one_thread()
     torch.manual_seed(seed)
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))
     with torch.no_grad():
