@@ -102,16 +102,30 @@ def train_steps(model, params, mask, steps=3):
     return T.combine(trainable, frozen)
 
 
+@pytest.fixture(scope="module")
+def train_once(base):
+    """name -> (the method's tree at init, a copy of its leaves taken before training, the tree after
+    `train_steps`): each method trained once, for every test here that reads the result."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            model, params = base
+            method = METHODS[name]()
+            adapted = method.init(jax.random.key(0), params)
+            if name == "prompt-tasks":  # one prompt per row
+                adapted = jpeft.select_task(adapted, [1, 0])
+            before = {p: np.array(v) for p, v in T.flatten(adapted).items()}  # a copy, taken before training
+            runs[name] = adapted, before, train_steps(model, adapted, method.mask(adapted))
+        return runs[name]
+    return get
+
+
 @pytest.mark.parametrize("name", METHODS)
-def test_training_changes_only_the_methods_leaves(base, name):
-    model, params = base
-    method = METHODS[name]()
-    adapted = method.init(jax.random.key(0), params)
-    if name == "prompt-tasks":  # one prompt per row
-        adapted = jpeft.select_task(adapted, [1, 0])
-    before = {p: np.array(v) for p, v in T.flatten(adapted).items()}  # a copy, taken before training
-    trained = T.flatten(train_steps(model, adapted, method.mask(adapted)))
-    mask = T.flatten(method.mask(adapted))
+def test_training_changes_only_the_methods_leaves(train_once, name):
+    adapted, before, after = train_once(name)
+    trained = T.flatten(after)
+    mask = T.flatten(METHODS[name]().mask(adapted))
     assert before.keys() == trained.keys()
     changed = {p for p in before if not np.array_equal(before[p], np.asarray(trained[p]))}
     assert changed and changed <= {p for p, m in mask.items() if m}
@@ -121,11 +135,9 @@ def test_training_changes_only_the_methods_leaves(base, name):
 
 
 @pytest.mark.parametrize("name", ["lora", "dora", "lora-layers", "lora-embed-head", "ia3"])
-def test_merged_equals_unmerged(base, name):
+def test_merged_equals_unmerged(base, train_once, name):
     model, params = base
-    method = METHODS[name]()
-    adapted = method.init(jax.random.key(0), params)
-    trained = train_steps(model, adapted, method.mask(adapted))
+    _, _, trained = train_once(name)
     unmerged = model.apply({"params": trained}, IDS)
     merged_params = jpeft.merge(trained)
     assert T.flatten(merged_params).keys() == T.flatten(params).keys()
@@ -174,12 +186,10 @@ def test_list_targets_are_not_regexes_but_a_string_is(base):
 
 
 @pytest.mark.parametrize("name", ["bitfit", "norm"])
-def test_methods_peft_lacks_round_trip_through_jpefts_adapter_dir(base, tmp_path, name):
-    model, params = base
-    method = METHODS[name]()
-    adapted = method.init(jax.random.key(0), params)
-    trained = train_steps(model, adapted, method.mask(adapted))
-    jpeft.save_adapter(str(tmp_path / "a"), trained, method=method)
+def test_methods_peft_lacks_round_trip_through_jpefts_adapter_dir(base, train_once, tmp_path, name):
+    _, params = base
+    _, _, trained = train_once(name)
+    jpeft.save_adapter(str(tmp_path / "a"), trained, method=METHODS[name]())
     loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
     flat, back = T.flatten(trained), T.flatten(loaded)
     assert flat.keys() == back.keys()
