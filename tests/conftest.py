@@ -21,6 +21,19 @@ def pytest_collection_finish(session):
     _torch_one_thread()  # the test modules that use PyTorch have imported it by now
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each test module ends by dropping JAX's compiled programs. Every executable a jit cache holds keeps
+    a few memory maps, and the suite compiles thousands: in one process they passed the kernel's limit
+    (vm.max_map_count, 65,530) and XLA crashed mid-compile with a segfault."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 # One tiny config per family beyond Llama/Mistral/Qwen2, with each family's own features switched on.
