@@ -9,6 +9,7 @@ import os
 
 from jpeft.errors import ConfigError
 
+
 def panels(records: list[dict]) -> dict[str, tuple[str, ...]]:
     """File name -> the metrics it plots: every loss (a mixture's per task too), lr, grad_norm, then the
     other eval_* metrics and the forgetting probes' relative changes where the run has them."""
