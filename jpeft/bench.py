@@ -33,8 +33,12 @@ MODES = ("lora", "full", "qlora")
 # Dense bf16 peak TFLOP/s per chip, by device_kind substring: the denominator of MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
                "TPU v6 lite": 918.0, "TPU v4": 275.0}
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20)}
+# glibc malloc for XLA on CPU: one arena; freed memory kept (no trim) instead of returned and re-faulted
+# every step; only blocks of >= 256 MiB (a step's temporaries) mmapped, so freeing them never leaves a
+# hole that smaller buffers split; transparent huge pages, so mapping them again costs ~500x fewer faults.
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+              "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20),
+              "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 # Each side's row fields: (tok/s and roofline prefix, first-step time, peak RSS, trainable, total).
 SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "trainable_params", "total_params"),
          "hf-peft": ("hf_peft", "hf_peft_first_step_s", "hf_peft_peak_rss_mb", "hf_peft_trainable_params",
