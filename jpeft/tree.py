@@ -86,6 +86,21 @@ def is_stacked(path: str) -> bool:
     return any(part in STACKS for part in path.split("/")[:-1])
 
 
+def unstack(tree: Tree) -> Tree:
+    """Each stack's layers as subtrees of their own: `model/layers/mlp/...` [L, ...] -> `model/layers/{i}/mlp/...`
+    (the layout `layers.Unrolled` reads)."""
+    flat = {}
+    for path, value in flatten(tree).items():
+        parts = path.split("/")
+        at = next((i for i, part in enumerate(parts[:-1]) if part in STACKS), None)
+        if at is None:
+            flat[path] = value
+            continue
+        for layer in range(value.shape[0]):
+            flat["/".join([*parts[:at + 1], str(layer), *parts[at + 1:]])] = value[layer]
+    return unflatten(flat)
+
+
 def modules(tree: Tree) -> dict[str, dict[str, Any]]:
     """{'model/layers/self_attn/q_proj': {'kernel': ..., 'lora_a': ...}}: leaves grouped by their module."""
     grouped: dict[str, dict[str, Any]] = {}

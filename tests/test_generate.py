@@ -1,14 +1,15 @@
 """KV-cache decoding against transformers' generate, EOS handling, sampling, errors."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
 import jpeft
-from conftest import make_hf_model, save_hf_model
+from conftest import make_hf_model, make_t5, save_hf_model
 from jpeft import tree as T
-from jpeft.generate import _decode, generate, generate_text
+from jpeft.generate import _decode, _prefill, generate, generate_text
 
 PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
 PAD, NEW = 0, 12
@@ -53,6 +54,39 @@ def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     assert generate(model, params, PROMPTS, NEW, eos_token_id=None) == unstopped
     eos = unstopped[1][4]  # a token greedy decoding emits, so stopping is exercised
     assert generate(model, params, PROMPTS, NEW, eos_token_id=eos) == hf_generate(ref_model, PROMPTS, NEW, eos)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2-mqa", "gpt2", "t5"])
+def test_unrolled_decoding_steps_equal_the_scanned_ones(family, tmp_path, monkeypatch):
+    """On CPU the decoding steps run the layers one by one over per-layer weights and caches; accelerators
+    run the scanned stack. Step by step both give the same logits, with a LoRA's stacked leaves and (T5)
+    the cross-attention cache."""
+    if family == "t5":
+        model, base = jpeft.from_pretrained(make_t5(tmp_path)[1])
+    else:
+        model_type, overrides = {"gemma2": ("gemma2", dict(head_dim=8, sliding_window=4, attn_logit_softcapping=1.0)),
+                                 "qwen2-mqa": ("qwen2", dict(num_key_value_heads=1)),
+                                 "gpt2": ("gpt2", dict(n_inner=64))}[family]
+        model, base = jpeft.from_pretrained(save_hf_model(make_hf_model(model_type, **SHARP, **overrides), tmp_path))
+    targets = {"gpt2": ["c_attn"], "t5": ["q", "v"]}.get(family, ["q_proj", "v_proj"])
+    params = jpeft.LoRA(rank=2, alpha=4, targets=targets).init(jax.random.key(0), base)
+    params = T.map_with_path(lambda p, x: x + 0.2 if T.leaf_name(p) == "lora_b" else x, params)
+    ids = jnp.asarray([[0, 0, 5, 17, 33], [12, 40, 3, 77, 9]], jnp.int32)
+    mask = (ids > 0).astype(jnp.int32).at[:, 2:].set(1)
+
+    def steps(backend):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        _, cache, advance = _prefill(model, params, ids, mask, 4)
+        tokens, out = ids[:, -1:], []
+        for step in range(1, 4):
+            logits, cache = advance(tokens, jnp.int32(step), cache)
+            tokens = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+            out.append(logits)
+        return np.stack(out)
+
+    unrolled, scanned = steps("cpu"), steps("gpu")
+    np.testing.assert_allclose(unrolled, scanned, atol=2e-5, rtol=0)
+    assert np.abs(unrolled[1:] - unrolled[:-1]).max() > 1e-2  # the steps differ: the cache is read
 
 
 def test_unmerged_lora_matches_merged_transformers(tiny, tmp_path):

@@ -72,6 +72,7 @@ class ModelConfig:
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
     remat: str = "none"             # none | full | dots
+    unrolled: bool = False          # layers one by one over per-layer params (`tree.unstack`): CPU decoding
     # The original config.json, written back on save (excluded from hashing).
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 

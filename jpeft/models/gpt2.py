@@ -30,8 +30,7 @@ class Attention(nn.Module):
         qkv = L.Dense(3 * cfg.hidden_size, ("embed", "heads"), True, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        if cache_kv is not None:
-            cache_kv, k, v = L.cached(cache_kv, k, v, layer, index)
+        cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, index)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
                        None if cache_kv is not None else k.shape[1] - t)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))

@@ -34,11 +34,41 @@ REMAT_POLICIES = {
 
 def scan_layers(block, cfg: ModelConfig, length: int):
     """`block` under nn.scan: its params stacked on a leading `layers` axis, compiled once whatever the
-    depth, carry in and out, context broadcast; rematerialised as `cfg.remat` says."""
+    depth, carry in and out, context broadcast; rematerialised as `cfg.remat` says. With `cfg.unrolled`
+    the same stack runs layer by layer over per-layer params (`Unrolled`)."""
+    if cfg.unrolled:
+        return lambda *args, name: Unrolled(block, args, length, name=name)
     if cfg.remat != "none":
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class Unrolled(nn.Module):
+    """A scanned stack's layers in turn, each over its own params (`{stack}/{i}/...`, `tree.unstack`) and,
+    where the carry's cache holds them (`unstack_cache`), its own keys/values arrays.
+
+    What decoding runs on CPU: inside a loop XLA:CPU copies a layer's slice out of a stacked weight (or
+    cache) before every matmul, every step (~40% of a decode step); per-layer arrays are read in place.
+    The carry is (x, cache, layer counter), as every family's stack has it.
+    """
+    block: type
+    args: tuple
+    length: int
+
+    @nn.compact
+    def __call__(self, carry, context):
+        x, cache, layer = carry
+        for i in range(self.length):
+            own = jax.tree.map(lambda rows: rows[i] if isinstance(rows, list) else rows, cache, is_leaf=_per_layer)
+            (x, own, layer), _ = self.block(*self.args, name=str(i))((x, own, layer), context)
+            cache = jax.tree.map(lambda rows, new: [*rows[:i], new, *rows[i + 1:]] if isinstance(rows, list) else new,
+                                 cache, own, is_leaf=_per_layer)
+        return (x, cache, layer), None
+
+
+def _per_layer(node) -> bool:
+    return isinstance(node, list)
 
 
 def module_leaves(module: nn.Module) -> dict:
@@ -215,20 +245,41 @@ def head_logits(head: dict, hidden, cap: float | None = None):
 
 
 def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty decoder KV cache: k/v [layers, batch, max_len, kv_heads, head_dim] (compute dtype by default),
-    each slot's segment id (0: empty), the write index."""
-    shape = (cfg.num_decoder_layers or cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """An empty decoder KV cache: k/v [layers, batch · kv_heads, max_len, head_dim] (as `attend` reads them;
+    compute dtype by default), each slot's segment id (0: empty), the write index."""
+    shape = (cfg.num_decoder_layers or cfg.num_layers, batch * cfg.num_kv_heads, max_len, cfg.head_dim)
     dtype = dtype or jnp.dtype(cfg.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
-def cached(cache_kv, k, v, layer, index):
-    """(cache, k, v): new keys/values [B, T, KV, D] written in place into the layer's rows of a stacked
-    [layers, B, slots, KV, D] cache at slot `index`, and all of that layer's slots read back."""
-    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0, 0))
+# The cache entries with a row per layer (a decoder's keys/values; an encoder-decoder's cross-attention ones).
+LAYER_ROWS = ("k", "v", "cross_k", "cross_v")
+
+
+def unstack_cache(cache: dict) -> dict:
+    """The cache for `Unrolled` layers: each per-layer entry a list of the layers' own arrays."""
+    return {name: list(c) if name in LAYER_ROWS else c for name, c in cache.items()}
+
+
+def layer_rows(c, layer):
+    """A layer's keys or values [B · KV, slots, D]: row `layer` of a stacked entry, or the layer's own array."""
+    return c if c.ndim == 3 else c[layer]
+
+
+def keys_values(cache_kv, k, v, layer, index):
+    """(cache, k, v): new keys/values [B, T, KV, D] as `attend` reads them ([B · KV, T, D]), or with a cache,
+    written in place into the layer's rows of it at slot `index` and all its slots read back.
+
+    A layer's own array is read as written (no reshape between the write and the matmul that reads it: XLA
+    would fuse the write into the reshape and copy the whole entry, every step)."""
+    k, v = (a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3]) for a in (k, v))
+    if cache_kv is None:
+        return None, k, v
+    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0)) if c.ndim == 3 else
+                     jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0))
                      for c, new in zip(cache_kv, (k, v)))
-    return (cache_kv, *(c[layer] for c in cache_kv))
+    return (cache_kv, *(layer_rows(c, layer) for c in cache_kv))
 
 
 def softcap(x, cap: float | None):
@@ -238,7 +289,7 @@ def softcap(x, cap: float | None):
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
            block: int = 128, bias=None):
-    """Grouped-query attention: q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S] -> [B,T,H,D]; `bias`
+    """Grouped-query attention: q [B,T,H,D], k/v [B·KV,S,D], mask [B,T,S] -> [B,T,H,D]; `bias`
     [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
@@ -257,19 +308,18 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
 
 
 def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
-    """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows."""
+    """Attention as batched matmuls over (batch, kv head) pairs, a head's query group folded into its rows."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * t, d)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) * scale
+    kv = k.shape[0] // b
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, h // kv * t, d)
+    scores = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, kv, h // kv, t, -1)
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
     scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, h // kv * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv, h // kv * t, -1)
+    out = jnp.einsum("nqs,nsd->nqd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 

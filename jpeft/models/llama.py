@@ -37,8 +37,7 @@ class Attention(nn.Module):
         q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        if cache_kv is not None:
-            cache_kv, k, v = L.cached(cache_kv, k, v, layer, cache_index)
+        cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, cache_index)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = None if cache_kv is not None else k.shape[1] - q.shape[1]
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,

@@ -45,7 +45,7 @@ class RelativeBias(nn.Module):
 class Attention(nn.Module):
     """q/k/v/o attention of `x` over `source` (itself, or the encoder output for cross-attention).
 
-    With `cache` (this kind's stacked [layers, B, slots, H, D] keys and values) the new keys and
+    With `cache` (this kind's stacked [layers, B · H, slots, D] keys and values) the new keys and
     values go into the layer's rows at `index` and attention reads all of them; a cross-attention
     step without `source` reads the encoder's keys and values the prefill wrote. The decoder's
     self-attention (`causal`) is the keys/values insertion point: a prefix comes before its keys and
@@ -64,11 +64,11 @@ class Attention(nn.Module):
             k, v = (split(L.Dense(heads * dim, ("embed", "kv"), name=n)(source)) for n in ("k", "v"))
             if self.causal:
                 k, v = sites.attention_kv(L.module_leaves(self), k, v)
+        if source is not None:
+            cache, k, v = L.keys_values(cache, k, v, layer, index)
+        else:  # a decoding step: the encoder's keys/values as the prefill wrote them
+            k, v = (L.layer_rows(c, layer) for c in cache)
         if cache is not None:
-            if source is not None:
-                cache, k, v = L.cached(cache, k, v, layer, index)
-            else:  # a decoding step: the encoder's keys/values as the prefill wrote them
-                k, v = (c[layer] for c in cache)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = k.shape[1] - q.shape[1] if self.causal and cache is None else None

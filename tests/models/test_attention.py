@@ -13,6 +13,7 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
     b, t, heads, kv, d = 2, 10, 4, 2, 8
     q, k, v = (jax.random.normal(key, (b, t + n, h, d)) for key, n, h in
                zip(jax.random.split(jax.random.key(0), 3), (0, prefix, prefix), (heads, kv, kv)))
+    _, k, v = L.keys_values(None, k, v, 0, 0)  # as attention reads them: [B · KV, S, D]
     segments = jnp.asarray([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
     k_segments = jnp.concatenate([jnp.full((b, prefix), -1), segments], 1)
     mask = L.attention_mask(prefix + jnp.arange(t), jnp.arange(prefix + t), segments, k_segments, window)

@@ -68,8 +68,9 @@ def test_prepended_keys_values_act_as_a_cached_prefix(model):
     ids = IDS.at[1, :3].set(IDS[0, :3])  # one prefix for the whole batch, as prefix tuning has
     cache = m.init_cache(2, 3)
     _, cache = m.apply({"params": params}, ids[:, :3], cache=cache)
-    prefixed = with_leaves(params, **{"model/layers/self_attn/toy_k": cache["k"][:, 0],
-                                      "model/layers/self_attn/toy_v": cache["v"][:, 0]})
+    row = lambda c: c[:, :m.config.num_kv_heads].transpose(0, 2, 1, 3)  # noqa: E731 - batch row 0's [L, S, KV, D]
+    prefixed = with_leaves(params, **{"model/layers/self_attn/toy_k": row(cache["k"]),
+                                      "model/layers/self_attn/toy_v": row(cache["v"])})
     rest = m.apply({"params": prefixed}, ids[:, 3:])
     full = m.apply({"params": params}, ids)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5, rtol=0)
