@@ -4,7 +4,7 @@ Each jpeft mode runs in a fresh interpreter (``python -m jpeft.bench --worker JS
 each HF PEFT mode does (jpeft/bench_torch.py), so every ``peak_rss_mb`` is one process's
 own ``ru_maxrss`` and both sides run under the same environment. On CPU that environment
 matters: by default glibc malloc returns ~2 GB to the OS and re-faults it every step, so
-unless ``tune_malloc=False`` both sides run with `MALLOC_ENV`, which keeps memory
+unless ``tune_malloc=False`` both sides run with `jpeft.allocator`'s settings, which keep memory
 (docs/design.md §8), and the result reports the settings used. Each side's throughput is the
 median of ``rounds`` rounds, the sides alternating, with its min and max; each is set against
 the machine's matmul peak in its own framework (jpeft/roofline.py).
@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from jpeft import allocator
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
@@ -33,12 +34,6 @@ MODES = ("lora", "full", "qlora")
 # Dense bf16 peak TFLOP/s per chip, by device_kind substring: the denominator of MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
                "TPU v6 lite": 918.0, "TPU v4": 275.0}
-# glibc malloc for XLA on CPU: one arena; freed memory kept (no trim) instead of returned and re-faulted
-# every step; only blocks of >= 256 MiB (a step's temporaries) mmapped, so freeing them never leaves a
-# hole that smaller buffers split; transparent huge pages, so mapping them again costs ~500x fewer faults.
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-              "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(256 * 2**20),
-              "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 # Each side's row fields: (tok/s and roofline prefix, first-step time, peak RSS, trainable, total).
 SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "trainable_params", "total_params"),
          "hf-peft": ("hf_peft", "hf_peft_first_step_s", "hf_peft_peak_rss_mb", "hf_peft_trainable_params",
@@ -263,7 +258,7 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
                "num_kv_heads": kv_heads, "intermediate_size": mlp, "batch": batch, "seq": seq, "rank": rank,
                "alpha": alpha, "targets": list(targets), "steps": steps, "warmup": warmup, "seed": seed}
     hf_modes = [m for m in modes if m != "qlora"] if against == "hf-peft" else []
-    env = MALLOC_ENV if tune_malloc else {}
+    env = allocator.tuned(os.environ) if tune_malloc else {}
     settings = {**a, "dtype": dtype, "rounds": rounds, "against": against, "malloc_env": env,
                 "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu_flags": reported_flags(),
                 "process_per_mode": True, "roofline_shapes": _gemm_shapes(a),

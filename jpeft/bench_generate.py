@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from jpeft.bench import MALLOC_ENV, _environ
+from jpeft import allocator
+from jpeft.bench import _environ
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
 from jpeft.roofline import DTYPES
@@ -49,7 +50,7 @@ def run_generate_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, h
          "num_kv_heads": kv_heads, "intermediate_size": mlp, "seq": prompt + new_tokens, "seed": seed,
          "dtype": dtype, "batches": list(batches), "new_tokens": new_tokens, "steps": steps,
          "warmup": max(warmup, 1), "prompts": prompts}
-    env = MALLOC_ENV if tune_malloc else {}
+    env = allocator.tuned(os.environ) if tune_malloc else {}
     with tempfile.TemporaryDirectory(prefix="jpeft-bench-generate-") as ckpt, _environ(env):
         a["checkpoint"] = ckpt
         _run("build", a, timeout)

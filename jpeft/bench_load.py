@@ -12,7 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from jpeft.bench import MALLOC_ENV, _environ, _model, _run_worker
+from jpeft import allocator
+from jpeft.bench import _environ, _model, _run_worker
 from jpeft.errors import JpeftError
 
 LOAD_DEVICES = 8
@@ -126,7 +127,7 @@ def run_load_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads
 
     a = {"vocab": vocab, "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "mlp": mlp,
          "seq": 1, "dtype": dtype, "remat": "none", "seed": seed}
-    malloc = MALLOC_ENV if tune_malloc else {}
+    malloc = allocator.tuned(os.environ) if tune_malloc else {}
     # Fake devices must be asked for before jax starts, hence in the workers' environment.
     devices = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(
         f for f in (os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={LOAD_DEVICES}") if f)}

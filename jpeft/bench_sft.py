@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jpeft.bench import MALLOC_ENV, _environ
+from jpeft import allocator
+from jpeft.bench import _environ
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised
 from jpeft.errors import ConfigError, DataError, JpeftError
 from jpeft.hardware import reported_flags
@@ -189,7 +190,7 @@ def run_sft_bench(path: str, vocab: int = 32000, hidden: int = 512, layers: int 
     a = {"vocab": vocab, "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "mlp": mlp,
          "batch": batch, "seq": seq, "rank": rank, "alpha": alpha, "targets": list(targets), "steps": steps,
          "warmup": warmup, "dtype": dtype, "lr": LR, "weight_decay": WEIGHT_DECAY, "seed": seed}
-    env = MALLOC_ENV if tune_malloc else {}
+    env = allocator.tuned(os.environ) if tune_malloc else {}
     with tempfile.TemporaryDirectory(prefix="jpeft-bench-sft-") as tmp, _environ(env):
         for name in ("jpeft", "hf_peft", "held_out"):
             a[name] = os.path.join(tmp, f"{name}.npz")

@@ -319,15 +319,13 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    """The console script: re-exec once with the tuned allocator unless the user set their own.
-
-    glibc then keeps freed memory instead of returning and re-faulting GBs every step (1.2-1.6x
-    faster train steps on CPU), and maps a step's large temporaries on huge pages so they never
-    fragment the heap (docs/design.md §8). It must be set before the process starts.
-    """
-    from jpeft.bench import MALLOC_ENV
-    if sys.platform.startswith("linux") and not any(k in os.environ for k in MALLOC_ENV):
-        os.execve(sys.executable, [sys.executable, "-m", "jpeft.cli", *sys.argv[1:]], {**os.environ, **MALLOC_ENV})
+    """The console script: re-exec once under `jpeft.allocator`'s malloc settings (they must be in the
+    environment before the process starts: 1.2-1.6x faster train steps on CPU, no fragmented heap),
+    unless the user chose malloc settings of their own."""
+    from jpeft import allocator
+    if sys.platform.startswith("linux") and not allocator.user_tuned(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", "jpeft.cli", *sys.argv[1:]],
+                  {**os.environ, **allocator.tuned(os.environ)})
     sys.exit(main())
 
 
