@@ -32,7 +32,7 @@ class Attention(nn.Module):
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, index)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
-                       None if cache_kv is not None else k.shape[1] - t)
+                       None if cache_kv is not None else k.shape[2] - t)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
 

@@ -269,14 +269,16 @@ def layer_rows(c, layer):
 
 
 def keys_values(cache_kv, k, v, layer, index):
-    """(cache, k, v): new keys/values [B, T, KV, D] as `attend` reads them ([B · KV, T, D]), or with a cache,
-    written in place into the layer's rows of it at slot `index` and all its slots read back.
+    """(cache, k, v): new keys/values [B, T, KV, D] heads first ([B, KV, T, D], as `attend` reads them), or
+    with a cache, written in place into the layer's rows of it at slot `index` and all its slots read back
+    as the cache holds them ([B · KV, slots, D]).
 
     A layer's own array is read as written (no reshape between the write and the matmul that reads it: XLA
     would fuse the write into the reshape and copy the whole entry, every step)."""
-    k, v = (a.transpose(0, 2, 1, 3).reshape(-1, a.shape[1], a.shape[3]) for a in (k, v))
+    k, v = (a.transpose(0, 2, 1, 3) for a in (k, v))
     if cache_kv is None:
         return None, k, v
+    k, v = (a.reshape(-1, *a.shape[2:]) for a in (k, v))
     cache_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0)) if c.ndim == 3 else
                      jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0))
                      for c, new in zip(cache_kv, (k, v)))
@@ -290,8 +292,8 @@ def softcap(x, cap: float | None):
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
            block: int = 128, bias=None):
-    """Grouped-query attention: q [B,T,H,D], k/v [B·KV,S,D], mask [B,T,S] -> [B,T,H,D]; `bias`
-    [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
+    """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
+    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
     slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
@@ -302,25 +304,26 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
     if causal_offset is None or t <= block:
         return _attend(q, k, v, mask, scale, cap, bias)
     blocks = [(start, min(start + block, t)) for start in range(0, t, block)]
-    return jnp.concatenate([_attend(q[:, start:end], k[:, :causal_offset + end], v[:, :causal_offset + end],
+    return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
                                     mask[:, start:end, :causal_offset + end], scale, cap,
                                     None if bias is None else bias[:, :, start:end, :causal_offset + end])
                             for start, end in blocks], axis=1)
 
 
 def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
-    """Attention as batched matmuls over (batch, kv head) pairs, a head's query group folded into its rows."""
+    """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows. The
+    training path keeps batch and heads apart ([B, KV, ...]), so each keeps its own sharding."""
     b, t, h, d = q.shape
-    kv = k.shape[0] // b
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, h // kv * t, d)
-    scores = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=jnp.float32) * scale
+    kv = k.shape[1] if k.ndim == 4 else k.shape[0] // b
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(*k.shape[:-2], h // kv * t, d)
+    scores = jnp.einsum("...qd,...sd->...qs", q, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, kv, h // kv, t, -1)
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
     scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv, h // kv * t, -1)
-    out = jnp.einsum("nqs,nsd->nqd", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(*v.shape[:-2], h // kv * t, -1)
+    out = jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 

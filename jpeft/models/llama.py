@@ -39,7 +39,7 @@ class Attention(nn.Module):
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, cache_index)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
-        causal_offset = None if cache_kv is not None else k.shape[1] - q.shape[1]
+        causal_offset = None if cache_kv is not None else k.shape[2] - q.shape[1]
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
                        causal_offset)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(

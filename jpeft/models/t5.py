@@ -71,7 +71,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
-        causal_offset = k.shape[1] - q.shape[1] if self.causal and cache is None else None
+        causal_offset = k.shape[2] - q.shape[1] if self.causal and cache is None else None
         out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias)
         return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache
 

@@ -13,7 +13,7 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
     b, t, heads, kv, d = 2, 10, 4, 2, 8
     q, k, v = (jax.random.normal(key, (b, t + n, h, d)) for key, n, h in
                zip(jax.random.split(jax.random.key(0), 3), (0, prefix, prefix), (heads, kv, kv)))
-    _, k, v = L.keys_values(None, k, v, 0, 0)  # as attention reads them: [B · KV, S, D]
+    _, k, v = L.keys_values(None, k, v, 0, 0)  # as attention reads them: [B, KV, S, D]
     segments = jnp.asarray([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
     k_segments = jnp.concatenate([jnp.full((b, prefix), -1), segments], 1)
     mask = L.attention_mask(prefix + jnp.arange(t), jnp.arange(prefix + t), segments, k_segments, window)
@@ -29,5 +29,5 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
     np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=0)
     for a, b_ in zip(grads_blocked, grads_whole):
         np.testing.assert_allclose(a, b_, atol=1e-5, rtol=0)
-    alone = L.attend(q[:, :4], k[:, :prefix + 4], v[:, :prefix + 4], mask[:, :4, :prefix + 4], 0.3, cap)
+    alone = L.attend(q[:, :4], k[:, :, :prefix + 4], v[:, :, :prefix + 4], mask[:, :4, :prefix + 4], 0.3, cap)
     np.testing.assert_allclose(blocked[0, :4], alone[0], atol=1e-6, rtol=0)  # segment 1 never sees segment 2
