@@ -204,8 +204,6 @@ def check_family(family: str, methods: list[str]) -> None:
     if family not in FAMILIES:
         raise ConfigError(f"--family {family!r}: the demo builds {' or '.join(FAMILIES)}")
     if family == "t5":
-        if CLASSIFIER in methods:
-            raise ConfigError("--family t5: the classifier reads a decoder's last-token features; drop it")
         for name in methods:
             sites.require(BY_NAME[name], T5.insertion_points, "t5")
 

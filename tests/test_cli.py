@@ -196,6 +196,10 @@ def test_demo_t5_family(tmp_path, capsys):
                  "--methods", "lora,llama_adapter"]) == 2
     err = capsys.readouterr().err
     assert "'llama_adapter' acts at the attention_output" in err and "PEFT has no adaption prompt for T5" in err
+    assert "classifier" not in err.split("use one of")[1]  # the methods T5 takes
+    assert main(["demo", "--out", str(tmp_path / "y"), "--preset", "tiny", "--family", "t5",
+                 "--methods", "classifier"]) == 2
+    assert "'classifier' acts at the pool insertion point" in capsys.readouterr().err
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):

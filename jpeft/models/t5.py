@@ -167,7 +167,7 @@ class T5(nn.Module):
     """
     config: ModelConfig
     # No LLaMA-Adapter gates: T5 calls no attention_output point (see LlamaAdapter.scope).
-    insertion_points = tuple(hook for hook in sites.HOOKS if hook != "attention_output")
+    insertion_points = tuple(hook for hook in sites.HOOKS if hook not in ("attention_output", "pool"))
 
     @nn.compact
     def __call__(self, input_ids, decoder_input_ids=None, attention_mask=None, decoder_attention_mask=None,

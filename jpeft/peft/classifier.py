@@ -41,6 +41,8 @@ class Classifier(Method):
     name = "classifier"
     metadata = ("pooling",)
     heads = ("score_hidden", "score")
+    scope = ("the head reads a decoder's final features, as HF's Llama and GPT-2 *ForSequenceClassification "
+             "do; jpeft has no classification head for encoder-decoders (T5)")
 
     def __init__(self, num_labels: int | None = None, pooling: str = "last", hidden: int | None = None,
                  lora: LoRA | dict | None = None, labels: Sequence[str] | None = None):
@@ -64,6 +66,19 @@ class Classifier(Method):
     def __repr__(self):
         return (f"Classifier(num_labels={self.num_labels}, pooling={self.pooling!r}, hidden={self.hidden!r}, "
                 f"lora={self.lora!r})")
+
+    @staticmethod
+    def pool(hidden, attention_mask, pooling=None):
+        """The `pool` insertion point: [B, T, D] -> [B, D] float32, the last attended token (the rightmost, so left padding works too),
+        or, where `pooling` is the index of "mean", the masked mean."""
+        mask = attention_mask.astype(jnp.int32)
+        last = jnp.argmax(jnp.arange(mask.shape[1]) * mask, axis=1)  # HF's rule, with the mask for "not pad"
+        picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        if pooling is None:
+            return picked
+        weights = mask.astype(jnp.float32)[..., None]
+        mean = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return jnp.where(pooling == POOLINGS.index("mean"), mean, picked)
 
     @property
     def dropout(self) -> float:
@@ -132,19 +147,6 @@ def hidden_size(params) -> int:
                      "have; pass the tree jpeft.from_pretrained returns")
 
 
-def pool(hidden, attention_mask, pooling=None):
-    """[B, T, D] -> [B, D] float32: the last attended token (the rightmost, so left padding works too),
-    or, where `pooling` is the index of "mean", the masked mean."""
-    mask = attention_mask.astype(jnp.int32)
-    last = jnp.argmax(jnp.arange(mask.shape[1]) * mask, axis=1)  # HF's rule, with the mask for "not pad"
-    picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    if pooling is None:
-        return picked
-    weights = mask.astype(jnp.float32)[..., None]
-    mean = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-    return jnp.where(pooling == POOLINGS.index("mean"), mean, picked)
-
-
 def require_head(params) -> dict:
     """The head's output layer (`score`), or an error saying how to get one."""
     if "score" not in params:
@@ -159,7 +161,7 @@ def classify(model, params, input_ids, attention_mask, dropout_rng=None):
     score = require_head(params)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     hidden = model.apply({"params": params}, input_ids, attention_mask, return_hidden=True, rngs=rngs)
-    x = pool(hidden, attention_mask, score.get("pooling"))
+    x = Classifier.pool(hidden, attention_mask, score.get("pooling"))
     if "score_hidden" in params:
         x = jnp.tanh(sites.dense(params["score_hidden"], x))
     return sites.dense(score, x).astype(jnp.float32)

@@ -36,9 +36,10 @@ from jpeft.peft.registry import BY_NAME, METHODS
 __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
            "virtual_tokens", "expand", "decoding", "require"]
 
-# The hooks a method may implement; a model lists those it calls (`insertion_points`).
+# The hooks a method may implement; a model lists those it calls (`insertion_points`). `pool` is where a
+# classification head reads a decoder's final features (`classifier.classify`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "attention_kv",
-         "attention_output", "residual", "norm_output", "virtual_tokens", "expand")
+         "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
 
 
 def require(method, insertion_points, family: str) -> None:

@@ -17,7 +17,7 @@ from jpeft.cli import main
 from jpeft.config import load_config
 from jpeft.data import check_last_not_pad, label_ids, label_names, tokenize_classification
 from jpeft.evaluate import classification_metrics
-from jpeft.peft.classifier import pool, split_head
+from jpeft.peft.classifier import Classifier, split_head
 from jpeft.train import trainer
 from conftest import GPT2, WORDS, make_hf_model, make_tokenizer, save_hf_model
 from test_peft_parity import perturb
@@ -247,8 +247,8 @@ def test_pooling_reads_the_last_attended_token_or_the_masked_mean():
     """Last-token pooling must follow the mask on either side, as HF's last-non-pad rule does."""
     hidden = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
     mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1]])  # right- and left-padded
-    np.testing.assert_array_equal(pool(hidden, mask), hidden[[0, 1], [1, 3]])
-    np.testing.assert_allclose(pool(hidden, mask, np.int32(1)), [hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
+    np.testing.assert_array_equal(Classifier.pool(hidden, mask), hidden[[0, 1], [1, 3]])
+    np.testing.assert_allclose(Classifier.pool(hidden, mask, np.int32(1)), [hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
 
 
 def test_counts_are_the_head_plus_lora_as_peft_counts(tiny_llama):
