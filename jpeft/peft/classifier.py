@@ -69,8 +69,8 @@ class Classifier(Method):
 
     @staticmethod
     def pool(hidden, attention_mask, pooling=None):
-        """The `pool` insertion point: [B, T, D] -> [B, D] float32, the last attended token (the rightmost, so left padding works too),
-        or, where `pooling` is the index of "mean", the masked mean."""
+        """The `pool` insertion point: [B, T, D] -> [B, D] float32, the last attended token (the rightmost,
+        so left padding works too), or, where `pooling` is the index of "mean", the masked mean."""
         mask = attention_mask.astype(jnp.int32)
         last = jnp.argmax(jnp.arange(mask.shape[1]) * mask, axis=1)  # HF's rule, with the mask for "not pad"
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)

@@ -248,7 +248,8 @@ def test_pooling_reads_the_last_attended_token_or_the_masked_mean():
     hidden = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
     mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1]])  # right- and left-padded
     np.testing.assert_array_equal(Classifier.pool(hidden, mask), hidden[[0, 1], [1, 3]])
-    np.testing.assert_allclose(Classifier.pool(hidden, mask, np.int32(1)), [hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
+    np.testing.assert_allclose(Classifier.pool(hidden, mask, np.int32(1)),
+                               [hidden[0, :2].mean(0), hidden[1, 1:].mean(0)])
 
 
 def test_counts_are_the_head_plus_lora_as_peft_counts(tiny_llama):
