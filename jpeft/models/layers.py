@@ -15,6 +15,7 @@ import numpy as np
 
 from jpeft.models.config import ModelConfig, Rope
 from jpeft.peft import sites
+from jpeft.products import einsum
 
 NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
@@ -316,14 +317,14 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
     b, t, h, d = q.shape
     kv = k.shape[1] if k.ndim == 4 else k.shape[0] // b
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(*k.shape[:-2], h // kv * t, d)
-    scores = jnp.einsum("...qd,...sd->...qs", q, k, preferred_element_type=jnp.float32) * scale
+    scores = einsum("...qd,...sd->...qs", q, k.astype(q.dtype), jnp.float32) * scale
     scores = scores.reshape(b, kv, h // kv, t, -1)
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
     scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(*v.shape[:-2], h // kv * t, -1)
-    out = jnp.einsum("...qs,...sd->...qd", probs, v, preferred_element_type=jnp.float32)
+    out = einsum("...qs,...sd->...qd", probs, v)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 

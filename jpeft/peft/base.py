@@ -70,14 +70,6 @@ def linear_uniform(key, shape, fan_in: int):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def matmul(x, w):
-    """x·w in the activation dtype with float32 accumulation, as one 2-D product over all leading
-    axes: XLA:CPU runs [B·T, in]·[in, out] and its weight gradient about twice as fast as the same
-    product with separate batch and time axes (docs/design.md §8)."""
-    y = jnp.matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[-1])
-
-
 # Modules outside the scanned stack whose HF home is one block of it (T5 keeps a stack's
 # position-bias table in block 0's self-attention).
 HF_HOMES = {f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"

@@ -35,7 +35,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import Method, layer_names, matmul
+from jpeft.peft.base import Method, layer_names
+from jpeft.products import matmul
 
 KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}  # kind -> blocks adapted
 SUBMODULES = {"attention": "attention_adapter", "mlp": "mlp_adapter"}  # block -> its adapter's module in a layer

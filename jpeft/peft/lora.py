@@ -26,9 +26,10 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, hf_module, layer_names, leading, linear_uniform, matmul, targeted_layers,
+from jpeft.peft.base import (CONV1D, Method, hf_module, layer_names, leading, linear_uniform, targeted_layers,
                              weight_name)
 from jpeft.peft.quant import is_quantized
+from jpeft.products import matmul
 
 INITS = ("peft", "gaussian", "pissa", "olora")
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree as T
-from jpeft.peft.base import matmul
+from jpeft.products import matmul
 from jpeft.peft.registry import BY_NAME, METHODS
 
 __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",

@@ -1,0 +1,71 @@
+"""Matrix products in the compute dtype, accumulated in float32, whose gradients stay in it.
+
+Autodiff through a bfloat16 product with a float32 result pulls the float32 cotangent back
+through float32 products (XLA converts the bfloat16 operands to meet it), at half of bf16's
+matmul speed on CPUs with bf16 units. These products round the cotangent to the operands'
+dtype first, as `torch.autocast` does, and compute each gradient only when it is wanted. In
+float32 they are exactly autodiff's products.
+"""
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def _product(spec: str, a, b, out):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def einsum(spec: str, a, b, out=None):
+    """`jnp.einsum(spec, a, b)` for two operands of one dtype, rounded to `out` (default: theirs).
+    Every index of `spec` appears in two of its three terms (no traces, no sums of one operand)."""
+    return _product(spec, a, b, out or a.dtype)
+
+
+def _einsum_fwd(spec, a, b, out):
+    return _product(spec, a.value, b.value, out or a.value.dtype), (a.value if b.perturbed else None,
+                                                                    b.value if a.perturbed else None)
+
+
+def _einsum_bwd(spec, out, res, g):
+    a, b = res
+    terms, result = spec.split("->")
+    left, right = terms.split(",")
+    dtype = (a if b is None else b).dtype
+    g = g.astype(dtype)
+    return (None if b is None else _product(f"{result},{right}->{left}", g, b, dtype),
+            None if a is None else _product(f"{result},{left}->{right}", g, a, dtype))
+
+
+einsum.defvjp(_einsum_fwd, _einsum_bwd, symbolic_zeros=True)
+
+
+def matmul(x, w):
+    """x·w in x's dtype with float32 accumulation, as one 2-D product over all leading axes: XLA:CPU
+    runs [B·T, in]·[in, out] and its weight gradient about twice as fast as the same product with
+    separate batch and time axes (docs/design.md §8)."""
+    y = _matmul_2d(x.reshape(-1, x.shape[-1]), w.astype(x.dtype))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+@jax.custom_vjp
+def _matmul_2d(x, w):
+    return _product("mk,kn->mn", x, w, x.dtype)
+
+
+def _matmul_2d_fwd(x, w):
+    """A trained weight's gradient keeps xᵀ, laid out as that product reads it: XLA:CPU's bf16 matmul
+    takes no transposed left operand (it would run in float32), and a residual crossing the layer
+    scan is materialised, where a transpose next to the product would be folded into it."""
+    return _product("mk,kn->mn", x.value, w.value, x.value.dtype), (x.value.T if w.perturbed else None,
+                                                                    w.value if x.perturbed else None)
+
+
+def _matmul_2d_bwd(res, g):
+    x_t, w = res
+    return (None if w is None else _product("mn,kn->mk", g, w, g.dtype),
+            None if x_t is None else _product("km,mn->kn", x_t, g, g.dtype))
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd, symbolic_zeros=True)

@@ -1,0 +1,74 @@
+"""Products in the compute dtype: autodiff's values and gradients in float32; in bfloat16 the
+gradients are bfloat16 products too, and only the wanted ones are computed."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import jaxprs_in_params
+
+from jpeft.products import einsum, matmul
+
+SPECS = [("...qd,...sd->...qs", (2, 3, 5, 4), (2, 3, 6, 4)),  # attention scores
+         ("...qs,...sd->...qd", (2, 3, 5, 6), (2, 3, 6, 4)),  # attention output
+         ("bti,io->bto", (2, 5, 4), (4, 3))]
+
+
+def _operands(shape_a, shape_b, dtype=jnp.float32):
+    ka, kb = jax.random.split(jax.random.key(0))
+    return jax.random.normal(ka, shape_a).astype(dtype), jax.random.normal(kb, shape_b).astype(dtype)
+
+
+def _loss(product):
+    return lambda a, b: jnp.sum(jnp.sin(product(a, b).astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b", SPECS)
+def test_einsum_is_autodiff_in_float32(spec, shape_a, shape_b):
+    a, b = _operands(shape_a, shape_b)
+    ours, ref = _loss(lambda a, b: einsum(spec, a, b)), _loss(lambda a, b: jnp.einsum(spec, a, b))
+    np.testing.assert_allclose(ours(a, b), ref(a, b), rtol=1e-6)
+    for got, want in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_is_autodiff_in_float32():
+    x, w = _operands((2, 5, 4), (4, 3))
+    ours, ref = _loss(matmul), _loss(lambda x, w: x @ w)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
+    for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _dots(fn, *args):
+    """(operand dtypes) of every dot_general in fn's jaxpr, nested ones included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(v.aval.dtype.name for v in eqn.invars))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b", SPECS)
+def test_bfloat16_gradients_are_bfloat16_products(spec, shape_a, shape_b):
+    a, b = _operands(shape_a, shape_b, jnp.bfloat16)
+    out = jnp.float32 if spec.endswith("qs") else None
+    loss = _loss(lambda a, b: einsum(spec, a, b, out))
+    dots = _dots(jax.grad(loss, (0, 1)), a, b)
+    assert dots == [("bfloat16", "bfloat16")] * 3  # the product and both gradients
+    ref = _loss(lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32)))
+    for got, want in zip(jax.grad(loss, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
+
+
+def test_frozen_operand_gets_no_gradient_product():
+    x, w = _operands((2, 5, 4), (4, 3), jnp.bfloat16)
+    loss = _loss(matmul)
+    assert len(_dots(jax.grad(loss, 0), x, w)) == 2  # the product and x's gradient: none for w
+    assert len(_dots(jax.grad(loss, 1), x, w)) == 2
+    assert len(_dots(jax.grad(_loss(lambda a, b: einsum("bti,io->bto", a, b)), 0), x, w)) == 2
