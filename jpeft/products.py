@@ -19,7 +19,8 @@ def _product(spec: str, a, b, out):
 @partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def einsum(spec: str, a, b, out=None):
     """`jnp.einsum(spec, a, b)` for two operands of one dtype, rounded to `out` (default: theirs).
-    Every index of `spec` appears in two of its three terms (no traces, no sums of one operand)."""
+    Every index of `spec` appears in two of its three terms (no traces, no sums of one operand), and
+    the axes `...` stands for are the same in both operands (no broadcasting)."""
     return _product(spec, a, b, out or a.dtype)
 
 
