@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree as T
-from jpeft.products import matmul
 from jpeft.peft.registry import BY_NAME, METHODS
+from jpeft.products import matmul
 
 __all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
            "virtual_tokens", "expand", "decoding", "require"]
