@@ -29,3 +29,17 @@ def test_auto_is_the_default_and_from_pretrained_takes_it(tiny_llama):
     assert RunConfig().model.dtype == "auto"
     model, params = from_pretrained(tiny_llama[1], dtype="auto")
     assert model.config.dtype == resolve_dtype("auto")
+
+
+def test_bf16_train_step_moves_frozen_weights_in_bf16():
+    """On CPU the compiled bf16 LoRA step slices each frozen bf16 weight stack as it is: no float32 copy."""
+    import jax
+
+    from jpeft.bench import _batch, _step
+    a = dict(vocab=128, hidden=32, layers=2, heads=2, kv_heads=2, mlp=48, batch=2, seq=16, rank=4, alpha=8,
+             targets=["q_proj", "v_proj"], remat="none", seed=0, dtype="bfloat16", warmup=0, steps=1)
+    _, _, step, trees = _step(a, "lora")
+    _, state, frozen = jax.eval_shape(trees)
+    hlo = step.lower(state, frozen, _batch(a)).compile().as_text()
+    assert "bf16[2,32,48]" in hlo  # the frozen gate/up kernels, stacked over the 2 layers
+    assert "f32[2,32,48]" not in hlo

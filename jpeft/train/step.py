@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import tree as T
+from jpeft.hardware import step_compiler_options
 from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
@@ -122,9 +123,9 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings, compiler_options=step_compiler_options())
 
 
 def make_eval_step(model):
     """params, batch -> (summed loss, count): NLL and tokens, or cross-entropy and rows for a classifier."""
-    return jax.jit(lambda params, batch: batch_loss(model, params, batch))
+    return jax.jit(lambda params, batch: batch_loss(model, params, batch), compiler_options=step_compiler_options())
