@@ -39,7 +39,7 @@ def auto_dtype(backend: str | None = None, flags: frozenset[str] | None = None) 
     return "bfloat16" if set(BF16_FLAGS) & (cpu_flags() if flags is None else flags) else "float32"
 
 
-def step_compiler_options(backend: str | None = None) -> dict | None:
+def step_compiler_options() -> dict | None:
     """XLA options for the train and eval steps: on CPU, bfloat16 data movement stays bfloat16.
 
     XLA:CPU computes every bf16 op but a matmul in float32 ("float normalization"), slices and
@@ -48,10 +48,8 @@ def step_compiler_options(backend: str | None = None) -> dict | None:
     activations the backward loop reads. Without the pass its kernels read and write bf16 in
     place (the bf16 LoRA step ~8% faster, docs/design.md §8); float32 programs are unchanged.
     """
-    if backend is None:
-        import jax
-        backend = jax.default_backend()
-    return {"xla_disable_hlo_passes": "float-normalization-bf16"} if backend == "cpu" else None
+    import jax
+    return {"xla_disable_hlo_passes": "float-normalization-bf16"} if jax.default_backend() == "cpu" else None
 
 
 def resolve_dtype(dtype: str | None) -> str | None:
