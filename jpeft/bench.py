@@ -379,7 +379,7 @@ def add_arguments(parser) -> None:
             ("warmup", 2, "untimed steps first, the first of them jpeft's compile"),
             ("rounds", 3, "fresh processes per side and mode, the sides alternating; tok/s is the median of "
                           "the rounds, shown with their min and max"),
-            ("batch", 8, "sequences per step"),
+            ("batch", 8, "sequences per step (--sft: examples per step, which jpeft packs into fewer rows)"),
             ("seq", None, "tokens per sequence (default 256; --sft: the packed row, default 512)"),
             ("hidden", 512, "model width"), ("layers", 8, "decoder layers"), ("heads", 8, "attention heads"),
             ("kv-heads", 8, "key/value heads"), ("mlp", 1408, "MLP width"), ("vocab", 32000, "vocabulary size"),

@@ -11,10 +11,13 @@ runs the head only on loss positions (`with_loss_index`). This bench trains both
   workers read (the test checks both see the same target tokens). The last `held_out`
   rows are held out on both sides.
 - A torch process writes one random Llama checkpoint (jpeft.bench_torch's model) that both load.
-- Each side trains in its own process under the same malloc settings as `jpeft bench`: `batch`
-  rows a step, LoRA on the same targets, AdamW at the same constant lr and weight decay with grads
-  clipped at 1.0, for the same number of steps (not the same wall-clock budget, so a run repeats
-  whatever the machine's noise; a jpeft row holding more examples is part of what is measured).
+- Each side trains in its own process under the same malloc settings as `jpeft bench`, on `batch`
+  examples a step: HF PEFT as `batch` padded rows, jpeft as the packed rows that hold that many
+  examples on average (`packed_rows_per_step`): an optimizer step sees about the same examples on
+  both sides, so their held-out losses after a step compare (from random weights the loss is
+  limited by steps, not by examples a step). LoRA on the same targets, AdamW at the same constant
+  lr and weight decay with grads clipped at 1.0, the same number of steps (not the same wall-clock
+  budget, so a run repeats whatever the machine's noise).
 - Held-out loss (mean NLL over target tokens) is taken before training and at `EVALS` evenly
   spaced steps, off the training clock. Time to loss: the worse of the two final held-out losses,
   and each side's training-clock seconds (its first, compiling, step included: a user waits for
@@ -76,13 +79,19 @@ def _tokenize(path: str, train_rows: list, test_rows: list, vocab: int, seq: int
         tokenizer = train_bpe_tokenizer(texts, vocab, speaker_tags(texts))
     except ConfigError as e:
         raise ConfigError(f"bench --sft: the tokenizer must fit the model's --vocab {vocab}: {e}") from None
+    if len(train_rows) < batch:
+        raise DataError(f"bench --sft: '{path}' has {len(train_rows)} training rows, fewer than --batch {batch} "
+                        "(examples a step); add rows or lower --batch")
     packed = tokenize_supervised(train_rows, tokenizer, PROMPT, TARGET, seq, pack=True).with_loss_index()
-    if len(packed) < batch:
-        raise DataError(f"bench --sft: the {len(train_rows)} training rows of '{path}' pack into {len(packed)} "
-                        f"rows of {seq} tokens, fewer than --batch {batch}; add rows or lower --batch/--seq")
     return {"jpeft": packed, "hf_peft": tokenize_supervised(train_rows, tokenizer, PROMPT, TARGET, seq),
             "held_out": tokenize_supervised(test_rows, tokenizer, PROMPT, TARGET, seq),
             "tokenizer_size": len(tokenizer)}
+
+
+def packed_rows_per_step(packed: Examples, examples: int) -> int:
+    """The packed rows that hold `examples` examples on average (at least one)."""
+    per_row = packed.attention_mask.max(axis=1).sum() / len(packed)  # segment ids count each row's examples
+    return max(1, round(examples / per_row))
 
 
 def load_examples(path: str) -> Examples:
@@ -113,7 +122,7 @@ def train_loop(a: dict, data, train, held_out_loss) -> dict:
     return {"target_tok_s": sum(c[0] for c in counts[timed]) / sum(times[timed]), "step_s": times,
             "first_step_s": times[0], "train_s": sum(times), "evals": evals, "final_loss": evals[-1]["loss"],
             "target_tokens_trained": int(targets), "padding_fraction": 1 - real / slots,
-            "examples_per_step": examples / a["steps"]}
+            "examples_per_step": examples / a["steps"], "token_slots_per_step": slots / a["steps"]}
 
 
 def _train_jpeft(a: dict) -> dict:
@@ -137,11 +146,12 @@ def _train_jpeft(a: dict) -> dict:
     state = {"now": init_state(trainable, optimizer)}
     step, eval_step = make_train_step(model, optimizer, a["seed"], dropout=False), make_eval_step(model)
     rows, held_out = load_examples(a["jpeft"]), load_examples(a["held_out"])
+    rows_per_step = packed_rows_per_step(rows, a["batch"])
 
     def data():
-        for batch in batches(rows, a["batch"], a["seed"]):
+        for batch in batches(rows, rows_per_step, a["seed"]):
             count = (batch["loss_mask"].sum(), (batch["attention_mask"] > 0).sum(), batch["attention_mask"].size,
-                     batch["attention_mask"].max(axis=1).sum())  # segment ids count each row's examples
+                     batch["attention_mask"].max(axis=1).sum())
             yield jax.device_put({k: v[None] for k, v in batch.items()}), count  # [grad_accum=1, batch, T]
 
     def train(batch):
@@ -153,7 +163,7 @@ def _train_jpeft(a: dict) -> dict:
     # the loss positions the head really sees: the mask gathered at loss_index, over one epoch's rows
     seen = np.take_along_axis(rows.loss_mask, rows.loss_index, axis=1).sum()
     return {**out, "target_tokens_per_epoch": int(seen), "rows_per_epoch": len(rows),
-            "examples_per_epoch": int(rows.attention_mask.max(axis=1).sum()),
+            "rows_per_step": rows_per_step, "examples_per_epoch": int(rows.attention_mask.max(axis=1).sum()),
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
@@ -238,8 +248,9 @@ def format_sft_table(result: dict) -> str:
         f"{s['held_out_rows']} held out; BPE tokenizer of {s['tokenizer_size']} tokens",
         f"model: vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads "
         f"({s['kv_heads']} kv), mlp {s['mlp']}, dtype {s['dtype']}; LoRA r={s['rank']} alpha={s['alpha']} on "
-        f"{', '.join(s['targets'])}; {s['batch']} rows a step, {s['steps']} steps, AdamW lr {s['lr']} constant, "
-        f"weight decay {s['weight_decay']}, grads clipped at {s['grad_clip']}",
+        f"{', '.join(s['targets'])}; {s['batch']} examples a step (jpeft: {jp['rows_per_step']} packed rows), "
+        f"{s['steps']} steps, AdamW lr {s['lr']} constant, weight decay {s['weight_decay']}, grads clipped at "
+        f"{s['grad_clip']}",
         f"target tok/s: loss tokens over step time after {s['warmup']} warm-up steps; seconds: training steps "
         f"only (first step and jpeft's compile included), held-out loss at step 0 and {len(jp['evals']) - 1} "
         "points off the clock",
