@@ -10,6 +10,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 
 def _product(spec: str, a, b, out):
@@ -50,17 +51,22 @@ def matmul(x, w):
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _row_major(a):
+    """`a` materialised row-major on CPU: XLA:CPU's bf16 matmul takes no transposed left operand (it
+    would run in float32), and XLA otherwise folds a transpose into the product that reads it or lays
+    it out as a free column-major view, inside a loop body (the chunked LM-head loss) as anywhere."""
+    return with_layout_constraint(a, Layout(tuple(range(a.ndim)))) if jax.default_backend() == "cpu" else a
+
+
 @jax.custom_vjp
 def _matmul_2d(x, w):
     return _product("mk,kn->mn", x, w, x.dtype)
 
 
 def _matmul_2d_fwd(x, w):
-    """A trained weight's gradient keeps xᵀ, laid out as that product reads it: XLA:CPU's bf16 matmul
-    takes no transposed left operand (it would run in float32), and a residual crossing the layer
-    scan is materialised, where a transpose next to the product would be folded into it."""
-    return _product("mk,kn->mn", x.value, w.value, x.value.dtype), (x.value.T if w.perturbed else None,
-                                                                    w.value if x.perturbed else None)
+    """A trained weight's gradient keeps xᵀ, laid out as that product reads it (`_row_major`)."""
+    x_t = _row_major(x.value.T) if w.perturbed else None
+    return _product("mk,kn->mn", x.value, w.value, x.value.dtype), (x_t, w.value if x.perturbed else None)
 
 
 def _matmul_2d_bwd(res, g):

@@ -1,4 +1,5 @@
 """`model.dtype: auto`: bfloat16 only where matmuls in it are native."""
+import re
 import pytest
 
 from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype
@@ -31,15 +32,41 @@ def test_auto_is_the_default_and_from_pretrained_takes_it(tiny_llama):
     assert model.config.dtype == resolve_dtype("auto")
 
 
-def test_bf16_train_step_moves_frozen_weights_in_bf16():
-    """On CPU the compiled bf16 LoRA step slices each frozen bf16 weight stack as it is: no float32 copy."""
+def _compiled_bf16_step(mode: str, **sizes) -> str:
+    """The HLO of the bench's tiny bf16 train step, compiled for this CPU."""
     import jax
 
     from jpeft.bench import _batch, _step
     a = dict(vocab=128, hidden=32, layers=2, heads=2, kv_heads=2, mlp=48, batch=2, seq=16, rank=4, alpha=8,
-             targets=["q_proj", "v_proj"], remat="none", seed=0, dtype="bfloat16", warmup=0, steps=1)
-    _, _, step, trees = _step(a, "lora")
+             targets=["q_proj", "v_proj"], remat="none", seed=0, dtype="bfloat16", warmup=0, steps=1) | sizes
+    _, _, step, trees = _step(a, mode)
     _, state, frozen = jax.eval_shape(trees)
-    hlo = step.lower(state, frozen, _batch(a)).compile().as_text()
+    return step.lower(state, frozen, _batch(a)).compile().as_text()
+
+
+def test_bf16_train_step_moves_frozen_weights_in_bf16():
+    """On CPU the compiled bf16 LoRA step slices each frozen bf16 weight stack as it is: no float32 copy."""
+    hlo = _compiled_bf16_step("lora")
     assert "bf16[2,32,48]" in hlo  # the frozen gate/up kernels, stacked over the 2 layers
     assert "f32[2,32,48]" not in hlo
+
+
+def _operand_types(hlo: str, result: str) -> list[list[str]]:
+    """The operand types of every dot in compiled HLO text that yields `result` (like f32[32,128])."""
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo) + re.findall(r"([\w.-]+): (\w+)\[", hlo))
+    return [[types[name] for name in re.findall(r"%([\w.-]+)", operands)]
+            for operands in re.findall(re.escape(result) + r"\{[\d,]*\} dot\(([^)]*)\)", hlo)]
+
+
+def test_bf16_lm_head_weight_gradient_is_a_bf16_product():
+    """Full fine-tuning's chunked loss takes the LM head's [hidden, vocab] weight gradient from each chunk's
+    hidden states transposed: on CPU they are materialised row-major, so the product reads both operands
+    in bf16 (XLA:CPU converts the operands of a bf16 product whose left one is transposed to float32)."""
+    assert _operand_types(_compiled_bf16_step("full", seq=20), "f32[32,128]") == [["bf16", "bf16"]]
+
+
+def test_bf16_step_computes_no_transcendental_in_bf16():
+    """XLA:CPU runs a bf16 exp or divide several times slower than a float32 one: the MLP's activation
+    (and so its gradient) runs in float32 and rounds once, so the compiled bf16 step has none."""
+    hlo = _compiled_bf16_step("lora")
+    assert not re.findall(r"bf16\[[\d,]*\]\{[\d,]*\} (?:logistic|exponential|tanh|divide)\(", hlo)

@@ -44,7 +44,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = L.Dense(cfg.intermediate_size, ("embed", "mlp"), True, name="c_fc")(x)
-        return L.Dense(cfg.hidden_size, ("mlp", "embed"), True, name="c_proj")(L.ACTIVATIONS[cfg.hidden_act](h))
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), True, name="c_proj")(L.activate(cfg.hidden_act, h))
 
 
 class Block(nn.Module):

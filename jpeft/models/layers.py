@@ -334,3 +334,12 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
 }
+
+
+def activate(name: str, x, up=None):
+    """The MLP's act(x), or its gated act(x) · up, computed in float32 and rounded once to x's dtype (torch
+    computes each in float32 and rounds twice). XLA:CPU runs bf16 exp and divide slowly: silu(x) · up on
+    bf16 [2048, 1408] takes ~8 ms in bf16 and ~1.6 ms through float32."""
+    h = ACTIVATIONS[name](x.astype(jnp.float32))
+    return (h if up is None else h * up.astype(jnp.float32)).astype(x.dtype)
+

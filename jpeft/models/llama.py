@@ -56,7 +56,7 @@ class MLP(nn.Module):
         gate = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(x)
         up = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")(x)
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(
-            L.ACTIVATIONS[cfg.hidden_act](gate) * up)
+            L.activate(cfg.hidden_act, gate, up))
 
 
 class DecoderLayer(nn.Module):

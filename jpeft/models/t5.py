@@ -83,9 +83,9 @@ class DenseReluDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        act = L.ACTIVATIONS[cfg.hidden_act]
         dense = lambda name: L.Dense(cfg.intermediate_size, ("embed", "mlp"), name=name)(x)  # noqa: E731
-        h = act(dense("wi_0")) * dense("wi_1") if cfg.gated_mlp else act(dense("wi"))
+        h = L.activate(cfg.hidden_act, dense("wi_0"), dense("wi_1")) if cfg.gated_mlp else L.activate(
+            cfg.hidden_act, dense("wi"))
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), name="wo")(h)
 
 
