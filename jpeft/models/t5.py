@@ -84,8 +84,8 @@ class DenseReluDense(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dense = lambda name: L.Dense(cfg.intermediate_size, ("embed", "mlp"), name=name)(x)  # noqa: E731
-        h = L.activate(cfg.hidden_act, dense("wi_0"), dense("wi_1")) if cfg.gated_mlp else L.activate(
-            cfg.hidden_act, dense("wi"))
+        inputs = (dense("wi_0"), dense("wi_1")) if cfg.gated_mlp else (dense("wi"),)
+        h = L.activate(cfg.hidden_act, *inputs)
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), name="wo")(h)
 
 
