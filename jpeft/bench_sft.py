@@ -90,8 +90,7 @@ def _tokenize(path: str, train_rows: list, test_rows: list, vocab: int, seq: int
 
 def packed_rows_per_step(packed: Examples, examples: int) -> int:
     """The packed rows that hold `examples` examples on average (at least one)."""
-    per_row = packed.attention_mask.max(axis=1).sum() / len(packed)  # segment ids count each row's examples
-    return max(1, round(examples / per_row))
+    return max(1, round(examples / packed.examples_per_row().mean()))
 
 
 def load_examples(path: str) -> Examples:
@@ -151,7 +150,7 @@ def _train_jpeft(a: dict) -> dict:
     def data():
         for batch in batches(rows, rows_per_step, a["seed"]):
             count = (batch["loss_mask"].sum(), (batch["attention_mask"] > 0).sum(), batch["attention_mask"].size,
-                     batch["attention_mask"].max(axis=1).sum())
+                     batch["attention_mask"].max(axis=1).sum())  # segment ids count each row's examples
             yield jax.device_put({k: v[None] for k, v in batch.items()}), count  # [grad_accum=1, batch, T]
 
     def train(batch):
@@ -163,7 +162,7 @@ def _train_jpeft(a: dict) -> dict:
     # the loss positions the head really sees: the mask gathered at loss_index, over one epoch's rows
     seen = np.take_along_axis(rows.loss_mask, rows.loss_index, axis=1).sum()
     return {**out, "target_tokens_per_epoch": int(seen), "rows_per_epoch": len(rows),
-            "rows_per_step": rows_per_step, "examples_per_epoch": int(rows.attention_mask.max(axis=1).sum()),
+            "rows_per_step": rows_per_step, "examples_per_epoch": int(rows.examples_per_row().sum()),
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 

@@ -1,4 +1,5 @@
 """`model.dtype: auto`: bfloat16 only where matmuls in it are native."""
+import functools
 import re
 import pytest
 
@@ -32,6 +33,7 @@ def test_auto_is_the_default_and_from_pretrained_takes_it(tiny_llama):
     assert model.config.dtype == resolve_dtype("auto")
 
 
+@functools.cache
 def _compiled_bf16_step(mode: str, **sizes) -> str:
     """The HLO of the bench's tiny bf16 train step, compiled for this CPU."""
     import jax
