@@ -28,19 +28,20 @@ from jpeft import allocator
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
-from jpeft.roofline import DTYPES, gemm_shapes
+from jpeft.roofline import DTYPES, gemm_shapes, torch_device
 
 MODES = ("lora", "full", "qlora")
 # Dense bf16 peak TFLOP/s per chip, by device_kind substring: the denominator of MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
                "TPU v6 lite": 918.0, "TPU v4": 275.0}
-# Each side's row fields: (tok/s and roofline prefix, first-step time, peak RSS, trainable, total).
-SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "trainable_params", "total_params"),
-         "hf-peft": ("hf_peft", "hf_peft_first_step_s", "hf_peft_peak_rss_mb", "hf_peft_trainable_params",
-                     "hf_peft_total_params")}
+# Each side's row fields: (tok/s and roofline prefix, first-step time, peak RSS, peak accelerator memory,
+# trainable, total).
+SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "peak_device_mb", "trainable_params", "total_params"),
+         "hf-peft": ("hf_peft", "hf_peft_first_step_s", "hf_peft_peak_rss_mb", "hf_peft_peak_device_mb",
+                     "hf_peft_trainable_params", "hf_peft_total_params")}
 SUMMARY_KEYS = ("roofline", "compile_s_by_layers", "settings")  # the result's keys that are not rows
 COLUMNS = (("row", "<11"), ("side", "<9"), ("tok/s median [min–max]", ">28"), ("TFLOP/s", ">9"), ("roofline", ">10"),
-           ("of best", ">9"), ("MFU", ">7"), ("first step s", ">14"), ("peak RSS MB", ">13"), ("frozen MB", ">11"),
+           ("of best", ">9"), ("MFU", ">7"), ("first step s", ">14"), ("peak MB", ">9"), ("frozen MB", ">11"),
            ("trainable", ">13"), ("total", ">13"), ("jpeft/hf", ">10"))
 
 
@@ -137,10 +138,19 @@ def _measure(a: dict, mode: str) -> dict:
         "compile_s": times[0],
         "loss": float(metrics["loss"]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": _peak_device_mb(),
         "frozen_mb": sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**20,
         "trainable_params": trainable_params,
         "total_params": total_params,
     }
+
+
+def _peak_device_mb() -> float | None:
+    """The accelerator's peak memory in use by this process (None on CPU, where peak RSS says it)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
 def _compile_s(a: dict, mode: str) -> float:
@@ -197,6 +207,12 @@ def _spread(name: str, values: list) -> dict:
     return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
 
 
+def _most(values) -> float | None:
+    """The largest of per-round peaks that may be None (no accelerator)."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _row(dtype: str, jp: list, hf: list, roofline: dict, tokens: int) -> dict:
     """One mode at one dtype over its rounds (jp and hf: each side's worker results): median tok/s
     with min and max, median first-step time, highest peak RSS, and each side's fraction of its own
@@ -206,7 +222,8 @@ def _row(dtype: str, jp: list, hf: list, roofline: dict, tokens: int) -> dict:
     row = {"dtype": dtype, **_spread("jpeft_tok_s", [r["tok_s"] for r in jp]),
            **{k: last[k] for k in ("model_tflop_per_step", "loss", "frozen_mb", "trainable_params", "total_params")},
            "compile_s": statistics.median(r["compile_s"] for r in jp),
-           "peak_rss_mb": max(r["peak_rss_mb"] for r in jp), "step_s": [s for r in jp for s in r["step_s"]]}
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in jp), "peak_device_mb": _most(r["peak_device_mb"] for r in jp),
+           "step_s": [s for r in jp for s in r["step_s"]]}
     best = max(peaks[dtype] for peaks in roofline.values())
 
     def fractions(side: str, framework: str) -> dict:
@@ -224,6 +241,7 @@ def _row(dtype: str, jp: list, hf: list, roofline: dict, tokens: int) -> dict:
                    hf_peft_step_s=[s for r in hf for s in r["step_s"]],
                    hf_peft_first_step_s=statistics.median(r["first_step_s"] for r in hf),
                    hf_peft_peak_rss_mb=max(r["peak_rss_mb"] for r in hf),
+                   hf_peft_peak_device_mb=_most(r["peak_device_mb"] for r in hf),
                    **{f"hf_peft_{k}": h[k] for k in ("trainable_params", "total_params", "trainable_dtypes",
                                                      "frozen_dtypes", "autocast")})
     return row
@@ -266,7 +284,9 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
     runs, order = {}, []
     with _environ(env):
         xla = _run_worker({**a, "dtype": "float32"}, "roofline", timeout)
-        settings.update(jax=xla["jax"], devices=xla["devices"])
+        hf_args["device"] = torch_device(xla["platform"])
+        settings.update(jax=xla["jax"], platform=xla["platform"], devices=xla["devices"],
+                        torch_device=hf_args["device"])
         roofline = {"xla": xla["roofline"]}
         if hf_modes:
             hf = run_hf_peft({**hf_args, "modes": ["roofline"]}, timeout=timeout)
@@ -293,13 +313,13 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
 
 def _cells(key: str, r: dict, side: str, tokens: int) -> tuple:
     """One side's cells of row `key`, in COLUMNS order."""
-    prefix, first, rss, trainable, total = SIDES[side]
+    prefix, first, rss, device, trainable, total = SIDES[side]
     tok_s, jpeft = r[f"{prefix}_tok_s"], side == "jpeft"
     return (key, side, f"{tok_s:.1f} [{r[f'{prefix}_tok_s_min']:.1f}–{r[f'{prefix}_tok_s_max']:.1f}]",
             f"{r['model_tflop_per_step'] * tok_s / tokens:.3f}", f"{100 * r[f'{prefix}_roofline_fraction']:.1f}%",
             f"{100 * r[f'{prefix}_roofline_fraction_of_best']:.1f}%",
             f"{100 * r['mfu']:.1f}%" if jpeft and r["mfu"] is not None else "-", f"{r[first]:.1f}",
-            f"{r[rss]:.0f}", f"{r['frozen_mb']:.1f}" if jpeft else "-", f"{r[trainable]:,d}", f"{r[total]:,d}",
+            f"{r[rss] if r.get(device) is None else r[device]:.0f}", f"{r['frozen_mb']:.1f}" if jpeft else "-", f"{r[trainable]:,d}", f"{r[total]:,d}",
             "" if jpeft else f"{r['ratio']:.2f}x")
 
 
@@ -324,7 +344,9 @@ def _footer(result: dict) -> list:
     depths = (", ".join(f"{n} layers {t:.1f} s" for n, t in result["compile_s_by_layers"].items())
               or "not measured (--compile-depths none)")
     flags = " ".join(s["cpu_flags"]) or "none (or no /proc/cpuinfo)"
-    torch = f"; torch {s['torch']} on {s['torch_threads']} threads" if "torch" in s else ""
+    torch = f"; torch {s['torch']} on {s['torch_device']}, {s['torch_threads']} threads" if "torch" in s else ""
+    memory = ("peak MB: the accelerator memory each side held at its peak (jax memory_stats, torch "
+              "max_memory_allocated)" if s["platform"] != "cpu" else "peak MB: each process's peak RSS (ru_maxrss)")
     lines = [
         f"model: vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads "
         f"({s['kv_heads']} kv), mlp {s['mlp']}, batch {s['batch']}x{s['seq']}, dtype {s['dtype']}, "
@@ -337,7 +359,7 @@ def _footer(result: dict) -> list:
         f"float32 accumulation): {peaks}",
         "first step s: jpeft's includes its XLA compile, hf-peft's runs eagerly; median of the rounds. "
         f"Compile alone (lower + compile on abstract inputs, {s['compile_depths_of']}): {depths}",
-        f"each mode in its own process, both sides under: {malloc}; devices {s['devices']}{torch}",
+        f"each mode in its own process, both sides under: {malloc}; devices {s['devices']}{torch}; {memory}",
         f"cpu: {s['machine']}, {s['cpu_count']} cores; matmul flags present (of {', '.join(REPORTED_FLAGS)}): {flags}",
         "TFLOP/s: model FLOPs the step really does (jpeft/train/flops.py: no weight gradients for frozen "
         "weights, no remat recomputation), for both sides; MFU against the device's dense bf16 peak, where known",
@@ -345,7 +367,8 @@ def _footer(result: dict) -> list:
     if any(r["dtype"] == "bfloat16" for k, r in result.items() if k not in SUMMARY_KEYS):
         lines.insert(1, "bf16: jpeft keeps the frozen base in bf16 and trainable leaves in float32, bf16 matmuls "
                         "accumulating in float32; hf-peft runs LoRA on a bf16 base with float32 adapters and full "
-                        "fine-tuning on float32 weights, both under torch.autocast('cpu', bfloat16)")
+                        "fine-tuning on float32 weights, both under torch.autocast("
+                        f"'{s.get('torch_device', 'cpu')}', bfloat16)")
     return lines
 
 
@@ -456,7 +479,8 @@ def _worker(a: dict) -> None:
         out = {"compile_s": _compile_s(a, a.pop("of"))}
     else:
         out = _measure(a, mode)
-    print(json.dumps({**out, "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}))
+    print(json.dumps({**out, "jax": jax.__version__, "platform": jax.default_backend(),
+                      "devices": [str(d) for d in jax.devices()]}))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from jpeft import allocator
 from jpeft.bench import _environ
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
-from jpeft.roofline import DTYPES
+from jpeft.roofline import DTYPES, torch_device
 
 SIDES = ("jpeft", "hf")  # row prefixes: jpeft_tok_s, hf_tok_s, ...
 COLUMNS = (("batch", "<7"), ("side", "<14"), ("tok/s", ">9"), ("call s", ">9"), ("prefill s", ">11"),
@@ -54,7 +54,9 @@ def run_generate_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, h
     with tempfile.TemporaryDirectory(prefix="jpeft-bench-generate-") as ckpt, _environ(env):
         a["checkpoint"] = ckpt
         _run("build", a, timeout)
-        sides = {side: _run(side, a, timeout) for side in SIDES}
+        jp = _run("jpeft", a, timeout)
+        a["device"] = torch_device(jp["versions"]["platform"])  # transformers runs on jax's kind of chip
+        sides = {"jpeft": jp, "hf": _run("hf", a, timeout)}
     rows = {}
     for batch in batches:
         key = f"batch_{batch}"
@@ -93,7 +95,8 @@ def format_generate_table(result: dict) -> str:
         f"tok/s: batch x new tokens / median of {s['steps']} whole calls after {s['warmup']} untimed; prefill s: a "
         "1-token call; decode ms/token: (call - prefill) / (new tokens - 1); first call s: jpeft's includes its "
         "XLA compile",
-        f"jax {s['jax']} on {s['devices']}; torch {s['torch']} on {s['torch_threads']} threads; both under: {malloc}",
+        f"jax {s['jax']} on {s['devices']}; torch {s['torch']} on {s['device']}, {s['torch_threads']} threads; "
+        f"both under: {malloc}",
         f"cpu: {s['machine']}, {s['cpu_count']} cores; matmul flags present (of {', '.join(REPORTED_FLAGS)}): {flags}",
     ]
     return "\n".join(lines)
@@ -166,7 +169,8 @@ def _jpeft(a: dict) -> dict:
 
     model, params = jpeft.from_pretrained(a["checkpoint"], a["dtype"])
     rows = _measure(lambda prompts, n: generate(model, params, prompts, n, eos_token_id=None), a)
-    return {"rows": rows, "versions": {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}}
+    return {"rows": rows, "versions": {"jax": jax.__version__, "platform": jax.default_backend(),
+                                       "devices": [str(d) for d in jax.devices()]}}
 
 
 def _hf(a: dict) -> dict:
@@ -174,14 +178,15 @@ def _hf(a: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count())  # as bench_torch does
-    model = AutoModelForCausalLM.from_pretrained(a["checkpoint"], dtype=getattr(torch, a["dtype"])).eval()
+    device = a["device"]
+    model = AutoModelForCausalLM.from_pretrained(a["checkpoint"], dtype=getattr(torch, a["dtype"])).to(device).eval()
 
     def generate(prompts, n):
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                                  pad_token_id=0)
-        return out[:, ids.shape[1]:].tolist()
+        return out[:, ids.shape[1]:].tolist()  # to the host: waits for the device
 
     return {"rows": _measure(generate, a),
             "versions": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}}

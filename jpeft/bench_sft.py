@@ -46,6 +46,7 @@ from jpeft.bench import _environ
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised
 from jpeft.errors import ConfigError, DataError, JpeftError
 from jpeft.hardware import reported_flags
+from jpeft.roofline import torch_device
 
 PROMPT, TARGET = "{dialogue}\nSummary: ", "{summary}"  # the demo's template
 HELD_OUT = 50  # last rows of the file, evaluated by both sides
@@ -163,7 +164,7 @@ def _train_jpeft(a: dict) -> dict:
     seen = np.take_along_axis(rows.loss_mask, rows.loss_index, axis=1).sum()
     return {**out, "target_tokens_per_epoch": int(seen), "rows_per_epoch": len(rows),
             "rows_per_step": rows_per_step, "examples_per_epoch": int(rows.examples_per_row().sum()),
-            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+            "jax": jax.__version__, "platform": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
 
 
 def _run(module: str, a: dict, what: str, timeout: float) -> dict:
@@ -206,8 +207,10 @@ def run_sft_bench(path: str, vocab: int = 32000, hidden: int = 512, layers: int 
             np.savez(a[name], **data[name].arrays())
         a["checkpoint"] = os.path.join(tmp, "checkpoint")
         _run("jpeft.bench_sft_torch", {**a, "mode": "checkpoint"}, "writing the random checkpoint", timeout)
-        sides = {"jpeft": _run("jpeft.bench_sft", a, "the jpeft side", timeout),
-                 "hf_peft": _run("jpeft.bench_sft_torch", {**a, "mode": "train"}, "the hf-peft side", timeout)}
+        jp = _run("jpeft.bench_sft", a, "the jpeft side", timeout)
+        a["device"] = torch_device(jp["platform"])  # HF PEFT trains on jax's kind of chip
+        sides = {"jpeft": jp, "hf_peft": _run("jpeft.bench_sft_torch", {**a, "mode": "train"}, "the hf-peft side",
+                                              timeout)}
     target = max(s["final_loss"] for s in sides.values())
     reached = {k: next(e["train_s"] for e in s["evals"] if e["loss"] <= target) for k, s in sides.items()}
     jp, hf = sides["jpeft"], sides["hf_peft"]
@@ -220,7 +223,7 @@ def run_sft_bench(path: str, vocab: int = 32000, hidden: int = 512, layers: int 
                 "tokenizer_size": data["tokenizer_size"], "prompt": PROMPT, "target": TARGET, "grad_clip": 1.0,
                 "evals": EVALS, "malloc_env": env, "cpu_flags": reported_flags(), "cpu_count": os.cpu_count(),
                 "machine": platform.machine(), "jax": jp["jax"], "devices": jp["devices"], "torch": hf["torch"],
-                "torch_threads": hf["threads"]}
+                "torch_device": a["device"], "torch_threads": hf["threads"]}
     return {"sft": sft, "settings": settings}
 
 
@@ -254,7 +257,7 @@ def format_sft_table(result: dict) -> str:
         f"only (first step and jpeft's compile included), held-out loss at step 0 and {len(jp['evals']) - 1} "
         "points off the clock",
         f"each side in its own process under: {malloc}; jax {s['jax']} on {s['devices']}; torch {s['torch']} "
-        f"on {s['torch_threads']} threads; {s['machine']}, {s['cpu_count']} cores, flags "
+        f"on {s['torch_device']}, {s['torch_threads']} threads; {s['machine']}, {s['cpu_count']} cores, flags "
         f"{' '.join(s['cpu_flags']) or 'none'}",
     ]
     if s["dtype"] == "bfloat16":

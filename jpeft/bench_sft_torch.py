@@ -14,6 +14,7 @@ import numpy as np
 
 from jpeft.bench_sft import load_examples, train_loop
 from jpeft.data import batches
+from jpeft.roofline import synchronize
 
 
 def collate(rows: dict) -> dict:
@@ -62,16 +63,16 @@ def _train(a: dict) -> dict:
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(a["seed"])
-    bf16 = a["dtype"] == "bfloat16"
+    bf16, device = a["dtype"] == "bfloat16", a["device"]
     model = LlamaForCausalLM.from_pretrained(a["checkpoint"], dtype=torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(model, LoraConfig(r=a["rank"], lora_alpha=a["alpha"], target_modules=list(a["targets"]),
-                                             lora_dropout=0.0), autocast_adapter_dtype=True).train()
+                                             lora_dropout=0.0), autocast_adapter_dtype=True).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
     rows, held_out = load_examples(a["hf_peft"]), load_examples(a["held_out"])
 
     def tensors(batch: dict) -> dict:
-        return {k: torch.from_numpy(v) for k, v in batch.items()}
+        return {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
 
     def data():
         for drawn in batches(rows, a["batch"], a["seed"]):
@@ -80,19 +81,20 @@ def _train(a: dict) -> dict:
             yield tensors(batch), (target_tokens(batch), mask.sum(), mask.size, len(mask))
 
     def train(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
 
     @torch.no_grad()
     def held_out_loss() -> float:
         total, count = 0.0, 0
         for batch in in_order(held_out, a["batch"]):
             b = tensors(batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
                                            ignore_index=-100, reduction="sum"))

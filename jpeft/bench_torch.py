@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from jpeft.errors import JpeftError
-from jpeft.roofline import DTYPES, gemm_shapes, torch_peak
+from jpeft.roofline import DTYPES, gemm_shapes, synchronize, torch_peak
 
 DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 512, "num_layers": 8, "num_heads": 8,
     "num_kv_heads": 8, "intermediate_size": 1408, "batch": 8, "seq": 256,
     "rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"],
-    "steps": 5, "warmup": 2, "modes": ["lora", "full"], "seed": 0, "dtype": "float32",
+    "steps": 5, "warmup": 2, "modes": ["lora", "full"], "seed": 0, "dtype": "float32", "device": "cpu",
 }
 
 
@@ -61,7 +61,7 @@ def _build(a: dict, mode: str):
             lora_dropout=0.0), autocast_adapter_dtype=True)
     elif mode != "full":
         raise JpeftError(f"bench_torch: unknown mode {mode!r}; use 'lora', 'full' or 'roofline'")
-    return model.train()
+    return model.to(a.get("device", "cpu")).train()
 
 
 def _dtypes(params) -> list[str]:
@@ -78,17 +78,19 @@ def _measure(a: dict, mode: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(a["seed"])
-    ids = torch.randint(0, a["vocab_size"], (a["batch"], a["seq"]), generator=gen)
+    device = a["device"]
+    ids = torch.randint(0, a["vocab_size"], (a["batch"], a["seq"]), generator=gen).to(device)
     bf16 = a["dtype"] == "bfloat16"
     times = []
     for i in range(a["warmup"] + a["steps"]):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # jpeft's adamw clips at 1.0 too
         opt.step()
         opt.zero_grad(set_to_none=True)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     step_s = times[a["warmup"]:]
     tokens = a["batch"] * a["seq"]
@@ -97,6 +99,7 @@ def _measure(a: dict, mode: str) -> dict:
         "step_s": step_s,
         "first_step_s": times[0],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_dtypes": _dtypes(params),
@@ -109,7 +112,7 @@ def _roofline(a: dict) -> dict:
     """torch.matmul's peak GFLOP/s per dtype on the step's GEMM shapes."""
     head_dim = a["hidden_size"] // a["num_heads"]
     return torch_peak(gemm_shapes(a["batch"] * a["seq"], a["hidden_size"], a["num_kv_heads"] * head_dim,
-                                  a["intermediate_size"], a["vocab_size"]))
+                                  a["intermediate_size"], a["vocab_size"]), a["device"])
 
 
 def run_hf_peft(args: dict, timeout: float) -> dict:

@@ -56,14 +56,30 @@ def xla_peak(shapes) -> dict:
     return {dtype: peak(jnp.dtype(dtype)) for dtype in DTYPES}
 
 
-def torch_peak(shapes) -> dict:
-    """{dtype: GFLOP/s} of torch.matmul on CPU, on the threads the caller set; a bf16 CPU matmul
-    accumulates in float32 and rounds only its output, as under torch.autocast."""
+def torch_peak(shapes, device: str = "cpu") -> dict:
+    """{dtype: GFLOP/s} of torch.matmul on `device` (on CPU, on the threads the caller set); a bf16
+    matmul accumulates in float32 and rounds only its output, as under torch.autocast."""
     import torch
+
+    def matmul(x, w):
+        torch.matmul(x, w)
+        synchronize(device)
 
     def peak(dtype):
         def operands(m, k, n):
-            return torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        return _peak(shapes, operands, torch.matmul)
+            return torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        return _peak(shapes, operands, matmul)
 
     return {dtype: peak(getattr(torch, dtype)) for dtype in DTYPES}
+
+
+def torch_device(jax_platform: str) -> str:
+    """The torch device that matches jax's backend, so both sides of a bench run on one kind of chip."""
+    return "cuda" if jax_platform == "gpu" else "cpu"
+
+
+def synchronize(device: str) -> None:
+    """Wait for torch's queued work on `device`: CUDA kernels run asynchronously to the clock."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()

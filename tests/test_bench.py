@@ -49,28 +49,32 @@ def test_against_hf_peft_reports_both_sides_their_ratio_and_roofline():
     assert "hf-peft" in table and "roofline" in table and "matmul flags" in table
 
 
-def _stand_ins(monkeypatch) -> list:
+def _stand_ins(monkeypatch, platform: str = "cpu") -> list:
     """Replace both sides' workers with ones that answer at once, each run's tok/s one more than the
-    last; returns the list of (side, mode, dtype) they were called with."""
+    last, as if jax ran on `platform`; returns the list of (side, mode, dtype, torch device) they were
+    called with."""
     calls = []
 
     def jpeft_worker(a, mode, timeout):
-        calls.append(("jpeft", mode, a["dtype"]))
+        calls.append(("jpeft", mode, a["dtype"], None))
         if mode == "roofline":
-            return {"roofline": {"float32": 100.0, "bfloat16": 400.0}, "jax": "j", "devices": ["cpu:0"]}
+            return {"roofline": {"float32": 100.0, "bfloat16": 400.0}, "jax": "j", "platform": platform,
+                    "devices": [f"{platform}:0"]}
         if mode == "compile":
             return {"compile_s": 0.1 * a["layers"]}
         return {"tok_s": float(len(calls)), "model_tflop_per_step": 0.5, "peak_tflops": None, "step_s": [1.0],
                 "compile_s": 2.0, "loss": 1.0, "peak_rss_mb": float(len(calls)), "frozen_mb": 1.0,
+                "peak_device_mb": None if platform == "cpu" else 1000.0 + len(calls),
                 "trainable_params": 1, "total_params": 2}
 
     def hf_worker(args, timeout):
         mode, dtype = args["modes"][0], args.get("dtype", "float32")
-        calls.append(("hf-peft", mode, dtype))
+        calls.append(("hf-peft", mode, dtype, args["device"]))
         out = {"torch": "t", "threads": 2}
         if mode == "roofline":
             return {**out, "roofline": {"float32": 200.0, "bfloat16": 50.0}}
         return {**out, mode: {"tok_s": float(len(calls)), "step_s": [1.0], "first_step_s": 0.5, "peak_rss_mb": 1.0,
+                              "peak_device_mb": None if args["device"] == "cpu" else 2000.0,
                               "trainable_params": 1, "total_params": 2, "trainable_dtypes": ["float32"],
                               "frozen_dtypes": ["bfloat16"], "autocast": "bfloat16"}}
 
@@ -83,7 +87,7 @@ def test_rounds_alternate_the_sides_and_report_median_min_and_max(monkeypatch):
     calls = _stand_ins(monkeypatch)
     result = run_bench(**TINY, modes=("lora", "full"), dtype="both", rounds=3, against="hf-peft")
     train = [c for c in calls if c[1] in ("lora", "full")]
-    assert [" ".join(c) for c in train] == result["settings"]["run_order"]
+    assert [" ".join(c[:3]) for c in train] == result["settings"]["run_order"]
     assert _alternates(result["settings"]["run_order"], 3, ["float32", "bfloat16"], ["lora", "full"])
     assert [k for k in result if k not in bench.SUMMARY_KEYS] == ["lora", "full", "lora_bf16", "full_bf16"]
     # after 4 calls for the peaks and compiles, lora float32 ran as calls 5, 13, 21 (jpeft) and 6, 14, 22
@@ -98,6 +102,16 @@ def test_rounds_alternate_the_sides_and_report_median_min_and_max(monkeypatch):
     assert bf16["dtype"] == "bfloat16" and bf16["jpeft_roofline_fraction_of_best"] == bf16["jpeft_roofline_fraction"]
     assert result["compile_s_by_layers"] == {"4": pytest.approx(0.4), "32": pytest.approx(3.2)}
     assert "lora_bf16" in format_table(result) and "torch.autocast" in format_table(result)
+
+
+def test_on_a_gpu_the_hf_peft_side_runs_on_cuda_and_memory_is_the_devices(monkeypatch):
+    calls = _stand_ins(monkeypatch, platform="gpu")
+    result = run_bench(**TINY, modes=("lora",), rounds=2, compile_depths=(), against="hf-peft")
+    assert {c[3] for c in calls if c[0] == "hf-peft"} == {"cuda"} and result["settings"]["torch_device"] == "cuda"
+    r = result["lora"]
+    assert (r["peak_device_mb"], r["hf_peft_peak_device_mb"]) == (1000.0 + 5, 2000.0)  # jpeft's 2nd round: call 5
+    table = format_table(result)
+    assert " 1005 " in table and " 2000 " in table and "accelerator memory" in table
 
 
 def test_without_against_only_jpeft_runs_and_only_xla_is_measured(monkeypatch):
