@@ -28,6 +28,7 @@ from jpeft import allocator
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
+from jpeft.jax_env import matmul_precision
 from jpeft.roofline import DTYPES, gemm_shapes, torch_device
 
 MODES = ("lora", "full", "qlora")
@@ -188,9 +189,16 @@ def _environ(overrides: dict):
                 os.environ[k] = v
 
 
-def _run_worker(a: dict, mode: str, timeout: float) -> dict:
+def worker_env() -> dict:
+    """A bench worker's environment: this checkout's jpeft first on the path, and no persistent compile
+    cache (jpeft.jax_env), so that a worker's first step times a cold compile."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": "",
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def _run_worker(a: dict, mode: str, timeout: float) -> dict:
+    env = worker_env()
     cmd = [sys.executable, "-m", "jpeft.bench", "--worker", json.dumps({**a, "mode": mode})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -279,6 +287,7 @@ def run_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads: int
     env = allocator.tuned(os.environ) if tune_malloc else {}
     settings = {**a, "dtype": dtype, "rounds": rounds, "against": against, "malloc_env": env,
                 "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu_flags": reported_flags(),
+                "matmul_precision": matmul_precision(),
                 "process_per_mode": True, "roofline_shapes": _gemm_shapes(a),
                 "compile_depths_of": f"{modes[0]} {dtypes[0]}"}
     runs, order = {}, []
@@ -359,7 +368,8 @@ def _footer(result: dict) -> list:
         f"float32 accumulation): {peaks}",
         "first step s: jpeft's includes its XLA compile, hf-peft's runs eagerly; median of the rounds. "
         f"Compile alone (lower + compile on abstract inputs, {s['compile_depths_of']}): {depths}",
-        f"each mode in its own process, both sides under: {malloc}; devices {s['devices']}{torch}; {memory}",
+        f"each mode in its own process, both sides under: {malloc}; devices {s['devices']}{torch}; jax's float32 "
+        f"matmul precision {s['matmul_precision']}; {memory}",
         f"cpu: {s['machine']}, {s['cpu_count']} cores; matmul flags present (of {', '.join(REPORTED_FLAGS)}): {flags}",
         "TFLOP/s: model FLOPs the step really does (jpeft/train/flops.py: no weight gradients for frozen "
         "weights, no remat recomputation), for both sides; MFU against the device's dense bf16 peak, where known",

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from jpeft import allocator
-from jpeft.bench import _environ
+from jpeft.bench import _environ, worker_env
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
+from jpeft.jax_env import matmul_precision
 from jpeft.roofline import DTYPES, torch_device
 
 SIDES = ("jpeft", "hf")  # row prefixes: jpeft_tok_s, hf_tok_s, ...
@@ -71,6 +71,7 @@ def run_generate_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, h
         rows[key] = row
     settings = {k: v for k, v in a.items() if k not in ("prompts", "checkpoint")}
     settings.update(prompt=prompt, malloc_env=env, cpu_flags=reported_flags(), cpu_count=os.cpu_count(),
+                    matmul_precision=matmul_precision(),
                     machine=platform.machine(), **sides["jpeft"]["versions"], **sides["hf"]["versions"])
     return {"generate": rows, "settings": settings}
 
@@ -96,7 +97,7 @@ def format_generate_table(result: dict) -> str:
         "1-token call; decode ms/token: (call - prefill) / (new tokens - 1); first call s: jpeft's includes its "
         "XLA compile",
         f"jax {s['jax']} on {s['devices']}; torch {s['torch']} on {s['device']}, {s['torch_threads']} threads; "
-        f"both under: {malloc}",
+        f"both under: {malloc}; jax's float32 matmul precision {s['matmul_precision']}",
         f"cpu: {s['machine']}, {s['cpu_count']} cores; matmul flags present (of {', '.join(REPORTED_FLAGS)}): {flags}",
     ]
     return "\n".join(lines)
@@ -115,8 +116,7 @@ def main(args) -> None:
 
 def _run(side: str, a: dict, timeout: float) -> dict:
     """One side in a fresh interpreter (`python -m jpeft.bench_generate SIDE JSON`); its JSON line."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = worker_env()
     cmd = [sys.executable, "-m", "jpeft.bench_generate", side, json.dumps(a)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -37,15 +37,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from jpeft import allocator
-from jpeft.bench import _environ
+from jpeft.bench import _environ, worker_env
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised
 from jpeft.errors import ConfigError, DataError, JpeftError
 from jpeft.hardware import reported_flags
+from jpeft.jax_env import matmul_precision
 from jpeft.roofline import torch_device
 
 PROMPT, TARGET = "{dialogue}\nSummary: ", "{summary}"  # the demo's template
@@ -169,8 +169,7 @@ def _train_jpeft(a: dict) -> dict:
 
 def _run(module: str, a: dict, what: str, timeout: float) -> dict:
     """Run `python -m module --worker JSON` in a fresh interpreter; its last stdout line is the result."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = worker_env()
     try:
         proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(a)], capture_output=True,
                               text=True, timeout=timeout, env=env)
@@ -222,6 +221,7 @@ def run_sft_bench(path: str, vocab: int = 32000, hidden: int = 512, layers: int 
                 "data": path, "train_rows": len(train_rows), "held_out_rows": len(test_rows),
                 "tokenizer_size": data["tokenizer_size"], "prompt": PROMPT, "target": TARGET, "grad_clip": 1.0,
                 "evals": EVALS, "malloc_env": env, "cpu_flags": reported_flags(), "cpu_count": os.cpu_count(),
+                "matmul_precision": matmul_precision(),
                 "machine": platform.machine(), "jax": jp["jax"], "devices": jp["devices"], "torch": hf["torch"],
                 "torch_device": a["device"], "torch_threads": hf["threads"]}
     return {"sft": sft, "settings": settings}

@@ -306,8 +306,8 @@ def main(argv=None) -> int:
     if args.verbose or args.command in ("train", "demo"):
         logging.getLogger("jpeft").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from jpeft.hardware import float32_matmuls_in_float32
-    float32_matmuls_in_float32()
+    from jpeft import jax_env
+    jax_env.apply()
     # jpeft needs no PyTorch, so transformers' import-time "PyTorch was not found" notice (a warning on
     # its "transformers" logger) is noise here; drop that one message before anything imports transformers.
     logging.getLogger("transformers").addFilter(_no_pytorch_notice)

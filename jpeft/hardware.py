@@ -1,5 +1,4 @@
-"""What the machine can do: its CPU's instruction flags, the compute dtype that follows, and the
-float32 matmul precision every backend is held to.
+"""What the machine can do fast: its CPU's instruction flags, and the compute dtype that follows.
 
 `model.dtype: auto` (the default) picks bfloat16 only where matmuls in it are native: on
 accelerators, and on CPUs with bf16 dot-product instructions (AVX512_BF16, AMX, Arm BF16).
@@ -9,8 +8,6 @@ Elsewhere bf16 matmuls are emulated and slower than float32 (measured on an AVX2
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AMX, aarch64 FEAT_BF16
 REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")
@@ -40,23 +37,6 @@ def auto_dtype(backend: str | None = None, flags: frozenset[str] | None = None) 
     if backend != "cpu":
         return "bfloat16"
     return "bfloat16" if set(BF16_FLAGS) & (cpu_flags() if flags is None else flags) else "float32"
-
-
-def float32_matmuls_in_float32() -> None:
-    """Run float32 matmuls in float32 in this process and those it starts, unless the user chose.
-
-    JAX's default precision runs them as TF32 on NVIDIA GPUs (a 512x512 product's relative error 3.0e-4
-    against 2.9e-7 in float32, measured on an H200) and in bf16 passes on TPUs, while PyTorch, the
-    reference, keeps float32; under that default 29 of jpeft's parity tests failed on the H200. bf16
-    compute (`model.dtype: auto` on accelerators) is unaffected, and so is XLA:CPU, which always
-    multiplies float32 in float32 (its compiled step is the same program).
-    """
-    if "JAX_DEFAULT_MATMUL_PRECISION" in os.environ:
-        return
-    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"  # read when jax is imported, here or in a child
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.config.jax_default_matmul_precision is None:
-        jax.config.update("jax_default_matmul_precision", "float32")
 
 
 def step_compiler_options() -> dict | None:

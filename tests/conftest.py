@@ -7,6 +7,7 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity with PyTorch's float32 on any backend (JAX's default is TF32 on NVIDIA GPUs), as the CLI sets it.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "float32")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent compile cache: nothing written to ~/.cache
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

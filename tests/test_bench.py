@@ -112,6 +112,8 @@ def test_on_a_gpu_the_hf_peft_side_runs_on_cuda_and_memory_is_the_devices(monkey
     assert (r["peak_device_mb"], r["hf_peft_peak_device_mb"]) == (1000.0 + 5, 2000.0)  # jpeft's 2nd round: call 5
     table = format_table(result)
     assert " 1005 " in table and " 2000 " in table and "accelerator memory" in table
+    # the suite runs as the CLI does: float32 matmuls in float32, and the report says so
+    assert result["settings"]["matmul_precision"] == "float32" and "matmul precision float32" in table
 
 
 def test_without_against_only_jpeft_runs_and_only_xla_is_measured(monkeypatch):

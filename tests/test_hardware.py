@@ -1,10 +1,6 @@
-"""`model.dtype: auto`: bfloat16 only where matmuls in it are native; float32 matmuls held to float32."""
+"""`model.dtype: auto`: bfloat16 only where matmuls in it are native."""
 import functools
-import os
 import re
-import subprocess
-import sys
-
 import pytest
 
 from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype
@@ -76,21 +72,3 @@ def test_bf16_step_computes_no_transcendental_in_bf16():
     (and so its gradient) runs in float32 and rounds once, so the compiled bf16 step has none."""
     hlo = _compiled_bf16_step("lora")
     assert not re.findall(r"bf16\[[\d,]*\]\{[\d,]*\} (?:logistic|exponential|tanh|divide)\(", hlo)
-
-
-@pytest.mark.parametrize("chosen, jax_first, want", [
-    (None, False, "HIGHEST"),  # float32 in float32: JAX's default would be TF32 on NVIDIA GPUs
-    (None, True, "HIGHEST"),  # jax imported before the CLI runs: its config is updated too
-    ("tensorfloat32", False, "HIGH"),  # the user's own choice stands
-])
-def test_the_cli_holds_float32_matmuls_to_float32_unless_the_user_chose(chosen, jax_first, want):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_MATMUL_PRECISION"}
-    env.update({"JAX_DEFAULT_MATMUL_PRECISION": chosen} if chosen else {})
-    code = ("import jax; " if jax_first else "") + (
-        "from jpeft.cli import main; assert main(['bench', '--rounds', '0']) == 2; "
-        "import os, jax, jax.numpy as jnp; print(os.environ['JAX_DEFAULT_MATMUL_PRECISION']); "
-        "print(jax.jit(jnp.dot).lower(jnp.ones((2, 2)), jnp.ones((2, 2))).as_text())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.splitlines()[0] == (chosen or "float32")  # what the processes it starts inherit
-    assert f"precision = [{want}, {want}]" in out.stdout
