@@ -8,6 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity with PyTorch's float32 on any backend (JAX's default is TF32 on NVIDIA GPUs), as the CLI sets it.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "float32")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")  # no persistent compile cache: nothing written to ~/.cache
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # on a GPU each xdist worker would take 75% of it
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
