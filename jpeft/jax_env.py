@@ -12,7 +12,8 @@ command starts (the bench's workers) run under them too; a variable the user set
 - ``JAX_COMPILATION_CACHE_DIR`` (``$XDG_CACHE_HOME/jpeft/xla``, 2 GiB at most, least recently used
   out first): a compiled step is kept across runs, so a rerun, an eval after a train, or a resume
   after preemption loads it instead of compiling again (the bench's LoRA step: 8.5 s to compile, 1.7
-  s to trace and load). An empty value turns it off.
+  s to trace and load). An empty value turns it off; so does a cache directory that cannot be made
+  (a read-only home), where jax would otherwise warn at every compile.
 """
 from __future__ import annotations
 
@@ -22,24 +23,34 @@ import sys
 CACHE_MAX_BYTES = 2 * 2**30
 
 
-def defaults() -> dict:
-    """{variable: value} of the settings, typed as jax.config takes them."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return {"JAX_DEFAULT_MATMUL_PRECISION": "float32",
-            "JAX_COMPILATION_CACHE_DIR": os.path.join(cache, "jpeft", "xla"),
-            "JAX_COMPILATION_CACHE_MAX_SIZE": CACHE_MAX_BYTES}
-
-
 def apply() -> None:
-    """Set each setting the user has not set, in the environment and, if jax is already imported (it
-    read the environment before this ran), in its config."""
+    """Set each setting the user has not set."""
+    _set("JAX_DEFAULT_MATMUL_PRECISION", "float32")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _set("JAX_COMPILATION_CACHE_DIR", _cache_dir())
+        _set("JAX_COMPILATION_CACHE_MAX_SIZE", CACHE_MAX_BYTES)
+
+
+def _set(name: str, value) -> None:
+    """`name` in the environment unless the user set it, and in jax's config if jax is already imported
+    (it read the environment before this ran)."""
+    if name in os.environ:
+        return
+    os.environ[name] = str(value)
     jax = sys.modules.get("jax")
-    for name, value in defaults().items():
-        if name in os.environ:
-            continue
-        os.environ[name] = str(value)
-        if jax is not None:
-            jax.config.update(name.lower(), value)
+    if jax is not None:
+        jax.config.update(name.lower(), value)
+
+
+def _cache_dir() -> str:
+    """$XDG_CACHE_HOME/jpeft/xla (~/.cache/...), made if need be; "" (no cache) where it cannot be."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(root, "jpeft", "xla")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return ""
+    return path
 
 
 def matmul_precision() -> str:

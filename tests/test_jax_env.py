@@ -52,6 +52,15 @@ def test_an_empty_cache_dir_turns_the_cache_off(tmp_path):
     assert lines == ["''"] and not (tmp_path / "jpeft").exists()
 
 
+def test_a_cache_dir_that_cannot_be_made_leaves_the_cache_off(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # $XDG_CACHE_HOME is a file: no directory can be made below it
+    lines = _run_cli_then("import warnings; warnings.simplefilter('error'); "  # jax would warn at each compile
+                          "jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready(); "
+                          "print(repr(os.environ['JAX_COMPILATION_CACHE_DIR']))", blocked)
+    assert lines == ["''"]
+
+
 def test_bench_workers_compile_cold_with_this_checkout_first():
     env = worker_env()
     assert env["JAX_COMPILATION_CACHE_DIR"] == ""  # a worker's first step times a real compile
