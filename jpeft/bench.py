@@ -22,13 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from jpeft import allocator
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
-from jpeft.jax_env import matmul_precision
+from jpeft.jax_env import matmul_precision, worker_env
 from jpeft.roofline import DTYPES, gemm_shapes, torch_device
 
 MODES = ("lora", "full", "qlora")
@@ -189,14 +188,6 @@ def _environ(overrides: dict):
                 os.environ[k] = v
 
 
-def worker_env() -> dict:
-    """A bench worker's environment: this checkout's jpeft first on the path, and no persistent compile
-    cache (jpeft.jax_env), so that a worker's first step times a cold compile."""
-    root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": "",
-            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-
-
 def _run_worker(a: dict, mode: str, timeout: float) -> dict:
     env = worker_env()
     cmd = [sys.executable, "-m", "jpeft.bench", "--worker", json.dumps({**a, "mode": mode})]
@@ -328,7 +319,8 @@ def _cells(key: str, r: dict, side: str, tokens: int) -> tuple:
             f"{r['model_tflop_per_step'] * tok_s / tokens:.3f}", f"{100 * r[f'{prefix}_roofline_fraction']:.1f}%",
             f"{100 * r[f'{prefix}_roofline_fraction_of_best']:.1f}%",
             f"{100 * r['mfu']:.1f}%" if jpeft and r["mfu"] is not None else "-", f"{r[first]:.1f}",
-            f"{r[rss] if r.get(device) is None else r[device]:.0f}", f"{r['frozen_mb']:.1f}" if jpeft else "-", f"{r[trainable]:,d}", f"{r[total]:,d}",
+            f"{r[rss] if r.get(device) is None else r[device]:.0f}", f"{r['frozen_mb']:.1f}" if jpeft else "-",
+            f"{r[trainable]:,d}", f"{r[total]:,d}",
             "" if jpeft else f"{r['ratio']:.2f}x")
 
 
@@ -378,7 +370,7 @@ def _footer(result: dict) -> list:
         lines.insert(1, "bf16: jpeft keeps the frozen base in bf16 and trainable leaves in float32, bf16 matmuls "
                         "accumulating in float32; hf-peft runs LoRA on a bf16 base with float32 adapters and full "
                         "fine-tuning on float32 weights, both under torch.autocast("
-                        f"'{s.get('torch_device', 'cpu')}', bfloat16)")
+                        f"'{s['torch_device']}', bfloat16)")
     return lines
 
 

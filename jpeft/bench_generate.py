@@ -20,10 +20,10 @@ import tempfile
 import time
 
 from jpeft import allocator
-from jpeft.bench import _environ, worker_env
+from jpeft.bench import _environ
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
-from jpeft.jax_env import matmul_precision
+from jpeft.jax_env import matmul_precision, worker_env
 from jpeft.roofline import DTYPES, torch_device
 
 SIDES = ("jpeft", "hf")  # row prefixes: jpeft_tok_s, hf_tok_s, ...

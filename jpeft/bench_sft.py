@@ -41,11 +41,11 @@ import time
 import numpy as np
 
 from jpeft import allocator
-from jpeft.bench import _environ, worker_env
+from jpeft.bench import _environ
 from jpeft.data import Examples, batches, check_columns, load_rows, tokenize_supervised
 from jpeft.errors import ConfigError, DataError, JpeftError
 from jpeft.hardware import reported_flags
-from jpeft.jax_env import matmul_precision
+from jpeft.jax_env import matmul_precision, worker_env
 from jpeft.roofline import torch_device
 
 PROMPT, TARGET = "{dialogue}\nSummary: ", "{summary}"  # the demo's template

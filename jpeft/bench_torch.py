@@ -17,9 +17,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from jpeft.errors import JpeftError
+from jpeft.jax_env import worker_env
 from jpeft.roofline import DTYPES, gemm_shapes, synchronize, torch_peak
 
 DEFAULTS = {
@@ -61,7 +61,7 @@ def _build(a: dict, mode: str):
             lora_dropout=0.0), autocast_adapter_dtype=True)
     elif mode != "full":
         raise JpeftError(f"bench_torch: unknown mode {mode!r}; use 'lora', 'full' or 'roofline'")
-    return model.to(a.get("device", "cpu")).train()
+    return model.train()
 
 
 def _dtypes(params) -> list[str]:
@@ -74,11 +74,11 @@ def _measure(a: dict, mode: str) -> dict:
     loss under torch.autocast for bf16, backward outside it, as autocast's docs prescribe."""
     import torch
 
-    model = _build(a, mode)
+    device = a["device"]
+    model = _build(a, mode).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(a["seed"])
-    device = a["device"]
     ids = torch.randint(0, a["vocab_size"], (a["batch"], a["seq"]), generator=gen).to(device)
     bf16 = a["dtype"] == "bfloat16"
     times = []
@@ -117,9 +117,7 @@ def _roofline(a: dict) -> dict:
 
 def run_hf_peft(args: dict, timeout: float) -> dict:
     """Run the benchmark in a fresh interpreter, so torch never loads next to jax."""
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = worker_env()
     cmd = [sys.executable, "-m", "jpeft.bench_torch", "--json-args", json.dumps(args)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

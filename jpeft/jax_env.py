@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 CACHE_MAX_BYTES = 2 * 2**30
 
@@ -51,6 +52,14 @@ def _cache_dir() -> str:
     except OSError:
         return ""
     return path
+
+
+def worker_env() -> dict:
+    """The environment of a process a bench starts: this checkout's jpeft first on the path, and no
+    persistent compile cache, so that a worker's first step times a cold compile."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": "",
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
 def matmul_precision() -> str:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jpeft.bench import worker_env
+from jpeft.jax_env import worker_env
 
 SETTINGS = ("JAX_DEFAULT_MATMUL_PRECISION", "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")
 
