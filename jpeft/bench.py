@@ -1,7 +1,7 @@
 """`jpeft bench`: train-step throughput and memory of a random Llama, optionally against HF PEFT.
 
-Each jpeft mode runs in a fresh interpreter (``python -m jpeft.bench --worker JSON``), as
-each HF PEFT mode does (jpeft/bench_torch.py), so every ``peak_rss_mb`` is one process's
+Each jpeft mode runs in a fresh interpreter (jpeft/bench_jpeft.py), as each HF PEFT mode
+does (jpeft/bench_torch.py), so every ``peak_rss_mb`` is one process's
 own ``ru_maxrss`` and both sides run under the same environment. On CPU that environment
 matters: by default glibc malloc returns ~2 GB to the OS and re-faults it every step, so
 unless ``tune_malloc=False`` both sides run with `jpeft.allocator`'s settings, which keep memory
@@ -17,23 +17,19 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 from jpeft import allocator
+from jpeft.bench_jpeft import _gemm_shapes
 from jpeft.bench_torch import run_hf_peft
 from jpeft.errors import JpeftError
 from jpeft.hardware import REPORTED_FLAGS, reported_flags
 from jpeft.jax_env import matmul_precision, worker_env
-from jpeft.roofline import DTYPES, gemm_shapes, torch_device
+from jpeft.roofline import DTYPES, torch_device
 
 MODES = ("lora", "full", "qlora")
-# Dense bf16 peak TFLOP/s per chip, by device_kind substring: the denominator of MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
-               "TPU v6 lite": 918.0, "TPU v4": 275.0}
 # Each side's row fields: (tok/s and roofline prefix, first-step time, peak RSS, peak accelerator memory,
 # trainable, total).
 SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "peak_device_mb", "trainable_params", "total_params"),
@@ -43,134 +39,6 @@ SUMMARY_KEYS = ("roofline", "compile_s_by_layers", "settings")  # the result's k
 COLUMNS = (("row", "<11"), ("side", "<9"), ("tok/s median [min–max]", ">28"), ("TFLOP/s", ">9"), ("roofline", ">10"),
            ("of best", ">9"), ("MFU", ">7"), ("first step s", ">14"), ("peak MB", ">9"), ("frozen MB", ">11"),
            ("trainable", ">13"), ("total", ">13"), ("jpeft/hf", ">10"))
-
-
-def _module(a: dict):
-    """The Llama that bench_torch builds, as a jpeft module."""
-    from jpeft.models.config import ModelConfig
-    from jpeft.models.llama import CausalLM
-
-    cfg = ModelConfig(
-        model_type="llama", vocab_size=a["vocab"], hidden_size=a["hidden"], intermediate_size=a["mlp"],
-        num_layers=a["layers"], num_heads=a["heads"], num_kv_heads=a["kv_heads"],
-        head_dim=a["hidden"] // a["heads"], max_position_embeddings=max(2048, a["seq"]),
-        dtype=a["dtype"], remat=a["remat"])
-    return CausalLM(cfg)
-
-
-def _model(a: dict):
-    """The random Llama that bench_torch builds, as a jpeft module and float32 tree."""
-    import jax
-
-    from jpeft.models.llama import init_params
-
-    model = _module(a)
-    return model, init_params(model, jax.random.key(a["seed"]))
-
-
-def _step(a: dict, mode: str):
-    """(model, method, jitted train step, trees) of one mode. trees() builds (params, state, frozen):
-    the random weights with the method applied, frozen floats in bf16 for a bf16 run or QLoRA
-    (trainable leaves stay float32); jax.eval_shape(trees) gives their shapes without allocating."""
-    import jax
-    import jax.numpy as jnp
-
-    from jpeft import tree as T
-    from jpeft.models.llama import init_params
-    from jpeft.peft import Full, LoRA, QLoRA
-    from jpeft.train.optimizer import adamw
-    from jpeft.train.step import init_state, make_train_step
-
-    model = _module(a)
-    method = {"lora": lambda: LoRA(a["rank"], a["alpha"], a["targets"]), "full": Full,
-              "qlora": lambda: QLoRA(a["rank"], a["alpha"], a["targets"], quant="nf4")}[mode]()
-    # torch.optim.AdamW's default weight decay; jpeft's adamw also clips, as a trainer would.
-    optimizer = adamw(1e-4, a["warmup"] + a["steps"], warmup=0, weight_decay=0.01, min_lr_ratio=1.0)
-
-    def trees():
-        params = method.init(jax.random.key(a["seed"] + 1), init_params(model, jax.random.key(a["seed"])))
-        trainable, frozen = T.partition(params, method.mask(params))
-        if a["dtype"] == "bfloat16" or mode == "qlora":
-            frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                  frozen)
-        return params, init_state(trainable, optimizer), frozen
-
-    return model, method, make_train_step(model, optimizer, a["seed"], dropout=False), trees
-
-
-def _batch(a: dict) -> dict:
-    """One [1, batch, seq] batch of random ids, as bench_torch feeds."""
-    import numpy as np
-
-    ids = np.random.default_rng(a["seed"]).integers(0, a["vocab"], (1, a["batch"], a["seq"]), dtype=np.int32)
-    mask = np.ones(ids.shape, np.float32)
-    mask[..., -1] = 0  # next-token loss over seq - 1 positions, as HF's labels=input_ids
-    return {"input_ids": ids, "labels": np.roll(ids, -1, axis=-1), "loss_mask": mask,
-            "attention_mask": np.ones(ids.shape, np.int32)}
-
-
-def _measure(a: dict, mode: str) -> dict:
-    """Time one full jitted train step (forward, loss, backward, clip + AdamW) per timed step."""
-    import jax
-
-    from jpeft.peft import count_parameters
-    from jpeft.train.flops import train_step_flops
-
-    model, method, step, trees = _step(a, mode)
-    params, state, frozen = trees()
-    batch = jax.device_put(_batch(a))
-
-    times = []
-    for i in range(max(a["warmup"], 1) + a["steps"]):
-        t0 = time.perf_counter()
-        state, metrics = step(state, frozen, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    step_s = times[max(a["warmup"], 1):]
-    tokens = a["batch"] * a["seq"]
-    mask = method.mask(params)
-    trainable_params, total_params = count_parameters(params, mask)
-    return {
-        "tok_s": statistics.median(tokens / s for s in step_s),
-        "model_tflop_per_step": train_step_flops(model.config, params, mask, tokens, a["seq"]) / 1e12,
-        "peak_tflops": next((v for k, v in PEAK_TFLOPS.items() if k in jax.devices()[0].device_kind), None),
-        "step_s": step_s,
-        "compile_s": times[0],
-        "loss": float(metrics["loss"]),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_device_mb": _peak_device_mb(),
-        "frozen_mb": sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**20,
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-    }
-
-
-def _peak_device_mb() -> float | None:
-    """The accelerator's peak memory in use by this process (None on CPU, where peak RSS says it)."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
-    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
-
-
-def _compile_s(a: dict, mode: str) -> float:
-    """Seconds to lower and compile one mode's train step on abstract weights and state: none are
-    allocated, so a deep model costs only its compile (which scanned layers keep flat in depth)."""
-    import jax
-
-    _, _, step, trees = _step(a, mode)
-    _, state, frozen = jax.eval_shape(trees)
-    batch = _batch(a)
-    jax.devices()  # the backend starts before the clock
-    t0 = time.perf_counter()
-    step.lower(state, frozen, batch).compile()
-    return time.perf_counter() - t0
-
-
-def _gemm_shapes(a: dict) -> list:
-    """The roofline's matmul shapes for this bench's model and batch (bench_torch derives the same)."""
-    return gemm_shapes(a["batch"] * a["seq"], a["hidden"], a["kv_heads"] * (a["hidden"] // a["heads"]),
-                       a["mlp"], a["vocab"])
 
 
 @contextlib.contextmanager
@@ -190,7 +58,7 @@ def _environ(overrides: dict):
 
 def _run_worker(a: dict, mode: str, timeout: float) -> dict:
     env = worker_env()
-    cmd = [sys.executable, "-m", "jpeft.bench", "--worker", json.dumps({**a, "mode": mode})]
+    cmd = [sys.executable, "-m", "jpeft.bench_jpeft", "--worker", json.dumps({**a, "mode": mode})]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -464,35 +332,3 @@ def main(args) -> None:
                        compile_depths=_depths(args.compile_depths), remat=args.remat, against=args.against,
                        tune_malloc=args.tune_malloc)
     print(json.dumps(result) if args.json else format_table(result))
-
-
-def _worker(a: dict) -> None:
-    import jax
-
-    from jpeft.bench_load import LOAD_WAYS, load
-
-    mode = a.pop("mode")
-    if mode in LOAD_WAYS:
-        out = load(a, mode)
-    elif mode == "roofline":
-        from jpeft.roofline import xla_peak
-        out = {"roofline": xla_peak(_gemm_shapes(a))}
-    elif mode == "compile":
-        out = {"compile_s": _compile_s(a, a.pop("of"))}
-    else:
-        out = _measure(a, mode)
-    print(json.dumps({**out, "jax": jax.__version__, "platform": jax.default_backend(),
-                      "devices": [str(d) for d in jax.devices()]}))
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m jpeft.bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    ns = parser.parse_args()
-    if ns.worker:
-        _worker(json.loads(ns.worker))
-    else:
-        main(ns)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from jpeft import allocator
-from jpeft.bench import _environ, _model, _run_worker
+from jpeft.bench import _environ, _run_worker
+from jpeft.bench_jpeft import _model
 from jpeft.errors import JpeftError
 
 LOAD_DEVICES = 8

@@ -38,7 +38,7 @@ def _compiled_bf16_step(mode: str, **sizes) -> str:
     """The HLO of the bench's tiny bf16 train step, compiled for this CPU."""
     import jax
 
-    from jpeft.bench import _batch, _step
+    from jpeft.bench_jpeft import _batch, _step
     a = dict(vocab=128, hidden=32, layers=2, heads=2, kv_heads=2, mlp=48, batch=2, seq=16, rank=4, alpha=8,
              targets=["q_proj", "v_proj"], remat="none", seed=0, dtype="bfloat16", warmup=0, steps=1) | sizes
     _, _, step, trees = _step(a, mode)
