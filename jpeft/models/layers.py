@@ -6,6 +6,7 @@ each method lives in `jpeft.peft`.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -109,11 +110,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, self.axes), (x.shape[-1],), jnp.float32)
-        h = x.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        if self.plus_one:
-            return sites.norm(module_leaves(self), (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype))
-        return sites.norm(module_leaves(self), scale.astype(x.dtype) * h.astype(x.dtype))
+        return sites.norm(module_leaves(self), _rms_normed(x, scale, self.eps, self.plus_one))
 
 
 class LayerNorm(nn.Module):
@@ -126,9 +123,31 @@ class LayerNorm(nn.Module):
                            jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],),
                           jnp.float32)
-        h = x.astype(jnp.float32)
-        h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + self.eps)
-        return sites.norm(module_leaves(self), (h * scale + bias).astype(x.dtype))
+        return sites.norm(module_leaves(self), _layer_normed(x, scale, bias, self.eps))
+
+
+def recomputed(*static_argnums: int):
+    """A function that autodiff keeps only the inputs of, recomputing it in the backward pass. For the
+    float32 math the layers do on bf16 inputs (activation, norms): its float32 intermediates would
+    otherwise be saved, and stacked for every layer by the layer scan (the bench's bf16 LoRA step: the
+    scan's temporaries 869 -> 485 MB, ~10% faster; docs/design.md §8)."""
+    return partial(jax.checkpoint, static_argnums=static_argnums, prevent_cse=False)
+
+
+@recomputed(2, 3)
+def _rms_normed(x, scale, eps: float, plus_one: bool):
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return scale.astype(x.dtype) * h.astype(x.dtype)
+
+
+@recomputed(3)
+def _layer_normed(x, scale, bias, eps: float):
+    h = x.astype(jnp.float32)
+    h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + eps)
+    return (h * scale + bias).astype(x.dtype)
 
 
 class Embed(nn.Module):
@@ -336,6 +355,7 @@ ACTIVATIONS = {
 }
 
 
+@recomputed(0)
 def activate(name: str, x, up=None):
     """The MLP's act(x), or its gated act(x) · up, computed in float32 and rounded once to x's dtype (torch
     computes each in float32 and rounds twice). XLA:CPU runs bf16 exp and divide slowly: silu(x) · up on

@@ -64,3 +64,31 @@ def test_remat_really_saves_less_for_the_backward_pass(tmp_path):
         temp[policy] = jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
     assert saved["full"] < saved["dots"] < saved["none"] / 2, saved
     assert temp["full"] < temp["dots"] < temp["none"] / 2, temp
+
+
+@pytest.mark.parametrize("name", ["activate", "_rms_normed", "_layer_normed"])
+def test_float32_math_on_bf16_inputs_saves_only_its_inputs(name):
+    """The layers' float32 math on bf16 activations (MLP activation, norms) keeps only its bf16 inputs for
+    the backward pass, which recomputes it, where plain autodiff keeps its float32 intermediates (stacked
+    for every layer by the scan); the gradients are the plain math's."""
+    from jpeft.models import layers as L
+
+    r = np.random.RandomState(0)
+    x, up = (jnp.asarray(r.randn(4, 6, 16), jnp.bfloat16) for _ in range(2))
+    w, b = (jnp.asarray(r.randn(16), jnp.float32) for _ in range(2))
+    fn = getattr(L, name)
+    call = {"activate": lambda f, x, w: f("silu", x, up * w.astype(jnp.bfloat16)),
+            "_rms_normed": lambda f, x, w: f(x, w, 1e-5, False),
+            "_layer_normed": lambda f, x, w: f(x, w, b, 1e-5)}[name]
+
+    def loss(f):
+        return lambda x, w: jnp.sum(call(f, x, w).astype(jnp.float32) * jnp.arange(16.0))
+
+    def float32_saved(f):
+        return [str(aval) for aval, why in saved_residuals(loss(f), x, w)
+                if aval.dtype == jnp.float32 and aval.shape == x.shape]
+
+    assert float32_saved(fn.__wrapped__), "the plain math keeps float32 intermediates"
+    assert float32_saved(fn) == []
+    for got, want in zip(jax.grad(loss(fn), (0, 1))(x, w), jax.grad(loss(fn.__wrapped__), (0, 1))(x, w)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
