@@ -84,7 +84,7 @@ def _tokenize(path: str, train_rows: list, test_rows: list, vocab: int, seq: int
         raise DataError(f"bench --sft: '{path}' has {len(train_rows)} training rows, fewer than --batch {batch} "
                         "(examples a step); add rows or lower --batch")
     packed = tokenize_supervised(train_rows, tokenizer, PROMPT, TARGET, seq, pack=True).with_loss_index()
-    return {"jpeft": packed, "hf_peft": tokenize_supervised(train_rows, tokenizer, PROMPT, TARGET, seq),
+    return {"jpeft": packed, "hf_peft": tokenize_supervised(train_rows, tokenizer, PROMPT, TARGET, seq, report=False),
             "held_out": tokenize_supervised(test_rows, tokenizer, PROMPT, TARGET, seq),
             "tokenizer_size": len(tokenizer)}
 

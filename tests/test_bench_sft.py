@@ -110,3 +110,13 @@ def test_rows_without_a_summary_are_refused(tmp_path):
     path = _write(tmp_path / "rows.jsonl", [{"dialogue": r["dialogue"]} for r in dialogsum_rows(10)])
     with pytest.raises(DataError, match="no column 'summary'"):
         run_sft_bench(path, **TINY)
+
+
+def test_truncated_training_rows_are_reported_once(sample, caplog):
+    """The training rows are tokenized twice (packed for jpeft, padded for HF PEFT): one warning."""
+    import logging
+    train, test = _rows(sample, 6)
+    with caplog.at_level(logging.WARNING, logger="jpeft.data"):
+        _tokenize(sample, train, test, 1000, 64, 2)
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 2 and f"of {len(train)} rows" in warnings[0] and f"of {len(test)} rows" in warnings[1]

@@ -135,11 +135,12 @@ def render(template: str, row: dict) -> str:
 
 
 def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, target: Templates,
-                        seq_len: int, pack: bool = False) -> Examples:
+                        seq_len: int, pack: bool = False, report: bool = True) -> Examples:
     """Loss on target + EOS only; over-long rows lose prompt tokens from the left (see `_fit`).
 
     pack=True puts several examples in each row (see `Examples`): the same predictions and
-    losses as one padded row per example, with far less padding.
+    losses as one padded row per example, with far less padding. report=False: no truncation
+    warning (rows already tokenized and reported once, in another layout).
     """
     rows = list(rows)
     prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
@@ -151,8 +152,9 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, targ
         seqs.append(p + t)
         masks.append([0] * len(p) + [1] * len(t))
     n_truncated = sum(len(p) + len(t) + 1 > seq_len + 1 for p, t in zip(prompts, targets))
-    _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
-                    "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
+    if report:
+        _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}",
+                        "prompt cut from the left, targets beyond seq_len // 2 cut on the right")
     kept = sum(map(sum, masks))
     return dataclasses.replace(next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated),
                                prompt_tokens_lost=sum(map(len, prompts)) - (sum(map(len, seqs)) - kept),
