@@ -36,8 +36,27 @@ def _einsum_bwd(spec, out, res, g):
     left, right = terms.split(",")
     dtype = (a if b is None else b).dtype
     g = g.astype(dtype)
-    return (None if b is None else _product(f"{result},{right}->{left}", g, b, dtype),
-            None if a is None else _product(f"{result},{left}->{right}", g, a, dtype))
+    return (None if b is None else _product(*_leading_row_major(f"{result},{right}->{left}", g, b), dtype),
+            None if a is None else _product(*_leading_row_major(f"{result},{left}->{right}", g, a), dtype))
+
+
+def _leading_row_major(spec: str, a, b):
+    """(spec, a, b) with the operand the result's leading axes come from, which XLA makes the product's
+    left one, first, laid out [..., kept axes, contracted axes] and materialised row-major on CPU in a
+    bf16 product: XLA:CPU runs one whose left operand is contracted along another axis in float32 (in
+    attention the key's and value's gradients, gᵀ·q and pᵀ·g)."""
+    if a.dtype == jnp.float32 or jax.default_backend() != "cpu":
+        return spec, a, b
+    terms, result = spec.split("->")
+    left, right = terms.split(",")
+    prefix = "..." if result.startswith("...") else ""
+    if result[len(prefix)] not in left:
+        left, right, a, b = right, left, b, a
+    axes = left[len(prefix):]
+    order = "".join(sorted(axes, key=lambda c: c not in result))  # stable: kept axes, then contracted
+    if order == axes:
+        return f"{left},{right}->{result}", a, b
+    return f"{prefix}{order},{right}->{result}", _row_major(jnp.einsum(f"{left}->{prefix}{order}", a)), b
 
 
 einsum.defvjp(_einsum_fwd, _einsum_bwd, symbolic_zeros=True)

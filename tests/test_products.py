@@ -66,6 +66,27 @@ def test_bfloat16_gradients_are_bfloat16_products(spec, shape_a, shape_b):
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU compiles a bf16 product")
+def test_compiled_bfloat16_attention_gradients_stay_bfloat16_products():
+    """XLA:CPU runs a bf16 product whose left operand is contracted along another axis in float32; the key's
+    and value's gradients (gᵀ·q, pᵀ·g) get their transposed operand materialised first."""
+    import re
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 2, 64, 32)).astype(jnp.bfloat16) for key in keys)
+
+    def attention(q, k, v):
+        p = jax.nn.softmax(einsum("...qd,...sd->...qs", q, k, jnp.float32), axis=-1).astype(v.dtype)
+        return jnp.sum(einsum("...qs,...sd->...qd", p, v).astype(jnp.float32))
+
+    hlo = jax.jit(jax.grad(attention, (0, 1, 2))).lower(q, k, v).compile().as_text()
+    dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    operands = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    assert len(operands) >= 5 and {dtypes[name] for pair in operands for name in pair} == {"bf16"}, operands
+    ref = jax.grad(lambda q, k, v: attention(*(x.astype(jnp.float32) for x in (q, k, v))), (0, 1, 2))(q, k, v)
+    for got, want in zip(jax.grad(attention, (0, 1, 2))(q, k, v), ref):
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
+
+
 def test_frozen_operand_gets_no_gradient_product():
     x, w = _operands((2, 5, 4), (4, 3), jnp.bfloat16)
     loss = _loss(matmul)
