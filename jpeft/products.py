@@ -56,7 +56,7 @@ def _leading_row_major(spec: str, a, b):
     order = "".join(sorted(axes, key=lambda c: c not in result))  # stable: kept axes, then contracted
     if order == axes:
         return f"{left},{right}->{result}", a, b
-    return f"{prefix}{order},{right}->{result}", _row_major(jnp.einsum(f"{left}->{prefix}{order}", a)), b
+    return f"{prefix}{order},{right}->{result}", row_major(jnp.einsum(f"{left}->{prefix}{order}", a)), b
 
 
 einsum.defvjp(_einsum_fwd, _einsum_bwd, symbolic_zeros=True)
@@ -70,10 +70,11 @@ def matmul(x, w):
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def _row_major(a):
+def row_major(a):
     """`a` materialised row-major on CPU: XLA:CPU's bf16 matmul takes no transposed left operand (it
     would run in float32), and XLA otherwise folds a transpose into the product that reads it or lays
-    it out as a free column-major view, inside a loop body (the chunked LM-head loss) as anywhere."""
+    it out as a free column-major view, inside a loop body (the chunked LM-head loss) as anywhere; in
+    attention it even converted some bf16 products' operands to float32 (`layers._attend`)."""
     return with_layout_constraint(a, Layout(tuple(range(a.ndim)))) if jax.default_backend() == "cpu" else a
 
 
@@ -83,8 +84,8 @@ def _matmul_2d(x, w):
 
 
 def _matmul_2d_fwd(x, w):
-    """A trained weight's gradient keeps xᵀ, laid out as that product reads it (`_row_major`)."""
-    x_t = _row_major(x.value.T) if w.perturbed else None
+    """A trained weight's gradient keeps xᵀ, laid out as that product reads it (`row_major`)."""
+    x_t = row_major(x.value.T) if w.perturbed else None
     return _product("mk,kn->mn", x.value, w.value, x.value.dtype), (x_t, w.value if x.perturbed else None)
 
 

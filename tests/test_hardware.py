@@ -72,3 +72,14 @@ def test_bf16_step_computes_no_transcendental_in_bf16():
     (and so its gradient) runs in float32 and rounds once, so the compiled bf16 step has none."""
     hlo = _compiled_bf16_step("lora")
     assert not re.findall(r"bf16\[[\d,]*\]\{[\d,]*\} (?:logistic|exponential|tanh|divide)\(", hlo)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_every_product_of_the_bf16_step_reads_bf16(mode):
+    """Attention's products included: its key and value gradients (gᵀ·q, pᵀ·g) read their transposed
+    operand materialised, and q, k, v are laid out row-major for its batched products; otherwise XLA:CPU
+    converts some of those products' operands to float32 (rows of 256: two query blocks)."""
+    hlo = _compiled_bf16_step(mode, vocab=512, hidden=128, mlp=256, seq=256)
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo) + re.findall(r"([\w.-]+): (\w+)\[", hlo))
+    operands = re.findall(r" dot\(%([\w.-]+), %([\w.-]+)\)", hlo)
+    assert len(operands) > 30 and {types[name] for pair in operands for name in pair} == {"bf16"}

@@ -16,7 +16,7 @@ import numpy as np
 
 from jpeft.models.config import ModelConfig, Rope
 from jpeft.peft import sites
-from jpeft.products import einsum
+from jpeft.products import einsum, row_major
 
 NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
@@ -336,6 +336,8 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
     b, t, h, d = q.shape
     kv = k.shape[1] if k.ndim == 4 else k.shape[0] // b
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(*k.shape[:-2], h // kv * t, d)
+    if k.ndim == 4:  # not a cache: q, k, v are transposed views, which XLA:CPU ran some bf16 products of in float32
+        q, k, v = (row_major(x) for x in (q, k, v))
     scores = einsum("...qd,...sd->...qs", q, k.astype(q.dtype), jnp.float32) * scale
     scores = scores.reshape(b, kv, h // kv, t, -1)
     if bias is not None:
