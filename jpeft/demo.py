@@ -44,7 +44,7 @@ METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
 PRESETS = {
     # Small batches, many steps: on this little data the loss is limited by optimizer steps, not by examples per step.
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
-                    base=dict(steps=480, batch_size=4, seq_len=256, lr=1e-3, warmup=48),
+                    base=dict(steps=960, batch_size=2, seq_len=256, lr=1e-3, warmup=48),
                     finetune=dict(steps=260, batch_size=2, seq_len=512, warmup=20)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
