@@ -92,3 +92,32 @@ def test_float32_math_on_bf16_inputs_saves_only_its_inputs(name):
     assert float32_saved(fn) == []
     for got, want in zip(jax.grad(loss(fn), (0, 1))(x, w), jax.grad(loss(fn.__wrapped__), (0, 1))(x, w)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_attention_probabilities_keep_one_bf16_copy():
+    """Attention's softmax keeps only its bf16 probabilities for the backward pass (the product with v keeps
+    them anyway), where plain autodiff keeps softmax's float32 output beside them; its gradient is softmax's
+    exactly in float32 and to bf16's precision in bf16."""
+    from jpeft.models.layers import probabilities
+
+    r = np.random.RandomState(0)
+    scores = jnp.asarray(3 * r.randn(2, 3, 5, 7), jnp.float32).at[..., -2:].set(-1e30)  # masked keys
+    weights = jnp.asarray(r.randn(2, 3, 5, 7), jnp.float32)
+
+    def plain(s, dtype):
+        return jax.nn.softmax(s, axis=-1).astype(dtype)
+
+    def loss(f, dtype):
+        return lambda s: jnp.sum(f(s, dtype).astype(jnp.float32) * weights)
+
+    def kept(f, dtype):
+        return sorted(str(aval.dtype) for aval, why in saved_residuals(loss(f, dtype), scores)
+                      if aval.shape == scores.shape and not why.startswith("from a constant"))  # not the weights
+
+    assert kept(plain, jnp.bfloat16) == ["float32"]
+    assert kept(probabilities, jnp.bfloat16) == ["bfloat16"]
+    want = jax.grad(loss(plain, jnp.float32))(scores)
+    np.testing.assert_allclose(jax.grad(loss(probabilities, jnp.float32))(scores), want, rtol=1e-6, atol=1e-7)
+    got = jax.grad(loss(probabilities, jnp.bfloat16))(scores)
+    np.testing.assert_allclose(got, jax.grad(loss(plain, jnp.bfloat16))(scores), atol=2e-2 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(got[..., -2:]).max()) == 0.0
