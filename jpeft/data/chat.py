@@ -12,7 +12,8 @@ overlapping a span is trained, so the ids are exactly `tokenizer.apply_chat_temp
 import jinja2
 import numpy as np
 
-from jpeft.data.tokenize import Examples, Templates, _log_truncation, next_token_examples, pad_id, render_all
+from jpeft.data.examples import Examples, next_token_examples
+from jpeft.data.tokenize import Templates, _log_truncation, pad_id, render_all
 from jpeft.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")

@@ -12,11 +12,12 @@ import logging
 from typing import Any
 
 from jpeft.data.chat import conversations, tokenize_chat
+from jpeft.data.examples import Examples
 from jpeft.data.labels import label_ids
 from jpeft.data.sources import usable_rows
 from jpeft.data.tasks import (mixing_rates, needed_columns, phrasings, run_tasks, split_rows, task_rows,
                               template_set)
-from jpeft.data.tokenize import (Examples, Templates, check_last_not_pad, tokenize_classification, tokenize_seq2seq,
+from jpeft.data.tokenize import (Templates, check_last_not_pad, tokenize_classification, tokenize_seq2seq,
                                  tokenize_supervised, tokenize_text)
 from jpeft.errors import ConfigError
 
