@@ -182,20 +182,36 @@ def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
     return inv
 
 
-def layer_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """[layers, head_dim / 2]: each layer's RoPE (Gemma 3's sliding layers have their own base)."""
-    ropes = {False: cfg.rope, True: cfg.local_rope or cfg.rope}
-    return np.stack([rope_inverse_frequencies(cfg.head_dim, ropes[s]) for s in cfg.sliding_layers])
+def rope_tables(cfg: ModelConfig, positions):
+    """(cos, sin) [kinds, B, T, head_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
+    sliding layers have a RoPE of their own. Computed once a call, before the layer scan: inside it each
+    layer recomputed them, XLA fused the cos and sin into every head's rotation, and the scan stacked
+    them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench model: LoRA bf16
+    step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x)."""
+    ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope and any(cfg.sliding_layers) else [])
+    inv_freq = np.stack([rope_inverse_frequencies(cfg.head_dim, rope) for rope in ropes])
+    freqs = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[:, None, None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE on x [B, T, heads, head_dim] at integer positions [B, T]."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+def layer_rope(cfg: ModelConfig, tables, layer):
+    """This layer's (cos, sin) [B, T, head_dim / 2] of `rope_tables`."""
+    cos, sin = tables
+    if len(cos) == 1:
+        return cos[0], sin[0]
+    local = jnp.asarray(cfg.sliding_layers)[layer]
+    return jnp.where(local, cos[1], cos[0]), jnp.where(local, sin[1], sin[0])
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x [B, T, heads, head_dim] by a layer's tables [B, T, head_dim / 2]: each pair
+    (x1, x2) of the two halves becomes (x1·cos − x2·sin, x2·cos + x1·sin), in float32, rounded once.
+    Stacked along a new axis rather than concatenated, its gradient slices instead of padding (XLA:CPU,
+    bf16 [8, 256, 8, 64]: backward 3.1 -> 0.7 ms)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    pairs = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).astype(jnp.float32)
+    x1, x2 = pairs[..., 0, :], pairs[..., 1, :]
+    return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-2).reshape(x.shape).astype(x.dtype)
 
 
 def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True):

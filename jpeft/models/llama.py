@@ -22,7 +22,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv, cache_index, layer):
+    def __call__(self, x, rope, mask, cache_kv, cache_index, layer):
         cfg = self.cfg
         b, t, _ = x.shape
         q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
@@ -33,8 +33,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = (L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, ("head_dim",), name=name)(a)
                     for name, a in (("q_norm", q), ("k_norm", k)))
-        inv_freq = jnp.asarray(L.layer_inverse_frequencies(cfg))[layer]
-        q, k = L.apply_rope(q, positions, inv_freq), L.apply_rope(k, positions, inv_freq)
+        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, cache_index)
@@ -66,13 +65,13 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, context):
         x, cache_kv, layer = carry
-        positions, masks, cache_index = context
+        rope, masks, cache_index = context
         cfg = self.cfg
         norm = partial(L.RMSNorm, cfg.rms_norm_eps, cfg.norm_plus_one)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         normed = norm(name="input_layernorm")(x)
-        h, cache_kv = Attention(cfg, name="self_attn")(normed, positions, layer_mask(cfg, masks, layer), cache_kv,
-                                                       cache_index, layer)
+        h, cache_kv = Attention(cfg, name="self_attn")(normed, L.layer_rope(cfg, rope, layer),
+                                                       layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         if cfg.sandwich_norms:
             h = norm(name="post_attention_layernorm")(h)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
@@ -135,7 +134,8 @@ class CausalLM(nn.Module):
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
-        hidden, cache_kv = decoder(cfg, name="model")(input_ids, (d.positions, masks, d.index), cache_kv)
+        context = (L.rope_tables(cfg, d.positions), masks, d.index)
+        hidden, cache_kv = decoder(cfg, name="model")(input_ids, context, cache_kv)
         hidden = hidden[:, d.rows:]
         if not cfg.tie_word_embeddings and self.is_initializing():
             L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
