@@ -1,10 +1,10 @@
 """Rows -> token sequences with the tokens the loss covers, through templates; as `Examples`.
 
 Every example is built as one sequence of at most `seq_len + 1` tokens, shifted into next-token
-rows by jpeft.data.examples (one padded row each, or packed). Supervised rows: prompt (with the tokenizer's special tokens, e.g. BOS) +
-target + EOS, loss on the target and EOS only. Text rows: text (with special tokens) + EOS,
-loss everywhere. Padding is on the right with the pad token (EOS when there is none).
-Classification rows are the text alone, with one label per row (`labels` [N]).
+rows by jpeft.data.examples (one padded row each, or packed). Supervised rows: prompt (with the
+tokenizer's special tokens, e.g. BOS) + target + EOS, loss on the target and EOS only. Text rows:
+text (with special tokens) + EOS, loss everywhere. Padding is on the right with the pad token (EOS
+when there is none). Classification rows are the text alone, with one label per row (`labels` [N]).
 
 Templates use `str.format_map` over the row (`{dialogue}`; literal braces as `{{ }}`); there
 is no escape processing of their own: write a newline as a real newline (YAML `"\\n"` in
