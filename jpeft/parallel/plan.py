@@ -12,13 +12,14 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - the batch: grad_accum x b x t x 16 bytes (ids, labels, attention mask, loss weights);
 - every layer's residuals for the backward pass (the layers run under one scan, so all of them
   are live when it starts), per token of a layer:
-    remat none: the attention probabilities twice in float32 (plus their copy in s when s is not 4
-      bytes), 5 MLP-wide tensors, q, k, v, 3 hidden-wide ones; and for what trains: down_proj's
-      and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2 rank-wide per LoRA pair;
+    remat none: the attention probabilities once, in s (`layers.probabilities`), 5 MLP-wide tensors,
+      q, k, v, 3 hidden-wide ones; and for what trains: down_proj's and o_proj's inputs, 4 more
+      hidden-wide for trained norm scales, 2 rank-wide per LoRA pair;
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;
 - plus the larger of two working sets: one layer's backward (`BACKWARD_WORKING_SET` multiples of
-  its unrematerialised residuals and of its LoRA-adapted projections' widths, plus its weights in
+  its attention scores in float32 (plus a copy in s when s is not 4 bytes), of its unrematerialised
+  residuals and of its LoRA-adapted projections' widths, plus its weights in
   s, gathered over fsdp (`FSDP_WEIGHT_COPIES`) or dequantized whole (QLoRA), plus under fsdp its
   trained weights' whole float32 gradient), or one chunk of the loss (float32 logits and their
   gradient, the LM head gathered twice under fsdp, the final hidden state and its gradient);
@@ -53,8 +54,8 @@ from jpeft.train.trainer import build_method, build_optimizer
 
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
 FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part of them twice in the backward
-# One layer's backward working set per remat policy, fitted to XLA: multiples of its unrematerialised
-# attention probabilities, of its other residuals, and of the input + output widths of its LoRA-adapted
+# One layer's backward working set per remat policy, fitted to XLA: multiples of its attention scores'
+# float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its residuals, and of the input + output widths of its LoRA-adapted
 # projections (their delta path); a rematerialised layer recomputes what it needs first.
 BACKWARD_WORKING_SET = {"none": (1.1, 0.6, 1.2), "dots": (1.5, 0.6, 0.8), "full": (1.0, 1.1, 1.3)}
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -219,15 +220,16 @@ class _Activations:
         widths = 5 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 3 * self.hidden
         trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
                    + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora))
-        return self.heads * t * t * (8 + (s if s != 4 else 0)), widths, trained
+        return self.heads * t * t * s, widths, trained
 
     def __call__(self, batch_size: int) -> int:
         rows, t, s = batch_size // self.ways, self.seq, self.itemsize
         span = max(1, min(t, CHUNK // rows))  # each device's loss chunks hold about CHUNK of its tokens
-        probabilities, widths, _ = self.unrematerialised()
+        _, widths, _ = self.unrematerialised()
+        scores = self.heads * t * t * (8 + (s if s != 4 else 0))  # float32 scores and their gradient (+ a copy in s)
         adapted = sum(d_in + d_out for _, d_in, d_out in self.lora)
         a, b, c = BACKWARD_WORKING_SET[self.remat]
-        layer_backward = (rows * (a * probabilities + t * s * (b * widths + c * adapted))
+        layer_backward = (rows * (a * scores + t * s * (b * widths + c * adapted))
                           + (FSDP_WEIGHT_COPIES if self.fsdp > 1 else 1) * self.layer_weights + self.dequantized
                           + self.layer_gradient)
         loss_chunk = 2 * rows * span * self.vocab * 4 + self.head_copies + 2 * rows * t * self.hidden * s
