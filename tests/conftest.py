@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -193,3 +194,11 @@ def tokenizer():
 @pytest.fixture
 def tokenizer_without_pad():
     return make_tokenizer(pad=False)
+
+
+def dot_operand_types(hlo: str, result: str | None = None) -> list[list[str]]:
+    """The operand types of every dot in compiled HLO text that yields `result` (like f32[32,128]; any)."""
+    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo) + re.findall(r"([\w.-]+): (\w+)\[", hlo))
+    yields = re.escape(result) if result else r"\w+\[[\d,]*\]"
+    return [[types[name] for name in re.findall(r"%([\w.-]+)", operands)]
+            for operands in re.findall(yields + r"\{[\d,]*\} dot\(([^)]*)\)", hlo)]

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype
+from conftest import dot_operand_types
 
 
 @pytest.mark.parametrize("backend, flags, want", [
@@ -53,19 +54,11 @@ def test_bf16_train_step_moves_frozen_weights_in_bf16():
     assert "f32[2,32,48]" not in hlo
 
 
-def _operand_types(hlo: str, result: str | None = None) -> list[list[str]]:
-    """The operand types of every dot in compiled HLO text that yields `result` (like f32[32,128]; any)."""
-    types = dict(re.findall(r"%([\w.-]+) = (\w+)\[", hlo) + re.findall(r"([\w.-]+): (\w+)\[", hlo))
-    yields = re.escape(result) if result else r"\w+\[[\d,]*\]"
-    return [[types[name] for name in re.findall(r"%([\w.-]+)", operands)]
-            for operands in re.findall(yields + r"\{[\d,]*\} dot\(([^)]*)\)", hlo)]
-
-
 def test_bf16_lm_head_weight_gradient_is_a_bf16_product():
     """Full fine-tuning's chunked loss takes the LM head's [hidden, vocab] weight gradient from each chunk's
     hidden states transposed: on CPU they are materialised row-major, so the product reads both operands
     in bf16 (XLA:CPU converts the operands of a bf16 product whose left one is transposed to float32)."""
-    assert _operand_types(_compiled_bf16_step("full", seq=20), "f32[32,128]") == [["bf16", "bf16"]]
+    assert dot_operand_types(_compiled_bf16_step("full", seq=20), "f32[32,128]") == [["bf16", "bf16"]]
 
 
 def test_bf16_step_computes_no_transcendental_in_bf16():
@@ -80,5 +73,5 @@ def test_every_product_of_the_bf16_step_reads_bf16(mode):
     """Attention's products included: its key and value gradients (gᵀ·q, pᵀ·g) read their transposed
     operand materialised, and q, k, v are laid out row-major for its batched products; otherwise XLA:CPU
     converts some of those products' operands to float32 (rows of 256: two query blocks)."""
-    operands = _operand_types(_compiled_bf16_step(mode, vocab=512, hidden=128, mlp=256, seq=256))
+    operands = dot_operand_types(_compiled_bf16_step(mode, vocab=512, hidden=128, mlp=256, seq=256))
     assert len(operands) > 30 and {dtype for pair in operands for dtype in pair} == {"bf16"}, operands

@@ -7,6 +7,7 @@ import pytest
 from jax.extend.core import jaxprs_in_params
 
 from jpeft.products import einsum, matmul
+from conftest import dot_operand_types
 
 SPECS = [("...qd,...sd->...qs", (2, 3, 5, 4), (2, 3, 6, 4)),  # attention scores
          ("...qs,...sd->...qd", (2, 3, 5, 6), (2, 3, 6, 4)),  # attention output
@@ -70,7 +71,6 @@ def test_bfloat16_gradients_are_bfloat16_products(spec, shape_a, shape_b):
 def test_compiled_bfloat16_attention_gradients_stay_bfloat16_products():
     """XLA:CPU runs a bf16 product whose left operand is contracted along another axis in float32; the key's
     and value's gradients (gᵀ·q, pᵀ·g) get their transposed operand materialised first."""
-    import re
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 2, 64, 32)).astype(jnp.bfloat16) for key in keys)
 
@@ -79,9 +79,8 @@ def test_compiled_bfloat16_attention_gradients_stay_bfloat16_products():
         return jnp.sum(einsum("...qs,...sd->...qd", p, v).astype(jnp.float32))
 
     hlo = jax.jit(jax.grad(attention, (0, 1, 2))).lower(q, k, v).compile().as_text()
-    dtypes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
-    operands = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
-    assert len(operands) >= 5 and {dtypes[name] for pair in operands for name in pair} == {"bf16"}, operands
+    operands = dot_operand_types(hlo)
+    assert len(operands) >= 5 and {t for pair in operands for t in pair} == {"bf16"}, operands
     ref = jax.grad(lambda q, k, v: attention(*(x.astype(jnp.float32) for x in (q, k, v))), (0, 1, 2))(q, k, v)
     for got, want in zip(jax.grad(attention, (0, 1, 2))(q, k, v), ref):
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
