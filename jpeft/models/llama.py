@@ -16,7 +16,9 @@ import numpy as np
 
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
+from jpeft.models.rope import apply_rope, layer_rope, rope_tables
 from jpeft.peft import sites
+
 
 class Attention(nn.Module):
     cfg: ModelConfig
@@ -33,7 +35,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = (L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, ("head_dim",), name=name)(a)
                     for name, a in (("q_norm", q), ("k_norm", k)))
-        q, k = L.apply_rope(q, *rope), L.apply_rope(k, *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, cache_index)
@@ -70,7 +72,7 @@ class DecoderLayer(nn.Module):
         norm = partial(L.RMSNorm, cfg.rms_norm_eps, cfg.norm_plus_one)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         normed = norm(name="input_layernorm")(x)
-        h, cache_kv = Attention(cfg, name="self_attn")(normed, L.layer_rope(cfg, rope, layer),
+        h, cache_kv = Attention(cfg, name="self_attn")(normed, layer_rope(cfg, rope, layer),
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         if cfg.sandwich_norms:
             h = norm(name="post_attention_layernorm")(h)
@@ -134,7 +136,7 @@ class CausalLM(nn.Module):
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
-        context = (L.rope_tables(cfg, d.positions), masks, d.index)
+        context = (rope_tables(cfg, d.positions), masks, d.index)
         hidden, cache_kv = decoder(cfg, name="model")(input_ids, context, cache_kv)
         hidden = hidden[:, d.rows:]
         if not cfg.tie_word_embeddings and self.is_initializing():

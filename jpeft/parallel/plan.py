@@ -55,8 +55,9 @@ from jpeft.train.trainer import build_method, build_optimizer
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
 FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part of them twice in the backward
 # One layer's backward working set per remat policy, fitted to XLA: multiples of its attention scores'
-# float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its residuals, and of the input + output widths of its LoRA-adapted
-# projections (their delta path); a rematerialised layer recomputes what it needs first.
+# float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its
+# residuals, and of the input + output widths of its LoRA-adapted projections (their delta path); a
+# rematerialised layer recomputes what it needs first.
 BACKWARD_WORKING_SET = {"none": (1.1, 0.6, 1.2), "dots": (1.5, 0.6, 0.8), "full": (1.0, 1.1, 1.3)}
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

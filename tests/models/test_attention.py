@@ -1,6 +1,5 @@
 """Causal attention in query blocks (each against only the keys up to its last query) equals the whole
-score matrix: values and gradients, with grouped heads, a prefix of keys, soft-capping and segments.
-RoPE's tables are computed once a call, not in every layer."""
+score matrix: values and gradients, with grouped heads, a prefix of keys, soft-capping and segments."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,25 +31,3 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
         np.testing.assert_allclose(a, b_, atol=1e-5, rtol=0)
     alone = L.attend(q[:, :4], k[:, :, :prefix + 4], v[:, :, :prefix + 4], mask[:, :4, :prefix + 4], 0.3, cap)
     np.testing.assert_allclose(blocked[0, :4], alone[0], atol=1e-6, rtol=0)  # segment 1 never sees segment 2
-
-
-def test_rope_tables_are_computed_once_before_the_layer_scan(tiny_llama):
-    """cos and sin of the positions are computed before the layer scan, never inside it: there each layer
-    recomputed them, XLA fused them into every head's rotation, and the scan stacked them per layer."""
-    import jpeft
-
-    model, params = jpeft.from_pretrained(tiny_llama[1])
-    ids = jnp.zeros((2, 8), jnp.int32)
-
-    def primitives(jaxpr, in_scan=False):
-        for eqn in jaxpr.eqns:
-            yield eqn.primitive.name, in_scan
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple) else (value,):
-                    sub = getattr(sub, "jaxpr", sub)
-                    if isinstance(sub, jax.extend.core.Jaxpr):
-                        yield from primitives(sub, in_scan or eqn.primitive.name == "scan")
-
-    found = set(primitives(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params).jaxpr))
-    assert ("cos", False) in found and ("sin", False) in found
-    assert ("cos", True) not in found and ("sin", True) not in found

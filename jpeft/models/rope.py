@@ -1,0 +1,56 @@
+"""Rotary position embeddings: each RoPE's inverse frequencies (with HF's scalings), the cos/sin tables
+of a call's positions, computed once before the layer scan, and the rotation of queries and keys."""
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.models.config import ModelConfig, Rope
+
+
+def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
+    """RoPE inverse frequencies for heads of `dim` (float32, as HF computes them), with the rope's scaling."""
+    inv = 1.0 / (np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    if rope.type == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.type == "llama3":
+        factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+        old = rope.original_max_positions
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """(cos, sin) [kinds, B, T, head_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
+    sliding layers have a RoPE of their own. Computed once a call, before the layer scan: inside it each
+    layer recomputed them, XLA fused the cos and sin into every head's rotation, and the scan stacked
+    them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench model: LoRA bf16
+    step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x)."""
+    ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope and any(cfg.sliding_layers) else [])
+    inv_freq = np.stack([rope_inverse_frequencies(cfg.head_dim, rope) for rope in ropes])
+    freqs = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[:, None, None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def layer_rope(cfg: ModelConfig, tables, layer):
+    """This layer's (cos, sin) [B, T, head_dim / 2] of `rope_tables`."""
+    cos, sin = tables
+    if len(cos) == 1:
+        return cos[0], sin[0]
+    local = jnp.asarray(cfg.sliding_layers)[layer]
+    return jnp.where(local, cos[1], cos[0]), jnp.where(local, sin[1], sin[0])
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on x [B, T, heads, head_dim] by a layer's tables [B, T, head_dim / 2]: each pair
+    (x1, x2) of the two halves becomes (x1·cos − x2·sin, x2·cos + x1·sin), in float32, rounded once.
+    Stacked along a new axis rather than concatenated, its gradient slices instead of padding (XLA:CPU,
+    bf16 [8, 256, 8, 64]: backward 3.1 -> 0.7 ms)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    pairs = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).astype(jnp.float32)
+    x1, x2 = pairs[..., 0, :], pairs[..., 1, :]
+    return jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-2).reshape(x.shape).astype(x.dtype)
