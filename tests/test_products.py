@@ -32,8 +32,10 @@ def test_einsum_is_autodiff_in_float32(spec, shape_a, shape_b):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_matmul_is_autodiff_in_float32():
-    x, w = _operands((2, 5, 4), (4, 3))
+@pytest.mark.parametrize("w_shape", [(4, 3), (4, 6)], ids=["narrow", "wide"])
+def test_matmul_is_autodiff_in_float32(w_shape):
+    """Both ways of the weight's gradient (a narrow weight's as (gᵀ·x)ᵀ) are autodiff's."""
+    x, w = _operands((2, 5, 4), w_shape)
     ours, ref = _loss(matmul), _loss(lambda x, w: x @ w)
     np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6)
     for got, want in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.grad(ref, (0, 1))(x, w)):
@@ -83,6 +85,21 @@ def test_compiled_bfloat16_attention_gradients_stay_bfloat16_products():
     assert len(operands) >= 5 and {t for pair in operands for t in pair} == {"bf16"}, operands
     ref = jax.grad(lambda q, k, v: attention(*(x.astype(jnp.float32) for x in (q, k, v))), (0, 1, 2))(q, k, v)
     for got, want in zip(jax.grad(attention, (0, 1, 2))(q, k, v), ref):
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU compiles a bf16 product")
+@pytest.mark.parametrize("w_shape", [(64, 8), (64, 96)], ids=["narrow", "wide"])
+def test_compiled_bfloat16_matmul_gradients_stay_bfloat16_products(w_shape):
+    x, w = _operands((4, 32, 64), w_shape, jnp.bfloat16)
+    c = jax.random.normal(jax.random.key(1), (4, 32, w_shape[1]))
+    loss = lambda product: lambda x, w: jnp.sum(product(x, w).astype(jnp.float32) * c)
+    grad = jax.grad(loss(matmul), (0, 1))
+    operands = dot_operand_types(jax.jit(grad).lower(x, w).compile().as_text())
+    assert len(operands) == 2 and {t for pair in operands for t in pair} == {"bf16"}, operands  # x's and w's
+    ref = jax.grad(loss(lambda x, w: x.astype(jnp.float32) @ w.astype(jnp.float32)), (0, 1))(x, w)
+    for got, want in zip(grad(x, w), ref):
+        assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
 
 

@@ -2,9 +2,12 @@
 against transformers: test_parity.py, every RoPE scaling and Gemma 3's local RoPE)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.extend.core import jaxprs_in_params
 
 import jpeft
+from jpeft.models.rope import apply_rope
 
 
 def test_rope_tables_are_computed_once_before_the_layer_scan(tiny_llama):
@@ -22,3 +25,26 @@ def test_rope_tables_are_computed_once_before_the_layer_scan(tiny_llama):
     found = set(primitives(jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params).jaxpr))
     assert ("cos", False) in found and ("sin", False) in found
     assert ("cos", True) not in found and ("sin", True) not in found
+
+
+def rotate_half_reference(x, cos, sin):
+    """HF's `apply_rotary_pos_emb`: x·cos + rotate_half(x)·sin with the tables repeated over both halves."""
+    cos, sin = (jnp.concatenate([c, c], -1)[:, :, None, :] for c in (cos, sin))
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_gradient_is_autodiffs(dtype):
+    """apply_rope's own backward (the inverse rotation) gives autodiff's gradient of HF's rotation."""
+    kx, kg, kt = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 6, 3, 16), dtype)
+    g = jax.random.normal(kg, x.shape, dtype)
+    angles = jax.random.uniform(kt, (2, 6, 8), jnp.float32, 0, 100)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    out, pullback = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+    ref, ref_pullback = jax.vjp(lambda x: rotate_half_reference(x.astype(jnp.float32), cos, sin).astype(dtype), x)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(pullback(g)[0], np.float32), np.asarray(ref_pullback(g)[0], np.float32),
+                               rtol=tol, atol=tol)
