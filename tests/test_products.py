@@ -1,5 +1,7 @@
 """Products in the compute dtype: autodiff's values and gradients in float32; in bfloat16 the
 gradients are bfloat16 products too, and only the wanted ones are computed."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,20 +71,31 @@ def test_bfloat16_gradients_are_bfloat16_products(spec, shape_a, shape_b):
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU compiles a bf16 product")
-def test_compiled_bfloat16_attention_gradients_stay_bfloat16_products():
-    """XLA:CPU runs a bf16 product whose left operand is contracted along another axis in float32; the key's
-    and value's gradients (gᵀ·q, pᵀ·g) get their transposed operand materialised first."""
+def left_operands_contracted_minor(hlo: str) -> list[bool]:
+    """For every dot in compiled HLO text: is its left operand contracted along its minor-most axis?"""
+    layouts = dict(re.findall(r"%([\w.-]+) = \w+\[[\d,]*\]\{(\d+)", hlo) + re.findall(r"([\w.-]+): \w+\[[\d,]*\]\{(\d+)", hlo))
+    return [layouts[lhs] == dims for lhs, dims in re.findall(r" dot\(%([\w.-]+), .*?lhs_contracting_dims=\{(\d+)\}", hlo)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU compiles a product")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_compiled_attention_gradients_stay_on_the_fast_path(dtype):
+    """XLA:CPU runs a product whose left operand is contracted along another axis off its fast path (bf16 in
+    float32, float32 as a generic loop); the key's and value's gradients (gᵀ·q, pᵀ·g) get their transposed
+    operand materialised first, and bf16 products stay bf16."""
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (2, 2, 64, 32)).astype(jnp.bfloat16) for key in keys)
+    q, k, v = (jax.random.normal(key, (2, 2, 64, 32)).astype(dtype) for key in keys)
 
     def attention(q, k, v):
         p = jax.nn.softmax(einsum("...qd,...sd->...qs", q, k, jnp.float32), axis=-1).astype(v.dtype)
         return jnp.sum(einsum("...qs,...sd->...qd", p, v).astype(jnp.float32))
 
     hlo = jax.jit(jax.grad(attention, (0, 1, 2))).lower(q, k, v).compile().as_text()
-    operands = dot_operand_types(hlo)
-    assert len(operands) >= 5 and {t for pair in operands for t in pair} == {"bf16"}, operands
+    minor = left_operands_contracted_minor(hlo)
+    assert len(minor) >= 5 and all(minor), minor
+    if dtype == jnp.bfloat16:
+        operands = dot_operand_types(hlo)
+        assert {t for pair in operands for t in pair} == {"bf16"}, operands
     ref = jax.grad(lambda q, k, v: attention(*(x.astype(jnp.float32) for x in (q, k, v))), (0, 1, 2))(q, k, v)
     for got, want in zip(jax.grad(attention, (0, 1, 2))(q, k, v), ref):
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
