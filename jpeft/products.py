@@ -46,7 +46,7 @@ def _leading_row_major(spec: str, a, b):
     runs a product whose left operand is contracted along another axis off its fast path, in float32 when
     it is bf16 and as a generic loop when float32 (in attention the key's and value's gradients, gᵀ·q and
     pᵀ·g: 160 GFLOP/s against 500; in-process A/B, the bench's float32 LoRA step 0.98x)."""
-    if jax.default_backend() != "cpu":
+    if not _cpu_layouts():
         return spec, a, b
     terms, result = spec.split("->")
     left, right = terms.split(",")
@@ -76,7 +76,14 @@ def row_major(a):
     would run in float32), and XLA otherwise folds a transpose into the product that reads it or lays
     it out as a free column-major view, inside a loop body (the chunked LM-head loss) as anywhere; in
     attention it even converted some bf16 products' operands to float32 (`layers._attend`)."""
-    return with_layout_constraint(a, Layout(tuple(range(a.ndim)))) if jax.default_backend() == "cpu" else a
+    return with_layout_constraint(a, Layout(tuple(range(a.ndim)))) if _cpu_layouts() else a
+
+
+def _cpu_layouts() -> bool:
+    """Whether products lay their operands out for XLA:CPU: on a one-device CPU. Other backends choose their
+    own layouts; and a layout constraint is not partitioned, so under a mesh of CPU devices XLA gathers
+    the whole array to every device to apply it (the memory plan's test step: 3.7 -> 7.4 MB)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -275,8 +275,19 @@ def softcap(x, cap: float | None):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+QUERY_BLOCK = 128  # causal attention's queries per block (`attend`)
+
+
+def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
+    """Query-key pairs causal attention over t tokens computes in query blocks: each block of queries
+    against the keys up to its last one (t² when the queries fit one block)."""
+    if t <= block:
+        return t * t
+    return sum((min(start + block, t) - start) * min(start + block, t) for start in range(0, t, block))
+
+
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
-           block: int = 128, bias=None):
+           block: int = QUERY_BLOCK, bias=None):
     """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
     [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
 
@@ -309,32 +320,38 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
         scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
     scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = probabilities(scores, v.dtype).reshape(*v.shape[:-2], h // kv * t, -1)
-    out = einsum("...qs,...sd->...qd", probs, v)
+    out = attention_values(scores.reshape(*v.shape[:-2], h // kv * t, -1), v)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def probabilities(scores, dtype):
-    """softmax(scores) over the last axis, rounded to `dtype`, whose gradient reads those rounded
-    probabilities: the backward pass keeps the copy attention's product with v keeps anyway, not a
-    float32 one beside it, which the layer scan stacks for every layer (the bench's bf16 LoRA step: 485
-    -> 436 MB of temporaries; in-process A/B, the step 0.96x, full fine-tuning 0.95x). In float32 its
-    gradient is softmax's."""
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+@jax.custom_vjp
+def attention_values(scores, v):
+    """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32.
+
+    Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
+    output, not softmax's float32 output beside them, which the layer scan would stack for every layer,
+    and takes softmax's row term Σₛ dP·P as Σ_d dO·O (FlashAttention's): XLA:CPU fused the row sum into
+    the dP = dO·vᵀ product, which then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the
+    bench's LoRA step bf16 0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 388
+    MB; keeping one bf16 copy of the probabilities had taken them 485 -> 436). In float32 its gradient is
+    autodiff's up to rounding."""
+    return einsum("...qs,...sd->...qd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
 
-def _probabilities_fwd(scores, dtype):
-    p = probabilities(scores, dtype)
-    return p, p
+def _attention_values_fwd(scores, v):
+    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = einsum("...qs,...sd->...qd", p, v)
+    return out, (p, v, out)
 
 
-def _probabilities_bwd(dtype, p, g):
-    p, g = p.astype(jnp.float32), g.astype(jnp.float32)
-    return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+def _attention_values_bwd(res, g):
+    p, v, out = res
+    dp, dv = jax.vjp(lambda p, v: einsum("...qs,...sd->...qd", p, v), p, v)[1](g)
+    rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    return p.astype(jnp.float32) * (dp.astype(jnp.float32) - rows), dv
 
 
-probabilities.defvjp(_probabilities_fwd, _probabilities_bwd)
+attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)
 
 
 ACTIVATIONS = {

@@ -12,8 +12,9 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - the batch: grad_accum x b x t x 16 bytes (ids, labels, attention mask, loss weights);
 - every layer's residuals for the backward pass (the layers run under one scan, so all of them
   are live when it starts), per token of a layer:
-    remat none: the attention probabilities once, in s (`layers.probabilities`), 5 MLP-wide tensors,
-      q, k, v, 3 hidden-wide ones; and for what trains: down_proj's and o_proj's inputs, 4 more
+    remat none: the attention probabilities once, in s (`layers.attention_values`), over the keys each
+      query block attends to (`layers.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
+      for what trains: down_proj's and o_proj's inputs, 4 more
       hidden-wide for trained norm scales, 2 rank-wide per LoRA pair;
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;
@@ -26,7 +27,9 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - under fsdp, a trained LM head's whole float32 gradient, which the loss keeps to the end.
 
 The counts and multiples were fitted to XLA's buffer assignment of the real compiled step (CPU
-backend, float32; tests/parallel/test_plan.py checks the total within 15%). bfloat16 counts the
+backend, float32: tests/parallel/test_plan.py's small Llama on meshes of 8 fake devices, within 7%,
+which the test checks within 15%; and the bench's 58.6M-parameter Llama on one device, LoRA and
+full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). bfloat16 counts the
 same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
 computes bfloat16 arithmetic in float32, keeps more than that.
 """
@@ -48,6 +51,7 @@ from jpeft.errors import ConfigError
 from jpeft.models.config import read_config
 from jpeft.hardware import resolve_dtype
 from jpeft.models.hf import DTYPES, abstract_params, build
+from jpeft.models.layers import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
 from jpeft.train.trainer import build_method, build_optimizer
@@ -58,7 +62,7 @@ FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part
 # float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its
 # residuals, and of the input + output widths of its LoRA-adapted projections (their delta path); a
 # rematerialised layer recomputes what it needs first.
-BACKWARD_WORKING_SET = {"none": (1.1, 0.6, 1.2), "dots": (1.5, 0.6, 0.8), "full": (1.0, 1.1, 1.3)}
+BACKWARD_WORKING_SET = {"none": (1.1, 0.3, 1.2), "dots": (1.5, 0.6, 0.8), "full": (1.0, 1.1, 1.3)}
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -218,16 +222,16 @@ class _Activations:
         """One layer's residuals per sequence without remat: (attention probabilities in bytes, the widths
         of the tensors kept whatever trains, those kept for what trains) -- widths per token, in elements."""
         t, s = self.seq, self.itemsize
-        widths = 5 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 3 * self.hidden
+        widths = 4 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 2 * self.hidden
         trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
                    + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora))
-        return self.heads * t * t * s, widths, trained
+        return self.heads * causal_keys(t) * s, widths, trained
 
     def __call__(self, batch_size: int) -> int:
         rows, t, s = batch_size // self.ways, self.seq, self.itemsize
         span = max(1, min(t, CHUNK // rows))  # each device's loss chunks hold about CHUNK of its tokens
         _, widths, _ = self.unrematerialised()
-        scores = self.heads * t * t * (8 + (s if s != 4 else 0))  # float32 scores and their gradient (+ a copy in s)
+        scores = self.heads * causal_keys(t) * (8 + (s if s != 4 else 0))  # float32 scores and their gradient (+ a copy in s)
         adapted = sum(d_in + d_out for _, d_in, d_out in self.lora)
         a, b, c = BACKWARD_WORKING_SET[self.remat]
         layer_backward = (rows * (a * scores + t * s * (b * widths + c * adapted))

@@ -94,30 +94,34 @@ def test_float32_math_on_bf16_inputs_saves_only_its_inputs(name):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_attention_probabilities_keep_one_bf16_copy():
-    """Attention's softmax keeps only its bf16 probabilities for the backward pass (the product with v keeps
-    them anyway), where plain autodiff keeps softmax's float32 output beside them; its gradient is softmax's
-    exactly in float32 and to bf16's precision in bf16."""
-    from jpeft.models.layers import probabilities
+def test_attention_values_keep_one_bf16_copy_of_the_probabilities():
+    """softmax(scores)·v keeps only the bf16 probabilities for the backward pass (the product's own gradient
+    needs them), where plain autodiff keeps softmax's float32 output beside them; its gradient (softmax's
+    row term from the output, FlashAttention's) is autodiff's to float32 rounding in float32 and to bf16's
+    precision in bf16, and masked keys get none."""
+    from jpeft.models.layers import attention_values
 
     r = np.random.RandomState(0)
     scores = jnp.asarray(3 * r.randn(2, 3, 5, 7), jnp.float32).at[..., -2:].set(-1e30)  # masked keys
-    weights = jnp.asarray(r.randn(2, 3, 5, 7), jnp.float32)
+    values = jnp.asarray(r.randn(2, 3, 7, 4), jnp.float32)
+    weights = jnp.asarray(r.randn(2, 3, 5, 4), jnp.float32)
 
-    def plain(s, dtype):
-        return jax.nn.softmax(s, axis=-1).astype(dtype)
+    def plain(s, v):
+        return jnp.einsum("...qs,...sd->...qd", jax.nn.softmax(s, axis=-1).astype(v.dtype), v,
+                          preferred_element_type=jnp.float32).astype(v.dtype)
 
     def loss(f, dtype):
-        return lambda s: jnp.sum(f(s, dtype).astype(jnp.float32) * weights)
+        return lambda s, v: jnp.sum(f(s, v.astype(dtype)).astype(jnp.float32) * weights)
 
     def kept(f, dtype):
-        return sorted(str(aval.dtype) for aval, why in saved_residuals(loss(f, dtype), scores)
-                      if aval.shape == scores.shape and not why.startswith("from a constant"))  # not the weights
+        return sorted(str(aval.dtype) for aval, why in saved_residuals(loss(f, dtype), scores, values)
+                      if aval.shape == scores.shape)
 
-    assert kept(plain, jnp.bfloat16) == ["float32"]
-    assert kept(probabilities, jnp.bfloat16) == ["bfloat16"]
-    want = jax.grad(loss(plain, jnp.float32))(scores)
-    np.testing.assert_allclose(jax.grad(loss(probabilities, jnp.float32))(scores), want, rtol=1e-6, atol=1e-7)
-    got = jax.grad(loss(probabilities, jnp.bfloat16))(scores)
-    np.testing.assert_allclose(got, jax.grad(loss(plain, jnp.bfloat16))(scores), atol=2e-2 * float(jnp.abs(want).max()))
-    assert float(jnp.abs(got[..., -2:]).max()) == 0.0
+    assert kept(plain, jnp.bfloat16) == ["bfloat16", "float32"]
+    assert kept(attention_values, jnp.bfloat16) == ["bfloat16"]
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        got = jax.grad(loss(attention_values, dtype), (0, 1))(scores, values)
+        want = jax.grad(loss(plain, dtype), (0, 1))(scores, values)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=tol, atol=tol * float(jnp.abs(w).max()))
+        assert float(jnp.abs(got[0][..., -2:]).max()) == 0.0

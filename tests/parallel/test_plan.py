@@ -137,3 +137,10 @@ def test_cli_prints_the_table_and_json(model_dir, capsys):
     first, *rest = overrides(model_dir, "lora", "2x2x2")
     assert main(["plan", first, "--devices", "8", "--device-memory", "64MiB", "--json", *rest]) == 0
     assert json.loads(capsys.readouterr().out) == record
+
+
+def test_probabilities_are_counted_over_the_keys_each_query_block_attends_to():
+    from jpeft.models.layers import causal_keys
+    assert causal_keys(100) == 100 * 100  # one block: the whole square
+    assert causal_keys(256, 128) == 128 * 128 + 128 * 256
+    assert causal_keys(300, 128) == 128 * 128 + 128 * 256 + 44 * 300
