@@ -329,19 +329,20 @@ def attention_values(scores, v):
     """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32.
 
     Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
-    output, not softmax's float32 output beside them, which the layer scan would stack for every layer,
-    and takes softmax's row term Σₛ dP·P as Σ_d dO·O (FlashAttention's): XLA:CPU fused the row sum into
-    the dP = dO·vᵀ product, which then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the
-    bench's LoRA step bf16 0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 388
-    MB; keeping one bf16 copy of the probabilities had taken them 485 -> 436). In float32 its gradient is
-    autodiff's up to rounding."""
+    float32 output, not softmax's float32 output beside them, which the layer scan would stack for every
+    layer, and takes softmax's row term Σₛ dP·P as Σ_d dO·O (FlashAttention's; from the unrounded output it
+    is exact for the rounded probabilities): XLA:CPU fused the row sum into the dP = dO·vᵀ product, which
+    then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the bench's LoRA step bf16
+    0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
+    copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
+    rounding."""
     return einsum("...qs,...sd->...qd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
 
 def _attention_values_fwd(scores, v):
     p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum("...qs,...sd->...qd", p, v)
-    return out, (p, v, out)
+    out = einsum("...qs,...sd->...qd", p, v, jnp.float32)
+    return out.astype(v.dtype), (p, v, out)
 
 
 def _attention_values_bwd(res, g):
