@@ -278,12 +278,15 @@ def softcap(x, cap: float | None):
 QUERY_BLOCK = 128  # causal attention's queries per block (`attend`)
 
 
+def query_blocks(t: int, block: int = QUERY_BLOCK) -> list[tuple[int, int]]:
+    """(start, end) of causal attention's query blocks over t queries."""
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
 def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
-    """Query-key pairs causal attention over t tokens computes in query blocks: each block of queries
-    against the keys up to its last one (t² when the queries fit one block)."""
-    if t <= block:
-        return t * t
-    return sum((min(start + block, t) - start) * min(start + block, t) for start in range(0, t, block))
+    """Query-key pairs causal attention over t tokens computes: each query block against the keys up to
+    its last query (t² when the queries fit one block)."""
+    return sum((end - start) * end for start, end in query_blocks(t, block))
 
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
@@ -299,11 +302,10 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
     t = q.shape[1]
     if causal_offset is None or t <= block:
         return _attend(q, k, v, mask, scale, cap, bias)
-    blocks = [(start, min(start + block, t)) for start in range(0, t, block)]
     return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
                                     mask[:, start:end, :causal_offset + end], scale, cap,
                                     None if bias is None else bias[:, :, start:end, :causal_offset + end])
-                            for start, end in blocks], axis=1)
+                            for start, end in query_blocks(t, block)], axis=1)
 
 
 def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
@@ -324,6 +326,9 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
+WEIGHTED_VALUES = "...qs,...sd->...qd"  # probabilities [..., Q, S] times values [..., S, D]
+
+
 @jax.custom_vjp
 def attention_values(scores, v):
     """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32.
@@ -336,18 +341,18 @@ def attention_values(scores, v):
     0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
     copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
     rounding."""
-    return einsum("...qs,...sd->...qd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+    return _attention_values_fwd(scores, v)[0]
 
 
 def _attention_values_fwd(scores, v):
     p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum("...qs,...sd->...qd", p, v, jnp.float32)
+    out = einsum(WEIGHTED_VALUES, p, v, jnp.float32)
     return out.astype(v.dtype), (p, v, out)
 
 
 def _attention_values_bwd(res, g):
     p, v, out = res
-    dp, dv = jax.vjp(lambda p, v: einsum("...qs,...sd->...qd", p, v), p, v)[1](g)
+    dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p, v)[1](g)
     rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     return p.astype(jnp.float32) * (dp.astype(jnp.float32) - rows), dv
 

@@ -14,8 +14,8 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
   are live when it starts), per token of a layer:
     remat none: the attention probabilities once, in s (`layers.attention_values`), over the keys each
       query block attends to (`layers.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
-      for what trains: down_proj's and o_proj's inputs, 4 more
-      hidden-wide for trained norm scales, 2 rank-wide per LoRA pair;
+      for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
+      rank-wide per LoRA pair;
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;
 - plus the larger of two working sets: one layer's backward (`BACKWARD_WORKING_SET` multiples of
