@@ -44,7 +44,7 @@ METRICS = ("rouge1", "rouge2", "rougeL", "bleu")
 PRESETS = {
     # Small batches, many steps: on this little data the loss is limited by optimizer steps, not by examples per step.
     "default": dict(vocab=4096, hidden=256, layers=4, heads=4, mlp=704, held_out=50, max_new_tokens=60,
-                    base=dict(steps=960, batch_size=2, seq_len=256, lr=1e-3, warmup=48),
+                    base=dict(steps=1440, batch_size=2, seq_len=256, lr=1e-3, warmup=72),
                     finetune=dict(steps=260, batch_size=2, seq_len=512, warmup=20)),
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
@@ -54,7 +54,7 @@ PRESETS = {
 ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 T5_PROJECTIONS = "[q,k,v,o,wi_0,wi_1,wo]"  # the same projections, as PEFT names them in T5
 FAMILIES = ("llama", "t5")
-LORA_PRESET = dict(lr=2e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
+LORA_PRESET = dict(lr=3e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
 DEFAULT_LR = 5e-3  # the learning rate of a method METHOD_PRESETS lacks (which also keeps its default options)
 METHOD_PRESETS = {  # train.lr and method.* options per method
     "full": dict(lr=1e-3),
