@@ -59,9 +59,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = prompt
         mask[row, width - len(prompt):] = 1
-    tokens = _decode(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size), params,
-                     jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots), jnp.float32(temperature or 1.0),
-                     jnp.float32(top_p), jax.random.key(seed))
+    tokens = _decoder(cfg.dtype)(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size),
+                                 params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots),
+                                 jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed))
     return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
 
 
@@ -180,9 +180,17 @@ def _stepping(model, params):
             L.unstack_cache)
 
 
-# XLA:CPU's YNNPACK matmuls are slow at decoding's few rows (batch 8: 46 of a 60 ms step, against 8 ms
-# in its own dot emitter); other backends ignore the option.
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+@functools.cache
+def _decoder(dtype: str):
+    """The compiled decoding loop for a compute dtype. Float32 products run in XLA:CPU's own dot emitter,
+    not YNNPACK: at decoding's few rows YNNPACK's float32 kernels took 46 of a 60 ms batch-8 step on an
+    AVX2 CPU (its own emitter ~8 ms), and were no faster on AVX-512 (Zen 5). In bfloat16 XLA's emitter is
+    the slow one (Zen 5, the bench model, batch 8: the whole call 726 vs 571 ms, the prefill 182 vs
+    103). Other backends ignore the option."""
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""} if jnp.dtype(dtype) == jnp.float32 else None
+    return jax.jit(_decode, static_argnums=(0, 1, 2), compiler_options=options)
+
+
 def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key):
     """Prefill + decode loop -> tokens [B, max_new_tokens]; what follows a row's first EOS is filler.
 

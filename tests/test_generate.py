@@ -9,7 +9,7 @@ import transformers
 import jpeft
 from conftest import make_hf_model, make_t5, save_hf_model
 from jpeft import tree as T
-from jpeft.generate import _decode, _prefill, generate, generate_text
+from jpeft.generate import _decoder, _prefill, generate, generate_text
 
 PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
 PAD, NEW = 0, 12
@@ -162,12 +162,29 @@ def test_every_sampled_token_is_among_the_top_k(tiny):
 def test_same_shapes_and_top_k_do_not_recompile(tiny):
     model, params = tiny
     generate(model, params, PROMPTS, 4, eos_token_id=None, temperature=1.0, top_k=5)
-    compiled = _decode._cache_size()
+    decode = _decoder(model.config.dtype)
+    compiled = decode._cache_size()
     other = [[3, 4], [50] * 20, [7] * 11]  # same batch size and prompt bucket
     generate(model, params, other, 4, eos_token_id=[5, 6], temperature=0.5, top_k=5, top_p=0.9, seed=7)
-    assert _decode._cache_size() == compiled
+    assert decode._cache_size() == compiled
     generate(model, params, other, 4, eos_token_id=None, temperature=0.5, top_k=6)  # top_k is static
-    assert _decode._cache_size() == compiled + 1
+    assert decode._cache_size() == compiled + 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's product kernels")
+def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
+    """The decoding loop's compiler options follow the compute dtype (`generate._decoder`)."""
+    import dataclasses
+    import re
+    model, params = tiny
+    ids = jnp.ones((2, 32), jnp.int32)
+    kernels = {}
+    for dtype in ("float32", "bfloat16"):
+        cast = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+        hlo = _decoder(dtype).lower(cast, 4, None, params, ids, ids, jnp.full((8,), -1, jnp.int32), jnp.float32(1),
+                                    jnp.float32(1), jax.random.key(0)).compile().as_text()
+        kernels[dtype] = len(re.findall(r"kind=kCustom", hlo))
+    assert kernels["float32"] == 0 < kernels["bfloat16"]
 
 
 def test_generate_text_batches_and_decodes(tiny):
