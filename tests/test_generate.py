@@ -173,7 +173,8 @@ def test_same_shapes_and_top_k_do_not_recompile(tiny):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's product kernels")
 def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
-    """The decoding loop's compiler options follow the compute dtype (`generate._decoder`)."""
+    """The decoding loop's compiler options follow the compute dtype (`generate._decoder`), and the bf16
+    loop decodes what the uncached bf16 forward picks."""
     import dataclasses
     import re
     model, params = tiny
@@ -185,6 +186,11 @@ def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
                                     jnp.float32(1), jax.random.key(0)).compile().as_text()
         kernels[dtype] = len(re.findall(r"kind=kCustom", hlo))
     assert kernels["float32"] == 0 < kernels["bfloat16"]
+    cast = model.clone(config=dataclasses.replace(model.config, dtype="bfloat16"))
+    rows = jnp.asarray([p[:3] for p in PROMPTS], jnp.int32)
+    for _ in range(6):
+        rows = jnp.concatenate([rows, jnp.argmax(cast.apply({"params": params}, rows)[:, -1], -1)[:, None]], 1)
+    assert generate(cast, params, rows[:, :3].tolist(), 6, eos_token_id=None) == rows[:, 3:].tolist()
 
 
 def test_generate_text_batches_and_decodes(tiny):
