@@ -124,11 +124,20 @@ def _candidates(temperature: float, top_k: int, top_p: float, vocab_size: int) -
     return vocab_size if top_p < 1 else 0
 
 
+def greedy(logits):
+    """`jnp.argmax(logits, -1)` (the first maximum; the first NaN where there is one) as two plain reductions:
+    XLA:CPU runs argmax's (value, index) reduction 2-10x slower (the bench's [8, 32000]: 555 vs 246 µs,
+    [1, 32000]: 140 vs 12 µs, ~4% of a decoding step)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), ids, logits.shape[-1]), axis=-1)
+
+
 def _pick(logits, key, candidates, temperature, top_p):
     """Next token per row from logits [B, V]: argmax (candidates None), or a sample from the
     `candidates` most likely tokens (0: all, unranked) cut to the top_p nucleus."""
     if candidates is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     if not candidates:
         return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
     ranked, ids = jax.lax.top_k(logits, candidates)  # ties keep the lower id first, as argmax

@@ -9,7 +9,7 @@ import transformers
 import jpeft
 from conftest import make_hf_model, make_t5, save_hf_model
 from jpeft import tree as T
-from jpeft.generate import _decoder, _prefill, generate, generate_text
+from jpeft.generate import _decoder, _prefill, generate, generate_text, greedy
 
 PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
 PAD, NEW = 0, 12
@@ -191,6 +191,16 @@ def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
     for _ in range(6):
         rows = jnp.concatenate([rows, jnp.argmax(cast.apply({"params": params}, rows)[:, -1], -1)[:, None]], 1)
     assert generate(cast, params, rows[:, :3].tolist(), 6, eos_token_id=None) == rows[:, 3:].tolist()
+
+
+def test_greedy_is_argmax_ties_and_nans_included():
+    logits = jax.random.normal(jax.random.key(0), (6, 300))
+    logits = logits.at[1, [7, 200]].set(9.0)  # a tie: the first wins
+    logits = logits.at[2, [5, 90]].set(jnp.nan)  # a NaN wins, the first one
+    logits = logits.at[3].set(-jnp.inf).at[4].set(1.0)  # all equal: index 0
+    logits = logits.at[5, 299].set(jnp.inf)
+    np.testing.assert_array_equal(greedy(logits), jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(greedy(logits.astype(jnp.bfloat16)), jnp.argmax(logits.astype(jnp.bfloat16), -1))
 
 
 def test_generate_text_batches_and_decodes(tiny):
