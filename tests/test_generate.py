@@ -175,7 +175,7 @@ def test_same_shapes_and_top_k_do_not_recompile(tiny):
 def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
     """The decoding loop's compiler options follow the compute dtype (`generate._decoder`): float32 without
     YNNPACK's kernels, bfloat16 with XLA's defaults (YNNPACK wherever it takes the products on this CPU); and
-    the bf16 loop decodes what the uncached bf16 forward picks."""
+    the bf16 loop picks what the uncached bf16 forward ranks first."""
     import dataclasses
     import re
     from jpeft import generate as G
@@ -194,10 +194,12 @@ def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
     assert ours["float32"] == 0 and ours["bfloat16"] == default["bfloat16"]
     assert default["float32"] > 0 or not any(default.values())  # YNNPACK takes float32 products where it takes any
     cast = model.clone(config=dataclasses.replace(model.config, dtype="bfloat16"))
-    rows = jnp.asarray([p[:3] for p in PROMPTS], jnp.int32)
-    for _ in range(6):
-        rows = jnp.concatenate([rows, jnp.argmax(cast.apply({"params": params}, rows)[:, -1], -1)[:, None]], 1)
-    assert generate(cast, params, rows[:, :3].tolist(), 6, eos_token_id=None) == rows[:, 3:].tolist()
+    prompts = [p[:3] for p in PROMPTS]
+    new = jnp.asarray(generate(cast, params, prompts, 6, eos_token_id=None))
+    logits = cast.apply({"params": params}, jnp.concatenate([jnp.asarray(prompts), new], 1))[:, 2:-1]
+    picked = jnp.take_along_axis(logits, new[..., None], -1)[..., 0]
+    # each token a maximum of the uncached logits up to bf16 rounding (this model's bf16 logits hold exact ties)
+    assert (picked >= logits.max(-1) - 0.05).all() and len(set(new.ravel().tolist())) > 3
 
 
 def test_greedy_is_argmax_ties_and_nans_included():
