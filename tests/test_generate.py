@@ -1,4 +1,7 @@
 """KV-cache decoding against transformers' generate, EOS handling, sampling, errors."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +12,7 @@ import transformers
 import jpeft
 from conftest import make_hf_model, make_t5, save_hf_model
 from jpeft import tree as T
-from jpeft.generate import _decoder, _prefill, generate, generate_text, greedy
+from jpeft.generate import _decode, _decoder, _prefill, generate, generate_text, greedy
 
 PROMPTS = [[5, 17, 33, 8, 61], [12, 40, 3, 77, 9, 26, 50, 14, 88], [70, 2, 45]]
 PAD, NEW = 0, 12
@@ -176,12 +179,9 @@ def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
     """The decoding loop's compiler options follow the compute dtype (`generate._decoder`): float32 without
     YNNPACK's kernels, bfloat16 with XLA's defaults (YNNPACK wherever it takes the products on this CPU); and
     the bf16 loop picks what the uncached bf16 forward ranks first."""
-    import dataclasses
-    import re
-    from jpeft import generate as G
     model, params = tiny
     ids = jnp.ones((2, 32), jnp.int32)
-    defaults = jax.jit(G._decode, static_argnums=(0, 1, 2))
+    defaults = jax.jit(_decode, static_argnums=(0, 1, 2))
 
     def ynn_kernels(decode, dtype):
         cast = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
