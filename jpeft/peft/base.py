@@ -105,6 +105,28 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def module_names(grouped: dict) -> list[str]:
+    """The HF module name of every layer of every module of a grouped tree (`T.modules`)."""
+    return [name for path, leaves in grouped.items()
+            for name in layer_names(path, (leading(path, next(iter(leaves.values()))) or (1,))[0])]
+
+
+def exact_targets(adapted, names, selects=matches) -> list[str]:
+    """PEFT target_modules entries that select exactly the `adapted` modules among `names`: for each,
+    its shortest dotted suffix that `selects` no other module. A bare last name where it is unambiguous
+    (`q_proj`); where not, a longer one (GPT-2's `mlp.c_proj`, not its `attn.c_proj` too), else the
+    whole name."""
+    others, found = [n for n in names if n not in set(adapted)], {}
+
+    def exact(suffix: str) -> bool:
+        if suffix not in found:
+            found[suffix] = not any(selects(other, [suffix]) for other in others)
+        return found[suffix]
+
+    return sorted({next(s for s in (".".join(name.split(".")[-k:]) for k in range(1, name.count(".") + 2))
+                        if exact(s)) for name in adapted})
+
+
 def layer_index(name: str) -> int | None:
     found = re.search(rf"\.(?:{'|'.join(T.STACKS)})\.(\d+)\.", name + ".")
     return int(found.group(1)) if found else None

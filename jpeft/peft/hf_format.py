@@ -3,8 +3,9 @@
 Methods PEFT has (LoRA and its variants, IA3, prompt tuning, prefix tuning, adaption prompts)
 are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
-method's file holds its own mapping (`to_peft` / `from_peft`, found through the method's
-`peft_type`). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
+method's file holds its own mapping (`to_peft(modules, names)` / `from_peft`, found through the
+method's `peft_type`; `names` are every module of the base, so `target_modules` select exactly the
+adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
 the same style (see `bottleneck.py`); methods that train base leaves (BitFit, norm tuning) use
 `peft_type` "JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
 A classification head is saved with the adapter trained beside it: as PEFT's SEQ_CLS
@@ -29,6 +30,7 @@ from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import classifier
+from jpeft.peft.base import module_names
 from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
@@ -92,7 +94,8 @@ def _peft(params):
         what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
         raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
     cls = CLASSES[found[0]]
-    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)})
+    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)},
+                                                      module_names(grouped))
     tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
     task = "SEQ_2_SEQ_LM" if {"encoder", "decoder"} <= set(params) else "CAUSAL_LM"

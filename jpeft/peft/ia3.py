@@ -14,7 +14,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import CONV1D, Method, hf_module, layer_names, leading, targeted_layers
+from jpeft.peft.base import CONV1D, Method, exact_targets, hf_module, layer_names, leading, targeted_layers
 
 
 class IA3(Method):
@@ -76,23 +76,25 @@ class IA3(Method):
         return out
 
 
-def to_peft(modules: dict) -> tuple[dict, dict]:
-    """PEFT's `ia3_l` tensors: (1, in) for feedforward modules, (out, 1) for the others."""
-    tensors, targets, feedforward = {}, set(), set()
+def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
+    """PEFT's `ia3_l` tensors: (1, in) for feedforward modules, (out, 1) for the others. The targets select
+    exactly the adapted modules among the tree's `names`, and the feedforward entries (a subset of them,
+    which PEFT also matches as plain name endings) exactly the feedforward ones."""
+    tensors, scaled, feedforward = {}, [], []
     for path, leaves in modules.items():
         ff = "ia3_in" in leaves
         vec = np.asarray(leaves["ia3_in" if ff else "ia3_out"], np.float32)
-        names = layer_names(path, vec.shape[0] if vec.ndim == 2 else 1)
-        for i, name in enumerate(names):
+        layers = layer_names(path, vec.shape[0] if vec.ndim == 2 else 1)
+        for i, name in enumerate(layers):
             v = vec[i] if vec.ndim == 2 else vec
             tensors[f"{name}.ia3_l"] = v[None, :] if ff else v[:, None]
-        short = hf_module(path).rsplit(".", 1)[-1]
-        targets.add(short)
-        if ff:
-            feedforward.add(short)
-    return tensors, {"target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
-                     "fan_in_fan_out": bool(targets & set(CONV1D)), "inference_mode": True, "init_ia3_weights": True,
-                     "modules_to_save": None}
+        (feedforward if ff else scaled).extend(layers)
+    ends = lambda name, suffixes: any(name.endswith(s) for s in suffixes)
+    ff_entries = exact_targets(feedforward, names, ends)
+    entries = exact_targets(scaled, [n for n in names if n not in set(feedforward)])
+    return tensors, {"target_modules": sorted({*entries, *ff_entries}), "feedforward_modules": ff_entries,
+                     "fan_in_fan_out": any(hf_module(p).rsplit(".", 1)[-1] in CONV1D for p in modules),
+                     "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None}
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

@@ -26,8 +26,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, hf_module, layer_names, leading, linear_uniform, targeted_layers,
-                             weight_name)
+from jpeft.peft.base import (CONV1D, Method, exact_targets, hf_module, layer_index, layer_names, leading,
+                             linear_uniform, targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -242,9 +242,10 @@ def _per_layer(value, i: int, stacked: bool):
     return np.asarray(value[i] if stacked else value)
 
 
-def to_peft(modules: dict) -> tuple[dict, dict]:
-    """PEFT tensors and config fields for the LoRA modules of a tree (PiSSA/OLoRA converted back:
-    [A | A₀], [B | -B₀] at twice the rank, so the adapter applies to the original base)."""
+def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
+    """PEFT tensors and config fields for the LoRA modules of a tree whose modules are `names`
+    (`module_names`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
+    applies to the original base."""
     tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
     for path, leaves in modules.items():
         a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
@@ -281,9 +282,11 @@ def to_peft(modules: dict) -> tuple[dict, dict]:
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
     if whole:
-        config["target_modules"] = sorted(short)
+        config["target_modules"] = exact_targets(entries, names)
     elif len(layer_sets) == 1 and stacked_only:
-        config["target_modules"], config["layers_to_transform"] = sorted(short), list(layer_sets.pop())
+        layers = layer_sets.pop()
+        config["target_modules"] = exact_targets(entries, [n for n in names if layer_index(n) in layers])
+        config["layers_to_transform"] = list(layers)
     else:  # an exact regex over the adapted per-layer names
         config["target_modules"] = "(" + "|".join(re.escape(n) for n in sorted(entries)) + ")"
     return tensors, config

@@ -151,7 +151,7 @@ def _layer_map(layers) -> dict:
     return {} if layers is None else {LAYERS: jnp.asarray(layers, jnp.int32)}
 
 
-def to_peft(modules: dict) -> tuple[dict, dict]:
+def to_peft(modules: dict, names) -> tuple[dict, dict]:
     """PEFT's `prompt_embeddings` [n, layers·2·KV·D]: per token, layer (block) by layer, key then value."""
     ((path, (k, v)),) = _blocks(modules).items()
     k, v = (np.asarray(a, np.float32) for a in (k, v))

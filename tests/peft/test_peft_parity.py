@@ -9,6 +9,7 @@ import torch
 import jpeft
 from jpeft import tree as T
 from jpeft.generate import generate
+from jpeft.peft.base import layer_names
 from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
@@ -171,6 +172,7 @@ def torch_t5_logits(model, ids, dec):
 T5_ADAPTERS = {  # PEFT's module names for T5
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k", "v", "wo"], feedforward=["wo"]), ("ia3_in", "ia3_out")),
+    "lora_self_attention_q": (jpeft.LoRA(rank=4, alpha=8, targets=["SelfAttention.q"]), ("lora_b",)),  # not EncDec
 }
 
 
@@ -186,8 +188,10 @@ def test_t5_adapter_round_trip(tmp_path, method):
     assert np.abs(t5_logits(model, adapted, *batch) - t5_logits(model, params, *batch)).max() > 1e-4
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
-    names = [n for n, _ in peft_model.named_parameters() if "lora_A" in n or "ia3_l" in n]
-    assert any(".encoder." in n for n in names) and any("EncDecAttention" in n for n in names)
+    names = peft_adapted(peft_model)
+    assert names == jpeft_adapted(adapted)  # target_modules select no other module
+    assert any(n.startswith("encoder.") for n in names) and any(n.startswith("decoder.") for n in names)
+    assert any("EncDecAttention" in n for n in names) == (method != "lora_self_attention_q")
     np.testing.assert_allclose(t5_logits(model, adapted, *batch), torch_t5_logits(peft_model, *batch), atol=2e-4,
                                rtol=0)
     peft_model.save_pretrained(tmp_path / "from_peft")
@@ -200,8 +204,20 @@ def test_t5_adapter_round_trip(tmp_path, method):
 
 GPT2_ADAPTERS = {
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["c_attn", "c_proj", "c_fc"]), ("lora_b",)),
+    "lora_mlp_c_proj": (jpeft.LoRA(rank=4, alpha=8, targets=["mlp.c_proj"]), ("lora_b",)),  # not attn.c_proj
     "ia3": (jpeft.IA3(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]), ("ia3_in", "ia3_out")),
 }
+
+
+def peft_adapted(peft_model) -> set[str]:
+    """The base modules PEFT wrapped with an adapter layer (their names in the base model)."""
+    return {name.removeprefix("base_model.model.") for name, module in peft_model.named_modules()
+            if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)}
+
+
+def jpeft_adapted(params) -> set[str]:
+    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_")) for k in leaves)
+            for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
 
 
 @pytest.mark.parametrize("method", GPT2_ADAPTERS)
@@ -216,7 +232,10 @@ def test_gpt2_adapter_round_trip(tmp_path, method):
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
     assert peft_model.peft_config["default"].fan_in_fan_out  # as jpeft wrote it: PEFT would warn otherwise
+    assert peft_adapted(peft_model) == jpeft_adapted(adapted)  # target_modules select no other module
     np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
+    ours = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, ours), jax_logits(model, adapted), atol=1e-5, rtol=0)
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
