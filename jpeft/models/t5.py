@@ -32,14 +32,15 @@ def relative_buckets(relative, bidirectional: bool, buckets: int, max_distance: 
 
 
 class RelativeBias(nn.Module):
-    """The [buckets, heads] table of a stack's position biases (HF: its block 0's `relative_attention_bias`)."""
+    """The [buckets, heads] table of a stack's position biases (HF: its block 0's `relative_attention_bias`),
+    read through the embedding insertion point: PEFT adapts it as the embedding it is."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, buckets):
-        table = self.param("embedding", nn.with_logical_partitioning(L.init_normal, (None, "heads")),
-                           (self.cfg.relative_buckets, self.cfg.num_heads), jnp.float32)
-        return jnp.take(table, buckets, axis=0)
+        self.param("embedding", nn.with_logical_partitioning(L.init_normal, (None, "heads")),
+                   (self.cfg.relative_buckets, self.cfg.num_heads), jnp.float32)
+        return sites.embed(L.module_leaves(self), buckets, jnp.float32, prepend=False)
 
 
 class Attention(nn.Module):

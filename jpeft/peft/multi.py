@@ -63,6 +63,9 @@ def route(params, names: Sequence[str], adapter_ids):
         if any("lora_magnitude" in a.get(path, {}) or "ia3_in" in a.get(path, {}) or "ia3_out" in a.get(path, {})
                for a in adapters):
             raise JpeftError(f"route: {path} holds a DoRA or IA3 adapter; routing rows supports plain LoRA")
+        if path.endswith("relative_attention_bias"):
+            raise JpeftError(f"route: {path} is adapted, but T5's position biases are shared by every row of "
+                             "the batch; routing rows supports adapters on per-token modules only")
         rank = max(a[path]["lora_a"].shape[-1] for a in adapters if path in a)
         template = next(a[path] for a in adapters if path in a)
         factors = [_padded(a.get(path), template, rank) for a in adapters]

@@ -8,7 +8,7 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from conftest import make_hf_model, save_hf_model
+from conftest import make_hf_model, make_t5, save_hf_model
 from test_peft_parity import perturb
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (3, 10)))
@@ -77,3 +77,12 @@ def test_weighted_adapter_matches_peft(setup, tmp_path, combination):
         for path in plain:
             want = plain[path] + sum(w * (m[path] - plain[path]) for w, m in zip(weights, merged))
             np.testing.assert_allclose(np.asarray(mixed[path]), np.asarray(want), atol=1e-5, err_msg=path)
+
+
+def test_route_refuses_t5_position_biases(tmp_path):
+    """A stack's position-bias table is read once for the whole batch: per-row adapters cannot apply there."""
+    _, params = jpeft.from_pretrained(make_t5(tmp_path / "t5")[1])
+    adapted = jpeft.LoRA(rank=2, alpha=4, targets=["relative_attention_bias"]).init(jax.random.key(0), params)
+    tree = jpeft.add_adapter(params, "bias", adapted)
+    with pytest.raises(jpeft.JpeftError, match="relative_attention_bias is adapted"):
+        jpeft.route(tree, ["bias"], [0, 0])

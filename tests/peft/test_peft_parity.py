@@ -173,6 +173,9 @@ T5_ADAPTERS = {  # PEFT's module names for T5
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k", "v", "wo"], feedforward=["wo"]), ("ia3_in", "ia3_out")),
     "lora_self_attention_q": (jpeft.LoRA(rank=4, alpha=8, targets=["SelfAttention.q"]), ("lora_b",)),  # not EncDec
+    # each stack's position-bias table, an embedding PEFT adapts (A starts at zero there)
+    "lora_position_bias": (jpeft.LoRA(rank=4, alpha=8, targets=["relative_attention_bias", "q"]),
+                           ("lora_a", "lora_b")),
 }
 
 
