@@ -65,8 +65,10 @@ def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, ba
     """Greedy continuations of the templated rows (prompts cut from the left to fit the model)."""
     from jpeft.data import encode_prompts
     from jpeft.generate import generate_text
+    from jpeft.peft import sites
 
-    prompts = encode_prompts(rows, tokenizer, prompt, model.config.max_position_embeddings - max_new_tokens)
+    room = model.config.max_position_embeddings - max_new_tokens - sum(sites.virtual_tokens(params))
+    prompts = encode_prompts(rows, tokenizer, prompt, room)
     return [text.strip() for text in generate_text(model, params, tokenizer, prompts, max_new_tokens, batch_size)]
 
 

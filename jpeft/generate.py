@@ -40,9 +40,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     without top_k on or off; temperature, the value of top_p and seed are traced.
     """
     cfg = model.config
-    check_prompts(prompts, cfg)
     if max_new_tokens < 1:
         raise JpeftError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_prompts(prompts, cfg, max_new_tokens, sum(sites.virtual_tokens(params)))
     if not 0 <= pad_token_id < cfg.vocab_size:
         raise JpeftError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size}); "
                          "pass the tokenizer's pad (or eos) id")
@@ -80,7 +80,8 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
     sampling.setdefault("pad_token_id", pad or 0)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
                for p in prompts]
-    check_prompts(encoded, model.config)  # up front, so an error names the prompt's global index
+    # up front, so an error names the prompt's global index
+    check_prompts(encoded, model.config, max_new_tokens, sum(sites.virtual_tokens(params)))
     starts = range(0, len(encoded), batch_size)
     outputs = []
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
@@ -89,8 +90,10 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
     return outputs
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> None:
-    """Refuse prompts the model cannot read, naming the offending one."""
+def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1, virtual: int = 0) -> None:
+    """Refuse prompts the model cannot read, naming the offending one. With learned positions (GPT-2) the
+    prompt, its `virtual` tokens and the new tokens fed back must all have a position: past the table
+    the lookup would read no row and the logits turn NaN (transformers raises there too)."""
     if not prompts:
         raise JpeftError("no prompts given; pass at least one prompt")
     for i, prompt in enumerate(prompts):
@@ -99,6 +102,12 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg) -> None:
         if len(prompt) > cfg.max_position_embeddings:
             raise JpeftError(f"prompt {i} has {len(prompt)} tokens but the model reads at most "
                              f"{cfg.max_position_embeddings} (max_position_embeddings); shorten or truncate it")
+        if cfg.learned_positions and virtual + len(prompt) + max_new_tokens - 1 > cfg.max_position_embeddings:
+            raise JpeftError(
+                f"prompt {i} has {len(prompt)} tokens{f' after {virtual} virtual ones' if virtual else ''}; "
+                f"with max_new_tokens={max_new_tokens} the model would need "
+                f"{virtual + len(prompt) + max_new_tokens - 1} positions but has "
+                f"{cfg.max_position_embeddings} (n_positions); shorten the prompt or lower max_new_tokens")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise JpeftError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}); "
                              "was it tokenized with this model's tokenizer?")

@@ -264,3 +264,23 @@ def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
     logits = np.asarray(model.apply({"params": adapted}, np.asarray([PROMPTS[1] + got[0][:-1]])))[0]
     assert len(got[0]) == 8 and np.argmax(logits[len(PROMPTS[1]) - 1:], axis=-1).tolist() == got[0]
     assert got[0] != generate(model, params, [PROMPTS[1]], max_new_tokens=8, eos_token_id=None)[0]
+
+
+def test_learned_positions_are_never_read_past_the_table(tmp_path):
+    """GPT-2 (n_positions 64): every token generate feeds back needs a row of wpe (a soft prompt's rows too);
+    one past it is an error, not NaN logits, and so is a longer forward pass; RoPE models run on."""
+    path = save_hf_model(make_hf_model("gpt2", n_inner=64, max_position_embeddings=64), tmp_path / "gpt2")
+    model, params = jpeft.from_pretrained(path)
+    prompt = [list(range(5, 65))]  # 60 tokens: 5 new ones feed 4 back, at positions 60..63
+    out = generate(model, params, prompt, 5, eos_token_id=None)[0]
+    logits = model.apply({"params": params}, jnp.asarray([prompt[0] + out[:4]]))
+    assert np.isfinite(np.asarray(logits)).all() and out[4] == int(jnp.argmax(logits[0, -1]))
+    with pytest.raises(jpeft.JpeftError, match="prompt 0 has 60 tokens; with max_new_tokens=6 .* 65 positions"):
+        generate(model, params, prompt, 6, eos_token_id=None)
+    prompted = jpeft.PromptTuning(2).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.JpeftError, match="60 tokens after 2 virtual ones; .* 65 positions but has 64"):
+        generate(model, prompted, prompt, 4, eos_token_id=None)
+    with pytest.raises(jpeft.JpeftError, match="65 tokens .* GPT-2's table holds \\(64"):
+        model.apply({"params": params}, jnp.ones((1, 65), jnp.int32))
+    llama = dataclasses.replace(model.config, model_type="llama")
+    assert not llama.learned_positions and model.config.learned_positions

@@ -88,6 +88,12 @@ class ModelConfig:
         return self.num_decoder_layers > 0
 
     @property
+    def learned_positions(self) -> bool:
+        """Are positions rows of a table (GPT-2's wpe), so that none exists past max_position_embeddings?
+        (RoPE and T5's relative positions run on, as in transformers.)"""
+        return self.model_type == "gpt2"
+
+    @property
     def query_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

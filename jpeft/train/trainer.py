@@ -164,6 +164,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
     params = init_method(method, params, model, mesh, tc.seed)
+    check_positions(model.config, tc.seq_len, sum(sites.virtual_tokens(params)), cfg.model.path)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
@@ -246,6 +247,14 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     if primary and record:  # an empty record: a re-run of a finished run, which trained nothing; keep its summary
         write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record, train_seconds)
     return record
+
+
+def check_positions(model_cfg: ModelConfig, seq_len: int, virtual: int, source: str) -> None:
+    """A model with learned positions (GPT-2) has none past its table: longer rows would train on NaN."""
+    if model_cfg.learned_positions and seq_len + virtual > model_cfg.max_position_embeddings:
+        raise ConfigError(f"train.seq_len={seq_len}{f' plus {virtual} virtual tokens' if virtual else ''} needs "
+                          f"{seq_len + virtual} positions, but {source} has {model_cfg.max_position_embeddings} "
+                          "(n_positions); lower train.seq_len")
 
 
 def write_data_files(out_dir: str, data: RunData) -> None:

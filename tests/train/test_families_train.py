@@ -117,3 +117,16 @@ def test_the_seed_table_configs_run(tiny_run, tmp_path, config):
     trainer.train(cfg, progress=False)
     assert "eval_rougeL" in read_metrics(tmp_path / "run")[-1]
     assert (tmp_path / "run" / ("adapter" if cfg.method.name == "lora" else "model")).is_dir()
+
+
+def test_rows_longer_than_learned_positions_are_refused(tiny_run, tmp_path):
+    """GPT-2 with 96 positions: train.seq_len=96 fits, 4 virtual tokens before it do not (NaN otherwise)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    base = save_hf_model(make_hf_model("gpt2", **GPT2, vocab_size=len(tokenizer), max_position_embeddings=96),
+                         tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    with pytest.raises(jpeft.ConfigError, match="train.seq_len=96 plus 4 virtual tokens needs 100 positions, but "
+                                                ".* has 96 \\(n_positions\\); lower train.seq_len"):
+        trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", "method.name=prompt",
+                                 "method.num_virtual_tokens=4"), progress=False)
+    trainer.check_positions(jpeft.from_pretrained(base)[0].config, 96, 0, base)  # what fits, passes
