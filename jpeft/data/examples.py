@@ -48,6 +48,12 @@ class Examples:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), np.ndarray)}
 
+    def longest(self) -> int:
+        """Tokens of the longest example (an encoder-decoder's: of its encoder input)."""
+        if self.positions is not None:
+            return int(np.max(np.where(self.attention_mask > 0, self.positions, -1), initial=-1)) + 1
+        return int(np.max(np.sum(self.attention_mask > 0, axis=-1), initial=0))
+
     def examples_per_row(self) -> np.ndarray:
         """[N]: how many examples each row holds (a packed row several, any other one)."""
         return np.maximum(self.attention_mask.max(axis=1), 1) if self.positions is not None else np.ones(len(self))

@@ -204,7 +204,8 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         model_type="gpt2", vocab_size=need("vocab_size"), hidden_size=hidden,
         intermediate_size=hf.get("n_inner") or 4 * hidden, num_layers=need("n_layer"), num_heads=heads,
         num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True, hidden_act=act, gated_mlp=False,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True, mlp_bias=True,
+        hidden_act=act, gated_mlp=False,
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
 
 

@@ -81,7 +81,7 @@ class Transformer(nn.Module):
 
 class GPT2(nn.Module):
     """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (virtual tokens
-    included); the head is the token embedding, tied."""
+    included); the head is the token embedding, tied, unless a checkpoint holds its own."""
     config: ModelConfig
     insertion_points = sites.HOOKS
 
@@ -97,6 +97,8 @@ class GPT2(nn.Module):
         transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=True)
         hidden, cache_kv = transformer(cfg, name="transformer")(input_ids, d.positions, mask, cache_kv, d.index)
         hidden = hidden[:, d.rows:]
+        if not cfg.tie_word_embeddings and self.is_initializing():
+            L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
@@ -104,7 +106,10 @@ class GPT2(nn.Module):
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:
-        return {"kernel": params["transformer"]["wte"]["embedding"].T}
+        """The LM head's leaves: the token embedding transposed (GPT-2's tie), or a head of its own."""
+        if self.config.tie_word_embeddings:
+            return {"kernel": params["transformer"]["wte"]["embedding"].T}
+        return dict(params["lm_head"])
 
     @nn.nowrap
     def logits(self, head: dict, hidden):

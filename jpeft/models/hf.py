@@ -7,6 +7,7 @@ kernels are transposed, and the stacked `layers` axis is split per layer.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from functools import partial
@@ -27,6 +28,8 @@ from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
 from jpeft.peft.base import CONV1D, layer_names
 from jpeft.peft.classifier import hf_tree
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
@@ -118,6 +121,11 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     index = _weight_index(model_dir)
     if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds its own (as transformers)
         cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index)
+    elif cfg.tie_word_embeddings and _own_head(index):
+        log.warning("%s: config.json ties the LM head to the token embedding, but the weights hold an "
+                    "lm_head.weight of their own that differs from it; using it, as transformers does (set "
+                    "tie_word_embeddings to false in config.json to silence this)", model_dir)
+        cfg = cfg.replace(tie_word_embeddings=False)
     model = build(cfg)
     abstract = abstract_params(model)
     expected = T.flatten(nn.meta.unbox(abstract))
@@ -154,6 +162,23 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
         for h in handles.values():
             h.__exit__(None, None, None)
     return model, T.unflatten(flat)
+
+
+TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")  # what a decoder's tied head reads
+
+
+def _own_head(index: dict) -> bool:
+    """Does the checkpoint hold an lm_head.weight that is not its token embedding (which transformers then
+    loads untied, whatever config.json says)?"""
+    embedding = next((name for name in TIED_EMBEDDINGS if name in index), None)
+    if "lm_head.weight" not in index or embedding is None:
+        return False
+    try:
+        with safe_open(index["lm_head.weight"], "np") as head, safe_open(index[embedding], "np") as table:
+            return not np.array_equal(head.get_tensor("lm_head.weight"), table.get_tensor(embedding))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{index['lm_head.weight']}: unreadable safetensors file ({e}); re-download or "
+                              "re-save it") from None
 
 
 def _tree_shape(path: str, hf_shape) -> tuple:
@@ -203,6 +228,8 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
     """config.json for `params`: biases BitFit added switch on Llama's `attention_bias` / `mlp_bias`;
     anything else the family's config cannot hold is an error, never a silently dropped tensor."""
     hf, leaves = cfg.to_hf(), set(T.flatten(params))
+    if not cfg.is_encoder_decoder:  # a head untied on load (its own lm_head.weight) is saved as untied
+        hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     for flag, modules in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
                           ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
         if cfg.model_type == "llama" and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):

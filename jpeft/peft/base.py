@@ -105,6 +105,15 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def refuse_tied_head(targets, grouped: dict, error=JpeftError) -> None:
+    """A target naming `lm_head` where the tree has none of its own (its output layer is the token embedding,
+    tie_word_embeddings): PEFT wraps the tied head as a module apart, which jpeft does not (it would skip it)."""
+    if "lm_head" not in grouped and matches("lm_head", targets):
+        raise error(f"targets {targets!r} name lm_head, but this model's output layer is its token embedding "
+                    "(tie_word_embeddings) and jpeft adapts a tied head only through the embedding: drop lm_head, "
+                    "or target the embedding (embed_tokens / wte), whose delta reaches the head as well")
+
+
 def module_names(grouped: dict) -> list[str]:
     """The HF module name of every layer of every module of a grouped tree (`T.modules`)."""
     return [name for path, leaves in grouped.items()

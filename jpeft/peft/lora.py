@@ -27,7 +27,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (CONV1D, Method, exact_targets, hf_module, layer_index, layer_names, leading,
-                             linear_uniform, targeted_layers, weight_name)
+                             linear_uniform, refuse_tied_head, targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -97,6 +97,7 @@ class LoRA(Method):
     def init(self, key, params):
         """A new tree with LoRA leaves beside every targeted weight (PiSSA/OLoRA also rewrite W)."""
         grouped = T.modules(params)
+        refuse_tied_head(self.targets, grouped)
         chosen = {path: picked for path, leaves in grouped.items() if any(picked := self.targeted(path, leaves))}
         if not chosen:
             names = sorted(hf_module(p) for p, leaves in grouped.items() if self.targeted(p, leaves))
@@ -301,6 +302,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                   init=init if init in ("pissa", "olora") else "peft", use_rslora=bool(config.get("use_rslora")),
                   use_dora=bool(config.get("use_dora")), layers=[layers] if isinstance(layers, int) else layers,
                   rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+    refuse_tied_head(method.targets, modules, AdapterError)
     out = dict(modules)
     for path, leaves in modules.items():
         picked = method.targeted(path, leaves)

@@ -164,7 +164,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
     params = init_method(method, params, model, mesh, tc.seed)
-    check_positions(model.config, tc.seq_len, sum(sites.virtual_tokens(params)), cfg.model.path)
+    check_positions(model.config, [data.train, *(e.examples for e in data.evals.values())],
+                    sum(sites.virtual_tokens(params)), cfg)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
@@ -249,12 +250,14 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     return record
 
 
-def check_positions(model_cfg: ModelConfig, seq_len: int, virtual: int, source: str) -> None:
-    """A model with learned positions (GPT-2) has none past its table: longer rows would train on NaN."""
-    if model_cfg.learned_positions and seq_len + virtual > model_cfg.max_position_embeddings:
-        raise ConfigError(f"train.seq_len={seq_len}{f' plus {virtual} virtual tokens' if virtual else ''} needs "
-                          f"{seq_len + virtual} positions, but {source} has {model_cfg.max_position_embeddings} "
-                          "(n_positions); lower train.seq_len")
+def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig) -> None:
+    """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN."""
+    longest = max(part.longest() for part in parts)
+    if model_cfg.learned_positions and longest + virtual > model_cfg.max_position_embeddings:
+        room = model_cfg.max_position_embeddings - virtual
+        raise ConfigError(f"the longest example has {longest} tokens{f' after {virtual} virtual ones' if virtual else ''}, "
+                          f"but {cfg.model.path} has {model_cfg.max_position_embeddings} positions (n_positions); "
+                          f"set train.seq_len={room} (or less) so that longer examples are cut to fit")
 
 
 def write_data_files(out_dir: str, data: RunData) -> None:

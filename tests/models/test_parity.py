@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 import jpeft
 from conftest import GPT2, make_hf_model, save_hf_model
@@ -42,6 +43,7 @@ CASES = {
                                                       rope_local_base_freq=100.0)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
+    "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
 }
 
 
@@ -123,6 +125,30 @@ def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = np.random.RandomState(2).randint(0, 97, (2, 9))
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(ref_model, ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,overrides", [("qwen2", {}), ("gpt2", GPT2)])
+def test_a_tied_config_with_its_own_head_in_the_file_loads_untied(model_type, overrides, tmp_path):
+    """config.json ties the head, but the weights hold an lm_head.weight that differs from the embedding:
+    transformers then uses that head (and warns), and so does jpeft, which saves the model untied. An
+    lm_head.weight equal to the embedding leaves the model tied."""
+    path = save_hf_model(make_hf_model(model_type, tie_word_embeddings=True, **overrides), tmp_path / "src")
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    embedding = next(k for k in tensors if k.endswith(("embed_tokens.weight", "wte.weight")))
+    save_file({**tensors, "lm_head.weight": tensors[embedding]}, file, metadata={"format": "pt"})
+    assert "lm_head" not in jpeft.from_pretrained(path)[1]
+    head = np.random.RandomState(0).randn(*tensors[embedding].shape).astype(np.float32)
+    save_file({**tensors, "lm_head.weight": head}, file, metadata={"format": "pt"})
+    model, params = jpeft.from_pretrained(path)
+    ids = np.random.RandomState(1).randint(0, 97, (2, 9))
+    theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))), theirs, atol=2e-4,
+                               rtol=0)
+    jpeft.save_pretrained(str(tmp_path / "out"), model, params)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(torch_logits(reloaded, ids), theirs, atol=1e-6, rtol=0)
 
 
 def test_bfloat16_load(tmp_path):

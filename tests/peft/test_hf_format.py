@@ -140,3 +140,17 @@ def test_save_without_adapter(tiny_llama, tmp_path):
     _, params = jpeft.from_pretrained(tiny_llama[1])
     with pytest.raises(jpeft.AdapterError, match="holds no adapter leaves"):
         jpeft.save_adapter(str(tmp_path / "x"), params)
+
+
+def test_lm_head_of_a_tied_model_is_refused_not_skipped(tmp_path):
+    """PEFT wraps a tied head as a module of its own; jpeft adapts it only through the embedding, so a target
+    naming lm_head there is an error (at init, and loading PEFT's adapter), never silently left out."""
+    torch_model = make_hf_model("qwen2", tie_word_embeddings=True)
+    _, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    tied = "name lm_head, but this model's output layer is its token embedding"
+    with pytest.raises(jpeft.JpeftError, match=tied):
+        jpeft.LoRA(rank=2, alpha=4, targets=["q_proj", "lm_head"]).init(jax.random.key(0), params)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
+    peft.get_peft_model(torch_model, config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(jpeft.AdapterError, match=tied):
+        jpeft.load_adapter(str(tmp_path / "adapter"), params)

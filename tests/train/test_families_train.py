@@ -119,14 +119,17 @@ def test_the_seed_table_configs_run(tiny_run, tmp_path, config):
     assert (tmp_path / "run" / ("adapter" if cfg.method.name == "lora" else "model")).is_dir()
 
 
-def test_rows_longer_than_learned_positions_are_refused(tiny_run, tmp_path):
-    """GPT-2 with 96 positions: train.seq_len=96 fits, 4 virtual tokens before it do not (NaN otherwise)."""
+def test_examples_longer_than_learned_positions_are_refused(tiny_run, tmp_path):
+    """GPT-2 with 96 positions: rows of 96 tokens fit, 4 virtual tokens before them do not (they would read
+    NaN past the position table); the error says which train.seq_len cuts them to fit, and that one trains."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     base = save_hf_model(make_hf_model("gpt2", **GPT2, vocab_size=len(tokenizer), max_position_embeddings=96),
                          tmp_path / "base")
     tokenizer.save_pretrained(base)
-    with pytest.raises(jpeft.ConfigError, match="train.seq_len=96 plus 4 virtual tokens needs 100 positions, but "
-                                                ".* has 96 \\(n_positions\\); lower train.seq_len"):
-        trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", "method.name=prompt",
-                                 "method.num_virtual_tokens=4"), progress=False)
-    trainer.check_positions(jpeft.from_pretrained(base)[0].config, 96, 0, base)  # what fits, passes
+    prompt = ("method.name=prompt", "method.num_virtual_tokens=4", "train.steps=2")
+    with pytest.raises(jpeft.ConfigError, match="the longest example has 96 tokens after 4 virtual ones, but .* "
+                                                "has 96 positions \\(n_positions\\); set train.seq_len=92"):
+        trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", *prompt), progress=False)
+    trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "fits", *prompt, "train.seq_len=92"),
+                  progress=False)
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "fits"))
