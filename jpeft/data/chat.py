@@ -9,6 +9,9 @@ the marker (ChatML's newline) is layout between turns and stays untrained, as in
 `{% generation %}` blocks. The whole text is tokenized once, with character offsets, and every token
 overlapping a span is trained, so the ids are exactly `tokenizer.apply_chat_template(messages)`.
 """
+import dataclasses
+import logging
+
 import jinja2
 import numpy as np
 
@@ -17,6 +20,7 @@ from jpeft.data.tokenize import Templates, _log_truncation, pad_id, render_all
 from jpeft.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
+logger = logging.getLogger("jpeft.data")
 
 
 def conversations(rows, path: str, prompt: Templates | None = None, target: Templates | None = None,
@@ -49,8 +53,8 @@ def conversations(rows, path: str, prompt: Templates | None = None, target: Temp
 def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool = True) -> Examples:
     """Conversations rendered by the tokenizer's chat template, the loss on assistant turns (see the module).
 
-    Over-long conversations are cut on the right to seq_len + 1 tokens (later turns are lost);
-    pack=True puts several conversations in each row, as `tokenize_supervised` does.
+    Over-long conversations are cut on the right to seq_len + 1 tokens (later turns are lost; one that keeps
+    no assistant token is dropped, and none kept at all is an error); pack=True puts several conversations in each row, as `tokenize_supervised` does.
     """
     if tokenizer.chat_template is None:
         raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "
@@ -61,17 +65,33 @@ def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool =
     rendered = [_rendered(chat, tokenizer, i) for i, chat in enumerate(chats)]
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,  # the template writes BOS
                         return_offsets_mapping=True)
-    seqs, masks = [], []
+    seqs, masks, trained_total, untrained_kept, dropped = [], [], 0, 0, 0
     for ids, offsets, (_, turns) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered):
         start, end = np.asarray(offsets, np.int64).reshape(-1, 2).T
         trained = np.zeros(len(ids), bool)
         for a, b in turns:
             trained |= (start < b) & (end > a)
+        trained_total += int(trained.sum())
+        kept = trained[:seq_len + 1]
+        if not kept[1:].any():  # the turns before the first reply fill seq_len: nothing left to learn
+            dropped += 1
+            continue
         seqs.append(list(ids[:seq_len + 1]))
-        masks.append(trained[:seq_len + 1].astype(np.int32).tolist())
+        masks.append(kept.astype(np.int32).tolist())
+        untrained_kept += int((~kept).sum())
     n_truncated = sum(len(ids) > seq_len + 1 for ids in encoded["input_ids"])
     _log_truncation(n_truncated, len(chats), f"seq_len={seq_len}", "cut on the right, later turns lost")
-    return next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated)
+    if dropped == len(chats):
+        raise DataError(f"every conversation lost all its assistant turns to train.seq_len={seq_len} (the messages "
+                        "before the first reply fill it); raise train.seq_len or shorten the prompts")
+    if dropped:
+        logger.warning("%d of %d conversations kept no assistant token within seq_len=%d and were dropped",
+                       dropped, len(chats), seq_len)
+    kept_total = sum(map(sum, masks))
+    return dataclasses.replace(
+        next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated),
+        prompt_tokens_lost=sum(map(len, encoded["input_ids"])) - trained_total - untrained_kept,
+        target_tokens_lost=trained_total - kept_total)
 
 
 def _problem(messages) -> str | None:

@@ -144,11 +144,12 @@ def _type_clash(rows: list[dict], path: str) -> str:
 
 
 def _read_csv(path: str) -> datasets.Dataset:
-    """Every cell as its exact text (empty cells stay '', not NaN), so text columns stay strings."""
+    """Every cell as its exact text, so text columns stay strings ('NA' and 'null' too); an empty cell, or one a
+    short row lacks, is missing (null): CSV has no other way to say so, and a silently empty target would train."""
     import pandas
 
     try:
-        frame = pandas.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pandas.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (pandas.errors.ParserError, pandas.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"data file '{path}' is not valid CSV: {e}") from None
     return datasets.Dataset.from_pandas(frame, preserve_index=False)

@@ -107,6 +107,26 @@ def test_long_conversations_are_cut_on_the_right_and_counted(tok, caplog):
         np.testing.assert_array_equal(a, b[:, :seq_len])  # the first seq_len + 1 tokens, masks unchanged
 
 
+def test_lost_tokens_are_counted_and_a_conversation_with_no_reply_left_is_dropped(tok, caplog):
+    """Cut to seq_len, the long conversation loses its last turns (prompt and target tokens counted); one whose
+    first user turn fills seq_len keeps no assistant token and is dropped; if all are, that is an error."""
+    long_user = [{"role": "user", "content": "a cat sat on the mat and the dog ran home " * 8},
+                 {"role": "assistant", "content": "On the mat."}]
+    full = [chat_ids(tok, c) for c in (MESSAGES, long_user)]
+    seq_len = len(chat_ids(tok, MESSAGES[:3])) + 2  # the first reply fits, the long user turn does not
+    assert len(full[1]) - 12 > seq_len + 1
+    whole = tokenize_chat([MESSAGES], tok, seq_len=256, pack=False)
+    with caplog.at_level(logging.WARNING, logger="jpeft.data"):
+        cut = tokenize_chat([MESSAGES, long_user], tok, seq_len=seq_len, pack=False)
+    assert len(cut) == 1 and "1 of 2 conversations kept no assistant token" in caplog.text
+    np.testing.assert_array_equal(cut.input_ids, whole.input_ids[:, :seq_len])
+    trained = whole.loss_mask.sum() + tokenize_chat([long_user], tok, seq_len=256, pack=False).loss_mask.sum()
+    assert cut.target_tokens_lost == trained - cut.loss_mask.sum() > 0
+    assert cut.prompt_tokens_lost == sum(map(len, full)) - trained - (seq_len + 1 - cut.loss_mask.sum())
+    with pytest.raises(DataError, match="every conversation lost all its assistant turns to train.seq_len="):
+        tokenize_chat([long_user], tok, seq_len=seq_len, pack=False)
+
+
 def test_chat_errors(tok):
     bare = train_bpe_tokenizer(["a cat"], 300)
     with pytest.raises(ConfigError, match="no chat template.*tokenizer_config.json.*data.chat=false"):

@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 from jpeft.data import DIALOGSUM_SAMPLE, check_columns, load_rows
+from jpeft.data.sources import usable_rows
 from jpeft.errors import DataError
 
 ROWS = [{"dialogue": "hi there", "summary": "a greeting"}, {"dialogue": "bye", "summary": ""}]
@@ -24,10 +25,24 @@ def test_jsonl_json_csv_parquet_and_saved_dir_agree(tmp_path):
     datasets.Dataset.from_list(ROWS).to_parquet(parquet)
     saved = str(tmp_path / "saved")
     datasets.Dataset.from_list(ROWS).save_to_disk(saved)
-    for path in (jsonl, str(array), str(csv), parquet, saved):
+    for path in (jsonl, str(array), parquet, saved):
         ds = load_rows(path)
-        assert ds.to_list() == ROWS, path  # the empty CSV cell stays '' (not NaN)
+        assert ds.to_list() == ROWS, path
         check_columns(ds, path, ["dialogue", "summary"])
+    assert load_rows(str(csv)).to_list() == [ROWS[0], {"dialogue": "bye", "summary": None}]  # CSV's only null
+
+
+def test_an_empty_or_absent_csv_cell_is_missing(tmp_path):
+    """CSV cannot tell an empty string from a missing value: both are null, so the row is dropped (counted), or
+    with data.strict an error, as a null in JSON lines or parquet is; 'NA' and 'null' stay text."""
+    csv = tmp_path / "d.csv"
+    csv.write_text("dialogue,summary\nhi there,a greeting\nbye\nyo,\nNA,null\n")
+    rows = load_rows(str(csv))
+    assert rows["summary"] == ["a greeting", None, None, "null"] and rows["dialogue"][3] == "NA"
+    kept, dropped = usable_rows(rows, str(csv), ["dialogue", "summary"])
+    assert len(kept) == 2 and sum(dropped.values()) == 2
+    with pytest.raises(DataError, match="row 2: column 'summary' is missing \\(null\\)"):
+        usable_rows(rows, str(csv), ["dialogue", "summary"], strict=True)
 
 
 def test_dataset_dict_dir_asks_for_a_split(tmp_path):
