@@ -75,10 +75,14 @@ def cmd_plan(args) -> None:
 
 def cmd_eval(args) -> None:
     from jpeft.data import check_columns, load_rows, template_columns
+    from jpeft.errors import ConfigError
     from jpeft.evaluate import evaluate_classification, evaluate_generation
     from jpeft.peft.classifier import read_labels
 
     prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
+    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1 and --max-new-tokens >= 1; got "
+                          f"{args.limit}, {args.batch_size}, {args.max_new_tokens}")
     rows = load_rows(args.data)
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
@@ -107,6 +111,11 @@ def cmd_generate(args) -> None:
 
 def cmd_merge(args) -> None:
     import jpeft
+    from jpeft.errors import ConfigError
+    for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
+        if os.path.exists(args.out) and os.path.samefile(args.out, source):
+            raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
+                              "reads; give a new directory")
     model, params, _ = load(args.model, args.adapter)
     jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model)
     print(f"merged model written to {args.out}")
@@ -162,15 +171,18 @@ def cmd_forgetting(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jpeft", description="Fine-tune Hugging Face Llama-family checkpoints with JAX: full, LoRA and its "
-                                  "variants, QLoRA, IA3, BitFit, norm tuning; evaluate, generate, merge, "
-                                  "benchmark, measure forgetting.",
+        prog="jpeft", description="Fine-tune Hugging Face checkpoints (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2, "
+                                  "T5/FLAN-T5) with JAX: full, LoRA and its variants, QLoRA, IA3, BitFit, norm "
+                                  "tuning, prompt and prefix tuning, LLaMA-Adapter, bottleneck adapters, classifier "
+                                  "heads; evaluate, generate, merge, benchmark, measure forgetting.",
         epilog="Every command has --help with an example. Start with: jpeft demo")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level, and show the traceback of a file-system error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, fn, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+        p = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"),  # not %-formatted
+                           epilog=f"example:\n  {EXAMPLES[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(fn=fn)
         return p
@@ -216,19 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     scored.add_argument("--target", help="reference column(s), comma-separated")
     scored.add_argument("--label", help="the label column, for a classifier (its --adapter, or an exported "
                                         "classifier as --model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--limit", type=int, default=0, help="score only the first N rows")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy output length (default 64)")
+    p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default 0: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows generated or scored at once (default 16)")
     p.add_argument("--out", help="also write the JSON result here")
 
     p = command("generate", cmd_generate, "Continue a prompt with the model (and adapter).")
     model_args(p)
     p.add_argument("--prompt", required=True, help=r"the text to continue; \n means newline")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0, sample")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens only (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p (default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
     p = command("merge", cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
     model_args(p)
@@ -285,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"probes": {FILE: {"metric", "base", "tuned", "change"}}} instead of a table')
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows of each probe")
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy output length for ROUGE-L and accuracy")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows scored at once (default 16)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="cut each perplexity row to this many tokens (default: the model's positions, at most 1024)")
     return parser
@@ -316,6 +330,12 @@ def main(argv=None) -> int:
         args.fn(args)
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the command cannot write (a file where a directory goes, no permission, disk full)
+        if args.verbose:
+            raise
+        print(f"jpeft {args.command}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} "
+              "(--verbose shows where)", file=sys.stderr)
         return 2
     return 0
 

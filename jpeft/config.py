@@ -266,7 +266,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     origin = f"override '{text}'"
     tp = _field_type(key, origin)
     if _base_type(tp) is str:
-        return key, None if raw.strip() in ("null", "~") and _optional(tp) else raw
+        return key, None if raw.strip() in ("null", "~") else raw  # as in YAML (a key that needs a string refuses)
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as e:

@@ -13,7 +13,8 @@ import transformers
 import jpeft
 from jpeft.cli import EXAMPLES, main
 
-COMMANDS = ["demo", "train", "eval", "generate", "merge", "info", "bench", "compare", "forgetting"]
+COMMANDS = ["demo", "train", "plan", "eval", "generate", "merge", "info", "bench", "compare", "forgetting",
+            "plot"]
 
 
 def test_top_level_help_lists_every_command():
@@ -27,7 +28,8 @@ def test_every_command_has_help_with_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "example:" in capsys.readouterr().out and EXAMPLES[command].startswith(f"jpeft {command}")
+    out = capsys.readouterr().out
+    assert "example:" in out and EXAMPLES[command].startswith(f"jpeft {command}") and "%%" not in out
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,12 @@ def test_eval_writes_metrics(tiny_run, trained_adapter, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
     assert set(printed) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "n"} and printed["n"] == 3
+
+
+def test_eval_bad_sizes_are_an_error(tiny_run, capsys):
+    assert main(["eval", "--model", tiny_run["model"], "--data", tiny_run["eval"], "--prompt", "{dialogue}",
+                 "--target", "summary", "--limit", "-1"]) == 2
+    assert "need --limit >= 0 (0: every row)" in capsys.readouterr().err
 
 
 def test_eval_missing_column_is_an_error(tiny_run, capsys):
@@ -121,6 +129,20 @@ def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), reference, atol=2e-4, rtol=0)
     assert transformers.AutoTokenizer.from_pretrained(out) is not None
+
+
+def test_merge_never_writes_over_what_it_reads_and_a_file_in_the_way_is_one_line(tiny_run, trained_adapter,
+                                                                                   tmp_path, capsys):
+    before = sorted(os.listdir(tiny_run["model"]))
+    for out in (tiny_run["model"], str(trained_adapter)):
+        assert main(["merge", "--model", tiny_run["model"], "--adapter", str(trained_adapter), "--out", out]) == 2
+        assert "would overwrite what it reads" in capsys.readouterr().err
+    assert sorted(os.listdir(tiny_run["model"])) == before
+    (tmp_path / "taken").write_text("not a directory")
+    assert main(["merge", "--model", tiny_run["model"], "--adapter", str(trained_adapter),
+                 "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jpeft merge: error: File exists") and "taken" in err and "Traceback" not in err
 
 
 def test_info_reports_counts(tiny_run, trained_adapter, capsys):

@@ -53,6 +53,8 @@ def test_yaml_then_overrides(tmp_path):
     assert load_config(good(tmp_path), ["method.targets=[o_proj]"]).method.targets == ["o_proj"]
     assert load_config(good(tmp_path)).data.prompt == "Summarize:\n{dialogue}\n"
     assert load_config(None, ["model.path=null"]).model.path is None
+    with pytest.raises(ConfigError, match="'out_dir' in override 'out_dir=null' must be a string"):
+        load_config(None, ["out_dir=null"])  # null as in YAML, never a directory named "null"
     mapping = load_config(None, ["method.rank_pattern={k_proj: 2}", "data.columns={text: dialogue}"])
     assert mapping.method.rank_pattern == {"k_proj": 2} and mapping.data.columns == {"text": "dialogue"}
 

@@ -14,6 +14,7 @@ import os
 class MetricsLog:
     def __init__(self, path: str, resume_step: int, enabled: bool = True):
         self.file = self.board = None
+        self.last: dict = {}  # the last record kept from an earlier leg of the run
         if not enabled:
             return
         kept = []
@@ -21,6 +22,7 @@ class MetricsLog:
             with open(path) as f:  # a line without its newline was cut short by a kill: drop it, don't fail
                 kept = [line for line in f if line.endswith("\n") and line.strip()
                         and json.loads(line).get("step", 0) <= resume_step]
+        self.last = json.loads(kept[-1]) if kept else {}
         self.file = open(path, "w")
         self.file.writelines(kept)
         self.file.flush()

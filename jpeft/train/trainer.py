@@ -149,6 +149,9 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         raise ConfigError("model.path and data.train (or data.mixture) must be set (in the YAML file or as "
                           "key=value overrides)")
     tc = cfg.train
+    if tc.warmup >= tc.steps:
+        log.warning("train.warmup=%d is not below train.steps=%d: the learning rate warms up over %d steps and "
+                    "never decays", tc.warmup, tc.steps, max(tc.steps - 1, 0))
     probes = forgetting.read_probes(cfg.eval.forgetting or [], "eval.forgetting")
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
@@ -245,7 +248,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - loop_started
     params = T.combine(state["trainable"], frozen)
     export(cfg, model, method, params)
-    if primary and record:  # an empty record: a re-run of a finished run, which trained nothing; keep its summary
+    if not record:  # a re-run of a finished run trained nothing: its summary stands, its last record is the result
+        log.info("%s finished already at step %d; nothing to train", cfg.out_dir, start)
+        return metrics.last
+    if primary:
         write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record, train_seconds)
     return record
 

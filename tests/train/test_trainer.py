@@ -98,6 +98,10 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 7))
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
+    summary = (straight / "summary.json").read_text()
+    again = trainer.train(run_config(tiny_run, straight, "train.save_every=3", "method.dropout=0.1"), progress=False)
+    assert again == read_metrics(straight)[-1] and again["step"] == 6  # a finished run: its result, nothing trained
+    assert (straight / "summary.json").read_text() == summary
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
