@@ -142,11 +142,13 @@ def layer_index(name: str) -> int | None:
 
 
 def targeted_layers(module_path: str, num_layers: int, targets, layers: Sequence[int] | None = None) -> list[bool]:
-    """Per layer of a module: does PEFT's matching (with `layers_to_transform`) pick it?"""
+    """Per layer of a module: does PEFT's matching (with `layers_to_transform`) pick it? A list entry that is
+    the module's whole name picks it whatever the layers, as in PEFT."""
     picked = []
     for name in layer_names(module_path, num_layers):
         index = layer_index(name)
-        picked.append(matches(name, targets) and (layers is None or (index is not None and index in layers)))
+        exact = not isinstance(targets, str) and name in targets
+        picked.append(exact or matches(name, targets) and (layers is None or (index is not None and index in layers)))
     return picked
 
 

@@ -39,6 +39,10 @@ PEFT_CONFIGS = {
                               init_lora_weights=False),
     "regex-layer": peft.LoraConfig(r=2, lora_alpha=6, target_modules=r"model\.layers\.0\.self_attn\.(k|o)_proj",
                                    init_lora_weights=False),
+    # a whole module name is adapted whatever layers_to_transform says (PEFT's rule): q_proj of layer 0 too
+    "exact-name-beside-layers": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["model.layers.0.self_attn.q_proj",
+                                                                                   "v_proj"],
+                                                layers_to_transform=[1], init_lora_weights=False),
     "embed-head": peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
                                   init_lora_weights=False),
     "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
