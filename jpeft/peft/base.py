@@ -125,7 +125,8 @@ def exact_targets(adapted, names, selects=matches) -> list[str]:
     its shortest dotted suffix that `selects` no other module. A bare last name where it is unambiguous
     (`q_proj`); where not, a longer one (GPT-2's `mlp.c_proj`, not its `attn.c_proj` too), else the
     whole name."""
-    others, found = [n for n in names if n not in set(adapted)], {}
+    adapted = set(adapted)
+    others, found = [n for n in names if n not in adapted], {}
 
     def exact(suffix: str) -> bool:
         if suffix not in found:

@@ -91,7 +91,7 @@ def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
         (feedforward if ff else scaled).extend(layers)
     ends = lambda name, suffixes: any(name.endswith(s) for s in suffixes)
     ff_entries = exact_targets(feedforward, names, ends)
-    entries = exact_targets(scaled, [n for n in names if n not in set(feedforward)])
+    entries = exact_targets(scaled, set(names) - set(feedforward))
     return tensors, {"target_modules": sorted({*entries, *ff_entries}), "feedforward_modules": ff_entries,
                      "fan_in_fan_out": any(hf_module(p).rsplit(".", 1)[-1] in CONV1D for p in modules),
                      "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None}
