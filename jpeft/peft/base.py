@@ -106,12 +106,13 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
 
 
 def refuse_tied_head(targets, grouped: dict, error=JpeftError) -> None:
-    """A target naming `lm_head` where the tree has none of its own (its output layer is the token embedding,
-    tie_word_embeddings): PEFT wraps the tied head as a module apart, which jpeft does not (it would skip it)."""
+    """Refuse a target naming `lm_head` where the tree has none of its own (its output layer is the token
+    embedding, tie_word_embeddings): PEFT wraps the tied head as a module apart, which jpeft does not, so it
+    would be skipped silently."""
     if "lm_head" not in grouped and matches("lm_head", targets):
         raise error(f"targets {targets!r} name lm_head, but this model's output layer is its token embedding "
-                    "(tie_word_embeddings) and jpeft adapts a tied head only through the embedding: drop lm_head, "
-                    "or target the embedding (embed_tokens / wte), whose delta reaches the head as well")
+                    "(tie_word_embeddings), which jpeft does not adapt apart from the embedding as PEFT does; "
+                    "drop lm_head from the targets")
 
 
 def module_names(grouped: dict) -> list[str]:
