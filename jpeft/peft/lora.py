@@ -94,16 +94,19 @@ class LoRA(Method):
         size = leading(path, next(iter(leaves.values())))
         return targeted_layers(path, size[0] if size else 1, self.targets, self.layers)
 
+    def available(self, grouped: dict) -> str:
+        """The modules of a grouped tree LoRA can adapt, by HF name (for errors)."""
+        return ", ".join(sorted(hf_module(p) for p, leaves in grouped.items() if self.targeted(p, leaves)))
+
     def init(self, key, params):
         """A new tree with LoRA leaves beside every targeted weight (PiSSA/OLoRA also rewrite W)."""
         grouped = T.modules(params)
         refuse_tied_head(self.targets, grouped)
         chosen = {path: picked for path, leaves in grouped.items() if any(picked := self.targeted(path, leaves))}
         if not chosen:
-            names = sorted(hf_module(p) for p, leaves in grouped.items() if self.targeted(p, leaves))
             raise JpeftError(f"{type(self).__name__} targets {self.targets!r}"
                              f"{f' in layers {list(self.layers)}' if self.layers is not None else ''} "
-                             f"match no dense layer; available: {', '.join(names)}")
+                             f"match no dense layer; available: {self.available(grouped)}")
         for (path, picked), k in zip(chosen.items(), jax.random.split(key, len(chosen))):
             grouped[path] = self.init_module(k, path, grouped[path], picked)
         return T.from_modules(grouped)
@@ -329,5 +332,6 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                 adapted[weight] = jnp.asarray(got, leaves[weight].dtype)
         out[path] = {**adapted, **{leaf: jnp.asarray(v if stacked else v[0]) for leaf, v in per_layer.items()}}
     if all(out[p] is modules[p] for p in modules):
-        raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model")
+        raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "
+                           f"its modules: {method.available(modules)}")
     return out

@@ -100,6 +100,14 @@ def test_unexpected_key(adapter_dir):
         jpeft.load_adapter(str(adapter), params)
 
 
+def test_targets_matching_nothing_list_the_modules(adapter_dir):
+    adapter, params = adapter_dir
+    edit_config(adapter, target_modules=["embed_tokenz"])
+    with pytest.raises(jpeft.AdapterError, match=r"\['embed_tokenz'\] match no module of the base model; its "
+                                                 r"modules: .*model\.embed_tokens.*model\.layers\.self_attn\.q_proj"):
+        jpeft.load_adapter(str(adapter), params)
+
+
 def test_shape_mismatch(adapter_dir, tmp_path):
     adapter, _ = adapter_dir
     other = save_hf_model(make_hf_model("llama", hidden_size=48), tmp_path / "other")
