@@ -76,6 +76,10 @@ HF_HOMES = {f"{stack}.relative_attention_bias": f"{stack}.block.0.layer.0.SelfAt
             for stack in ("encoder", "decoder")}
 
 
+# PEFT's shorthand target: every dense layer (Linear, GPT-2's Conv1D) but the output layers.
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head", "score", "classifier")
+
 # GPT-2's projections: HF Conv1D modules, weights stored [in, out] (PEFT adapts them with fan_in_fan_out).
 CONV1D = ("c_attn", "c_proj", "c_fc")
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, exact_targets, hf_module, layer_index, layer_names, leading,
-                             linear_uniform, refuse_tied_head, targeted_layers, weight_name)
+from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, exact_targets, hf_module, layer_index,
+                             layer_names, leading, linear_uniform, refuse_tied_head, targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -71,6 +71,8 @@ class LoRA(Method):
             raise JpeftError(f"LoRA+ lr_ratio must be > 0, got {lr_ratio}")
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.targets = targets if isinstance(targets, str) else tuple(targets)
+        if self.targets == (ALL_LINEAR,):  # as a one-entry list from the command line
+            self.targets = ALL_LINEAR
         self.init_scheme, self.use_rslora, self.use_dora = init, use_rslora, use_dora
         self.layers = None if layers is None else tuple(int(i) for i in layers)
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
@@ -88,11 +90,17 @@ class LoRA(Method):
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     def targeted(self, path: str, leaves: dict) -> list[bool]:
-        """Per layer of a module: is it adapted (targets + layers, as PEFT matches them)?"""
+        """Per layer of a module: is it adapted (targets + layers, as PEFT matches them)? `all-linear`: every
+        dense layer but the output head (PEFT's shorthand)."""
         if weight_name(leaves) is None and not is_quantized(leaves):
             return []
         size = leading(path, next(iter(leaves.values())))
-        return targeted_layers(path, size[0] if size else 1, self.targets, self.layers)
+        targets = self.targets
+        if targets == ALL_LINEAR:
+            if "embedding" in leaves or path.rpartition("/")[2] in OUTPUT_LAYERS:
+                return [False] * (size[0] if size else 1)
+            targets = ".*"
+        return targeted_layers(path, size[0] if size else 1, targets, self.layers)
 
     def available(self, grouped: dict) -> str:
         """The modules of a grouped tree LoRA can adapt, by HF name (for errors)."""

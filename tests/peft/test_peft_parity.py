@@ -227,6 +227,20 @@ def jpeft_adapted(params) -> set[str]:
             for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_all_linear_adapts_what_peft_adapts(tmp_path, family):
+    """PEFT's `all-linear`: every dense layer (GPT-2's Conv1D too), neither embeddings nor the output head;
+    as a string or a one-entry list (the command line's `method.targets=all-linear`)."""
+    from conftest import GPT2
+    torch_model = make_hf_model(family, **(GPT2 if family == "gpt2" else dict(tie_word_embeddings=False)))
+    _, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    for targets in ("all-linear", ["all-linear"]):
+        adapted = jpeft.LoRA(rank=2, targets=targets).init(jax.random.key(0), params)
+        assert jpeft_adapted(adapted) == peft_adapted(peft_model)
+    assert not any("lm_head" in n or "embed" in n or "wte" in n for n in jpeft_adapted(adapted))
+
+
 @pytest.mark.parametrize("method", GPT2_ADAPTERS)
 def test_gpt2_adapter_round_trip(tmp_path, method):
     """Adapters on GPT-2's Conv1D projections (fused c_attn): jpeft -> PEFT (fan_in_fan_out) -> jpeft, and merge."""
