@@ -83,6 +83,12 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
     if cfg.method.lora is not None and "lora" in options:
         _check_lora(cfg.method.lora, origins)
     data = cfg.data
+    evaluated = data.eval or data.split or data.mixture or cfg.eval.forgetting
+    unused = [k for k in ("train.eval_every", "data.eval_limit") if k in origins and not evaluated]
+    if unused:  # say so: the user expects evaluations the run cannot make
+        logging.getLogger("jpeft.config").warning(
+            "%s set, but the run has nothing to evaluate (no data.eval, data.split, data.mixture or "
+            "eval.forgetting); no evaluation will run", " and ".join(unused))
     if data.mixture is not None:
         _check_mixture(cfg, fail)
     elif data.train is not None and (data.label is not None or cfg.method.name == "classifier"):

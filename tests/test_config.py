@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import yaml
 
@@ -148,3 +150,14 @@ def test_data_needs_exactly_one_template_kind():
         load_config(None, base + ["data.prompt={dialogue}"])
     with pytest.raises(ConfigError, match="'data.text'.*not both"):
         load_config(None, base + ["data.prompt={a}", "data.target={b}", "data.text={a}"])
+
+
+def test_evaluation_keys_without_anything_to_evaluate_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="jpeft.config"):
+        load_config(None, ["data.train=a.jsonl", "data.text=text", "train.eval_every=5"])
+    assert "train.eval_every set, but the run has nothing to evaluate" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jpeft.config"):
+        load_config(None, ["data.train=a.jsonl", "data.eval=b.jsonl", "data.text=text", "train.eval_every=5"])
+        load_config(None, ["data.train=a.jsonl", "data.text=text"])  # defaults alone say nothing
+    assert "nothing to evaluate" not in caplog.text
