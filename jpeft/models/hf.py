@@ -102,13 +102,15 @@ def _weight_index(model_dir: str) -> dict[str, str]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
+def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_float32=None):
     """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights (`auto`:
     bfloat16 where the hardware has native bf16 matmuls, else float32; jpeft.hardware).
 
     With a `mesh`, each weight is born sharded: every device's slice is read straight from the
     safetensors file into that device (only this process's devices), so no whole copy of a
-    weight ever sits on one device or host.
+    weight ever sits on one device or host. `keep_float32`: a function of the params tree giving a
+    bool tree (a method's `mask`) of leaves read in float32 whatever `dtype`, so that a base leaf
+    about to be trained starts from the checkpoint's own values, not from their bf16 rounding.
     """
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir}: model directory not found")
@@ -132,6 +134,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
     if classes := sequence_classes(cfg.hf_config):
         expected = _with_score(expected, cfg.hidden_size, classes)
     target = DTYPES[dtype] if dtype else jnp.float32
+    exact = T.flatten(keep_float32(T.unflatten(expected))) if keep_float32 else {}
     if mesh is not None:
         from jpeft.parallel.mesh import param_shardings
         shardings = T.flatten(param_shardings(T.unflatten(expected), abstract, mesh))
@@ -151,11 +154,12 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None):
                 raise CheckpointError(
                     f"{model_dir}: weight for '{path}' has shape {shape}, config.json implies {spec.shape}")
             read = partial(_read_slice, path, parts)
+            leaf_dtype = jnp.float32 if exact.get(path) else target
             if mesh is None:
-                flat[path] = jnp.asarray(read(()), target)
+                flat[path] = jnp.asarray(read(()), leaf_dtype)
             else:
-                flat[path] = jax.make_array_from_callback(spec.shape, shardings[path],
-                                                          lambda i, read=read: read(i).astype(target))
+                flat[path] = jax.make_array_from_callback(
+                    spec.shape, shardings[path], lambda i, read=read, t=leaf_dtype: read(i).astype(t))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{model_dir}: unreadable safetensors file ({e}); re-download or re-save it") from None
     finally:

@@ -156,15 +156,16 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
+    labels = class_labels(cfg)
+    method = build_method(cfg, labels)
+    # base leaves the method trains (full, BitFit, norms) are read in float32: trained, they stay float32
+    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=method.mask)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
-    labels = class_labels(cfg)
     data = run_data(cfg, tokenizer, labels, model.config)
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
-    method = build_method(cfg, labels)
     sites.require(method, model.insertion_points, model.config.model_type)
     params = init_method(method, params, model, mesh, tc.seed)
     check_positions(model.config, [data.train, *(e.examples for e in data.evals.values())],

@@ -3,6 +3,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -33,6 +34,22 @@ def test_loss_decreases_and_exports(tiny_run, tmp_path, method):
         assert (tmp_path / "model" / "tokenizer.json").exists()
     ids = np.arange(1, 20)[None]
     assert np.abs(np.asarray(model.apply({"params": adapted}, ids) - model.apply({"params": base}, ids))).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["full", "norm"])
+def test_base_leaves_trained_in_bf16_start_from_the_float32_checkpoint(tiny_run, tmp_path, method):
+    """bf16 compute keeps float32 trainables, as autocast does: a base leaf a method trains is read in float32,
+    so a step that changes nothing (lr 0) exports the checkpoint's own values, not their bf16 rounding."""
+    trainer.train(run_config(tiny_run, tmp_path, f"method.name={method}", "model.dtype=bfloat16", "train.lr=0",
+                             "train.steps=1"), progress=False)
+    original = load_file(os.path.join(tiny_run["model"], "model.safetensors"))
+    exported = load_file(tmp_path / ("model/model.safetensors" if method == "full" else
+                                     "adapter/adapter_model.safetensors"))  # norm tuning: its trained tensors
+    trained = [k for k in original if method == "full" or k.endswith("norm.weight")]
+    assert trained and any(original[k].dtype == np.float32 and not np.array_equal(
+        original[k], original[k].astype(jnp.bfloat16).astype(np.float32)) for k in trained)
+    for key in trained:
+        np.testing.assert_array_equal(exported[key].astype(np.float32), original[key], err_msg=key)
 
 
 def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, monkeypatch):
