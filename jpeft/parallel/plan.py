@@ -192,7 +192,7 @@ class _Activations:
         held, trains_leaf = T.flatten(params), T.flatten(mask)
         stacked = [p for p in flat if T.is_stacked(p)]
         # a layer's weights as it computes with them, in s: gathered over fsdp, or dequantized whole from
-        # codes stored unsharded (QLoRA), per layer
+        # their codes (QLoRA; the codes themselves are sharded as the kernels), per layer
         self.layer_weights = sum(math.prod(shard_shape(flat[p].shape, tuple(base_axes[p]), gathered))
                                  for p in stacked if p in held) // self.layers * self.itemsize
         self.dequantized = sum(flat[p].size for p in stacked if p not in held) // self.layers * self.itemsize

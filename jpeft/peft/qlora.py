@@ -26,6 +26,11 @@ class Quantized(Method):
     """The frozen, quantized base weight of a module (no trainable leaves)."""
     name = "quantized"
     stored = quant.QUANT_LEAVES
+    # sharded as the weight they replace (NF4's packed input axis and the absmax blocks split along `in`, as
+    # far as the mesh divides them), so a QLoRA base under fsdp/tensor is no larger per device than LoRA's
+    axes = {"kernel_nf4": ("lead", "in", "out"), "kernel_int8": ("lead", "in", "out"),
+            "kernel_absmax": ("lead", "in", "out"), "kernel_absmax_q": ("lead", "in", "out"),
+            "kernel_absmax_scale": ("lead", None), "kernel_absmax_offset": ("lead",)}
 
     @staticmethod
     def weight(leaves, dtype=None):

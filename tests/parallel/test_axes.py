@@ -27,5 +27,6 @@ def test_every_methods_leaves_follow_their_weights_axes():
     assert axes["model/layers/self_attn/k_proj/ia3_out"] == ("layers", "kv")
     assert axes["model/layers/mlp/down_proj/ia3_in"] == ("layers", "mlp")
     o = "model/layers/self_attn/o_proj/"
-    assert axes[o + "lora_a"] == ("layers", "heads", None) and axes[o + "kernel_nf4"] == ("layers", None, None)
+    assert axes[o + "lora_a"] == ("layers", "heads", None) and axes[o + "kernel_nf4"] == ("layers", "heads", "embed")
+    assert axes[o + "kernel_absmax"] == ("layers", "heads", "embed")
     assert set(axes) == set(T.flatten(tree)) | set(T.flatten(quantized))

@@ -46,7 +46,7 @@ def run_on_fake_devices(tiny_run, out, runs: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
 def test_every_mesh_matches_one_device(tiny_run, tmp_path, method):
     extra = (f"method.name={method}", "method.targets=[q_proj,v_proj,down_proj,embed_tokens]", *COMMON)
     runs = {f"{d}x{f}x{t}": [*extra, f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"] for d, f, t in MESHES}
@@ -90,7 +90,7 @@ SHARDINGS = textwrap.dedent("""
     methods = {"lora": jpeft.LoRA(targets=["q_proj", "embed_tokens"]), "ia3": jpeft.IA3(),
                "norm": jpeft.NormTuning(), "bitfit": jpeft.BitFit(), "prompt": jpeft.PromptTuning(4),
                "prefix": jpeft.PrefixTuning(4), "llama_adapter": jpeft.LlamaAdapter(4),
-               "bottleneck": jpeft.Bottleneck(size=8)}
+               "bottleneck": jpeft.Bottleneck(size=8), "qlora": jpeft.QLoRA(targets=["q_proj"], double_quant=True)}
     out = {}
     for name, method in methods.items():
         tree = init_method(method, jax.tree.map(jax.numpy.copy, params), model, mesh, 0)  # it consumes its input
@@ -108,7 +108,7 @@ SHARDINGS = textwrap.dedent("""
 def test_method_leaves_and_optimizer_state_follow_their_weights():
     """One method per insertion point: dense (LoRA, IA3), embedding (LoRA), norm (norm tuning), bias (BitFit),
     embedding rows (prompt tuning), keys/values (prefix tuning), attention output (LLaMA-Adapter), residual
-    (bottleneck); leaves of modules without a weight name their axes themselves."""
+    (bottleneck), a quantized weight (QLoRA); leaves of modules without a weight name their axes themselves."""
     result = subprocess.run([sys.executable, "-c", SHARDINGS], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -128,6 +128,10 @@ def test_method_leaves_and_optimizer_state_follow_their_weights():
         "llama_adapter": {"model/layers/self_attn/adaption_prompt": "P(None, None, 'fsdp')"},
         "bottleneck": {"model/layers/mlp_adapter/adapter_down": "P(None, 'fsdp', None)",
                        "model/layers/attention_adapter/adapter_up": "P(None, None, 'fsdp')"},
+        # the frozen codes lie as the kernels they replace (a QLoRA base is no larger per device than LoRA's)
+        "qlora": {"model/layers/self_attn/q_proj/kernel_nf4": "P(None, 'fsdp', 'tensor')",
+                  "model/layers/mlp/down_proj/kernel_nf4": "P(None, 'tensor', 'fsdp')",
+                  "model/layers/mlp/down_proj/kernel_absmax_q": "P(None, 'tensor', 'fsdp')"},
     }
     for name, leaves in expected.items():
         for path, spec in leaves.items():
