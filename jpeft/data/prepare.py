@@ -15,8 +15,8 @@ from jpeft.data.chat import conversations, tokenize_chat
 from jpeft.data.examples import Examples
 from jpeft.data.labels import label_ids
 from jpeft.data.sources import usable_rows
-from jpeft.data.tasks import (mixing_rates, needed_columns, phrasings, run_tasks, split_rows, task_rows,
-                              template_set)
+from jpeft.data.tasks import (mixing_rates, needed_columns, phrasings, row_shares, run_tasks, split_rows,
+                              task_rows, template_set)
 from jpeft.data.tokenize import (Templates, check_last_not_pad, tokenize_classification, tokenize_seq2seq,
                                  tokenize_supervised, tokenize_text)
 from jpeft.errors import ConfigError
@@ -85,11 +85,11 @@ def describe(report: dict) -> str:
 @dataclasses.dataclass(frozen=True)
 class RunData:
     """What a run trains and evaluates on: every task's training rows as one Examples (a mixture's
-    numbered by `task`, drawn at `rates`), each task's eval part, and the account of it all."""
+    numbered by `task`, drawn at `draws`), each task's eval part, and the account of it all."""
     tasks: list
     train: Examples
     evals: dict  # task name -> Prepared
-    rates: Any  # a mixture's share of examples per task (None: one task)
+    draws: Any  # a mixture's share of the rows drawn per task, which gives each its share of examples (None: one task)
     report: dict  # "<task>/<part>" (or "<part>") -> a prepare_rows report
     splits: dict  # task name -> {"source", "seed", part: row ids}, for the tasks with data.split
 
@@ -117,7 +117,8 @@ def run_data(cfg, tokenizer, labels: list[str] | None = None, model_cfg=None) ->
                                                                                seed).items()}}
     if len(tasks) == 1:
         return RunData(tasks, trains[0].examples.with_loss_index(), evals, None, report, splits)
-    rates = mixing_rates(tasks, [p.report["rows_used"] for p in trains])
-    log.info("mixture: %s", ", ".join(f"{t.name} {r:.1%}" for t, r in zip(tasks, rates)))
-    return RunData(tasks, Examples.concatenate([p.examples for p in trains]).with_loss_index(), evals, rates,
-                   report, splits)
+    used = [p.report["rows_used"] for p in trains]
+    rates = mixing_rates(tasks, used)
+    log.info("mixture: %s of the examples", ", ".join(f"{t.name} {r:.1%}" for t, r in zip(tasks, rates)))
+    return RunData(tasks, Examples.concatenate([p.examples for p in trains]).with_loss_index(), evals,
+                   row_shares(rates, used, [len(p.examples) for p in trains]), report, splits)

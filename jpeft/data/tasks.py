@@ -145,16 +145,21 @@ def mixing_rates(tasks: Sequence[Task], sizes: Sequence[int]) -> np.ndarray:
     return np.asarray(shares, np.float64) / sum(shares)
 
 
-def mixture_batches(examples, rates: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
+def row_shares(rates, examples: Sequence[int], rows: Sequence[int]) -> np.ndarray:
+    """Each task's share of the rows drawn so that its share of the examples is its rate: a row of a task
+    whose `rows` hold `examples` between them (packed rows several; text windows several texts, and parts
+    of others) stands for examples / rows of them."""
+    draw = np.asarray(rates, np.float64) * np.asarray(rows, np.float64) / np.asarray(examples, np.float64)
+    return draw / draw.sum()
+
+
+def mixture_batches(examples, shares: np.ndarray, batch_size: int, seed: int, start_step: int = 0,
                     rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of a mixture's Examples (`task` numbers each row's task), drawn so that each task's
-    share of the examples is its rate: a packed row holds several, so rows of a task are drawn in
-    proportion to rate / examples per row. `rows` picks this process's rows of each batch."""
-    k = len(rates)
+    """Endless batches of a mixture's Examples (`task` numbers each row's task), each row of task t drawn
+    with probability shares[t] (`row_shares`). `rows` picks this process's rows of each batch."""
+    k = len(shares)
     members = [np.flatnonzero(examples.task == t) for t in range(k)]
-    per_row = examples.examples_per_row()
-    draw = np.asarray(rates) / np.array([per_row[m].mean() for m in members])
-    draw = draw / draw.sum()
+    draw = np.asarray(shares, np.float64) / np.sum(shares)
     taken = np.zeros(k, np.int64)
     arrays, orders = examples.arrays(), {}
 

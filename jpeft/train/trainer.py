@@ -192,12 +192,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
         write_data_files(cfg.out_dir, data)
     start = int(state["step"])
     train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings,
-                                 tasks=0 if data.rates is None else len(data.tasks))
+                                 tasks=0 if data.draws is None else len(data.tasks))
     eval_step = make_eval_step(model)
     in_sharding = batch_sharding(mesh, tc.batch_size)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
     rows = local_rows(in_sharding, shape)
-    draw = batches if data.rates is None else partial(mixture_batches, rates=data.rates)
+    draw = batches if data.draws is None else partial(mixture_batches, shares=data.draws)
     stream = draw(data.train, batch_size=tc.batch_size * tc.grad_accum, seed=tc.seed, start_step=start,
                   rows=_accumulated_rows(rows, tc.batch_size, tc.grad_accum))
     metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start, enabled=primary)

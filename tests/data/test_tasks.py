@@ -8,8 +8,8 @@ import pytest
 
 from jpeft.config import load_config
 from jpeft.data import Examples
-from jpeft.data.prepare import prepare_rows
-from jpeft.data.tasks import Task, mixing_rates, mixture_batches, run_tasks, split_rows
+from jpeft.data.prepare import prepare_rows, run_data
+from jpeft.data.tasks import Task, mixing_rates, mixture_batches, row_shares, run_tasks, split_rows
 from jpeft.errors import ConfigError, DataError
 from jpeft.train import trainer
 from conftest import read_metrics, run_config
@@ -41,7 +41,7 @@ def test_draws_give_each_task_its_share_of_examples():
     """Over 10k+ draws each task's share of examples is its rate, although their rows hold 1, 3 and 5 examples."""
     examples = mixture_examples([50, 40, 30], [1, 3, 5])
     rates = np.array([0.5, 0.3, 0.2])
-    batches = drawn(examples, rates, 400)
+    batches = drawn(examples, row_shares(rates, [50, 120, 150], [50, 40, 30]), 400)
     task, per_row = np.concatenate([b["task"] for b in batches]), examples.examples_per_row()
     counts = np.array([per_row[examples.task == t][0] * np.sum(task == t) for t in range(3)])
     assert len(task) >= 10_000
@@ -173,6 +173,24 @@ def test_a_mixed_run_logs_each_task_and_evaluates_on_rows_it_never_trained_on(ti
     train_rows = [json.loads(line) for line in open(tiny_run["train"])]
     held_out = {train_rows[i]["dialogue"] for i in split["eval"]}
     assert not held_out & {train_rows[i]["dialogue"] for i in split["train"]}
+
+
+def test_replay_texts_get_their_share_of_the_examples(tiny_run):
+    """configs/dialogsum_lora_replay.yaml's 80/20: a replay window of the dialogue stream holds parts of texts
+    (each ending in EOS), not one example, yet counted by the texts drawn the replay share is 20%."""
+    cfg = load_config("configs/dialogsum_lora_replay.yaml", [f"model.path={tiny_run['model']}", "train.seq_len=256"])
+    tokenizer = trainer.load_tokenizer(tiny_run["model"])
+    data = run_data(cfg, tokenizer)
+    replay = [t.name for t in data.tasks].index("replay")
+    per_window = np.mean((data.train.labels == tokenizer.eos_token_id).sum(axis=1)[data.train.task == replay])
+    assert abs(per_window - 1) > 0.25  # drawn as one example each, windows would get another share
+    counts = np.zeros(2)
+    for batch in drawn(data.train, data.draws, 400):
+        for t in range(2):
+            rows = batch["task"] == t
+            counts[t] += (batch["labels"][rows] == tokenizer.eos_token_id).sum() if t == replay else \
+                np.maximum(batch["attention_mask"][rows].max(axis=1), 1).sum()
+    assert counts[replay] / counts.sum() == pytest.approx(0.2, abs=0.02)
 
 
 def test_the_replay_config_runs_as_shipped(tiny_run, tmp_path):
