@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from jpeft import tree as T
+from jpeft.errors import JpeftError
 from jpeft.peft.bitfit import BitFit
 from jpeft.peft.bottleneck import Bottleneck
 from jpeft.peft.classifier import Classifier, classify
@@ -12,6 +13,7 @@ from jpeft.peft.full import Full
 from jpeft.peft.ia3 import IA3
 from jpeft.peft.lora import LoRA
 from jpeft.peft.llama_adapter import LlamaAdapter
+from jpeft.peft.multi import refuse_container
 from jpeft.peft.norm import NormTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
@@ -50,6 +52,7 @@ def trainable_mask(params):
 
 def merge(params):
     """Fold every adapter into the base weights: a plain tree an HF checkpoint can hold."""
+    refuse_container(params, "merge")
     merge_note(params)
     grouped = T.modules(params)
     for path, leaves in grouped.items():
@@ -92,6 +95,9 @@ def freeze(tx: optax.GradientTransformation, params, mask=None) -> optax.Gradien
     differentiates only the trainable partition, so frozen gradients are never computed.)
     """
     flat_mask = T.flatten(trainable_mask(params) if mask is None else mask)
+    if not any(flat_mask.values()):
+        raise JpeftError("freeze: no leaf of this tree is trainable; a method that trains base leaves (Full, BitFit, "
+                         "NormTuning) needs its mask: freeze(tx, params, method.mask(params))")
     labels = T.map_with_path(lambda p, _: "train" if flat_mask[p] else "freeze", params)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 

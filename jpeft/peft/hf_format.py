@@ -31,6 +31,7 @@ from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import classifier
 from jpeft.peft.base import module_names
+from jpeft.peft.multi import refuse_container
 from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
@@ -73,6 +74,7 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     alone cannot tell a trained bias from a base one. A tree with a classification head is saved
     with it (see `_classifier`).
     """
+    refuse_container(params, "save_adapter")
     if classifier.split_head(params)[1]:
         tensors, config = _classifier(params)
     elif method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import JpeftError
@@ -37,6 +39,13 @@ def _base(params):
     return {k: v for k, v in params.items() if k != "adapters"}
 
 
+def refuse_container(params, what: str) -> None:
+    """A tree holding named adapters is no model tree: merging or saving it must pick one first."""
+    if "adapters" in params:
+        raise JpeftError(f"{what}: this tree holds named adapters {sorted(params['adapters'])} (add_adapter); "
+                         "pick one with jpeft.use_adapter(tree, name) first")
+
+
 def _named(params, name: str) -> dict:
     adapters = params.get("adapters", {})
     if name not in adapters:
@@ -58,6 +67,9 @@ def route(params, names: Sequence[str], adapter_ids):
     """
     adapters = [T.modules(T.unflatten(_named(params, n))) for n in names]
     grouped = T.modules(use_adapter(params, names[0]) if names else _base(params))
+    if not isinstance(adapter_ids, jax.core.Tracer) and not np.all((0 <= np.asarray(adapter_ids)) &
+                                                                    (np.asarray(adapter_ids) < len(names))):
+        raise JpeftError(f"route: adapter_ids must index names (0..{len(names) - 1}), got {adapter_ids!r}")
     ids = jnp.asarray(adapter_ids, jnp.int32)
     for path in sorted({p for a in adapters for p in a}):
         if any("lora_magnitude" in a.get(path, {}) or "ia3_in" in a.get(path, {}) or "ia3_out" in a.get(path, {})

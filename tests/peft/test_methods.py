@@ -166,6 +166,13 @@ def test_freeze_updates_only_trainable_leaves_and_keeps_no_state_for_the_rest(ba
         assert same == (T.leaf_name(path) not in ("lora_a", "lora_b")), path
 
 
+def test_freeze_without_a_trainable_leaf_names_the_mask_to_pass(base):
+    _, params = base
+    with pytest.raises(jpeft.JpeftError, match="no leaf of this tree is trainable.*method.mask\\(params\\)"):
+        jpeft.freeze(optax.adam(1e-2), params)  # BitFit/NormTuning/Full train base leaves: the default mask has none
+    jpeft.freeze(optax.adam(1e-2), params, jpeft.NormTuning().mask(params))
+
+
 def test_unknown_targets_and_partial_ia3_are_errors(base):
     _, params = base
     with pytest.raises(jpeft.JpeftError, match="match no dense layer; available: .*q_proj"):

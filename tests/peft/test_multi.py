@@ -86,3 +86,13 @@ def test_route_refuses_t5_position_biases(tmp_path):
     tree = jpeft.add_adapter(params, "bias", adapted)
     with pytest.raises(jpeft.JpeftError, match="relative_attention_bias is adapted"):
         jpeft.route(tree, ["bias"], [0, 0])
+
+
+def test_a_container_is_not_a_model_tree_and_route_ids_index_names(setup, tmp_path):
+    *_, tree = setup
+    for call, what in ((lambda: jpeft.merge(tree), "merge"),
+                       (lambda: jpeft.save_adapter(str(tmp_path / "a"), tree), "save_adapter")):
+        with pytest.raises(jpeft.JpeftError, match=f"{what}: this tree holds named adapters .*use_adapter"):
+            call()
+    with pytest.raises(jpeft.JpeftError, match="adapter_ids must index names \\(0..1\\)"):
+        jpeft.route(tree, ["one", "two"], [0, 7, -1])
