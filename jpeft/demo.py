@@ -54,7 +54,7 @@ PRESETS = {
 ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 T5_PROJECTIONS = "[q,k,v,o,wi_0,wi_1,wo]"  # the same projections, as PEFT names them in T5
 FAMILIES = ("llama", "t5")
-LORA_PRESET = dict(lr=3e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
+LORA_PRESET = dict(lr=4e-3, rank=16, alpha=32, targets=ALL_PROJECTIONS)
 DEFAULT_LR = 5e-3  # the learning rate of a method METHOD_PRESETS lacks (which also keeps its default options)
 METHOD_PRESETS = {  # train.lr and method.* options per method
     "full": dict(lr=1e-3),
