@@ -76,7 +76,10 @@ KILLED_IN_SAVE = textwrap.dedent("""
     real = checkpoint.save
     def save_then_die(mngr, step, state, fingerprint):
         real(mngr, step, state, fingerprint)
-        if step == 4:  # the write is under way in orbax's background thread
+        if step == 4:  # the write is under way in orbax's background thread: die once its temporary dir is there
+            where = os.path.join({out!r}, "checkpoints")
+            while not any("tmp" in e for e in os.listdir(where)) and "4" not in os.listdir(where):
+                pass
             os.kill(os.getpid(), signal.SIGKILL)
     checkpoint.save = save_then_die
     trainer.train(run_config(json.loads({run!r}), {out!r}, "train.save_every=2"), progress=False)
