@@ -54,7 +54,8 @@ def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool =
     """Conversations rendered by the tokenizer's chat template, the loss on assistant turns (see the module).
 
     Over-long conversations are cut on the right to seq_len + 1 tokens (later turns are lost; one that keeps
-    no assistant token is dropped, and none kept at all is an error); pack=True puts several conversations in each row, as `tokenize_supervised` does.
+    no assistant token is dropped, and none kept at all is an error); pack=True puts several conversations
+    in each row, as `tokenize_supervised` does.
     """
     if tokenizer.chat_template is None:
         raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "

@@ -67,8 +67,8 @@ def route(params, names: Sequence[str], adapter_ids):
     """
     adapters = [T.modules(T.unflatten(_named(params, n))) for n in names]
     grouped = T.modules(use_adapter(params, names[0]) if names else _base(params))
-    if not isinstance(adapter_ids, jax.core.Tracer) and not np.all((0 <= np.asarray(adapter_ids)) &
-                                                                    (np.asarray(adapter_ids) < len(names))):
+    if not isinstance(adapter_ids, jax.core.Tracer) and not np.all(
+            (0 <= (given := np.asarray(adapter_ids))) & (given < len(names))):
         raise JpeftError(f"route: adapter_ids must index names (0..{len(names) - 1}), got {adapter_ids!r}")
     ids = jnp.asarray(adapter_ids, jnp.int32)
     for path in sorted({p for a in adapters for p in a}):

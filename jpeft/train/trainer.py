@@ -259,8 +259,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
 def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig) -> None:
     """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN."""
+    if not model_cfg.learned_positions:
+        return
     longest = max(part.longest() for part in parts)
-    if model_cfg.learned_positions and longest + virtual > model_cfg.max_position_embeddings:
+    if longest + virtual > model_cfg.max_position_embeddings:
         room = model_cfg.max_position_embeddings - virtual
         raise ConfigError(f"the longest example has {longest} tokens{f' after {virtual} virtual ones' if virtual else ''}, "
                           f"but {cfg.model.path} has {model_cfg.max_position_embeddings} positions (n_positions); "
