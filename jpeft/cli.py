@@ -104,8 +104,11 @@ def cmd_eval(args) -> None:
 def cmd_generate(args) -> None:
     from jpeft.generate import generate_text
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
+    temperature = args.temperature
+    if temperature is None:  # --top-k / --top-p alone ask for sampling
+        temperature = 1.0 if args.top_k or args.top_p < 1 else 0.0
     [text] = generate_text(model, params, tokenizer, [unescape(args.prompt)], args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                           temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text)
 
 
@@ -160,7 +163,12 @@ def cmd_compare(args) -> None:
 
 
 def cmd_forgetting(args) -> None:
+    from jpeft.errors import ConfigError
     from jpeft.forgetting import format_report, read_probes, report, tuned_params
+    seq_len_ok = args.seq_len is None or args.seq_len >= 2
+    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or not seq_len_ok:
+        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1, --max-new-tokens >= 1 and --seq-len "
+                          f">= 2; got {args.limit}, {args.batch_size}, {args.max_new_tokens}, {args.seq_len}")
     probes = read_probes(args.probe, "--probe", args.limit)
     model, base, tokenizer = load(args.model, None, args.dtype)
     tuned = tuned_params(base, args.adapter, args.finetuned, args.dtype)
@@ -237,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--prompt", required=True, help=r"the text to continue; \n means newline")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0, sample")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; above 0, sample (default: 1 with --top-k or --top-p, else 0)")
     p.add_argument("--top-k", type=int, default=0,
                    help="sample among the k most likely tokens only (default 0: all)")
     p.add_argument("--top-p", type=float, default=1.0,

@@ -34,8 +34,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     """Continue each prompt (token ids); return only the new tokens, cut before the first EOS.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
-    restricted to the top_k most likely (0: all) and to the smallest set whose probability
-    reaches top_p. The same seed gives the same output for the same batch. top_k is static: each
+    restricted to the top_k most likely (0: all; with any tied with the k-th) and to the smallest set
+    whose probability reaches top_p, as transformers' warpers cut them. The same seed gives the same output for the same batch. top_k is static: each
     value compiles its own decoding loop (`lax.top_k` needs a fixed k), as does switching a nucleus
     without top_k on or off; temperature, the value of top_p and seed are traced.
     """
@@ -69,13 +69,16 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
                   batch_size: int = 8, **sampling) -> list[str]:
     """Tokenize (unless given token ids), generate in batches, detokenize.
 
-    EOS/pad ids default to the tokenizer's.
+    Decoding stops at the tokenizer's EOS and at every EOS id of the checkpoint's generation config
+    (`ModelConfig.eos_token_ids`: an instruct model's end-of-turn token too), unless `eos_token_id` is
+    given; the pad id defaults to the tokenizer's.
     """
     if not prompts:
         raise JpeftError("no prompts given; pass at least one prompt string")
     if batch_size < 1:
         raise JpeftError(f"batch_size must be >= 1, got {batch_size}")
-    sampling.setdefault("eos_token_id", tokenizer.eos_token_id)
+    stops = [i for i in (tokenizer.eos_token_id, *model.config.eos_token_ids) if i is not None]
+    sampling.setdefault("eos_token_id", list(dict.fromkeys(stops)) or None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling.setdefault("pad_token_id", pad or 0)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
@@ -90,19 +93,28 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
     return outputs
 
 
+def prompt_room(cfg, max_new_tokens: int, virtual: int = 0) -> int | None:
+    """How many prompt tokens fit the model's positions beside `virtual` tokens and the new tokens fed
+    back; None for an encoder-decoder, whose encoder's relative positions have no end (T5)."""
+    if cfg.is_encoder_decoder:
+        return None
+    return cfg.max_position_embeddings - virtual - (max_new_tokens - 1)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1, virtual: int = 0) -> None:
     """Refuse prompts the model cannot read, naming the offending one. With learned positions (GPT-2) the
     prompt, its `virtual` tokens and the new tokens fed back must all have a position: past the table
-    the lookup would read no row and the logits turn NaN (transformers raises there too)."""
+    the lookup would read no row and the logits turn NaN (transformers raises there too). T5's encoder
+    reads any length, as in transformers."""
     if not prompts:
         raise JpeftError("no prompts given; pass at least one prompt")
     for i, prompt in enumerate(prompts):
         if not len(prompt):
             raise JpeftError(f"prompt {i} is empty; give every prompt at least one token (e.g. BOS)")
-        if len(prompt) > cfg.max_position_embeddings:
+        if not cfg.is_encoder_decoder and len(prompt) > cfg.max_position_embeddings:
             raise JpeftError(f"prompt {i} has {len(prompt)} tokens but the model reads at most "
                              f"{cfg.max_position_embeddings} (max_position_embeddings); shorten or truncate it")
-        if cfg.learned_positions and virtual + len(prompt) + max_new_tokens - 1 > cfg.max_position_embeddings:
+        if cfg.learned_positions and len(prompt) > prompt_room(cfg, max_new_tokens, virtual):
             raise JpeftError(
                 f"prompt {i} has {len(prompt)} tokens{f' after {virtual} virtual ones' if virtual else ''}; "
                 f"with max_new_tokens={max_new_tokens} the model would need "
@@ -143,19 +155,30 @@ def greedy(logits):
 
 
 def _pick(logits, key, candidates, temperature, top_p):
-    """Next token per row from logits [B, V]: argmax (candidates None), or a sample from the
-    `candidates` most likely tokens (0: all, unranked) cut to the top_p nucleus."""
+    """Next token per row from logits [B, V]: argmax (candidates None), or a sample from `warp`'s logits."""
     if candidates is None:
         return greedy(logits)
+    return jax.random.categorical(key, warp(logits, candidates, temperature, top_p), axis=-1).astype(jnp.int32)
+
+
+def warp(logits, candidates: int, temperature, top_p):
+    """logits / temperature with -inf outside the `candidates` most likely tokens (0: all, unranked) and
+    outside the top_p nucleus, as transformers' TopK and TopP warpers cut them: tokens tied with the k-th
+    are kept; the nucleus is the smallest most-likely set whose probability reaches top_p (equally likely
+    tokens at its edge taken lowest id first)."""
+    scaled = logits / temperature
     if not candidates:
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    ranked, ids = jax.lax.top_k(logits, candidates)  # ties keep the lower id first, as argmax
-    ranked = ranked / temperature
-    probs = jax.nn.softmax(ranked, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token always survives
-    ranked = jnp.where((top_p >= 1) | (mass_before < top_p), ranked, -jnp.inf)
-    choice = jax.random.categorical(key, ranked, axis=-1)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+        return scaled
+    ranked, ids = jax.lax.top_k(scaled, candidates)
+    in_top_k = scaled >= ranked[:, -1:]
+    probs = jnp.exp(ranked - jax.nn.logsumexp(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1, keepdims=True))
+    nucleus = lambda mass_before: (top_p >= 1) | (mass_before < top_p)  # the most likely token always stays
+    ranked_kept = jnp.zeros(scaled.shape, bool).at[jnp.arange(scaled.shape[0])[:, None], ids]
+    # tokens tied with the k-th that top_k lets through beyond the ranked k follow them, lowest id first
+    tied = in_top_k & ~ranked_kept.set(True)
+    after_ranked = probs.sum(axis=-1, keepdims=True) + (jnp.cumsum(tied, axis=-1) - 1) * probs[:, -1:]
+    chosen = ranked_kept.set(nucleus(jnp.cumsum(probs, axis=-1) - probs)) | (tied & nucleus(after_ranked))
+    return jnp.where(chosen, scaled, -jnp.inf)
 
 
 def _prefill(model, params, ids, mask, max_new_tokens):

@@ -61,6 +61,23 @@ def test_eval_bad_sizes_are_an_error(tiny_run, capsys):
     assert main(["eval", "--model", tiny_run["model"], "--data", tiny_run["eval"], "--prompt", "{dialogue}",
                  "--target", "summary", "--limit", "-1"]) == 2
     assert "need --limit >= 0 (0: every row)" in capsys.readouterr().err
+    # 512 positions: 512 new tokens would leave the prompt one (its BOS), more leave it none
+    assert main(["eval", "--model", tiny_run["model"], "--data", tiny_run["eval"], "--prompt", "{dialogue}",
+                 "--target", "summary", "--max-new-tokens", "513"]) == 2
+    assert "max_new_tokens=513 leaves no room for a prompt in the model's 512 positions" in capsys.readouterr().err
+
+
+def test_generate_top_k_or_top_p_alone_samples(tiny_run, capsys):
+    """--top-k / --top-p without --temperature sample at temperature 1 (they used to be ignored: greedy)."""
+    args = ["generate", "--model", tiny_run["model"], "--prompt", "#Person1#: Hello", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    for flag in (["--top-k", "50"], ["--top-p", "0.95"]):
+        outputs = set()
+        for seed in range(4):
+            assert main([*args, *flag, "--seed", str(seed)]) == 0
+            outputs.add(capsys.readouterr().out)
+        assert outputs - {greedy} and len(outputs) > 1
 
 
 def test_eval_missing_column_is_an_error(tiny_run, capsys):

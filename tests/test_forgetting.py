@@ -262,6 +262,14 @@ def test_probe_errors_name_the_file_and_what_to_do(setup, tmp_path, capsys):
         read_probes([setup["echo"], setup["echo"] + ":accuracy"], "--probe")
 
 
+@pytest.mark.parametrize("option", [["--limit", "-1"], ["--seq-len", "0"], ["--batch-size", "0"],
+                                    ["--max-new-tokens", "0"]])
+def test_cli_sizes_are_checked(setup, option, capsys):
+    assert main(["forgetting", "--model", setup["dir"], "--adapter", setup["adapter"], "--probe", setup["text"],
+                 *option]) == 2
+    assert "need --limit >= 0 (0: every row), --batch-size >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tuned, message", [
     (["--adapter", "a", "--finetuned", "b"], "argument --finetuned: not allowed with argument --adapter"),
     ([], "one of the arguments --adapter --finetuned is required")])

@@ -212,16 +212,20 @@ def test_greedy_is_argmax_ties_and_nans_included():
     np.testing.assert_array_equal(greedy(logits.astype(jnp.bfloat16)), jnp.argmax(logits.astype(jnp.bfloat16), -1))
 
 
-def test_generate_text_batches_and_decodes(tiny):
+def word_tokenizer():
+    """Token i is the word `w{i}` (0-2: pad, BOS, EOS), so any token ids decode and encode back."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    model, params = tiny
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                     pad_token="<pad>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+
+
+def test_generate_text_batches_and_decodes(tiny):
+    model, params = tiny
+    tokenizer = word_tokenizer()
     texts = [" ".join(f"w{t}" for t in p if t > 2) for p in PROMPTS]
     out = generate_text(model, params, tokenizer, texts, max_new_tokens=6, batch_size=2)
     ids = [tokenizer(t)["input_ids"] for t in texts]
@@ -284,3 +288,49 @@ def test_learned_positions_are_never_read_past_the_table(tmp_path):
         model.apply({"params": params}, jnp.ones((1, 65), jnp.int32))
     llama = dataclasses.replace(model.config, model_type="llama")
     assert not llama.learned_positions and model.config.learned_positions
+
+
+def test_generate_text_stops_at_every_eos_of_the_generation_config(tmp_path):
+    """An instruct checkpoint lists its end-of-turn token beside EOS in generation_config.json; transformers'
+    generate stops at each, and so does generate_text (the tokenizer knows only one)."""
+    ref_model = make_hf_model("llama", **SHARP, eos_token_id=2)
+    path = save_hf_model(ref_model, tmp_path)
+    tokenizer = word_tokenizer()
+    prompt = [1, *PROMPTS[1]]
+    model, params = jpeft.from_pretrained(path)
+    free = generate(model, params, [prompt], NEW, eos_token_id=None)[0]
+    turn_end = next(t for t in free[2:] if t > 2)  # a token greedy decoding emits after two others
+    transformers.GenerationConfig(eos_token_id=[2, turn_end]).save_pretrained(path)
+    model, params = jpeft.from_pretrained(path)
+    assert model.config.eos_token_ids == (2, turn_end)
+    text = " ".join(f"w{t}" for t in prompt[1:])
+    [out] = generate_text(model, params, tokenizer, [text], NEW)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW)[0, len(prompt):]
+    assert expected[-1] == turn_end and out == tokenizer.decode(expected[:-1]) != ""
+
+
+@pytest.mark.parametrize("logits,top_k,temperature,top_p", [
+    ([[3, 2, 1, 1, 1, 0]], 3, 1.0, 1.0),  # ties with the k-th are kept
+    ([[3, 2, 1, 1, 1, 0]], 3, 1.0, 0.9),  # ... and the nucleus takes as many of them as it needs
+    ([[3, 2, 1, 1, 1, 0]], 0, 1.0, 0.8),
+    (np.round(np.random.RandomState(0).normal(size=(4, 50)), 1), 5, 0.7, 0.9),
+    (np.round(np.random.RandomState(1).normal(size=(4, 50)), 0), 4, 1.0, 0.95),
+    (np.round(np.random.RandomState(2).normal(size=(4, 50)), 1), 0, 1.3, 0.5),
+    (np.round(np.random.RandomState(3).normal(size=(4, 50)), 1), 10, 2.0, 1.0),
+])
+def test_sampling_distribution_is_transformers_warpers(logits, top_k, temperature, top_p):
+    """softmax of the warped logits = transformers' Temperature -> TopK -> TopP warpers', up to which of
+    equally likely tokens the nucleus keeps (compared sorted)."""
+    from transformers.generation import logits_process as lp
+
+    from jpeft.generate import _candidates, warp
+    logits = np.asarray(logits, np.float32)
+    ref = lp.TemperatureLogitsWarper(temperature)(None, torch.tensor(logits))
+    for warper, used in ((lp.TopKLogitsWarper(max(top_k, 1)), top_k), (lp.TopPLogitsWarper(top_p), top_p < 1)):
+        ref = warper(None, ref) if used else ref
+    ref = torch.softmax(ref, -1).numpy()
+    got = np.asarray(jax.nn.softmax(warp(jnp.asarray(logits), _candidates(temperature, top_k, top_p, logits.shape[1]),
+                                         jnp.float32(temperature), jnp.float32(top_p)), -1))
+    np.testing.assert_allclose(np.sort(got, -1), np.sort(ref, -1), atol=1e-6)

@@ -181,10 +181,12 @@ def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
                         "distinct pad_token, or end the data.prompt template with other text")
 
 
-def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: int) -> list[list[int]]:
-    """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens."""
+def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: int | None) -> list[list[int]]:
+    """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens (None: uncut)."""
     rows = list(rows)
     prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
+    if max_len is None:
+        return prompts
     out = [_keep_end(p, max_len, _head_len(p, tokenizer)) for p in prompts]
     _log_truncation(sum(len(p) > max_len for p in prompts), len(rows), f"{max_len} prompt tokens",
                     "cut from the left")

@@ -17,6 +17,15 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
 ROPE_TYPES = ("default", "linear", "llama3")
 SLIDING, FULL = "sliding_attention", "full_attention"
+# config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
+FAMILY_FIELDS = {
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES),
+    "mlp_bias": ("llama",),
+    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
+    "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
+    "final_logit_softcapping": ("gemma2", "gemma3_text"),
+    "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,9 @@ class ModelConfig:
     dtype: str = "float32"          # activation / matmul dtype
     remat: str = "none"             # none | full | dots
     unrolled: bool = False          # layers one by one over per-layer params (`tree.unstack`): CPU decoding
+    # What decoding stops at: generation_config.json's eos_token_id (one id or a list, as instruct
+    # checkpoints give their end-of-turn token too), else config.json's; excluded from hashing.
+    eos_token_ids: tuple[int, ...] = dataclasses.field(default=(), compare=False, hash=False)
     # The original config.json, written back on save (excluded from hashing).
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -115,9 +127,13 @@ class ModelConfig:
         if model_type == "gpt2":
             return _gpt2(hf, source, need)
         gemma = model_type in GEMMA_TYPES
-        act = (hf.get("hidden_activation") if model_type != "gemma" else None) or hf.get("hidden_act", "silu")
+        own = lambda key, default=None: hf.get(key, default) if model_type in FAMILY_FIELDS[key] else default
+        act = _activation(hf, model_type)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
+        if model_type in ("gemma", "gemma3_text") and hf.get("use_bidirectional_attention"):
+            raise CheckpointError(f"{source}: use_bidirectional_attention is true (an embedding model's encoder); "
+                                  "jpeft runs causal decoders only")
         layers = need("num_hidden_layers")
         layer_types = _layer_types(hf)
         if len(layer_types) not in (0, layers) or set(layer_types) - {SLIDING, FULL}:
@@ -126,9 +142,7 @@ class ModelConfig:
         rope, local_rope = _ropes(hf, source)
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        if hf.get("pretraining_tp", 1) != 1:
-            raise CheckpointError(f"{source}: pretraining_tp={hf['pretraining_tp']} is not supported; set it to 1")
-        bias = bool(hf.get("attention_bias", False))
+        bias = bool(own("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -144,17 +158,17 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=bool(own("mlp_bias", False)),
             hidden_act=act,
-            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+            sliding_window=own("sliding_window") if hf.get("use_sliding_window", True) else None,
             layer_types=layer_types,
             norm_plus_one=gemma,
             embed_scale=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text"),
             qk_norm=model_type in QK_NORM_TYPES,
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if gemma else None,
-            attn_softcap=hf.get("attn_logit_softcapping"),
-            final_softcap=hf.get("final_logit_softcapping"),
+            query_pre_attn_scalar=own("query_pre_attn_scalar"),
+            attn_softcap=own("attn_logit_softcapping"),
+            final_softcap=own("final_logit_softcapping"),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             hf_config=dict(hf),
         )
@@ -193,8 +207,10 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
 
 def _gpt2(hf: dict, source: str, need) -> ModelConfig:
     """GPT-2: learned positions, LayerNorm, biases everywhere, a tied head, 1/sqrt(d) attention scale."""
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
-        raise CheckpointError(f"{source}: only GPT-2's default attention scale (1/sqrt(head_dim)) is supported")
+    for key, default in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
+        if bool(hf.get(key, default)) != default:
+            raise CheckpointError(f"{source}: {key}={hf[key]} is not supported; jpeft scales GPT-2's attention "
+                                  f"by its default 1/sqrt(head_dim) ({key}={default})")
     act = {"gelu_new": "gelu_pytorch_tanh"}.get(hf.get("activation_function", "gelu_new"),
                                                 hf.get("activation_function"))
     if act not in ACTIVATIONS:
@@ -209,6 +225,17 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
 
 
+def _activation(hf: dict, model_type: str) -> str:
+    """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`,
+    the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too."""
+    if model_type in ("gemma2", "gemma3_text"):
+        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if model_type == "gemma":
+        act = hf.get("hidden_act", "gelu_pytorch_tanh")
+        return "gelu_pytorch_tanh" if act == "gelu" else act
+    return hf.get("hidden_act", "silu")
+
+
 def _layer_types(hf: dict) -> tuple[str, ...]:
     """Each layer's attention kind; where the file leaves them out (older Qwen2/3 and Gemma 2/3 files),
     the family's own transformers config derives them, so they cannot drift from its rule."""
@@ -221,6 +248,9 @@ def _layer_types(hf: dict) -> tuple[str, ...]:
 def _ropes(hf: dict, source: str) -> tuple[Rope, Rope | None]:
     """The global rope and (Gemma 3) the sliding layers' own. transformers 5 writes `rope_parameters`
     (per layer type where they differ), older files `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`)."""
+    if hf["model_type"] == "gemma3_text":  # its defaults per layer kind (1e6 global, 1e4 local) and legacy fields
+        from transformers import AutoConfig
+        hf = {**hf, "rope_parameters": AutoConfig.for_model(**hf).rope_parameters}
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if FULL in params or SLIDING in params:
         full, local = params.get(FULL) or {}, params.get(SLIDING)

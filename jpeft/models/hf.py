@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jpeft import tree as T
-from jpeft.errors import CheckpointError
+from jpeft.errors import CheckpointError, read_json
 from jpeft.hardware import resolve_dtype
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.llama import CausalLM
@@ -81,22 +81,18 @@ def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
 
 
 def _weight_index(model_dir: str) -> dict[str, str]:
-    """HF tensor name -> safetensors file holding it."""
+    """HF tensor name -> safetensors file holding it: model.safetensors, else the shards of
+    model.safetensors.index.json (transformers' order)."""
     index_path = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_path}: malformed index ({e}); re-save the checkpoint") from None
-        return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
     if os.path.exists(single):
         try:
             with safe_open(single, "np") as f:
                 return {k: single for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{single}: unreadable safetensors file ({e}); re-download or re-save it") from None
+    if os.path.exists(index_path):
+        return {k: os.path.join(model_dir, v) for k, v in _shards(index_path).items()}
     bins = [f for f in os.listdir(model_dir) if f.endswith(".bin")]
     hint = " (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if bins else ""
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
@@ -118,6 +114,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     cfg = read_config(os.path.join(model_dir, "config.json"))
+    cfg = cfg.replace(eos_token_ids=stop_ids(model_dir, cfg.hf_config))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
     index = _weight_index(model_dir)
@@ -168,6 +165,14 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     return model, T.unflatten(flat)
 
 
+def stop_ids(model_dir: str, hf: dict) -> tuple[int, ...]:
+    """The EOS ids transformers' `generate` stops at: generation_config.json's, else config.json's."""
+    path = os.path.join(model_dir, "generation_config.json")
+    generation = read_json(path, CheckpointError, "") if os.path.exists(path) else {}
+    eos = generation.get("eos_token_id", hf.get("eos_token_id"))
+    return tuple(int(i) for i in np.atleast_1d(eos if eos is not None else []))
+
+
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")  # what a decoder's tied head reads
 
 
@@ -187,6 +192,15 @@ def _own_head(index: dict) -> bool:
 
 def _tree_shape(path: str, hf_shape) -> tuple:
     return tuple(reversed(hf_shape)) if transposed(path) else tuple(hf_shape)
+
+
+def _shards(index_path: str) -> dict[str, str]:
+    """The weight map of a sharded checkpoint's index: tensor name -> shard file name."""
+    try:
+        with open(index_path) as f:
+            return json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: malformed index ({e}); re-save the checkpoint") from None
 
 
 def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
@@ -220,6 +234,12 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         names = hf_names(path, len(parts))
         for name, part in zip(names, parts):
             tensors[name] = np.ascontiguousarray(hf_layout(path, part))
+    index_path = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(index_path):  # a sharded checkpoint saved there before: its shards are stale now
+        for shard in set(_shards(index_path).values()):
+            if os.path.exists(stale := os.path.join(out_dir, shard)):
+                os.remove(stale)
+        os.remove(index_path)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf["torch_dtype"] = hf["dtype"] = str(np.asarray(next(iter(tensors.values()))).dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -31,6 +31,7 @@ from jpeft.data.prepare import RunData, prepare_rows, run_data
 from jpeft.data.tasks import mixture_batches, run_tasks
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
+from jpeft.generate import prompt_room
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
@@ -168,8 +169,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
     sites.require(method, model.insertion_points, model.config.model_type)
     params = init_method(method, params, model, mesh, tc.seed)
+    generates = (cfg.data.eval_limit and any(e.prompts is not None for e in data.evals.values())
+                 or any(p.metric != "perplexity" for p in probes))
     check_positions(model.config, [data.train, *(e.examples for e in data.evals.values())],
-                    sum(sites.virtual_tokens(params)), cfg)
+                    sum(sites.virtual_tokens(params)), cfg, generates)
     mask = method.mask(params)
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
@@ -257,8 +260,16 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     return record
 
 
-def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig) -> None:
-    """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN."""
+def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig,
+                    generates: bool) -> None:
+    """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN.
+    A run that `generates` must leave its prompts room beside data.max_new_tokens (found now, not at its
+    first evaluation)."""
+    room = prompt_room(model_cfg, cfg.data.max_new_tokens, virtual)
+    if generates and room is not None and room < 1:
+        raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} leaves no room for a prompt in "
+                          f"{cfg.model.path}'s {model_cfg.max_position_embeddings} positions"
+                          f"{f' beside {virtual} virtual tokens' if virtual else ''}; lower it")
     if not model_cfg.learned_positions:
         return
     longest = max(part.longest() for part in parts)

@@ -49,7 +49,6 @@ def test_unsupported_model_type(ckpt):
 
 @pytest.mark.parametrize("changes,message", [
     (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}), "rope type 'yarn' is not supported"),
-    (dict(pretraining_tp=2), "pretraining_tp=2 is not supported"),
     (dict(hidden_act="swish2"), "hidden_act 'swish2' is not supported"),
     (dict(num_hidden_layers=3), r"weight 'model.layers.2.*' is missing"),
     (dict(hidden_size=48), "has shape .* config.json implies"),

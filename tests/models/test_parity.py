@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from conftest import GPT2, make_hf_model, save_hf_model
+from jpeft.models.config import ModelConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -77,6 +78,51 @@ def test_rows_longer_than_an_attention_block_match_transformers(case, tmp_path):
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
+# config.json fields as older or foreign files write them (None: the field left out), each read as the family's
+# transformers model reads it: fields its model ignores, its defaults, legacy values.
+FILE_FIELDS = {
+    "llama-ignores-other-families-fields": ("llama", {}, dict(
+        sliding_window=3, final_logit_softcapping=0.1, attn_logit_softcapping=0.05, query_pre_attn_scalar=1,
+        pretraining_tp=2)),
+    "mistral-ignores-attention-bias": ("mistral", {}, dict(attention_bias=True)),
+    "gemma-legacy-gelu": ("gemma", dict(head_dim=8), dict(hidden_act="gelu", sliding_window=3, query_pre_attn_scalar=1)),
+    "gemma2-default-activation": ("gemma2", GEMMA2, dict(hidden_activation=None, hidden_act="silu")),
+    "gemma3-default-ropes-no-attention-cap": ("gemma3_text", GEMMA3, dict(
+        rope_parameters=None, attn_logit_softcapping=0.02)),
+    "gemma3-legacy-rope-no-local-base": ("gemma3_text", GEMMA3, dict(
+        rope_parameters=None, rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
+}
+
+
+@pytest.mark.parametrize("case", FILE_FIELDS)
+def test_config_fields_read_as_transformers_reads_them(case, tmp_path):
+    model_type, overrides, fields = FILE_FIELDS[case]
+    path = save_hf_model(make_hf_model(model_type, **overrides), tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.update(fields)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, params = jpeft.from_pretrained(path)
+    ids = np.random.RandomState(0).randint(0, 97, (2, 12))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
+    np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
+def test_gemma_legacy_gelu_is_the_tanh_gelu():
+    """transformers reads Gemma 1's legacy hidden_act "gelu" as the tanh approximation (too close on tiny
+    weights for the logits test above to tell)."""
+    hf = dict(make_hf_model("gemma", head_dim=8).config.to_dict(), hidden_act="gelu")
+    assert ModelConfig.from_hf(hf).hidden_act == "gelu_pytorch_tanh"
+    assert ModelConfig.from_hf(dict(hf, model_type="llama")).hidden_act == "gelu"
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
+def test_bidirectional_attention_is_refused(model_type):
+    hf = dict(make_hf_model(model_type, head_dim=8).config.to_dict(), use_bidirectional_attention=True)
+    with pytest.raises(jpeft.CheckpointError, match="use_bidirectional_attention is true"):
+        ModelConfig.from_hf(hf)
+
+
 def test_sliding_window_changes_logits(tmp_path):
     """Guards the parity test above against a window that is silently ignored on both sides."""
     ref_model = make_hf_model("mistral", sliding_window=5)
@@ -112,6 +158,12 @@ def test_sharded_safetensors_load(tmp_path):
     ids = np.arange(8)[None] % 97
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
                                torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+    # Saved over, the dir holds one model.safetensors: the old shards would be read back (as they were) otherwise.
+    other = jax.tree.map(lambda x: -x, params)
+    jpeft.save_pretrained(path, model, other)
+    assert sorted(f for f in os.listdir(path) if "safetensors" in f) == ["model.safetensors"]
+    reread = jpeft.from_pretrained(path)[1]
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), reread, other)))
 
 
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),

@@ -90,3 +90,22 @@ def test_greedy_generation_matches_transformers(case, tmp_path):
     assert generate(model, params, prompts, 12, eos_token_id=None) == unstopped
     eos = unstopped[1][4]  # a token greedy decoding emits, so stopping is exercised
     assert generate(model, params, prompts, 12, eos_token_id=eos) == hf_generate(ref, prompts, 12, eos)
+
+
+def test_the_encoder_reads_prompts_longer_than_n_positions(tmp_path):
+    """Relative positions have no end: as transformers does, T5 encodes a prompt past `n_positions` (a
+    decoder-only model's limit), and evaluation does not cut it to make room for the new tokens."""
+    from jpeft.evaluate import predict
+    from jpeft.generate import generate
+    ref, model_dir = make_t5(tmp_path, "flan-t5", num_decoder_layers=2, n_positions=16)
+    model, params = jpeft.from_pretrained(model_dir)
+    prompts = [list(range(3, 30)), [5, 17, 33]]
+    assert generate(model, params, prompts, 6, eos_token_id=None) == hf_generate(ref, prompts, 6, None)
+
+    class Words:  # token i is the word f"w{i}"
+        bos_token_id, eos_token_id, pad_token_id = None, 1, 0
+        __call__ = lambda self, texts, add_special_tokens: {"input_ids": [[int(w[1:]) for w in t.split()] for t in texts]}
+        batch_decode = lambda self, rows, skip_special_tokens: [" ".join(f"w{t}" for t in r) for r in rows]
+    rows = [{"p": " ".join(f"w{t}" for t in prompts[0])}]
+    [expected] = hf_generate(ref, prompts[:1], 12, 1)
+    assert predict(model, params, Words(), rows, "{p}", 12) == [" ".join(f"w{t}" for t in expected)]

@@ -133,3 +133,12 @@ def test_examples_longer_than_learned_positions_are_refused(tiny_run, tmp_path):
     trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "fits", *prompt, "train.seq_len=92"),
                   progress=False)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "fits"))
+
+
+def test_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_training(tiny_run, tmp_path):
+    """The tiny Llama reads 512 positions: a run that would generate 512 new tokens at its evaluations is an
+    error at the start, not after its training (as the first ROUGE evaluation would find)."""
+    with pytest.raises(jpeft.ConfigError, match="data.max_new_tokens=513 leaves no room for a prompt in .* 512"):
+        trainer.train(run_config(tiny_run, tmp_path / "run", "data.eval_limit=2", "data.max_new_tokens=513"),
+                      progress=False)
+    assert not (tmp_path / "run").exists()
