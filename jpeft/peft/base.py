@@ -163,6 +163,19 @@ def weight_name(leaves: dict) -> str | None:
     return next((n for n in ("kernel", "embedding") if n in leaves), None)
 
 
+def saved_base_weight(tensors, name: str, leaves: dict) -> dict:
+    """{'kernel' or 'embedding': the weight} where a PEFT file holds module `name`'s base weight (PEFT saves a
+    targeted embedding or LM head whole), else {}."""
+    key = f"{name}.base_layer.weight"
+    if key not in tensors.left:
+        return {}
+    weight = weight_name(leaves)
+    got = tensors.take(key)
+    got = got if weight == "embedding" else got.T
+    tensors.fits(key, got.shape, leaves[weight].shape)
+    return {weight: jnp.asarray(got, leaves[weight].dtype)}
+
+
 def leading(path: str, array) -> tuple[int, ...]:
     """The stacked-layer dims of a module's weight: (num_layers,) under `layers`, else ()."""
     return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()

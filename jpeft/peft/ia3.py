@@ -14,7 +14,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import CONV1D, Method, exact_targets, hf_module, layer_names, leading, targeted_layers
+from jpeft.peft.base import (CONV1D, Method, exact_targets, hf_module, layer_names, leading, saved_base_weight,
+                             targeted_layers)
 
 
 class IA3(Method):
@@ -109,10 +110,12 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                 continue
             vec = np.array(leaves[leaf])
             stacked = vec.ndim == 2
+            base = {}
             for i, name in enumerate(layer_names(path, vec.shape[0] if stacked else 1)):
                 got = tensors.take(f"{name}.ia3_l")
                 want = (1, vec.shape[-1]) if leaf == "ia3_in" else (vec.shape[-1], 1)
                 tensors.fits(f"{name}.ia3_l", got.shape, want)
                 vec[i if stacked else ...] = got.reshape(-1)
-            grouped[path] = {**leaves, leaf: jnp.asarray(vec)}
+                base = saved_base_weight(tensors, name, leaves)
+            grouped[path] = {**leaves, **base, leaf: jnp.asarray(vec)}
     return grouped

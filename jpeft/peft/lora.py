@@ -27,11 +27,15 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, exact_targets, hf_module, layer_index,
-                             layer_names, leading, linear_uniform, refuse_tied_head, targeted_layers, weight_name)
+                             layer_names, leading, linear_uniform, refuse_tied_head, saved_base_weight, targeted_layers,
+                             weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
 INITS = ("peft", "gaussian", "pissa", "olora")
+# init_lora_weights values of a PEFT adapter jpeft loads: those that leave the base weights as they are (A and B
+# come from the file), and PiSSA's and OLoRA's exact rewrites, which jpeft repeats
+PEFT_INITS = (True, False, "gaussian", "eva", "orthogonal", "lora_ga", "pissa", "olora")
 
 
 def pattern_value(patterns: dict | None, name: str, default):
@@ -308,6 +312,10 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     """The tree's modules with LoRA leaves read from a PEFT state dict (`tensors.take(key)`)."""
     layers = config.get("layers_to_transform")
     init = config.get("init_lora_weights", True)
+    if init not in PEFT_INITS:
+        raise AdapterError(f"init_lora_weights={init!r}: PEFT rewrites the base weights with it when it loads the "
+                           "adapter, which jpeft cannot reproduce; save it from PEFT with "
+                           "path_initial_model_for_weight_conversion (a plain LoRA of the original base) and load that")
     method = LoRA(int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
                   dropout=float(config.get("lora_dropout") or 0.0),
                   init=init if init in ("pissa", "olora") else "peft", use_rslora=bool(config.get("use_rslora")),
@@ -332,12 +340,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                 got = got if leaf == "lora_magnitude" else got.T
                 tensors.fits(f"{name}.{keys[leaf]}", got.shape, per_layer[leaf][i].shape)
                 per_layer[leaf][i] = got
-            if f"{name}.base_layer.weight" in tensors.left:  # PEFT saves a targeted embedding / LM head too
-                weight = weight_name(leaves)
-                got = tensors.take(f"{name}.base_layer.weight")
-                got = got if embedding else got.T
-                tensors.fits(f"{name}.base_layer.weight", got.shape, leaves[weight].shape)
-                adapted[weight] = jnp.asarray(got, leaves[weight].dtype)
+            adapted.update(saved_base_weight(tensors, name, leaves))
         out[path] = {**adapted, **{leaf: jnp.asarray(v if stacked else v[0]) for leaf, v in per_layer.items()}}
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "

@@ -19,6 +19,7 @@ from jpeft.peft.registry import METHODS
 
 ADAPTER_LEAVES = frozenset(n for m in METHODS for n in (*m.trainable, *m.metadata))
 COMBINATIONS = ("linear", "cat", "svd")
+LORA_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale", "lora_magnitude"})  # DoRA's is refused per module below
 
 
 def add_adapter(params, name: str, adapted):
@@ -116,6 +117,9 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
     if len(names) == 1:
         combination = "linear"
     adapters = [T.modules(T.unflatten(_named(params, n))) for n in names]
+    for name, adapter in zip(names, adapters):
+        if other := sorted({leaf for leaves in adapter.values() for leaf in leaves} - LORA_LEAVES):
+            raise JpeftError(f"add_weighted_adapter combines LoRA adapters; {name!r} holds {', '.join(other)}")
     ranks = {a[p]["lora_a"].shape[-1] for a in adapters for p in a}
     if combination == "linear" and len(ranks) != 1:
         raise JpeftError(f"linear combination needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")

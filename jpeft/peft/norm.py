@@ -1,6 +1,6 @@
 """Norm tuning: train only the scales of the normalisation layers (RMSNorm / LayerNorm).
 
-No new leaves: the mask picks the `scale` of every module whose name ends in `norm`.
+No new leaves: the mask picks the `scale` of every module whose name ends in `norm` (GPT-2's: `ln_*`).
 Parameters: hidden size per norm (two per layer plus the final norm for Llama).
 """
 from jpeft import tree as T
@@ -14,4 +14,8 @@ class NormTuning(Method):
         return "NormTuning()"
 
     def mask(self, params):
-        return T.map_with_path(lambda p, _: p.endswith("norm/scale"), params)
+        return T.map_with_path(lambda p, _: p.endswith("/scale") and _is_norm(p.split("/")[-2]), params)
+
+
+def _is_norm(module: str) -> bool:
+    return module.endswith("norm") or module.startswith("ln_")

@@ -19,8 +19,8 @@ from jpeft.peft.qlora import QLoRA, Quantized
 
 METHODS = (
     Quantized,
+    LoRA,  # before IA3: IA3 scales the input or output of the whole W + s·A·B, so merge folds LoRA in first
     IA3,
-    LoRA,
     PromptTuning,
     PrefixTuning,
     LlamaAdapter,

@@ -145,6 +145,28 @@ def test_merged_equals_unmerged(base, train_once, name):
     np.testing.assert_allclose(model.apply({"params": merged_params}, IDS), unmerged, atol=2e-5, rtol=0)
 
 
+def test_lora_and_ia3_on_one_module_merge_exactly(base):
+    """IA3 scales the input (feedforward) or output of the whole W + s·A·B: merge folds LoRA in first."""
+    model, params = base
+    adapted = jpeft.LoRA(rank=4, targets=["k_proj", "down_proj"]).init(jax.random.key(0), params)
+    adapted = jpeft.IA3(targets=["k_proj", "down_proj"], feedforward=["down_proj"]).init(None, adapted)
+    flat = T.flatten(adapted)
+    keys = iter(jax.random.split(jax.random.key(1), len(flat)))
+    adapted = T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape)
+                           if T.leaf_name(p) in ("lora_b", "ia3_in", "ia3_out") else v for p, v in flat.items()})
+    unmerged = model.apply({"params": adapted}, IDS)
+    np.testing.assert_allclose(model.apply({"params": jpeft.merge(adapted)}, IDS), unmerged, atol=2e-5, rtol=0)
+
+
+def test_norm_tuning_trains_gpt2s_layer_norm_scales(tmp_path):
+    from conftest import GPT2, make_hf_model, save_hf_model
+    _, params = jpeft.from_pretrained(save_hf_model(make_hf_model("gpt2", **GPT2), tmp_path))
+    trained = {p for p, m in T.flatten(jpeft.NormTuning().mask(params)).items() if m}
+    assert trained == {"transformer/h/ln_1/scale", "transformer/h/ln_2/scale", "transformer/ln_f/scale"}
+    layers, hidden = params["transformer"]["h"]["ln_1"]["scale"].shape
+    assert jpeft.count_parameters(params, jpeft.NormTuning().mask(params))[0] == (2 * layers + 1) * hidden
+
+
 def test_freeze_updates_only_trainable_leaves_and_keeps_no_state_for_the_rest(base):
     model, params = base
     adapted = jpeft.LoRA(rank=4, targets=["q_proj", "v_proj"]).init(jax.random.key(0), params)

@@ -96,3 +96,10 @@ def test_a_container_is_not_a_model_tree_and_route_ids_index_names(setup, tmp_pa
             call()
     with pytest.raises(jpeft.JpeftError, match="adapter_ids must index names \\(0..1\\)"):
         jpeft.route(tree, ["one", "two"], [0, 7, -1])
+
+
+def test_weighted_combinations_take_lora_adapters_only(setup):
+    _, _, params, _, tree = setup
+    ia3 = jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]).init(None, params)
+    with pytest.raises(jpeft.JpeftError, match="combines LoRA adapters; 'ia3' holds ia3_in, ia3_out"):
+        jpeft.add_weighted_adapter(jpeft.add_adapter(tree, "ia3", ia3), ["one", "ia3"], [0.5, 0.5], "mix")

@@ -46,6 +46,8 @@ PEFT_CONFIGS = {
     "embed-head": peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
                                   init_lora_weights=False),
     "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    # PEFT saves the targeted head's base weight beside its ia3_l
+    "ia3-head": peft.IA3Config(target_modules=["v_proj", "lm_head"], feedforward_modules=[]),
 }
 
 
@@ -63,6 +65,19 @@ def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
     assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-3
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_16", "loftq", "corda"])
+def test_adapters_whose_init_rewrites_the_base_weights_are_refused(tmp_path, init):
+    """PEFT rewrites W when it loads these (a randomized SVD, a quantization, a data-driven SVD): loaded as a
+    plain LoRA they would be silently off, so they are refused, naming the way to convert them."""
+    import json
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
+    jpeft.save_adapter(str(tmp_path / "adapter"), jpeft.LoRA(rank=2, targets=["q_proj"]).init(jax.random.key(0), params))
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "init_lora_weights": init}))
+    with pytest.raises(jpeft.AdapterError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+        jpeft.load_adapter(str(tmp_path / "adapter"), params)
 
 
 JPEFT_METHODS = {
