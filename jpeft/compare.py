@@ -19,6 +19,7 @@ COLUMNS = (  # row key, header, format spec of its value
     ("trainable_params", "trainable", ",d"),
     ("trainable_pct", "% of total", ".3g"),
     ("eval_loss", "NLL", ".3f"),
+    ("eval_loss_all_tasks", "NLL, all tasks", ".3f"),
     ("eval_rouge1", "ROUGE-1", ".4f"),
     ("eval_rouge2", "ROUGE-2", ".4f"),
     ("eval_rougeL", "ROUGE-L", ".4f"),
@@ -36,14 +37,24 @@ HEADERS = {key: header for key, header, _ in COLUMNS}
 HEADLINE = {"eval_loss": "lower", "eval_rougeL": "higher", "eval_accuracy": "higher"}  # which way is better
 
 
+def tasks(row: dict) -> list[str]:
+    """The tasks of a mixture run with held-out metrics of their own (`eval_<task>_loss`, trainer.evaluation)."""
+    return [k[len("eval_"):-len("_loss")] for k in row if k.startswith("eval_") and k.endswith("_loss")
+            and k != "eval_loss"]
+
+
 def all_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """COLUMNS with, before the time and memory columns, one per forgetting figure some row has
-    (jpeft.forgetting.record's keys): each probe's score and its change relative to the base (the
+    """COLUMNS with, after the held-out metrics, one per metric of each mixture task some row has
+    (`<task> NLL`, `<task> ROUGE-L`, ...); and before the time and memory columns, one per forgetting
+    figure (jpeft.forgetting.record's keys): each probe's score and its change relative to the base (the
     base's own score is what that change is relative to, so it gets no column)."""
+    metrics = [column for column in COLUMNS if column[0].startswith("eval_") and column[0] != "eval_loss_all_tasks"]
+    per_task = [(f"eval_{task}_{key[len('eval_'):]}", f"{task} {header}", spec)
+                for task in dict.fromkeys(t for row in rows for t in tasks(row)) for key, header, spec in metrics]
     keys = dict.fromkeys(k for row in rows for k in row if k.startswith(KEY_PREFIX) and not k.endswith("_base"))
     forgetting = [(k, k[len(KEY_PREFIX):].replace("_", " "), FORMATS.get(k.rsplit("_", 1)[1], ".4g")) for k in keys]
-    at = [key for key, _, _ in COLUMNS].index("train_seconds")
-    return [*COLUMNS[:at], *forgetting, *COLUMNS[at:]]
+    deltas, at = ([key for key, _, _ in COLUMNS].index(k) for k in ("delta_eval_loss", "train_seconds"))
+    return [*COLUMNS[:deltas], *per_task, *COLUMNS[deltas:at], *forgetting, *COLUMNS[at:]]
 
 
 def read_run(run_dir: str) -> dict:
@@ -76,6 +87,8 @@ def comparison(rows: list[dict], baseline: str | None = None) -> dict:
             row["trainable_pct"] = 100 * row["trainable_params"] / row["total_params"]
         if "peak_rss_bytes" in row:
             row["peak_rss_mib"] = row.pop("peak_rss_bytes") / 2 ** 20
+        if tasks(row) and "eval_loss" in row:  # a mixture's loss over all its tasks' tokens is no task's NLL
+            row["eval_loss_all_tasks"] = row.pop("eval_loss")
         if base is not None:
             row.update({f"delta_{k}": row[k] - base[k] for k in HEADLINE if k in row and k in base})
         table.append(row)
@@ -112,6 +125,8 @@ def format_markdown(table: dict) -> str:
 
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
     note = "NLL: teacher-forced nats/token of the held-out targets (lower is better)"
+    if "eval_loss_all_tasks" in table["columns"]:
+        note += "; NLL, all tasks: a mixture's, over all its tasks' held-out tokens"
     if table["baseline"] is not None:
         note += f"; Δ: minus {table['baseline']}"
     if any(key.startswith(KEY_PREFIX) for key in table["columns"]):

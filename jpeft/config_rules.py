@@ -5,6 +5,7 @@ a classifier trains on a label column). Every failure names the key and where it
 import dataclasses
 import difflib
 import logging
+import math
 import re
 
 from jpeft.config import KEY_TYPES, LORA_KEY, DataSection, RunConfig, coerce, method_options
@@ -24,7 +25,7 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_acc
              "method.rank", "train.log_every", "data.max_new_tokens", "method.num_virtual_tokens", "method.tasks",
              "method.adapter_len", "method.size", "method.num_labels", "method.hidden")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
-                 "train.lr", "method.alpha", "data.eval_limit")
+                 "train.lr", "method.alpha", "data.eval_limit", "train.seed")
 _UNIT_INTERVAL = ("train.min_lr_ratio",)
 
 
@@ -37,6 +38,13 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
     def fail(key, message):
         raise ConfigError(f"config key '{key}' (from {origins.get(key, 'defaults')}) {message}")
 
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "out_dir"}
+    for name, section in sections.items():  # NaN passes every range check below; inf is no learning rate
+        for key, value in dataclasses.asdict(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{name}.{key}", f"must be a finite number, got {value}")
+    if not cfg.out_dir:
+        fail("out_dir", "must name the run's directory, e.g. out_dir=runs/my_run")
     from jpeft.peft.registry import BY_NAME
     for key, choices in {**CHOICES, "method.name": tuple(BY_NAME)}.items():
         if get(key) not in choices:

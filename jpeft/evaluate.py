@@ -74,7 +74,7 @@ def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, ba
         raise ConfigError(f"max_new_tokens={max_new_tokens}{f' after {virtual} virtual tokens' if virtual else ''} "
                           f"leaves no room for a prompt in the model's {cfg.max_position_embeddings} positions "
                           "(max_position_embeddings); lower it")
-    prompts = encode_prompts(rows, tokenizer, prompt, room)
+    prompts = encode_prompts(rows, tokenizer, prompt, room, continued=not cfg.is_encoder_decoder)
     return [text.strip() for text in generate_text(model, params, tokenizer, prompts, max_new_tokens, batch_size)]
 
 

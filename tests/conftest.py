@@ -170,8 +170,8 @@ WORDS = ("summarize the dialogue : a cat sat on mat dog ran to park and then hom
          "hello world it is sunny today we go out").split()
 
 
-def make_tokenizer(bos: bool = True, pad: bool = True):
-    """WordLevel tokenizer over WORDS; adds <s> before each text when `bos`."""
+def make_tokenizer(bos: bool = True, pad: bool = True, eos: bool = False):
+    """WordLevel tokenizer over WORDS; adds <s> before each text when `bos`, </s> after it when `eos`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -179,9 +179,10 @@ def make_tokenizer(bos: bool = True, pad: bool = True):
     vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", vocab["<s>"])])
+    if bos or eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=("<s> " if bos else "") + "$A" + (" </s>" if eos else ""),
+            special_tokens=[(t, vocab[t]) for t in ("<s>", "</s>")])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>" if pad else None)
 

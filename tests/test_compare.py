@@ -72,6 +72,23 @@ def test_forgetting_figures_get_a_column_each_before_time_and_memory(tmp_path):
     assert "change: a forgetting probe's (fine-tuned - base) / base" in format_markdown(table)
 
 
+def test_a_mixtures_tasks_get_columns_of_their_own_and_its_loss_over_all_tasks_is_no_nll(tmp_path):
+    """A replay mixture's eval_loss mixes the summaries' NLL with the replay texts': it is shown apart, and
+    each task's metrics under the task's name, so no row's NLL means another thing than the baseline's."""
+    mixture = {**LORA, "eval_loss": 2.1, "eval_summarize_loss": 2.25, "eval_summarize_rougeL": 0.21,
+               "eval_replay_loss": 1.9}
+    del mixture["eval_rouge1"], mixture["eval_rouge2"], mixture["eval_rougeL"], mixture["eval_bleu"]
+    table = comparison(read_runs(write_runs(tmp_path, lora=LORA, replay=mixture)), baseline="lora")
+    lora, replay = table["rows"]
+    assert "eval_loss" not in replay and replay["eval_loss_all_tasks"] == 2.1 and "delta_eval_loss" not in replay
+    assert table["columns"].index("eval_loss_all_tasks") < table["columns"].index("eval_summarize_loss") \
+        < table["columns"].index("eval_summarize_rougeL") < table["columns"].index("eval_replay_loss") \
+        < table["columns"].index("delta_eval_loss")
+    header = format_markdown(table).splitlines()[0]
+    assert "NLL, all tasks" in header and "summarize NLL" in header and "replay NLL" in header
+    assert "summarize ROUGE-L" in header and "replay ROUGE-L" not in header
+
+
 def test_baseline_by_run_dir_and_clashing_dir_names(tmp_path):
     dirs = write_runs(tmp_path, **{"a/lora": LORA, "b/lora": FULL})
     table = comparison(read_runs(dirs), baseline=dirs[1] + "/")

@@ -168,8 +168,7 @@ def batches(examples: Examples, batch_size: int, seed: int, start_step: int = 0,
     """
     n = len(examples)
     if n < batch_size:
-        raise DataError(f"only {n} examples for train.batch_size={batch_size}; add data or "
-                        "lower train.batch_size")
+        raise DataError(f"only {n} rows for batches of {batch_size}; add data or lower the batch size")
     per_epoch = n // batch_size
     epoch, offset = divmod(start_step, per_epoch)
     arrays = examples.arrays()

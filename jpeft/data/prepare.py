@@ -15,7 +15,7 @@ from jpeft.data.chat import conversations, tokenize_chat
 from jpeft.data.examples import Examples
 from jpeft.data.labels import label_ids
 from jpeft.data.sources import usable_rows
-from jpeft.data.tasks import (mixing_rates, needed_columns, phrasings, row_shares, run_tasks, split_rows,
+from jpeft.data.tasks import (mixing_rates, needed_fields, phrasings, row_shares, run_tasks, split_rows,
                               task_rows, template_set)
 from jpeft.data.tokenize import (Templates, check_last_not_pad, tokenize_classification, tokenize_seq2seq,
                                  tokenize_supervised, tokenize_text)
@@ -48,7 +48,7 @@ def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0,
     read = len(rows)
     if data.template is not None:
         template_set(data).check_columns(rows.column_names, where)
-    rows, dropped = usable_rows(rows, where, needed_columns(data), data.strict)
+    rows, dropped = usable_rows(rows, where, needed_fields(data), data.strict)
     prompts, targets = phrasings(data, len(rows), seed)
     if data.label:
         text = data.prompt if data.prompt is not None else "{" + data.text + "}"
@@ -57,7 +57,7 @@ def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0,
             check_last_not_pad(examples, tokenizer, where)
         prompts = targets = None
     elif data.text:
-        examples = tokenize_text(rows, tokenizer, "{" + data.text + "}", seq_len)
+        examples = tokenize_text(rows, tokenizer, "{" + data.text + "}", seq_len, data.packing)
     elif data.chat:
         examples = tokenize_chat(conversations(rows, where, prompts, targets, data.system), tokenizer, seq_len,
                                  data.packing)

@@ -3,16 +3,21 @@
 Everything is read locally with no hub access. Row numbers in errors are 1-based and equal the
 line number of a JSONL file (blank lines are rejected, except at the end, so this holds).
 """
+import collections
 import json
+import logging
 import os
+import string
 
 import datasets
 import pyarrow
 import pyarrow.parquet
 
+from jpeft.data.tokenize import column
 from jpeft.errors import DataError
 
 _SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+log = logging.getLogger("jpeft.data")
 
 
 def load_rows(path: str) -> datasets.Dataset:
@@ -36,45 +41,66 @@ def load_rows(path: str) -> datasets.Dataset:
     return ds
 
 
-def check_columns(ds: datasets.Dataset, path: str, columns) -> None:
-    """Every row must hold a string in every needed column, so templates never render 'None'."""
-    for column in columns:
-        if column not in ds.column_names:
-            raise DataError(f"data file '{path}' row 1 has no column '{column}'; "
-                            f"columns are: {', '.join(ds.column_names)}")
-        values = ds.select_columns([column]).to_dict()[column]
-        bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-        if bad:
-            v = values[bad[0]]
-            what = "is missing (null)" if v is None else f"is {type(v).__name__} {v!r}, not a string"
-            more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
-            raise DataError(f"data file '{path}' row {bad[0] + 1}: column '{column}' {what}"
-                            f"{more}; fix the data or choose other columns in the templates")
+def check_columns(ds: datasets.Dataset, path: str, fields) -> None:
+    """Every row must hold a string in every needed template field (a column, or a value inside one:
+    `translation[en]`), so templates never render 'None'."""
+    problems = _problems(ds, path, fields)
+    for i, problem in enumerate(problems):
+        if problem:
+            field, value = problem
+            what = "is missing (null)" if value is None else f"is {type(value).__name__} {value!r}, not a string"
+            more = sum(p is not None and p[0] == field for p in problems[i + 1:])
+            raise DataError(f"data file '{path}' row {i + 1}: {_named(field)} {what}"
+                            f"{f' ({more} more rows like it)' if more else ''}; fix the data or choose other "
+                            "columns in the templates")
 
 
-def usable_rows(ds: datasets.Dataset, path: str, columns, strict: bool = False) -> tuple[datasets.Dataset, dict]:
-    """The rows holding a string in every needed column, and the count of the others by reason.
+def usable_rows(ds: datasets.Dataset, path: str, fields, strict: bool = False) -> tuple[datasets.Dataset, dict]:
+    """The rows holding a string in every needed template field, and the count of the others by reason.
 
     A column no row has is always an error (the config names the wrong column); a row whose value is
     missing or not a string is dropped and counted, or with `strict` (data.strict) an error naming it.
     """
     if strict:
-        check_columns(ds, path, columns)
+        check_columns(ds, path, fields)
         return ds, {}
-    check_columns(ds.select(range(0)), path, columns)  # the columns exist
-    table = ds.select_columns(list(columns)).to_dict()
+    problems = _problems(ds, path, fields)
     dropped, keep = {}, []
-    for i in range(len(ds)):
-        bad = next((c for c in columns if not isinstance(table[c][i], str)), None)
-        if bad is None:
+    for i, problem in enumerate(problems):
+        if problem is None:
             keep.append(i)
         else:
-            reason = f"column '{bad}' " + ("missing (null)" if table[bad][i] is None else "not a string")
+            reason = f"{_named(problem[0])} {'missing (null)' if problem[1] is None else 'not a string'}"
             dropped[reason] = dropped.get(reason, 0) + 1
     if not keep:
-        raise DataError(f"data file '{path}': no row has a string in every needed column ({', '.join(columns)}); "
+        raise DataError(f"data file '{path}': no row has a string in every needed column ({', '.join(fields)}); "
                         f"dropped: {dropped}")
     return (ds if len(keep) == len(ds) else ds.select(keep)), dropped
+
+
+def _problems(ds: datasets.Dataset, path: str, fields) -> list[tuple[str, object] | None]:
+    """Per row: (the first needed field without a string, the value there: None where missing), or None.
+    A column no row has is an error."""
+    columns = list(dict.fromkeys(map(column, fields)))
+    for name in columns:
+        if name not in ds.column_names:
+            raise DataError(f"data file '{path}' row 1 has no column '{name}'; "
+                            f"columns are: {', '.join(ds.column_names)}")
+    table = ds.select_columns(columns).to_dict()
+    return [next(((f, v) for f in fields if not isinstance(v := _value(row, f), str)), None)
+            for row in ({name: table[name][i] for name in columns} for i in range(len(ds)))]
+
+
+def _value(row: dict, field: str):
+    """A template field's value in a row, or None where the row has none (a key or index it lacks)."""
+    try:
+        return string.Formatter().get_field(field, (), row)[0]
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def _named(field: str) -> str:
+    return f"column '{field}'" if field == column(field) else f"field '{field}'"
 
 
 def _load_dir(path: str) -> datasets.Dataset:
@@ -122,25 +148,29 @@ def _read_json(path: str) -> list[dict]:
 
 
 def _from_rows(rows: list[dict], path: str) -> datasets.Dataset:
+    """The rows as one table of every column any row has (a row without one holds null there, as
+    `datasets.load_dataset("json")` reads it). A column no one type holds keeps the values of its most common
+    type and reads the others as missing (with a warning), so only rows that need those are dropped."""
+    columns = {name: [row.get(name) for row in rows] for name in dict.fromkeys(k for row in rows for k in row)}
+    for name, values in columns.items():
+        if not _typed(values):
+            kind = collections.Counter(type(v) for v in values if v is not None).most_common(1)[0][0]
+            values = [v if type(v) is kind else None for v in values]
+            values = values if _typed(values) else [None] * len(values)
+            log.warning("data file '%s': column '%s' mixes value types; its %d values that are not %ss are read "
+                        "as missing", path, name, sum(v is None for v in values) - columns[name].count(None),
+                        kind.__name__)
+            columns[name] = values
+    return datasets.Dataset.from_dict(columns)
+
+
+def _typed(values: list) -> bool:
+    """Can one Arrow type hold these values?"""
     try:
-        return datasets.Dataset.from_list(rows)
+        pyarrow.array(values)
+        return True
     except (pyarrow.ArrowException, TypeError, ValueError):
-        raise DataError(_type_clash(rows, path)) from None
-
-
-def _type_clash(rows: list[dict], path: str) -> str:
-    """Name the first row whose value type differs from earlier rows in the same column."""
-    seen: dict[str, type] = {}
-    for number, row in enumerate(rows, 1):
-        for column, value in row.items():
-            if value is None:
-                continue
-            first = seen.setdefault(column, type(value))
-            if type(value) is not first:
-                return (f"data file '{path}' row {number}: column '{column}' is "
-                        f"{type(value).__name__} {value!r} but earlier rows hold "
-                        f"{first.__name__}; make the column one type")
-    return f"data file '{path}': rows cannot form one table (mixed value types)"
+        return False
 
 
 def _read_csv(path: str) -> datasets.Dataset:

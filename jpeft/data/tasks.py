@@ -107,18 +107,18 @@ def task_rows(task: Task, part: str, seed: int) -> tuple[Any, str, list[int] | N
     return rows, f"{data.train} ({part} split)", ids
 
 
-def needed_columns(data) -> list[str]:
-    """The string columns every usable row of a task must hold."""
-    from jpeft.data.tokenize import template_columns
+def needed_fields(data) -> list[str]:
+    """The template fields (columns, or values inside them) every usable row of a task must hold as strings."""
+    from jpeft.data.tokenize import template_fields
     if data.label is not None:
-        return template_columns(data.prompt if data.prompt is not None else "{" + data.text + "}")
+        return template_fields(data.prompt if data.prompt is not None else "{" + data.text + "}")
     if data.text is not None:
         return [data.text]
     if data.template is not None:
-        return template_set(data).columns()
+        return template_set(data).fields()
     if data.prompt is None:  # chat rows: a messages column, checked by jpeft.data.chat
         return []
-    return list(dict.fromkeys(template_columns(data.prompt) + [data.target]))
+    return list(dict.fromkeys(template_fields(data.prompt) + [data.target]))
 
 
 def phrasings(data, n: int, seed: int) -> tuple[Sequence[str] | str | None, Sequence[str] | str | None]:

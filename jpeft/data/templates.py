@@ -32,10 +32,15 @@ class TemplateSet:
     phrasings: tuple[tuple[str, str], ...]  # (prompt, target) templates
     description: str = ""
 
+    def fields(self) -> list[str]:
+        """The fields any phrasing fills (see `tokenize.template_fields`)."""
+        from jpeft.data.tokenize import template_fields
+        return list(dict.fromkeys(f for pair in self.phrasings for t in pair for f in template_fields(t)))
+
     def columns(self) -> list[str]:
         """The row columns any phrasing reads."""
-        from jpeft.data.tokenize import template_columns
-        return list(dict.fromkeys(c for pair in self.phrasings for t in pair for c in template_columns(t)))
+        from jpeft.data.tokenize import column
+        return list(dict.fromkeys(map(column, self.fields())))
 
     def choose(self, n: int, mode: str = "random", seed: int = 0) -> list[int]:
         """The phrasing of each of n rows."""

@@ -23,18 +23,27 @@ from jpeft.errors import ConfigError, DataError
 logger = logging.getLogger("jpeft.data")
 
 
-def template_columns(template: str) -> list[str]:
-    """The row columns a template reads, to check them once before rendering every row."""
+def template_fields(template: str) -> list[str]:
+    """The fields a template fills: columns (`dialogue`) or values inside them (`translation[en]`)."""
     try:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise ConfigError(f"template {template!r} is malformed ({e}); name columns like "
                           "{dialogue} and write literal braces as {{ }}") from None
-    columns = [name.split(".")[0].split("[")[0] for name in fields]
-    if any(not c or c.isdigit() for c in columns):
+    if any(not column(f) or column(f).isdigit() for f in fields):
         raise ConfigError(f"template {template!r} has a positional placeholder; name a column "
                           "instead, e.g. {dialogue}")
-    return list(dict.fromkeys(columns))
+    return list(dict.fromkeys(fields))
+
+
+def template_columns(template: str) -> list[str]:
+    """The row columns a template reads, to check them once before rendering every row."""
+    return list(dict.fromkeys(map(column, template_fields(template))))
+
+
+def column(field: str) -> str:
+    """The column a template field reads (`translation` of `translation[en]`)."""
+    return field.split(".")[0].split("[")[0]
 
 
 Templates = str | Sequence[str]  # one template for every row, or one per row (a template set's phrasings)
@@ -70,7 +79,7 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, targ
     warning (rows already tokenized and reported once, in another layout).
     """
     rows = list(rows)
-    prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
+    prompts = _encode(tokenizer, render_all(prompt, rows), special=True, open_end=True)
     targets = _encode(tokenizer, render_all(target, rows), special=False)
     eos = _eos_id(tokenizer)
     seqs, masks = [], []
@@ -125,7 +134,7 @@ def tokenize_text(rows: Iterable[dict], tokenizer, text: str, seq_len: int,
     boundaries. pack=False pads each row instead, cutting long rows on the right.
     """
     eos = _eos_id(tokenizer)
-    ids = [x + [eos] for x in _encode(tokenizer, render_all(text, rows), special=True)]
+    ids = [x + [eos] for x in _encode(tokenizer, render_all(text, rows), special=True, open_end=True)]
     if not pack:
         n_truncated = sum(len(x) > seq_len + 1 for x in ids)
         _log_truncation(n_truncated, len(ids), f"seq_len={seq_len}", "cut on the right")
@@ -181,10 +190,13 @@ def check_last_not_pad(examples: Examples, tokenizer, path: str) -> None:
                         "distinct pad_token, or end the data.prompt template with other text")
 
 
-def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: int | None) -> list[list[int]]:
-    """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens (None: uncut)."""
+def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: int | None,
+                   continued: bool = True) -> list[list[int]]:
+    """Prompt ids for generation, cut from the left (keeping BOS) to at most max_len tokens (None: uncut).
+    `continued`: the new tokens follow the prompt (a decoder's), so it ends without an appended EOS; an
+    encoder's input keeps it."""
     rows = list(rows)
-    prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
+    prompts = _encode(tokenizer, render_all(prompt, rows), special=True, open_end=continued)
     if max_len is None:
         return prompts
     out = [_keep_end(p, max_len, _head_len(p, tokenizer)) for p in prompts]
@@ -193,10 +205,21 @@ def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: 
     return out
 
 
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+def _encode(tokenizer, texts: list[str], special: bool, open_end: bool = False) -> list[list[int]]:
+    """Token ids of each text, with the tokenizer's special tokens where `special`; `open_end`: the text goes
+    on (a prompt before its target or new tokens, a text before the EOS appended here), so an EOS the
+    tokenizer appends itself (`add_eos_token`) is dropped."""
     if not texts:
         return []
-    return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    ids = [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    if special and open_end and _appends_eos(tokenizer):
+        ids = [x[:-1] if x[-1:] == [tokenizer.eos_token_id] else x for x in ids]
+    return ids
+
+
+def _appends_eos(tokenizer) -> bool:
+    plain, special = (tokenizer("a", add_special_tokens=s)["input_ids"][-1:] for s in (False, True))
+    return tokenizer.eos_token_id is not None and special == [tokenizer.eos_token_id] != plain
 
 
 def _head_len(ids: list[int], tokenizer) -> int:

@@ -129,7 +129,7 @@ def evaluation(cfg: RunConfig, model, params, tokenizer, data: RunData, eval_ste
             outputs = predict(model, params, tokenizer, rows, prompts, cfg.data.max_new_tokens, cfg.train.batch_size)
             scores = text_metrics(outputs, render_all(targets, rows))
             record.update({prefix + k: v for k, v in scores.items() if k != "n"})
-    if count and len(data.evals) > 1:
+    if count and "" not in data.evals:  # a mixture's tasks: their loss over all of them too
         record["eval_loss"] = total / count
     return record
 
@@ -165,6 +165,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
     data = run_data(cfg, tokenizer, labels, model.config)
+    if data.draws is None and len(data.train) < tc.batch_size * tc.grad_accum:  # a mixture draws with replacement
+        packed = f" (packed from {int(data.train.examples_per_row().sum())} examples)" \
+            if data.train.positions is not None else ""
+        raise ConfigError(f"{len(data.train)} training rows{packed} for a step of train.batch_size × train.grad_accum "
+                          f"= {tc.batch_size} × {tc.grad_accum} = {tc.batch_size * tc.grad_accum} rows; add data or "
+                          "lower them")
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
     sites.require(method, model.insertion_points, model.config.model_type)

@@ -142,6 +142,18 @@ def test_rows_are_accounted_for_and_strict_refuses_drops(tokenizer):
         prepare_rows(strict, rows, "x.jsonl", tokenizer, 12)
 
 
+def test_text_rows_follow_data_packing(tokenizer):
+    """data.text packed: one stream of texts cut into windows; data.packing=false: a padded row per text."""
+    rows = datasets.Dataset.from_list([{"t": "a cat sat on the mat"}, {"t": "hello world"}, {"t": "we go out"}])
+    streams = {packing: prepare_rows(load_config(None, ["data.train=x.jsonl", "data.text=t", "data.prompt=null",
+                                                        "data.target=null", f"data.packing={packing}"]).data,
+                                     rows, "x.jsonl", tokenizer, 8).examples for packing in ("true", "false")}
+    assert len(streams["true"]) == 2 and streams["true"].attention_mask.all()
+    unpacked = streams["false"]
+    assert len(unpacked) == 3 and (unpacked.labels == tokenizer.eos_token_id).sum(axis=1).tolist() == [1, 1, 1]
+    assert unpacked.attention_mask.sum(axis=1).tolist() == [8, 4, 5]  # BOS, the text, EOS (an input too)
+
+
 def test_a_mixed_run_logs_each_task_and_evaluates_on_rows_it_never_trained_on(tiny_run, tmp_path):
     """A summarization task (a template set, its own eval file) mixed with language modelling on a split
     of the dialogues: per-task loss and eval keys, data.json, and a split.json whose eval rows are not

@@ -89,6 +89,21 @@ def test_encode_prompts_left_truncates(tokenizer):
     assert tokenizer.decode(ids[1]) == "<s> dialogue : hello world"
 
 
+def test_a_tokenizer_that_appends_eos_leaves_one_eos_per_example():
+    """With `<s> $A </s>` (add_eos_token) the prompt does not carry its EOS into the target, a text ends
+    with one EOS, a decoder's generation prompt ends without one and an encoder's input keeps it."""
+    from conftest import make_tokenizer
+    tok = make_tokenizer(eos=True)
+    ex = tokenize_supervised(ROWS[:1], tok, PROMPT, TARGET, seq_len=16)
+    assert tok.decode(ex.input_ids[0][ex.attention_mask[0] == 1]) == \
+        "<s> summarize the dialogue : a cat sat on the mat cat sat </s>"
+    assert masked_text(tok, ex, 0) == "cat sat </s>"
+    text = tokenize_text([{"t": "a cat sat"}], tok, "{t}", seq_len=8, pack=False)
+    assert tok.decode(text.labels[0][text.loss_mask[0] == 1]) == "a cat sat </s>"
+    assert tok.decode(encode_prompts(ROWS[1:], tok, "{dialogue}", None)[0]) == "<s> hello world"
+    assert tok.decode(encode_prompts(ROWS[1:], tok, "{dialogue}", None, continued=False)[0]) == "<s> hello world </s>"
+
+
 def test_render_and_template_columns():
     assert render("Q: {a}\n{b}", {"a": "x", "b": "y", "c": "z"}) == "Q: x\ny"
     assert template_columns("{a} and {b} {{literal}} {a}") == ["a", "b"]

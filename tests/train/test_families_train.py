@@ -142,3 +142,10 @@ def test_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_training(
         trainer.train(run_config(tiny_run, tmp_path / "run", "data.eval_limit=2", "data.max_new_tokens=513"),
                       progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_too_few_rows_for_a_step_names_both_keys_and_the_packing(tiny_run, tmp_path):
+    with pytest.raises(jpeft.ConfigError, match=r"^\d+ training rows \(packed from 40 examples\) for a step of "
+                                                r"train.batch_size × train.grad_accum = 20 × 2 = 40 rows"):
+        trainer.train(run_config(tiny_run, tmp_path / "run", "train.batch_size=20", "train.grad_accum=2",
+                                 "train.seq_len=512"), progress=False)
