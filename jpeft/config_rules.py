@@ -71,8 +71,14 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
             fail("dist.coordinator", "needs dist.num_processes and dist.process_id too")
         if not 0 <= dist.process_id < dist.num_processes:
             fail("dist.process_id", f"must be in [0, dist.num_processes={dist.num_processes}), got {dist.process_id}")
-        if ":" not in dist.coordinator:
+        host, _, port = dist.coordinator.rpartition(":")
+        if not host or not port.isdigit():
             fail("dist.coordinator", f"must be host:port of process 0, got {dist.coordinator!r}")
+    else:  # without a coordinator every process would train alone, as process 0 of 1, into the same out_dir
+        for key in ("num_processes", "process_id"):
+            if getattr(dist, key) is not None:
+                fail(f"dist.{key}", "needs dist.coordinator (host:port of process 0) too; on TPU pods and "
+                                    "SLURM leave dist.* unset: JAX finds the processes itself")
     if not 0 <= cfg.method.dropout < 1:
         fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
     if cfg.method.targets is not None and not cfg.method.targets:

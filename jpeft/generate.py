@@ -35,9 +35,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted to the top_k most likely (0: all; with any tied with the k-th) and to the smallest set
-    whose probability reaches top_p, as transformers' warpers cut them. The same seed gives the same output for the same batch. top_k is static: each
-    value compiles its own decoding loop (`lax.top_k` needs a fixed k), as does switching a nucleus
-    without top_k on or off; temperature, the value of top_p and seed are traced.
+    whose probability reaches top_p, as transformers' warpers cut them. The same seed gives the same
+    output for the same batch. top_k is static: each value compiles its own decoding loop (`lax.top_k`
+    needs a fixed k), as does switching a nucleus without top_k on or off; temperature, the value of
+    top_p and seed are traced.
     """
     cfg = model.config
     if max_new_tokens < 1:
@@ -173,11 +174,11 @@ def warp(logits, candidates: int, temperature, top_p):
     in_top_k = scaled >= ranked[:, -1:]
     probs = jnp.exp(ranked - jax.nn.logsumexp(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1, keepdims=True))
     nucleus = lambda mass_before: (top_p >= 1) | (mass_before < top_p)  # the most likely token always stays
-    ranked_kept = jnp.zeros(scaled.shape, bool).at[jnp.arange(scaled.shape[0])[:, None], ids]
+    at_ranked = jnp.zeros(scaled.shape, bool).at[jnp.arange(scaled.shape[0])[:, None], ids]
     # tokens tied with the k-th that top_k lets through beyond the ranked k follow them, lowest id first
-    tied = in_top_k & ~ranked_kept.set(True)
+    tied = in_top_k & ~at_ranked.set(True)
     after_ranked = probs.sum(axis=-1, keepdims=True) + (jnp.cumsum(tied, axis=-1) - 1) * probs[:, -1:]
-    chosen = ranked_kept.set(nucleus(jnp.cumsum(probs, axis=-1) - probs)) | (tied & nucleus(after_ranked))
+    chosen = at_ranked.set(nucleus(jnp.cumsum(probs, axis=-1) - probs)) | (tied & nucleus(after_ranked))
     return jnp.where(chosen, scaled, -jnp.inf)
 
 

@@ -110,6 +110,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("mesh.fsdp=0", r"'mesh.fsdp'.* must be a positive number of devices or -1"),
     ("train.on_nonfinite=ignore", r"must be one of stop, skip"),
     ("dist.coordinator=localhost:1234", r"'dist.coordinator'.* needs dist.num_processes and dist.process_id"),
+    ("dist.process_id=1", r"'dist.process_id'.* needs dist.coordinator"),
     ("train.keep_checkpoints=0", r"'train.keep_checkpoints'.* must be positive"),
 ])
 def test_bad_values(override, message):
@@ -141,6 +142,9 @@ def test_mesh_and_dist_rules():
         load_config(None, ["mesh.fsdp=-1"])
     with pytest.raises(ConfigError, match=r"'dist.process_id'.* must be in \[0, dist.num_processes=2\), got 2"):
         load_config(None, ["dist.coordinator=10.0.0.1:1234", "dist.num_processes=2", "dist.process_id=2"])
+    for coordinator in ("10.0.0.1:port", ":1234", "10.0.0.1"):
+        with pytest.raises(ConfigError, match=r"'dist.coordinator'.* must be host:port of process 0"):
+            load_config(None, [f"dist.coordinator={coordinator}", "dist.num_processes=2", "dist.process_id=1"])
     cfg = load_config(None, ["mesh.data=2", "mesh.tensor=-1", "dist.coordinator=10.0.0.1:1234",
                              "dist.num_processes=2", "dist.process_id=1"])
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.dist.process_id) == (2, 1, -1, 1)

@@ -56,8 +56,8 @@ def test_create(accel, tier, runtime):
 
 def test_setup_delete_copy():
     assert commands("setup.sh", "pod", "--zone", "z1") == SETUP
-    assert commands("setup.sh", "pod", "--zone", "z1", "--source", "jpeft==0.1.0") == [
-        ssh("pip install -U 'jax[tpu]' && pip install jpeft==0.1.0")]
+    assert commands("setup.sh", "pod", "--zone", "z1", "--source", "jpeft==0.1.0") == [  # run.sh runs in ~/jpeft
+        ssh("mkdir -p ~/jpeft"), ssh("pip install -U 'jax[tpu]' && pip install jpeft==0.1.0")]
     assert commands("delete.sh", "pod", "--zone", "z1") == [DELETE]
     assert commands("copy.sh", "pod", "--zone", "z1", "--from", "/mnt/runs/x/adapter", "--to", "out") == [
         ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "pod:/mnt/runs/x/adapter", "out", "--zone", "z1",
@@ -68,10 +68,58 @@ def test_run_keeps_every_argument_of_the_jpeft_command():
     [command] = commands("run.sh", "pod", "--zone", "z1", "--", *TRAIN)
     assert command[:-1] == ssh("")[:-1]
     remote = command[-1]
-    assert remote.startswith("set -o pipefail; mkdir -p ~/jpeft-logs && cd ~/jpeft && ")
+    assert remote.startswith("set -o pipefail; mkdir -p ~/jpeft-logs && logs=$(cd ~/jpeft-logs && pwd) && cd ~/jpeft && ")
     words = shlex.split(remote.split("cd ~/jpeft && ", 1)[1])
     assert words[:len(TRAIN)] == TRAIN  # spaces, braces and quotes survive
-    assert words[len(TRAIN):] == ["2>&1", "|", "tee", "~/jpeft-logs/$(hostname).log"]
+    assert words[len(TRAIN):] == ["2>&1", "|", "tee", "$logs/$(hostname).log"]
+
+
+@pytest.mark.parametrize("log_dir, where", [(None, "jpeft-logs"), ("logs", "logs"), ("~/my logs", "my logs")])
+def test_the_remote_command_logs_where_asked_and_keeps_the_commands_status(tmp_path, log_dir, where):
+    """What a worker runs (from its home): the log lands in D (a relative D under home, ~/ expanded there),
+    and the line exits with the command's status, not tee's."""
+    (tmp_path / "jpeft").mkdir()
+    options = () if log_dir is None else ("--log-dir", log_dir)
+    for command, status in ((["true"], 0), (["sh", "-c", "echo trained; exit 3"], 3)):
+        [line] = commands("run.sh", "pod", "--zone", "z1", *options, "--", *command)
+        done = subprocess.run(["bash", "-c", line[-1]], cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)},
+                              capture_output=True, text=True)
+        assert done.returncode == status, done.stderr
+    [log] = (tmp_path / where).iterdir()
+    assert log.read_text() == "trained\n"
+
+
+def fake_cloud(tmp_path, states, statuses):
+    """A gcloud that answers a TPU's `describe` with the next of `states` (a queued resource is ACTIVE at once),
+    and each run of the jpeft command with the next of `statuses`; it logs every call."""
+    for name, lines in (("states", states), ("statuses", statuses)):
+        (tmp_path / name).write_text("".join(f"{x}\n" for x in lines))
+    fake = tmp_path / "gcloud"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {tmp_path}/calls
+next() {{ head -n1 "$1"; sed -i 1d "$1"; }}
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"tpu-vm describe"*) next {tmp_path}/states ;;
+  *"jpeft train"*) exit "$(next {tmp_path}/statuses)" ;;
+esac
+""")
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{tmp_path}:{SAFE_ENV['PATH']}"}
+
+
+@pytest.mark.parametrize("states, statuses, exit_status, runs, recoveries", [
+    (["READY", "READY"], [1], 1, 1, 0),  # a failing command on a healthy TPU: stop, no retry
+    (["READY", "READY", "READY", "READY"], [255, 0], 0, 2, 0),  # ssh lost the host: run it again
+    (["READY", "PREEMPTED", "PREEMPTED", "READY"], [0, 0], 0, 2, 1),  # preempted (jpeft exits 0): recreate, resume
+])
+def test_babysit_retries_preemption_only(tmp_path, states, statuses, exit_status, runs, recoveries):
+    env = fake_cloud(tmp_path, states, statuses)
+    done = run("babysit.sh", "pod", "--zone", "z1", "--type", "v4-8", "--interval", "0", "--", *TRAIN, env=env)
+    assert done.returncode == exit_status, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("jpeft train" in c for c in calls) == runs
+    assert sum(c.startswith("compute tpus queued-resources create") for c in calls) == recoveries
 
 
 def test_babysit_dry_run_is_one_recovery_round():

@@ -12,6 +12,9 @@ parse_args "zone log-dir project dry-run" "$@"
 require zone
 ((${#CMD[@]})) || usage_error "give the command to run after --, e.g. -- jpeft train CONFIG"
 log_dir='~/jpeft-logs'
-[[ -z ${OPT_log_dir:-} ]] || log_dir=$(quote "$OPT_log_dir")
-remote="set -o pipefail; mkdir -p $log_dir && cd ~/jpeft && $(quote "${CMD[@]}") 2>&1 | tee $log_dir/\$(hostname).log"
+[[ -z ${OPT_log_dir:-} ]] || log_dir=$OPT_log_dir
+# a leading ~/ stays unquoted, so the worker expands it; a relative D is under the worker's home
+[[ $log_dir == "~/"* ]] && log_dir="~/$(quote "${log_dir#\~/}")" || log_dir=$(quote "$log_dir")
+remote="set -o pipefail; mkdir -p $log_dir && logs=\$(cd $log_dir && pwd) && cd ~/jpeft && $(quote "${CMD[@]}") 2>&1 \
+| tee \"\$logs/\$(hostname).log\""
 gcloud_run compute tpus tpu-vm ssh "$NAME" --zone "$OPT_zone" --worker=all --command "$remote"

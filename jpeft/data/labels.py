@@ -52,7 +52,8 @@ def _column(rows, column: str, path: str) -> list:
     kind = str if isinstance(values[0], str) else int
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
-            raise DataError(f"data file '{path}' row {i + 1}: label {value!r} in column '{column}' is not "
-                            f"{'a string' if kind is str else 'a class id (an integer >= 0)'} like row 1's; "
-                            "labels are class names (strings) or class ids, one kind per file")
+            first = "a class name (a string)" if kind is str else "a class id (an integer >= 0)"
+            raise DataError(f"data file '{path}' row {i + 1}: label {value!r} in column '{column}' is not {first} "
+                            f"as row 1's is; labels are class names (strings) or class ids (integers >= 0, not "
+                            "booleans or floats), one kind per file")
     return values

@@ -78,6 +78,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     scale_decoder_outputs: bool = False
     decoder_start_token_id: int = 0
+    pad_token_id: int | None = None  # what HF's sequence classifiers pool past (the last token not this id)
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
     remat: str = "none"             # none | full | dots
@@ -122,10 +123,11 @@ class ModelConfig:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
                 f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, T5 and GPT-2)")
+        pad = hf.get("pad_token_id")
         if model_type == "t5":
-            return _t5(hf, source, need)
+            return _t5(hf, source, need).replace(pad_token_id=pad)
         if model_type == "gpt2":
-            return _gpt2(hf, source, need)
+            return _gpt2(hf, source, need).replace(pad_token_id=pad)
         gemma = model_type in GEMMA_TYPES
         own = lambda key, default=None: hf.get(key, default) if model_type in FAMILY_FIELDS[key] else default
         act = _activation(hf, model_type)
@@ -170,6 +172,7 @@ class ModelConfig:
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            pad_token_id=pad,
             hf_config=dict(hf),
         )
 

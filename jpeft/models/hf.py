@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from jpeft import tree as T
 from jpeft.errors import CheckpointError, read_json
 from jpeft.hardware import resolve_dtype
-from jpeft.models.config import ModelConfig, read_config
+from jpeft.models.config import FAMILY_FIELDS, ModelConfig, read_config
 from jpeft.models.llama import CausalLM
 from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
@@ -220,11 +220,19 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     """Write an HF dir (config.json + model.safetensors) that transformers loads as-is.
 
     `params` must be a plain tree (use `jpeft.merge` first); one with a classification head is
-    written as HF's *ForSequenceClassification. `config`: fields set in config.json (a classifier's
-    `id2label`, `pad_token_id`). Tokenizer files are copied from `tokenizer_from` (a dir) when given.
+    written as HF's *ForSequenceClassification (class names LABEL_i and the tokenizer's pad id unless
+    the base or `config` gives them). `config`: fields set in config.json (a classifier's `id2label`,
+    `pad_token_id`). Tokenizer files are copied from `tokenizer_from` (a dir) when given.
     """
     params = hf_tree(params)
     hf = {**_config_holding(model.config, params), **(config or {})}
+    if "score" in params and hf.get("pad_token_id") is None and tokenizer_from:  # HF's pooling needs it past batch 1
+        from jpeft.data import pad_id
+        from jpeft.train.trainer import load_tokenizer
+        hf["pad_token_id"] = pad_id(load_tokenizer(tokenizer_from))
+    if "score" in params and hf.get("pad_token_id") is None:
+        log.warning("%s: the classifier's config has no pad_token_id, so transformers runs it on one row at a "
+                    "time only; pass tokenizer_from or config={'pad_token_id': ...}", out_dir)
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.config
     tensors = {}
@@ -249,20 +257,25 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
 
 
 def _config_holding(cfg: ModelConfig, params) -> dict:
-    """config.json for `params`: biases BitFit added switch on Llama's `attention_bias` / `mlp_bias`;
+    """config.json for `params`: biases BitFit added switch on `attention_bias` / `mlp_bias` where the family's
+    config has them (Llama both; Qwen3 and Gemma the first);
     anything else the family's config cannot hold is an error, never a silently dropped tensor."""
     hf, leaves = cfg.to_hf(), set(T.flatten(params))
     if not cfg.is_encoder_decoder:  # a head untied on load (its own lm_head.weight) is saved as untied
         hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     for flag, modules in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
                           ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
-        if cfg.model_type == "llama" and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
+        if cfg.model_type in FAMILY_FIELDS[flag] and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
             hf[flag] = True
     expected = T.flatten(nn.meta.unbox(abstract_params(build(
         ModelConfig.from_hf(hf).replace(tie_word_embeddings=cfg.tie_word_embeddings)))))
     if "score/kernel" in leaves:
+        labels = np.shape(T.flatten(params)["score/kernel"])[-1]
         hf["architectures"] = [ARCHITECTURE[cfg.model_type] + "ForSequenceClassification"]
-        expected = _with_score(expected, cfg.hidden_size, np.shape(T.flatten(params)["score/kernel"])[-1])
+        if len(hf.get("id2label") or ()) != labels:  # transformers sizes the head by them (2 without)
+            names = [f"LABEL_{i}" for i in range(labels)]
+            hf.update(id2label=dict(enumerate(names)), label2id={name: i for i, name in enumerate(names)})
+        expected = _with_score(expected, cfg.hidden_size, labels)
     if leaves != set(expected):
         odd = sorted(leaves ^ set(expected))
         raise CheckpointError(f"the tree does not fit a {cfg.model_type} checkpoint: {', '.join(odd[:4])}"

@@ -106,9 +106,10 @@ def shard_shape(shape: tuple, axes: tuple, sizes: dict) -> tuple:
 def parse_size(text: str) -> int:
     """'16GiB', '95GB', '80e9', '512 MiB' -> bytes (k/M/G/T powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not found or found.group(2) not in UNITS:
+    size = float(found.group(1)) * UNITS.get(found.group(2), math.nan) if found else math.nan
+    if not math.isfinite(size):
         raise ConfigError(f"device memory {text!r} is not a size; write e.g. 16GiB, 95GB or 80e9 (bytes)")
-    return int(float(found.group(1)) * UNITS[found.group(2)])
+    return int(size)
 
 
 def format_bytes(n: float) -> str:

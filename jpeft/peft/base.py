@@ -84,6 +84,11 @@ OUTPUT_LAYERS = ("lm_head", "score", "classifier")
 CONV1D = ("c_attn", "c_proj", "c_fc")
 
 
+def dense_layers(grouped: dict) -> str:
+    """The dense layers of a grouped tree by HF name, for errors that say which targets there are."""
+    return ", ".join(sorted(hf_module(p) for p, leaves in grouped.items() if "kernel" in leaves))
+
+
 def hf_module(module_path: str) -> str:
     """'model/layers/self_attn/q_proj' -> 'model.layers.self_attn.q_proj' (stacked name, no index).
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import JpeftError
-from jpeft.peft.base import Method, hf_module, matches
+from jpeft.peft.base import Method, dense_layers, hf_module, matches
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -33,7 +33,8 @@ class BitFit(Method):
         grouped = T.modules(params)
         chosen = [p for p, leaves in grouped.items() if "kernel" in leaves and matches(hf_module(p), self.targets)]
         if not chosen:
-            raise JpeftError(f"BitFit targets {self.targets!r} match no dense layer")
+            raise JpeftError(f"BitFit targets {self.targets!r} match no dense layer; the dense layers: "
+                             f"{dense_layers(grouped)}")
         for path in chosen:
             kernel = grouped[path]["kernel"]
             grouped[path].setdefault("bias", jnp.zeros((*kernel.shape[:-2], kernel.shape[-1]), jnp.float32))

@@ -68,11 +68,13 @@ class Classifier(Method):
                 f"lora={self.lora!r})")
 
     @staticmethod
-    def pool(hidden, attention_mask, pooling=None):
-        """The `pool` insertion point: [B, T, D] -> [B, D] float32, the last attended token (the rightmost,
-        so left padding works too), or, where `pooling` is the index of "mean", the masked mean."""
+    def pool(hidden, attention_mask, pooling=None, not_pad=None):
+        """The `pool` insertion point: [B, T, D] -> [B, D] float32, the last token of `not_pad` (default: the
+        last attended one; the rightmost, so left padding works too), or, where `pooling` is the index of
+        "mean", the masked mean."""
         mask = attention_mask.astype(jnp.int32)
-        last = jnp.argmax(jnp.arange(mask.shape[1]) * mask, axis=1)  # HF's rule, with the mask for "not pad"
+        last_of = mask if not_pad is None else not_pad.astype(jnp.int32)
+        last = jnp.argmax(jnp.arange(mask.shape[1]) * last_of, axis=1)  # HF's rule
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
         if pooling is None:
             return picked
@@ -161,7 +163,11 @@ def classify(model, params, input_ids, attention_mask, dropout_rng=None):
     score = require_head(params)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     hidden = model.apply({"params": params}, input_ids, attention_mask, return_hidden=True, rngs=rngs)
-    x = Classifier.pool(hidden, attention_mask, score.get("pooling"))
+    # HF reads the last token that is not its config's pad id: where EOS stands in for pad and the tokenizer
+    # appends it, the token before that EOS (rows a run trains on never end in the pad id: check_last_not_pad)
+    pad = model.config.pad_token_id
+    not_pad = None if pad is None else attention_mask * (input_ids != pad)
+    x = Classifier.pool(hidden, attention_mask, score.get("pooling"), not_pad)
     if "score_hidden" in params:
         x = jnp.tanh(sites.dense(params["score_hidden"], x))
     return sites.dense(score, x).astype(jnp.float32)

@@ -14,8 +14,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, exact_targets, hf_module, layer_names, leading, saved_base_weight,
-                             targeted_layers)
+from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, hf_module, layer_names, leading,
+                             saved_base_weight, targeted_layers)
 
 
 class IA3(Method):
@@ -52,7 +52,8 @@ class IA3(Method):
             grouped[path] = {**leaves, name: jnp.ones((*lead, size), jnp.float32)}
             found.append(path)
         if not found:
-            raise JpeftError(f"IA3 targets {self.targets!r} match no dense layer")
+            raise JpeftError(f"IA3 targets {self.targets!r} match no dense layer; the dense layers: "
+                             f"{dense_layers(grouped)}")
         return T.from_modules(grouped)
 
     @staticmethod

@@ -25,6 +25,8 @@ absl.logging.set_verbosity(absl.logging.WARNING)  # orbax logs every file move a
 FREE_KEYS = ("out_dir", "mesh.", "dist.", "train.log_every", "train.save_every", "train.eval_every",
              "train.keep_checkpoints", "train.on_nonfinite", "data.eval", "data.eval_limit", "data.max_new_tokens",
              "eval.")
+# Entries a later jpeft fingerprints: a checkpoint made before lacks them, and is not refused for it.
+LATER_ENTRIES = ("model:",)
 SAMPLES = 16  # blocks hashed per weight file, besides its header
 BLOCK = 1 << 16
 
@@ -53,7 +55,8 @@ def restore_latest(mngr: ocp.CheckpointManager, like, fingerprint: dict, default
     saved = mngr.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))["fingerprint"]
     defaults = defaults or {}
     value = lambda record, k: record.get(k, defaults.get(k))
-    changed = sorted(k for k in set(saved) | set(fingerprint) if value(saved, k) != value(fingerprint, k))
+    compared = set(saved) | {k for k in fingerprint if k in saved or not k.startswith(LATER_ENTRIES)}
+    changed = sorted(k for k in compared if value(saved, k) != value(fingerprint, k))
     if changed:
         details = "; ".join(f"{k}: {value(saved, k)!r} -> {value(fingerprint, k)!r}" for k in changed[:6])
         raise ConfigError(f"{mngr.directory}: the checkpoint at step {step} was made from other inputs ({details}); "
@@ -62,11 +65,14 @@ def restore_latest(mngr: ocp.CheckpointManager, like, fingerprint: dict, default
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
-def fingerprint(flat_config: dict, data_files: list[str], weight_files: list[str]) -> dict:
-    """What a resumed run must share with the checkpoint: config values, data and weight digests."""
+def fingerprint(flat_config: dict, data_files: list[str], weight_files: list[str],
+                model_files: list[str] = ()) -> dict:
+    """What a resumed run must share with the checkpoint: config values, data and weight digests, and
+    those of the model's other files (config.json, the tokenizer's)."""
     record = {k: repr(v) for k, v in flat_config.items() if not k.startswith(FREE_KEYS)}
     record.update({f"data:{path}": _digest(path, sampled=False) for path in data_files})
     record.update({f"weights:{os.path.basename(path)}": _digest(path, sampled=True) for path in weight_files})
+    record.update({f"model:{os.path.basename(path)}": _digest(path, sampled=False) for path in model_files})
     return record
 
 

@@ -258,12 +258,14 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - loop_started
     params = T.combine(state["trainable"], frozen)
     export(cfg, model, method, params)
-    if not record:  # a re-run of a finished run trained nothing: its summary stands, its last record is the result
+    finished = not record  # a re-run of a finished run trained nothing: its last record is the result
+    if finished:
         log.info("%s finished already at step %d; nothing to train", cfg.out_dir, start)
-        return metrics.last
-    if primary:
-        write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record, train_seconds)
-    return record
+    if primary and not (finished and os.path.exists(os.path.join(cfg.out_dir, "summary.json"))):
+        # (a finished run killed during its export wrote no summary: it is written now)
+        write_summary(cfg, method, count_parameters(params, mask), int(state["step"]), record or metrics.last,
+                      train_seconds)
+    return record or metrics.last
 
 
 def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig,
@@ -337,12 +339,20 @@ def init_method(method, params, model, mesh, seed: int):
         return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
 
 
+# A model dir's files besides its weights that shape a run: its architecture and its tokenizer's.
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "spiece.model")
+
+
 def run_fingerprint(cfg: RunConfig) -> tuple[dict, dict]:
     """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint), and the
     fingerprint of the defaults (a key one side lacks counts as its default)."""
-    weights = sorted(os.path.join(cfg.model.path, f) for f in os.listdir(cfg.model.path) if f.endswith(".safetensors"))
-    files = [task.data.train for task in run_tasks(cfg.data)]
-    return (checkpoint.fingerprint(_shaping_keys(cfg), files, weights),
+    listed = sorted(os.listdir(cfg.model.path))
+    weights = [os.path.join(cfg.model.path, f) for f in listed if f.endswith(".safetensors")]
+    model_files = [os.path.join(cfg.model.path, f) for f in listed if f in MODEL_FILES]
+    tasks = run_tasks(cfg.data)
+    files = [t.data.train for t in tasks] + [t.data.template for t in tasks if os.path.isfile(t.data.template or "")]
+    return (checkpoint.fingerprint(_shaping_keys(cfg), files, weights, model_files),
             checkpoint.fingerprint(_shaping_keys(RunConfig()), [], []))
 
 

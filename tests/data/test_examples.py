@@ -37,7 +37,7 @@ def test_batches_resume_equals_skipping():
 
 
 def test_batches_need_enough_examples():
-    with pytest.raises(DataError, match="batch_size"):
+    with pytest.raises(DataError, match="only 2 rows for batches of 3; add data or lower the batch size"):
         next(batches(examples(2), 3, seed=0))
 
 

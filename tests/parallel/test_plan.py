@@ -111,8 +111,9 @@ def test_largest_batch_fits_and_the_next_does_not(model_dir):
 
 def test_sizes_and_mesh_errors(model_dir):
     assert parse_size("16GiB") == 16 * 2**30 and parse_size("95GB") == 95 * 10**9 and parse_size("80e9") == 80 * 10**9
-    with pytest.raises(ConfigError, match="not a size"):
-        parse_size("lots")
+    for text in ("lots", "1e400", "16 GiBs"):
+        with pytest.raises(ConfigError, match="not a size"):
+            parse_size(text)
     with pytest.raises(ConfigError, match="does not use the 6 devices"):
         plan(load_config(None, overrides(model_dir, "lora", "2x2x2")), 6)
     with pytest.raises(ConfigError, match="train.batch_size=6 must be divisible by the 4"):

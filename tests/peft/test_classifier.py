@@ -326,3 +326,34 @@ def test_t5_is_refused_saying_why(tmp_path):
                                                 "rows, not data.text, data.label"):
         trainer.train(toy_config(toy, tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_hf_classifier_whose_pad_is_eos_pools_the_token_before_the_appended_eos(tmp_path):
+    """HF pools the last token that is not its config's pad id. Where EOS stands in for pad and the tokenizer
+    appends EOS, that is the token before the EOS even though the mask covers the EOS: jpeft reads the same."""
+    ref = make_hf_model("llama", pad_token_id=2, eos_token_id=2)
+    path = save_hf_model(ref, tmp_path / "base")
+    head = np.random.RandomState(0).normal(size=(3, 32)).astype(np.float32)
+    classifier = transformers.LlamaForSequenceClassification.from_pretrained(path, num_labels=3, dtype=torch.float32)
+    with torch.no_grad():
+        classifier.score.weight.copy_(torch.tensor(head))
+    classifier.save_pretrained(tmp_path / "cls")
+    ids = np.array([[1, 9, 10, 11, 12, 2, 2], [1, 13, 14, 2, 2, 2, 2]])  # each row ends with its EOS, then pads
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]])
+    model, params = jpeft.from_pretrained(str(tmp_path / "cls"))
+    np.testing.assert_allclose(np.asarray(jpeft.classify(model, params, ids, mask)),
+                               hf_logits(classifier.eval(), ids, mask), atol=2e-4, rtol=0)
+
+
+def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_pad(tmp_path):
+    """save_pretrained of a 3-class head alone: config.json sizes the head (id2label) and, from the tokenizer,
+    gives HF's pooling its pad id, so transformers loads it and runs padded batches."""
+    path = save_hf_model(make_hf_model("llama"), tmp_path / "base")
+    make_tokenizer().save_pretrained(path)
+    model, params = jpeft.from_pretrained(path)
+    tree = jpeft.Classifier(3).init(jax.random.key(0), params)
+    jpeft.save_pretrained(str(tmp_path / "out"), model, tree, tokenizer_from=path)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert ref.config.num_labels == 3 and ref.config.pad_token_id == make_tokenizer().pad_token_id == 0
+    np.testing.assert_allclose(hf_logits(ref.eval(), IDS_PADDED, MASK),
+                               np.asarray(jpeft.classify(model, tree, IDS_PADDED, MASK)), atol=2e-4, rtol=0)

@@ -141,12 +141,14 @@ def test_pissa_olora_init_as_peft_and_saved_for_the_original_base(tmp_path, sche
     np.testing.assert_allclose(jax_logits(model, from_peft), torch_logits(peft_model.eval()), atol=2e-4, rtol=0)
 
 
-def test_bitfit_biases_export_as_an_hf_checkpoint(tmp_path):
-    """Biases BitFit added where Llama has none become attention_bias/mlp_bias in config.json."""
+@pytest.mark.parametrize("family,targets", [("llama", None), ("gemma", ["q_proj", "k_proj", "v_proj", "o_proj"])])
+def test_bitfit_biases_export_as_an_hf_checkpoint(tmp_path, family, targets):
+    """Biases BitFit added where the base has none switch on attention_bias (and Llama's mlp_bias) in config.json."""
     import transformers
-    torch_model = make_hf_model("llama")
+    torch_model = make_hf_model(family, **({"head_dim": 8} if family == "gemma" else {}))
     model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
-    trained = perturb(jpeft.BitFit().init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    method = jpeft.BitFit() if targets is None else jpeft.BitFit(targets=targets)
+    trained = perturb(method.init(jax.random.key(0), params), ("bias",), jax.random.key(1))
     jpeft.save_pretrained(str(tmp_path / "out"), model, jpeft.merge(trained))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     np.testing.assert_allclose(torch_logits(reloaded), jax_logits(model, trained), atol=2e-4, rtol=0)

@@ -103,7 +103,7 @@ def test_killed_during_a_save_resumes_from_a_complete_checkpoint(tiny_run, tmp_p
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("change", ["data", "config", "weights"])
+@pytest.mark.parametrize("change", ["data", "config", "weights", "model config", "tokenizer"])
 def test_resume_refuses_changed_inputs_and_names_them(tiny_run, tmp_path, monkeypatch, change):
     run = dict(tiny_run)
     run["train"] = str(shutil.copy(tiny_run["train"], tmp_path / "train.jsonl"))
@@ -119,6 +119,13 @@ def test_resume_refuses_changed_inputs_and_names_them(tiny_run, tmp_path, monkey
         named = "data:" + run["train"]
     elif change == "config":
         extra, named = ("train.lr=1e-3",), "train.lr"
+    elif change in ("model config", "tokenizer"):
+        name = "config.json" if change == "model config" else "tokenizer_config.json"
+        path = os.path.join(run["model"], name)
+        edited = {**json.load(open(path)), **({"rms_norm_eps": 0.5} if name == "config.json" else {"x": 1})}
+        with open(path, "w") as f:
+            json.dump(edited, f)
+        named = "model:" + name
     else:
         weights = os.path.join(run["model"], "model.safetensors")
         with open(weights, "r+b") as f:  # flip bytes in the middle of the tensor data
@@ -148,6 +155,8 @@ def test_a_key_added_later_at_its_default_does_not_orphan_a_checkpoint(tmp_path)
     mngr.wait_until_finished()
     defaults = {"method.new_key": "8", "train.lr": "0.0002"}
     assert checkpoint.restore_latest(mngr, state, {"train.lr": "0.1", "method.new_key": "8"}, defaults) is not None
+    # ... and one made before the model's own files were fingerprinted resumes too
+    assert checkpoint.restore_latest(mngr, state, {"train.lr": "0.1", "model:config.json": "d1"}, defaults) is not None
     with pytest.raises(ConfigError, match=r"method.new_key: '8' -> '4'"):
         checkpoint.restore_latest(mngr, state, {"train.lr": "0.1", "method.new_key": "4"}, defaults)
 

@@ -1,4 +1,5 @@
 """The training loop: learns, freezes what it must, resumes bit-exactly."""
+import json
 import os
 import signal
 
@@ -119,6 +120,11 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
     again = trainer.train(run_config(tiny_run, straight, "train.save_every=3", "method.dropout=0.1"), progress=False)
     assert again == read_metrics(straight)[-1] and again["step"] == 6  # a finished run: its result, nothing trained
     assert (straight / "summary.json").read_text() == summary
+    (straight / "summary.json").unlink()  # as if killed during its export, after the last checkpoint
+    trainer.train(run_config(tiny_run, straight, "train.save_every=3", "method.dropout=0.1"), progress=False)
+    rewritten = json.loads((straight / "summary.json").read_text())
+    assert {k: v for k, v in rewritten.items() if k not in ("train_seconds", "peak_rss_bytes")} == \
+        {k: v for k, v in json.loads(summary).items() if k not in ("train_seconds", "peak_rss_bytes")}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
