@@ -303,11 +303,26 @@ def _depths(text: str) -> tuple:
         raise JpeftError(f"bench: --compile-depths takes layer counts like 4,32 (or none), got {text!r}") from None
 
 
+SIZES = ("steps", "batch", "seq", "hidden", "layers", "heads", "kv_heads", "mlp", "vocab", "rank")
+
+
+def check_sizes(args) -> None:
+    """Sizes a model and a run can have, checked before any worker starts (not in a worker's traceback)."""
+    small = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in SIZES if getattr(args, name) < 1]
+    if small or args.warmup < 0:
+        got = ", ".join(small) or f"--warmup {args.warmup}"
+        raise JpeftError(f"bench: sizes and --steps must be >= 1 and --warmup >= 0; got {got}")
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise JpeftError(f"bench: --heads must divide --hidden and --kv-heads must divide --heads; got --hidden "
+                         f"{args.hidden}, --heads {args.heads}, --kv-heads {args.kv_heads}")
+
+
 def main(args) -> None:
     train_default = {"steps": 100, "seq": 512} if args.sft else {"steps": 5, "seq": 256}
     for name, value in train_default.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    check_sizes(args)
     if args.generate:
         from jpeft.bench_generate import main as generate_main
         generate_main(args)

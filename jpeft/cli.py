@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="full,lora",
                    help="comma-separated method names trained on the same base under one step budget, "
-                        "or all (every method but classifier); default full,lora")
+                        "or all (every method the --family takes); default full,lora")
     p.add_argument("--family", default="llama", choices=["llama", "t5"],
                    help="the base to build: llama (a decoder, default) or t5 (an encoder-decoder with FLAN-T5's "
                         "architecture, pre-trained as a prefix LM); t5 takes every method but llama_adapter and "

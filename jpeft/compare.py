@@ -97,10 +97,14 @@ def comparison(rows: list[dict], baseline: str | None = None) -> dict:
 
 
 def find_row(rows: list[dict], wanted: str) -> dict:
-    """The row a baseline names, by its name or its run dir (as a user would type either)."""
+    """The row a baseline names, by its name, its run dir (as a user would type either) or, where names are
+    paths because two dirs share a name, a dir name only one of them has."""
     for row in rows:
         if wanted == row["name"] or os.path.normpath(wanted) == row.get("run_dir"):
             return row
+    named = [row for row in rows if os.path.basename(row.get("run_dir", "")) == wanted]
+    if len(named) == 1:
+        return named[0]
     raise ConfigError(f"baseline {wanted!r} is none of the compared runs ({', '.join(r['name'] for r in rows)}); "
                       "name one by its run dir or its name")
 

@@ -114,12 +114,15 @@ def run_config(**sections) -> RunConfig:
     return load_config(None, overrides + [f"out_dir={sections['out_dir']}"])
 
 
-def parse_methods(text: str) -> list[str]:
-    """`--methods` as method names (`all`: every method), checked before any training."""
+def parse_methods(text: str, family: str = "llama") -> list[str]:
+    """`--methods` as method names (`all`: every method the family takes), checked before any training."""
+    from jpeft.models.t5 import T5
+    from jpeft.peft import sites
     from jpeft.peft.registry import BY_NAME
     available = list(BY_NAME)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    names = available if names == ["all"] else list(dict.fromkeys(names))
+    every = sites.usable(T5.insertion_points) if family == "t5" else available
+    names = every if names == ["all"] else list(dict.fromkeys(names))
     unknown = [name for name in names if name not in available]
     if unknown or not names:
         problem = f"no such method for the demo: {', '.join(unknown)}" if unknown else "names no method"
@@ -215,7 +218,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     llama (a decoder) or t5 (an encoder-decoder, FLAN-T5's architecture, pre-trained as a prefix LM);
     `replay`: each summarizing method also fine-tuned with replay, into `out/<method>+replay/`."""
     started = time.time()
-    methods = parse_methods(methods)
+    methods = parse_methods(methods, family)
     check_family(family, methods)
     p = PRESETS[preset]
     data = data or DIALOGSUM_SAMPLE

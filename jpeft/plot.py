@@ -18,7 +18,8 @@ def panels(records: list[dict]) -> dict[str, tuple[str, ...]]:
     found = {"loss.png": losses, "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
              "eval.png": tuple(k for k in keys if k.startswith("eval_") and not k.endswith("loss")),
              "forgetting.png": tuple(k for k in keys if k.startswith("forget_") and k.endswith("_change"))}
-    return {name: chosen for name, chosen in found.items() if chosen}
+    present = {name: tuple(k for k in chosen if k in keys) for name, chosen in found.items()}
+    return {name: chosen for name, chosen in present.items() if chosen}  # (a hand-made file may lack lr)
 
 
 def read_records(path: str) -> list[dict]:

@@ -128,6 +128,11 @@ def test_without_against_only_jpeft_runs_and_only_xla_is_measured(monkeypatch):
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--compile-depths", "4,x"], "--compile-depths takes layer counts"),
     (["--compile-depths", "0"], "--compile-depths are layer counts"),
+    (["--steps", "0"], "sizes and --steps must be >= 1 .* got --steps 0"),
+    (["--generate", "--vocab", "0"], "got --vocab 0"),
+    (["--sft", "x.jsonl", "--warmup", "-1"], "--warmup >= 0; got --warmup -1"),
+    (["--hidden", "64", "--heads", "3"], "--heads must divide --hidden"),
+    (["--kv-heads", "3"], "--kv-heads must divide --heads"),
 ])
 def test_bad_options_are_jpeft_errors_naming_the_option(options, message):
     parser = argparse.ArgumentParser()

@@ -276,6 +276,7 @@ def test_demo_all_is_every_method():
     from jpeft.demo import parse_methods
     from jpeft.peft.registry import BY_NAME
     assert parse_methods("all") == list(BY_NAME)
+    assert parse_methods("all", "t5") == [m for m in BY_NAME if m not in ("llama_adapter", "classifier")]
     assert parse_methods(" lora, ia3,lora") == ["lora", "ia3"]
 
 

@@ -93,6 +93,9 @@ def test_baseline_by_run_dir_and_clashing_dir_names(tmp_path):
     dirs = write_runs(tmp_path, **{"a/lora": LORA, "b/lora": FULL})
     table = comparison(read_runs(dirs), baseline=dirs[1] + "/")
     assert [r["name"] for r in table["rows"]] == dirs and table["rows"][0]["delta_eval_loss"] == pytest.approx(0.3)
+    dirs = write_runs(tmp_path / "c", **{"a/lora": LORA, "b/lora": LORA, "b/full": FULL})
+    table = comparison(read_runs(dirs), baseline="full")  # the one dir named full, though names are paths now
+    assert table["baseline"] == dirs[2] and table["rows"][0]["delta_eval_loss"] == pytest.approx(0.3)
 
 
 def test_errors_name_the_run_or_the_baseline(tmp_path):

@@ -48,6 +48,7 @@ def test_a_mixture_and_forgetting_probes_are_plotted_with_the_losses_and_on_thei
                                             "loss_summarize"),
                                "lr.png": ("lr",), "grad_norm.png": ("grad_norm",),
                                "eval.png": ("eval_summarize_rougeL",), "forgetting.png": ("forget_wiki_change",)}
+    assert panels([{"step": 1, "loss": 2.0}]) == {"loss.png": ("loss",)}  # no empty lr / grad_norm plots
 
 
 def test_errors_name_the_path_and_what_to_do(tmp_path):

@@ -42,19 +42,26 @@ HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", 
          "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
 
 
+def missing(method, insertion_points) -> list[str]:
+    """The insertion points a method (instance or class) acts at that a family's model never calls."""
+    return [h for h in HOOKS if hasattr(method, h) and h not in insertion_points]
+
+
+def usable(insertion_points) -> list[str]:
+    """The names of the methods a family with these insertion points takes."""
+    return [name for name, cls in BY_NAME.items() if not missing(cls, insertion_points)]
+
+
 def require(method, insertion_points, family: str) -> None:
     """Refuse a method (instance or class) that needs an insertion point the family's model never
     calls: it would silently do nothing. The error says why (the method's `scope`) and lists the
     methods the family does take."""
-    def needs(m):
-        return [h for h in HOOKS if hasattr(m, h) and h not in insertion_points]
-    missing = needs(method)
-    if missing:
+    if lacking := missing(method, insertion_points):
         from jpeft.errors import ConfigError
-        usable = ", ".join(name for name, cls in BY_NAME.items() if not needs(cls))
+        usable_names = ", ".join(usable(insertion_points))
         why = f" ({method.scope})" if method.scope else ""
-        raise ConfigError(f"method {method.name!r} acts at the {', '.join(missing)} insertion point(s), which "
-                          f"{family} models do not have{why}; use one of {usable} with this family")
+        raise ConfigError(f"method {method.name!r} acts at the {', '.join(lacking)} insertion point(s), which "
+                          f"{family} models do not have{why}; use one of {usable_names} with this family")
 
 
 def _with(hook: str, leaves: dict):

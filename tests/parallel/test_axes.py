@@ -30,3 +30,12 @@ def test_every_methods_leaves_follow_their_weights_axes():
     assert axes[o + "lora_a"] == ("layers", "heads", None) and axes[o + "kernel_nf4"] == ("layers", "heads", "embed")
     assert axes[o + "kernel_absmax"] == ("layers", "heads", "embed")
     assert set(axes) == set(T.flatten(tree)) | set(T.flatten(quantized))
+
+
+def test_subpackages_are_attributes_of_a_plain_import():
+    """The README's `jpeft.parallel.make_mesh(...)` after `import jpeft` alone (a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = "import jpeft; print(jpeft.parallel.make_mesh.__name__, jpeft.data.load_rows.__name__); jpeft.nope"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["make_mesh", "load_rows"] and "no attribute 'nope'" in out.stderr
