@@ -1,6 +1,6 @@
 """KV-cache decoding (greedy and sampling) for jpeft's causal LMs and encoder-decoders.
 
-Prompts are left-padded to a bucketed length, prefilled in one call, and decoded one
+Prompts are padded to a bucketed length (a decoder's on the left, an encoder's on the right), prefilled in one call, and decoded one
 token per step inside a single jit-compiled `lax.while_loop` that stops as soon as
 every row has emitted EOS; on CPU the steps run the layers unrolled over per-layer weights and cache
 (`_stepping`). Adapter leaves in `params` are applied by the model itself,
@@ -58,8 +58,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     ids = np.full((len(prompts), width), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        # a decoder's prompts end where the new tokens start; an encoder's input starts where a soft prompt ends
+        # (T5's relative positions would count pads between them), and its decoder starts on its own
+        at = slice(0, len(prompt)) if cfg.is_encoder_decoder else slice(width - len(prompt), width)
+        ids[row, at], mask[row, at] = prompt, 1
     tokens = _decoder(cfg.dtype)(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size),
                                  params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots),
                                  jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed))

@@ -108,7 +108,7 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: Templates, target:
     targets = [t + [eos] for t in _encode(tokenizer, render_all(target, rows), special=False)]
     longest = lambda seqs: min(seq_len, -(-max(map(len, seqs), default=1) // 16) * 16)  # noqa: E731
     target_len, width = longest(targets), longest(prompts)
-    cut = [p[:width - 1] + [eos] if p[-1:] == [eos] else p[:width] for p in prompts]
+    cut = [p if len(p) <= width else p[:width - 1] + [eos] if p[-1:] == [eos] else p[:width] for p in prompts]
     n_truncated = sum(len(p) > width or len(t) > target_len for p, t in zip(prompts, targets))
     _log_truncation(n_truncated, len(rows), f"seq_len={seq_len}", "prompts and targets cut on the right")
     pad = pad_id(tokenizer)

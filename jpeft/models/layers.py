@@ -158,9 +158,9 @@ class Embed(nn.Module):
         self.embedding = self.param("embedding", nn.with_logical_partitioning(init_normal, ("vocab", "embed")),
                                     (self.vocab_size, self.features), jnp.float32)
 
-    def __call__(self, ids, dtype, prepend: bool = True):
+    def __call__(self, ids, dtype, prepend: bool = True, scale: float | None = None):
         self.embedding  # noqa: B018 - creates the table at init
-        return sites.embed(module_leaves(self), ids, dtype, prepend)
+        return sites.embed(module_leaves(self), ids, dtype, prepend, scale)
 
 
 def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True):

@@ -104,9 +104,9 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, context, cache_kv):
         cfg = self.cfg
-        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype))
-        if cfg.embed_scale:  # Gemma: by sqrt(hidden), rounded to the compute dtype as HF does
-            x = x * jnp.asarray(np.sqrt(cfg.hidden_size), x.dtype)
+        scale = np.sqrt(cfg.hidden_size) if cfg.embed_scale else None  # Gemma's; a soft prompt stays unscaled
+        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype),
+                                                                          scale=scale)
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)

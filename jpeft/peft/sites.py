@@ -92,12 +92,16 @@ def dense(leaves: dict, x, rng=None):
     return y
 
 
-def embed(leaves: dict, ids, dtype, prepend: bool = True):
-    """Token embeddings: table rows plus every adapter's delta, after the rows methods prepend (unless
-    `prepend` is off: an encoder-decoder's decoder reads the shared table without the soft prompt)."""
+def embed(leaves: dict, ids, dtype, prepend: bool = True, scale: float | None = None):
+    """Token embeddings: table rows plus every adapter's delta, times `scale` (Gemma's sqrt(hidden), rounded to
+    the compute dtype as HF does), after the rows methods prepend (unscaled, as PEFT prepends them to the scaled
+    embedding's output; none where `prepend` is off: an encoder-decoder's decoder reads the shared table
+    without the soft prompt)."""
     x = jnp.take(leaves["embedding"], ids, axis=0).astype(dtype)
     for method in _with("embed_delta", leaves):
         x = x + method.embed_delta(leaves, ids).astype(dtype)
+    if scale is not None:
+        x = x * jnp.asarray(scale, dtype)
     for method in _with("embed_prepend", leaves) if prepend else ():
         x = jnp.concatenate([method.embed_prepend(leaves, ids.shape[0]).astype(dtype), x], axis=1)
     return x

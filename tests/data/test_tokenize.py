@@ -104,6 +104,20 @@ def test_a_tokenizer_that_appends_eos_leaves_one_eos_per_example():
     assert tok.decode(encode_prompts(ROWS[1:], tok, "{dialogue}", None, continued=False)[0]) == "<s> hello world </s>"
 
 
+def test_seq2seq_prompts_end_with_the_tokenizers_one_eos():
+    """T5's tokenizer appends EOS: an encoder input that fits keeps that one EOS (as tokenizer(prompt) has it),
+    and one cut to fit ends with EOS again."""
+    from conftest import make_tokenizer
+    from jpeft.data import tokenize_seq2seq
+    tok = make_tokenizer(bos=False, eos=True)
+    rows = [{"p": "hello world", "t": "a cat"}, {"p": "we go out " * 8, "t": "home"}]
+    ex = tokenize_seq2seq(rows, tok, "{p}", "{t}", seq_len=16, start_id=0)
+    first = ex.input_ids[0][ex.attention_mask[0] == 1].tolist()
+    assert first == tok("hello world")["input_ids"] and tok.decode(first) == "hello world </s>"
+    assert ex.input_ids[1][-1] == tok.eos_token_id and ex.attention_mask[1].all()
+    assert ex.prompt_tokens_lost == len(tok(rows[1]["p"])["input_ids"]) - 16
+
+
 def test_render_and_template_columns():
     assert render("Q: {a}\n{b}", {"a": "x", "b": "y", "c": "z"}) == "Q: x\ny"
     assert template_columns("{a} and {b} {{literal}} {a}") == ["a", "b"]

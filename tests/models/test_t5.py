@@ -109,3 +109,23 @@ def test_the_encoder_reads_prompts_longer_than_n_positions(tmp_path):
     rows = [{"p": " ".join(f"w{t}" for t in prompts[0])}]
     [expected] = hf_generate(ref, prompts[:1], 12, 1)
     assert predict(model, params, Words(), rows, "{p}", 12) == [" ".join(f"w{t}" for t in expected)]
+
+
+def test_a_soft_prompt_meets_the_encoders_input_without_pads_between(tmp_path):
+    """generate right-pads an encoder's input: left pads would sit between the soft prompt and the text and shift
+    T5's relative positions (1.0 logits off before). Each row of a batch decodes as its prompt alone does,
+    token by token through the forward pass."""
+    from jpeft.generate import generate
+    # FLAN-T5's 32 buckets up to distance 128: pads between prompt and text move them into other buckets
+    _, model_dir = make_t5(tmp_path, "flan-t5", num_decoder_layers=2, relative_attention_num_buckets=32,
+                           relative_attention_max_distance=128)
+    model, params = jpeft.from_pretrained(model_dir)
+    prompted = jpeft.PromptTuning(4).init(jax.random.key(0), params)
+    prompts = [[5, 17, 33, 8, 61, 1], [12, 40, 3]]
+    got = generate(model, prompted, prompts, 8, eos_token_id=None)
+    for prompt, tokens in zip(prompts, got):
+        decoded = [model.config.decoder_start_token_id]
+        for _ in range(8):
+            logits = model.apply({"params": prompted}, jnp.asarray([prompt]), jnp.asarray([decoded]))
+            decoded.append(int(jnp.argmax(logits[0, -1])))
+        assert tokens == decoded[1:]

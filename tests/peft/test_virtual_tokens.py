@@ -69,6 +69,17 @@ def test_peft_written_adapter_gives_peft_logits(tmp_path, base, name):
     assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-2
 
 
+def test_gemmas_soft_prompt_is_not_scaled_with_the_token_embeddings(tmp_path):
+    """Gemma scales its token embeddings by sqrt(hidden) inside the embedding module, and PEFT prepends the soft
+    prompt to that module's output: the prompt itself stays unscaled, both ways."""
+    path = save_hf_model(make_hf_model("gemma2", head_dim=8, sliding_window=4), tmp_path / "gemma2")
+    model, params = jpeft.from_pretrained(path)
+    adapted = nonzero(jpeft.PromptTuning(N).init(jax.random.key(1), params), "prompt", jax.random.key(2))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(path), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, "prompt"), jax_logits(model, adapted), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
 def test_jpeft_written_adapter_gives_the_same_logits_in_peft(tmp_path, base, name):
     model, params = jpeft.from_pretrained(base)
