@@ -20,13 +20,13 @@ _LAZY = {
     **{name: "jpeft.peft.multi" for name in ("add_adapter", "use_adapter", "route", "add_weighted_adapter")},
     "save_adapter": "jpeft.peft.hf_format", "load_adapter": "jpeft.peft.hf_format",
 }
-SUBPACKAGES = ("data", "models", "parallel", "peft", "train")
+SUBMODULES = ("data", "evaluate", "generate", "models", "parallel", "peft", "train")
 __all__ = [*_LAZY, "JpeftError", "CheckpointError", "AdapterError", "ConfigError", "DataError"]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in SUBPACKAGES:  # jpeft.parallel.make_mesh(...) after a plain `import jpeft`
+    if name in SUBMODULES:  # jpeft.parallel.make_mesh(...) after a plain `import jpeft`
         return importlib.import_module(f"jpeft.{name}")
     raise AttributeError(f"module 'jpeft' has no attribute {name!r}")

@@ -82,6 +82,8 @@ def _problems(ds: datasets.Dataset, path: str, fields) -> list[tuple[str, object
     """Per row: (the first needed field without a string, the value there: None where missing), or None.
     A column no row has is an error."""
     columns = list(dict.fromkeys(map(column, fields)))
+    if not columns:  # (chat rows: their messages are checked by jpeft.data.chat)
+        return [None] * len(ds)
     for name in columns:
         if name not in ds.column_names:
             raise DataError(f"data file '{path}' row 1 has no column '{name}'; "
@@ -149,18 +151,21 @@ def _read_json(path: str) -> list[dict]:
 
 def _from_rows(rows: list[dict], path: str) -> datasets.Dataset:
     """The rows as one table of every column any row has (a row without one holds null there, as
-    `datasets.load_dataset("json")` reads it). A column no one type holds keeps the values of its most common
-    type and reads the others as missing (with a warning), so only rows that need those are dropped."""
+    `datasets.load_dataset("json")` reads it). Where one Arrow type cannot hold a column's values, those that
+    do not fit its most common type are read as missing (with a warning naming their rows), so only rows that
+    need them are dropped."""
     columns = {name: [row.get(name) for row in rows] for name in dict.fromkeys(k for row in rows for k in row)}
     for name, values in columns.items():
-        if not _typed(values):
-            kind = collections.Counter(type(v) for v in values if v is not None).most_common(1)[0][0]
-            values = [v if type(v) is kind else None for v in values]
-            values = values if _typed(values) else [None] * len(values)
-            log.warning("data file '%s': column '%s' mixes value types; its %d values that are not %ss are read "
-                        "as missing", path, name, sum(v is None for v in values) - columns[name].count(None),
-                        kind.__name__)
-            columns[name] = values
+        if _typed(values):
+            continue
+        kinds = collections.Counter(str(t) for v in values if (t := _arrow_type(v)) is not None)
+        common = next(v for v in values if str(_arrow_type(v)) == kinds.most_common(1)[0][0])
+        fitting = [v if v is not None and _typed([common, v]) else None for v in values]
+        columns[name] = fitting if _typed(fitting) else [None] * len(values)
+        odd = [i + 1 for i, (v, f) in enumerate(zip(values, columns[name])) if v is not None and f is None]
+        log.warning("data file '%s': column '%s' mixes value types; %d values that do not fit its common type are "
+                    "read as missing (rows %s%s)", path, name, len(odd), ", ".join(map(str, odd[:5])),
+                    " ..." if len(odd) > 5 else "")
     return datasets.Dataset.from_dict(columns)
 
 
@@ -171,6 +176,14 @@ def _typed(values: list) -> bool:
         return True
     except (pyarrow.ArrowException, TypeError, ValueError):
         return False
+
+
+def _arrow_type(value):
+    """The Arrow type of one value, or None (null, or a value Arrow cannot hold)."""
+    try:
+        return None if value is None else pyarrow.array([value]).type
+    except (pyarrow.ArrowException, TypeError, ValueError):
+        return None
 
 
 def _read_csv(path: str) -> datasets.Dataset:

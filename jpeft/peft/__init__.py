@@ -2,6 +2,8 @@
 (mask, count, merge, freeze) as unions over the method registry."""
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jpeft import tree as T
@@ -63,8 +65,10 @@ def merge(params):
     return T.from_modules(grouped)
 
 
-def _count(params, mask) -> tuple[int, int]:
-    flat_mask = T.flatten(mask)
+def count_parameters(params, mask=None) -> tuple[int, int]:
+    """(trainable, total) as PEFT counts them: metadata leaves never, a quantized weight by its
+    logical size, a partly adapted layer stack by its adapted layers; mask defaults to `trainable_mask`."""
+    flat_mask = _mask_of(params, mask, "count_parameters")
     trainable = total = 0
     for path, leaves in T.modules(params).items():
         for name in leaves:
@@ -73,12 +77,6 @@ def _count(params, mask) -> tuple[int, int]:
             total += n
             trainable += n if flat_mask[f"{path}/{name}"] else 0
     return trainable, total
-
-
-def count_parameters(params, mask=None) -> tuple[int, int]:
-    """(trainable, total) as PEFT counts them: metadata leaves never, a quantized weight by its
-    logical size, a partly adapted layer stack by its adapted layers; mask defaults to `trainable_mask`."""
-    return _count(params, trainable_mask(params) if mask is None else mask)
 
 
 def parameter_report(params, mask=None) -> str:
@@ -94,12 +92,30 @@ def freeze(tx: optax.GradientTransformation, params, mask=None) -> optax.Gradien
     Frozen leaves get zero updates and no optimizer state. (jpeft's trainer goes further: it
     differentiates only the trainable partition, so frozen gradients are never computed.)
     """
-    flat_mask = T.flatten(trainable_mask(params) if mask is None else mask)
+    flat_mask = _mask_of(params, mask, "freeze")
     if not any(flat_mask.values()):
         raise JpeftError("freeze: no leaf of this tree is trainable; a method that trains base leaves (Full, BitFit, "
                          "NormTuning) needs its mask: freeze(tx, params, method.mask(params))")
     labels = T.map_with_path(lambda p, _: "train" if flat_mask[p] else "freeze", params)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": tx, "freeze": optax.stateless(_zeros_like_params)}, labels)
+
+
+def _zeros_like_params(updates, params):
+    """Zero updates in each frozen leaf's own dtype: a QLoRA code's gradient (`jax.grad(..., allow_int=True)`)
+    is float0, which optax.apply_updates cannot add to it."""
+    if params is None:
+        return jax.tree.map(jnp.zeros_like, updates)
+    return jax.tree.map(lambda _, p: jnp.zeros_like(p), updates, params)
+
+
+def _mask_of(params, mask, what: str) -> dict:
+    """The flat mask for `params` (`trainable_mask` by default), or an error where it was made for another tree."""
+    flat_mask = T.flatten(trainable_mask(params) if mask is None else mask)
+    if missing := sorted(set(T.flatten(params)) - set(flat_mask)):
+        raise JpeftError(f"{what}: the mask does not fit this tree (no entry for {missing[0]}"
+                         f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); compute it on the "
+                         "initialised tree: method.mask(method.init(key, params))")
+    return flat_mask
 
 
 __all__ = ["leaf_axes", "LoRA", "QLoRA", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PrefixTuning",

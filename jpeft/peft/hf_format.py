@@ -31,7 +31,7 @@ from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import classifier
 from jpeft.peft.base import module_names
-from jpeft.peft.multi import refuse_container
+from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
@@ -136,7 +136,9 @@ def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isdir(adapter_dir):
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    config = read_json(path, AdapterError, "an adapter dir needs adapter_config.json")
+    named = sorted(d for d in os.listdir(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, d, CONFIG_FILE)))
+    hint = f" (PEFT saves a named adapter in a subfolder: {', '.join(named)}; pass that folder)" if named else ""
+    config = read_json(path, AdapterError, f"an adapter dir needs adapter_config.json{hint}")
     peft_type = config.get("peft_type")
     if peft_type not in (*PEFT_FAMILIES, "JPEFT"):
         raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; jpeft loads "
@@ -156,6 +158,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
 
 def load_adapter(adapter_dir: str, base_params):
     """Add the leaves of an adapter dir to `base_params` (a plain base tree); a pure function."""
+    refuse_container(base_params, "load_adapter")
+    if held := sorted({T.leaf_name(p) for p in T.flatten(base_params)} & ADAPTER_LEAVES):
+        raise AdapterError(f"load_adapter: the tree already holds adapter leaves ({', '.join(held)}), which would "
+                           "stay active beside the loaded ones; load into the plain base tree, or keep several "
+                           "adapters with jpeft.add_adapter")
     config = read_adapter_config(adapter_dir)
     weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
     if not os.path.exists(weights_path):

@@ -83,11 +83,27 @@ def test_jsonl_rows_keep_every_column_and_mixed_types_drop_only_the_rows_needing
                                               '{"d": "c", "s": 5, "id": "x"}', '{"d": "e", "s": "E"}'])
     ds = load_rows(path)
     assert ds.column_names == ["d", "s", "id"] and ds["s"] == [None, "B", None, "E"]
-    assert "column 's' mixes value types; its 1 values that are not strs" in caplog.text
-    assert "column 'id' mixes value types" in caplog.text
+    assert "column 's' mixes value types; 1 values that do not fit its common type are read as missing (rows 3)" \
+        in caplog.text and "column 'id' mixes value types" in caplog.text
     kept, dropped = usable_rows(ds, path, ["d", "s"])
     assert kept["d"] == ["b", "e"] and dropped == {"column 's' missing (null)": 2}
     assert usable_rows(ds, path, ["d"])[0]["d"] == ["a", "b", "c", "e"]  # the mixed id column is never read
+
+
+def test_rows_needing_no_column_are_all_usable_after_a_selection():
+    """Chat rows need no template field; a split's selected rows (datasets 5 cannot select no columns of them)."""
+    ds = datasets.Dataset.from_list([{"a": 1}, {"a": 2}, {"a": 3}]).select([0, 2])
+    kept, dropped = usable_rows(ds, "x.jsonl", [])
+    assert kept["a"] == [1, 3] and dropped == {}
+
+
+def test_a_nested_value_of_another_type_is_missing_in_its_row_only(tmp_path, caplog):
+    """One chat row whose message content is a number: that row's messages are missing (named), the others stay."""
+    rows = [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": c}]})
+            for c in ("a", "b", 5, "d")]
+    ds = load_rows(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert [m is None for m in ds["messages"]] == [False, False, True, False]
+    assert "1 values that do not fit its common type are read as missing (rows 3)" in caplog.text
 
 
 def test_fields_inside_a_column_are_checked_row_by_row(tmp_path):

@@ -85,6 +85,19 @@ def edit_weights(adapter, fn):
     save_file(fn(tensors), adapter / "adapter_model.safetensors")
 
 
+def test_an_adapted_tree_or_a_named_adapters_parent_dir_is_refused(adapter_dir, tmp_path):
+    """Loaded into a tree that holds an adapter, both would stay active; PEFT saves a named adapter one level down."""
+    adapter, params = adapter_dir
+    adapted = jpeft.LoRA(rank=2, targets=["v_proj"]).init(jax.random.key(1), params)
+    with pytest.raises(jpeft.AdapterError, match="already holds adapter leaves \\(lora_a, lora_b, lora_scale\\)"):
+        jpeft.load_adapter(str(adapter), adapted)
+    (tmp_path / "named").mkdir()
+    adapter.rename(tmp_path / "named" / "mine")
+    with pytest.raises(jpeft.AdapterError, match="named adapter in a subfolder: mine; pass that folder"):
+        jpeft.load_adapter(str(tmp_path / "named"), params)
+    jpeft.load_adapter(str(tmp_path / "named" / "mine"), params)
+
+
 def test_missing_key(adapter_dir):
     adapter, params = adapter_dir
     edit_weights(adapter, lambda t: {k: v for k, v in t.items() if "layers.1.self_attn.v_proj.lora_B" not in k})

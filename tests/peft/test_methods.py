@@ -188,6 +188,28 @@ def test_freeze_updates_only_trainable_leaves_and_keeps_no_state_for_the_rest(ba
         assert same == (T.leaf_name(path) not in ("lora_a", "lora_b")), path
 
 
+def test_freeze_takes_a_qlora_tree_and_refuses_a_mask_of_another_tree(base):
+    """A QLoRA tree's integer codes get float0 gradients (jax.grad(..., allow_int=True)): their zero updates
+    keep the codes' dtype. A mask computed before init (no entry for the new leaves) is an error naming them."""
+    model, params = base
+    qlora = jpeft.QLoRA(rank=4, targets=["q_proj", "v_proj"]).init(jax.random.key(0), params)
+    tx = jpeft.freeze(optax.adamw(1e-2), qlora)
+    batch = {"input_ids": IDS, "attention_mask": jnp.ones_like(IDS), "labels": jnp.roll(IDS, -1, axis=1),
+             "loss_mask": jnp.ones(IDS.shape, jnp.float32)}
+    grads = jax.grad(lambda p: token_loss(model, p, batch)[0], allow_int=True)(qlora)
+    updates, _ = tx.update(grads, tx.init(qlora), qlora)
+    stepped = T.flatten(optax.apply_updates(qlora, updates))
+    for path, value in T.flatten(qlora).items():
+        assert stepped[path].dtype == value.dtype
+        assert np.array_equal(stepped[path], value) == (T.leaf_name(path) not in ("lora_a", "lora_b")), path
+    stale = jpeft.BitFit().mask(params)
+    adapted = jpeft.BitFit().init(jax.random.key(0), params)
+    for call in (lambda: jpeft.freeze(optax.adam(1e-2), adapted, stale),
+                 lambda: jpeft.count_parameters(adapted, stale)):
+        with pytest.raises(jpeft.JpeftError, match="the mask does not fit this tree \\(no entry for .*/bias"):
+            call()
+
+
 def test_freeze_without_a_trainable_leaf_names_the_mask_to_pass(base):
     _, params = base
     with pytest.raises(jpeft.JpeftError, match="no leaf of this tree is trainable.*method.mask\\(params\\)"):
