@@ -42,6 +42,18 @@ def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
     return model, params, load_tokenizer(model_dir)
 
 
+def check_sizes(args) -> None:
+    """eval's and forgetting's --limit, --batch-size, --max-new-tokens (and forgetting's --seq-len), before any
+    model loads."""
+    from jpeft.errors import ConfigError
+    seq_len = getattr(args, "seq_len", None)
+    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or seq_len is not None and seq_len < 2:
+        also = " and --seq-len >= 2" if hasattr(args, "seq_len") else ""
+        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1, --max-new-tokens >= 1{also}; got "
+                          f"--limit {args.limit}, --batch-size {args.batch_size}, --max-new-tokens {args.max_new_tokens}"
+                          f"{f', --seq-len {seq_len}' if also else ''}")
+
+
 def cmd_demo(args) -> None:
     from jpeft.demo import run_demo
     run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods, family=args.family,
@@ -75,14 +87,11 @@ def cmd_plan(args) -> None:
 
 def cmd_eval(args) -> None:
     from jpeft.data import check_columns, load_rows, template_columns
-    from jpeft.errors import ConfigError
     from jpeft.evaluate import evaluate_classification, evaluate_generation
     from jpeft.peft.classifier import read_labels
 
     prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
-    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1 and --max-new-tokens >= 1; got "
-                          f"{args.limit}, {args.batch_size}, {args.max_new_tokens}")
+    check_sizes(args)
     rows = load_rows(args.data)
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
@@ -163,12 +172,8 @@ def cmd_compare(args) -> None:
 
 
 def cmd_forgetting(args) -> None:
-    from jpeft.errors import ConfigError
     from jpeft.forgetting import format_report, read_probes, report, tuned_params
-    seq_len_ok = args.seq_len is None or args.seq_len >= 2
-    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or not seq_len_ok:
-        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1, --max-new-tokens >= 1 and --seq-len "
-                          f">= 2; got {args.limit}, {args.batch_size}, {args.max_new_tokens}, {args.seq_len}")
+    check_sizes(args)
     probes = read_probes(args.probe, "--probe", args.limit)
     model, base, tokenizer = load(args.model, None, args.dtype)
     tuned = tuned_params(base, args.adapter, args.finetuned, args.dtype)

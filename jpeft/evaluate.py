@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jpeft.errors import ConfigError, DataError
+from jpeft.errors import DataError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -65,16 +65,11 @@ def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, ba
     """Greedy continuations of the templated rows; a decoder's prompts are cut from the left so that they and
     the new tokens fit its positions."""
     from jpeft.data import encode_prompts
-    from jpeft.generate import generate_text, prompt_room
+    from jpeft.generate import generate_text, require_prompt_room
     from jpeft.peft import sites
 
-    cfg, virtual = model.config, sum(sites.virtual_tokens(params))
-    room = prompt_room(cfg, max_new_tokens, virtual)
-    if room is not None and room < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}{f' after {virtual} virtual tokens' if virtual else ''} "
-                          f"leaves no room for a prompt in the model's {cfg.max_position_embeddings} positions "
-                          "(max_position_embeddings); lower it")
-    prompts = encode_prompts(rows, tokenizer, prompt, room, continued=not cfg.is_encoder_decoder)
+    room = require_prompt_room(model.config, max_new_tokens, sum(sites.virtual_tokens(params)))
+    prompts = encode_prompts(rows, tokenizer, prompt, room, continued=not model.config.is_encoder_decoder)
     return [text.strip() for text in generate_text(model, params, tokenizer, prompts, max_new_tokens, batch_size)]
 
 

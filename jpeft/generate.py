@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpeft import tree as T
-from jpeft.errors import JpeftError
+from jpeft.errors import ConfigError, JpeftError
 from jpeft.models import layers as L
 from jpeft.peft import sites
 
@@ -102,6 +102,16 @@ def prompt_room(cfg, max_new_tokens: int, virtual: int = 0) -> int | None:
     if cfg.is_encoder_decoder:
         return None
     return cfg.max_position_embeddings - virtual - (max_new_tokens - 1)
+
+
+def require_prompt_room(cfg, max_new_tokens: int, virtual: int = 0, name: str = "max_new_tokens") -> int | None:
+    """`prompt_room`, or an error naming `name` where the new tokens leave a prompt none."""
+    room = prompt_room(cfg, max_new_tokens, virtual)
+    if room is not None and room < 1:
+        raise ConfigError(f"{name}={max_new_tokens}{f' beside {virtual} virtual tokens' if virtual else ''} leaves no "
+                          f"room for a prompt in the model's {cfg.max_position_embeddings} positions "
+                          "(max_position_embeddings); lower it")
+    return room
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1, virtual: int = 0) -> None:

@@ -17,7 +17,8 @@ from jpeft.config import load_config
 from jpeft.errors import CheckpointError, ConfigError, DataError
 from jpeft.evaluate import predict
 from jpeft.forgetting import read_probe, read_probes, report, score, tuned_params
-from jpeft.train.trainer import load_tokenizer, run_fingerprint, train
+from jpeft.train.checkpoint import run_fingerprint
+from jpeft.train.trainer import load_tokenizer, train
 
 MAX_NEW = 4
 

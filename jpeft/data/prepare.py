@@ -94,6 +94,15 @@ class RunData:
     splits: dict  # task name -> {"source", "seed", part: row ids}, for the tasks with data.split
 
 
+def check_step_rows(train: Examples, tc) -> None:
+    """A step draws train.batch_size × train.grad_accum distinct rows (packed rows, where examples are packed)."""
+    step = tc.batch_size * tc.grad_accum
+    if len(train) < step:
+        packed = f" (packed from {int(train.examples_per_row().sum())} examples)" if train.positions is not None else ""
+        raise ConfigError(f"{len(train)} training rows{packed} for a step of train.batch_size × train.grad_accum "
+                          f"= {tc.batch_size} × {tc.grad_accum} = {step} rows; add data or lower them")
+
+
 def run_data(cfg, tokenizer, labels: list[str] | None = None, model_cfg=None) -> RunData:
     """The configured run's data (jpeft.data.tasks), each part prepared by `prepare_rows`."""
     tasks, seed = run_tasks(cfg.data), cfg.train.seed
@@ -115,8 +124,10 @@ def run_data(cfg, tokenizer, labels: list[str] | None = None, model_cfg=None) ->
             splits[task.name] = {"source": task.data.train, "seed": seed,
                                  **{part: ids for part, (_, ids) in split_rows(task.data.train, task.data.split,
                                                                                seed).items()}}
-    if len(tasks) == 1:
-        return RunData(tasks, trains[0].examples.with_loss_index(), evals, None, report, splits)
+    if len(tasks) == 1:  # (a mixture draws its rows with replacement: any number makes a step)
+        train = trains[0].examples.with_loss_index()
+        check_step_rows(train, cfg.train)
+        return RunData(tasks, train, evals, None, report, splits)
     used = [p.report["rows_used"] for p in trains]
     rates = mixing_rates(tasks, used)
     log.info("mixture: %s of the examples", ", ".join(f"{t.name} {r:.1%}" for t, r in zip(tasks, rates)))

@@ -158,9 +158,10 @@ def _from_rows(rows: list[dict], path: str) -> datasets.Dataset:
     for name, values in columns.items():
         if _typed(values):
             continue
-        kinds = collections.Counter(str(t) for v in values if (t := _arrow_type(v)) is not None)
-        common = next(v for v in values if str(_arrow_type(v)) == kinds.most_common(1)[0][0])
-        fitting = [v if v is not None and _typed([common, v]) else None for v in values]
+        types = [_arrow_type(v) for v in values]  # once per value
+        common = collections.Counter(str(t) for t in types if t is not None).most_common(1)[0][0]
+        anchor = next(v for v, t in zip(values, types) if str(t) == common)
+        fitting = [v if v is not None and _typed([anchor, v]) else None for v in values]
         columns[name] = fitting if _typed(fitting) else [None] * len(values)
         odd = [i + 1 for i, (v, f) in enumerate(zip(values, columns[name])) if v is not None and f is None]
         log.warning("data file '%s': column '%s' mixes value types; %d values that do not fit its common type are "

@@ -17,6 +17,8 @@ import absl.logging
 import jax
 import orbax.checkpoint as ocp
 
+from jpeft.config import RunConfig, config_to_dict, method_options
+from jpeft.data.tasks import run_tasks
 from jpeft.errors import ConfigError
 
 absl.logging.set_verbosity(absl.logging.WARNING)  # orbax logs every file move at INFO
@@ -95,3 +97,27 @@ def _digest(path: str, sampled: bool) -> str:
                 f.seek(header + (size - header) * i // SAMPLES)
                 h.update(f.read(BLOCK))
     return h.hexdigest()
+
+
+# A model dir's files besides its weights that shape a run: its architecture and its tokenizer's.
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "spiece.model")
+
+
+def run_fingerprint(cfg: RunConfig) -> tuple[dict, dict]:
+    """What a resumed run must share with its checkpoint (`fingerprint`), and the fingerprint of the defaults
+    (a key one side lacks counts as its default)."""
+    listed = sorted(os.listdir(cfg.model.path))
+    weights = [os.path.join(cfg.model.path, f) for f in listed if f.endswith(".safetensors")]
+    model_files = [os.path.join(cfg.model.path, f) for f in listed if f in MODEL_FILES]
+    tasks = run_tasks(cfg.data)
+    files = [t.data.train for t in tasks] + [t.data.template for t in tasks if os.path.isfile(t.data.template or "")]
+    return (fingerprint(_shaping_keys(cfg), files, weights, model_files),
+            fingerprint(_shaping_keys(RunConfig()), [], []))
+
+
+def _shaping_keys(cfg: RunConfig) -> dict:
+    """Flat config keys, without the options of methods other than the configured one."""
+    options = set(method_options(cfg.method.name)) | {"name"}
+    return {f"{section}.{k}": v for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
+            for k, v in values.items() if section != "method" or k in options}

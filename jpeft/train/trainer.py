@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from jpeft import forgetting
 from jpeft import tree as T
-from jpeft.config import RunConfig, config_to_dict, method_kwargs, method_options
+from jpeft.config import RunConfig, config_to_dict, method_kwargs
 from jpeft.data import Examples, batches, label_names, load_rows, pad_id, render_all
 from jpeft.data.prepare import RunData, prepare_rows, run_data
-from jpeft.data.tasks import mixture_batches, run_tasks
+from jpeft.data.tasks import mixture_batches
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
-from jpeft.generate import prompt_room
+from jpeft.generate import require_prompt_room
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
@@ -165,12 +165,6 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     tokenizer = load_tokenizer(cfg.model.path)
     data = run_data(cfg, tokenizer, labels, model.config)
-    if data.draws is None and len(data.train) < tc.batch_size * tc.grad_accum:  # a mixture draws with replacement
-        packed = f" (packed from {int(data.train.examples_per_row().sum())} examples)" \
-            if data.train.positions is not None else ""
-        raise ConfigError(f"{len(data.train)} training rows{packed} for a step of train.batch_size × train.grad_accum "
-                          f"= {tc.batch_size} × {tc.grad_accum} = {tc.batch_size * tc.grad_accum} rows; add data or "
-                          "lower them")
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
     sites.require(method, model.insertion_points, model.config.model_type)
@@ -190,7 +184,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     mngr = checkpoint.manager(cfg.out_dir, tc.keep_checkpoints)
-    inputs, defaults = run_fingerprint(cfg)
+    inputs, defaults = checkpoint.run_fingerprint(cfg)
     restored = checkpoint.restore_latest(mngr, state, inputs, defaults)
     if restored is not None:
         state = restored
@@ -273,11 +267,8 @@ def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int,
     """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN.
     A run that `generates` must leave its prompts room beside data.max_new_tokens (found now, not at its
     first evaluation)."""
-    room = prompt_room(model_cfg, cfg.data.max_new_tokens, virtual)
-    if generates and room is not None and room < 1:
-        raise ConfigError(f"data.max_new_tokens={cfg.data.max_new_tokens} leaves no room for a prompt in "
-                          f"{cfg.model.path}'s {model_cfg.max_position_embeddings} positions"
-                          f"{f' beside {virtual} virtual tokens' if virtual else ''}; lower it")
+    if generates:
+        require_prompt_room(model_cfg, cfg.data.max_new_tokens, virtual, "data.max_new_tokens")
     if not model_cfg.learned_positions:
         return
     longest = max(part.longest() for part in parts)
@@ -337,30 +328,6 @@ def init_method(method, params, model, mesh, seed: int):
     with warnings.catch_warnings():  # weights a method replaces (QLoRA's kernels) cannot be reused: fine
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
         return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
-
-
-# A model dir's files besides its weights that shape a run: its architecture and its tokenizer's.
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-               "vocab.json", "merges.txt", "spiece.model")
-
-
-def run_fingerprint(cfg: RunConfig) -> tuple[dict, dict]:
-    """What a resumed run must share with its checkpoint (jpeft.train.checkpoint.fingerprint), and the
-    fingerprint of the defaults (a key one side lacks counts as its default)."""
-    listed = sorted(os.listdir(cfg.model.path))
-    weights = [os.path.join(cfg.model.path, f) for f in listed if f.endswith(".safetensors")]
-    model_files = [os.path.join(cfg.model.path, f) for f in listed if f in MODEL_FILES]
-    tasks = run_tasks(cfg.data)
-    files = [t.data.train for t in tasks] + [t.data.template for t in tasks if os.path.isfile(t.data.template or "")]
-    return (checkpoint.fingerprint(_shaping_keys(cfg), files, weights, model_files),
-            checkpoint.fingerprint(_shaping_keys(RunConfig()), [], []))
-
-
-def _shaping_keys(cfg: RunConfig) -> dict:
-    """Flat config keys, without the options of methods other than the configured one."""
-    options = set(method_options(cfg.method.name)) | {"name"}
-    return {f"{section}.{k}": v for section, values in config_to_dict(cfg).items() if isinstance(values, dict)
-            for k, v in values.items() if section != "method" or k in options}
 
 
 def _gathered(params, mask, whole: bool):
