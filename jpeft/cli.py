@@ -86,7 +86,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from jpeft.data import check_columns, load_rows, template_columns
+    from jpeft.data import check_columns, load_rows
+    from jpeft.data.tokenize import template_fields
     from jpeft.evaluate import evaluate_classification, evaluate_generation
     from jpeft.peft.classifier import read_labels
 
@@ -95,7 +96,7 @@ def cmd_eval(args) -> None:
     rows = load_rows(args.data)
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
-    check_columns(rows, args.data, sorted(set(template_columns(prompt)) | set(targets)))
+    check_columns(rows, args.data, list(dict.fromkeys(template_fields(prompt) + targets)))
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
     if args.label:
         result = evaluate_classification(model, params, tokenizer, rows, prompt, args.label, args.data,

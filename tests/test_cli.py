@@ -86,6 +86,18 @@ def test_eval_missing_column_is_an_error(tiny_run, capsys):
     assert code == 2 and "dialog" in capsys.readouterr().err
 
 
+def test_eval_reads_a_prompt_field_inside_a_column(tiny_run, tmp_path, capsys):
+    """`--prompt '{d[text]}'` needs a string at d[text] in every row, not a string column `d` (which it is not)."""
+    import json
+    rows = [json.loads(line) for line in open(tiny_run["eval"])][:2]
+    data = tmp_path / "nested.jsonl"
+    data.write_text("".join(json.dumps({"d": {"text": r["dialogue"]}, "summary": r["summary"]}) + "\n" for r in rows))
+    args = ["eval", "--model", tiny_run["model"], "--data", str(data), "--target", "summary", "--max-new-tokens", "4"]
+    assert main([*args, "--prompt", "{d[text]}"]) == 0 and json.loads(capsys.readouterr().out)["n"] == 2
+    assert main([*args, "--prompt", "{d[other]}"]) == 2
+    assert "row 1: field 'd[other]' is missing (null)" in capsys.readouterr().err
+
+
 def test_generate_with_adapter(tiny_run, trained_adapter, capsys):
     """The command prints exactly what the library generates for the same model, adapter and prompt."""
     from jpeft.generate import generate_text
