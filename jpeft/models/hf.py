@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jpeft import tree as T
-from jpeft.errors import CheckpointError, read_json
+from jpeft.errors import CheckpointError, ConfigError, read_json
 from jpeft.hardware import resolve_dtype
 from jpeft.models.config import FAMILY_FIELDS, ModelConfig, read_config
 from jpeft.models.llama import CausalLM
@@ -228,7 +228,6 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     hf = {**_config_holding(model.config, params), **(config or {})}
     if "score" in params and hf.get("pad_token_id") is None and tokenizer_from:  # HF's pooling needs it past batch 1
         from jpeft.data import pad_id
-        from jpeft.train.trainer import load_tokenizer
         hf["pad_token_id"] = pad_id(load_tokenizer(tokenizer_from))
     if "score" in params and hf.get("pad_token_id") is None:
         log.warning("%s: the classifier's config has no pad_token_id, so transformers runs it on one row at a "
@@ -282,6 +281,15 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
                               f"{' ...' if len(odd) > 4 else ''} (merge adapters first; biases must cover all "
                               "attention or all MLP projections)")
     return hf
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={model_dir}: no usable tokenizer files ({e}); "
+                          "copy the base model's tokenizer files into it") from None
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> None:

@@ -33,7 +33,7 @@ from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.generate import require_prompt_room
 from jpeft.models.config import ModelConfig
-from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, save_pretrained
+from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, load_tokenizer, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
 from jpeft.peft import BY_NAME, count_parameters, parameter_report, sites
@@ -72,15 +72,6 @@ def build_optimizer(cfg: RunConfig, method, trainable):
     tc = cfg.train
     return lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
                      getattr(method, "lr_ratio", 1.0))
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={model_dir}: no usable tokenizer files ({e}); "
-                          "copy the base model's tokenizer files into it") from None
 
 
 def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None,
