@@ -34,7 +34,7 @@ def unescape(text: str) -> str:
 def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
     """(model, params, tokenizer) for a base HF dir plus an optional PEFT adapter dir."""
     import jpeft
-    from jpeft.train.trainer import load_tokenizer
+    from jpeft.models.hf import load_tokenizer
 
     model, params = jpeft.from_pretrained(model_dir, dtype=dtype)
     if adapter_dir:
@@ -123,14 +123,21 @@ def cmd_generate(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    import jax
+    import jax.numpy as jnp
     import jpeft
     from jpeft.errors import ConfigError
     for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
         if os.path.exists(args.out) and os.path.samefile(args.out, source):
             raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
                               "reads; give a new directory")
-    model, params, _ = load(args.model, args.adapter)
-    jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model)
+    model, params, _ = load(args.model, args.adapter, args.dtype)
+    merged = jpeft.merge(params)
+    if args.dtype is None:  # merged in float32, written in the base's own dtype (as PEFT's merge_and_unload keeps it)
+        hf = model.config.hf_config
+        stored = jnp.dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        merged = jax.tree.map(lambda x: x.astype(stored) if jnp.issubdtype(x.dtype, jnp.floating) else x, merged)
+    jpeft.save_pretrained(args.out, model, merged, tokenizer_from=args.model)
     print(f"merged model written to {args.out}")
 
 
@@ -225,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4")
 
-    def model_args(p, adapter=True, required=True):
+    def model_args(p, adapter=True, required=True,
+                   dtype="weight and compute dtype on load (auto: bfloat16 where matmuls in it are native)"):
         p.add_argument("--model", required=required, help="HF model directory")
         if adapter:
             p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
-        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
-                       help="weight and compute dtype on load (auto: bfloat16 where matmuls in it are native)")
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None, help=dtype)
 
     p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
                 "against one or more reference columns; or, with --label, score a classifier's accuracy and "
@@ -260,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
     p = command("merge", cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
-    model_args(p)
+    model_args(p, dtype="dtype to load, merge and write in (default: merge in float32 and write the base's own "
+                        "dtype, config.json's)")
     p.add_argument("--out", required=True, help="output HF model directory")
 
     p = command("info", cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -158,6 +160,36 @@ def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), reference, atol=2e-4, rtol=0)
     assert transformers.AutoTokenizer.from_pretrained(out) is not None
+
+
+def test_merge_writes_the_bases_dtype_and_only_its_tokenizer_files(tiny_run, trained_adapter, tmp_path):
+    """A bfloat16 base merges in float32 and is written in bfloat16, as PEFT's merge_and_unload keeps it (unless
+    --dtype says otherwise); of the base dir's other files only the tokenizer's and the generation config travel."""
+    import shutil
+    from safetensors import safe_open
+    base = tmp_path / "base"
+    shutil.copytree(tiny_run["model"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    for stray in ("flax_model.msgpack", "optimizer.pt", "trainer_state.json"):
+        (base / stray).write_text("not the merged model's")
+
+    def merged(out, *extra):
+        assert main(["merge", "--model", str(base), "--adapter", str(trained_adapter), "--out", str(out), *extra]) == 0
+        with safe_open(out / "model.safetensors", "np") as f:
+            return {f.get_slice(name).get_dtype() for name in f.keys()}, json.loads((out / "config.json").read_text())
+
+    dtypes, config = merged(tmp_path / "bf16")
+    assert dtypes == {"BF16"} and config["dtype"] == "bfloat16"
+    assert not {"flax_model.msgpack", "optimizer.pt", "trainer_state.json"} & set(os.listdir(tmp_path / "bf16"))
+    assert {f for f in os.listdir(base) if f.startswith("tokenizer")} <= set(os.listdir(tmp_path / "bf16"))
+    model, params = jpeft.from_pretrained(tiny_run["model"])
+    exact = jpeft.merge(jpeft.load_adapter(str(trained_adapter), params))
+    rounded = jpeft.from_pretrained(str(tmp_path / "bf16"))[1]  # float32 on load: the bf16 values, widened
+    assert all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool((np.asarray(a.astype(jnp.bfloat16)) == np.asarray(b.astype(jnp.bfloat16))).all()),
+        exact, rounded)))
+    assert merged(tmp_path / "f32", "--dtype", "float32")[0] == {"F32"}
 
 
 def test_merge_never_writes_over_what_it_reads_and_a_file_in_the_way_is_one_line(tiny_run, trained_adapter,

@@ -84,6 +84,7 @@ class GPT2(nn.Module):
     included); the head is the token embedding, tied, unless a checkpoint holds its own."""
     config: ModelConfig
     insertion_points = sites.HOOKS
+    base_prefix = "transformer"  # as CausalLM's
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):

@@ -6,6 +6,7 @@ kernels are transposed, and the stacked `layers` axis is split per layer.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -31,15 +32,22 @@ from jpeft.peft.classifier import hf_tree
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")  # written per checkpoint, never copied
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                   "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
                 "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
+HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's prefix
+
+
+def family(cfg: ModelConfig) -> type[CausalLM | T5 | GPT2]:
+    return {"t5": T5, "gpt2": GPT2}.get(cfg.model_type, CausalLM)
 
 
 def build(cfg: ModelConfig) -> CausalLM | T5 | GPT2:
-    return {"t5": T5, "gpt2": GPT2}.get(cfg.model_type, CausalLM)(cfg)
+    return family(cfg)(cfg)
 
 
 def abstract_params(model: CausalLM):
@@ -80,9 +88,18 @@ def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
     return array.T if transposed(path) else array
 
 
-def _weight_index(model_dir: str) -> dict[str, str]:
-    """HF tensor name -> safetensors file holding it: model.safetensors, else the shards of
-    model.safetensors.index.json (transformers' order)."""
+def _weight_index(model_dir: str, prefix: str | None) -> dict[str, tuple[str, str]]:
+    """HF tensor name -> (safetensors file, the name it has there): model.safetensors, else the shards of
+    model.safetensors.index.json (transformers' order). A checkpoint saved from the base model
+    (`LlamaModel`, GPT-2 as the hub holds it) names its tensors without the family's `prefix`
+    (`layers.0...`, `h.0...`): they get it, as transformers' loading adds it."""
+    files = _files(model_dir)
+    if not prefix or any(name.startswith(f"{prefix}.") for name in files):
+        return {name: (file, name) for name, file in files.items()}
+    return {name if name.startswith(HEADS) else f"{prefix}.{name}": (file, name) for name, file in files.items()}
+
+
+def _files(model_dir: str) -> dict[str, str]:
     index_path = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(single):
@@ -114,10 +131,15 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")
     cfg = read_config(os.path.join(model_dir, "config.json"))
+    if quantized := cfg.hf_config.get("quantization_config"):
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise CheckpointError(f"{model_dir}: config.json holds a quantization_config (quant_method {method}); jpeft "
+                              "reads float weights only: load the unquantized checkpoint (jpeft.QLoRA quantizes "
+                              "the base itself) or dequantize and re-save it")
     cfg = cfg.replace(eos_token_ids=stop_ids(model_dir, cfg.hf_config))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
-    index = _weight_index(model_dir)
+    index = _weight_index(model_dir, family(cfg).base_prefix)
     if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds its own (as transformers)
         cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index)
     elif cfg.tie_word_embeddings and _own_head(index):
@@ -143,9 +165,14 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
             for name in names:
                 if name not in index:
                     raise CheckpointError(f"{model_dir}: weight '{name}' is missing from the checkpoint")
-                if index[name] not in handles:
-                    handles[index[name]] = safe_open(index[name], "np").__enter__()
-            parts = [handles[index[name]].get_slice(name) for name in names]
+                if (file := index[name][0]) not in handles:
+                    handles[file] = safe_open(file, "np").__enter__()
+            parts = [handles[index[name][0]].get_slice(index[name][1]) for name in names]
+            for name, part in zip(names, parts):
+                if part.get_dtype() not in FLOAT_FILE_DTYPES:
+                    raise CheckpointError(f"{model_dir}: weight '{name}' is stored as {part.get_dtype()}, not as "
+                                          "floats; jpeft reads float32, float16 or bfloat16 checkpoints (dequantize "
+                                          "it first)")
             shape = ((len(parts),) if T.is_stacked(path) else ()) + _tree_shape(path, parts[0].get_shape())
             if shape != spec.shape:
                 raise CheckpointError(
@@ -183,10 +210,11 @@ def _own_head(index: dict) -> bool:
     if "lm_head.weight" not in index or embedding is None:
         return False
     try:
-        with safe_open(index["lm_head.weight"], "np") as head, safe_open(index[embedding], "np") as table:
-            return not np.array_equal(head.get_tensor("lm_head.weight"), table.get_tensor(embedding))
+        (head_file, head), (table_file, table) = index["lm_head.weight"], index[embedding]
+        with safe_open(head_file, "np") as f, safe_open(table_file, "np") as g:
+            return not np.array_equal(f.get_tensor(head), g.get_tensor(table))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{index['lm_head.weight']}: unreadable safetensors file ({e}); re-download or "
+        raise CheckpointError(f"{index['lm_head.weight'][0]}: unreadable safetensors file ({e}); re-download or "
                               "re-save it") from None
 
 
@@ -293,12 +321,13 @@ def load_tokenizer(model_dir: str):
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
-    """Copy every non-weight file (tokenizer, generation config) from an HF dir."""
+    """Copy the tokenizer's files and the generation config from an HF dir, and nothing else: weights in other
+    formats (`flax_model.msgpack`) or a trainer's state (`optimizer.pt`) there belong to the source model."""
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
         return
     for name in os.listdir(src_dir):
         src = os.path.join(src_dir, name)
-        if os.path.isfile(src) and name not in CHECKPOINT_FILES and not name.endswith((".safetensors", ".bin")):
+        if os.path.isfile(src) and any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES):
             shutil.copy2(src, os.path.join(dst_dir, name))
 
 

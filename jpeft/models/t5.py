@@ -167,6 +167,7 @@ class T5(nn.Module):
     positions count from n, as transformers' T5 counts them after n past tokens).
     """
     config: ModelConfig
+    base_prefix = None  # its names have none
     # No LLaMA-Adapter gates: T5 calls no attention_output point (see LlamaAdapter.scope).
     insertion_points = tuple(hook for hook in sites.HOOKS if hook not in ("attention_output", "pool"))
 

@@ -1,7 +1,9 @@
 """Every way a checkpoint dir can be wrong gives a jpeft error naming the file and the fix."""
 import json
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import jpeft
 
@@ -62,3 +64,21 @@ def test_config_jpeft_cannot_honour(ckpt, changes, message):
 def test_bad_dtype(ckpt):
     with pytest.raises(jpeft.CheckpointError, match="dtype 'float16' is not supported"):
         jpeft.from_pretrained(str(ckpt), dtype="float16")
+
+
+def test_a_quantized_checkpoint_is_refused(ckpt):
+    """bitsandbytes/FP8 files hold integer or float8 codes beside scales: read as weights they are garbage."""
+    edit_config(ckpt, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    with pytest.raises(jpeft.CheckpointError, match=r"quantization_config \(quant_method bitsandbytes\).*float "
+                                                    "weights only"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_integer_weights_are_refused(ckpt):
+    file = ckpt / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = np.round(tensors[name] * 100).astype(np.int8)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(jpeft.CheckpointError, match=f"weight '{name}' is stored as I8, not as floats"):
+        jpeft.from_pretrained(str(ckpt))

@@ -166,6 +166,23 @@ def test_sharded_safetensors_load(tmp_path):
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), reread, other)))
 
 
+@pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("gpt2", GPT2)])
+def test_a_base_model_checkpoint_without_the_prefix_loads(model_type, overrides, tmp_path):
+    """Weights saved from the base model (`LlamaModel`; GPT-2 as the hub holds it, with its old attention
+    buffers) are named without `model.` / `transformer.`; transformers adds it on load, and so does jpeft."""
+    ref_model = make_hf_model(model_type, tie_word_embeddings=True, **overrides)
+    path = save_hf_model(ref_model, tmp_path / "src")
+    file = os.path.join(path, "model.safetensors")
+    tensors = {name.split(".", 1)[1]: value for name, value in load_file(file).items() if name != "lm_head.weight"}
+    if model_type == "gpt2":
+        tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    save_file(tensors, file, metadata={"format": "pt"})
+    model, params = jpeft.from_pretrained(path)
+    ids = np.random.RandomState(4).randint(0, 97, (2, 9))
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
+                               torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),
                                                  ("gpt2", GPT2)])
 def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
