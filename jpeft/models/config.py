@@ -27,6 +27,15 @@ FAMILY_FIELDS = {
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
 }
 
+# the model's own dropout, which transformers applies in training (GPT-2's and T5's are 0.1 by default)
+DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "dropout_rate", "attention_dropout", "hidden_dropout")
+
+
+def model_dropout(hf: dict) -> dict:
+    """The dropout rates config.json sets above zero: jpeft's forward is deterministic (only LoRA's own
+    `dropout` is applied), so a run trains without them where transformers' Trainer would drop."""
+    return {name: hf[name] for name in DROPOUT_FIELDS if isinstance(hf.get(name), (int, float)) and hf[name] > 0}
+
 
 @dataclasses.dataclass(frozen=True)
 class Rope:

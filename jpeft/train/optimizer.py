@@ -11,12 +11,18 @@ def schedule(lr: float, steps: int, warmup: int, min_lr_ratio: float = 0.1) -> o
         decay_steps=max(steps, warmup + 1), end_value=lr * min_lr_ratio)
 
 
-NO_DECAY = ("bias", "scale")  # biases and norm weights: what transformers' Trainer leaves out of weight decay
-
-
 def decayed(params):
-    """Bool tree: the leaves weight decay applies to (all but biases and norm weights, as in HF's Trainer)."""
-    return T.map_with_path(lambda path, _: T.leaf_name(path) not in NO_DECAY, params)
+    """Bool tree: the leaves weight decay applies to. transformers' Trainer spares norm weights (jpeft's `scale`
+    leaves) and every parameter with "bias" anywhere in its name: a prefix encoder's `prefix_in_bias`, a
+    bottleneck's `adapter_up_bias`, T5's `relative_attention_bias` table."""
+    return T.map_with_path(lambda path, _: "bias" not in path.lower() and T.leaf_name(path) != "scale", params)
+
+
+def applied_updates(opt_state) -> int:
+    """How many updates the optimizer has applied (its schedule's position): a step skipped for a non-finite
+    loss (train.on_nonfinite=skip) is not one, so the learning rate it applies next is `schedule(count)`."""
+    return int(optax.tree_utils.tree_get(opt_state, "count", filtering=lambda path, _: (
+        path[-1].tuple_name == "ScaleByScheduleState")))
 
 
 def adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.0, min_lr_ratio: float = 0.1,

@@ -32,7 +32,7 @@ from jpeft.data.tasks import mixture_batches
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.generate import require_prompt_room
-from jpeft.models.config import ModelConfig
+from jpeft.models.config import ModelConfig, model_dropout
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, load_tokenizer, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
@@ -42,7 +42,7 @@ from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
 from jpeft.train.metrics import MetricsLog
-from jpeft.train.optimizer import adamw, lora_plus, schedule
+from jpeft.train.optimizer import adamw, applied_updates, lora_plus, schedule
 from jpeft.train.stop import StopRequests
 from jpeft.train.step import init_state, make_eval_step, make_train_step
 
@@ -154,6 +154,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=method.mask)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
+    if dropout := model_dropout(model.config.hf_config):
+        log.warning("config.json sets the model's own dropout (%s); jpeft trains without it (a deterministic "
+                    "forward; LoRA's method.dropout is applied), where transformers' Trainer would drop",
+                    ", ".join(f"{k}={v}" for k, v in dropout.items()))
     tokenizer = load_tokenizer(cfg.model.path)
     data = run_data(cfg, tokenizer, labels, model.config)
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
@@ -198,6 +202,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     record: dict = {}
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), desc="train", unit="step")
     tick, tokens, skipped = time.perf_counter(), 0, 0
+    window = Window(data.tasks)
     loop_started = tick  # summary.json's train_seconds: the loop's wall time, first-step compile and evals included
     with StopRequests() as stop, _finishing(mngr):
         for step in range(start + 1, tc.steps + 1):
@@ -209,19 +214,19 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             tokens += int(out["tokens"])
             if not out["finite"]:
                 skipped = _non_finite(cfg, step, out, skipped, mngr)
+            else:
+                window.add(out)
             last = step == tc.steps
             logged, evaluated = step % tc.log_every == 0 or last, (bool(data.evals) or bool(probes)) and (
                 (tc.eval_every and step % tc.eval_every == 0) or last)
             if logged or evaluated:
                 now = time.perf_counter()
-                record = {"step": step, "loss": float(out["loss"]), "lr": float(lr_at(step - 1)),
-                          "grad_norm": float(out["grad_norm"]), "tokens_per_s": tokens / (now - tick)}
+                lr = float(lr_at(applied_updates(state["opt_state"]) - 1))  # the rate of the last update applied
+                record = {"step": step, **window.losses(out), "lr": lr, "grad_norm": float(out["grad_norm"]),
+                          "tokens_per_s": tokens / (now - tick)}
                 if skipped:
                     record["skipped_steps"] = skipped
-                for task, loss, count in zip(data.tasks, out.get("task_loss", ()), out.get("task_tokens", ())):
-                    if count:
-                        record[f"loss_{task.name}"] = float(loss / count)
-                tick, tokens = now, 0
+                tick, tokens, window = now, 0, Window(data.tasks)
                 if evaluated:
                     params = T.combine(state["trainable"], frozen)
                     record.update(evaluation(cfg, model, params, tokenizer, data, eval_step, generate=last))
@@ -334,6 +339,29 @@ def _gathered(params, mask, whole: bool):
 def _accumulated_rows(rows: slice, batch_size: int, accum: int) -> np.ndarray:
     """This process's rows of a [grad_accum * batch] draw, as they fall in each micro-batch."""
     return np.concatenate([np.arange(rows.start, rows.stop) + i * batch_size for i in range(accum)])
+
+
+class Window:
+    """The losses logged at a step, over the steps since the last log, as transformers' Trainer logs them:
+    `loss` the mean of those steps' losses, `loss_<task>` each task's loss over its tokens there. A step whose
+    update was skipped (non-finite) is left out."""
+
+    def __init__(self, tasks):
+        self.tasks, self.loss, self.steps = tasks, 0.0, 0
+        self.task_loss, self.task_tokens = np.zeros(len(tasks)), np.zeros(len(tasks))
+
+    def add(self, out: dict) -> None:
+        self.loss, self.steps = self.loss + float(out["loss"]), self.steps + 1
+        if "task_loss" in out:  # a mixture's
+            self.task_loss, self.task_tokens = self.task_loss + out["task_loss"], self.task_tokens + out["task_tokens"]
+
+    def losses(self, out: dict) -> dict:
+        """{"loss", "loss_<task>" ...}; with no finite step since the last log, the logged step's own loss."""
+        record = {"loss": self.loss / self.steps if self.steps else float(out["loss"])}
+        for task, loss, count in zip(self.tasks, self.task_loss, self.task_tokens):
+            if count:
+                record[f"loss_{task.name}"] = float(loss / count)
+        return record
 
 
 def _non_finite(cfg: RunConfig, step: int, out: dict, skipped: int, mngr) -> int:

@@ -172,6 +172,8 @@ def test_non_finite_loss_stops_naming_the_step_or_is_skipped(tiny_run, tmp_path)
     rows = read_metrics(tmp_path / "skip")
     assert [r.get("skipped_steps", 0) for r in rows] == [0, 1, 2, 3, 4, 5] and record["skipped_steps"] == 5
     assert np.isfinite(rows[0]["loss"]) and not np.isfinite(rows[1]["loss"])
+    # the logged rate is the one the last applied update used: skipped steps do not move the schedule
+    assert [r["lr"] for r in rows] == [pytest.approx(1e38)] * 6
 
 
 def test_eval_runs_on_its_own_schedule(tiny_run, tmp_path):
@@ -179,6 +181,26 @@ def test_eval_runs_on_its_own_schedule(tiny_run, tmp_path):
     trainer.train(run_config(tiny_run, tmp_path, "train.log_every=4", "train.eval_every=3"), progress=False)
     rows = read_metrics(tmp_path)
     assert [(r["step"], "eval_loss" in r) for r in rows] == [(3, True), (4, False), (6, True)]
+
+
+def test_logged_loss_is_the_mean_since_the_last_log(tiny_run, tmp_path, monkeypatch):
+    """As transformers' Trainer logs it: the record at step 4 averages steps 1-4, the last one steps 5-6."""
+    losses = []
+    real = trainer.make_train_step
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, frozen, batch):
+            state, out = step(state, frozen, batch)
+            losses.append(float(out["loss"]))
+            return state, out
+        return wrapped
+    monkeypatch.setattr(trainer, "make_train_step", make)
+    trainer.train(run_config(tiny_run, tmp_path, "train.log_every=4", "data.eval=null"), progress=False)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [4, 6] and len(losses) == 6
+    np.testing.assert_allclose([r["loss"] for r in rows], [np.mean(losses[:4]), np.mean(losses[4:])], rtol=1e-6)
 
 
 def test_tokens_per_s_counts_real_tokens_only(tiny_run, tmp_path, monkeypatch):
