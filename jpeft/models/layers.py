@@ -163,17 +163,23 @@ class Embed(nn.Module):
         return sites.embed(module_leaves(self), ids, dtype, prepend, scale)
 
 
-def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True):
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True,
+                   q_positions=None):
     """Bool [B, Tq, Tk]: causal over cache slots (unless `causal` is off: an encoder, cross-attention),
     optional sliding window, and within a segment.
 
     Segment ids [B, T] generalise a 0/1 attention mask: 0 is padding (never attended to), a
     query sees only keys of its own segment (packed examples never see each other), and a
-    negative id (virtual tokens) is seen by every segment.
+    negative id (virtual tokens) is seen by every segment. The window spans slots within a segment; to a
+    virtual key (at slot = position 0..n-1) it spans the query's `q_positions` [B, Tq], so that an example
+    packed behind others (or after left padding) sees as many virtual tokens as it would alone.
     """
     allowed = k_slots[None, None, :] <= q_slots[None, :, None] if causal else True
     if window is not None:
-        allowed &= q_slots[None, :, None] - k_slots[None, None, :] < window
+        distance = q_slots[None, :, None] - k_slots[None, None, :]
+        if q_positions is not None:
+            distance = jnp.where(k_segments[:, None, :] < 0, q_positions[:, :, None] - k_slots[None, None, :], distance)
+        allowed &= distance < window
     same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
     return allowed & same & (k_segments[:, None, :] != 0)
 

@@ -133,7 +133,8 @@ class CausalLM(nn.Module):
         cfg = self.config
         d = L.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
-        masks = tuple(L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window) if use else None
+        masks = tuple(L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window,
+                                       q_positions=d.positions) if use else None
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)

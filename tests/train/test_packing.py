@@ -40,11 +40,12 @@ def batches():
     return packed, plain
 
 
-@pytest.mark.parametrize("method", [None, "prompt", "prefix", "window"])
+@pytest.mark.parametrize("method", ["none", "prompt", "prefix", "window", "window+prompt", "window+prefix"])
 def test_packed_examples_see_only_themselves(method):
-    model, params = tiny(window=4 if method == "window" else None)
-    if method in ("prompt", "prefix"):  # virtual tokens: every packed example sees them, as it would alone
-        m = jpeft.PromptTuning(3) if method == "prompt" else jpeft.PrefixTuning(3)
+    """... and, in a sliding window, as many virtual tokens as alone (not fewer for being packed further on)."""
+    model, params = tiny(window=4 if method.startswith("window") else None)
+    if method.endswith(("prompt", "prefix")):  # virtual tokens: every packed example sees them, as it would alone
+        m = jpeft.PromptTuning(3) if method.endswith("prompt") else jpeft.PrefixTuning(3)
         params = m.init(jax.random.key(1), params)
     packed, plain = batches()
     apply = jax.jit(model.apply)
