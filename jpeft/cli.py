@@ -79,21 +79,27 @@ def cmd_train(args) -> None:
 def cmd_plan(args) -> None:
     import jax
 
+    from jpeft.errors import ConfigError
     from jpeft.parallel.plan import format_plan, parse_size, plan
     memory = None if args.device_memory is None else parse_size(args.device_memory)
-    result = plan(run_config(args), args.devices or jax.local_device_count(), memory)
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+    result = plan(run_config(args), jax.local_device_count() if args.devices is None else args.devices, memory)
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
 
 
 def cmd_eval(args) -> None:
     from jpeft.data import check_columns, load_rows
     from jpeft.data.tokenize import template_fields
+    from jpeft.errors import ConfigError
     from jpeft.evaluate import evaluate_classification, evaluate_generation
     from jpeft.peft.classifier import read_labels
 
     prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
     check_sizes(args)
-    rows = load_rows(args.data)
+    if args.out and os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a directory; give the path of the JSON file to write")
+    rows = load_rows(args.data, "--data")
     if args.limit:
         rows = rows.select(range(min(args.limit, len(rows))))
     check_columns(rows, args.data, list(dict.fromkeys(template_fields(prompt) + targets)))
@@ -107,6 +113,7 @@ def cmd_eval(args) -> None:
     text = json.dumps(result)
     print(text)
     if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
 
@@ -206,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=f"example:\n  {EXAMPLES[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(fn=fn)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log at INFO level, and show the traceback of a file-system error")
         return p
 
     p = command("demo", cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
@@ -354,10 +363,19 @@ def main(argv=None) -> int:
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run's loop, or a command without one: nothing to save
+        print(f"jpeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `jpeft info --methods | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except OSError as e:  # a path the command cannot write (a file where a directory goes, no permission, disk full)
         if args.verbose:
             raise
-        print(f"jpeft {args.command}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''} "
+        problem = e.strerror or e
+        if isinstance(e, FileExistsError) and e.filename and os.path.isfile(e.filename):
+            problem = "a file is where a directory goes"
+        print(f"jpeft {args.command}: error: {problem}{f': {e.filename}' if e.filename else ''} "
               "(--verbose shows where)", file=sys.stderr)
         return 2
     return 0

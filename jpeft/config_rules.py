@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import re
 
 from jpeft.config import KEY_TYPES, LORA_KEY, DataSection, RunConfig, coerce, method_options
@@ -45,6 +46,8 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
                 fail(f"{name}.{key}", f"must be a finite number, got {value}")
     if not cfg.out_dir:
         fail("out_dir", "must name the run's directory, e.g. out_dir=runs/my_run")
+    if os.path.isfile(cfg.out_dir):
+        fail("out_dir", f"is the file {cfg.out_dir}, not a directory")
     from jpeft.peft.registry import BY_NAME
     for key, choices in {**CHOICES, "method.name": tuple(BY_NAME)}.items():
         if get(key) not in choices:
@@ -58,6 +61,8 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
     for key in _UNIT_INTERVAL:
         if not 0 <= get(key) <= 1:
             fail(key, f"must be between 0 and 1, got {get(key)}")
+    if cfg.train.seq_len == 1:  # a row of one token has no next token to learn: every loss would be 0 of 0
+        fail("train.seq_len", "must be at least 2, got 1")
     mesh = {k: get(k) for k in ("mesh.data", "mesh.fsdp", "mesh.tensor")}
     for key, size in mesh.items():
         if size == 0 or size < -1:

@@ -24,7 +24,7 @@ import numpy as np
 from jpeft import compare
 from jpeft import tree as T
 from jpeft.config import RunConfig, load_config
-from jpeft.data import DIALOGSUM_SAMPLE, load_rows
+from jpeft.data import DIALOGSUM_SAMPLE, check_columns, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
 from jpeft.errors import ConfigError, DataError
 from jpeft.evaluate import predict, text_metrics
@@ -225,7 +225,12 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     if not os.path.exists(data):
         raise DataError(f"{data}: demo data not found; pass --data with a DialogSum-shaped JSONL "
                         "(fields dialogue, summary)")
-    rows = load_rows(data).to_list()[: p.get("rows")]
+    found = load_rows(data, "--data")
+    check_columns(found, data, ["dialogue", "summary"])
+    rows = found.to_list()[: p.get("rows")]
+    if len(rows) <= 2 * p["held_out"]:  # the held-out rows, and at least as many to train on
+        raise DataError(f"{data}: {len(rows)} rows; the {preset} demo holds out {p['held_out']} for scoring and "
+                        f"needs more than {2 * p['held_out']} in all")
     train_rows, test_rows = rows[: -p["held_out"]], rows[-p["held_out"]:]
     os.makedirs(out, exist_ok=True)
     work = os.path.join(out, "work")

@@ -162,6 +162,21 @@ def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out) is not None
 
 
+def test_verbose_after_the_command_and_a_closed_pipe(tiny_run, tmp_path):
+    """The error's "--verbose shows where" works where the user adds it, after the command; a reader that stops
+    early (`| head -1`) ends the output without an error."""
+    (tmp_path / "taken").write_text("")
+    verbose = subprocess.run([sys.executable, "-m", "jpeft.cli", "plot", str(tmp_path), "--out", str(tmp_path / "taken"),
+                              "--verbose"], capture_output=True, text=True)
+    assert "unrecognized arguments" not in verbose.stderr
+    read, write = os.pipe()
+    os.close(read)
+    closed = subprocess.run([sys.executable, "-m", "jpeft.cli", "info", "--methods"], stdout=write,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert closed.returncode == 1 and closed.stderr == "", closed.stderr
+
+
 def test_merge_writes_the_bases_dtype_and_only_its_tokenizer_files(tiny_run, trained_adapter, tmp_path):
     """A bfloat16 base merges in float32 and is written in bfloat16, as PEFT's merge_and_unload keeps it (unless
     --dtype says otherwise); of the base dir's other files only the tokenizer's and the generation config travel."""
@@ -203,7 +218,8 @@ def test_merge_never_writes_over_what_it_reads_and_a_file_in_the_way_is_one_line
     assert main(["merge", "--model", tiny_run["model"], "--adapter", str(trained_adapter),
                  "--out", str(tmp_path / "taken")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("jpeft merge: error: File exists") and "taken" in err and "Traceback" not in err
+    assert err.startswith("jpeft merge: error: a file is where a directory goes") and "taken" in err
+    assert "Traceback" not in err
 
 
 def test_info_reports_counts(tiny_run, trained_adapter, capsys):
@@ -283,6 +299,16 @@ def test_demo_t5_family(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "y"), "--preset", "tiny", "--family", "t5",
                  "--methods", "classifier"]) == 2
     assert "'classifier' acts at the pool insertion point" in capsys.readouterr().err
+
+
+def test_demo_data_without_its_columns_or_rows_is_one_line(tmp_path, capsys):
+    rows = [{"dialogue": f"#Person1#: hi {i}", "summary": f"greeting {i}"} for i in range(9)]
+    for name, data in (("columns", [{"text": "no dialogue"}] * 20), ("few", rows[:8])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    assert main(["demo", "--out", str(tmp_path / "a"), "--preset", "tiny", "--data", str(tmp_path / "columns.jsonl")]) == 2
+    assert "has no column 'dialogue'; columns are: text" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "b"), "--preset", "tiny", "--data", str(tmp_path / "few.jsonl")]) == 2
+    assert "8 rows; the tiny demo holds out 4 for scoring and needs more than 8" in capsys.readouterr().err
 
 
 def test_demo_methods_share_one_budget_and_end_in_the_compare_table(tmp_path, capsys):

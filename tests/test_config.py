@@ -102,6 +102,8 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("out_dir=", r"'out_dir'.* must name the run's directory"),
     ("train.batch_size=-1", r"'train.batch_size'.* must be positive"),
     ("train.seq_len=0", r"'train.seq_len'.* must be positive"),
+    ("train.seq_len=1", r"'train.seq_len'.* must be at least 2"),
+    (f"out_dir={__file__}", r"'out_dir'.* is the file .*test_config.py, not a directory"),
     ("train.grad_accum=0", r"'train.grad_accum'.* must be positive"),
     ("method.dropout=1", r"'method.dropout'.* must be in \[0, 1\)"),
     ("method.targets=[a", r"cannot parse the value of override"),
@@ -125,6 +127,14 @@ def test_type_errors_in_yaml_name_the_file(tmp_path):
         load_config(write(tmp_path, "model:\n  path: 123\n"))
     with pytest.raises(ConfigError, match="section 'train' .* must be a mapping"):
         load_config(write(tmp_path, "train: 5\n"))
+
+
+def test_a_key_written_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section would silently drop the first's lr."""
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3.*'train' appears twice"):
+        load_config(write(tmp_path, "train:\n  lr: 0.5\ntrain:\n  steps: 2\n"))
+    with pytest.raises(ConfigError, match=r"'lr' appears twice"):
+        load_config(write(tmp_path, "train: {lr: 0.5, lr: 0.1}\n"))
 
 
 def test_missing_and_malformed_files(tmp_path):

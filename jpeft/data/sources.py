@@ -20,10 +20,11 @@ _SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 log = logging.getLogger("jpeft.data")
 
 
-def load_rows(path: str) -> datasets.Dataset:
-    """One split of rows. A `DatasetDict` dir is refused: pass `dir/<split>` to say which split."""
+def load_rows(path: str, given_by: str = "data.train / data.eval") -> datasets.Dataset:
+    """One split of rows. A `DatasetDict` dir is refused: pass `dir/<split>` to say which split. `given_by`: the
+    key or flag a missing file is blamed on."""
     if not os.path.exists(path):
-        raise DataError(f"data file '{path}' not found; check data.train / data.eval")
+        raise DataError(f"data file '{path}' not found; check {given_by}")
     if os.path.isdir(path):
         return _load_dir(path)
     suffix = os.path.splitext(path)[1].lower()

@@ -126,7 +126,8 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     about to be trained starts from the checkpoint's own values, not from their bf16 rounding.
     """
     if not os.path.isdir(model_dir):
-        raise CheckpointError(f"{model_dir}: model directory not found")
+        what = "is a file, not a" if os.path.isfile(model_dir) else "no such"
+        raise CheckpointError(f"{model_dir}: {what} model directory (a Hugging Face checkpoint dir with config.json)")
     dtype = resolve_dtype(dtype)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} or auto")

@@ -135,7 +135,8 @@ def _native(params, method):
 def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isdir(adapter_dir):
-        raise AdapterError(f"{adapter_dir}: adapter directory not found")
+        what = "is a file, not an" if os.path.isfile(adapter_dir) else "no such"
+        raise AdapterError(f"{adapter_dir}: {what} adapter directory (a PEFT adapter dir with adapter_config.json)")
     named = sorted(d for d in os.listdir(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, d, CONFIG_FILE)))
     hint = f" (PEFT saves a named adapter in a subfolder: {', '.join(named)}; pass that folder)" if named else ""
     config = read_json(path, AdapterError, f"an adapter dir needs adapter_config.json{hint}")

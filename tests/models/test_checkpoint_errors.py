@@ -21,8 +21,11 @@ def ckpt(tiny_llama, tmp_path):
 
 
 def test_missing_dir(tmp_path):
-    with pytest.raises(jpeft.CheckpointError, match="nope: model directory not found"):
+    with pytest.raises(jpeft.CheckpointError, match="nope: no such model directory"):
         jpeft.from_pretrained(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(jpeft.CheckpointError, match="file: is a file, not a model directory"):
+        jpeft.from_pretrained(str(tmp_path / "file"))
 
 
 def test_missing_config(ckpt):

@@ -134,6 +134,8 @@ def test_cli_prints_the_table_and_json(model_dir, capsys):
     assert record["total"] == sum(record[k] for k in ("frozen", "trainable", "gradients", "optimizer", "activations"))
     assert main(["plan", *overrides(model_dir, "lora", "2x2x2"), "--devices", "6"]) == 2
     assert "does not use the 6 devices" in capsys.readouterr().err
+    assert main(["plan", *overrides(model_dir, "lora", "2x2x2"), "--devices", "0"]) == 2
+    assert "--devices must be >= 1, got 0" in capsys.readouterr().err
     # key=value pairs may also follow the options
     first, *rest = overrides(model_dir, "lora", "2x2x2")
     assert main(["plan", first, "--devices", "8", "--device-memory", "64MiB", "--json", *rest]) == 0

@@ -147,7 +147,7 @@ def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
 
 def test_missing_and_corrupt_files(adapter_dir, tmp_path):
     adapter, params = adapter_dir
-    with pytest.raises(jpeft.AdapterError, match="adapter directory not found"):
+    with pytest.raises(jpeft.AdapterError, match="no such adapter directory"):
         jpeft.load_adapter(str(tmp_path / "nope"), params)
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(jpeft.AdapterError, match="unreadable safetensors"):
