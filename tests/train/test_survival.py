@@ -183,20 +183,25 @@ def test_eval_runs_on_its_own_schedule(tiny_run, tmp_path):
     assert [(r["step"], "eval_loss" in r) for r in rows] == [(3, True), (4, False), (6, True)]
 
 
-def test_logged_loss_is_the_mean_since_the_last_log(tiny_run, tmp_path, monkeypatch):
-    """As transformers' Trainer logs it: the record at step 4 averages steps 1-4, the last one steps 5-6."""
-    losses = []
+def watch_steps(monkeypatch, watch):
+    """Call watch(batch, metrics) after each of the trainer's steps (packed batches hold segment ids)."""
     real = trainer.make_train_step
 
     def make(*args, **kwargs):
         step = real(*args, **kwargs)
 
-        def wrapped(state, frozen, batch):
+        def watched(state, frozen, batch):
             state, out = step(state, frozen, batch)
-            losses.append(float(out["loss"]))
+            watch(batch, out)
             return state, out
-        return wrapped
+        return watched
     monkeypatch.setattr(trainer, "make_train_step", make)
+
+
+def test_logged_loss_is_the_mean_since_the_last_log(tiny_run, tmp_path, monkeypatch):
+    """As transformers' Trainer logs it: the record at step 4 averages steps 1-4, the last one steps 5-6."""
+    losses = []
+    watch_steps(monkeypatch, lambda batch, out: losses.append(float(out["loss"])))
     trainer.train(run_config(tiny_run, tmp_path, "train.log_every=4", "data.eval=null"), progress=False)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [4, 6] and len(losses) == 6
@@ -206,16 +211,7 @@ def test_logged_loss_is_the_mean_since_the_last_log(tiny_run, tmp_path, monkeypa
 def test_tokens_per_s_counts_real_tokens_only(tiny_run, tmp_path, monkeypatch):
     """Padding is not throughput: the counted tokens are the attention-mask ones of the batches trained."""
     seen = []
-    real = trainer.make_train_step
-
-    def make(*args, **kwargs):
-        step = real(*args, **kwargs)
-
-        def wrapped(state, frozen, batch):
-            seen.append(int((np.asarray(batch["attention_mask"]) > 0).sum()))  # packed: segment ids
-            return step(state, frozen, batch)
-        return wrapped
-    monkeypatch.setattr(trainer, "make_train_step", make)
+    watch_steps(monkeypatch, lambda batch, out: seen.append(int((np.asarray(batch["attention_mask"]) > 0).sum())))
     times = iter(np.arange(0.0, 100.0, 0.5))  # every clock reading of the trainer advances 0.5 s
     monkeypatch.setattr(trainer, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(times)))}))
     trainer.train(run_config(tiny_run, tmp_path, "train.log_every=2", "data.eval=null", "train.seq_len=512"),
