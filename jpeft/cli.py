@@ -130,8 +130,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    import jax
-    import jax.numpy as jnp
     import jpeft
     from jpeft.errors import ConfigError
     for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
@@ -139,12 +137,9 @@ def cmd_merge(args) -> None:
             raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
                               "reads; give a new directory")
     model, params, _ = load(args.model, args.adapter, args.dtype)
-    merged = jpeft.merge(params)
-    if args.dtype is None:  # merged in float32, written in the base's own dtype (as PEFT's merge_and_unload keeps it)
-        hf = model.config.hf_config
-        stored = jnp.dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-        merged = jax.tree.map(lambda x: x.astype(stored) if jnp.issubdtype(x.dtype, jnp.floating) else x, merged)
-    jpeft.save_pretrained(args.out, model, merged, tokenizer_from=args.model)
+    hf = model.config.hf_config  # merged in float32, written in the base's own dtype (as merge_and_unload keeps it)
+    stored = args.dtype if args.dtype in ("float32", "bfloat16") else hf.get("dtype") or hf.get("torch_dtype")
+    jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model, dtype=stored or "float32")
     print(f"merged model written to {args.out}")
 
 

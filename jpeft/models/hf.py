@@ -245,13 +245,15 @@ def _read_slice(path: str, parts: list, index: tuple) -> np.ndarray:
 
 
 def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str | None = None,
-                    config: dict | None = None) -> None:
+                    config: dict | None = None, dtype: str | None = None) -> None:
     """Write an HF dir (config.json + model.safetensors) that transformers loads as-is.
 
     `params` must be a plain tree (use `jpeft.merge` first); one with a classification head is
     written as HF's *ForSequenceClassification (class names LABEL_i and the tokenizer's pad id unless
     the base or `config` gives them). `config`: fields set in config.json (a classifier's `id2label`,
-    `pad_token_id`). Tokenizer files are copied from `tokenizer_from` (a dir) when given.
+    `pad_token_id`). Tokenizer files are copied from `tokenizer_from` (a dir) when given. Every weight is
+    written in one dtype, config.json's, which transformers loads the whole model in: `dtype`, else the dtype
+    most parameters have (a float32 merge or trained head on a bf16 base is rounded to bf16, with a warning).
     """
     params = hf_tree(params)
     hf = {**_config_holding(model.config, params), **(config or {})}
@@ -264,8 +266,10 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     os.makedirs(out_dir, exist_ok=True)
     cfg = model.config
     tensors = {}
-    for path, value in T.flatten(params).items():
-        array = np.asarray(jax.device_get(value))
+    flat = {path: np.asarray(jax.device_get(value)) for path, value in T.flatten(params).items()}
+    stored = _one_dtype(flat, dtype, out_dir)
+    for path, array in flat.items():
+        array = array.astype(stored)
         parts = list(array) if T.is_stacked(path) else [array]
         names = hf_names(path, len(parts))
         for name, part in zip(names, parts):
@@ -277,11 +281,28 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
                 os.remove(stale)
         os.remove(index_path)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    hf["torch_dtype"] = hf["dtype"] = str(np.asarray(next(iter(tensors.values()))).dtype)
+    hf["torch_dtype"] = hf["dtype"] = str(jnp.dtype(stored))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     if tokenizer_from:
         copy_tokenizer(tokenizer_from, out_dir)
+
+
+def _one_dtype(flat: dict, dtype: str | None, out_dir: str):
+    """The dtype a checkpoint is written in: `dtype`, else the one most parameters have, saying what it rounds."""
+    sizes: dict = {}
+    for array in flat.values():
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise CheckpointError(f"{out_dir}: a {array.dtype} weight is no checkpoint weight (a quantized base? "
+                                  "merge first)")
+        sizes[array.dtype] = sizes.get(array.dtype, 0) + array.size
+    stored = jnp.dtype(dtype) if dtype else max(sizes, key=sizes.get)
+    rounded = {str(d): n for d, n in sizes.items() if jnp.finfo(d).bits > jnp.finfo(stored).bits}
+    if rounded and not dtype:
+        log.warning("%s: %s parameters rounded to %s, the dtype of the rest (transformers loads a checkpoint in "
+                    "one dtype); pass dtype= to keep them", out_dir,
+                    ", ".join(f"{n:,} {d}" for d, n in rounded.items()), stored)
+    return stored
 
 
 def _config_holding(cfg: ModelConfig, params) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jpeft
@@ -218,6 +219,22 @@ def test_a_tied_config_with_its_own_head_in_the_file_loads_untied(model_type, ov
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(torch_logits(reloaded, ids), theirs, atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_is_written_in_one_dtype_that_config_json_names(tmp_path, caplog):
+    """transformers loads a checkpoint in config.json's one dtype: a float32 leaf (a trained norm, a merge) on a
+    bf16 base is written as what the rest is, with a warning, unless dtype= says otherwise."""
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "src"), dtype="bfloat16")
+    params = {**params, "model": {**params["model"], "norm": {"scale": params["model"]["norm"]["scale"].astype(
+        jnp.float32) + 1e-3}}}
+    for out, dtype, stored in (("default", None, "BF16"), ("wide", "float32", "F32")):
+        caplog.clear()
+        jpeft.save_pretrained(str(tmp_path / out), model, params, dtype=dtype)
+        with safe_open(str(tmp_path / out / "model.safetensors"), "np") as f:
+            assert {f.get_slice(name).get_dtype() for name in f.keys()} == {stored}
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        assert config["dtype"] == {"BF16": "bfloat16", "F32": "float32"}[stored]
+        assert ("32 float32 parameters rounded to bfloat16" in caplog.text) == (dtype is None)
 
 
 def test_bfloat16_load(tmp_path):
