@@ -22,6 +22,7 @@ from jpeft import tree as T
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.models import layers as L
 from jpeft.peft import sites
+from jpeft.peft.prompt import task_rows
 
 PROMPT_BUCKET = 32  # padded prompt lengths are multiples of this, so batches share compiled code
 EOS_SLOTS = 8  # EOS ids are padded with -1 (never generated) to this many, for the same reason
@@ -91,7 +92,8 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
     starts = range(0, len(encoded), batch_size)
     outputs = []
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
-        new = generate(model, params, encoded[start:start + batch_size], max_new_tokens, **sampling)
+        rows = slice(start, start + batch_size)
+        new = generate(model, task_rows(params, rows, len(encoded)), encoded[rows], max_new_tokens, **sampling)
         outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     return outputs
 

@@ -62,8 +62,11 @@ class PromptTuning(Method):
     def embed_prepend(leaves, batch: int):
         prompts = leaves["soft_prompt"]
         if TASK_IDS in leaves:
-            ids = jnp.broadcast_to(jnp.asarray(leaves[TASK_IDS], jnp.int32), (batch,))
-            return jnp.take(prompts, ids, axis=0)
+            ids = jnp.asarray(leaves[TASK_IDS], jnp.int32)
+            if ids.size not in (1, batch):
+                raise JpeftError(f"select_task gave {ids.size} task ids for a batch of {batch} rows; give one id "
+                                 "for the batch or one per row")
+            return jnp.take(prompts, jnp.broadcast_to(ids, (batch,)), axis=0)
         if prompts.shape[0] > 1:
             raise JpeftError(f"this tree holds {prompts.shape[0]} task prompts; pick one per call or per row "
                              "with jpeft.select_task(params, task_ids)")
@@ -150,3 +153,16 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     module = path.rsplit("/", 1)[0]
     grouped[module] = {**grouped[module], "soft_prompt": jnp.asarray(got, jnp.float32)[None]}
     return grouped
+
+
+def task_rows(params, rows: slice, count: int):
+    """The tree for rows `rows` of a call's `count` prompts: per-row task ids (select_task) cut to those rows,
+    as a caller that splits its prompts into batches needs; one id for all rows stays as it is."""
+    flat = T.flatten(params)
+    for path, ids in flat.items():
+        if T.leaf_name(path) == TASK_IDS and np.size(ids) > 1:
+            if np.size(ids) != count:
+                raise JpeftError(f"select_task gave {np.size(ids)} task ids for {count} prompts; give one id for "
+                                 "all or one per prompt")
+            return T.unflatten({**flat, path: ids[rows]})
+    return params

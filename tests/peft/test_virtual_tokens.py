@@ -9,7 +9,7 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from jpeft.generate import generate
+from jpeft.generate import generate, generate_text
 from conftest import make_hf_model, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 9))
@@ -135,6 +135,14 @@ def test_each_row_gets_the_prompt_of_its_task(tmp_path, base):
     np.testing.assert_allclose(per_row[0], alone[2][0], atol=1e-6, rtol=0)
     np.testing.assert_allclose(per_row[1], alone[0][1], atol=1e-6, rtol=0)
     assert np.abs(alone[2] - alone[0]).max() > 1e-3
+    with pytest.raises(jpeft.JpeftError, match="3 task ids for a batch of 2 rows"):
+        jax_logits(model, jpeft.select_task(tasks, [2, 0, 1]))
+    # generate_text cuts per-row ids with its batches: each prompt decodes with its own task's prompt
+    prompts, ids = [IDS[0].tolist(), IDS[1].tolist(), IDS[0, :5].tolist()], [2, 0, 1]
+    ids_as_text = type("Tokenizer", (), {"eos_token_id": None, "pad_token_id": 0,  # the new ids, spelled out
+                                         "batch_decode": lambda self, rows, **_: [str(r) for r in rows]})()
+    text = lambda p, t, size: generate_text(model, jpeft.select_task(p, t), ids_as_text, prompts, 4, batch_size=size)
+    assert text(tasks, ids, 2) == text(tasks, ids, 3) == [text(tasks, t, 3)[i] for i, t in enumerate(ids)]
     with pytest.raises(jpeft.AdapterError, match="select_task"):
         jpeft.save_adapter(str(tmp_path / "all"), tasks)
     jpeft.save_adapter(str(tmp_path / "two"), jpeft.select_task(tasks, 2))  # one task, in PEFT's layout
