@@ -64,6 +64,14 @@ class Method:
         return T.named(params, self.trainable)
 
 
+def refuse_second_init(method, path: str, leaves: dict, names) -> None:
+    """A module holding the method's leaves already keeps them: a second `init` would silently replace a
+    trained adapter (load_adapter refuses an adapted tree likewise)."""
+    if any(name in leaves for name in names):
+        raise JpeftError(f"{hf_module(path)} already holds a {type(method).__name__} adapter; a second init would "
+                         "replace it: keep several with jpeft.add_adapter, or jpeft.merge the first")
+
+
 def linear_uniform(key, shape, fan_in: int):
     """torch.nn.Linear's default init (and PEFT's LoRA A): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1 / math.sqrt(fan_in)

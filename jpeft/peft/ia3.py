@@ -15,7 +15,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, hf_module, layer_names, leading,
-                             saved_base_weight, targeted_layers)
+                             refuse_second_init, saved_base_weight, targeted_layers)
 
 
 class IA3(Method):
@@ -46,6 +46,7 @@ class IA3(Method):
             if not all(picked):
                 raise JpeftError(f"IA3 targets {self.targets!r} pick only some layers of {hf_module(path)}; "
                                  "IA3 adapts whole layer stacks (use LoRA for layer selection)")
+            refuse_second_init(self, path, leaves, self.trainable)
             is_ff = any(targeted_layers(path, lead[0] if lead else 1, self.feedforward))
             d_in, d_out = leaves["kernel"].shape[-2:]
             name, size = ("ia3_in", d_in) if is_ff else ("ia3_out", d_out)

@@ -27,8 +27,8 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, exact_targets, hf_module, layer_index,
-                             layer_names, leading, linear_uniform, refuse_tied_head, saved_base_weight, targeted_layers,
-                             weight_name)
+                             layer_names, leading, linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight,
+                             targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -120,6 +120,7 @@ class LoRA(Method):
                              f"{f' in layers {list(self.layers)}' if self.layers is not None else ''} "
                              f"match no dense layer; available: {self.available(grouped)}")
         for (path, picked), k in zip(chosen.items(), jax.random.split(key, len(chosen))):
+            refuse_second_init(self, path, grouped[path], ("lora_a",))
             grouped[path] = self.init_module(k, path, grouped[path], picked)
         return T.from_modules(grouped)
 

@@ -19,7 +19,7 @@ from jpeft.peft.registry import METHODS
 
 ADAPTER_LEAVES = frozenset(n for m in METHODS for n in (*m.trainable, *m.metadata))
 COMBINATIONS = ("linear", "cat", "svd")
-LORA_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale", "lora_magnitude"})  # DoRA's is refused per module below
+LORA_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale", "lora_magnitude", "lora_dropout"})  # DoRA's: refused below
 
 
 def add_adapter(params, name: str, adapted):
@@ -108,7 +108,8 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
     """A new named LoRA adapter combining `names` with `weights`, as PEFT's `add_weighted_adapter`:
 
     linear: A = Σ sign·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ (equal ranks);  cat: [w₁s₁A₁ | w₂s₂A₂ ...], [B₁ | B₂ ...]
-    (exactly Σ wᵢsᵢBᵢAᵢ);  svd: the top-`rank` SVD of Σ wᵢsᵢBᵢAᵢ. The result has scale 1 (alpha = rank).
+    (exactly Σ wᵢsᵢBᵢAᵢ);  svd: the top-`rank` SVD of Σ wᵢsᵢBᵢAᵢ. The result has scale 1 (alpha = rank) and
+    the first adapter's dropout.
     """
     if combination not in COMBINATIONS:
         raise JpeftError(f"combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
@@ -141,6 +142,8 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
             a, b = _top_factors(delta, new_rank)
         active = jnp.max(jnp.stack([leaves["lora_scale"] != 0 for leaves, _ in parts]), axis=0)
         combined[path] = {"lora_a": a, "lora_b": b, "lora_scale": active.astype(jnp.float32)}
+        if "lora_dropout" in parts[0][0]:  # the first adapter's rate, as PEFT copies the first adapter's config
+            combined[path]["lora_dropout"] = parts[0][0]["lora_dropout"]
     return add_adapter(params, new_name, T.from_modules(combined))
 
 

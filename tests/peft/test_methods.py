@@ -217,6 +217,16 @@ def test_freeze_without_a_trainable_leaf_names_the_mask_to_pass(base):
     jpeft.freeze(optax.adam(1e-2), params, jpeft.NormTuning().mask(params))
 
 
+def test_a_second_init_of_a_method_refuses_to_replace_its_adapter(base):
+    """LoRA then IA3 on one module is allowed (above); LoRA twice would silently drop the first (trained) one."""
+    _, params = base
+    for method in (jpeft.LoRA(rank=4, targets=["q_proj", "v_proj"]), jpeft.IA3(targets=["v_proj"], feedforward=[])):
+        adapted = method.init(jax.random.key(0), params)
+        with pytest.raises(jpeft.JpeftError, match=r"self_attn.v_proj already holds a (LoRA|IA3) adapter; .*add_adapter"):
+            type(method)(targets=["v_proj"], **({"feedforward": []} if isinstance(method, jpeft.IA3) else {})).init(
+                jax.random.key(1), adapted)
+
+
 def test_unknown_targets_and_partial_ia3_are_errors(base):
     _, params = base
     with pytest.raises(jpeft.JpeftError, match="match no dense layer; available: .*q_proj"):

@@ -19,7 +19,8 @@ def setup(tmp_path_factory):
     torch_model = make_hf_model("llama")
     path = save_hf_model(torch_model, tmp_path_factory.mktemp("base"))
     model, params = jpeft.from_pretrained(path)
-    one = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"]).init(jax.random.key(0), params),
+    one = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj"], dropout=0.05).init(jax.random.key(0),
+                                                                                               params),
                   ("lora_b",), jax.random.key(1))
     two = perturb(jpeft.LoRA(rank=2, alpha=6, targets=["v_proj", "down_proj", "lm_head"]).init(jax.random.key(2),
                                                                                              params),
@@ -60,6 +61,8 @@ def test_weighted_adapter_matches_peft(setup, tmp_path, combination):
     names = ["one", "three"] if combination == "linear" else ["one", "two"]
     weights = [0.7, -0.4]
     combined = jpeft.use_adapter(jpeft.add_weighted_adapter(tree, names, weights, "mix", combination), "mix")
+    rates = [np.ravel(v) for p, v in T.flatten(combined).items() if p.endswith("lora_dropout")]
+    assert rates and set(np.concatenate(rates)) == {np.float32(0.05)}  # the first adapter's, as PEFT keeps its config
     for name in names:
         jpeft.save_adapter(str(tmp_path / name), single[name])
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / names[0], adapter_name=names[0])
