@@ -269,7 +269,7 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
     flat = {path: np.asarray(jax.device_get(value)) for path, value in T.flatten(params).items()}
     stored = _one_dtype(flat, dtype, out_dir)
     for path, array in flat.items():
-        array = array.astype(stored)
+        array = array.astype(stored, copy=False)
         parts = list(array) if T.is_stacked(path) else [array]
         names = hf_names(path, len(parts))
         for name, part in zip(names, parts):
