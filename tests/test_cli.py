@@ -76,7 +76,7 @@ def test_generate_top_k_or_top_p_alone_samples(tiny_run, capsys):
     greedy = capsys.readouterr().out
     for flag in (["--top-k", "50"], ["--top-p", "0.95"]):
         outputs = set()
-        for seed in range(4):
+        for seed in range(2):
             assert main([*args, *flag, "--seed", str(seed)]) == 0
             outputs.add(capsys.readouterr().out)
         assert outputs - {greedy} and len(outputs) > 1
