@@ -101,7 +101,8 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: Templates, target:
                      start_id: int) -> Examples:
     """Encoder input: the prompt (with the tokenizer's special tokens), cut on the right to seq_len but
     keeping a final EOS; decoder: the start token + target, predicting target + EOS (loss on all of
-    it). Inputs and targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
+    it), a target cut to seq_len ending with EOS too (as `tokenizer(text_target=..., truncation=True)` cuts it).
+    Inputs and targets are padded to the longest one, in multiples of 16 (at most seq_len)."""
     rows = list(rows)
     prompts = _encode(tokenizer, render_all(prompt, rows), special=True)
     eos = _eos_id(tokenizer)
@@ -115,7 +116,7 @@ def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: Templates, target:
     ids, labels = np.full((len(rows), width), pad, np.int32), np.full((len(rows), target_len), pad, np.int32)
     mask, loss = np.zeros(ids.shape, np.int32), np.zeros(labels.shape, np.float32)
     for i, (p, t) in enumerate(zip(cut, targets)):
-        t = t[:target_len]
+        t = t if len(t) <= target_len else t[:target_len - 1] + [eos]
         ids[i, :len(p)], mask[i, :len(p)] = p, 1
         labels[i, :len(t)], loss[i, :len(t)] = t, 1.0
     decoder = np.concatenate([np.full((len(rows), 1), start_id, np.int32), labels[:, :-1]], axis=1)

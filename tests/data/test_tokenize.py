@@ -110,12 +110,15 @@ def test_seq2seq_prompts_end_with_the_tokenizers_one_eos():
     from conftest import make_tokenizer
     from jpeft.data import tokenize_seq2seq
     tok = make_tokenizer(bos=False, eos=True)
-    rows = [{"p": "hello world", "t": "a cat"}, {"p": "we go out " * 8, "t": "home"}]
+    rows = [{"p": "hello world", "t": "a cat"}, {"p": "we go out " * 8, "t": "home " + "the dog ran " * 6}]
     ex = tokenize_seq2seq(rows, tok, "{p}", "{t}", seq_len=16, start_id=0)
     first = ex.input_ids[0][ex.attention_mask[0] == 1].tolist()
     assert first == tok("hello world")["input_ids"] and tok.decode(first) == "hello world </s>"
     assert ex.input_ids[1][-1] == tok.eos_token_id and ex.attention_mask[1].all()
     assert ex.prompt_tokens_lost == len(tok(rows[1]["p"])["input_ids"]) - 16
+    # a target cut to fit still ends with EOS, as the tokenizer's own truncation leaves it
+    assert ex.labels[1].tolist() == tok(text_target=rows[1]["t"], max_length=16, truncation=True)["input_ids"]
+    assert ex.labels[0][ex.loss_mask[0] == 1].tolist() == tok(text_target="a cat")["input_ids"]
 
 
 def test_render_and_template_columns():
