@@ -42,6 +42,14 @@ def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
     return model, params, load_tokenizer(model_dir)
 
 
+def check_chat(args) -> None:
+    from jpeft.errors import ConfigError
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system is the system message of a --chat prompt; add --chat")
+    if args.chat and getattr(args, "label", None):
+        raise ConfigError("--chat renders prompts for generation; a classifier (--label) reads its prompt as it is")
+
+
 def check_sizes(args) -> None:
     """eval's and forgetting's --limit, --batch-size, --max-new-tokens (and forgetting's --seq-len), before any
     model loads."""
@@ -97,6 +105,7 @@ def cmd_eval(args) -> None:
 
     prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
     check_sizes(args)
+    check_chat(args)
     if args.out and os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a directory; give the path of the JSON file to write")
     rows = load_rows(args.data, "--data")
@@ -109,7 +118,7 @@ def cmd_eval(args) -> None:
                                          read_labels(args.adapter or args.model), args.batch_size)
     else:
         result = evaluate_generation(model, params, tokenizer, rows, prompt, targets, args.max_new_tokens,
-                                     args.batch_size)
+                                     args.batch_size, args.chat, args.system)
     text = json.dumps(result)
     print(text)
     if args.out:
@@ -119,12 +128,17 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from jpeft.data.chat import generation_prompts
     from jpeft.generate import generate_text
+    check_chat(args)
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
     temperature = args.temperature
     if temperature is None:  # --top-k / --top-p alone ask for sampling
         temperature = 1.0 if args.top_k or args.top_p < 1 else 0.0
-    [text] = generate_text(model, params, tokenizer, [unescape(args.prompt)], args.max_new_tokens,
+    prompt = unescape(args.prompt)
+    if args.chat:
+        [prompt] = generation_prompts([prompt], tokenizer, args.system)
+    [text] = generate_text(model, params, tokenizer, [prompt], args.max_new_tokens,
                            temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text)
 
@@ -243,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
         p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None, help=dtype)
 
+    def chat_args(p):
+        p.add_argument("--chat", action="store_true",
+                       help="the prompt is the user's message in the tokenizer's chat template, opened for the "
+                            "assistant's reply (a model tuned with data.chat)")
+        p.add_argument("--system", help="with --chat: a system message before it")
+
     p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
                 "against one or more reference columns; or, with --label, score a classifier's accuracy and "
                 "macro-F1.")
@@ -257,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score only the first N rows (default 0: all)")
     p.add_argument("--batch-size", type=int, default=16, help="rows generated or scored at once (default 16)")
     p.add_argument("--out", help="also write the JSON result here")
+    chat_args(p)
 
     p = command("generate", cmd_generate, "Continue a prompt with the model (and adapter).")
     model_args(p)
@@ -269,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample from the smallest set of tokens whose probability reaches p (default 1: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    chat_args(p)
 
     p = command("merge", cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
     model_args(p, dtype="dtype to load, merge and write in (default: merge in float32 and write the base's own "

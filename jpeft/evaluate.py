@@ -61,23 +61,30 @@ def _check(predictions, references) -> list[list[str]]:
     return refs
 
 
-def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, batch_size: int = 16) -> list[str]:
+def predict(model, params, tokenizer, rows, prompt: str, max_new_tokens: int, batch_size: int = 16,
+            chat: bool = False, system: str | None = None) -> list[str]:
     """Greedy continuations of the templated rows; a decoder's prompts are cut from the left so that they and
-    the new tokens fit its positions."""
-    from jpeft.data import encode_prompts
+    the new tokens fit its positions. `chat`: each prompt is the user's message in the tokenizer's chat
+    template (after a `system` message, if given), as a chat-tuned model reads it."""
+    from jpeft.data import encode_prompts, render_all
+    from jpeft.data.chat import generation_prompts
     from jpeft.generate import generate_text, require_prompt_room
     from jpeft.peft import sites
 
     room = require_prompt_room(model.config, max_new_tokens, sum(sites.virtual_tokens(params)))
-    prompts = encode_prompts(rows, tokenizer, prompt, room, continued=not model.config.is_encoder_decoder)
+    if chat:
+        prompts = generation_prompts(render_all(prompt, rows), tokenizer, system, room)
+    else:
+        prompts = encode_prompts(rows, tokenizer, prompt, room, continued=not model.config.is_encoder_decoder)
     return [text.strip() for text in generate_text(model, params, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def evaluate_generation(model, params, tokenizer, rows, prompt: str, target_columns: Sequence[str],
-                        max_new_tokens: int = 64, batch_size: int = 16) -> dict:
-    """ROUGE/BLEU of greedy outputs against one or more reference columns per row."""
+                        max_new_tokens: int = 64, batch_size: int = 16, chat: bool = False,
+                        system: str | None = None) -> dict:
+    """ROUGE/BLEU of greedy outputs against one or more reference columns per row (`chat`: see `predict`)."""
     rows = list(rows)
-    predictions = predict(model, params, tokenizer, rows, prompt, max_new_tokens, batch_size)
+    predictions = predict(model, params, tokenizer, rows, prompt, max_new_tokens, batch_size, chat, system)
     references = [[row[c] for c in target_columns] for row in rows]
     return text_metrics(predictions, references)
 

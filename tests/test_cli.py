@@ -82,6 +82,25 @@ def test_generate_top_k_or_top_p_alone_samples(tiny_run, capsys):
         assert outputs - {greedy} and len(outputs) > 1
 
 
+def test_generate_chat_prompts_in_the_chat_template(tiny_run, tmp_path, capsys):
+    import shutil
+    from jpeft.generate import generate_text
+    from jpeft.models.hf import load_tokenizer
+    model_dir = shutil.copytree(tiny_run["model"], tmp_path / "base")
+    tok = load_tokenizer(str(model_dir))
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(model_dir)
+    args = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6"]
+    assert main([*args, "--chat", "--system", "Be brief."]) == 0
+    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+                                  add_generation_prompt=True, tokenize=True)["input_ids"]
+    model, params = jpeft.from_pretrained(str(model_dir))
+    assert capsys.readouterr().out == generate_text(model, params, tok, [ids], 6)[0] + "\n"
+    assert main([*args, "--system", "Be brief."]) == 2
+    assert "add --chat" in capsys.readouterr().err
+
+
 def test_eval_missing_column_is_an_error(tiny_run, capsys):
     code = main(["eval", "--model", tiny_run["model"], "--data", tiny_run["eval"], "--prompt", "{dialog}",
                  "--target", "summary"])

@@ -16,7 +16,7 @@ import jinja2
 import numpy as np
 
 from jpeft.data.examples import Examples, next_token_examples
-from jpeft.data.tokenize import Templates, _log_truncation, pad_id, render_all
+from jpeft.data.tokenize import Templates, _head_len, _keep_end, _log_truncation, pad_id, render_all
 from jpeft.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -57,9 +57,7 @@ def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool =
     no assistant token is dropped, and none kept at all is an error); pack=True puts several conversations
     in each row, as `tokenize_supervised` does.
     """
-    if tokenizer.chat_template is None:
-        raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "
-                          "tokenizer_config.json (or a chat_template.jinja beside it), or set data.chat=false")
+    check_template(tokenizer)
     if not tokenizer.is_fast:
         raise ConfigError("data.chat needs a fast tokenizer (character offsets); save the checkpoint's tokenizer "
                           "with a tokenizer.json, or set data.chat=false")
@@ -93,6 +91,28 @@ def tokenize_chat(chats: list[list[dict]], tokenizer, seq_len: int, pack: bool =
         next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated),
         prompt_tokens_lost=sum(map(len, encoded["input_ids"])) - trained_total - untrained_kept,
         target_tokens_lost=trained_total - kept_total)
+
+
+def generation_prompts(prompts: list[str], tokenizer, system: str | None = None,
+                       max_len: int | None = None) -> list[list[int]]:
+    """Prompt ids for decoding from a chat-tuned model: each text as the user's message (after `system`, if
+    given) in the tokenizer's chat template, opened for the assistant's reply (`add_generation_prompt`), as
+    a chat run trains on it; cut from the left (keeping BOS) to at most max_len tokens."""
+    check_template(tokenizer)
+    chats = [[*([{"role": "system", "content": system}] if system is not None else []),
+              {"role": "user", "content": text}] for text in prompts]
+    texts = [_render(tokenizer, chat, i, add_generation_prompt=True) for i, chat in enumerate(chats)]
+    ids = [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # the template writes BOS
+    if max_len is None:
+        return ids
+    _log_truncation(sum(len(x) > max_len for x in ids), len(ids), f"{max_len} prompt tokens", "cut from the left")
+    return [_keep_end(x, max_len, _head_len(x, tokenizer)) for x in ids]
+
+
+def check_template(tokenizer) -> None:
+    if tokenizer.chat_template is None:
+        raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "
+                          "tokenizer_config.json (or a chat_template.jinja beside it), or set data.chat=false")
 
 
 def _problem(messages) -> str | None:

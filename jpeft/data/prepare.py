@@ -28,11 +28,13 @@ log = logging.getLogger("jpeft.data")
 class Prepared:
     examples: Examples
     rows: Any  # the rows used, in order
-    # The rows' prompt and target templates, to score greedy outputs: supervised rows only (chat rows
-    # would need their prompts rendered by the chat template, which decoding does not do yet).
+    # The rows' prompt and target templates, to score greedy outputs (supervised rows; chat rows made from
+    # them, whose prompts decoding then renders in the chat template after the `system` message).
     prompts: Templates | None
     targets: Templates | None
     report: dict
+    chat: bool = False
+    system: str | None = None
 
 
 def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0, model_cfg=None,
@@ -61,7 +63,6 @@ def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0,
     elif data.chat:
         examples = tokenize_chat(conversations(rows, where, prompts, targets, data.system), tokenizer, seq_len,
                                  data.packing)
-        prompts = targets = None
     elif seq2seq:
         examples = tokenize_seq2seq(rows, tokenizer, prompts, targets, seq_len, model_cfg.decoder_start_token_id)
     else:
@@ -70,7 +71,7 @@ def prepare_rows(data, rows, where: str, tokenizer, seq_len: int, seed: int = 0,
               "examples_truncated": examples.n_truncated, "prompt_tokens_lost": examples.prompt_tokens_lost,
               "target_tokens_lost": examples.target_tokens_lost}
     log.info("%s: %s", where, describe(report))
-    return Prepared(examples, rows, prompts, targets, report)
+    return Prepared(examples, rows, prompts, targets, report, bool(data.chat), data.system)
 
 
 def describe(report: dict) -> str:

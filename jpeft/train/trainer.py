@@ -117,7 +117,8 @@ def evaluation(cfg: RunConfig, model, params, tokenizer, data: RunData, eval_ste
             n = min(cfg.data.eval_limit, len(prepared.rows))
             rows, prompts, targets = (prepared.rows.select(range(n)), *(
                 t if isinstance(t, str) else t[:n] for t in (prepared.prompts, prepared.targets)))
-            outputs = predict(model, params, tokenizer, rows, prompts, cfg.data.max_new_tokens, cfg.train.batch_size)
+            outputs = predict(model, params, tokenizer, rows, prompts, cfg.data.max_new_tokens, cfg.train.batch_size,
+                              prepared.chat, prepared.system)
             scores = text_metrics(outputs, render_all(targets, rows))
             record.update({prefix + k: v for k, v in scores.items() if k != "n"})
     if count and "" not in data.evals:  # a mixture's tasks: their loss over all of them too

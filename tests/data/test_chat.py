@@ -127,6 +127,15 @@ def test_lost_tokens_are_counted_and_a_conversation_with_no_reply_left_is_droppe
         tokenize_chat([long_user], tok, seq_len=seq_len, pack=False)
 
 
+def test_generation_prompts_open_the_assistants_turn(tok):
+    from jpeft.data.chat import generation_prompts
+    [ids] = generation_prompts(["Where did the cat sit?"], tok, "You answer in short sentences.")
+    assert ids == tok.apply_chat_template(MESSAGES[:2], add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    [cut] = generation_prompts(["Where did the cat sit?"], tok, "You answer in short sentences.", max_len=6)
+    assert cut == [ids[0], *ids[-5:]]  # from the left, keeping BOS
+
+
 def test_chat_errors(tok):
     bare = train_bpe_tokenizer(["a cat"], 300)
     with pytest.raises(ConfigError, match="no chat template.*tokenizer_config.json.*data.chat=false"):
@@ -191,11 +200,19 @@ def test_train_on_assistant_turns_only(tiny_run, tmp_path):
     final = trainer.train(cfg, progress=False)
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert "eval_rouge1" not in final  # generation would prompt without the chat template
-
-    # eval_loss, independently: the NLL of each eval summary's tokens + EOS, read off one padded forward pass
+    # ROUGE of greedy replies to the eval prompts as chat turns (system, user, then the assistant's opening)
+    from jpeft.evaluate import text_metrics
+    from jpeft.generate import generate_text
     model, base = jpeft.from_pretrained(str(model_dir))
     params = jpeft.load_adapter(str(out / "adapter"), base)
+    eval_rows = list(load_rows(tiny_run["eval"]))[:2]
+    prompts = [tok.apply_chat_template([{"role": "system", "content": cfg.data.system},
+                                        {"role": "user", "content": f"Topic: {r['topic']}"}],
+                                       add_generation_prompt=True, tokenize=True)["input_ids"] for r in eval_rows]
+    replies = [t.strip() for t in generate_text(model, params, tok, prompts, cfg.data.max_new_tokens)]
+    assert final["eval_rougeL"] == pytest.approx(text_metrics(replies, [r["summary"] for r in eval_rows])["rougeL"])
+
+    # eval_loss, independently: the NLL of each eval summary's tokens + EOS, read off one padded forward pass
     seqs, answers = [], []
     for row in load_rows(tiny_run["eval"]):
         chat = [{"role": "system", "content": cfg.data.system}, {"role": "user", "content": f"Topic: {row['topic']}"},
