@@ -79,8 +79,9 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, targ
     warning (rows already tokenized and reported once, in another layout).
     """
     rows = list(rows)
-    prompts = _encode(tokenizer, render_all(prompt, rows), special=True, open_end=True)
-    targets = _encode(tokenizer, render_all(target, rows), special=False)
+    prompt_texts, target_texts = render_all(prompt, rows), render_all(target, rows)
+    prompts = _encode(tokenizer, prompt_texts, special=True, open_end=True)
+    targets = _targets_in_context(tokenizer, prompt_texts, target_texts, prompts)
     eos = _eos_id(tokenizer)
     seqs, masks = [], []
     for p, t in zip(prompts, targets):
@@ -95,6 +96,17 @@ def tokenize_supervised(rows: Iterable[dict], tokenizer, prompt: Templates, targ
     return dataclasses.replace(next_token_examples(seqs, masks, seq_len, pad_id(tokenizer), pack, n_truncated),
                                prompt_tokens_lost=sum(map(len, prompts)) - (sum(map(len, seqs)) - kept),
                                target_tokens_lost=sum(len(t) + 1 for t in targets) - kept)
+
+
+def _targets_in_context(tokenizer, prompts: list[str], targets: list[str], prompt_ids) -> list[list[int]]:
+    """Each target's ids as the tokenizer reads it after its prompt: the ids of prompt + target past the prompt's
+    own ids, where those begin them (a prompt ending at a token boundary; SentencePiece then adds no word-start
+    space the text lacks, and byte-level BPE merges as in the text), as tokenizing the whole text gives them.
+    Where a token spans the boundary (a prompt ending in a space before a word), the target is read alone, so
+    the prompt keeps the ids it has when a prompt is decoded from."""
+    whole = _encode(tokenizer, [p + t for p, t in zip(prompts, targets)], special=True, open_end=True)
+    alone = _encode(tokenizer, targets, special=False)
+    return [w[len(p):] if w[:len(p)] == p else a for w, p, a in zip(whole, prompt_ids, alone)]
 
 
 def tokenize_seq2seq(rows: Iterable[dict], tokenizer, prompt: Templates, target: Templates, seq_len: int,

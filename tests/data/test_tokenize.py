@@ -1,3 +1,4 @@
+import json
 import logging
 
 import numpy as np
@@ -170,3 +171,35 @@ def test_loss_index_lists_every_loss_position_once(tokenizer):
     assert tokenize_text(PACK_ROWS, tokenizer, "{dialogue}", 4).with_loss_index().loss_index is None  # all loss
     rows = Examples(ex.input_ids, np.zeros(len(ex), np.int32), np.ones(len(ex), np.float32), ex.attention_mask)
     assert rows.with_loss_index().loss_index is None  # a classifier's one label per row
+
+
+def sentencepiece_like():
+    """A Llama-2-like tokenizer (Metaspace BPE: a word-start "▁" on the text's first word, BOS added), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    corpus = ["Hello there, the cat sat on the mat.", "Summary: The cat sat.", "Say hello: hello world"] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False)
+
+
+def test_a_target_is_tokenized_as_it_reads_after_its_prompt():
+    """SentencePiece marks a text's first word with "▁": a target tokenized alone would train a space the text
+    lacks ("Summary:\n The"). Where the prompt ends at a token boundary the row is the whole text's tokens;
+    where a token would span it (a prompt ending in a space) the prompt keeps the ids it has at inference."""
+    tok = sentencepiece_like()
+    for prompt, target in (("Hello there\nSummary:\n", "The cat sat."), ("Say hello:", "hello")):
+        ex = tokenize_supervised([{"p": prompt, "t": target}], tok, "{p}", "{t}", seq_len=64)
+        whole, prompt_ids = tok(prompt + target)["input_ids"] + [tok.eos_token_id], tok(prompt)["input_ids"]
+        trained = ex.labels[0][ex.loss_mask[0] == 1].tolist()
+        assert ex.input_ids[0, :len(prompt_ids)].tolist() + trained == whole
+        assert tok.decode(trained) == target + "</s>"
+    spaced = tokenize_supervised([{"p": "Summary: ", "t": "The cat sat."}], tok, "{p}", "{t}", seq_len=64)
+    prompt_ids = tok("Summary: ")["input_ids"]
+    assert spaced.input_ids[0, :len(prompt_ids)].tolist() == prompt_ids
