@@ -134,19 +134,32 @@ def _problem(messages) -> str | None:
 def _rendered(chat: list[dict], tokenizer, row: int) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character span of each assistant turn in it."""
     full = _render(tokenizer, chat, row)
-    spans = []
+    spans, at = [], 0
     for j, message in enumerate(chat):
         if message["role"] != "assistant":
             continue
         before = _render(tokenizer, chat[:j], row, add_generation_prompt=True)
-        upto = _render(tokenizer, chat[:j + 1], row)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise DataError(f"row {row + 1}: the chat template does not render prefixes stably (the conversation "
-                            f"up to message {j + 1}, an assistant turn, is not the start of the whole conversation "
-                            "as rendered), so its assistant turns cannot be located; use a template that renders "
-                            "each turn the same whatever follows it, or set data.chat=false")
-        spans.append((len(before), len(upto.rstrip())))
+        upto = _render(tokenizer, chat[:j + 1], row).rstrip()
+        if upto.startswith(before) and full.startswith(upto):
+            spans.append((len(before), len(upto)))
+        else:  # rendered otherwise once later turns follow (Qwen3 drops an earlier turn's think block)
+            spans.append(_located(full, message["content"], upto, len(before) if full.startswith(before) else at,
+                                  row, j))
+        at = spans[-1][1]
     return full, spans
+
+
+def _located(full: str, content: str, alone: str, start: int, row: int, j: int) -> tuple[int, int]:
+    """The span of an assistant turn's content and end-of-turn marker (as the turn rendered last has it) in
+    the whole conversation, from `start` on."""
+    marker = alone[alone.rfind(content) + len(content):] if content in alone else None
+    at = full.find(content, start)
+    if marker is None or at < 0 or not full.startswith(marker, at + len(content)):
+        raise DataError(f"row {row + 1}: the chat template renders message {j + 1}, an assistant turn, otherwise "
+                        "inside the whole conversation than at its end, and its content and end-of-turn marker "
+                        "cannot be found there; use a template that renders each turn the same whatever follows "
+                        "it, or set data.chat=false")
+    return at, at + len(content) + len(marker)
 
 
 def _render(tokenizer, messages: list[dict], row: int, add_generation_prompt: bool = False) -> str:

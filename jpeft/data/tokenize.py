@@ -219,12 +219,16 @@ def encode_prompts(rows: Iterable[dict], tokenizer, prompt: Templates, max_len: 
 
 
 def _encode(tokenizer, texts: list[str], special: bool, open_end: bool = False) -> list[list[int]]:
-    """Token ids of each text, with the tokenizer's special tokens where `special`; `open_end`: the text goes
+    """Token ids of each text, with the tokenizer's special tokens where `special` (one BOS, also where the text
+    starts with it); `open_end`: the text goes
     on (a prompt before its target or new tokens, a text before the EOS appended here), so an EOS the
     tokenizer appends itself (`add_eos_token`) is dropped."""
     if not texts:
         return []
     ids = [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    bos = tokenizer.bos_token_id
+    if special and bos is not None:  # a template that writes BOS itself ("<s>[INST] ...") gets no second one
+        ids = [x[1:] if x[:2] == [bos, bos] else x for x in ids]
     if special and open_end and _appends_eos(tokenizer):
         ids = [x[:-1] if x[-1:] == [tokenizer.eos_token_id] else x for x in ids]
     return ids

@@ -136,6 +136,22 @@ def test_generation_prompts_open_the_assistants_turn(tok):
     assert cut == [ids[0], *ids[-5:]]  # from the left, keeping BOS
 
 
+def test_a_template_that_renders_earlier_turns_otherwise(tok):
+    """Qwen3's template opens the last reply with an empty think block that earlier replies lose once a turn
+    follows them: each reply is found in the whole conversation, its content and end-of-turn marker trained."""
+    qwen3_like = copy.deepcopy(tok)
+    qwen3_like.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    ex = tokenize_chat([MESSAGES], qwen3_like, seq_len=128, pack=False)
+    full = chat_ids(qwen3_like, MESSAGES)
+    assert ex.input_ids[0, :len(full)].tolist() == full
+    trained = qwen3_like.decode(ex.labels[0][ex.loss_mask[0] == 1])
+    assert trained == ("On the mat, all day.<|im_end|>It ran to the park.<|im_end|>"
+                       "<think>\n\n</think>\n\nThen it went home, happy.<|im_end|>")
+
+
 def test_chat_errors(tok):
     bare = train_bpe_tokenizer(["a cat"], 300)
     with pytest.raises(ConfigError, match="no chat template.*tokenizer_config.json.*data.chat=false"):
@@ -153,7 +169,7 @@ def test_chat_errors(tok):
         conversations([{"messages": "hi"}, {"messages": None}], "f.jsonl")
     unstable = copy.deepcopy(tok)
     unstable.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% if loop.last %} .{% endif %}\n{% endfor %}"
-    with pytest.raises(DataError, match="row 2: the chat template does not render prefixes stably"):
+    with pytest.raises(DataError, match="row 2: the chat template renders message 3, an assistant turn, otherwise"):
         tokenize_chat([MESSAGES[:1], MESSAGES], unstable, seq_len=64)
     unstable.chat_template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}x"
     with pytest.raises(DataError, match=r"row 1: the chat template refused the conversation \(no system\)"):

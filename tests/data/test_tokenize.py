@@ -103,6 +103,7 @@ def test_a_tokenizer_that_appends_eos_leaves_one_eos_per_example():
     assert tok.decode(text.labels[0][text.loss_mask[0] == 1]) == "a cat sat </s>"
     assert tok.decode(encode_prompts(ROWS[1:], tok, "{dialogue}", None)[0]) == "<s> hello world"
     assert tok.decode(encode_prompts(ROWS[1:], tok, "{dialogue}", None, continued=False)[0]) == "<s> hello world </s>"
+    assert tok.decode(encode_prompts(ROWS[1:], tok, "<s> {dialogue}", None)[0]) == "<s> hello world"  # one BOS
 
 
 def test_seq2seq_prompts_end_with_the_tokenizers_one_eos():
