@@ -51,6 +51,7 @@ def _step(a: dict, mode: str):
     from jpeft import tree as T
     from jpeft.models.llama import init_params
     from jpeft.peft import Full, LoRA, QLoRA
+    from jpeft.peft.quant import QUANT_LEAVES
     from jpeft.train.optimizer import adamw
     from jpeft.train.step import init_state, make_train_step
 
@@ -63,9 +64,9 @@ def _step(a: dict, mode: str):
     def trees():
         params = method.init(jax.random.key(a["seed"] + 1), init_params(model, jax.random.key(a["seed"])))
         trainable, frozen = T.partition(params, method.mask(params))
-        if a["dtype"] == "bfloat16" or mode == "qlora":
-            frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                  frozen)
+        if a["dtype"] == "bfloat16" or mode == "qlora":  # a bf16 base; QLoRA's absmax stays float32, as it trains
+            frozen = T.map_with_path(lambda path, x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating)
+                                     and T.leaf_name(path) not in QUANT_LEAVES else x, frozen)
         return params, init_state(trainable, optimizer), frozen
 
     return model, method, make_train_step(model, optimizer, a["seed"], dropout=False), trees

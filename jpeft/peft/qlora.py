@@ -1,7 +1,8 @@
 """QLoRA: LoRA on a frozen base stored as NF4 or int8, dequantized inside the dense insertion point.
 
 `QLoRA.init` quantizes every dense kernel of the layer stack (as bitsandbytes' 4-bit loading
-does; embeddings, norms and the LM head stay as they are), then adds LoRA leaves. The
+does; embeddings, norms, the LM head and T5's feed-forward output `wo`, which transformers keeps in float,
+stay as they are), then adds LoRA leaves. The
 quantized leaves (`jpeft.peft.quant`) replace `kernel`; `Quantized` is the protocol's view of
 them: its `weight` hook dequantizes in the compute dtype, and merging dequantizes first.
 Trainable parameters are LoRA's; the base counts its logical (unquantized) elements.
@@ -15,11 +16,12 @@ import jax.numpy as jnp
 from jpeft import tree as T
 from jpeft.errors import JpeftError
 from jpeft.peft import quant
-from jpeft.peft.base import Method
+from jpeft.peft.base import Method, hf_module
 from jpeft.peft.lora import LoRA
 
 log = logging.getLogger("jpeft.peft")
 KINDS = ("nf4", "int8")
+KEEP_FLOAT = ("wo",)  # T5's _keep_in_fp32_modules: transformers loads it unquantized under bitsandbytes
 
 
 class Quantized(Method):
@@ -61,6 +63,9 @@ class QLoRA(LoRA):
         if lora_options.get("init") in ("pissa", "olora"):
             raise JpeftError("QLoRA cannot use PiSSA/OLoRA init here: they rewrite the base weight before it is "
                              "quantized; use LoRA(init=...) on a float base")
+        if double_quant and quant != "nf4":
+            raise JpeftError("QLoRA double_quant quantizes NF4's absmax blocks; int8 has none to quantize (as in "
+                             "bitsandbytes): drop double_quant or use quant='nf4'")
         super().__init__(rank, alpha, targets, **lora_options)
         self.quant, self.double_quant = quant, double_quant
 
@@ -70,9 +75,12 @@ class QLoRA(LoRA):
     def init(self, key, params):
         grouped = T.modules(params)
         for path, leaves in grouped.items():
-            if "kernel" in leaves and T.is_stacked(path + "/kernel"):
+            if "kernel" in leaves and T.is_stacked(path + "/kernel") and T.leaf_name(path) not in KEEP_FLOAT:
                 rest = {k: v for k, v in leaves.items() if k != "kernel"}
-                grouped[path] = {**rest, **quant.quantize(leaves["kernel"], self.quant, self.double_quant)}
+                try:
+                    grouped[path] = {**rest, **quant.quantize(leaves["kernel"], self.quant, self.double_quant)}
+                except JpeftError as e:
+                    raise JpeftError(f"{hf_module(path)}: {e}") from None
         return super().init(key, T.from_modules(grouped))
 
 

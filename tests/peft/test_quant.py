@@ -161,6 +161,23 @@ def test_small_inputs_are_one_block_and_other_sizes_are_an_error():
         quant.quantize(w, "fp4")
 
 
+def test_qlora_keeps_t5s_wo_float_names_the_module_and_refuses_int8_double_quant(tmp_path):
+    """transformers loads T5's feed-forward output `wo` unquantized under bitsandbytes (_keep_in_fp32_modules)."""
+    from conftest import make_hf_model, make_t5, save_hf_model
+    _, t5 = jpeft.from_pretrained(make_t5(tmp_path / "t5")[1])
+    modules = jpeft.tree.modules(jpeft.QLoRA(2, 4, ["q", "wo"]).init(jax.random.key(0), t5))
+    for path, leaves in modules.items():
+        if "kernel" in leaves or quant.is_quantized(leaves):
+            assert ("kernel" in leaves) == (path.endswith("/wo") or not jpeft.tree.is_stacked(path + "/kernel")), path
+    assert any(path.endswith("/wo") and "lora_a" in leaves for path, leaves in modules.items())
+    _, odd = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", hidden_size=32, intermediate_size=96),
+                                                 tmp_path / "odd"))
+    with pytest.raises(jpeft.JpeftError, match=r"model.layers.mlp.down_proj: cannot quantize .* input size 96"):
+        jpeft.QLoRA(2, 4, ["q_proj"]).init(jax.random.key(0), odd)
+    with pytest.raises(jpeft.JpeftError, match="double_quant quantizes NF4's absmax blocks; int8 has none"):
+        jpeft.QLoRA(2, 4, ["q_proj"], quant="int8", double_quant=True)
+
+
 @pytest.fixture
 def qlora_base(tmp_path):
     from conftest import make_hf_model, save_hf_model
