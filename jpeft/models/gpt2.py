@@ -85,6 +85,7 @@ class GPT2(nn.Module):
     config: ModelConfig
     insertion_points = sites.HOOKS
     base_prefix = "transformer"  # as CausalLM's
+    embedding_path = "transformer/wte/embedding"  # the token embedding, the head when tied
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):

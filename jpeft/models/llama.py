@@ -127,6 +127,7 @@ class CausalLM(nn.Module):
     config: ModelConfig
     insertion_points = sites.HOOKS
     base_prefix = "model"  # transformers' base_model_prefix: a base-model checkpoint's names lack it
+    embedding_path = "model/embed_tokens/embedding"  # the token embedding, the head when tied
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):

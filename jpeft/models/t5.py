@@ -168,6 +168,7 @@ class T5(nn.Module):
     """
     config: ModelConfig
     base_prefix = None  # its names have none
+    embedding_path = "shared/embedding"  # the token embedding, the head when tied
     # No LLaMA-Adapter gates: T5 calls no attention_output point (see LlamaAdapter.scope).
     insertion_points = tuple(hook for hook in sites.HOOKS if hook not in ("attention_output", "pool"))
 

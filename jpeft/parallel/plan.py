@@ -50,7 +50,7 @@ from jpeft.config import RunConfig
 from jpeft.errors import ConfigError
 from jpeft.models.config import read_config
 from jpeft.hardware import resolve_dtype
-from jpeft.models.hf import DTYPES, abstract_params, build
+from jpeft.models.hf import DTYPES, abstract_params, build, family
 from jpeft.models.layers import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
@@ -171,7 +171,7 @@ class _Activations:
 
     def __init__(self, cfg: RunConfig, model_cfg, params, mask, abstract, axes: dict, sizes: dict):
         tp = sizes["tensor"]
-        split = lambda n: -(-n // tp)  # noqa: E731  (GSPMD splits an activation even where tp does not divide it)
+        split = lambda n: n // tp if n % tp == 0 else n  # noqa: E731  (where tp does not divide it, replicated)
         self.layers, self.seq, self.hidden, self.head_dim = (model_cfg.num_layers, cfg.train.seq_len,
                                                              model_cfg.hidden_size, model_cfg.head_dim)
         self.heads, self.kv, self.mlp, self.vocab = (split(model_cfg.num_heads), split(model_cfg.num_kv_heads),
@@ -197,7 +197,7 @@ class _Activations:
         self.layer_weights = sum(math.prod(shard_shape(flat[p].shape, tuple(base_axes[p]), gathered))
                                  for p in stacked if p in held) // self.layers * self.itemsize
         self.dequantized = sum(flat[p].size for p in stacked if p not in held) // self.layers * self.itemsize
-        head = "model/embed_tokens/embedding" if model_cfg.tie_word_embeddings else "lm_head/kernel"
+        head = family(model_cfg).embedding_path if model_cfg.tie_word_embeddings else "lm_head/kernel"
         head_gathered = shard_shape(flat[head].shape, tuple(base_axes[head]), gathered)
         split_by_fsdp = head_gathered != shard_shape(flat[head].shape, tuple(base_axes[head]), sizes)
         self.head_copies = 2 * math.prod(head_gathered) * self.itemsize if split_by_fsdp else 0

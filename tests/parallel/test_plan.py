@@ -17,7 +17,7 @@ from jpeft.models.hf import save_pretrained
 from jpeft.models.llama import CausalLM, init_params
 from jpeft.parallel.plan import parse_size, plan
 
-MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
+MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "2x1x4": (2, 1, 4)}
 SETTINGS = ("train.batch_size=8", "train.seq_len=128", "model.dtype=float32")
 
 # The train step built exactly as jpeft.train.trainer.train builds it, compiled, never run.
@@ -73,14 +73,30 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def odd_dirs(tmp_path_factory):
+    """A Llama whose heads, KV heads, MLP width and vocab a tensor axis of 4 does not divide (left replicated),
+    and a tied GPT-2 (its head is the token embedding)."""
+    from conftest import GPT2, make_hf_model, save_hf_model
+    root = tmp_path_factory.mktemp("odd")
+    llama = make_hf_model("llama", vocab_size=301, hidden_size=96, intermediate_size=250, num_attention_heads=6,
+                          num_key_value_heads=3, max_position_embeddings=256)
+    gpt2 = make_hf_model("gpt2", **{**GPT2, "n_inner": 256}, hidden_size=64, vocab_size=256,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    return {"llama": save_hf_model(llama, root / "llama"), "gpt2": save_hf_model(gpt2, root / "gpt2")}
+
+
 def overrides(model_dir, method, mesh):
     data, fsdp, tensor = MESHES[mesh]
     return [f"model.path={model_dir}", f"method.name={method}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
             f"mesh.tensor={tensor}", *SETTINGS]
 
 
-def test_plan_matches_the_compiled_train_step(model_dir):
-    runs = {f"{method} {mesh}": overrides(model_dir, method, mesh) for method in ("lora", "full") for mesh in MESHES}
+def test_plan_matches_the_compiled_train_step(model_dir, odd_dirs):
+    runs = {f"{method} {mesh}": overrides(model_dir, method, mesh) for method in ("lora", "full")
+            for mesh in ("8x1x1", "2x2x2")}
+    runs["lora 2x1x4, dims tensor does not divide"] = overrides(odd_dirs["llama"], "lora", "2x1x4")
+    runs["gpt2 lora 2x2x2, tied head"] = [*overrides(odd_dirs["gpt2"], "lora", "2x2x2"), "method.targets=[c_attn]"]
     result = subprocess.run([sys.executable, "-c", SCRIPT.format(runs=json.dumps(runs))], capture_output=True,
                             text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,7 +108,8 @@ def test_plan_matches_the_compiled_train_step(model_dir):
         compiled = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
         ratio = planned["total"] / compiled
         print(f"{name}: planned {planned['total']} bytes, XLA {compiled} bytes, ratio {ratio:.3f}")
-        assert abs(ratio - 1) <= 0.15, (name, ratio, planned, xla)
+        # GPT-2's MLP has no gate: planned as the Llama-like layer it is not, a safe overestimate
+        assert 0.85 <= ratio <= (1.3 if name.startswith("gpt2") else 1.15), (name, ratio, planned, xla)
         assert planned["frozen"] == run["frozen"] and planned["trainable"] == run["trainable"], (name, planned, run)
         assert planned["optimizer"] == run["optimizer"], (name, planned, run)
 
