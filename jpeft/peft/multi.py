@@ -20,6 +20,7 @@ from jpeft.peft.registry import METHODS
 ADAPTER_LEAVES = frozenset(n for m in METHODS for n in (*m.trainable, *m.metadata))
 COMBINATIONS = ("linear", "cat", "svd")
 LORA_LEAVES = frozenset({"lora_a", "lora_b", "lora_scale", "lora_magnitude", "lora_dropout"})  # DoRA's: refused below
+IA3_LEAVES = frozenset({"ia3_in", "ia3_out"})
 
 
 def add_adapter(params, name: str, adapted):
@@ -109,7 +110,7 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
 
     linear: A = Σ sign·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ (equal ranks);  cat: [w₁s₁A₁ | w₂s₂A₂ ...], [B₁ | B₂ ...]
     (exactly Σ wᵢsᵢBᵢAᵢ);  svd: the top-`rank` SVD of Σ wᵢsᵢBᵢAᵢ. The result has scale 1 (alpha = rank) and
-    the first adapter's dropout.
+    the first adapter's dropout. IA3 adapters combine as PEFT's IA3 does, Σ wᵢ·lᵢ (`combination` unused).
     """
     if combination not in COMBINATIONS:
         raise JpeftError(f"combination must be one of {', '.join(COMBINATIONS)}, got {combination!r}")
@@ -118,6 +119,8 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
     if len(names) == 1:
         combination = "linear"
     adapters = [T.modules(T.unflatten(_named(params, n))) for n in names]
+    if all({leaf for leaves in a.values() for leaf in leaves} <= IA3_LEAVES for a in adapters):
+        return add_adapter(params, new_name, T.from_modules(_weighted_ia3(adapters, weights)))
     for name, adapter in zip(names, adapters):
         if other := sorted({leaf for leaves in adapter.values() for leaf in leaves} - LORA_LEAVES):
             raise JpeftError(f"add_weighted_adapter combines LoRA adapters; {name!r} holds {', '.join(other)}")
@@ -145,6 +148,20 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
         if "lora_dropout" in parts[0][0]:  # the first adapter's rate, as PEFT copies the first adapter's config
             combined[path]["lora_dropout"] = parts[0][0]["lora_dropout"]
     return add_adapter(params, new_name, T.from_modules(combined))
+
+
+def _weighted_ia3(adapters: list[dict], weights: Sequence[float]) -> dict:
+    """IA3's combination, as PEFT's IA3Model.add_weighted_adapter: each module's vector Σ wᵢ·lᵢ over the
+    adapters that scale it (one that does not adds nothing, not a vector of ones)."""
+    combined = {}
+    for path in sorted({p for a in adapters for p in a}):
+        parts = [(a[path], w) for a, w in zip(adapters, weights) if path in a]
+        (name,), kinds = parts[0][0].keys(), {tuple(leaves) for leaves, _ in parts}
+        if len(kinds) > 1:
+            raise JpeftError(f"add_weighted_adapter: {path} scales its input in one IA3 adapter and its output in "
+                             "another; they do not combine")
+        combined[path] = {name: sum(w * leaves[name] for leaves, w in parts)}
+    return combined
 
 
 def _top_factors(delta, rank: int):

@@ -101,6 +101,26 @@ def test_a_container_is_not_a_model_tree_and_route_ids_index_names(setup, tmp_pa
         jpeft.route(tree, ["one", "two"], [0, 7, -1])
 
 
+def test_weighted_ia3_adapters_match_peft(setup, tmp_path):
+    """Σ wᵢ·lᵢ per module, a module only one adapter scales taking only its term, as PEFT's IA3 combines them."""
+    _, model, params, _, _ = setup
+    first = perturb(jpeft.IA3(targets=["k_proj", "down_proj"], feedforward=["down_proj"]).init(None, params),
+                    ("ia3_in", "ia3_out"), jax.random.key(6))
+    second = perturb(jpeft.IA3(targets=["v_proj", "down_proj"], feedforward=["down_proj"]).init(None, params),
+                     ("ia3_in", "ia3_out"), jax.random.key(7))
+    tree = jpeft.add_adapter(jpeft.add_adapter(params, "first", first), "second", second)
+    combined = jpeft.use_adapter(jpeft.add_weighted_adapter(tree, ["first", "second"], [0.7, 0.4], "mix"), "mix")
+    for name, adapted in (("first", first), ("second", second)):
+        jpeft.save_adapter(str(tmp_path / name), adapted)
+    peft_model = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "first", adapter_name="first")
+    peft_model.load_adapter(tmp_path / "second", adapter_name="second")
+    peft_model.add_weighted_adapter(["first", "second"], [0.7, 0.4], "mix")
+    peft_model.set_adapter("mix")
+    with torch.no_grad():
+        reference = peft_model.eval()(torch.tensor(np.asarray(IDS))).logits.numpy()
+    np.testing.assert_allclose(logits(model, combined), reference, atol=2e-4, rtol=0)
+
+
 def test_weighted_combinations_take_lora_adapters_only(setup):
     _, _, params, _, tree = setup
     ia3 = jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]).init(None, params)
