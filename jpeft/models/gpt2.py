@@ -109,9 +109,7 @@ class GPT2(nn.Module):
     @nn.nowrap
     def head_leaves(self, params) -> dict:
         """The LM head's leaves: the token embedding transposed (GPT-2's tie), or a head of its own."""
-        if self.config.tie_word_embeddings:
-            return {"kernel": params["transformer"]["wte"]["embedding"].T}
-        return dict(params["lm_head"])
+        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
 
     @nn.nowrap
     def logits(self, head: dict, hidden):

@@ -143,7 +143,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     index = _weight_index(model_dir, family(cfg).base_prefix)
     if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds its own (as transformers)
         cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index)
-    elif cfg.tie_word_embeddings and _own_head(index):
+    elif cfg.tie_word_embeddings and _own_head(index, hf_names(family(cfg).embedding_path, 1)[0]):
         log.warning("%s: config.json ties the LM head to the token embedding, but the weights hold an "
                     "lm_head.weight of their own that differs from it; using it, as transformers does (set "
                     "tie_word_embeddings to false in config.json to silence this)", model_dir)
@@ -201,14 +201,10 @@ def stop_ids(model_dir: str, hf: dict) -> tuple[int, ...]:
     return tuple(int(i) for i in np.atleast_1d(eos if eos is not None else []))
 
 
-TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")  # what a decoder's tied head reads
-
-
-def _own_head(index: dict) -> bool:
-    """Does the checkpoint hold an lm_head.weight that is not its token embedding (which transformers then
-    loads untied, whatever config.json says)?"""
-    embedding = next((name for name in TIED_EMBEDDINGS if name in index), None)
-    if "lm_head.weight" not in index or embedding is None:
+def _own_head(index: dict, embedding: str) -> bool:
+    """Does the checkpoint hold an lm_head.weight that is not its token embedding `embedding` (which
+    transformers then loads untied, whatever config.json says)?"""
+    if "lm_head.weight" not in index or embedding not in index:
         return False
     try:
         (head_file, head), (table_file, table) = index["lm_head.weight"], index[embedding]

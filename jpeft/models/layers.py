@@ -231,6 +231,17 @@ def written_cache(cache_kv, d: DecoderInputs, t: int) -> dict:
     return {"k": cache_kv[0], "v": cache_kv[1], "segments": d.k_segments, "index": d.index + d.keys + d.rows + t}
 
 
+def head_leaves(params, embedding_path: str, tied: bool) -> dict:
+    """The LM head's leaves for the dense insertion point: the token embedding at `embedding_path`, transposed,
+    where the head is tied to it; else the model's own `lm_head`."""
+    if not tied:
+        return dict(params["lm_head"])
+    table = params
+    for key in embedding_path.split("/"):
+        table = table[key]
+    return {"kernel": table.T}
+
+
 def head_logits(head: dict, hidden, cap: float | None = None):
     """float32 logits of hidden states [..., D] through the LM head's leaves, soft-capped where a family does."""
     return softcap(sites.dense(head, hidden).astype(jnp.float32), cap)

@@ -153,9 +153,7 @@ class CausalLM(nn.Module):
     @nn.nowrap
     def head_leaves(self, params) -> dict:
         """The LM head's leaves for the dense insertion point (the embedding transposed when tied)."""
-        if self.config.tie_word_embeddings:
-            return {"kernel": params["model"]["embed_tokens"]["embedding"].T}
-        return dict(params["lm_head"])
+        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
 
     @nn.nowrap
     def logits(self, head: dict, hidden):

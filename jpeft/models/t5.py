@@ -220,9 +220,8 @@ class T5(nn.Module):
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:
-        if self.config.tie_word_embeddings:
-            return {"kernel": params["shared"]["embedding"].T}
-        return dict(params["lm_head"])
+        """The LM head's leaves (`layers.head_leaves`)."""
+        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
 
     @nn.nowrap
     def logits(self, head: dict, hidden):
