@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from jpeft import tree as T
 from jpeft.errors import ConfigError, JpeftError
+from jpeft.hardware import wide_vectors
 from jpeft.models import layers as L
 from jpeft.peft import sites
 from jpeft.peft.prompt import task_rows
@@ -242,9 +243,10 @@ def _decoder(dtype: str):
     not YNNPACK: at decoding's few rows YNNPACK's float32 kernels took 46 of a 60 ms batch-8 step on an
     AVX2 CPU (its own emitter ~8 ms), and were no faster on AVX-512 (Zen 5). In bfloat16 XLA's emitter is
     the slow one (Zen 5, the bench model, batch 8: the whole call 726 vs 571 ms, the prefill 182 vs
-    103). Other backends ignore the option."""
-    options = {"xla_cpu_experimental_ynn_fusion_type": ""} if jnp.dtype(dtype) == jnp.float32 else None
-    return jax.jit(_decode, static_argnums=(0, 1, 2), compiler_options=options)
+    103). Both run XLA's own kernels at the CPU's widest vectors (`hardware.wide_vectors`). Other backends
+    ignore the options."""
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""} if jnp.dtype(dtype) == jnp.float32 else {}
+    return jax.jit(_decode, static_argnums=(0, 1, 2), compiler_options={**options, **wide_vectors()} or None)
 
 
 def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key):

@@ -3,7 +3,7 @@ import functools
 import re
 import pytest
 
-from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype
+from jpeft.hardware import auto_dtype, cpu_flags, resolve_dtype, wide_vectors
 from conftest import dot_operand_types
 
 
@@ -32,6 +32,25 @@ def test_auto_is_the_default_and_from_pretrained_takes_it(tiny_llama):
     assert RunConfig().model.dtype == "auto"
     model, params = from_pretrained(tiny_llama[1], dtype="auto")
     assert model.config.dtype == resolve_dtype("auto")
+
+
+def test_wide_vectors_only_on_avx512():
+    assert wide_vectors(frozenset({"avx2", "avx512f"})) == {"xla_cpu_prefer_vector_width": 512}
+    assert wide_vectors(frozenset({"avx2", "fma"})) == {} and wide_vectors(frozenset()) == {}
+
+
+def test_decoding_loop_compiles_with_this_cpus_vector_width(tiny_llama):
+    """The option reaches XLA (an unknown one would fail the compile) and the tokens are unchanged by it."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpeft import generate as G
+    from jpeft.models.hf import from_pretrained
+    model, params = from_pretrained(tiny_llama[1], dtype="float32")
+    args = (params, jnp.ones((1, 32), jnp.int32), jnp.ones((1, 32), jnp.int32), jnp.full((8,), -1, jnp.int32),
+            jnp.float32(1.0), jnp.float32(1.0), jax.random.key(0))
+    plain = jax.jit(G._decode, static_argnums=(0, 1, 2))
+    assert (G._decoder("float32")(model, 4, None, *args) == plain(model, 4, None, *args)).all()
 
 
 @functools.cache
