@@ -1,11 +1,13 @@
-"""The `jpeft` command: parses arguments and calls library functions, nothing more."""
+"""The `jpeft` command: its parser, and the entry point that runs a subcommand (`jpeft.commands`) under
+jpeft's JAX and allocator settings, turning errors into one line each."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+
+from jpeft import commands
 
 EXAMPLES = {
     "demo": "jpeft demo --out runs/demo   (or: jpeft demo --methods lora,ia3,bitfit --out runs/demo_peft)",
@@ -24,186 +26,6 @@ EXAMPLES = {
                    "--limit 200 --json\n"
                    "  jpeft forgetting --model my_llama --finetuned runs/full/model --probe wiki.jsonl"),
 }
-
-
-def unescape(text: str) -> str:
-    r"""Templates typed on a shell: `\n` and `\t` mean newline and tab."""
-    return text.replace("\\n", "\n").replace("\\t", "\t")
-
-
-def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
-    """(model, params, tokenizer) for a base HF dir plus an optional PEFT adapter dir."""
-    import jpeft
-    from jpeft.models.hf import load_tokenizer
-
-    model, params = jpeft.from_pretrained(model_dir, dtype=dtype)
-    if adapter_dir:
-        params = jpeft.load_adapter(adapter_dir, params)
-    return model, params, load_tokenizer(model_dir)
-
-
-def check_chat(args) -> None:
-    from jpeft.errors import ConfigError
-    if args.system is not None and not args.chat:
-        raise ConfigError("--system is the system message of a --chat prompt; add --chat")
-    if args.chat and getattr(args, "label", None):
-        raise ConfigError("--chat renders prompts for generation; a classifier (--label) reads its prompt as it is")
-
-
-def check_sizes(args) -> None:
-    """eval's and forgetting's --limit, --batch-size, --max-new-tokens (and forgetting's --seq-len), before any
-    model loads."""
-    from jpeft.errors import ConfigError
-    seq_len = getattr(args, "seq_len", None)
-    if args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1 or seq_len is not None and seq_len < 2:
-        also = " and --seq-len >= 2" if hasattr(args, "seq_len") else ""
-        raise ConfigError(f"need --limit >= 0 (0: every row), --batch-size >= 1, --max-new-tokens >= 1{also}; got "
-                          f"--limit {args.limit}, --batch-size {args.batch_size}, --max-new-tokens {args.max_new_tokens}"
-                          f"{f', --seq-len {seq_len}' if also else ''}")
-
-
-def cmd_demo(args) -> None:
-    from jpeft.demo import run_demo
-    run_demo(args.out, data=args.data, preset=args.preset, seed=args.seed, methods=args.methods, family=args.family,
-             replay=args.replay)
-
-
-def run_config(args):
-    """The RunConfig of `CONFIG [key=value ...]` arguments (the file is optional when all are overrides)."""
-    from jpeft.config import load_config
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not os.path.exists(config):  # only overrides were given
-        config, overrides = None, [config, *overrides]
-    overrides = [unescape(o) if o.startswith("data.prompt=") else o for o in overrides]
-    return load_config(config, overrides)
-
-
-def cmd_train(args) -> None:
-    from jpeft.train import train
-    record = train(run_config(args))
-    print(json.dumps(record))
-
-
-def cmd_plan(args) -> None:
-    import jax
-
-    from jpeft.errors import ConfigError
-    from jpeft.parallel.plan import format_plan, parse_size, plan
-    memory = None if args.device_memory is None else parse_size(args.device_memory)
-    if args.devices is not None and args.devices < 1:
-        raise ConfigError(f"--devices must be >= 1, got {args.devices}")
-    result = plan(run_config(args), jax.local_device_count() if args.devices is None else args.devices, memory)
-    print(json.dumps(result.to_dict()) if args.json else format_plan(result))
-
-
-def cmd_eval(args) -> None:
-    from jpeft.data import check_columns, load_rows
-    from jpeft.data.tokenize import template_fields
-    from jpeft.errors import ConfigError
-    from jpeft.evaluate import evaluate_classification, evaluate_generation
-    from jpeft.peft.classifier import read_labels
-
-    prompt, targets = unescape(args.prompt), [t for t in (args.target or "").split(",") if t]
-    check_sizes(args)
-    check_chat(args)
-    if args.out and os.path.isdir(args.out):
-        raise ConfigError(f"--out {args.out} is a directory; give the path of the JSON file to write")
-    rows = load_rows(args.data, "--data")
-    if args.limit:
-        rows = rows.select(range(min(args.limit, len(rows))))
-    check_columns(rows, args.data, list(dict.fromkeys(template_fields(prompt) + targets)))
-    model, params, tokenizer = load(args.model, args.adapter, args.dtype)
-    if args.label:
-        result = evaluate_classification(model, params, tokenizer, rows, prompt, args.label, args.data,
-                                         read_labels(args.adapter or args.model), args.batch_size)
-    else:
-        result = evaluate_generation(model, params, tokenizer, rows, prompt, targets, args.max_new_tokens,
-                                     args.batch_size, args.chat, args.system)
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-
-
-def cmd_generate(args) -> None:
-    from jpeft.data.chat import generation_prompts
-    from jpeft.generate import generate_text
-    check_chat(args)
-    model, params, tokenizer = load(args.model, args.adapter, args.dtype)
-    temperature = args.temperature
-    if temperature is None:  # --top-k / --top-p alone ask for sampling
-        temperature = 1.0 if args.top_k or args.top_p < 1 else 0.0
-    prompt = unescape(args.prompt)
-    if args.chat:
-        [prompt] = generation_prompts([prompt], tokenizer, args.system)
-    [text] = generate_text(model, params, tokenizer, [prompt], args.max_new_tokens,
-                           temperature=temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(text)
-
-
-def cmd_merge(args) -> None:
-    import jpeft
-    from jpeft.errors import ConfigError
-    for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
-        if os.path.exists(args.out) and os.path.samefile(args.out, source):
-            raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
-                              "reads; give a new directory")
-    model, params, _ = load(args.model, args.adapter, args.dtype)
-    hf = model.config.hf_config  # merged in float32, written in the base's own dtype (as merge_and_unload keeps it)
-    stored = args.dtype if args.dtype in ("float32", "bfloat16") else hf.get("dtype") or hf.get("torch_dtype")
-    jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model, dtype=stored or "float32")
-    print(f"merged model written to {args.out}")
-
-
-def cmd_info(args) -> None:
-    import jpeft
-    if args.methods:
-        from jpeft.config import method_options
-        from jpeft.peft.registry import BY_NAME
-        for name in BY_NAME:
-            print(f"{name}: {', '.join(f'method.{o}' for o in method_options(name)) or '(no options)'}")
-        return
-    if not args.model:
-        raise jpeft.ConfigError("info needs --model DIR (or --methods)")
-    model, params, _ = load(args.model, args.adapter)
-    cfg = model.config
-    layers = (f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder layers" if cfg.is_encoder_decoder
-              else f"{cfg.num_layers} layers")
-    positions = {"t5": f"{cfg.relative_buckets} relative-position buckets",
-                 "gpt2": "learned positions"}.get(cfg.model_type, f"rope {cfg.rope.type}")
-    print(f"architecture: {cfg.model_type} · {layers} · hidden {cfg.hidden_size} · "
-          f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
-          f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · {positions}")
-    print(jpeft.parameter_report(params))
-
-
-def cmd_bench(args) -> None:
-    from jpeft import bench
-    bench.main(args)
-
-
-def cmd_plot(args) -> None:
-    from jpeft.plot import plot_run
-    print("\n".join(plot_run(args.run_dir, args.out)))
-
-
-def cmd_compare(args) -> None:
-    from jpeft.compare import compare, format_markdown
-    table = compare(args.run_dirs, args.out, args.baseline)
-    print(json.dumps(table) if args.json else format_markdown(table))
-
-
-def cmd_forgetting(args) -> None:
-    from jpeft.forgetting import format_report, read_probes, report, tuned_params
-    check_sizes(args)
-    probes = read_probes(args.probe, "--probe", args.limit)
-    model, base, tokenizer = load(args.model, None, args.dtype)
-    tuned = tuned_params(base, args.adapter, args.finetuned, args.dtype)
-    result = report(model, base, tuned, tokenizer, probes, seq_len=args.seq_len, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens)
-    print(json.dumps(result) if args.json else format_report(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log at INFO level, and show the traceback of a file-system error")
         return p
 
-    p = command("demo", cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
+    p = command("demo", commands.cmd_demo, "Offline end to end: train a tokenizer and a small Llama on DialogSum, "
                 "fine-tune it (full and LoRA, or --methods) to summarize, score them against the base.")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--data", default=None, help="DialogSum-shaped JSONL (default: the 500-dialogue sample shipped with jpeft)")
@@ -244,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune each summarizing method with replay (a mixture in which 20%% of the examples "
                         "are the base's own pre-training task) and show what it does to forgetting")
 
-    p = command("train", cmd_train, "Train as a YAML config says; key=value pairs override it. "
+    p = command("train", commands.cmd_train, "Train as a YAML config says; key=value pairs override it. "
                 "SIGTERM (preemption) or Ctrl-C checkpoints at the next step and exits 0; re-running on the "
                 "same out_dir resumes.")
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
@@ -263,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "assistant's reply (a model tuned with data.chat)")
         p.add_argument("--system", help="with --chat: a system message before it")
 
-    p = command("eval", cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
+    p = command("eval", commands.cmd_eval, "Generate greedily for each row and score ROUGE-1/2/L/Lsum and BLEU "
                 "against one or more reference columns; or, with --label, score a classifier's accuracy and "
                 "macro-F1.")
     model_args(p)
@@ -279,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON result here")
     chat_args(p)
 
-    p = command("generate", cmd_generate, "Continue a prompt with the model (and adapter).")
+    p = command("generate", commands.cmd_generate, "Continue a prompt with the model (and adapter).")
     model_args(p)
     p.add_argument("--prompt", required=True, help=r"the text to continue; \n means newline")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
@@ -292,17 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     chat_args(p)
 
-    p = command("merge", cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
+    p = command("merge", commands.cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
     model_args(p, dtype="dtype to load, merge and write in (default: merge in float32 and write the base's own "
                         "dtype, config.json's)")
     p.add_argument("--out", required=True, help="output HF model directory")
 
-    p = command("info", cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "
+    p = command("info", commands.cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "
                 "or with --methods every method name and its options.")
     model_args(p, required=False)
     p.add_argument("--methods", action="store_true", help="list every method.name and its method.* options")
 
-    p = command("plan", cmd_plan, "Per-device memory of a training config (frozen and trainable params, "
+    p = command("plan", commands.cmd_plan, "Per-device memory of a training config (frozen and trainable params, "
                 "gradients, optimizer state, activations) from the model's config.json alone, and the largest "
                 "train.batch_size that fits a device.")
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
@@ -313,17 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory of one device, e.g. 16GiB, 95GB or 80e9: also print the largest batch that fits")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
-    p = command("bench", cmd_bench, "Train-step throughput, compile time and peak memory of jpeft "
+    p = command("bench", commands.cmd_bench, "Train-step throughput, compile time and peak memory of jpeft "
                 "(LoRA and full), optionally against HF PEFT in PyTorch.")
     from jpeft import bench
     bench.add_arguments(p)
 
-    p = command("plot", cmd_plot, "PNGs of a run's loss, learning rate, gradient norm and eval metrics "
+    p = command("plot", commands.cmd_plot, "PNGs of a run's loss, learning rate, gradient norm and eval metrics "
                 "(from its metrics.jsonl; works while the run is going).")
     p.add_argument("run_dir", help="the out_dir of a jpeft train run")
     p.add_argument("--out", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
 
-    p = command("compare", cmd_compare, "One table of finished runs (their summary.json): trainable parameters, "
+    p = command("compare", commands.cmd_compare, "One table of finished runs (their summary.json): trainable parameters, "
                 "held-out NLL, ROUGE/BLEU or accuracy/macro-F1, change vs a baseline, train time, peak memory; "
                 "printed as markdown and written to comparison.md, comparison.json and comparison.png.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="out_dirs of finished jpeft train runs")
@@ -332,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run the delta columns subtract (default: no delta columns)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON object instead")
 
-    p = command("forgetting", cmd_forgetting, "How much a fine-tune lost of what its base could do: each probe "
+    p = command("forgetting", commands.cmd_forgetting, "How much a fine-tune lost of what its base could do: each probe "
                 "file scored on the base and on the fine-tuned model, and the relative change (tuned - base) / base. "
                 "Rows with a 'text' column are scored by perplexity; rows with 'prompt' and 'target' columns by "
                 "ROUGE-L of greedy outputs (FILE:accuracy: exact match; FILE:perplexity: the target's given the "
