@@ -1,5 +1,6 @@
-"""Where a run's numbers go: `metrics.jsonl` (one JSON object per logged step) and TensorBoard
-event files in `tensorboard/` beside it (tensorboardX: no TensorFlow needed).
+"""What a run logs and where it goes: each record's losses over the steps since the last (`Window`), to
+`metrics.jsonl` (one JSON object per logged step) and TensorBoard event files in `tensorboard/` beside
+it (tensorboardX: no TensorFlow needed).
 
 A resumed run drops the lines past its checkpoint and asks TensorBoard to hide the points
 past it (`purge_step`), so both show one history. In a multi-host job only process 0 writes.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import numbers
 import os
+
+import numpy as np
 
 
 class MetricsLog:
@@ -44,3 +47,26 @@ class MetricsLog:
         if self.file is not None:
             self.file.close()
             self.board.close()
+
+
+class Window:
+    """The losses logged at a step, over the steps since the last log, as transformers' Trainer logs them:
+    `loss` the mean of those steps' losses, `loss_<task>` each task's loss over its tokens there. A step whose
+    update was skipped (non-finite) is left out."""
+
+    def __init__(self, tasks):
+        self.tasks, self.loss, self.steps = tasks, 0.0, 0
+        self.task_loss, self.task_tokens = np.zeros(len(tasks)), np.zeros(len(tasks))
+
+    def add(self, out: dict) -> None:
+        self.loss, self.steps = self.loss + float(out["loss"]), self.steps + 1
+        if "task_loss" in out:  # a mixture's
+            self.task_loss, self.task_tokens = self.task_loss + out["task_loss"], self.task_tokens + out["task_tokens"]
+
+    def losses(self, out: dict) -> dict:
+        """{"loss", "loss_<task>" ...}; with no finite step since the last log, the logged step's own loss."""
+        record = {"loss": self.loss / self.steps if self.steps else float(out["loss"])}
+        for task, loss, count in zip(self.tasks, self.task_loss, self.task_tokens):
+            if count:
+                record[f"loss_{task.name}"] = float(loss / count)
+        return record

@@ -41,7 +41,7 @@ from jpeft.peft.classifier import Classifier, hf_unsupported, label_config, save
 from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
-from jpeft.train.metrics import MetricsLog
+from jpeft.train.metrics import MetricsLog, Window
 from jpeft.train.optimizer import adamw, applied_updates, lora_plus, schedule
 from jpeft.train.stop import StopRequests
 from jpeft.train.step import init_state, make_eval_step, make_train_step
@@ -340,29 +340,6 @@ def _gathered(params, mask, whole: bool):
 def _accumulated_rows(rows: slice, batch_size: int, accum: int) -> np.ndarray:
     """This process's rows of a [grad_accum * batch] draw, as they fall in each micro-batch."""
     return np.concatenate([np.arange(rows.start, rows.stop) + i * batch_size for i in range(accum)])
-
-
-class Window:
-    """The losses logged at a step, over the steps since the last log, as transformers' Trainer logs them:
-    `loss` the mean of those steps' losses, `loss_<task>` each task's loss over its tokens there. A step whose
-    update was skipped (non-finite) is left out."""
-
-    def __init__(self, tasks):
-        self.tasks, self.loss, self.steps = tasks, 0.0, 0
-        self.task_loss, self.task_tokens = np.zeros(len(tasks)), np.zeros(len(tasks))
-
-    def add(self, out: dict) -> None:
-        self.loss, self.steps = self.loss + float(out["loss"]), self.steps + 1
-        if "task_loss" in out:  # a mixture's
-            self.task_loss, self.task_tokens = self.task_loss + out["task_loss"], self.task_tokens + out["task_tokens"]
-
-    def losses(self, out: dict) -> dict:
-        """{"loss", "loss_<task>" ...}; with no finite step since the last log, the logged step's own loss."""
-        record = {"loss": self.loss / self.steps if self.steps else float(out["loss"])}
-        for task, loss, count in zip(self.tasks, self.task_loss, self.task_tokens):
-            if count:
-                record[f"loss_{task.name}"] = float(loss / count)
-        return record
 
 
 def _non_finite(cfg: RunConfig, step: int, out: dict, skipped: int, mngr) -> int:
