@@ -14,10 +14,13 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gem
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 QK_NORM_TYPES = ("qwen3", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
 ROPE_TYPES = ("default", "linear", "llama3")
 SLIDING, FULL = "sliding_attention", "full_attention"
 # config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
+# Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
+# Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", *GEMMA_TYPES),
     "mlp_bias": ("llama",),
@@ -128,6 +131,10 @@ class ModelConfig:
             return hf[key]
 
         model_type = hf.get("model_type")
+        if model_type == "gemma3" and "text_config" in hf:
+            raise CheckpointError(f"{source}: a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); jpeft "
+                                  "reads the text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text): load "
+                                  "the text model alone in transformers and save it, or use a text-only checkpoint")
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
@@ -138,7 +145,8 @@ class ModelConfig:
         if model_type == "gpt2":
             return _gpt2(hf, source, need).replace(pad_token_id=pad)
         gemma = model_type in GEMMA_TYPES
-        own = lambda key, default=None: hf.get(key, default) if model_type in FAMILY_FIELDS[key] else default
+        family = _family_config(hf, source)
+        own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
         act = _activation(hf, model_type)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
@@ -146,14 +154,14 @@ class ModelConfig:
             raise CheckpointError(f"{source}: use_bidirectional_attention is true (an embedding model's encoder); "
                                   "jpeft runs causal decoders only")
         layers = need("num_hidden_layers")
-        layer_types = _layer_types(hf)
+        layer_types = tuple(hf.get("layer_types") or getattr(family, "layer_types", None) or ())
         if len(layer_types) not in (0, layers) or set(layer_types) - {SLIDING, FULL}:
             raise CheckpointError(f"{source}: layer_types must list {SLIDING!r} or {FULL!r} for each of the "
                                   f"{layers} layers, got {list(layer_types)}")
-        rope, local_rope = _ropes(hf, source)
+        rope, local_rope = _ropes(family.rope_parameters, hf, source)
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        bias = bool(own("attention_bias", False))
+        bias = bool(own("attention_bias"))
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -169,9 +177,9 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
-            mlp_bias=bool(own("mlp_bias", False)),
+            mlp_bias=bool(own("mlp_bias")),
             hidden_act=act,
-            sliding_window=own("sliding_window") if hf.get("use_sliding_window", True) else None,
+            sliding_window=own("sliding_window"),
             layer_types=layer_types,
             norm_plus_one=gemma,
             embed_scale=gemma,
@@ -223,8 +231,8 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         if bool(hf.get(key, default)) != default:
             raise CheckpointError(f"{source}: {key}={hf[key]} is not supported; jpeft scales GPT-2's attention "
                                   f"by its default 1/sqrt(head_dim) ({key}={default})")
-    act = {"gelu_new": "gelu_pytorch_tanh"}.get(hf.get("activation_function", "gelu_new"),
-                                                hf.get("activation_function"))
+    act = hf.get("activation_function", "gelu_new")
+    act = ACTIVATION_ALIASES.get(act, act)
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{source}: activation_function {act!r} is not supported")
     hidden, heads = need("n_embd"), need("n_head")
@@ -241,34 +249,35 @@ def _activation(hf: dict, model_type: str) -> str:
     """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`,
     the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too."""
     if model_type in ("gemma2", "gemma3_text"):
-        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    if model_type == "gemma":
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    elif model_type == "gemma":
         act = hf.get("hidden_act", "gelu_pytorch_tanh")
-        return "gelu_pytorch_tanh" if act == "gelu" else act
-    return hf.get("hidden_act", "silu")
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_act", "silu")
+    return ACTIVATION_ALIASES.get(act, act)
 
 
-def _layer_types(hf: dict) -> tuple[str, ...]:
-    """Each layer's attention kind; where the file leaves them out (older Qwen2/3 and Gemma 2/3 files),
-    the family's own transformers config derives them, so they cannot drift from its rule."""
-    if hf.get("layer_types") or hf["model_type"] in ("llama", "mistral", "gemma"):
-        return tuple(hf.get("layer_types") or ())
+def _family_config(hf: dict, source: str):
+    """The family's transformers config of this config.json: the defaults of fields the file leaves out, its
+    layer kinds (derived in older Qwen2/3 and Gemma 2/3 files) and its RoPE as transformers resolves it, so
+    none of them can drift from the family's own rules."""
     from transformers import AutoConfig
-    return tuple(AutoConfig.for_model(**hf).layer_types)
+    try:
+        return AutoConfig.for_model(**hf)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None
 
 
-def _ropes(hf: dict, source: str) -> tuple[Rope, Rope | None]:
-    """The global rope and (Gemma 3) the sliding layers' own. transformers 5 writes `rope_parameters`
-    (per layer type where they differ), older files `rope_theta` + `rope_scaling` (+ `rope_local_base_freq`)."""
-    if hf["model_type"] == "gemma3_text":  # its defaults per layer kind (1e6 global, 1e4 local) and legacy fields
-        from transformers import AutoConfig
-        hf = {**hf, "rope_parameters": AutoConfig.for_model(**hf).rope_parameters}
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+def _ropes(params: dict | None, hf: dict, source: str) -> tuple[Rope, Rope | None]:
+    """The global rope and (Gemma 3) the sliding layers' own, from the family config's `rope_parameters`:
+    transformers reads a file's `rope_scaling` before its `rope_parameters`, fills llama3's original length
+    from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local)."""
+    params = dict(params or {})
     if FULL in params or SLIDING in params:
         full, local = params.get(FULL) or {}, params.get(SLIDING)
         return _rope(full, hf, source), None if local is None else _rope(local, hf, source)
-    local = hf.get("rope_local_base_freq")
-    return _rope(params, hf, source), None if local is None else Rope(theta=local)
+    return _rope(params, hf, source), None
 
 
 def _rope(params: dict, hf: dict, source: str) -> Rope:
@@ -279,7 +288,8 @@ def _rope(params: dict, hf: dict, source: str) -> Rope:
     return Rope(theta=params.get("rope_theta", hf.get("rope_theta", 10000.0)), type=rope_type,
                 factor=params.get("factor", 1.0), low_freq_factor=params.get("low_freq_factor", 1.0),
                 high_freq_factor=params.get("high_freq_factor", 4.0),
-                original_max_positions=params.get("original_max_position_embeddings", 8192))
+                original_max_positions=params.get("original_max_position_embeddings",
+                                                  hf.get("max_position_embeddings", 8192)))
 
 
 def read_config(path: str) -> ModelConfig:

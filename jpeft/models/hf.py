@@ -141,9 +141,11 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
     index = _weight_index(model_dir, family(cfg).base_prefix)
-    if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds its own (as transformers)
-        cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index)
-    elif cfg.tie_word_embeddings and _own_head(index, hf_names(family(cfg).embedding_path, 1)[0]):
+    own_head = cfg.tie_word_embeddings and _own_head(index, hf_names(family(cfg).embedding_path, 1)[0])
+    if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds a head of its own
+        # (as transformers: none at all, or a tied config's exact copy of the embedding, is the embedding)
+        cfg = cfg.replace(tie_word_embeddings="lm_head.weight" not in index or cfg.tie_word_embeddings and not own_head)
+    elif own_head:
         log.warning("%s: config.json ties the LM head to the token embedding, but the weights hold an "
                     "lm_head.weight of their own that differs from it; using it, as transformers does (set "
                     "tie_word_embeddings to false in config.json to silence this)", model_dir)

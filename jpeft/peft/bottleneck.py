@@ -162,7 +162,7 @@ def settings(modules: dict) -> dict:
             "activation": list(activations())[index.pop()], "scale": scale.pop()}
 
 
-def to_peft(modules: dict, names) -> tuple[dict, dict]:
+def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """Each layer's projections as torch.nn.Linear tensors, and the settings that say how they apply."""
     tensors = {}
     for path, leaves in modules.items():

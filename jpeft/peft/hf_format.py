@@ -3,8 +3,8 @@
 Methods PEFT has (LoRA and its variants, IA3, prompt tuning, prefix tuning, adaption prompts)
 are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
-method's file holds its own mapping (`to_peft(modules, names)` / `from_peft`, found through the
-method's `peft_type`; `names` are every module of the base, so `target_modules` select exactly the
+method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
+method's `peft_type`; `tree` is every module of the base, so `target_modules` select exactly the
 adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
 the same style (see `bottleneck.py`); methods that train base leaves (BitFit, norm tuning) use
 `peft_type` "JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
@@ -96,8 +96,7 @@ def _peft(params):
         what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
         raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
     cls = CLASSES[found[0]]
-    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)},
-                                                      module_names(grouped))
+    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)}, grouped)
     tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
     task = "SEQ_2_SEQ_LM" if {"encoder", "decoder"} <= set(params) else "CAUSAL_LM"

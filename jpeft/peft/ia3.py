@@ -15,7 +15,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, hf_module, layer_names, leading,
-                             refuse_second_init, saved_base_weight, targeted_layers)
+                             matches, module_names, refuse_second_init, saved_base_weight, targeted_layers)
 
 
 class IA3(Method):
@@ -47,7 +47,7 @@ class IA3(Method):
                 raise JpeftError(f"IA3 targets {self.targets!r} pick only some layers of {hf_module(path)}; "
                                  "IA3 adapts whole layer stacks (use LoRA for layer selection)")
             refuse_second_init(self, path, leaves, self.trainable)
-            is_ff = any(targeted_layers(path, lead[0] if lead else 1, self.feedforward))
+            is_ff = any(is_feedforward(name, self.feedforward) for name in layer_names(path, lead[0] if lead else 1))
             d_in, d_out = leaves["kernel"].shape[-2:]
             name, size = ("ia3_in", d_in) if is_ff else ("ia3_out", d_out)
             grouped[path] = {**leaves, name: jnp.ones((*lead, size), jnp.float32)}
@@ -79,9 +79,15 @@ class IA3(Method):
         return out
 
 
-def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
+def is_feedforward(name: str, entries: Sequence[str] | str) -> bool:
+    """PEFT's rule for `feedforward_modules`: a string is a regex the whole module name matches; a list entry
+    is a plain ending of it (T5's `o` picks `wo` too), not a dotted suffix as target_modules are."""
+    return matches(name, entries) if isinstance(entries, str) else any(name.endswith(e) for e in entries)
+
+
+def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT's `ia3_l` tensors: (1, in) for feedforward modules, (out, 1) for the others. The targets select
-    exactly the adapted modules among the tree's `names`, and the feedforward entries (a subset of them,
+    exactly the adapted modules among the grouped `tree`'s, and the feedforward entries (a subset of them,
     which PEFT also matches as plain name endings) exactly the feedforward ones."""
     tensors, scaled, feedforward = {}, [], []
     for path, leaves in modules.items():
@@ -92,8 +98,8 @@ def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
             v = vec[i] if vec.ndim == 2 else vec
             tensors[f"{name}.ia3_l"] = v[None, :] if ff else v[:, None]
         (feedforward if ff else scaled).extend(layers)
-    ends = lambda name, suffixes: any(name.endswith(s) for s in suffixes)
-    ff_entries = exact_targets(feedforward, names, ends)
+    names = module_names(tree)
+    ff_entries = exact_targets(feedforward, names, is_feedforward)
     entries = exact_targets(scaled, set(names) - set(feedforward))
     return tensors, {"target_modules": sorted({*entries, *ff_entries}), "feedforward_modules": ff_entries,
                      "fan_in_fan_out": any(hf_module(p).rsplit(".", 1)[-1] in CONV1D for p in modules),

@@ -112,7 +112,7 @@ def _adapted(path: str, leaves: dict):
     return [(i, name) for i, name in enumerate(layer_names(path, on.size)) if on[i]], prompt, gate
 
 
-def to_peft(modules: dict, names) -> tuple[dict, dict]:
+def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT's per-layer `adaption_prompt` [1, len, D] and `adaption_gate` [1] of the adapted layers."""
     tensors, lengths, counts, names = {}, set(), set(), set()
     for path, leaves in modules.items():

@@ -27,7 +27,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, exact_targets, hf_module, layer_index,
-                             layer_names, leading, linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight,
+                             layer_names, leading, module_names, linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight,
                              targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
@@ -135,15 +135,15 @@ class LoRA(Method):
         scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
                              for n, p in zip(names, picked)], jnp.float32).reshape(lead)
         embedding = "embedding" in leaves
-        if embedding and (self.use_dora or self.init_scheme in ("pissa", "olora")):
-            raise JpeftError(f"{hf_module(path)}: DoRA, PiSSA and OLoRA apply to dense layers, not to embeddings")
+        if embedding and self.use_dora:
+            raise JpeftError(f"{hf_module(path)}: DoRA applies to dense layers, not to embeddings")
         if is_quantized(leaves) and self.init_scheme in ("pissa", "olora"):
             raise JpeftError(f"{hf_module(path)}: {self.init_scheme} rewrites the base weight; it cannot start "
                              "from a quantized one")
         w = leaves["embedding"] if embedding else _weight(leaves)
         d_in, d_out = w.shape[-2:]
         out = dict(leaves)
-        if embedding:  # PEFT: A zero, B normal for embeddings
+        if embedding:  # PEFT: A zero, B normal for embeddings, whatever the dense layers' init (PiSSA, OLoRA)
             a = jnp.zeros((*lead, d_in, rank), jnp.float32)
             b = jax.random.normal(key, (*lead, rank, d_out), jnp.float32)
         elif self.init_scheme in ("pissa", "olora"):
@@ -259,9 +259,8 @@ def _per_layer(value, i: int, stacked: bool):
     return np.asarray(value[i] if stacked else value)
 
 
-def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
-    """PEFT tensors and config fields for the LoRA modules of a tree whose modules are `names`
-    (`module_names`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
+def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
+    """PEFT tensors and config fields for the LoRA `modules` of a grouped `tree` (`T.modules`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
     applies to the original base."""
     tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
     for path, leaves in modules.items():
@@ -298,6 +297,7 @@ def to_peft(modules: dict, names: Sequence[str]) -> tuple[dict, dict]:
               "init_lora_weights": True,
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
+    names = module_names(tree)
     if whole:
         config["target_modules"] = exact_targets(entries, names)
     elif len(layer_sets) == 1 and stacked_only:

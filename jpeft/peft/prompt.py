@@ -118,7 +118,7 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
-def to_peft(modules: dict, names) -> tuple[dict, dict]:
+def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT's `prompt_embeddings` [submodules·n, D]: one prompt (PEFT's prompt tuning has no tasks)."""
     ((path, leaves),) = modules.items()
     prompts = np.asarray(leaves["soft_prompt"], np.float32)

@@ -92,6 +92,18 @@ FILE_FIELDS = {
         rope_parameters=None, attn_logit_softcapping=0.02)),
     "gemma3-legacy-rope-no-local-base": ("gemma3_text", GEMMA3, dict(
         rope_parameters=None, rope_theta=50000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # a model card's rope_scaling added to a transformers-5 file: transformers reads it before rope_parameters
+    "llama-rope-scaling-over-rope-parameters": ("llama", {}, dict(rope_scaling={"type": "linear", "factor": 4.0})),
+    "llama3-original-length-from-max-positions": ("llama", dict(max_position_embeddings=16), dict(
+        rope_parameters=None, rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=None))),
+    "gemma2-family-defaults": ("gemma2", GEMMA2, dict(
+        query_pre_attn_scalar=None, attn_logit_softcapping=None, final_logit_softcapping=None)),
+    "gemma3-default-query-scalar": ("gemma3_text", GEMMA3, dict(query_pre_attn_scalar=None)),
+    "mistral-ignores-local-rope-and-use-sliding-window": ("mistral", dict(sliding_window=4), dict(
+        rope_local_base_freq=100.0, use_sliding_window=False)),
+    "gemma2-ignores-use-sliding-window-and-local-rope": ("gemma2", GEMMA2, dict(
+        use_sliding_window=False, rope_local_base_freq=100.0)),
+    "llama-swish-and-gelu-new-names": ("llama", {}, dict(hidden_act="swish")),
 }
 
 
@@ -101,6 +113,7 @@ def test_config_fields_read_as_transformers_reads_them(case, tmp_path):
     path = save_hf_model(make_hf_model(model_type, **overrides), tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     hf.update(fields)
+    hf = {k: {i: j for i, j in v.items() if j is not None} if isinstance(v, dict) else v for k, v in hf.items()}
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model, params = jpeft.from_pretrained(path)
@@ -115,6 +128,27 @@ def test_gemma_legacy_gelu_is_the_tanh_gelu():
     hf = dict(make_hf_model("gemma", head_dim=8).config.to_dict(), hidden_act="gelu")
     assert ModelConfig.from_hf(hf).hidden_act == "gelu_pytorch_tanh"
     assert ModelConfig.from_hf(dict(hf, model_type="llama")).hidden_act == "gelu"
+
+
+def test_transformers_names_for_the_same_activations():
+    hf = make_hf_model("llama").config.to_dict()
+    assert ModelConfig.from_hf(dict(hf, hidden_act="gelu_new")).hidden_act == "gelu_pytorch_tanh"
+    assert ModelConfig.from_hf(dict(hf, hidden_act="swish")).hidden_act == "silu"
+    gpt2 = make_hf_model("gpt2", **GPT2).config.to_dict()
+    assert ModelConfig.from_hf(dict(gpt2, activation_function="swish")).hidden_act == "silu"
+
+
+def test_rope_scaling_transformers_reads_first_is_refused_where_unsupported():
+    """A yarn rope_scaling beside a default rope_parameters is what transformers runs, so it is refused."""
+    hf = dict(make_hf_model("qwen2").config.to_dict(), rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(jpeft.CheckpointError, match="rope type 'yarn' is not supported"):
+        ModelConfig.from_hf(hf)
+
+
+def test_multimodal_gemma3_is_refused_naming_the_text_model():
+    hf = {"model_type": "gemma3", "text_config": make_hf_model("gemma3_text", **GEMMA3).config.to_dict()}
+    with pytest.raises(jpeft.CheckpointError, match="text-only Gemma 3"):
+        ModelConfig.from_hf(hf)
 
 
 @pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])

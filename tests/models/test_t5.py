@@ -40,6 +40,22 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(jax_logits(model, params, *batch), torch_logits(ref, *batch), atol=2e-4, rtol=0)
 
 
+def test_a_tied_files_exact_copy_of_the_embedding_is_the_tied_head(tmp_path):
+    """T5 v1.0 converted with every tensor name kept: its lm_head.weight is shared.weight again, and transformers
+    ties the two into one matrix; so does jpeft (full fine-tuning trains one table, a merge reaches both)."""
+    from safetensors.numpy import load_file, save_file
+    _, model_dir = make_t5(tmp_path, "t5-v1.0")
+    weights = load_file(f"{model_dir}/model.safetensors")
+    save_file({**weights, "lm_head.weight": weights["shared.weight"].copy()}, f"{model_dir}/model.safetensors",
+              metadata={"format": "pt"})
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(model_dir)
+    assert ref.lm_head.weight.data_ptr() == ref.shared.weight.data_ptr()
+    model, params = jpeft.from_pretrained(model_dir)
+    assert model.config.tie_word_embeddings and "lm_head" not in params
+    batch = rows()
+    np.testing.assert_allclose(jax_logits(model, params, *batch), torch_logits(ref.eval(), *batch), atol=2e-4, rtol=0)
+
+
 def test_decoder_rows_longer_than_an_attention_block_match_transformers(tmp_path):
     ref, model_dir = make_t5(tmp_path, "flan-t5")
     model, params = jpeft.from_pretrained(model_dir)

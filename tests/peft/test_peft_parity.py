@@ -112,10 +112,11 @@ def test_pissa_olora_init_as_peft_and_saved_for_the_original_base(tmp_path, sche
     torch_model = make_hf_model("llama")
     path = save_hf_model(torch_model, tmp_path / "base")
     original = {n: p.detach().clone() for n, p in torch_model.named_parameters()}
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=scheme)
+    targets = ["q_proj", "down_proj", "embed_tokens"]  # the embedding gets PEFT's plain embedding init
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=scheme)
     peft_model = peft.get_peft_model(make_hf_model("llama"), config)  # a copy of the same weights (same seed)
     model, params = jpeft.from_pretrained(path)
-    adapted = jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "down_proj"], init=scheme).init(jax.random.key(0), params)
+    adapted = jpeft.LoRA(rank=4, alpha=8, targets=targets, init=scheme).init(jax.random.key(0), params)
     q = adapted["model"]["layers"]["self_attn"]["q_proj"]
     for i in range(2):
         layer = peft_model.base_model.model.model.layers[i].self_attn.q_proj
@@ -224,6 +225,31 @@ def test_t5_adapter_round_trip(tmp_path, method):
                                rtol=0)
     merged = jpeft.merge(adapted)
     np.testing.assert_allclose(t5_logits(model, merged, *batch), t5_logits(model, adapted, *batch), atol=1e-4, rtol=0)
+
+
+def test_ia3_feedforward_entries_are_plain_name_endings_as_in_peft(tmp_path):
+    """PEFT reads a feedforward_modules list entry as a plain ending, not a dotted suffix: on T5 "o" makes
+    `DenseReluDense.wo` feed-forward too (its ia3_l scales the input)."""
+    ref, model_dir = make_t5(tmp_path / "base", "flan-t5")
+    targets, feedforward = r".*(SelfAttention\.(k|v|o)|wo)", ["o"]
+    peft_model = peft.get_peft_model(ref, peft.IA3Config(task_type="SEQ_2_SEQ_LM", target_modules=targets,
+                                                         feedforward_modules=feedforward)).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(model_dir)
+    loaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    rng = np.random.RandomState(0)
+    batch = rng.randint(2, 97, (2, 11)), rng.randint(2, 97, (2, 7))
+    np.testing.assert_allclose(t5_logits(model, loaded, *batch), torch_t5_logits(peft_model, *batch), atol=2e-4,
+                               rtol=0)
+    peft_inputs = {n.removeprefix("base_model.model.").removesuffix(".ia3_l.default")
+                   for n, p in peft_model.named_parameters() if "ia3_l" in n and p.shape[0] == 1}
+    ours = jpeft.IA3(targets, feedforward).init(None, params)
+    assert {n for path, leaves in T.modules(ours).items() if "ia3_in" in leaves
+            for n in layer_names(path, np.shape(leaves["ia3_in"])[0])} == peft_inputs
 
 
 GPT2_ADAPTERS = {

@@ -91,6 +91,18 @@ def test_jpeft_written_adapter_gives_the_same_logits_in_peft(tmp_path, base, nam
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-6, rtol=0)
 
 
+def test_a_gqa_prefix_loads_in_peft_where_config_json_has_no_head_dim(tmp_path):
+    """Qwen2 files give no head_dim: PEFT derives it from the adapter's token_dim and the model's heads."""
+    import json
+    path = save_hf_model(make_hf_model("qwen2"), tmp_path / "qwen2")  # 4 heads, 2 of keys/values
+    assert "head_dim" not in json.loads((tmp_path / "qwen2" / "config.json").read_text())
+    model, params = jpeft.from_pretrained(path)
+    adapted = nonzero(METHODS["prefix"]().init(jax.random.key(1), params), "prefix", jax.random.key(2))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(path), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, "prefix"), jax_logits(model, adapted), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
 def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
     """The reference is greedy decoding through PeftModel's forward pass. PeftModel.generate with its KV
