@@ -27,6 +27,16 @@ METHODS = (
     Bottleneck,
     Classifier,
 )
+# A run config's method options where it names no targets and the family calls its projections otherwise than
+# Llama: PEFT's own defaults for the family (peft.utils.constants), and BitFit's every projection.
+FAMILY_DEFAULTS = {
+    "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]},
+           "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
+           "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
+    "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]},
+             "ia3": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
+             "bitfit": {"targets": ["c_attn", "c_proj", "c_fc"]}},
+}
 BY_NAME = {cls.name: cls for cls in (
     Full,
     LoRA,

@@ -32,7 +32,7 @@ from jpeft.data.tasks import mixture_batches
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.generate import require_prompt_room
-from jpeft.models.config import ModelConfig, model_dropout
+from jpeft.models.config import ModelConfig, model_dropout, read_config
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, load_tokenizer, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
@@ -40,6 +40,7 @@ from jpeft.peft import BY_NAME, count_parameters, parameter_report, sites
 from jpeft.peft.classifier import Classifier, hf_unsupported, label_config, save_label_config, split_head
 from jpeft.peft.hf_format import save_adapter
 from jpeft.peft.quant import QUANT_LEAVES
+from jpeft.peft.registry import FAMILY_DEFAULTS
 from jpeft.train import checkpoint
 from jpeft.train.metrics import MetricsLog, Window
 from jpeft.train.optimizer import adamw, applied_updates, lora_plus, schedule
@@ -51,8 +52,10 @@ BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapte
 
 
 def build_method(cfg: RunConfig, labels: list[str] | None = None):
-    """The configured method; a classifier also gets its class names (`class_labels`)."""
-    options = method_kwargs(cfg.method)
+    """The configured method, its unset options defaulted for the base's family (`FAMILY_DEFAULTS`: T5's and
+    GPT-2's projection names); a classifier also gets its class names (`class_labels`)."""
+    model_type = read_config(os.path.join(cfg.model.path, "config.json")).model_type
+    options = {**FAMILY_DEFAULTS.get(model_type, {}).get(cfg.method.name, {}), **method_kwargs(cfg.method)}
     if "init_text" in options:  # prompt tuning from a text: tokenized by the base model's tokenizer
         options["tokenizer"] = cfg.model.path
     if labels is not None:
