@@ -37,7 +37,7 @@ SIDES = {"jpeft": ("jpeft", "compile_s", "peak_rss_mb", "peak_device_mb", "train
                      "hf_peft_trainable_params", "hf_peft_total_params")}
 SUMMARY_KEYS = ("roofline", "compile_s_by_layers", "settings")  # the result's keys that are not rows
 COLUMNS = (("row", "<11"), ("side", "<9"), ("tok/s median [min–max]", ">28"), ("TFLOP/s", ">9"), ("roofline", ">10"),
-           ("of best", ">9"), ("MFU", ">7"), ("first step s", ">14"), ("peak MB", ">9"), ("frozen MB", ">11"),
+           ("of best", ">9"), ("MFU", ">7"), ("first step s", ">14"), ("peak MiB", ">10"), ("frozen MiB", ">12"),
            ("trainable", ">13"), ("total", ">13"), ("jpeft/hf", ">10"))
 
 
@@ -214,8 +214,8 @@ def _footer(result: dict) -> list:
               or "not measured (--compile-depths none)")
     flags = " ".join(s["cpu_flags"]) or "none (or no /proc/cpuinfo)"
     torch = f"; torch {s['torch']} on {s['torch_device']}, {s['torch_threads']} threads" if "torch" in s else ""
-    memory = ("peak MB: the accelerator memory each side held at its peak (jax memory_stats, torch "
-              "max_memory_allocated)" if s["platform"] != "cpu" else "peak MB: each process's peak RSS (ru_maxrss)")
+    memory = ("peak MiB: the accelerator memory each side held at its peak (jax memory_stats, torch "
+              "max_memory_allocated)" if s["platform"] != "cpu" else "peak MiB: each process's peak RSS (ru_maxrss)")
     lines = [
         f"model: vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads "
         f"({s['kv_heads']} kv), mlp {s['mlp']}, batch {s['batch']}x{s['seq']}, dtype {s['dtype']}, "

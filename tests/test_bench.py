@@ -158,7 +158,7 @@ def test_qlora_mode_stores_the_frozen_base_in_a_fraction_of_bf16():
     lora, qlora = result["lora_bf16"], result["qlora_bf16"]
     assert qlora["trainable_params"] == lora["trainable_params"] and qlora["total_params"] == lora["total_params"]
     assert qlora["frozen_mb"] < 0.5 * lora["frozen_mb"]  # layers in NF4; the embedding stays bf16
-    assert "frozen MB" in format_table(result)
+    assert "frozen MiB" in format_table(result)
 
 
 def test_load_bench_loads_the_same_values_both_ways_and_sharded_costs_no_more():

@@ -44,7 +44,9 @@ PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.
 UNHONOURED = {"modules_to_save": None, "layer_replication": None,
               "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-              "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None}
+              "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None,
+              # LoRA variants with leaves or base rewrites of their own (KaSA, BD-LoRA, VeLoRA, MonteCLoRA)
+              "kasa_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None}
 
 
 class Tensors:
@@ -145,6 +147,9 @@ def read_adapter_config(adapter_dir: str) -> dict:
                            f"{', '.join(PEFT_FAMILIES)} adapters and its own (JPEFT)")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config.get('bias')!r} adapters are not supported; use bias='none'")
+    if config.get("task_type") == "SEQ_CLS" and peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT"):
+        raise AdapterError(f"{path}: a {peft_type} adapter for sequence classification (task_type SEQ_CLS) is not "
+                           "supported; jpeft reads classifiers trained with LoRA or IA3 beside the head")
     head = config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= set(
         classifier.PEFT_HEAD_MODULES)  # what PEFT saves of a classifier: its head, which jpeft reads as one
     for key, neutral in UNHONOURED.items():

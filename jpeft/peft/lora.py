@@ -313,6 +313,9 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     """The tree's modules with LoRA leaves read from a PEFT state dict (`tensors.take(key)`)."""
     layers = config.get("layers_to_transform")
     init = config.get("init_lora_weights", True)
+    if init == "mica":
+        raise AdapterError("init_lora_weights='mica' cannot be honoured by jpeft, and PEFT cannot convert it to a "
+                           "plain LoRA either; retrain with another init")
     if init not in PEFT_INITS:
         raise AdapterError(f"init_lora_weights={init!r}: PEFT rewrites the base weights with it when it loads the "
                            "adapter, which jpeft cannot reproduce; save it from PEFT with "

@@ -139,6 +139,18 @@ def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
     edit_config(adapter, lora_bias=True)
     with pytest.raises(jpeft.AdapterError, match="lora_bias=True cannot be honoured"):
         jpeft.load_adapter(str(adapter), params)
+    for field, value in (("use_bdlora", {"target_modules_bd_a": ["o_proj"]}), ("kasa_config", {"r": 2})):
+        edit_config(adapter, lora_bias=False, **{field: value})  # variants whose leaves a plain LoRA file lacks
+        with pytest.raises(jpeft.AdapterError, match=f"{field}=.* cannot be honoured"):
+            jpeft.load_adapter(str(adapter), params)
+        edit_config(adapter, **{field: None})
+    edit_config(adapter, init_lora_weights="mica")
+    with pytest.raises(jpeft.AdapterError, match="'mica' cannot be honoured.*retrain"):
+        jpeft.load_adapter(str(adapter), params)
+    edit_config(adapter, init_lora_weights=True, peft_type="PROMPT_TUNING", task_type="SEQ_CLS")
+    with pytest.raises(jpeft.AdapterError, match="PROMPT_TUNING adapter for sequence classification"):
+        jpeft.load_adapter(str(adapter), params)
+    edit_config(adapter, peft_type="LORA", task_type="CAUSAL_LM")
     edit_config(adapter, lora_bias=False, fan_in_fan_out=True)  # the torch base's layout, not the adapter's math
     flagged = T.flatten(jpeft.load_adapter(str(adapter), params))
     assert flagged.keys() == as_written.keys() and "model/layers/self_attn/q_proj/lora_a" in flagged
