@@ -325,6 +325,11 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
         expected = _with_score(expected, cfg.hidden_size, labels)
     if leaves != set(expected):
         odd = sorted(leaves ^ set(expected))
+        if biases := sorted({p.split("/")[-2] for p in leaves - set(expected)
+                             if p.endswith("/bias")}):
+            raise CheckpointError(f"transformers' {cfg.model_type} has no biases on {', '.join(biases)} (its "
+                                  "config.json has no switch for them), so a checkpoint cannot hold these; keep "
+                                  "BitFit's adapter dir, or train BitFit on projections the family has biases for")
         raise CheckpointError(f"the tree does not fit a {cfg.model_type} checkpoint: {', '.join(odd[:4])}"
                               f"{' ...' if len(odd) > 4 else ''} (merge adapters first; biases must cover all "
                               "attention or all MLP projections)")

@@ -158,6 +158,13 @@ def test_bitfit_biases_export_as_an_hf_checkpoint(tmp_path, family, targets):
         jpeft.save_pretrained(str(tmp_path / "bad"), model, partial)
 
 
+def test_biases_a_family_has_no_switch_for_are_named(tmp_path):
+    """Qwen3's config.json has attention_bias but no mlp_bias: BitFit's MLP biases cannot go into a checkpoint."""
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("qwen3", **FAMILIES["qwen3"]), tmp_path / "b"))
+    with pytest.raises(jpeft.CheckpointError, match="qwen3 has no biases on down_proj, gate_proj, up_proj"):
+        jpeft.save_pretrained(str(tmp_path / "out"), model, jpeft.merge(jpeft.BitFit().init(jax.random.key(0), params)))
+
+
 FAMILY_METHODS = {
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]), ("lora_b",)),
