@@ -59,6 +59,11 @@ class Tensors:
 
     def take(self, key: str) -> np.ndarray:
         if key not in self.left:
+            prefix, _, rest = key.partition(".")
+            if rest in self.left:
+                raise AdapterError(f"{self.source}: its modules are named without '{prefix}.' ('{rest}'): the "
+                                   "adapter was trained on the headless base (transformers' AutoModel); jpeft loads "
+                                   f"adapters of the model with its head, whose names start '{prefix}.'")
             raise AdapterError(f"{self.source}: missing key '{key}'; the adapter does not cover every module its "
                                "target_modules names (or it was trained on a different base model)")
         return self.left.pop(key)
@@ -188,6 +193,9 @@ def load_adapter(adapter_dir: str, base_params):
             loaded = classifier.read_head(tensors, loaded)
     if tensors.left:
         keys = sorted(tensors.left)
+        if any(k.startswith(("encoder.embed_tokens.", "decoder.embed_tokens.")) for k in keys):
+            raise AdapterError(f"{weights_path}: LoRA on each T5 stack's embed_tokens ({', '.join(keys[:2])}); jpeft's "
+                               "T5 has one token embedding (`shared`), which both stacks read, so it cannot adapt them apart")
         raise AdapterError(f"{weights_path}: unexpected keys that match no targeted module of the base model: "
                            f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}; "
                            "was the adapter trained on a different base model?")

@@ -85,6 +85,17 @@ def edit_weights(adapter, fn):
     save_file(fn(tensors), adapter / "adapter_model.safetensors")
 
 
+def test_keys_of_a_headless_base_or_of_t5s_per_stack_embeddings_are_named(adapter_dir):
+    adapter, params = adapter_dir
+    original = load_file(adapter / "adapter_model.safetensors")
+    edit_weights(adapter, lambda t: {k.replace("base_model.model.model.", "base_model.model."): v for k, v in t.items()})
+    with pytest.raises(jpeft.AdapterError, match="named without 'model.'.*headless base"):
+        jpeft.load_adapter(str(adapter), params)
+    edit_weights(adapter, lambda t: {**original, "base_model.model.encoder.embed_tokens.lora_embedding_A": np.ones(2)})
+    with pytest.raises(jpeft.AdapterError, match="each T5 stack's embed_tokens"):
+        jpeft.load_adapter(str(adapter), params)
+
+
 def test_an_adapted_tree_or_a_named_adapters_parent_dir_is_refused(adapter_dir, tmp_path):
     """Loaded into a tree that holds an adapter, both would stay active; PEFT saves a named adapter one level down."""
     adapter, params = adapter_dir
