@@ -107,10 +107,18 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    import logging
+
     from jpeft.data.chat import generation_prompts
     from jpeft.generate import generate_text
+    from jpeft.models.hf import decoding_settings
     check_chat(args)
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
+    if settings := decoding_settings(args.model):
+        logging.getLogger("jpeft").warning(
+            "%s/generation_config.json sets %s, which transformers' generate() applies by default; jpeft decodes "
+            "as its own options say (greedy unless --temperature, --top-k or --top-p) and has no penalties, bans "
+            "or minimum lengths", args.model, ", ".join(f"{k}={v}" for k, v in settings.items()))
     temperature = args.temperature
     if temperature is None:  # --top-k / --top-p alone ask for sampling
         temperature = 1.0 if args.top_k or args.top_p < 1 else 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -32,15 +33,16 @@ EOS_SLOTS = 8  # EOS ids are padded with -1 (never generated) to this many, for 
 def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None, pad_token_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0) -> list[list[int]]:
+             seed: int = 0, first_row: int = 0) -> list[list[int]]:
     """Continue each prompt (token ids); return only the new tokens, cut before the first EOS.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature)
     restricted to the top_k most likely (0: all; with any tied with the k-th) and to the smallest set
-    whose probability reaches top_p, as transformers' warpers cut them. The same seed gives the same
-    output for the same batch. top_k is static: each value compiles its own decoding loop (`lax.top_k`
+    whose probability reaches top_p, as transformers' warpers cut them. Each row draws from its own
+    key, made from the seed and its index `first_row + i` among the caller's prompts, so a row's sample
+    depends on neither the other rows nor how a longer list was split into batches. top_k is static: each value compiles its own decoding loop (`lax.top_k`
     needs a fixed k), as does switching a nucleus without top_k on or off; temperature, the value of
-    top_p and seed are traced.
+    top_p, seed and first_row are traced.
     """
     cfg = model.config
     if max_new_tokens < 1:
@@ -49,8 +51,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     if not 0 <= pad_token_id < cfg.vocab_size:
         raise JpeftError(f"pad_token_id {pad_token_id} is outside the vocabulary [0, {cfg.vocab_size}); "
                          "pass the tokenizer's pad (or eos) id")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise JpeftError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+    if not (math.isfinite(temperature) and temperature >= 0 and isinstance(top_k, (int, np.integer)) and top_k >= 0
+            and 0 < top_p <= 1):
+        raise JpeftError(f"need a finite temperature >= 0, an integer top_k >= 0 and 0 < top_p <= 1; got "
                          f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
     eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).tolist()
     eos_slots = np.full(-(-max(len(eos), 1) // EOS_SLOTS) * EOS_SLOTS, -1, np.int32)
@@ -66,7 +69,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
         ids[row, at], mask[row, at] = prompt, 1
     tokens = _decoder(cfg.dtype)(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size),
                                  params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots),
-                                 jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed))
+                                 jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed),
+                                 jnp.int32(first_row))
     return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
 
 
@@ -94,7 +98,8 @@ def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int
     outputs = []
     for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) <= 1):
         rows = slice(start, start + batch_size)
-        new = generate(model, task_rows(params, rows, len(encoded)), encoded[rows], max_new_tokens, **sampling)
+        new = generate(model, task_rows(params, rows, len(encoded)), encoded[rows], max_new_tokens, first_row=start,
+                       **sampling)
         outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     return outputs
 
@@ -170,29 +175,35 @@ def greedy(logits):
     return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), ids, logits.shape[-1]), axis=-1)
 
 
-def _pick(logits, key, candidates, temperature, top_p):
-    """Next token per row from logits [B, V]: argmax (candidates None), or a sample from `warp`'s logits."""
+def _pick(logits, keys, candidates, temperature, top_p):
+    """Next token per row from logits [B, V]: argmax (candidates None), or a sample from `warp`'s logits, each
+    row with its own key of `keys` [B]."""
     if candidates is None:
         return greedy(logits)
-    return jax.random.categorical(key, warp(logits, candidates, temperature, top_p), axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, warp(logits, candidates, temperature, top_p)).astype(jnp.int32)
 
 
 def warp(logits, candidates: int, temperature, top_p):
     """logits / temperature with -inf outside the `candidates` most likely tokens (0: all, unranked) and
     outside the top_p nucleus, as transformers' TopK and TopP warpers cut them: tokens tied with the k-th
-    are kept; the nucleus is the smallest most-likely set whose probability reaches top_p (equally likely
-    tokens at its edge taken lowest id first)."""
+    are kept; the nucleus is the smallest most-likely set whose probability reaches top_p, equally likely
+    tokens at its edge taken highest id first (as torch's ascending sort leaves short rows; its sort is not
+    stable, so in long rows transformers' choice among ties is its own)."""
     scaled = logits / temperature
     if not candidates:
         return scaled
-    ranked, ids = jax.lax.top_k(scaled, candidates)
+    vocab = scaled.shape[-1]
+    ranked, flipped = jax.lax.top_k(scaled[:, ::-1], candidates)  # ties: the highest id first
+    ids = vocab - 1 - flipped
     in_top_k = scaled >= ranked[:, -1:]
-    probs = jnp.exp(ranked - jax.nn.logsumexp(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1, keepdims=True))
+    shifted = jnp.where(in_top_k, scaled, -jnp.inf) - ranked[:, :1]  # from the maximum: no float32 cancellation
+    probs = jnp.exp(ranked - ranked[:, :1] - jax.nn.logsumexp(shifted, axis=-1, keepdims=True))
     nucleus = lambda mass_before: (top_p >= 1) | (mass_before < top_p)  # the most likely token always stays
     at_ranked = jnp.zeros(scaled.shape, bool).at[jnp.arange(scaled.shape[0])[:, None], ids]
-    # tokens tied with the k-th that top_k lets through beyond the ranked k follow them, lowest id first
+    # tokens tied with the k-th that top_k lets through beyond the ranked k follow them, highest id first
     tied = in_top_k & ~at_ranked.set(True)
-    after_ranked = probs.sum(axis=-1, keepdims=True) + (jnp.cumsum(tied, axis=-1) - 1) * probs[:, -1:]
+    tied_before = jnp.cumsum(tied[:, ::-1], axis=-1)[:, ::-1] - 1
+    after_ranked = probs.sum(axis=-1, keepdims=True) + tied_before * probs[:, -1:]
     chosen = at_ranked.set(nucleus(jnp.cumsum(probs, axis=-1) - probs)) | (tied & nucleus(after_ranked))
     return jnp.where(chosen, scaled, -jnp.inf)
 
@@ -249,7 +260,7 @@ def _decoder(dtype: str):
     return jax.jit(_decode, static_argnums=(0, 1, 2), compiler_options={**options, **wide_vectors()} or None)
 
 
-def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key):
+def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperature, top_p, key, first_row):
     """Prefill + decode loop -> tokens [B, max_new_tokens]; what follows a row's first EOS is filler.
 
     Compiled once per (model, batch, padded prompt length, max_new_tokens, candidates); the
@@ -257,18 +268,20 @@ def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperatu
     """
     batch = ids.shape[0]
     pick = functools.partial(_pick, candidates=candidates, temperature=temperature, top_p=top_p)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch))
+    step_keys = lambda step: jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
     is_eos = lambda token: (token[:, None] == eos[None, :]).any(axis=-1)
     hidden, cache, advance = _prefill(model, params, ids, mask, max_new_tokens)
     # The head on the last position only: the prompt's other logits are never used.
     last = model.logits(model.head_leaves(params), hidden[:, -1])
-    first = pick(last, jax.random.fold_in(key, 0))
+    first = pick(last, step_keys(0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
 
     def body(state):
         step, tokens, done, cache = state
         prev = tokens[:, step - 1]
         logits, cache = advance(prev[:, None], step, cache)
-        token = pick(logits[:, -1], jax.random.fold_in(key, step))
+        token = pick(logits[:, -1], step_keys(step))
         token = jnp.where(done, prev, token)  # a finished row repeats its EOS
         return step + 1, tokens.at[:, step].set(token), done | is_eos(token), cache
 

@@ -82,6 +82,18 @@ def test_generate_top_k_or_top_p_alone_samples(tiny_run, capsys):
         assert outputs - {greedy} and len(outputs) > 1
 
 
+def test_generate_names_the_generation_config_settings_it_does_not_apply(tiny_run, tmp_path, capsys, caplog):
+    import shutil
+    import transformers
+    model_dir = shutil.copytree(tiny_run["model"], tmp_path / "base")
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.1,
+                                  eos_token_id=2).save_pretrained(model_dir)
+    args = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    assert "sets do_sample=True, repetition_penalty=1.1, temperature=0.6, top_p=0.9, which" in caplog.text
+    assert "greedy unless --temperature" in caplog.text
+
+
 def test_generate_chat_prompts_in_the_chat_template(tiny_run, tmp_path, capsys):
     import shutil
     from jpeft.generate import generate_text

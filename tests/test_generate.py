@@ -186,7 +186,7 @@ def test_float32_decoding_runs_in_xlas_own_products_bfloat16_in_ynnpack(tiny):
     def ynn_kernels(decode, dtype):
         cast = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
         hlo = decode.lower(cast, 4, None, params, ids, ids, jnp.full((8,), -1, jnp.int32), jnp.float32(1),
-                           jnp.float32(1), jax.random.key(0)).compile().as_text()
+                           jnp.float32(1), jax.random.key(0), jnp.int32(0)).compile().as_text()
         return len(re.findall(r"__ynn_fusion", hlo))
 
     ours = {dtype: ynn_kernels(_decoder(dtype), dtype) for dtype in ("float32", "bfloat16")}
@@ -334,3 +334,44 @@ def test_sampling_distribution_is_transformers_warpers(logits, top_k, temperatur
     got = np.asarray(jax.nn.softmax(warp(jnp.asarray(logits), _candidates(temperature, top_k, top_p, logits.shape[1]),
                                          jnp.float32(temperature), jnp.float32(top_p)), -1))
     np.testing.assert_allclose(np.sort(got, -1), np.sort(ref, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("logits,top_p,kept", [
+    ([[0, 0, 0, 0]], 0.25, [3]),  # equally likely tokens at the nucleus edge: the highest ids stay, as
+    ([[2, 2, 1, 0, 2, 0, 0]], 0.5, [1, 4]),  # torch's ascending sort leaves them in rows this short
+])
+def test_nucleus_edge_is_transformers(logits, top_p, kept):
+    from transformers.generation import logits_process as lp
+
+    from jpeft.generate import warp
+    logits = np.asarray(logits, np.float32)
+    ref = lp.TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+    got = np.asarray(warp(jnp.asarray(logits), logits.shape[1], jnp.float32(1.0), jnp.float32(top_p)))
+    assert np.flatnonzero(np.isfinite(ref[0])).tolist() == kept == np.flatnonzero(np.isfinite(got[0])).tolist()
+
+
+@pytest.mark.parametrize("gap", [0.3, 1.0])
+def test_nucleus_mass_of_large_logits_is_exact(gap):
+    """Scaled logits near 3000 (a low temperature): the nucleus is summed from the maximum, so a top_p 3e-6 either
+    side of the top token's probability keeps one token or two, as float64 says."""
+    from jpeft.generate import warp
+    logits = np.array([[3000.0, 3000.0 - gap, 2990.0]], np.float32)
+    top = 1 / np.exp(np.logaddexp.reduce(logits[0].astype(np.float64) - logits[0, 0]))
+    for eps, kept in ((3e-6, 2), (-3e-6, 1)):
+        got = warp(jnp.asarray(logits), 3, jnp.float32(1.0), jnp.float32(top + eps))
+        assert int(np.isfinite(np.asarray(got)).sum()) == kept
+
+
+def test_sampled_rows_do_not_depend_on_batching(tiny):
+    """Each row's key comes from the seed and its index among all prompts, not its place in a batch."""
+    from jpeft.generate import generate_text
+    model, params = tiny
+    tokenizer = type("T", (), {"eos_token_id": None, "pad_token_id": 0,
+                               "batch_decode": lambda self, rows, **_: [str(r) for r in rows]})()
+    prompts = [PROMPTS[1]] * 6
+    by_2, by_6 = (generate_text(model, params, tokenizer, prompts, NEW, batch_size=b, temperature=1.0, seed=3)
+                  for b in (2, 6))
+    assert by_2 == by_6 and len(set(by_6)) > 1
+    for bad in (dict(temperature=float("nan")), dict(temperature=1.0, top_k=2.5)):
+        with pytest.raises(jpeft.JpeftError, match="finite temperature >= 0, an integer top_k"):
+            generate(model, params, PROMPTS, NEW, None, **bad)

@@ -48,7 +48,7 @@ def test_decoding_loop_compiles_with_this_cpus_vector_width(tiny_llama):
     from jpeft.models.hf import from_pretrained
     model, params = from_pretrained(tiny_llama[1], dtype="float32")
     args = (params, jnp.ones((1, 32), jnp.int32), jnp.ones((1, 32), jnp.int32), jnp.full((8,), -1, jnp.int32),
-            jnp.float32(1.0), jnp.float32(1.0), jax.random.key(0))
+            jnp.float32(1.0), jnp.float32(1.0), jax.random.key(0), jnp.int32(0))
     plain = jax.jit(G._decode, static_argnums=(0, 1, 2))
     assert (G._decoder("float32")(model, 4, None, *args) == plain(model, 4, None, *args)).all()
 
