@@ -20,11 +20,10 @@ from jpeft.peft.norm import NormTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
-from jpeft.peft.registry import BY_NAME, METHODS
+from jpeft.peft.registry import BY_NAME, HEAD_MODULES, METHODS
 
 TRAINABLE_LEAVES = frozenset(n for m in METHODS for n in m.trainable)
 METADATA_LEAVES = frozenset(n for m in METHODS for n in m.metadata)
-HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)
 _OWNER = {n: m for m in METHODS for n in (*m.trainable, *m.metadata, *m.stored)}
 
 
@@ -110,6 +109,8 @@ def _zeros_like_params(updates, params):
 
 def _mask_of(params, mask, what: str) -> dict:
     """The flat mask for `params` (`trainable_mask` by default), or an error where it was made for another tree."""
+    if mask is None:  # every stored adapter's leaves would count as trained: pick the one to train
+        refuse_container(params, what)
     flat_mask = T.flatten(trainable_mask(params) if mask is None else mask)
     if missing := sorted(set(T.flatten(params)) - set(flat_mask)):
         raise JpeftError(f"{what}: the mask does not fit this tree (no entry for {missing[0]}"

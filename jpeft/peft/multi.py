@@ -15,7 +15,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import JpeftError
-from jpeft.peft.registry import METHODS
+from jpeft.peft.registry import HEAD_MODULES, METHODS
 
 ADAPTER_LEAVES = frozenset(n for m in METHODS for n in (*m.trainable, *m.metadata))
 COMBINATIONS = ("linear", "cat", "svd")
@@ -29,6 +29,9 @@ def add_adapter(params, name: str, adapted):
     if any(T.leaf_name(p) in ("lora_init_a", "lora_init_b") for p in flat):
         raise JpeftError(f"adapter {name!r} was initialised with PiSSA/OLoRA, which rewrites the base weights; "
                          "it cannot share a base with other adapters")
+    if head := sorted({p.split("/", 1)[0] for p in flat} & set(HEAD_MODULES)):
+        raise JpeftError(f"add_adapter: {name!r} holds a classification head ({', '.join(head)}), which named "
+                         "adapters do not keep; use the classifier tree itself")
     leaves = {p: v for p, v in flat.items() if T.leaf_name(p) in ADAPTER_LEAVES and not p.startswith("adapters/")}
     if not leaves:
         raise JpeftError(f"add_adapter: {name!r} holds no adapter leaves (call a method's .init first)")
@@ -45,7 +48,8 @@ def refuse_container(params, what: str) -> None:
     """A tree holding named adapters is no model tree: merging or saving it must pick one first."""
     if "adapters" in params:
         raise JpeftError(f"{what}: this tree holds named adapters {sorted(params['adapters'])} (add_adapter); "
-                         "pick one with jpeft.use_adapter(tree, name) first")
+                         "pick one with jpeft.use_adapter(tree, name) first (to train one, train that tree and "
+                         "store it back with add_adapter)")
 
 
 def _named(params, name: str) -> dict:
@@ -74,9 +78,9 @@ def route(params, names: Sequence[str], adapter_ids):
         raise JpeftError(f"route: adapter_ids must index names (0..{len(names) - 1}), got {adapter_ids!r}")
     ids = jnp.asarray(adapter_ids, jnp.int32)
     for path in sorted({p for a in adapters for p in a}):
-        if any("lora_magnitude" in a.get(path, {}) or "ia3_in" in a.get(path, {}) or "ia3_out" in a.get(path, {})
-               for a in adapters):
-            raise JpeftError(f"route: {path} holds a DoRA or IA3 adapter; routing rows supports plain LoRA")
+        if other := sorted({leaf for a in adapters for leaf in a.get(path, {})} - (LORA_LEAVES - {"lora_magnitude"})):
+            raise JpeftError(f"route: {path} holds {', '.join(other)} (not a plain LoRA); routing rows supports "
+                             "plain LoRA adapters only")
         if path.endswith("relative_attention_bias"):
             raise JpeftError(f"route: {path} is adapted, but T5's position biases are shared by every row of "
                              "the batch; routing rows supports adapters on per-token modules only")
@@ -124,16 +128,19 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
     for name, adapter in zip(names, adapters):
         if other := sorted({leaf for leaves in adapter.values() for leaf in leaves} - LORA_LEAVES):
             raise JpeftError(f"add_weighted_adapter combines LoRA adapters; {name!r} holds {', '.join(other)}")
-    ranks = {a[p]["lora_a"].shape[-1] for a in adapters for p in a}
-    if combination == "linear" and len(ranks) != 1:
-        raise JpeftError(f"linear combination needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")
-    new_rank = {"linear": max(ranks), "cat": None, "svd": rank or max(ranks)}[combination]
+    new_rank = rank or max(a[p]["lora_a"].shape[-1] for a in adapters for p in a)  # svd's
+    # the first adapter's dropout rate on every combined module, as PEFT copies the first adapter's config
+    dropout = max((float(np.max(leaves["lora_dropout"])) for leaves in adapters[0].values()
+                   if "lora_dropout" in leaves), default=0.0)
     combined = {}
     for path in sorted({p for a in adapters for p in a}):
         parts = [(a[path], w) for a, w in zip(adapters, weights) if path in a]
         if any("lora_magnitude" in leaves for leaves, _ in parts):
             raise JpeftError(f"add_weighted_adapter: {path} holds a DoRA adapter, which does not combine linearly")
         coef = [w * leaves["lora_scale"][..., None, None] for leaves, w in parts]  # per layer
+        if combination == "linear" and len(ranks := {leaves["lora_a"].shape[-1] for leaves, _ in parts}) != 1:
+            raise JpeftError(f"linear combination needs one rank per module; {path} has ranks {sorted(ranks)} in "
+                             "these adapters: use 'cat' or 'svd'")
         if combination == "linear":
             a = sum(jnp.sign(c) * jnp.sqrt(jnp.abs(c)) * leaves["lora_a"] for (leaves, _), c in zip(parts, coef))
             b = sum(jnp.sqrt(jnp.abs(c)) * leaves["lora_b"] for (leaves, _), c in zip(parts, coef))
@@ -145,8 +152,8 @@ def add_weighted_adapter(params, names: Sequence[str], weights: Sequence[float],
             a, b = _top_factors(delta, new_rank)
         active = jnp.max(jnp.stack([leaves["lora_scale"] != 0 for leaves, _ in parts]), axis=0)
         combined[path] = {"lora_a": a, "lora_b": b, "lora_scale": active.astype(jnp.float32)}
-        if "lora_dropout" in parts[0][0]:  # the first adapter's rate, as PEFT copies the first adapter's config
-            combined[path]["lora_dropout"] = parts[0][0]["lora_dropout"]
+        if dropout:
+            combined[path]["lora_dropout"] = jnp.full(active.shape, dropout, jnp.float32)
     return add_adapter(params, new_name, T.from_modules(combined))
 
 

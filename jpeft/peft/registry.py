@@ -27,6 +27,8 @@ METHODS = (
     Bottleneck,
     Classifier,
 )
+HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
+
 # A run config's method options where it names no targets and the family calls its projections otherwise than
 # Llama: PEFT's own defaults for the family (peft.utils.constants), and BitFit's every projection.
 FAMILY_DEFAULTS = {

@@ -93,8 +93,12 @@ def test_route_refuses_t5_position_biases(tmp_path):
 
 def test_a_container_is_not_a_model_tree_and_route_ids_index_names(setup, tmp_path):
     *_, tree = setup
+    import optax
     for call, what in ((lambda: jpeft.merge(tree), "merge"),
-                       (lambda: jpeft.save_adapter(str(tmp_path / "a"), tree), "save_adapter")):
+                       (lambda: jpeft.save_adapter(str(tmp_path / "a"), tree), "save_adapter"),
+                       # every stored adapter would be trained (and decayed) at once
+                       (lambda: jpeft.freeze(optax.adamw(1e-2), tree), "freeze"),
+                       (lambda: jpeft.count_parameters(tree), "count_parameters")):
         with pytest.raises(jpeft.JpeftError, match=f"{what}: this tree holds named adapters .*use_adapter"):
             call()
     with pytest.raises(jpeft.JpeftError, match="adapter_ids must index names \\(0..1\\)"):
@@ -126,3 +130,23 @@ def test_weighted_combinations_take_lora_adapters_only(setup):
     ia3 = jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]).init(None, params)
     with pytest.raises(jpeft.JpeftError, match="combines LoRA adapters; 'ia3' holds ia3_in, ia3_out"):
         jpeft.add_weighted_adapter(jpeft.add_adapter(tree, "ia3", ia3), ["one", "ia3"], [0.5, 0.5], "mix")
+
+
+def test_weighted_combination_edges_follow_peft(setup):
+    """linear takes adapters whose ranks agree module by module (rank_pattern); the result has the first adapter's
+    dropout on every module; a head or a non-LoRA adapter is refused where it cannot be kept or routed."""
+    _, model, params, single, tree = setup
+    patterned = [jpeft.LoRA(rank=4, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}).init(jax.random.key(i),
+                                                                                                 params)
+                 for i in (6, 7)]
+    tree = jpeft.add_adapter(jpeft.add_adapter(tree, "p1", patterned[0]), "p2", patterned[1])
+    jpeft.add_weighted_adapter(tree, ["p1", "p2"], [0.5, 0.5], "lin", combination="linear")
+    mix = jpeft.use_adapter(jpeft.add_weighted_adapter(tree, ["two", "one"], [1.0, 1.0], "mix", combination="cat"),
+                            "mix")
+    assert not any(T.leaf_name(p) == "lora_dropout" for p in T.flatten(mix))  # "two" has none, so none at all
+    head = jpeft.Classifier(num_labels=3).init(jax.random.key(8), params)
+    with pytest.raises(jpeft.JpeftError, match="holds a classification head"):
+        jpeft.add_adapter(tree, "cls", head)
+    prompt = jpeft.PromptTuning(4).init(jax.random.key(9), params)
+    with pytest.raises(jpeft.JpeftError, match="soft_prompt.*plain LoRA adapters only"):
+        jpeft.route(jpeft.add_adapter(tree, "prompt", prompt), ["one", "prompt"], [0, 1, 0])
