@@ -29,6 +29,9 @@ from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import Method, attention_modules, hf_module, layer_names
 
 
+PEFT_MODEL_TYPES = ("llama", "mistral", "gpt2")  # the model types PEFT's adaption prompt takes
+
+
 class LlamaAdapter(Method):
     name = "llama_adapter"
     peft_type = "ADAPTION_PROMPT"

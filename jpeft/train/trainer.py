@@ -39,6 +39,7 @@ from jpeft.parallel import (activation_sharding, batch_sharding, initialize, loc
 from jpeft.peft import BY_NAME, count_parameters, parameter_report, sites
 from jpeft.peft.classifier import Classifier, hf_unsupported, label_config, save_label_config, split_head
 from jpeft.peft.hf_format import save_adapter
+from jpeft.peft.llama_adapter import PEFT_MODEL_TYPES as PEFT_ADAPTION_PROMPT_TYPES, LlamaAdapter
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.peft.registry import FAMILY_DEFAULTS
 from jpeft.train import checkpoint
@@ -54,8 +55,10 @@ BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapte
 def build_method(cfg: RunConfig, labels: list[str] | None = None):
     """The configured method, its unset options defaulted for the base's family (`FAMILY_DEFAULTS`: T5's and
     GPT-2's projection names); a classifier also gets its class names (`class_labels`)."""
-    model_type = read_config(os.path.join(cfg.model.path, "config.json")).model_type
-    options = {**FAMILY_DEFAULTS.get(model_type, {}).get(cfg.method.name, {}), **method_kwargs(cfg.method)}
+    defaults = FAMILY_DEFAULTS.get(read_config(os.path.join(cfg.model.path, "config.json")).model_type, {})
+    options = {**defaults.get(cfg.method.name, {}), **method_kwargs(cfg.method)}
+    if isinstance(options.get("lora"), dict):  # a classifier's LoRA, defaulted as LoRA itself is
+        options["lora"] = {**defaults.get("lora", {}), **options["lora"]}
     if "init_text" in options:  # prompt tuning from a text: tokenized by the base model's tokenizer
         options["tokenizer"] = cfg.model.path
     if labels is not None:
@@ -375,6 +378,9 @@ def export(cfg: RunConfig, model, method, params) -> str:
         save_pretrained(out, model, params, tokenizer_from=cfg.model.path, config=fields)
     else:
         save_adapter(out, params, base_model_name_or_path=os.path.abspath(cfg.model.path), method=method)
+        if isinstance(method, LlamaAdapter) and model.config.model_type not in PEFT_ADAPTION_PROMPT_TYPES:
+            log.warning("%s holds a LLaMA-Adapter in PEFT's layout, but PEFT's adaption prompt takes only %s "
+                        "models: jpeft loads it, PeftModel does not", out, ", ".join(PEFT_ADAPTION_PROMPT_TYPES))
         copy_tokenizer(cfg.model.path, out)
         if fields:
             save_label_config(out, fields)

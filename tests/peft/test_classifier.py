@@ -150,8 +150,9 @@ def test_jpeft_eval_scores_a_classifier_as_computed_by_hand(trained, tmp_path, c
 def test_lora_run_exports_a_peft_dir_that_hf_loads_with_its_classifier_json(family, request, tmp_path):
     """A LoRA + head run's adapter dir is all PEFT needs: classifier.json holds the from_pretrained kwargs."""
     toy = request.getfixturevalue(FAMILIES[family]["toy"])
+    targets = [] if family == "gpt2" else [f"method.lora.targets=[{','.join(FAMILIES[family]['lora'])}]"]  # GPT-2:
     trainer.train(toy_config(toy, tmp_path, "train.steps=3", "method.lora.rank=4", "method.lora.dropout=0.1",
-                             f"method.lora.targets=[{','.join(FAMILIES[family]['lora'])}]"), progress=False)
+                             *targets), progress=False)  # PEFT's default, c_attn
     adapter = tmp_path / "adapter"
     kwargs = json.loads((adapter / "classifier.json").read_text())
     assert kwargs["id2label"] == {"0": "neg", "1": "pos"} and not (tmp_path / "model").exists()
@@ -161,6 +162,10 @@ def test_lora_run_exports_a_peft_dir_that_hf_loads_with_its_classifier_json(fami
     ids, mask = padded(toy["tokenizer"], ["cat sat on mat", "dog ran to park and then home"])
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, jpeft.load_adapter(str(adapter), params), ids, mask)),
                                hf_logits(peft_model, ids, mask), atol=2e-4, rtol=0)
+    from jpeft.cli import main  # merged, the class names and pad id go into config.json
+    assert main(["merge", "--model", toy["base"], "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["id2label"] == {"0": "neg", "1": "pos"} and merged["pad_token_id"] == kwargs["pad_token_id"]
 
 
 def test_macro_f1_averages_the_classes_seen_in_labels_or_predictions():
