@@ -55,7 +55,8 @@ BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapte
 def build_method(cfg: RunConfig, labels: list[str] | None = None):
     """The configured method, its unset options defaulted for the base's family (`FAMILY_DEFAULTS`: T5's and
     GPT-2's projection names); a classifier also gets its class names (`class_labels`)."""
-    defaults = FAMILY_DEFAULTS.get(read_config(os.path.join(cfg.model.path, "config.json")).model_type, {})
+    model_type = cfg.model.path and read_config(os.path.join(cfg.model.path, "config.json")).model_type
+    defaults = FAMILY_DEFAULTS.get(model_type, {})
     options = {**defaults.get(cfg.method.name, {}), **method_kwargs(cfg.method)}
     if isinstance(options.get("lora"), dict):  # a classifier's LoRA, defaulted as LoRA itself is
         options["lora"] = {**defaults.get("lora", {}), **options["lora"]}
