@@ -29,9 +29,12 @@ METHODS = (
 )
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
-# A run config's method options where it names no targets and the family calls its projections otherwise than
-# Llama: PEFT's own defaults for the family (peft.utils.constants), and BitFit's every projection.
+# A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
+# (peft.utils.constants: T5's and GPT-2's own projection names; IA3 on q_proj for Qwen and Gemma), and BitFit's
+# every projection.
+QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 FAMILY_DEFAULTS = {
+    **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},

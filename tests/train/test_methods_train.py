@@ -75,3 +75,10 @@ def test_unset_targets_default_to_the_familys_own_projection_names(tmp_path, fam
     assert any(want in p for p in trained), sorted(trained)
     if name == "ia3":  # the feed-forward module's vector scales its input
         assert any(want in p and p.endswith("ia3_in") for p in trained)
+
+
+def test_ia3_defaults_to_pefts_query_scaling_on_qwen_and_gemma(tmp_path):
+    from conftest import FAMILIES, make_hf_model, save_hf_model
+    path = save_hf_model(make_hf_model("qwen3", **FAMILIES["qwen3"]), tmp_path)
+    method = trainer.build_method(load_config(None, [f"model.path={path}", "method.name=ia3"]))
+    assert method.targets == ("q_proj", "v_proj", "down_proj") and method.feedforward == ("down_proj",)
