@@ -132,8 +132,8 @@ def cmd_generate(args) -> None:
 
 def cmd_merge(args) -> None:
     import jpeft
-    from jpeft.errors import CheckpointError, ConfigError, read_json
-    from jpeft.peft.classifier import LABELS_FILE
+    from jpeft.errors import ConfigError
+    from jpeft.peft.classifier import read_label_config
     for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
         if os.path.exists(args.out) and os.path.samefile(args.out, source):
             raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
@@ -141,10 +141,8 @@ def cmd_merge(args) -> None:
     model, params, _ = load(args.model, args.adapter, args.dtype)
     hf = model.config.hf_config  # merged in float32, written in the base's own dtype (as merge_and_unload keeps it)
     stored = args.dtype if args.dtype in ("float32", "bfloat16") else hf.get("dtype") or hf.get("torch_dtype")
-    labels = os.path.join(args.adapter, LABELS_FILE)  # a classifier's class names and pad id, beside its adapter
-    fields = read_json(labels, CheckpointError, "") if os.path.exists(labels) else None
     jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model, dtype=stored or "float32",
-                          config=fields)
+                          config=read_label_config(args.adapter))  # a classifier's class names and pad id
     print(f"merged model written to {args.out}")
 
 

@@ -251,6 +251,12 @@ def save_label_config(directory: str, fields: dict) -> None:
         json.dump(fields, f, indent=2)
 
 
+def read_label_config(directory: str) -> dict | None:
+    """The `LABELS_FILE` fields `save_label_config` wrote beside an adapter, if any."""
+    path = os.path.join(directory, LABELS_FILE)
+    return read_json(path, CheckpointError, "") if os.path.exists(path) else None
+
+
 def read_labels(directory: str) -> list[str] | None:
     """Class names in id order, from an adapter's `LABELS_FILE` or an HF classifier's config.json."""
     for name in (LABELS_FILE, "config.json"):
