@@ -36,6 +36,7 @@ class ModelSection:
     path: str | None = None
     dtype: str = "auto"  # float32 | bfloat16 | auto: bfloat16 where matmuls in it are native (jpeft.hardware)
     remat: str = "none"  # rematerialise layer activations: none | full | dots
+    dropout: bool = True  # the model's own dropout from config.json (GPT-2's, T5's) in training, as transformers
 
 
 @dataclass

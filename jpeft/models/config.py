@@ -30,16 +30,6 @@ FAMILY_FIELDS = {
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
 }
 
-# the model's own dropout, which transformers applies in training (GPT-2's and T5's are 0.1 by default)
-DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "dropout_rate", "attention_dropout", "hidden_dropout")
-
-
-def model_dropout(hf: dict) -> dict:
-    """The dropout rates config.json sets above zero: jpeft's forward is deterministic (only LoRA's own
-    `dropout` is applied), so a run trains without them where transformers' Trainer would drop."""
-    return {name: hf[name] for name in DROPOUT_FIELDS if isinstance(hf.get(name), (int, float)) and hf[name] > 0}
-
-
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """One RoPE: its base and HF `rope_type` scaling (Gemma 3 has one for local, one for global layers)."""
@@ -90,6 +80,14 @@ class ModelConfig:
     relative_max_distance: int = 128
     scale_decoder_outputs: bool = False
     decoder_start_token_id: int = 0
+    # The model's own dropout, applied in a train step as transformers applies it in training (GPT-2's and
+    # T5's are 0.1 by default, the Llama family's attention_dropout 0): on the embeddings (GPT-2 embd_pdrop, T5
+    # dropout_rate), on attention probabilities (attn_pdrop, dropout_rate, attention_dropout), and on each
+    # sublayer's output before the residual sum (resid_pdrop, dropout_rate; T5 also on its FF's hidden units
+    # and each stack's output).
+    embed_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
     pad_token_id: int | None = None  # what HF's sequence classifiers pool past (the last token not this id)
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
@@ -107,6 +105,15 @@ class ModelConfig:
         if self.sliding_window is None:
             return (False,) * self.num_layers
         return tuple(t == SLIDING for t in self.layer_types) or (True,) * self.num_layers
+
+    @property
+    def dropout_rates(self) -> dict[str, float]:
+        """The model's own dropout rates above zero, by field."""
+        rates = {k: getattr(self, k) for k in ("embed_dropout", "attention_dropout", "residual_dropout")}
+        return {k: v for k, v in rates.items() if v > 0}
+
+    def without_dropout(self) -> "ModelConfig":
+        return self.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -188,6 +195,7 @@ class ModelConfig:
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
+            attention_dropout=_rate(family.attention_dropout, "attention_dropout", source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
@@ -213,6 +221,7 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
                               f"or [gated-]{{{', '.join(T5_ACTIVATIONS)}}}")
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     heads, layers = need("num_heads"), need("num_layers")
+    rate = _rate(hf.get("dropout_rate", 0.1), "dropout_rate", source)
     return ModelConfig(
         model_type="t5", vocab_size=need("vocab_size"), hidden_size=need("d_model"), intermediate_size=need("d_ff"),
         num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=need("d_kv"),
@@ -222,6 +231,7 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
         relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         scale_decoder_outputs=scaled, decoder_start_token_id=hf.get("decoder_start_token_id") or 0,
+        embed_dropout=rate, attention_dropout=rate, residual_dropout=rate,
         max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
 
 
@@ -242,7 +252,18 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True, mlp_bias=True,
         hidden_act=act, gated_mlp=False,
+        embed_dropout=_rate(hf.get("embd_pdrop", 0.1), "embd_pdrop", source),
+        attention_dropout=_rate(hf.get("attn_pdrop", 0.1), "attn_pdrop", source),
+        residual_dropout=_rate(hf.get("resid_pdrop", 0.1), "resid_pdrop", source),
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
+
+
+def _rate(value, key: str, source: str) -> float:
+    """A dropout rate from config.json: a number in [0, 1) (null is transformers' 0)."""
+    value = 0.0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise CheckpointError(f"{source}: {key} must be a dropout rate in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _activation(hf: dict, model_type: str) -> str:

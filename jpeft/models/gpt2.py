@@ -33,8 +33,10 @@ class Attention(nn.Module):
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, index)
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
-                       None if cache_kv is not None else k.shape[2] - t)
+                       None if cache_kv is not None else k.shape[2] - t,
+                       dropout=L.attention_dropout(self, cfg.attention_dropout))
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))
+        out = L.dropout(self, out, cfg.residual_dropout)  # inside HF's attention module, before PEFT's adaption prompt
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
 
 
@@ -45,7 +47,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         h = L.Dense(cfg.intermediate_size, ("embed", "mlp"), True, name="c_fc")(x)
-        return L.Dense(cfg.hidden_size, ("mlp", "embed"), True, name="c_proj")(L.activate(cfg.hidden_act, h))
+        h = L.Dense(cfg.hidden_size, ("mlp", "embed"), True, name="c_proj")(L.activate(cfg.hidden_act, h))
+        return L.dropout(self, h, cfg.residual_dropout)
 
 
 class Block(nn.Module):
@@ -74,6 +77,7 @@ class Transformer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = (L.Embed(cfg.vocab_size, cfg.hidden_size, name="wte")(input_ids, dtype)
              + L.Embed(cfg.max_position_embeddings, cfg.hidden_size, name="wpe")(positions, dtype, prepend=False))
+        x = L.dropout(self, x, cfg.embed_dropout)
         stack = L.scan_layers(Block, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="h")((x, cache_kv, jnp.int32(0)), (mask, index))
         return L.LayerNorm(cfg.rms_norm_eps, name="ln_f")(nn.with_logical_constraint(x, L.ACTIVATION_AXES)), cache_kv

@@ -82,6 +82,25 @@ def dropout_rng(module: nn.Module):
     return module.make_rng("dropout") if module.has_rng("dropout") else None
 
 
+def dropout(module: nn.Module, x, rate: float):
+    """Inverted dropout of `x` at `rate` where the call has a dropout key (a train step), as torch's in
+    training: each value kept with probability 1 - rate and scaled by 1 / (1 - rate) in float32 before
+    rounding (in bf16 the scale itself would round, 1 / 0.9 to 1.109); `x` itself otherwise."""
+    rng = dropout_rng(module) if rate > 0 else None
+    return x if rng is None else dropped(x, jax.random.bernoulli(rng, 1 - rate, x.shape), rate)
+
+
+def dropped(x, keep, rate: float):
+    """x where `keep`, scaled by 1 / (1 - rate) in float32, and 0 elsewhere, in x's dtype."""
+    return jnp.where(keep, x.astype(jnp.float32) / (1 - rate), 0).astype(x.dtype)
+
+
+def attention_dropout(module: nn.Module, rate: float):
+    """(key, rate) for `attend` to drop attention probabilities with, or None outside a train step."""
+    rng = dropout_rng(module) if rate > 0 else None
+    return None if rng is None else (rng, rate)
+
+
 class Dense(nn.Module):
     """The dense insertion point: y = x·W + b, with every adapter whose leaves are present applied."""
     features: int
@@ -307,9 +326,10 @@ def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
 
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
-           block: int = QUERY_BLOCK, bias=None):
+           block: int = QUERY_BLOCK, bias=None, dropout=None):
     """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
-    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions).
+    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions);
+    `dropout` (key, rate) drops attention probabilities (`attention_dropout`).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
     slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
@@ -318,14 +338,15 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
     """
     t = q.shape[1]
     if causal_offset is None or t <= block:
-        return _attend(q, k, v, mask, scale, cap, bias)
+        return _attend(q, k, v, mask, scale, cap, bias, dropout)
     return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
                                     mask[:, start:end, :causal_offset + end], scale, cap,
-                                    None if bias is None else bias[:, :, start:end, :causal_offset + end])
+                                    None if bias is None else bias[:, :, start:end, :causal_offset + end],
+                                    dropout and (jax.random.fold_in(dropout[0], start), dropout[1]))
                             for start, end in query_blocks(t, block)], axis=1)
 
 
-def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
+def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=None):
     """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows. The
     training path keeps batch and heads apart ([B, KV, ...]), so each keeps its own sharding."""
     b, t, h, d = q.shape
@@ -338,17 +359,20 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None):
     if bias is not None:
         scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
     scores = softcap(scores, cap)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    out = attention_values(scores.reshape(*v.shape[:-2], h // kv * t, -1), v)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF).reshape(*v.shape[:-2], h // kv * t, -1)
+    rng, rate = dropout or (None, 0.0)
+    keep = None if rng is None else jax.random.bernoulli(rng, 1 - rate, scores.shape)
+    out = attention_values(scores, v, keep, rate)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 WEIGHTED_VALUES = "...qs,...sd->...qd"  # probabilities [..., Q, S] times values [..., S, D]
 
 
-@jax.custom_vjp
-def attention_values(scores, v):
-    """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32.
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def attention_values(scores, v, keep=None, rate: float = 0.0):
+    """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32; with
+    `keep` (a boolean mask) the rounded probabilities go through dropout at `rate` first, as torch drops them.
 
     Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
     float32 output, not softmax's float32 output beside them, which the layer scan would stack for every
@@ -357,21 +381,24 @@ def attention_values(scores, v):
     then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the bench's LoRA step bf16
     0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
     copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
-    rounding."""
-    return _attention_values_fwd(scores, v)[0]
+    rounding. Under dropout the row term is unchanged: with dP the gradient of the dropped probabilities
+    pulled back through dropout, Σ_d dO·O = Σₛ dP·P."""
+    return _attention_values_fwd(scores, v, keep, rate)[0]
 
 
-def _attention_values_fwd(scores, v):
+def _attention_values_fwd(scores, v, keep, rate):
     p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum(WEIGHTED_VALUES, p, v, jnp.float32)
-    return out.astype(v.dtype), (p, v, out)
+    out = einsum(WEIGHTED_VALUES, p if keep is None else dropped(p, keep, rate), v, jnp.float32)
+    return out.astype(v.dtype), (p, v, out, keep)
 
 
-def _attention_values_bwd(res, g):
-    p, v, out = res
-    dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p, v)[1](g)
+def _attention_values_bwd(rate, res, g):
+    p, v, out, keep = res
+    dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p if keep is None else dropped(p, keep, rate),
+                     v)[1](g)
+    dp = dp.astype(jnp.float32) if keep is None else jnp.where(keep, dp.astype(jnp.float32) / (1 - rate), 0)
     rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    return p.astype(jnp.float32) * (dp.astype(jnp.float32) - rows), dv
+    return p.astype(jnp.float32) * (dp - rows), dv, None
 
 
 attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)

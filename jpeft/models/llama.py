@@ -42,7 +42,7 @@ class Attention(nn.Module):
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = None if cache_kv is not None else k.shape[2] - q.shape[1]
         out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
-                       causal_offset)
+                       causal_offset, dropout=L.attention_dropout(self, cfg.attention_dropout))
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv

@@ -73,12 +73,13 @@ class Attention(nn.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = k.shape[2] - q.shape[1] if self.causal and cache is None else None
-        out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias)
+        out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias,
+                       dropout=L.attention_dropout(self, cfg.attention_dropout))
         return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache
 
 
 class DenseReluDense(nn.Module):
-    """wo(act(wi(x))), or v1.1's gated wo(act(wi_0(x)) · wi_1(x))."""
+    """wo(dropout(act(wi(x)))), or v1.1's gated wo(dropout(act(wi_0(x)) · wi_1(x)))."""
     cfg: ModelConfig
 
     @nn.compact
@@ -86,13 +87,13 @@ class DenseReluDense(nn.Module):
         cfg = self.cfg
         dense = lambda name: L.Dense(cfg.intermediate_size, ("embed", "mlp"), name=name)(x)  # noqa: E731
         inputs = (dense("wi_0"), dense("wi_1")) if cfg.gated_mlp else (dense("wi"),)
-        h = L.activate(cfg.hidden_act, *inputs)
+        h = L.dropout(self, L.activate(cfg.hidden_act, *inputs), cfg.residual_dropout)
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), name="wo")(h)
 
 
 class Sublayer(nn.Module):
-    """f(layer_norm(x)) and layer_norm(x): HF's T5LayerSelfAttention, T5LayerCrossAttention and T5LayerFF
-    before their residual sum, which the block takes through the residual insertion point."""
+    """dropout(f(layer_norm(x))) and layer_norm(x): HF's T5LayerSelfAttention, T5LayerCrossAttention and
+    T5LayerFF before their residual sum, which the block takes through the residual insertion point."""
     cfg: ModelConfig
     kind: str  # SelfAttention | EncDecAttention | DenseReluDense
     causal: bool = False
@@ -101,10 +102,12 @@ class Sublayer(nn.Module):
     def __call__(self, x, source=None, mask=None, bias=None, cache=None, layer=None, index=0):
         normed = L.RMSNorm(self.cfg.rms_norm_eps, name="layer_norm")(x)
         if self.kind == "DenseReluDense":
-            return DenseReluDense(self.cfg, name=self.kind)(normed), normed, cache
-        source = normed if self.kind == "SelfAttention" else source
-        h, cache = Attention(self.cfg, self.causal, name=self.kind)(normed, source, mask, bias, cache, layer, index)
-        return h, normed, cache
+            h = DenseReluDense(self.cfg, name=self.kind)(normed)
+        else:
+            source = normed if self.kind == "SelfAttention" else source
+            h, cache = Attention(self.cfg, self.causal, name=self.kind)(normed, source, mask, bias, cache, layer,
+                                                                        index)
+        return L.dropout(self, h, self.cfg.residual_dropout), normed, cache
 
 
 class Block(nn.Module):
@@ -136,7 +139,8 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """The encoder or decoder: its relative-position bias, the scanned blocks, the final norm."""
+    """The encoder or decoder: dropout on its input, its relative-position bias, the scanned blocks, the final
+    norm and dropout on its output."""
     cfg: ModelConfig
     decoder: bool
 
@@ -146,11 +150,12 @@ class Stack(nn.Module):
         buckets = relative_buckets(k_slots[None, :] - q_slots[:, None], not self.decoder, cfg.relative_buckets,
                                    cfg.relative_max_distance)
         bias = RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]  # [1, H, T, S]
+        x = L.dropout(self, x, cfg.embed_dropout)
         stack = L.scan_layers(Block, cfg, cfg.num_decoder_layers if self.decoder else cfg.num_layers)
         (x, caches, _), _ = stack(cfg, self.decoder, name="block")(
             (x, caches, jnp.int32(0)), (mask, bias, encoded, cross_mask, index))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return L.RMSNorm(cfg.rms_norm_eps, name="final_layer_norm")(x), caches
+        return L.dropout(self, L.RMSNorm(cfg.rms_norm_eps, name="final_layer_norm")(x), cfg.residual_dropout), caches
 
 
 class T5(nn.Module):

@@ -32,7 +32,7 @@ from jpeft.data.tasks import mixture_batches
 from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.generate import require_prompt_room
-from jpeft.models.config import ModelConfig, model_dropout, read_config
+from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.hf import abstract_params, copy_tokenizer, from_pretrained, load_tokenizer, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, param_shardings,
                             place_batch, state_shardings)
@@ -161,11 +161,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     # base leaves the method trains (full, BitFit, norms) are read in float32: trained, they stay float32
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=method.mask)
     model = model.clone(config=model.config.replace(remat=cfg.model.remat))
+    if not cfg.model.dropout:
+        model = model.clone(config=model.config.without_dropout())
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
-    if dropout := model_dropout(model.config.hf_config):
-        log.warning("config.json sets the model's own dropout (%s); jpeft trains without it (a deterministic "
-                    "forward; LoRA's method.dropout is applied), where transformers' Trainer would drop",
-                    ", ".join(f"{k}={v}" for k, v in dropout.items()))
+    if rates := model.config.dropout_rates:
+        log.info("the model's own dropout in training, from config.json (model.dropout=false turns it off): %s",
+                 ", ".join(f"{k}={v}" for k, v in rates.items()))
     tokenizer = load_tokenizer(cfg.model.path)
     data = run_data(cfg, tokenizer, labels, model.config)
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
@@ -197,7 +198,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
         write_data_files(cfg.out_dir, data)
     start = int(state["step"])
-    train_step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings,
+    dropout = getattr(method, "dropout", 0) > 0 or bool(model.config.dropout_rates)
+    train_step = make_train_step(model, optimizer, tc.seed, dropout, shardings,
                                  tasks=0 if data.draws is None else len(data.tasks))
     eval_step = make_eval_step(model)
     in_sharding = batch_sharding(mesh, tc.batch_size)
