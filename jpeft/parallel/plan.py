@@ -15,7 +15,8 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
     remat none: the attention probabilities once, in s (`layers.attention_values`), over the keys each
       query block attends to (`layers.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
       for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
-      rank-wide per LoRA pair;
+      rank-wide per LoRA pair; under the model's own dropout, `DROPOUT_BYTES` per attention probability
+      and per element of its two dropped hidden-wide outputs (the attention's and the MLP's);
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;
 - plus the larger of two working sets: one layer's backward (`BACKWARD_WORKING_SET` multiples of
@@ -57,6 +58,10 @@ from jpeft.train.loss import CHUNK
 from jpeft.train.trainer import build_method, build_optimizer
 
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
+# The model's own dropout (GPT-2's, T5's), fitted to XLA as below (tests/parallel/test_plan.py's GPT-2 at 64 and
+# 128 tokens: 14.1 and 5.7): bytes per attention probability and per element of a dropped hidden-wide output,
+# its mask and the random bits it is drawn from.
+DROPOUT_BYTES = (14, 6)
 FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part of them twice in the backward
 # One layer's backward working set per remat policy, fitted to XLA: multiples of its attention scores'
 # float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its
@@ -178,6 +183,8 @@ class _Activations:
                                                      split(model_cfg.intermediate_size), split(model_cfg.vocab_size))
         self.itemsize = jnp.dtype(model_cfg.dtype).itemsize
         self.remat, self.accum, self.fsdp = cfg.model.remat, cfg.train.grad_accum, sizes["fsdp"]
+        rates = model_cfg.dropout_rates if cfg.model.dropout else {}
+        self.probability_masks, self.output_masks = "attention_dropout" in rates, 2 * ("residual_dropout" in rates)
         self.ways = sizes["data"] * sizes["fsdp"]
         gathered = {**sizes, "fsdp": 1}  # a weight as the layer computing with it holds it
         layer = {m: leaves for m, leaves in T.modules(params).items() if T.is_stacked(m + "/leaf")}
@@ -220,13 +227,17 @@ class _Activations:
         return probabilities + t * s * (widths + trained)
 
     def unrematerialised(self) -> tuple[int, int, int]:
-        """One layer's residuals per sequence without remat: (attention probabilities in bytes, the widths
-        of the tensors kept whatever trains, those kept for what trains) -- widths per token, in elements."""
+        """One layer's residuals per sequence without remat: (attention probabilities and dropout masks in
+        bytes, the widths of the tensors kept whatever trains, those kept for what trains) -- widths per
+        token, in elements."""
         t, s = self.seq, self.itemsize
         widths = 4 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 2 * self.hidden
         trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
                    + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora))
-        return self.heads * causal_keys(t) * s, widths, trained
+        per_probability, per_output = DROPOUT_BYTES
+        masks = (self.heads * causal_keys(t) * per_probability * self.probability_masks
+                 + t * self.hidden * per_output * self.output_masks)
+        return self.heads * causal_keys(t) * s + masks, widths, trained
 
     def __call__(self, batch_size: int) -> int:
         rows, t, s = batch_size // self.ways, self.seq, self.itemsize

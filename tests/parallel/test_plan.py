@@ -41,6 +41,8 @@ SCRIPT = textwrap.dedent("""
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
         model = model.clone(config=model.config.replace(remat=cfg.model.remat))
+        if not cfg.model.dropout:
+            model = model.clone(config=model.config.without_dropout())
         method = build_method(cfg)
         params = init_method(method, params, model, mesh, tc.seed)
         trainable, frozen = T.partition(params, method.mask(params))
@@ -48,7 +50,8 @@ SCRIPT = textwrap.dedent("""
         optimizer = build_optimizer(cfg, method, trainable)
         shardings = state_shardings(optimizer, trainable, mesh)
         state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
-        step = make_train_step(model, optimizer, tc.seed, getattr(method, "dropout", 0) > 0, shardings)
+        dropout = getattr(method, "dropout", 0) > 0 or bool(model.config.dropout_rates)  # as the trainer decides
+        step = make_train_step(model, optimizer, tc.seed, dropout, shardings)
         shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
         batch = {{k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
                   for k in ("input_ids", "labels", "loss_mask", "attention_mask")}}
