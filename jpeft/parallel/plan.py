@@ -55,7 +55,7 @@ from jpeft.models.hf import DTYPES, abstract_params, build, family
 from jpeft.models.layers import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
-from jpeft.train.trainer import build_method, build_optimizer
+from jpeft.train.trainer import build_method, build_optimizer, run_model_config
 
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
 # The model's own dropout (GPT-2's, T5's), fitted to XLA as below (tests/parallel/test_plan.py's GPT-2 at 64 and
@@ -137,8 +137,8 @@ def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan
         raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {ways} data-parallel "
                           f"devices (mesh.data x mesh.fsdp)")
     dtype_name = resolve_dtype(cfg.model.dtype)  # auto: as on this machine (configs for others name theirs)
-    model_cfg = read_config(os.path.join(cfg.model.path, "config.json")).replace(
-        dtype=dtype_name, remat=cfg.model.remat)
+    model_cfg = run_model_config(cfg, read_config(os.path.join(cfg.model.path, "config.json"))).replace(
+        dtype=dtype_name)
     abstract = abstract_params(build(model_cfg))
     dtype = DTYPES[dtype_name]
     base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(abstract))
@@ -183,7 +183,7 @@ class _Activations:
                                                      split(model_cfg.intermediate_size), split(model_cfg.vocab_size))
         self.itemsize = jnp.dtype(model_cfg.dtype).itemsize
         self.remat, self.accum, self.fsdp = cfg.model.remat, cfg.train.grad_accum, sizes["fsdp"]
-        rates = model_cfg.dropout_rates if cfg.model.dropout else {}
+        rates = model_cfg.dropout_rates
         self.probability_masks, self.output_masks = "attention_dropout" in rates, 2 * ("residual_dropout" in rates)
         self.ways = sizes["data"] * sizes["fsdp"]
         gathered = {**sizes, "fsdp": 1}  # a weight as the layer computing with it holds it

@@ -52,6 +52,18 @@ log = logging.getLogger("jpeft.train")
 BASE_WEIGHTS = ("kernel", "embedding", *QUANT_LEAVES)  # frozen leaves an adapter export never reads
 
 
+def run_model_config(cfg: RunConfig, config: ModelConfig) -> ModelConfig:
+    """The checkpoint's model config as a run trains it: the run's remat, and no dropout of the model's own
+    where `model.dropout` is false."""
+    config = config.replace(remat=cfg.model.remat)
+    return config if cfg.model.dropout else config.without_dropout()
+
+
+def uses_dropout(method, model) -> bool:
+    """Does the train step need a dropout key: the method's own dropout (LoRA's) or the model's?"""
+    return getattr(method, "dropout", 0) > 0 or bool(model.config.dropout_rates)
+
+
 def build_method(cfg: RunConfig, labels: list[str] | None = None):
     """The configured method, its unset options defaulted for the base's family (`FAMILY_DEFAULTS`: T5's and
     GPT-2's projection names); a classifier also gets its class names (`class_labels`)."""
@@ -160,9 +172,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     method = build_method(cfg, labels)
     # base leaves the method trains (full, BitFit, norms) are read in float32: trained, they stay float32
     model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=method.mask)
-    model = model.clone(config=model.config.replace(remat=cfg.model.remat))
-    if not cfg.model.dropout:
-        model = model.clone(config=model.config.without_dropout())
+    model = model.clone(config=run_model_config(cfg, model.config))
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     if rates := model.config.dropout_rates:
         log.info("the model's own dropout in training, from config.json (model.dropout=false turns it off): %s",
@@ -198,8 +208,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
         write_data_files(cfg.out_dir, data)
     start = int(state["step"])
-    dropout = getattr(method, "dropout", 0) > 0 or bool(model.config.dropout_rates)
-    train_step = make_train_step(model, optimizer, tc.seed, dropout, shardings,
+    train_step = make_train_step(model, optimizer, tc.seed, uses_dropout(method, model), shardings,
                                  tasks=0 if data.draws is None else len(data.tasks))
     eval_step = make_eval_step(model)
     in_sharding = batch_sharding(mesh, tc.batch_size)

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     from jpeft.parallel import activation_sharding, batch_sharding, make_mesh, state_shardings
     from jpeft.parallel.plan import plan
     from jpeft.train.step import init_state, make_train_step
-    from jpeft.train.trainer import build_method, build_optimizer, init_method
+    from jpeft.train.trainer import build_method, build_optimizer, init_method, run_model_config, uses_dropout
     assert len(jax.devices()) == 8
     shard_bytes = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
     out = {{}}
@@ -40,9 +40,7 @@ SCRIPT = textwrap.dedent("""
         tc = cfg.train
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
         model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh)
-        model = model.clone(config=model.config.replace(remat=cfg.model.remat))
-        if not cfg.model.dropout:
-            model = model.clone(config=model.config.without_dropout())
+        model = model.clone(config=run_model_config(cfg, model.config))
         method = build_method(cfg)
         params = init_method(method, params, model, mesh, tc.seed)
         trainable, frozen = T.partition(params, method.mask(params))
@@ -50,8 +48,7 @@ SCRIPT = textwrap.dedent("""
         optimizer = build_optimizer(cfg, method, trainable)
         shardings = state_shardings(optimizer, trainable, mesh)
         state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
-        dropout = getattr(method, "dropout", 0) > 0 or bool(model.config.dropout_rates)  # as the trainer decides
-        step = make_train_step(model, optimizer, tc.seed, dropout, shardings)
+        step = make_train_step(model, optimizer, tc.seed, uses_dropout(method, model), shardings)
         shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
         batch = {{k: np.zeros(shape, np.float32 if k == "loss_mask" else np.int32)
                   for k in ("input_ids", "labels", "loss_mask", "attention_mask")}}
