@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from jpeft import tree as T
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.hardware import wide_vectors
-from jpeft.models import layers as L
+from jpeft.models import kv_cache as C
 from jpeft.peft import sites
 from jpeft.peft.prompt import task_rows
 
@@ -245,7 +245,7 @@ def _stepping(model, params):
     if jax.default_backend() != "cpu":
         return model, params, lambda cache: cache
     return (model.clone(config=dataclasses.replace(model.config, unrolled=True)), T.unstack(params),
-            L.unstack_cache)
+            C.unstack_cache)
 
 
 @functools.cache

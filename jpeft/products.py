@@ -75,7 +75,7 @@ def row_major(a):
     """`a` materialised row-major on CPU: XLA:CPU's bf16 matmul takes no transposed left operand (it
     would run in float32), and XLA otherwise folds a transpose into the product that reads it or lays
     it out as a free column-major view, inside a loop body (the chunked LM-head loss) as anywhere; in
-    attention it even converted some bf16 products' operands to float32 (`layers._attend`)."""
+    attention it even converted some bf16 products' operands to float32 (`attention._attend`)."""
     return with_layout_constraint(a, Layout(tuple(range(a.ndim)))) if _cpu_layouts() else a
 
 

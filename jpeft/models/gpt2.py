@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jpeft.errors import JpeftError
+from jpeft.models import attention as A
+from jpeft.models import kv_cache as C
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
@@ -31,10 +33,10 @@ class Attention(nn.Module):
         qkv = L.Dense(3 * cfg.hidden_size, ("embed", "heads"), True, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, index)
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
+        cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, index)
+        out = A.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, None,
                        None if cache_kv is not None else k.shape[2] - t,
-                       dropout=L.attention_dropout(self, cfg.attention_dropout))
+                       dropout=A.attention_dropout(self, cfg.attention_dropout))
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))
         out = L.dropout(self, out, cfg.residual_dropout)  # inside HF's attention module, before PEFT's adaption prompt
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
@@ -94,12 +96,12 @@ class GPT2(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
-        d = L.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
+        d = C.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         if positions is None and cache is None and d.keys + d.rows + input_ids.shape[1] > cfg.max_position_embeddings:
             raise JpeftError(f"{input_ids.shape[1]} tokens (after {d.keys + d.rows} virtual ones) need more "
                              f"positions than GPT-2's table holds ({cfg.max_position_embeddings}, n_positions)")
         cache_kv = None if cache is None else (cache["k"], cache["v"])
-        mask = L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, None)
+        mask = A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, None)
         transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=True)
         hidden, cache_kv = transformer(cfg, name="transformer")(input_ids, d.positions, mask, cache_kv, d.index)
         hidden = hidden[:, d.rows:]
@@ -108,7 +110,7 @@ class GPT2(nn.Module):
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
-        return out, L.written_cache(cache_kv, d, input_ids.shape[1])
+        return out, C.written_cache(cache_kv, d, input_ids.shape[1])
 
     @nn.nowrap
     def head_leaves(self, params) -> dict:
@@ -121,4 +123,4 @@ class GPT2(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        return L.empty_cache(self.config, batch, max_len, dtype)
+        return C.empty_cache(self.config, batch, max_len, dtype)

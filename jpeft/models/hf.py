@@ -279,7 +279,6 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         log.warning("%s: the classifier's config has no pad_token_id, so transformers runs it on one row at a "
                     "time only; pass tokenizer_from or config={'pad_token_id': ...}", out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    cfg = model.config
     tensors = {}
     flat = {path: np.asarray(jax.device_get(value)) for path, value in T.flatten(params).items()}
     stored = _one_dtype(flat, dtype, out_dir)

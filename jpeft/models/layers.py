@@ -1,4 +1,5 @@
-"""Shared layers and the insertion points where adapter leaves act.
+"""Shared layers and the insertion points where adapter leaves act: the layer scan, dropout, dense,
+norms, embedding, LM head, activations (attention is `attention`, the KV cache `kv_cache`).
 
 Every model family builds from these. An insertion point reads whatever adapter
 leaves the parameter tree holds beside its weight and applies them; the math of
@@ -7,7 +8,6 @@ each method lives in `jpeft.peft`.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -15,9 +15,7 @@ import jax.numpy as jnp
 
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
-from jpeft.products import einsum, row_major
 
-NEG_INF = -1e30
 init_normal = nn.initializers.normal(0.02)
 
 
@@ -93,12 +91,6 @@ def dropout(module: nn.Module, x, rate: float):
 def dropped(x, keep, rate: float):
     """x where `keep`, scaled by 1 / (1 - rate) in float32, and 0 elsewhere, in x's dtype."""
     return jnp.where(keep, x.astype(jnp.float32) / (1 - rate), 0).astype(x.dtype)
-
-
-def attention_dropout(module: nn.Module, rate: float):
-    """(key, rate) for `attend` to drop attention probabilities with, or None outside a train step."""
-    rng = dropout_rng(module) if rate > 0 else None
-    return None if rng is None else (rng, rate)
 
 
 class Dense(nn.Module):
@@ -182,74 +174,6 @@ class Embed(nn.Module):
         return sites.embed(module_leaves(self), ids, dtype, prepend, scale)
 
 
-def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True,
-                   q_positions=None):
-    """Bool [B, Tq, Tk]: causal over cache slots (unless `causal` is off: an encoder, cross-attention),
-    optional sliding window, and within a segment.
-
-    Segment ids [B, T] generalise a 0/1 attention mask: 0 is padding (never attended to), a
-    query sees only keys of its own segment (packed examples never see each other), and a
-    negative id (virtual tokens) is seen by every segment. The window spans slots within a segment; to a
-    virtual key (at slot = position 0..n-1) it spans the query's `q_positions` [B, Tq], so that an example
-    packed behind others (or after left padding) sees as many virtual tokens as it would alone.
-    """
-    allowed = k_slots[None, None, :] <= q_slots[None, :, None] if causal else True
-    if window is not None:
-        distance = q_slots[None, :, None] - k_slots[None, None, :]
-        if q_positions is not None:
-            distance = jnp.where(k_segments[:, None, :] < 0, q_positions[:, :, None] - k_slots[None, None, :], distance)
-        allowed &= distance < window
-    same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
-    return allowed & same & (k_segments[:, None, :] != 0)
-
-
-def slots(segments, cache, first_query: int = 0):
-    """(q_slots, k_slots, k_segments, index) of a call whose new slots hold `segments` [B, n]: written into
-    the cache at its index (without one, slots 0..n-1 are all there is); keys span every slot, the
-    queries are the new slots from `first_query` on (a decoder's prefix keys come before its queries)."""
-    if cache is None:
-        index, k_segments = 0, segments
-    else:
-        index = cache["index"]
-        k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, index))
-    return index + jnp.arange(first_query, segments.shape[1]), jnp.arange(k_segments.shape[1]), k_segments, index
-
-
-class DecoderInputs(NamedTuple):
-    """What a decoder-only call derives from its inputs once methods' virtual tokens come first."""
-    rows: int  # soft-prompt rows prepended to the input embeddings
-    keys: int  # prefix keys/values prepended in every layer
-    positions: jax.Array  # [B, rows + T]: the virtual rows' and the real tokens' positions
-    q_segments: jax.Array  # [B, rows + T]: the queries' segment ids (virtual rows: -1)
-    q_slots: jax.Array
-    k_slots: jax.Array
-    k_segments: jax.Array
-    index: jax.Array  # the cache slot this call writes first (0 without a cache)
-
-
-def decoder_inputs(params, input_ids, attention_mask=None, positions=None, cache=None) -> DecoderInputs:
-    """Masks' and positions' inputs of a decoder call, with virtual tokens first as PEFT puts them: the prefix's
-    keys at slots 0..keys-1 (positions of their own, never given), the soft prompt's rows at positions
-    keys..keys+rows-1 and the real tokens' positions shifted by keys + rows; every segment sees them.
-
-    `positions` default to the tokens' cache slots (0..T-1 without a cache); `attention_mask` to all ones."""
-    b, t = input_ids.shape
-    rows, keys = sites.virtual_tokens(params)
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, t), jnp.int32)
-    segments = jnp.concatenate([jnp.full((b, rows + keys), -1, jnp.int32), attention_mask.astype(jnp.int32)], 1)
-    q_slots, k_slots, k_segments, index = slots(segments, cache, keys)
-    if positions is None:
-        positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
-    positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)), positions + rows + keys], 1)
-    return DecoderInputs(rows, keys, positions, segments[:, keys:], q_slots, k_slots, k_segments, index)
-
-
-def written_cache(cache_kv, d: DecoderInputs, t: int) -> dict:
-    """A decoder's cache after a call of `t` tokens: its keys/values, every slot's segment, the next slot."""
-    return {"k": cache_kv[0], "v": cache_kv[1], "segments": d.k_segments, "index": d.index + d.keys + d.rows + t}
-
-
 def head_leaves(params, embedding_path: str, tied: bool) -> dict:
     """The LM head's leaves for the dense insertion point: the token embedding at `embedding_path`, transposed,
     where the head is tied to it; else the model's own `lm_head`."""
@@ -266,142 +190,9 @@ def head_logits(head: dict, hidden, cap: float | None = None):
     return softcap(sites.dense(head, hidden).astype(jnp.float32), cap)
 
 
-def empty_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty decoder KV cache: k/v [layers, batch · kv_heads, max_len, head_dim] (as `attend` reads them;
-    compute dtype by default), each slot's segment id (0: empty), the write index."""
-    shape = (cfg.num_decoder_layers or cfg.num_layers, batch * cfg.num_kv_heads, max_len, cfg.head_dim)
-    dtype = dtype or jnp.dtype(cfg.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segments": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
-
-
-# The cache entries with a row per layer (a decoder's keys/values; an encoder-decoder's cross-attention ones).
-LAYER_ROWS = ("k", "v", "cross_k", "cross_v")
-
-
-def unstack_cache(cache: dict) -> dict:
-    """The cache for `Unrolled` layers: each per-layer entry a list of the layers' own arrays."""
-    return {name: list(c) if name in LAYER_ROWS else c for name, c in cache.items()}
-
-
-def layer_rows(c, layer):
-    """A layer's keys or values [B · KV, slots, D]: row `layer` of a stacked entry, or the layer's own array."""
-    return c if c.ndim == 3 else c[layer]
-
-
-def keys_values(cache_kv, k, v, layer, index):
-    """(cache, k, v): new keys/values [B, T, KV, D] heads first ([B, KV, T, D], as `attend` reads them), or
-    with a cache, written in place into the layer's rows of it at slot `index` and all its slots read back
-    as the cache holds them ([B · KV, slots, D]).
-
-    A layer's own array is read as written (no reshape between the write and the matmul that reads it: XLA
-    would fuse the write into the reshape and copy the whole entry, every step)."""
-    k, v = (a.transpose(0, 2, 1, 3) for a in (k, v))
-    if cache_kv is None:
-        return None, k, v
-    k, v = (a.reshape(-1, *a.shape[2:]) for a in (k, v))
-    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, index, 0)) if c.ndim == 3 else
-                     jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, index, 0))
-                     for c, new in zip(cache_kv, (k, v)))
-    return (cache_kv, *(layer_rows(c, layer) for c in cache_kv))
-
-
 def softcap(x, cap: float | None):
     """Gemma's tanh soft-capping: cap · tanh(x / cap), or x when there is no cap."""
     return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-QUERY_BLOCK = 128  # causal attention's queries per block (`attend`)
-
-
-def query_blocks(t: int, block: int = QUERY_BLOCK) -> list[tuple[int, int]]:
-    """(start, end) of causal attention's query blocks over t queries."""
-    return [(start, min(start + block, t)) for start in range(0, t, block)]
-
-
-def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
-    """Query-key pairs causal attention over t tokens computes: each query block against the keys up to
-    its last query (t² when the queries fit one block)."""
-    return sum((end - start) * end for start, end in query_blocks(t, block))
-
-
-def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
-           block: int = QUERY_BLOCK, bias=None, dropout=None):
-    """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
-    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions);
-    `dropout` (key, rate) drops attention probabilities (`attention_dropout`).
-
-    With `causal_offset` (static: the key slot of the first query) query i sees no key past
-    slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
-    query: about half the work of the whole [T, S] score matrix, in tiles small enough to stay in
-    cache (on a 2-core CPU, 310 -> 180 ms fwd+bwd per layer at [8, 512], 4 heads of 64).
-    """
-    t = q.shape[1]
-    if causal_offset is None or t <= block:
-        return _attend(q, k, v, mask, scale, cap, bias, dropout)
-    return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
-                                    mask[:, start:end, :causal_offset + end], scale, cap,
-                                    None if bias is None else bias[:, :, start:end, :causal_offset + end],
-                                    dropout and (jax.random.fold_in(dropout[0], start), dropout[1]))
-                            for start, end in query_blocks(t, block)], axis=1)
-
-
-def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=None):
-    """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows. The
-    training path keeps batch and heads apart ([B, KV, ...]), so each keeps its own sharding."""
-    b, t, h, d = q.shape
-    kv = k.shape[1] if k.ndim == 4 else k.shape[0] // b
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(*k.shape[:-2], h // kv * t, d)
-    if k.ndim == 4:  # not a cache: q, k, v are transposed views, which XLA:CPU ran some bf16 products of in float32
-        q, k, v = (row_major(x) for x in (q, k, v))
-    scores = einsum("...qd,...sd->...qs", q, k.astype(q.dtype), jnp.float32) * scale
-    scores = scores.reshape(b, kv, h // kv, t, -1)
-    if bias is not None:
-        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
-    scores = softcap(scores, cap)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF).reshape(*v.shape[:-2], h // kv * t, -1)
-    rng, rate = dropout or (None, 0.0)
-    keep = None if rng is None else jax.random.bernoulli(rng, 1 - rate, scores.shape)
-    out = attention_values(scores, v, keep, rate)
-    return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
-
-
-WEIGHTED_VALUES = "...qs,...sd->...qd"  # probabilities [..., Q, S] times values [..., S, D]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention_values(scores, v, keep=None, rate: float = 0.0):
-    """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32; with
-    `keep` (a boolean mask) the rounded probabilities go through dropout at `rate` first, as torch drops them.
-
-    Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
-    float32 output, not softmax's float32 output beside them, which the layer scan would stack for every
-    layer, and takes softmax's row term Σₛ dP·P as Σ_d dO·O (FlashAttention's; from the unrounded output it
-    is exact for the rounded probabilities): XLA:CPU fused the row sum into the dP = dO·vᵀ product, which
-    then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the bench's LoRA step bf16
-    0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
-    copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
-    rounding. Under dropout the row term is unchanged: with dP the gradient of the dropped probabilities
-    pulled back through dropout, Σ_d dO·O = Σₛ dP·P."""
-    return _attention_values_fwd(scores, v, keep, rate)[0]
-
-
-def _attention_values_fwd(scores, v, keep, rate):
-    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = einsum(WEIGHTED_VALUES, p if keep is None else dropped(p, keep, rate), v, jnp.float32)
-    return out.astype(v.dtype), (p, v, out, keep)
-
-
-def _attention_values_bwd(rate, res, g):
-    p, v, out, keep = res
-    dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p if keep is None else dropped(p, keep, rate),
-                     v)[1](g)
-    dp = dp.astype(jnp.float32) if keep is None else jnp.where(keep, dp.astype(jnp.float32) / (1 - rate), 0)
-    rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    return p.astype(jnp.float32) * (dp - rows), dv, None
-
-
-attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)
 
 
 ACTIVATIONS = {

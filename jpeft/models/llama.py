@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.models import attention as A
+from jpeft.models import kv_cache as C
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 from jpeft.models.rope import apply_rope, layer_rope, rope_tables
@@ -38,11 +40,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
-        cache_kv, k, v = L.keys_values(cache_kv, k, v, layer, cache_index)
+        cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, cache_index)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = None if cache_kv is not None else k.shape[2] - q.shape[1]
-        out = L.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
-                       causal_offset, dropout=L.attention_dropout(self, cfg.attention_dropout))
+        out = A.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
+                       causal_offset, dropout=A.attention_dropout(self, cfg.attention_dropout))
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
@@ -132,9 +134,9 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
-        d = L.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
+        d = C.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
-        masks = tuple(L.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window,
+        masks = tuple(A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window,
                                        q_positions=d.positions) if use else None
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
@@ -147,7 +149,7 @@ class CausalLM(nn.Module):
         out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
         if cache is None:
             return out
-        return out, L.written_cache(cache_kv, d, input_ids.shape[1])
+        return out, C.written_cache(cache_kv, d, input_ids.shape[1])
 
     # The model protocol beside `apply` (jpeft.models): what training and decoding use, knowing no family.
     @nn.nowrap
@@ -162,8 +164,8 @@ class CausalLM(nn.Module):
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty KV cache (`layers.empty_cache`)."""
-        return L.empty_cache(self.config, batch, max_len, dtype)
+        """An empty KV cache (`kv_cache.empty_cache`)."""
+        return C.empty_cache(self.config, batch, max_len, dtype)
 
 
 def init_params(model: CausalLM, key) -> dict:

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.models import attention as A
+from jpeft.models import kv_cache as C
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
@@ -66,15 +68,15 @@ class Attention(nn.Module):
             if self.causal:
                 k, v = sites.attention_kv(L.module_leaves(self), k, v)
         if source is not None:
-            cache, k, v = L.keys_values(cache, k, v, layer, index)
+            cache, k, v = C.keys_values(cache, k, v, layer, index)
         else:  # a decoding step: the encoder's keys/values as the prefill wrote them
-            k, v = (L.layer_rows(c, layer) for c in cache)
+            k, v = (C.layer_rows(c, layer) for c in cache)
         if cache is not None:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = k.shape[2] - q.shape[1] if self.causal and cache is None else None
-        out = L.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias,
-                       dropout=L.attention_dropout(self, cfg.attention_dropout))
+        out = A.attend(q, k, v, mask, 1.0, None, causal_offset, bias=bias,
+                       dropout=A.attention_dropout(self, cfg.attention_dropout))
         return L.Dense(cfg.hidden_size, ("heads", "embed"), name="o")(out.reshape(*x.shape[:2], heads * dim)), cache
 
 
@@ -188,7 +190,7 @@ class T5(nn.Module):
         rows, keys = sites.virtual_tokens(self.variables.get("params", {}))
         dec_segments = _segments(decoder_input_ids, decoder_attention_mask)
         prefixed = jnp.concatenate([jnp.full((dec_segments.shape[0], keys), -1, jnp.int32), dec_segments], axis=1)
-        q_slots, k_slots, k_segments, index = L.slots(prefixed, cache, keys)  # prefix keys: seen by every token
+        q_slots, k_slots, k_segments, index = C.slots(prefixed, cache, keys)  # prefix keys: seen by every token
         caches = None if cache is None else ((cache["k"], cache["v"]), (cache["cross_k"], cache["cross_v"]))
         encoded = None
         if input_ids is not None:
@@ -196,14 +198,14 @@ class T5(nn.Module):
             segments = jnp.concatenate([jnp.ones((segments.shape[0], rows), jnp.int32), segments], axis=1)
             slots = jnp.arange(segments.shape[1])
             encoded, _ = Stack(cfg, False, name="encoder")(
-                shared(input_ids, dtype), slots, slots, L.attention_mask(slots, slots, segments, segments, None, False))
+                shared(input_ids, dtype), slots, slots, A.attention_mask(slots, slots, segments, segments, None, False))
         else:
             segments = cache["encoder_segments"]
-        cross_mask = L.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
+        cross_mask = A.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
         decoder = nn.map_variables(Stack, "params", trans_in_fn=sites.expand, init=True)
         hidden, caches = decoder(cfg, True, name="decoder")(
             shared(decoder_input_ids, dtype, prepend=False), q_slots, k_slots,
-            L.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
+            A.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
         if cfg.scale_decoder_outputs:
             hidden = hidden * jnp.asarray(cfg.hidden_size ** -0.5, hidden.dtype)
         if not cfg.tie_word_embeddings and self.is_initializing():
@@ -219,8 +221,8 @@ class T5(nn.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None, encoder_len: int = 1) -> dict:
         """An empty cache for `max_len` decoder slots (prefix keys included) over an encoder input of
         `encoder_len` tokens."""
-        cross = L.empty_cache(self.config, batch, encoder_len, dtype)
-        return {**L.empty_cache(self.config, batch, max_len, dtype), "cross_k": cross["k"], "cross_v": cross["v"],
+        cross = C.empty_cache(self.config, batch, encoder_len, dtype)
+        return {**C.empty_cache(self.config, batch, max_len, dtype), "cross_k": cross["k"], "cross_v": cross["v"],
                 "encoder_segments": cross["segments"]}
 
     @nn.nowrap

@@ -12,8 +12,8 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - the batch: grad_accum x b x t x 16 bytes (ids, labels, attention mask, loss weights);
 - every layer's residuals for the backward pass (the layers run under one scan, so all of them
   are live when it starts), per token of a layer:
-    remat none: the attention probabilities once, in s (`layers.attention_values`), over the keys each
-      query block attends to (`layers.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
+    remat none: the attention probabilities once, in s (`attention.attention_values`), over the keys each
+      query block attends to (`attention.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
       for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
       rank-wide per LoRA pair; under the model's own dropout, `DROPOUT_BYTES` per attention probability
       and per element of its two dropped hidden-wide outputs (the attention's and the MLP's);
@@ -52,7 +52,7 @@ from jpeft.errors import ConfigError
 from jpeft.models.config import read_config
 from jpeft.hardware import resolve_dtype
 from jpeft.models.hf import DTYPES, abstract_params, build, family
-from jpeft.models.layers import causal_keys
+from jpeft.models.attention import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
 from jpeft.train.trainer import build_method, build_optimizer, run_model_config

@@ -30,7 +30,6 @@ from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import classifier
-from jpeft.peft.base import module_names
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import METHODS
 

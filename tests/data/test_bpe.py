@@ -1,6 +1,5 @@
 """The demo's BPE tokenizer: exact round trips, single-token speaker tags, BOS/EOS/pad ids."""
 import json
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer

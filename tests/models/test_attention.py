@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpeft.models import layers as L
+from jpeft.models import attention as A
+from jpeft.models import kv_cache as C
 
 
 @pytest.mark.parametrize("prefix,cap,window", [(0, None, None), (3, 0.5, None), (2, None, 3)])
@@ -13,13 +14,13 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
     b, t, heads, kv, d = 2, 10, 4, 2, 8
     q, k, v = (jax.random.normal(key, (b, t + n, h, d)) for key, n, h in
                zip(jax.random.split(jax.random.key(0), 3), (0, prefix, prefix), (heads, kv, kv)))
-    _, k, v = L.keys_values(None, k, v, 0, 0)  # as attention reads them: [B, KV, S, D]
+    _, k, v = C.keys_values(None, k, v, 0, 0)  # as attention reads them: [B, KV, S, D]
     segments = jnp.asarray([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
     k_segments = jnp.concatenate([jnp.full((b, prefix), -1), segments], 1)
-    mask = L.attention_mask(prefix + jnp.arange(t), jnp.arange(prefix + t), segments, k_segments, window)
+    mask = A.attention_mask(prefix + jnp.arange(t), jnp.arange(prefix + t), segments, k_segments, window)
 
     def loss(q, k, v, causal_offset):
-        out = L.attend(q, k, v, mask, 0.3, cap, causal_offset, block=4)
+        out = A.attend(q, k, v, mask, 0.3, cap, causal_offset, block=4)
         out = jnp.where(segments[:, :, None, None] != 0, out, 0)  # a padding query sees nothing: its output is unused
         return (out * jnp.cos(out)).sum(), out
 
@@ -29,5 +30,5 @@ def test_blocked_causal_attention_equals_the_whole_score_matrix(prefix, cap, win
     np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=0)
     for a, b_ in zip(grads_blocked, grads_whole):
         np.testing.assert_allclose(a, b_, atol=1e-5, rtol=0)
-    alone = L.attend(q[:, :4], k[:, :, :prefix + 4], v[:, :, :prefix + 4], mask[:, :4, :prefix + 4], 0.3, cap)
+    alone = A.attend(q[:, :4], k[:, :, :prefix + 4], v[:, :, :prefix + 4], mask[:, :4, :prefix + 4], 0.3, cap)
     np.testing.assert_allclose(blocked[0, :4], alone[0], atol=1e-6, rtol=0)  # segment 1 never sees segment 2

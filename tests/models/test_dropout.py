@@ -11,6 +11,7 @@ import torch
 import jpeft
 from conftest import GPT2, make_hf_model, make_t5, save_hf_model
 from jpeft.errors import CheckpointError
+from jpeft.models import attention as A
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 
@@ -98,7 +99,7 @@ def test_gradient_through_dropped_attention_probabilities_is_autodiffs():
         p = jnp.where(keep, jax.nn.softmax(scores, axis=-1) / 0.6, 0)
         return jnp.einsum("...qs,...sd->...qd", p, v)
 
-    ours = jax.vjp(lambda s, v: L.attention_values(s, v, keep, 0.4), scores, v)
+    ours = jax.vjp(lambda s, v: A.attention_values(s, v, keep, 0.4), scores, v)
     theirs = jax.vjp(plain, scores, v)
     np.testing.assert_allclose(ours[0], theirs[0], atol=1e-6)
     for a, b in zip(ours[1](g), theirs[1](g)):

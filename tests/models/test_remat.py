@@ -99,7 +99,7 @@ def test_attention_values_keep_one_bf16_copy_of_the_probabilities():
     needs them), where plain autodiff keeps softmax's float32 output beside them; its gradient (softmax's
     row term from the output, FlashAttention's) is autodiff's to float32 rounding in float32 and to bf16's
     precision in bf16, and masked keys get none."""
-    from jpeft.models.layers import attention_values
+    from jpeft.models.attention import attention_values
 
     r = np.random.RandomState(0)
     scores = jnp.asarray(3 * r.randn(2, 3, 5, 7), jnp.float32).at[..., -2:].set(-1e30)  # masked keys

@@ -160,7 +160,7 @@ def test_cli_prints_the_table_and_json(model_dir, capsys):
 
 
 def test_probabilities_are_counted_over_the_keys_each_query_block_attends_to():
-    from jpeft.models.layers import causal_keys
+    from jpeft.models.attention import causal_keys
     assert causal_keys(100) == 100 * 100  # one block: the whole square
     assert causal_keys(256, 128) == 128 * 128 + 128 * 256
     assert causal_keys(300, 128) == 128 * 128 + 128 * 256 + 44 * 300

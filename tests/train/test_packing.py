@@ -1,7 +1,6 @@
 """Packed rows: attention never crosses examples, positions restart, and the loss (with the LM head on
 loss positions only) equals that of one padded row per example, in value and gradients."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

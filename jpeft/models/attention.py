@@ -1,0 +1,134 @@
+"""Attention: which keys each query may see (cache slots, segments, sliding windows), grouped-query
+attention in causal query blocks, and softmax·V with a backward that keeps less (`attention_values`)."""
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.models.layers import dropout_rng, dropped, softcap
+from jpeft.products import einsum, row_major
+
+NEG_INF = -1e30
+
+
+def attention_dropout(module: nn.Module, rate: float):
+    """(key, rate) for `attend` to drop attention probabilities with, or None outside a train step."""
+    rng = dropout_rng(module) if rate > 0 else None
+    return None if rng is None else (rng, rate)
+
+
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None, causal: bool = True,
+                   q_positions=None):
+    """Bool [B, Tq, Tk]: causal over cache slots (unless `causal` is off: an encoder, cross-attention),
+    optional sliding window, and within a segment.
+
+    Segment ids [B, T] generalise a 0/1 attention mask: 0 is padding (never attended to), a
+    query sees only keys of its own segment (packed examples never see each other), and a
+    negative id (virtual tokens) is seen by every segment. The window spans slots within a segment; to a
+    virtual key (at slot = position 0..n-1) it spans the query's `q_positions` [B, Tq], so that an example
+    packed behind others (or after left padding) sees as many virtual tokens as it would alone.
+    """
+    allowed = k_slots[None, None, :] <= q_slots[None, :, None] if causal else True
+    if window is not None:
+        distance = q_slots[None, :, None] - k_slots[None, None, :]
+        if q_positions is not None:
+            distance = jnp.where(k_segments[:, None, :] < 0, q_positions[:, :, None] - k_slots[None, None, :], distance)
+        allowed &= distance < window
+    same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
+    return allowed & same & (k_segments[:, None, :] != 0)
+
+
+QUERY_BLOCK = 128  # causal attention's queries per block (`attend`)
+
+
+def query_blocks(t: int, block: int = QUERY_BLOCK) -> list[tuple[int, int]]:
+    """(start, end) of causal attention's query blocks over t queries."""
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
+    """Query-key pairs causal attention over t tokens computes: each query block against the keys up to
+    its last query (t² when the queries fit one block)."""
+    return sum((end - start) * end for start, end in query_blocks(t, block))
+
+
+def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
+           block: int = QUERY_BLOCK, bias=None, dropout=None):
+    """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
+    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions);
+    `dropout` (key, rate) drops attention probabilities (`attention_dropout`).
+
+    With `causal_offset` (static: the key slot of the first query) query i sees no key past
+    slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
+    query: about half the work of the whole [T, S] score matrix, in tiles small enough to stay in
+    cache (on a 2-core CPU, 310 -> 180 ms fwd+bwd per layer at [8, 512], 4 heads of 64).
+    """
+    t = q.shape[1]
+    if causal_offset is None or t <= block:
+        return _attend(q, k, v, mask, scale, cap, bias, dropout)
+    return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
+                                    mask[:, start:end, :causal_offset + end], scale, cap,
+                                    None if bias is None else bias[:, :, start:end, :causal_offset + end],
+                                    dropout and (jax.random.fold_in(dropout[0], start), dropout[1]))
+                            for start, end in query_blocks(t, block)], axis=1)
+
+
+def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=None):
+    """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows. The
+    training path keeps batch and heads apart ([B, KV, ...]), so each keeps its own sharding."""
+    b, t, h, d = q.shape
+    kv = k.shape[1] if k.ndim == 4 else k.shape[0] // b
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(*k.shape[:-2], h // kv * t, d)
+    if k.ndim == 4:  # not a cache: q, k, v are transposed views, which XLA:CPU ran some bf16 products of in float32
+        q, k, v = (row_major(x) for x in (q, k, v))
+    scores = einsum("...qd,...sd->...qs", q, k.astype(q.dtype), jnp.float32) * scale
+    scores = scores.reshape(b, kv, h // kv, t, -1)
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
+    scores = softcap(scores, cap)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF).reshape(*v.shape[:-2], h // kv * t, -1)
+    rng, rate = dropout or (None, 0.0)
+    keep = None if rng is None else jax.random.bernoulli(rng, 1 - rate, scores.shape)
+    out = attention_values(scores, v, keep, rate)
+    return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+
+
+WEIGHTED_VALUES = "...qs,...sd->...qd"  # probabilities [..., Q, S] times values [..., S, D]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def attention_values(scores, v, keep=None, rate: float = 0.0):
+    """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32; with
+    `keep` (a boolean mask) the rounded probabilities go through dropout at `rate` first, as torch drops them.
+
+    Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
+    float32 output, not softmax's float32 output beside them, which the layer scan would stack for every
+    layer, and takes softmax's row term Σₛ dP·P as Σ_d dO·O (FlashAttention's; from the unrounded output it
+    is exact for the rounded probabilities): XLA:CPU fused the row sum into the dP = dO·vᵀ product, which
+    then ran at ~65 GFLOP/s against ~250 without it (in-process A/B, the bench's LoRA step bf16
+    0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
+    copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
+    rounding. Under dropout the row term is unchanged: with dP the gradient of the dropped probabilities
+    pulled back through dropout, Σ_d dO·O = Σₛ dP·P."""
+    return _attention_values_fwd(scores, v, keep, rate)[0]
+
+
+def _attention_values_fwd(scores, v, keep, rate):
+    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = einsum(WEIGHTED_VALUES, p if keep is None else dropped(p, keep, rate), v, jnp.float32)
+    return out.astype(v.dtype), (p, v, out, keep)
+
+
+def _attention_values_bwd(rate, res, g):
+    p, v, out, keep = res
+    dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p if keep is None else dropped(p, keep, rate),
+                     v)[1](g)
+    dp = dp.astype(jnp.float32) if keep is None else jnp.where(keep, dp.astype(jnp.float32) / (1 - rate), 0)
+    rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    return p.astype(jnp.float32) * (dp - rows), dv, None
+
+
+attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)
