@@ -154,7 +154,7 @@ def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan
         flat = T.flatten(shards)
         return sum(math.prod(flat[p]) * x.dtype.itemsize for p, x in T.flatten(tree).items())
 
-    optimizer = build_optimizer(cfg, method, trainable)
+    optimizer = build_optimizer(cfg, method, trainable, frozen)
     moments = optax.tree_map_params(optimizer, lambda s, size: size * s.dtype.itemsize,
                                     jax.eval_shape(optimizer.init, trainable), trainable_sizes,
                                     transform_non_params=lambda s: s.size * s.dtype.itemsize)

@@ -91,6 +91,10 @@ class Classifier(Method):
         return self.lora.lr_ratio if self.lora else 1.0
 
     @property
+    def lr_embedding(self) -> float | None:
+        return self.lora.lr_embedding if self.lora else None
+
+    @property
     def saves_model(self) -> bool:
         """Whether training exports a whole HF model: nothing trained but a head HF can hold."""
         return self.lora is None and self.hidden is None and self.pooling == "last"

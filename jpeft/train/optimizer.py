@@ -33,10 +33,16 @@ def adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.0, min_lr_
                                    weight_decay=weight_decay, mask=decayed))
 
 
-def lora_plus(optimizer: optax.GradientTransformation, trainable, ratio: float) -> optax.GradientTransformation:
-    """LoRA+: LoRA's B factors (and DoRA's magnitudes, as PEFT's `create_loraplus_optimizer` groups its 1-D
-    parameters with B) learn `ratio` times faster. Scaling AdamW's update equals scaling its learning rate
-    (the decoupled weight decay is part of the update)."""
+def lora_plus(optimizer: optax.GradientTransformation, trainable, ratio: float, embedding_scale: float = 1.0,
+              embeddings: frozenset[str] = frozenset()) -> optax.GradientTransformation:
+    """LoRA+ with PEFT's `create_loraplus_optimizer` groups: the factors of a LoRA on an embedding (leaves of
+    the modules `embeddings`) learn at `embedding_scale` times the rate; of the others, LoRA's B factors and
+    every vector (one per layer: DoRA's magnitudes, biases) learn `ratio` times faster. Scaling AdamW's update
+    equals scaling its learning rate (the decoupled weight decay is part of the update)."""
     if ratio == 1.0:
         return optimizer
-    return optax.chain(optimizer, optax.masked(optax.scale(ratio), T.named(trainable, ("lora_b", "lora_magnitude"))))
+    on_embedding = T.map_with_path(lambda path, _: path.rpartition("/")[0] in embeddings, trainable)
+    faster = T.map_with_path(lambda path, x: path.rpartition("/")[0] not in embeddings and (
+        T.leaf_name(path) == "lora_b" or x.ndim - T.is_stacked(path) == 1), trainable)
+    return optax.chain(optimizer, optax.masked(optax.scale(ratio), faster),
+                       optax.masked(optax.scale(embedding_scale), on_embedding))

@@ -86,11 +86,14 @@ def class_labels(cfg: RunConfig) -> list[str] | None:
     return label_names(load_rows(cfg.data.train), cfg.data.label, cfg.data.train, cfg.method.num_labels)
 
 
-def build_optimizer(cfg: RunConfig, method, trainable):
-    """AdamW on the configured schedule; LoRA+ gives B `method.lr_ratio` times A's rate."""
+def build_optimizer(cfg: RunConfig, method, trainable, frozen):
+    """AdamW on the configured schedule; with LoRA+ (`method.lr_ratio`), B learns faster and a LoRA on an
+    embedding (a module whose frozen `embedding` table sits beside it) at `method.lr_embedding`."""
     tc = cfg.train
+    embeddings = frozenset(module for module, leaves in T.modules(frozen).items() if "embedding" in leaves)
     return lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
-                     getattr(method, "lr_ratio", 1.0))
+                     getattr(method, "lr_ratio", 1.0), (getattr(method, "lr_embedding", None) or tc.lr) / tc.lr,
+                     embeddings)
 
 
 def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None,
@@ -191,7 +194,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    optimizer = build_optimizer(cfg, method, trainable)
+    optimizer = build_optimizer(cfg, method, trainable, frozen)
     lr_at = schedule(tc.lr, tc.steps, tc.warmup, tc.min_lr_ratio)
     shardings = state_shardings(optimizer, trainable, mesh)
     state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
         params = init_method(method, params, model, mesh, tc.seed)
         trainable, frozen = T.partition(params, method.mask(params))
         trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-        optimizer = build_optimizer(cfg, method, trainable)
+        optimizer = build_optimizer(cfg, method, trainable, frozen)
         shardings = state_shardings(optimizer, trainable, mesh)
         state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
         step = make_train_step(model, optimizer, tc.seed, uses_dropout(method, model), shardings)

@@ -42,9 +42,77 @@ def test_weight_decay_applies_where_the_trainers_does(tmp_path):
             assert (name in theirs) == decays, name
 
 
-def test_lora_plus_speeds_up_b_and_doras_magnitudes():
-    grads = jax.tree.map(jnp.ones_like, TREE)
-    plain, plus = (step(lora_plus(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0), TREE, ratio), grads) for ratio in (1.0, 4.0))
-    for path in plain:
-        ratio = 4.0 if path.endswith(("/lora_b", "/lora_magnitude")) else 1.0
-        np.testing.assert_allclose(1.0 - plus[path], ratio * (1.0 - plain[path]), rtol=1e-5, err_msg=path)
+LORA_TREE = {"model": {"embed_tokens": {"lora_a": jnp.ones((5, 1)), "lora_b": jnp.ones((1, 2))},
+                       "layers": {"q_proj": {"lora_a": jnp.ones((3, 2, 1)), "lora_b": jnp.ones((3, 1, 2)),
+                                             "lora_magnitude": jnp.ones((3, 2))}}},
+             "score_hidden": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+
+
+def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
+    """B and every per-layer vector (DoRA's magnitudes, a head's bias) `ratio` times A's rate; both factors of a
+    LoRA on an embedding at their own rate; a stacked [layers, out] magnitude is a vector, a head's kernel not."""
+    grads = jax.tree.map(jnp.ones_like, LORA_TREE)
+
+    def moved(ratio):
+        tx = lora_plus(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0), LORA_TREE, ratio, 0.01, frozenset({"model/embed_tokens"}))
+        updates, _ = tx.update(grads, tx.init(LORA_TREE), LORA_TREE)
+        return T.flatten(jax.tree.map(lambda u: -u, updates))
+    plain, plus = moved(1.0), moved(4.0)
+    want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01,
+            "model/layers/q_proj/lora_a": 1.0, "model/layers/q_proj/lora_b": 4.0,
+            "model/layers/q_proj/lora_magnitude": 4.0, "score_hidden/kernel": 1.0, "score_hidden/bias": 4.0}
+    assert set(want) == set(plus)
+    for path, scale in want.items():
+        np.testing.assert_allclose(plain[path], 0.1, rtol=1e-5, err_msg=path)  # lora_plus off: one rate
+        np.testing.assert_allclose(plus[path], 0.1 * scale, rtol=1e-5, err_msg=path)
+
+
+def test_lora_plus_step_equals_pefts(tmp_path):
+    """One clipped, weight-decayed AdamW step of LoRA+ on a tiny Llama's embedding, q_proj and v_proj, from a PEFT
+    adapter, moves every factor as PEFT's `create_loraplus_optimizer` with torch's AdamW does."""
+    import peft
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    import jpeft
+    from conftest import make_hf_model, save_hf_model
+    from jpeft.config import load_config
+    from jpeft.train.trainer import build_method, build_optimizer
+
+    torch_model = make_hf_model("llama")
+    base_dir = save_hf_model(torch_model, tmp_path / "base")
+    targets = ["embed_tokens", "q_proj", "v_proj"]
+    peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                  init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "before")
+    lr, ratio, lr_embedding, decay = 1e-2, 8.0, 1e-3, 0.1
+    ids = np.random.RandomState(0).randint(0, 97, (2, 12))
+
+    cfg = load_config(None, [f"train.lr={lr}", f"train.weight_decay={decay}", "train.warmup=0", "train.min_lr_ratio=1",
+                             "method.rank=4", "method.alpha=8", f"method.targets=[{','.join(targets)}]",
+                             f"method.lr_ratio={ratio}", f"method.lr_embedding={lr_embedding}"])
+    method = build_method(cfg)
+    model, base = jpeft.from_pretrained(base_dir)
+    params = jpeft.load_adapter(str(tmp_path / "before"), base)
+    trainable, frozen = T.partition(params, method.mask(params))
+
+    def loss(trainable):
+        logits = model.apply({"params": T.combine(trainable, frozen)}, jnp.asarray(ids))
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.asarray(ids[:, 1:])).mean()
+    optimizer = build_optimizer(cfg, method, trainable, frozen)
+    updates, _ = optimizer.update(jax.grad(loss)(trainable), optimizer.init(trainable), trainable)
+    ours = T.flatten(optax.apply_updates(trainable, updates))
+
+    logits = peft_model(torch.tensor(ids)).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.tensor(ids[:, 1:]).reshape(-1)
+                                      ).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], 1.0)
+    create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                              loraplus_lr_embedding=lr_embedding, loraplus_weight_decay=decay).step()
+    peft_model.save_pretrained(tmp_path / "after")
+    theirs = T.flatten(T.partition(jpeft.load_adapter(str(tmp_path / "after"), base), method.mask(params))[0])
+    before = T.flatten(trainable)
+    assert set(ours) == set(theirs) and any("embed_tokens" in p for p in ours)
+    for path in ours:  # each step moves a factor by about its group's rate: a wrong group is off by 8x or 10x
+        np.testing.assert_allclose(ours[path] - before[path], theirs[path] - before[path], rtol=1e-3,
+                                   atol=1e-3 * lr_embedding, err_msg=path)
