@@ -6,8 +6,8 @@ sharding) uses only this surface of the module `from_pretrained` returns, so it 
 - `model.apply({"params": p}, input_ids, attention_mask=None, positions=None, cache=None,
   return_hidden=False)`: logits, or the final hidden states the LM head reads;
 - `model.head_leaves(p)`: the LM head's leaves (the tied embedding, transposed, or its own kernel
-  with any adapter leaves), and `model.logits(head, hidden)`: the head applied (soft-capped where
-  the family does), so a chunked loss can run the head chunk by chunk;
+  with any adapter leaves), and `model.logits(head, hidden, rng=None)`: the head applied (soft-capped
+  where the family does; `rng` drops its adapter's input), so a chunked loss can run the head chunk by chunk;
 - `model.init_cache(batch, max_len)`: an empty KV cache for `apply(..., cache=...)`;
 - `model.insertion_points`: the adapter hooks it calls (`jpeft.peft.sites.require` refuses others);
 - encoder-decoders (`config.is_encoder_decoder`, T5) take decoder ids as `apply`'s second argument

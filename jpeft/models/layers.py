@@ -185,9 +185,10 @@ def head_leaves(params, embedding_path: str, tied: bool) -> dict:
     return {"kernel": table.T}
 
 
-def head_logits(head: dict, hidden, cap: float | None = None):
-    """float32 logits of hidden states [..., D] through the LM head's leaves, soft-capped where a family does."""
-    return softcap(sites.dense(head, hidden).astype(jnp.float32), cap)
+def head_logits(head: dict, hidden, cap: float | None = None, rng=None):
+    """float32 logits of hidden states [..., D] through the LM head's leaves, soft-capped where a family does;
+    `rng` drops an adapter's input as it would on any dense layer (LoRA dropout on `lm_head`)."""
+    return softcap(sites.dense(head, hidden, rng).astype(jnp.float32), cap)
 
 
 def softcap(x, cap: float | None):

@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
         hidden = hidden[:, d.rows:]
         if not cfg.tie_word_embeddings and self.is_initializing():
             L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
+        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden,
+                                                        L.dropout_rng(self))
         if cache is None:
             return out
         return out, C.written_cache(cache_kv, d, input_ids.shape[1])
@@ -158,9 +159,10 @@ class CausalLM(nn.Module):
         return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
 
     @nn.nowrap
-    def logits(self, head: dict, hidden):
-        """float32 logits of hidden states [..., D] through the head's leaves (Gemma 2 soft-caps them)."""
-        return L.head_logits(head, hidden, self.config.final_softcap)
+    def logits(self, head: dict, hidden, rng=None):
+        """float32 logits of hidden states [..., D] through the head's leaves (Gemma 2 soft-caps them); `rng`
+        is the head's adapter dropout key."""
+        return L.head_logits(head, hidden, self.config.final_softcap, rng)
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:

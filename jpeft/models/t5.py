@@ -210,7 +210,8 @@ class T5(nn.Module):
             hidden = hidden * jnp.asarray(cfg.hidden_size ** -0.5, hidden.dtype)
         if not cfg.tie_word_embeddings and self.is_initializing():
             L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden)
+        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden,
+                                                        L.dropout_rng(self))
         if cache is None:
             return out
         (k, v), (cross_k, cross_v) = caches
@@ -231,8 +232,8 @@ class T5(nn.Module):
         return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
 
     @nn.nowrap
-    def logits(self, head: dict, hidden):
-        return L.head_logits(head, hidden)
+    def logits(self, head: dict, hidden, rng=None):
+        return L.head_logits(head, hidden, rng=rng)
 
 
 def _segments(ids, mask):

@@ -20,14 +20,15 @@ from jpeft.peft import sites
 CHUNK = 512  # tokens of the batch per loss chunk: [CHUNK, vocab] float32 logits live at a time
 
 
-def dense_logits(head: dict, hidden):
+def dense_logits(head: dict, hidden, rng=None):
     """The plain LM head: hidden states through the dense insertion point, as float32 logits."""
-    return sites.dense(head, hidden).astype(jnp.float32)
+    return sites.dense(head, hidden, rng).astype(jnp.float32)
 
 
-def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUNK, logits=dense_logits):
+def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUNK, logits=dense_logits, rng=None):
     """(sum of weighted token losses, sum of weights) for hidden [B,T,D] and the head's leaves;
-    `logits(head, h)` applies the head (a model's `model.logits`).
+    `logits(head, h, rng)` applies the head (a model's `model.logits`). With a dropout key `rng` the head's
+    adapter drops its input (LoRA dropout on `lm_head`), chunk i with key `fold_in(rng, i)`.
 
     Chunks run along time, about `chunk` tokens of the batch at a time, and never across
     sequences, so a batch axis sharded over devices stays sharded.
@@ -37,20 +38,20 @@ def chunked_cross_entropy(hidden, head: dict, labels, weights, chunk: int = CHUN
     pad = [(0, 0), (0, -t % span)]
     x = jnp.pad(hidden, pad + [(0, 0)])
     y, w = jnp.pad(labels, pad), jnp.pad(weights.astype(jnp.float32), pad)
-    return _weighted_nll(span, logits, x, head, y, w), jnp.sum(w)
+    return _weighted_nll(span, logits, x, head, y, w, rng), jnp.sum(w)
 
 
-def _scan(span, apply_head, x, head, y, w, differentiated: frozenset | None):
+def _scan(span, apply_head, x, head, y, w, rng, differentiated: frozenset | None):
     """sum(w * nll), per-token nll, and (when `differentiated` is given) d/dx and d/d(those head leaves)."""
     b, t, d = x.shape
     trained = {k: v for k, v in head.items() if differentiated and k in differentiated}
     fixed = {k: v for k, v in head.items() if k not in trained}
 
-    def logits_of(h, leaves):
-        return apply_head({**fixed, **leaves}, h)
-
     def body(dhead, xs):
+        i, xs = xs
         h, target, wt = (a.reshape(b * span, *a.shape[2:]) for a in xs)  # 2-D matmuls: XLA's fastest
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        logits_of = lambda h, leaves: apply_head({**fixed, **leaves}, h, key)
         if differentiated is None:
             logits = logits_of(h, trained)
         else:
@@ -72,20 +73,21 @@ def _scan(span, apply_head, x, head, y, w, differentiated: frozenset | None):
         return a.swapaxes(0, 1).reshape(b, t, *a.shape[3:])
 
     dhead0 = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), trained)
-    dhead, (nll, dx) = jax.lax.scan(body, dhead0, (by_time(x), by_time(y), by_time(w)))
+    dhead, (nll, dx) = jax.lax.scan(body, dhead0, (jnp.arange(t // span), (by_time(x), by_time(y), by_time(w))))
     nll = back(nll)
     return jnp.sum(nll * w), nll, None if dx is None else back(dx), dhead
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _weighted_nll(span, apply_head, x, head, y, w):
-    return _scan(span, apply_head, x, head, y, w, None)[0]
+def _weighted_nll(span, apply_head, x, head, y, w, rng):
+    return _scan(span, apply_head, x, head, y, w, rng, None)[0]
 
 
-def _fwd(span, apply_head, x, head, y, w):
+def _fwd(span, apply_head, x, head, y, w, rng):
     values = {k: v.value for k, v in head.items()}
     perturbed = frozenset(k for k, v in head.items() if v.perturbed)
-    total, nll, dx, dhead = _scan(span, apply_head, x.value, values, y.value, w.value, perturbed)
+    total, nll, dx, dhead = _scan(span, apply_head, x.value, values, y.value, w.value, None if rng is None else rng.value,
+                                  perturbed)
     dhead = {k: dhead[k].astype(v.dtype) if k in dhead else None for k, v in values.items()}
     return total, (nll, dx, dhead)
 
@@ -93,7 +95,7 @@ def _fwd(span, apply_head, x, head, y, w):
 def _bwd(span, apply_head, res, g):
     nll, dx, dhead = res
     scale = lambda a: None if a is None else (g * a).astype(a.dtype)
-    return scale(dx), {k: scale(v) for k, v in dhead.items()}, None, g * nll
+    return scale(dx), {k: scale(v) for k, v in dhead.items()}, None, g * nll, None
 
 
 _weighted_nll.defvjp(_fwd, _bwd, symbolic_zeros=True)

@@ -38,7 +38,7 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
         index = batch["loss_index"]
         hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
         labels, weights = (jnp.take_along_axis(a, index, axis=1) for a in (labels, weights))
-    return chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits)
+    return chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits, dropout_rng)
 
 
 def class_loss(model, params, batch, dropout_rng=None):

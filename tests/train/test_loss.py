@@ -76,6 +76,37 @@ def test_lora_on_the_head_stays_factored_and_matches_the_merged_head():
     assert "16,30] = add" not in jaxpr.replace("f32[", "")  # W + s·A·B is never built
 
 
+def test_lora_dropout_on_the_head_drops_each_chunks_input_with_its_own_key():
+    """With a dropout key, a LoRA head drops its input as on any dense layer (PEFT's lora_dropout on lm_head), chunk i
+    with fold_in(key, i): value and gradients equal a loop over the chunks through the dense insertion point."""
+    from jpeft.train.loss import dense_logits
+    kh, kw, ka, kb, ky = jax.random.split(jax.random.key(3), 5)
+    hidden = jax.random.normal(kh, (2, 9, 16))
+    head = jax.random.normal(kw, (16, 30)) * 0.5
+    a, b = jax.random.normal(ka, (16, 3)) * 0.3, jax.random.normal(kb, (3, 30)) * 0.3
+    labels = jax.random.randint(ky, (2, 9), 0, 30)
+    weights = jnp.ones((2, 9)).at[1, 4].set(0.0)
+    leaves = lambda a, b: {"kernel": head, "lora_a": a, "lora_b": b, "lora_scale": jnp.asarray(2.0),
+                           "lora_dropout": jnp.asarray(0.5)}
+    key = jax.random.key(7)
+    ours = lambda h, a, b, key: chunked_cross_entropy(h, leaves(a, b), labels, weights, chunk=5, rng=key)[0]
+
+    def ref(h, a, b):  # chunk=5 over 2 rows: spans of 2 steps, 9 padded to 10
+        x, y, w = (jnp.pad(v, [(0, 0), (0, 1)] + [(0, 0)] * (v.ndim - 2)) for v in (h, labels, weights))
+        total = 0.0
+        for i in range(5):
+            logits = dense_logits(leaves(a, b), x[:, 2 * i:2 * i + 2].reshape(4, 16), jax.random.fold_in(key, i))
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, y[:, 2 * i:2 * i + 2].reshape(4))
+            total += jnp.sum(nll * w[:, 2 * i:2 * i + 2].reshape(4))
+        return total
+
+    assert abs(float(ours(hidden, a, b, key) - ours(hidden, a, b, None))) > 1e-2  # the dropout acts
+    np.testing.assert_allclose(ours(hidden, a, b, key), ref(hidden, a, b), rtol=1e-5)
+    for got, want in zip(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(hidden, a, b, key),
+                         jax.grad(ref, argnums=(0, 1, 2))(hidden, a, b)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_soft_capped_head_matches_naive_value_and_gradients():
     """Gemma 2's cap · tanh(logits / cap) inside the chunks, forward and in the pulled-back gradient."""
     from jpeft.models.layers import softcap
@@ -84,7 +115,7 @@ def test_soft_capped_head_matches_naive_value_and_gradients():
     head = jax.random.normal(kw, (16, 30))
     labels = jax.random.randint(ky, (2, 9), 0, 30)
     weights = jnp.ones((2, 9))
-    capped = lambda leaves, h: softcap((h @ leaves["kernel"]).astype(jnp.float32), 2.0)
+    capped = lambda leaves, h, rng=None: softcap((h @ leaves["kernel"]).astype(jnp.float32), 2.0)
     ours = lambda h, w: chunked_cross_entropy(h, {"kernel": w}, labels, weights, 4, logits=capped)[0]
     ref = lambda h, w: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
         softcap(h.reshape(-1, 16) @ w, 2.0), labels.reshape(-1)))
