@@ -138,8 +138,6 @@ class LoRA(Method):
         scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
                              for n, p in zip(names, picked)], jnp.float32).reshape(lead)
         embedding = "embedding" in leaves
-        if embedding and self.use_dora:
-            raise JpeftError(f"{hf_module(path)}: DoRA applies to dense layers, not to embeddings")
         if is_quantized(leaves) and self.init_scheme in ("pissa", "olora"):
             raise JpeftError(f"{hf_module(path)}: {self.init_scheme} rewrites the base weight; it cannot start "
                              "from a quantized one")
@@ -164,7 +162,8 @@ class LoRA(Method):
         if self.dropout > 0:
             out["lora_dropout"] = jnp.full(lead, self.dropout, jnp.float32)
         if self.use_dora:
-            out["lora_magnitude"] = column_norm(_weight(out).astype(jnp.float32), a, b, scale)
+            base = out["embedding"] if embedding else _weight(out)
+            out["lora_magnitude"] = column_norm(base.astype(jnp.float32), a, b, scale)
         return out
 
     @staticmethod
@@ -192,13 +191,22 @@ class LoRA(Method):
 
     @staticmethod
     def embed_delta(leaves, ids):
+        """s·A[ids]·B, or with DoRA the rows rescaled as a whole: m / ‖E + s·A·B‖ per embedding dimension (the norm
+        over the vocabulary, PEFT's DoRA embedding) times (E[ids] + s·A[ids]·B), less E[ids]."""
         if "adapter_ids" in leaves:
             chosen = leaves["adapter_ids"]
             rows = leaves["lora_a"][chosen[:, None], ids]
             return leaves["lora_scale"][chosen][:, None, None] * jnp.einsum("btr,brd->btd", rows,
                                                                               leaves["lora_b"][chosen])
         rows = jnp.take(leaves["lora_a"], ids, axis=0)
-        return leaves["lora_scale"] * jnp.matmul(rows, leaves["lora_b"])
+        lora = leaves["lora_scale"] * jnp.matmul(rows, leaves["lora_b"])
+        if "lora_magnitude" not in leaves:
+            return lora
+        table = leaves["embedding"]
+        norm = jax.lax.stop_gradient(column_norm(table.astype(jnp.float32), leaves["lora_a"], leaves["lora_b"],
+                                                 leaves["lora_scale"]))
+        mag = leaves["lora_magnitude"] / norm
+        return (mag - 1) * jnp.take(table, ids, axis=0).astype(jnp.float32) + mag * lora
 
     @classmethod
     def merge(cls, leaves: dict) -> dict:

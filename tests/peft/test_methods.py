@@ -37,6 +37,8 @@ def formula(name, cfg):
         "dora": L * sum(4 * (d[m][0] + d[m][1]) + d[m][1] for m in ("q_proj", "down_proj")),
         "lora-layers": 1 * 4 * (d["up_proj"][0] + d["up_proj"][1]),
         "lora-embed-head": 4 * sum(d[m][0] + d[m][1] for m in ("embed_tokens", "lm_head")),
+        # the embedding's magnitude: one per embedding dimension (hidden), as PEFT's
+        "dora-embed": 4 * sum(d["embed_tokens"]) + cfg.hidden_size + L * (4 * sum(d["v_proj"]) + d["v_proj"][1]),
         "ia3": L * (d["k_proj"][1] + d["v_proj"][1] + d["down_proj"][0]),
         "bitfit": L * sum(d[m][1] for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj")),
@@ -55,6 +57,7 @@ METHODS = {
     "dora": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "down_proj"], use_dora=True),
     "lora-layers": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["up_proj"], layers=[1]),
     "lora-embed-head": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "lm_head"]),
+    "dora-embed": lambda: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "v_proj"], use_dora=True),
     "ia3": lambda: jpeft.IA3(),
     "bitfit": lambda: jpeft.BitFit(),
     "norm": lambda: jpeft.NormTuning(),
@@ -134,7 +137,7 @@ def test_training_changes_only_the_methods_leaves(train_once, name):
         assert not np.any(np.asarray(b[0])) and np.any(np.asarray(b[1]))
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "lora-layers", "lora-embed-head", "ia3"])
+@pytest.mark.parametrize("name", ["lora", "dora", "dora-embed", "lora-layers", "lora-embed-head", "ia3"])
 def test_merged_equals_unmerged(base, train_once, name):
     model, params = base
     _, _, trained = train_once(name)
@@ -233,8 +236,6 @@ def test_unknown_targets_and_partial_ia3_are_errors(base):
         jpeft.LoRA(targets=["qkv"]).init(jax.random.key(0), params)
     with pytest.raises(jpeft.JpeftError, match="only some layers"):
         jpeft.IA3(targets=r"model\.layers\.0\.self_attn\.k_proj", feedforward=[]).init(jax.random.key(0), params)
-    with pytest.raises(jpeft.JpeftError, match="not to embeddings"):
-        jpeft.LoRA(targets=["embed_tokens"], use_dora=True).init(jax.random.key(0), params)
 
 
 def test_list_targets_are_not_regexes_but_a_string_is(base):

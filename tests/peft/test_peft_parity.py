@@ -45,6 +45,9 @@ PEFT_CONFIGS = {
                                                 layers_to_transform=[1], init_lora_weights=False),
     "embed-head": peft.LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
                                   init_lora_weights=False),
+    # the magnitude per embedding dimension, over the vocabulary
+    "dora-embed": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True,
+                                  init_lora_weights=False),
     "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     # PEFT saves the targeted head's base weight beside its ia3_l
     "ia3-head": peft.IA3Config(target_modules=["v_proj", "lm_head"], feedforward_modules=[]),
@@ -87,6 +90,8 @@ JPEFT_METHODS = {
     "regex-layer": (jpeft.LoRA(rank=2, alpha=4, targets=r"model\.layers\.1\.mlp\.(gate|up)_proj|lm_head"),
                     ("lora_b",)),
     "embed-head": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "lm_head"]), ("lora_a", "lora_b")),
+    "dora-embed": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens", "v_proj"], use_dora=True),
+                   ("lora_a", "lora_b", "lora_magnitude")),
     "rslora-patterns": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj"], use_rslora=True,
                                    rank_pattern={"k_proj": 2}, alpha_pattern={"k_proj": 3}), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
