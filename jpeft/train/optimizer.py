@@ -35,14 +35,18 @@ def adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.0, min_lr_
 
 def lora_plus(optimizer: optax.GradientTransformation, trainable, ratio: float, embedding_scale: float = 1.0,
               embeddings: frozenset[str] = frozenset()) -> optax.GradientTransformation:
-    """LoRA+ with PEFT's `create_loraplus_optimizer` groups: the factors of a LoRA on an embedding (leaves of
-    the modules `embeddings`) learn at `embedding_scale` times the rate; of the others, LoRA's B factors and
-    every vector (one per layer: DoRA's magnitudes, biases) learn `ratio` times faster. Scaling AdamW's update
-    equals scaling its learning rate (the decoupled weight decay is part of the update)."""
+    """LoRA+ with PEFT's `create_loraplus_optimizer` groups: both factors of a LoRA on an embedding (one of the
+    modules `embeddings`) learn at `embedding_scale` times the rate; of the others, LoRA's B factors and every
+    vector (one per layer: DoRA's magnitudes, an embedding's too, and biases) learn `ratio` times faster.
+    Scaling AdamW's update equals scaling its learning rate (the decoupled weight decay is part of the update)."""
     if ratio == 1.0:
         return optimizer
-    on_embedding = T.map_with_path(lambda path, _: path.rpartition("/")[0] in embeddings, trainable)
-    faster = T.map_with_path(lambda path, x: path.rpartition("/")[0] not in embeddings and (
+
+    def on_embedding(path: str) -> bool:
+        return T.leaf_name(path) in ("lora_a", "lora_b") and path.rpartition("/")[0] in embeddings
+
+    faster = T.map_with_path(lambda path, x: not on_embedding(path) and (
         T.leaf_name(path) == "lora_b" or x.ndim - T.is_stacked(path) == 1), trainable)
+    embedding_factors = T.map_with_path(lambda path, _: on_embedding(path), trainable)
     return optax.chain(optimizer, optax.masked(optax.scale(ratio), faster),
-                       optax.masked(optax.scale(embedding_scale), on_embedding))
+                       optax.masked(optax.scale(embedding_scale), embedding_factors))

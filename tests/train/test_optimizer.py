@@ -42,15 +42,17 @@ def test_weight_decay_applies_where_the_trainers_does(tmp_path):
             assert (name in theirs) == decays, name
 
 
-LORA_TREE = {"model": {"embed_tokens": {"lora_a": jnp.ones((5, 1)), "lora_b": jnp.ones((1, 2))},
+LORA_TREE = {"model": {"embed_tokens": {"lora_a": jnp.ones((5, 1)), "lora_b": jnp.ones((1, 2)),
+                                        "lora_magnitude": jnp.ones(2)},
                        "layers": {"q_proj": {"lora_a": jnp.ones((3, 2, 1)), "lora_b": jnp.ones((3, 1, 2)),
                                              "lora_magnitude": jnp.ones((3, 2))}}},
              "score_hidden": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
 
 
 def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
-    """B and every per-layer vector (DoRA's magnitudes, a head's bias) `ratio` times A's rate; both factors of a
-    LoRA on an embedding at their own rate; a stacked [layers, out] magnitude is a vector, a head's kernel not."""
+    """B and every per-layer vector (DoRA's magnitudes, an embedding's too, a head's bias) `ratio` times A's rate;
+    both factors of a LoRA on an embedding at their own rate; a stacked [layers, out] magnitude is a vector, a
+    head's kernel not."""
     grads = jax.tree.map(jnp.ones_like, LORA_TREE)
 
     def moved(ratio):
@@ -58,7 +60,7 @@ def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
         updates, _ = tx.update(grads, tx.init(LORA_TREE), LORA_TREE)
         return T.flatten(jax.tree.map(lambda u: -u, updates))
     plain, plus = moved(1.0), moved(4.0)
-    want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01,
+    want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01, "model/embed_tokens/lora_magnitude": 4.0,
             "model/layers/q_proj/lora_a": 1.0, "model/layers/q_proj/lora_b": 4.0,
             "model/layers/q_proj/lora_magnitude": 4.0, "score_hidden/kernel": 1.0, "score_hidden/bias": 4.0}
     assert set(want) == set(plus)
@@ -68,8 +70,8 @@ def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
 
 
 def test_lora_plus_step_equals_pefts(tmp_path):
-    """One clipped, weight-decayed AdamW step of LoRA+ on a tiny Llama's embedding, q_proj and v_proj, from a PEFT
-    adapter, moves every factor as PEFT's `create_loraplus_optimizer` with torch's AdamW does."""
+    """One clipped, weight-decayed AdamW step of LoRA+ (DoRA) on a tiny Llama's embedding, q_proj and v_proj, from a
+    PEFT adapter, moves every factor and magnitude as PEFT's `create_loraplus_optimizer` with torch's AdamW does."""
     import peft
     import torch
     from peft.optimizers import create_loraplus_optimizer
@@ -83,14 +85,14 @@ def test_lora_plus_step_equals_pefts(tmp_path):
     base_dir = save_hf_model(torch_model, tmp_path / "base")
     targets = ["embed_tokens", "q_proj", "v_proj"]
     peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                  init_lora_weights=False))
+                                                                  use_dora=True, init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "before")
     lr, ratio, lr_embedding, decay = 1e-2, 8.0, 1e-3, 0.1
     ids = np.random.RandomState(0).randint(0, 97, (2, 12))
 
     cfg = load_config(None, [f"train.lr={lr}", f"train.weight_decay={decay}", "train.warmup=0", "train.min_lr_ratio=1",
                              "method.rank=4", "method.alpha=8", f"method.targets=[{','.join(targets)}]",
-                             f"method.lr_ratio={ratio}", f"method.lr_embedding={lr_embedding}"])
+                             "method.use_dora=true", f"method.lr_ratio={ratio}", f"method.lr_embedding={lr_embedding}"])
     method = build_method(cfg)
     model, base = jpeft.from_pretrained(base_dir)
     params = jpeft.load_adapter(str(tmp_path / "before"), base)
@@ -112,7 +114,7 @@ def test_lora_plus_step_equals_pefts(tmp_path):
     peft_model.save_pretrained(tmp_path / "after")
     theirs = T.flatten(T.partition(jpeft.load_adapter(str(tmp_path / "after"), base), method.mask(params))[0])
     before = T.flatten(trainable)
-    assert set(ours) == set(theirs) and any("embed_tokens" in p for p in ours)
+    assert set(ours) == set(theirs) and "model/embed_tokens/lora_magnitude" in ours
     for path in ours:  # each step moves a factor by about its group's rate: a wrong group is off by 8x or 10x
         np.testing.assert_allclose(ours[path] - before[path], theirs[path] - before[path], rtol=1e-3,
                                    atol=1e-3 * lr_embedding, err_msg=path)
