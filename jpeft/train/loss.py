@@ -86,8 +86,8 @@ def _weighted_nll(span, apply_head, x, head, y, w, rng):
 def _fwd(span, apply_head, x, head, y, w, rng):
     values = {k: v.value for k, v in head.items()}
     perturbed = frozenset(k for k, v in head.items() if v.perturbed)
-    total, nll, dx, dhead = _scan(span, apply_head, x.value, values, y.value, w.value, None if rng is None else rng.value,
-                                  perturbed)
+    key = None if rng is None else rng.value
+    total, nll, dx, dhead = _scan(span, apply_head, x.value, values, y.value, w.value, key, perturbed)
     dhead = {k: dhead[k].astype(v.dtype) if k in dhead else None for k, v in values.items()}
     return total, (nll, dx, dhead)
 

@@ -56,11 +56,13 @@ def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
     grads = jax.tree.map(jnp.ones_like, LORA_TREE)
 
     def moved(ratio):
-        tx = lora_plus(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0), LORA_TREE, ratio, 0.01, frozenset({"model/embed_tokens"}))
+        tx = lora_plus(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0), LORA_TREE, ratio, 0.01,
+                       frozenset({"model/embed_tokens"}))
         updates, _ = tx.update(grads, tx.init(LORA_TREE), LORA_TREE)
         return T.flatten(jax.tree.map(lambda u: -u, updates))
     plain, plus = moved(1.0), moved(4.0)
-    want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01, "model/embed_tokens/lora_magnitude": 4.0,
+    want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01,
+            "model/embed_tokens/lora_magnitude": 4.0,
             "model/layers/q_proj/lora_a": 1.0, "model/layers/q_proj/lora_b": 4.0,
             "model/layers/q_proj/lora_magnitude": 4.0, "score_hidden/kernel": 1.0, "score_hidden/bias": 4.0}
     assert set(want) == set(plus)
