@@ -174,6 +174,9 @@ FAMILY_METHODS = {
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
+    # Gemma scales its embeddings (by sqrt(hidden)) after DoRA's rescaling, and ties its head to the bare table
+    "dora-embed": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
+                   ("lora_a", "lora_b", "lora_magnitude")),
 }
 
 
