@@ -34,8 +34,10 @@ BLOCK = 1 << 16
 
 
 def manager(out_dir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """The run's checkpoints; a save that a kill interrupted (a `*.orbax-checkpoint-tmp-*` directory) is removed."""
     return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                                      cleanup_tmp_directories=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, fingerprint: dict) -> None:

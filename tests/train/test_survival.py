@@ -96,7 +96,10 @@ def test_killed_during_a_save_resumes_from_a_complete_checkpoint(tiny_run, tmp_p
     entries = os.listdir(killed / "checkpoints")
     assert any("tmp" in e for e in entries), entries  # the half-written step 4 is there ...
     assert checkpoint.manager(str(killed)).latest_step() == 2  # ... and is not taken as the latest
+    [partial] = [killed / "checkpoints" / e for e in entries if "tmp" in e]  # as if a step the run will not save again
+    shutil.copytree(partial, killed / "checkpoints" / partial.name.replace("4", "8", 1))  # had been cut short too
     trainer.train(run_config(tiny_run, killed, "train.save_every=2"), progress=False)
+    assert not any("tmp" in e for e in os.listdir(killed / "checkpoints"))  # the resumed run removed both
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(killed / "adapter" / "adapter_model.safetensors")
     for key in a:
