@@ -54,7 +54,7 @@ class MethodSection:
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
     lr_ratio: float = 1.0  # LoRA+: B's learning rate / A's
-    lr_embedding: float = 1e-6  # LoRA+: the learning rate of a LoRA on an embedding
+    lr_embedding: float | None = None  # LoRA+: the learning rate of a LoRA on an embedding (None: 1e-6)
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

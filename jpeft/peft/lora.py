@@ -51,9 +51,10 @@ class LoRA(Method):
 
     `init`: "peft" (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" or "olora"
     (A, B from the SVD / QR of W, which keeps the residual). `layers`: adapt only these layer
-    indices (PEFT's layers_to_transform). `lr_ratio` ≠ 1 turns on LoRA+ as PEFT's
-    `create_loraplus_optimizer` groups it: B (and any trainable vector) learns `lr_ratio` times faster than A,
-    and both factors of a LoRA on an embedding learn at `lr_embedding` (its `loraplus_lr_embedding`).
+    indices (PEFT's layers_to_transform). `lr_ratio` ≠ 1 or an `lr_embedding` turns on LoRA+ as
+    PEFT's `create_loraplus_optimizer` groups it: B (and any trainable vector) learns `lr_ratio` times faster
+    than A, and both factors of a LoRA on an embedding learn at `lr_embedding` (its `loraplus_lr_embedding`,
+    1e-6 unless given).
     """
     name = "lora"
     peft_type = "LORA"
@@ -66,14 +67,14 @@ class LoRA(Method):
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
                  dropout: float = 0.0, init: str = "peft", use_rslora: bool = False, use_dora: bool = False,
                  layers: Sequence[int] | None = None, rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float = 1e-6):
+                 alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float | None = None):
         if rank < 1:
             raise JpeftError(f"LoRA rank must be >= 1, got {rank}")
         if init not in INITS:
             raise JpeftError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
         if not 0 <= dropout < 1:
             raise JpeftError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        if lr_ratio <= 0 or lr_embedding <= 0:
+        if lr_ratio <= 0 or (lr_embedding is not None and lr_embedding <= 0):
             raise JpeftError(f"LoRA+ lr_ratio and lr_embedding must be > 0, got {lr_ratio} and {lr_embedding}")
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
         self.targets = targets if isinstance(targets, str) else tuple(targets)
@@ -82,13 +83,14 @@ class LoRA(Method):
         self.init_scheme, self.use_rslora, self.use_dora = init, use_rslora, use_dora
         self.layers = None if layers is None else tuple(int(i) for i in layers)
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
-        self.lr_ratio, self.lr_embedding = float(lr_ratio), float(lr_embedding)
+        self.lr_ratio, self.lr_embedding = float(lr_ratio), (
+            None if lr_embedding is None else float(lr_embedding))
 
     def __repr__(self):
         options = {"use_dora": self.use_dora, "layers": self.layers, "rank_pattern": self.rank_pattern,
                    "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio, "lr_embedding": self.lr_embedding}
         defaults = {"use_dora": False, "layers": None, "rank_pattern": {}, "alpha_pattern": {}, "lr_ratio": 1.0,
-                    "lr_embedding": 1e-6}
+                    "lr_embedding": None}
         extras = "".join(f", {k}={v!r}" for k, v in options.items() if v != defaults[k] or type(v) is not type(defaults[k]))
         return (f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
                 f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora}{extras})")

@@ -1,4 +1,5 @@
 """AdamW with linear warmup then cosine decay, clipped by global norm; LoRA+ on top."""
+import jax
 import optax
 
 from jpeft import tree as T
@@ -26,27 +27,31 @@ def applied_updates(opt_state) -> int:
 
 
 def adamw(lr: float, steps: int, warmup: int, weight_decay: float = 0.0, min_lr_ratio: float = 0.1,
-          clip_norm: float = 1.0) -> optax.GradientTransformation:
-    """Built only over the trainable partition, so frozen leaves get no optimizer state."""
+          clip_norm: float = 1.0, decays=decayed) -> optax.GradientTransformation:
+    """Built only over the trainable partition, so frozen leaves get no optimizer state. `decays`: the leaves
+    weight decay applies to (a bool tree, or a function of the params giving one)."""
     return optax.chain(optax.clip_by_global_norm(clip_norm),
                        optax.adamw(schedule(lr, steps, warmup, min_lr_ratio), b1=0.9, b2=0.999,
-                                   weight_decay=weight_decay, mask=decayed))
+                                   weight_decay=weight_decay, mask=decays))
 
 
-def lora_plus(optimizer: optax.GradientTransformation, trainable, ratio: float, embedding_scale: float = 1.0,
-              embeddings: frozenset[str] = frozenset()) -> optax.GradientTransformation:
-    """LoRA+ with PEFT's `create_loraplus_optimizer` groups: both factors of a LoRA on an embedding (one of the
-    modules `embeddings`) learn at `embedding_scale` times the rate; of the others, LoRA's B factors and every
-    vector (one per layer: DoRA's magnitudes, an embedding's too, and biases) learn `ratio` times faster.
-    Scaling AdamW's update equals scaling its learning rate (the decoupled weight decay is part of the update)."""
-    if ratio == 1.0:
-        return optimizer
+LORA_PLUS_EMBEDDING_LR = 1e-6  # PEFT's `loraplus_lr_embedding` default
 
+
+def lora_plus(trainable, ratio: float, embedding_scale: float = 1.0, embeddings: frozenset[str] = frozenset(),
+              **adamw_options) -> optax.GradientTransformation:
+    """`adamw` (its options) with PEFT's `create_loraplus_optimizer` groups: both factors of a LoRA on an
+    embedding (one of the modules `embeddings`) learn at `embedding_scale` times the rate; of the others, LoRA's
+    B factors and every vector (one per layer: DoRA's magnitudes, an embedding's too, and biases) learn `ratio`
+    times faster. Weight decay as those groups have it: every leaf but the faster ones `decayed` spares (T5's
+    `relative_attention_bias` factors decay). Scaling AdamW's update equals scaling its learning rate (the
+    decoupled weight decay is part of the update)."""
     def on_embedding(path: str) -> bool:
         return T.leaf_name(path) in ("lora_a", "lora_b") and path.rpartition("/")[0] in embeddings
 
     faster = T.map_with_path(lambda path, x: not on_embedding(path) and (
         T.leaf_name(path) == "lora_b" or x.ndim - T.is_stacked(path) == 1), trainable)
+    decays = jax.tree.map(lambda fast, named: not fast or named, faster, decayed(trainable))
     embedding_factors = T.map_with_path(lambda path, _: on_embedding(path), trainable)
-    return optax.chain(optimizer, optax.masked(optax.scale(ratio), faster),
+    return optax.chain(adamw(**adamw_options, decays=decays), optax.masked(optax.scale(ratio), faster),
                        optax.masked(optax.scale(embedding_scale), embedding_factors))

@@ -44,7 +44,7 @@ from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.peft.registry import FAMILY_DEFAULTS
 from jpeft.train import checkpoint
 from jpeft.train.metrics import MetricsLog, Window
-from jpeft.train.optimizer import adamw, applied_updates, lora_plus, schedule
+from jpeft.train.optimizer import LORA_PLUS_EMBEDDING_LR, adamw, applied_updates, lora_plus, schedule
 from jpeft.train.stop import StopRequests
 from jpeft.train.step import init_state, make_eval_step, make_train_step
 
@@ -87,13 +87,16 @@ def class_labels(cfg: RunConfig) -> list[str] | None:
 
 
 def build_optimizer(cfg: RunConfig, method, trainable, frozen):
-    """AdamW on the configured schedule; with LoRA+ (`method.lr_ratio`), B learns faster and a LoRA on an
-    embedding (a module whose frozen `embedding` table sits beside it) at `method.lr_embedding`."""
+    """AdamW on the configured schedule; LoRA+ where the method sets `lr_ratio` ≠ 1 or an `lr_embedding`: B learns
+    faster, and a LoRA on an embedding (a module whose frozen `embedding` table sits beside it) at its own rate."""
     tc = cfg.train
+    options = dict(lr=tc.lr, steps=tc.steps, warmup=tc.warmup, weight_decay=tc.weight_decay,
+                   min_lr_ratio=tc.min_lr_ratio)
+    ratio, lr_embedding = getattr(method, "lr_ratio", 1.0), getattr(method, "lr_embedding", None)
+    if ratio == 1.0 and lr_embedding is None:
+        return adamw(**options)
     embeddings = frozenset(module for module, leaves in T.modules(frozen).items() if "embedding" in leaves)
-    return lora_plus(adamw(tc.lr, tc.steps, tc.warmup, tc.weight_decay, tc.min_lr_ratio), trainable,
-                     getattr(method, "lr_ratio", 1.0), (getattr(method, "lr_embedding", None) or tc.lr) / tc.lr,
-                     embeddings)
+    return lora_plus(trainable, ratio, (lr_embedding or LORA_PLUS_EMBEDDING_LR) / tc.lr, embeddings, **options)
 
 
 def prepare(cfg: RunConfig, path: str, tokenizer, labels: list[str] | None = None,

@@ -55,12 +55,12 @@ def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
     head's kernel not."""
     grads = jax.tree.map(jnp.ones_like, LORA_TREE)
 
-    def moved(ratio):
-        tx = lora_plus(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0), LORA_TREE, ratio, 0.01,
-                       frozenset({"model/embed_tokens"}))
+    def moved(tx):
         updates, _ = tx.update(grads, tx.init(LORA_TREE), LORA_TREE)
         return T.flatten(jax.tree.map(lambda u: -u, updates))
-    plain, plus = moved(1.0), moved(4.0)
+    plain = moved(adamw(0.1, 10, warmup=0, min_lr_ratio=1.0))
+    plus = moved(lora_plus(LORA_TREE, 4.0, 0.01, frozenset({"model/embed_tokens"}), lr=0.1, steps=10, warmup=0,
+                           min_lr_ratio=1.0))
     want = {"model/embed_tokens/lora_a": 0.01, "model/embed_tokens/lora_b": 0.01,
             "model/embed_tokens/lora_magnitude": 4.0,
             "model/layers/q_proj/lora_a": 1.0, "model/layers/q_proj/lora_b": 4.0,
@@ -69,6 +69,24 @@ def test_lora_plus_groups_leaves_as_pefts_create_loraplus_optimizer():
     for path, scale in want.items():
         np.testing.assert_allclose(plain[path], 0.1, rtol=1e-5, err_msg=path)  # lora_plus off: one rate
         np.testing.assert_allclose(plus[path], 0.1 * scale, rtol=1e-5, err_msg=path)
+
+
+def test_lora_plus_decays_as_pefts_groups():
+    """PEFT's LoRA+ decays every leaf of A's group and an embedding's factors whatever their names (T5's
+    relative_attention_bias), and of the faster ones those without "bias" in their names."""
+    tree = {"encoder": {"relative_attention_bias": {"lora_a": jnp.ones((4, 1)), "lora_b": jnp.ones((1, 2)),
+                                                    "lora_magnitude": jnp.ones(2)}},
+            "q": {"lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))},
+            "score_hidden": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    tx = lora_plus(tree, 2.0, 0.5, frozenset({"encoder/relative_attention_bias"}), lr=0.1, steps=10, warmup=0,
+                   weight_decay=0.4, min_lr_ratio=1.0)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, tree), tx.init(tree), tree)
+    moved = T.flatten(jax.tree.map(lambda u: -u, updates))  # zero gradients: only the decay, by rate · 0.4
+    want = {"encoder/relative_attention_bias/lora_a": 0.05, "encoder/relative_attention_bias/lora_b": 0.05,
+            "encoder/relative_attention_bias/lora_magnitude": 0.0, "q/lora_a": 0.1, "q/lora_b": 0.2,
+            "score_hidden/kernel": 0.1, "score_hidden/bias": 0.0}
+    for path, rate in want.items():
+        np.testing.assert_allclose(moved[path], rate * 0.4, rtol=1e-5, err_msg=path)
 
 
 def test_lora_plus_step_equals_pefts(tmp_path):
@@ -120,3 +138,18 @@ def test_lora_plus_step_equals_pefts(tmp_path):
     for path in ours:  # each step moves a factor by about its group's rate: a wrong group is off by 8x or 10x
         np.testing.assert_allclose(ours[path] - before[path], theirs[path] - before[path], rtol=1e-3,
                                    atol=1e-3 * lr_embedding, err_msg=path)
+
+
+def test_an_lr_embedding_alone_turns_lora_plus_on():
+    """method.lr_embedding with lr_ratio 1: PEFT's groups with B at A's rate (create_loraplus_optimizer's ratio 1)."""
+    from jpeft.config import load_config
+    from jpeft.train.trainer import build_method, build_optimizer
+    trainable = {"model": {"embed_tokens": {"lora_a": jnp.ones((5, 1)), "lora_b": jnp.ones((1, 2))},
+                           "q_proj": {"lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}}}
+    frozen = {"model": {"embed_tokens": {"embedding": jnp.ones((5, 2))}, "q_proj": {"kernel": jnp.ones((2, 2))}}}
+    for extra, embedding_rate in (([], 0.1), (["method.lr_embedding=0.01"], 0.01)):
+        cfg = load_config(None, ["train.lr=0.1", "train.warmup=0", "train.min_lr_ratio=1", *extra])
+        tx = build_optimizer(cfg, build_method(cfg), trainable, frozen)
+        updates, _ = tx.update(jax.tree.map(jnp.ones_like, trainable), tx.init(trainable), trainable)
+        for path, step in T.flatten(jax.tree.map(lambda u: -u, updates)).items():
+            np.testing.assert_allclose(step, embedding_rate if "embed_tokens" in path else 0.1, rtol=1e-5, err_msg=path)
