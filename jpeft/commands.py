@@ -131,7 +131,10 @@ def cmd_generate(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    import logging
+
     import jpeft
+    from jpeft import tree as T
     from jpeft.errors import ConfigError
     from jpeft.peft.classifier import read_label_config
     for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
@@ -139,6 +142,11 @@ def cmd_merge(args) -> None:
             raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
                               "reads; give a new directory")
     model, params, _ = load(args.model, args.adapter, args.dtype)
+    embedding = model.embedding_path.rpartition("/")[0]
+    if model.config.tie_word_embeddings and len(T.modules(params).get(embedding, {})) > 1:
+        logging.getLogger("jpeft").warning(
+            "%s adapts the token embedding, to which the LM head is tied: the merged model's head reads the adapted "
+            "table, the unmerged model's the original one (PEFT's merge_and_unload does the same)", args.adapter)
     hf = model.config.hf_config  # merged in float32, written in the base's own dtype (as merge_and_unload keeps it)
     stored = args.dtype if args.dtype in ("float32", "bfloat16") else hf.get("dtype") or hf.get("torch_dtype")
     jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model, dtype=stored or "float32",

@@ -193,6 +193,23 @@ def test_merge_loads_in_transformers(tiny_run, trained_adapter, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(out) is not None
 
 
+def test_merging_an_embedding_adapter_under_a_tied_head_says_the_head_changes(tiny_run, tmp_path, caplog):
+    """Unmerged, a tied head reads the original table (as in PEFT); merged, the adapted one: said, not silent."""
+    from conftest import make_hf_model, save_hf_model
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_run["model"])
+    for tied in (False, True):
+        base = save_hf_model(make_hf_model("llama", tie_word_embeddings=tied, vocab_size=len(tokenizer)),
+                             tmp_path / f"base-{tied}")
+        tokenizer.save_pretrained(base)
+        _, params = jpeft.from_pretrained(base)
+        jpeft.save_adapter(str(tmp_path / f"adapter-{tied}"),
+                           jpeft.LoRA(rank=2, targets=["embed_tokens", "q_proj"]).init(jax.random.key(0), params))
+        caplog.clear()
+        assert main(["merge", "--model", base, "--adapter", str(tmp_path / f"adapter-{tied}"),
+                     "--out", str(tmp_path / f"merged-{tied}")]) == 0
+        assert ("to which the LM head is tied" in caplog.text) == tied
+
+
 def test_verbose_after_the_command_and_a_closed_pipe(tiny_run, tmp_path):
     """The error's "--verbose shows where" works where the user adds it, after the command; a reader that stops
     early (`| head -1`) ends the output without an error."""
