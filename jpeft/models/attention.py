@@ -16,7 +16,7 @@ NEG_INF = -1e30
 
 def attention_dropout(module: nn.Module, rate: float):
     """(key, rate) for `attend` to drop attention probabilities with, or None outside a train step."""
-    rng = dropout_rng(module) if rate > 0 else None
+    rng = dropout_rng(module, rate)
     return None if rng is None else (rng, rate)
 
 

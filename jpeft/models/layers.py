@@ -76,15 +76,16 @@ def module_leaves(module: nn.Module) -> dict:
     return nn.meta.unbox(dict(module.variables.get("params", {})))
 
 
-def dropout_rng(module: nn.Module):
-    return module.make_rng("dropout") if module.has_rng("dropout") else None
+def dropout_rng(module: nn.Module, rate: float = 1.0):
+    """The module's dropout key in a call that has one (a train step) where something drops (rate > 0), else None."""
+    return module.make_rng("dropout") if rate > 0 and module.has_rng("dropout") else None
 
 
 def dropout(module: nn.Module, x, rate: float):
     """Inverted dropout of `x` at `rate` where the call has a dropout key (a train step), as torch's in
     training: each value kept with probability 1 - rate and scaled by 1 / (1 - rate) in float32 before
     rounding (in bf16 the scale itself would round, 1 / 0.9 to 1.109); `x` itself otherwise."""
-    rng = dropout_rng(module) if rate > 0 else None
+    rng = dropout_rng(module, rate)
     return x if rng is None else dropped(x, jax.random.bernoulli(rng, 1 - rate, x.shape), rate)
 
 
