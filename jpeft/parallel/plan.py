@@ -55,7 +55,7 @@ from jpeft.models.hf import DTYPES, abstract_params, build, family
 from jpeft.models.attention import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.train.loss import CHUNK
-from jpeft.train.trainer import build_method, build_optimizer, run_model_config
+from jpeft.train.build import build_method, build_optimizer, run_model_config
 
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
 # The model's own dropout (GPT-2's, T5's), fitted to XLA as below (tests/parallel/test_plan.py's GPT-2 at 64 and

@@ -30,8 +30,9 @@ class MetricsLog:
         self.file.writelines(kept)
         self.file.flush()
         from tensorboardX import SummaryWriter
-        self.board = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"),
-                                   purge_step=resume_step + 1 if resume_step else None)
+        board = os.path.join(os.path.dirname(path), "tensorboard")
+        earlier = os.path.isdir(board) and bool(os.listdir(board))  # a run killed before its first checkpoint too
+        self.board = SummaryWriter(board, purge_step=resume_step + 1 if earlier else None)
 
     def write(self, record: dict) -> None:
         if self.file is None:

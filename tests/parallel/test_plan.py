@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     from jpeft.parallel import activation_sharding, batch_sharding, make_mesh, state_shardings
     from jpeft.parallel.plan import plan
     from jpeft.train.step import init_state, make_train_step
-    from jpeft.train.trainer import build_method, build_optimizer, init_method, run_model_config, uses_dropout
+    from jpeft.train.build import build_method, build_optimizer, init_method, run_model_config, uses_dropout
     assert len(jax.devices()) == 8
     shard_bytes = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
     out = {{}}

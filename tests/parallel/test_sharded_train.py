@@ -81,7 +81,7 @@ SHARDINGS = textwrap.dedent("""
     from jpeft.models.hf import abstract_params
     from jpeft.models.llama import CausalLM, init_params
     from jpeft.parallel import make_mesh, param_shardings, state_shardings
-    from jpeft.train.trainer import init_method
+    from jpeft.train.build import init_method
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=16)
     model, mesh = CausalLM(cfg), make_mesh(2, 2, 2)

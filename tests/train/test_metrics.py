@@ -58,6 +58,27 @@ def test_resume_drops_lines_past_the_checkpoint_and_purges_the_board(tmp_path):
     assert purges == [4]
 
 
+def test_a_run_restarted_before_its_first_checkpoint_purges_the_board(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    log = MetricsLog(path, 0)
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    log = MetricsLog(path, 0)  # killed before any checkpoint: the re-run starts at step 0 again
+    log.write({"step": 1, "loss": 10.0})
+    log.close()
+    with open(path) as f:
+        assert [json.loads(line) for line in f] == [{"step": 1, "loss": 10.0}]
+    purges = [e.step for e in events(tmp_path / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
+    assert purges == [1]
+
+
+def test_fresh_run_writes_no_purge(tmp_path):
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"), 0)
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert not [e for e in events(tmp_path / "tensorboard") if e.session_log.status == event_pb2.SessionLog.START]
+
+
 def test_disabled_writes_nothing(tmp_path):
     log = MetricsLog(str(tmp_path / "metrics.jsonl"), 0, enabled=False)
     log.write({"step": 1, "loss": 1.0})

@@ -99,7 +99,7 @@ def test_lora_plus_step_equals_pefts(tmp_path):
     import jpeft
     from conftest import make_hf_model, save_hf_model
     from jpeft.config import load_config
-    from jpeft.train.trainer import build_method, build_optimizer
+    from jpeft.train.build import build_method, build_optimizer
 
     torch_model = make_hf_model("llama")
     base_dir = save_hf_model(torch_model, tmp_path / "base")
@@ -143,7 +143,7 @@ def test_lora_plus_step_equals_pefts(tmp_path):
 def test_an_lr_embedding_alone_turns_lora_plus_on():
     """method.lr_embedding with lr_ratio 1: PEFT's groups with B at A's rate (create_loraplus_optimizer's ratio 1)."""
     from jpeft.config import load_config
-    from jpeft.train.trainer import build_method, build_optimizer
+    from jpeft.train.build import build_method, build_optimizer
     trainable = {"model": {"embed_tokens": {"lora_a": jnp.ones((5, 1)), "lora_b": jnp.ones((1, 2))},
                            "q_proj": {"lora_a": jnp.ones((2, 1)), "lora_b": jnp.ones((1, 2))}}}
     frozen = {"model": {"embed_tokens": {"embedding": jnp.ones((5, 2))}, "q_proj": {"kernel": jnp.ones((2, 2))}}}
