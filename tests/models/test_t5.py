@@ -139,9 +139,11 @@ def test_a_soft_prompt_meets_the_encoders_input_without_pads_between(tmp_path):
     prompted = jpeft.PromptTuning(4).init(jax.random.key(0), params)
     prompts = [[5, 17, 33, 8, 61, 1], [12, 40, 3]]
     got = generate(model, prompted, prompts, 8, eos_token_id=None)
+    # the decoder is causal: its input right-padded to one length, position i's logits are those of decoded[:i + 1]
+    forward = jax.jit(lambda ids, decoded: model.apply({"params": prompted}, ids, decoded))
     for prompt, tokens in zip(prompts, got):
-        decoded = [model.config.decoder_start_token_id]
-        for _ in range(8):
-            logits = model.apply({"params": prompted}, jnp.asarray([prompt]), jnp.asarray([decoded]))
-            decoded.append(int(jnp.argmax(logits[0, -1])))
+        decoded = [model.config.decoder_start_token_id] + [0] * 8
+        for i in range(8):
+            logits = forward(jnp.asarray([prompt]), jnp.asarray([decoded]))
+            decoded[i + 1] = int(jnp.argmax(logits[0, i]))
         assert tokens == decoded[1:]
