@@ -85,7 +85,7 @@ class Transformer(nn.Module):
         return L.LayerNorm(cfg.rms_norm_eps, name="ln_f")(nn.with_logical_constraint(x, L.ACTIVATION_AXES)), cache_kv
 
 
-class GPT2(nn.Module):
+class GPT2(L.LMHead, nn.Module):
     """`__call__(input_ids, attention_mask=None, positions=None, cache=None)`, as `CausalLM`'s (virtual tokens
     included); the head is the token embedding, tied, unless a checkpoint holds its own."""
     config: ModelConfig
@@ -105,23 +105,7 @@ class GPT2(nn.Module):
         transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=True)
         hidden, cache_kv = transformer(cfg, name="transformer")(input_ids, d.positions, mask, cache_kv, d.index)
         hidden = hidden[:, d.rows:]
-        if not cfg.tie_word_embeddings and self.is_initializing():
-            L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden,
-                                                        L.dropout_rng(self))
+        out = self.outputs(hidden, return_hidden)
         if cache is None:
             return out
         return out, C.written_cache(cache_kv, d, input_ids.shape[1])
-
-    @nn.nowrap
-    def head_leaves(self, params) -> dict:
-        """The LM head's leaves: the token embedding transposed (GPT-2's tie), or a head of its own."""
-        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
-
-    @nn.nowrap
-    def logits(self, head: dict, hidden, rng=None):
-        return L.head_logits(head, hidden, rng=rng)
-
-    @nn.nowrap
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        return C.empty_cache(self.config, batch, max_len, dtype)

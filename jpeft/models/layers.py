@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.models.config import ModelConfig
+from jpeft.models.kv_cache import empty_cache
 from jpeft.peft import sites
 
 init_normal = nn.initializers.normal(0.02)
@@ -175,21 +176,40 @@ class Embed(nn.Module):
         return sites.embed(module_leaves(self), ids, dtype, prepend, scale)
 
 
-def head_leaves(params, embedding_path: str, tied: bool) -> dict:
-    """The LM head's leaves for the dense insertion point: the token embedding at `embedding_path`, transposed,
-    where the head is tied to it; else the model's own `lm_head`."""
-    if not tied:
-        return dict(params["lm_head"])
-    table = params
-    for key in embedding_path.split("/"):
-        table = table[key]
-    return {"kernel": table.T}
+class LMHead:
+    """The top every family shares, and the model protocol beside `apply` (`jpeft.models`) that training and
+    decoding use knowing no family: `head_leaves`, `logits`, `init_cache`. A family sets `config` and
+    `embedding_path`, and its compact `__call__` ends in `self.outputs(...)`."""
 
+    def outputs(self, hidden, return_hidden: bool):
+        """The hidden states, or their logits; at init, the head's own kernel where the head is not tied."""
+        if not self.config.tie_word_embeddings and self.is_initializing():
+            Dense(self.config.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)
+        if return_hidden:
+            return hidden
+        return self.logits(self.head_leaves(module_leaves(self)), hidden, dropout_rng(self))
 
-def head_logits(head: dict, hidden, cap: float | None = None, rng=None):
-    """float32 logits of hidden states [..., D] through the LM head's leaves, soft-capped where a family does;
-    `rng` drops an adapter's input as it would on any dense layer (LoRA dropout on `lm_head`)."""
-    return softcap(sites.dense(head, hidden, rng).astype(jnp.float32), cap)
+    @nn.nowrap
+    def head_leaves(self, params) -> dict:
+        """The LM head's leaves for the dense insertion point: the token embedding at `embedding_path`,
+        transposed, where the head is tied to it; else the model's own `lm_head` (with any adapter leaves)."""
+        if not self.config.tie_word_embeddings:
+            return dict(params["lm_head"])
+        table = params
+        for key in self.embedding_path.split("/"):
+            table = table[key]
+        return {"kernel": table.T}
+
+    @nn.nowrap
+    def logits(self, head: dict, hidden, rng=None):
+        """float32 logits of hidden states [..., D] through the head's leaves, soft-capped where the family does
+        (Gemma 2); `rng` drops an adapter's input as on any dense layer (LoRA dropout on `lm_head`)."""
+        return softcap(sites.dense(head, hidden, rng).astype(jnp.float32), self.config.final_softcap)
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache (`kv_cache.empty_cache`)."""
+        return empty_cache(self.config, batch, max_len, dtype)
 
 
 def softcap(x, cap: float | None):

@@ -115,7 +115,7 @@ class Decoder(nn.Module):
         return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, name="norm")(x), cache_kv
 
 
-class CausalLM(nn.Module):
+class CausalLM(L.LMHead, nn.Module):
     """Decoder + LM head. `__call__(input_ids, attention_mask=None, positions=None, cache=None)`.
 
     Returns logits [B, T, vocab] (float32), or hidden states with `return_hidden=True`
@@ -144,30 +144,10 @@ class CausalLM(nn.Module):
         context = (rope_tables(cfg, d.positions), masks, d.index)
         hidden, cache_kv = decoder(cfg, name="model")(input_ids, context, cache_kv)
         hidden = hidden[:, d.rows:]
-        if not cfg.tie_word_embeddings and self.is_initializing():
-            L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden,
-                                                        L.dropout_rng(self))
+        out = self.outputs(hidden, return_hidden)
         if cache is None:
             return out
         return out, C.written_cache(cache_kv, d, input_ids.shape[1])
-
-    # The model protocol beside `apply` (jpeft.models): what training and decoding use, knowing no family.
-    @nn.nowrap
-    def head_leaves(self, params) -> dict:
-        """The LM head's leaves for the dense insertion point (the embedding transposed when tied)."""
-        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
-
-    @nn.nowrap
-    def logits(self, head: dict, hidden, rng=None):
-        """float32 logits of hidden states [..., D] through the head's leaves (Gemma 2 soft-caps them); `rng`
-        is the head's adapter dropout key."""
-        return L.head_logits(head, hidden, self.config.final_softcap, rng)
-
-    @nn.nowrap
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty KV cache (`kv_cache.empty_cache`)."""
-        return C.empty_cache(self.config, batch, max_len, dtype)
 
 
 def init_params(model: CausalLM, key) -> dict:

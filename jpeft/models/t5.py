@@ -160,7 +160,7 @@ class Stack(nn.Module):
         return L.dropout(self, L.RMSNorm(cfg.rms_norm_eps, name="final_layer_norm")(x), cfg.residual_dropout), caches
 
 
-class T5(nn.Module):
+class T5(L.LMHead, nn.Module):
     """`__call__(input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, cache=None)`.
 
     Returns decoder logits [B, T_dec, vocab] (float32), or the decoder's hidden states with
@@ -208,10 +208,7 @@ class T5(nn.Module):
             A.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)
         if cfg.scale_decoder_outputs:
             hidden = hidden * jnp.asarray(cfg.hidden_size ** -0.5, hidden.dtype)
-        if not cfg.tie_word_embeddings and self.is_initializing():
-            L.Dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)  # creates the head's kernel
-        out = hidden if return_hidden else self.logits(self.head_leaves(L.module_leaves(self)), hidden,
-                                                        L.dropout_rng(self))
+        out = self.outputs(hidden, return_hidden)
         if cache is None:
             return out
         (k, v), (cross_k, cross_v) = caches
@@ -225,15 +222,6 @@ class T5(nn.Module):
         cross = C.empty_cache(self.config, batch, encoder_len, dtype)
         return {**C.empty_cache(self.config, batch, max_len, dtype), "cross_k": cross["k"], "cross_v": cross["v"],
                 "encoder_segments": cross["segments"]}
-
-    @nn.nowrap
-    def head_leaves(self, params) -> dict:
-        """The LM head's leaves (`layers.head_leaves`)."""
-        return L.head_leaves(params, self.embedding_path, self.config.tie_word_embeddings)
-
-    @nn.nowrap
-    def logits(self, head: dict, hidden, rng=None):
-        return L.head_logits(head, hidden, rng=rng)
 
 
 def _segments(ids, mask):
