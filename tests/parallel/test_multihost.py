@@ -19,7 +19,7 @@ EXTRA = ["train.steps=4", "train.batch_size=8", "train.log_every=1", "data.eval_
 
 WORKER = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
     from conftest import run_config

@@ -23,7 +23,7 @@ SETTINGS = ("train.batch_size=8", "train.seq_len=128", "model.dtype=float32")
 # The train step built exactly as jpeft.train.trainer.train builds it, compiled, never run.
 SCRIPT = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jpeft import tree as T
     from jpeft.config import load_config

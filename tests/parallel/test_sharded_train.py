@@ -16,7 +16,7 @@ COMMON = ("train.steps=5", "train.batch_size=8", "train.log_every=1", "data.eval
 
 SCRIPT = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
@@ -73,7 +73,7 @@ def test_every_mesh_matches_one_device(tiny_run, tmp_path, method):
 
 SHARDINGS = textwrap.dedent("""
     import os, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, optax
     import jpeft
     from jpeft import tree as T

@@ -38,7 +38,7 @@ def signal_at(monkeypatch, step_number: int, signum=signal.SIGTERM):
 
 RESUME_ON_8 = textwrap.dedent("""
     import os, sys, json, logging
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     logging.basicConfig(level=logging.INFO)
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
