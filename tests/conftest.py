@@ -10,6 +10,7 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity with PyTorch's float32 on any backend (JAX's default is TF32 on NVIDIA GPUs), as the CLI sets it.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "float32")
+SESSION_CACHE = None  # the compile cache folder this process made, if it made one
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # One persistent compile cache for the session's processes (xdist workers and the CLIs tests start
     # inherit it), in a temporary folder removed at the end (`pytest_unconfigure`), never ~/.cache: tests
@@ -39,7 +40,7 @@ def _torch_one_thread():
 
 
 def pytest_unconfigure(config):
-    if "SESSION_CACHE" in globals():  # this process made it (the controller, or a run without xdist)
+    if SESSION_CACHE:  # this process made it (the controller, or a run without xdist)
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
