@@ -41,7 +41,8 @@ def tiny(tmp_path_factory):
     ("llama", {}),
     ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),  # biases, MQA, tied head
     ("mistral", dict(sliding_window=4)),  # the window must hold across the cache
-    ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})),
     ("gemma", dict(head_dim=8)),
     ("gemma2", dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=1.0,
                     final_logit_softcapping=2.0)),  # alternating windows, soft-capped scores and logits

@@ -6,6 +6,7 @@ jpeft cannot honour is an error here rather than a silently different model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
@@ -16,7 +17,7 @@ QK_NORM_TYPES = ("qwen3", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SLIDING, FULL = "sliding_attention", "full_attention"
 # config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
@@ -39,6 +40,12 @@ class Rope:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    # YaRN: the rotation counts bounding its ramp between extrapolated and interpolated frequencies, whether
+    # the bounds are whole dimensions, and the factor on cos and sin (attention's temperature)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,25 +299,46 @@ def _family_config(hf: dict, source: str):
 
 def _ropes(params: dict | None, hf: dict, source: str) -> tuple[Rope, Rope | None]:
     """The global rope and (Gemma 3) the sliding layers' own, from the family config's `rope_parameters`:
-    transformers reads a file's `rope_scaling` before its `rope_parameters`, fills llama3's original length
-    from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local)."""
+    transformers reads a file's `rope_scaling` before its `rope_parameters`, fills llama3's and yarn's original
+    length from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local)."""
     params = dict(params or {})
     if FULL in params or SLIDING in params:
         full, local = params.get(FULL) or {}, params.get(SLIDING)
         return _rope(full, hf, source), None if local is None else _rope(local, hf, source)
-    return _rope(params, hf, source), None
+    return _rope(params, hf, source, truncate=params.get("truncate", True)), None
 
 
-def _rope(params: dict, hf: dict, source: str) -> Rope:
+def _rope(params: dict, hf: dict, source: str, truncate: bool = True) -> Rope:
+    """One rope. YaRN's `truncate` is read from the un-nested parameters only, as transformers reads it."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
             f"{source}: rope type {rope_type!r} is not supported; jpeft honours {', '.join(ROPE_TYPES)}")
-    return Rope(theta=params.get("rope_theta", hf.get("rope_theta", 10000.0)), type=rope_type,
-                factor=params.get("factor", 1.0), low_freq_factor=params.get("low_freq_factor", 1.0),
-                high_freq_factor=params.get("high_freq_factor", 4.0),
-                original_max_positions=params.get("original_max_position_embeddings",
-                                                  hf.get("max_position_embeddings", 8192)))
+    if rope_type != "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor {params['partial_rotary_factor']} is not supported; "
+                              "jpeft rotates whole heads")
+    max_positions = hf.get("max_position_embeddings", 8192)
+    original = params.get("original_max_position_embeddings", max_positions)
+    factor = params.get("factor", 1.0)
+    rope = Rope(theta=params.get("rope_theta", hf.get("rope_theta", 10000.0)), type=rope_type, factor=factor,
+                low_freq_factor=params.get("low_freq_factor", 1.0), high_freq_factor=params.get("high_freq_factor", 4.0),
+                original_max_positions=original)
+    if rope_type != "yarn":
+        return rope
+    factor = max_positions / original if factor is None else factor  # DeepSeek-V3's files leave it to the lengths
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, all_dims = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dims) if mscale and all_dims
+                            else _yarn_mscale(factor))
+    return dataclasses.replace(rope, factor=factor, beta_fast=params.get("beta_fast") or 32.0,
+                               beta_slow=params.get("beta_slow") or 1.0, truncate=bool(truncate),
+                               attention_factor=float(attention_factor))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """The YaRN paper's attention temperature, 0.1·mscale·ln(factor) + 1 (none at factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def read_config(path: str) -> ModelConfig:

@@ -1,5 +1,7 @@
 """Rotary position embeddings: each RoPE's inverse frequencies (with HF's scalings), the cos/sin tables
 of a call's positions, computed once before the layer scan, and the rotation of queries and keys."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ from jpeft.models.config import ModelConfig, Rope
 
 def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
     """RoPE inverse frequencies for heads of `dim` (float32, as HF computes them), with the rope's scaling."""
-    inv = 1.0 / (np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv = inv.astype(np.float32)
+    powers = np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+    inv = (1.0 / powers).astype(np.float32)
     if rope.type == "linear":
         inv = inv / np.float32(rope.factor)
     elif rope.type == "llama3":
@@ -22,7 +24,26 @@ def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif rope.type == "yarn":
+        inv = _yarn(powers, dim, rope)
     return inv
+
+
+def _yarn(powers: np.ndarray, dim: int, rope: Rope) -> np.ndarray:
+    """YaRN (arXiv 2309.00071) in transformers' float32 steps: the frequencies that turn fewer than `beta_slow` times
+    over the original length are interpolated (divided by the factor), those turning more than `beta_fast` times kept,
+    with a linear ramp over the dimensions between."""
+    def dimension(rotations):  # the dimension whose frequency turns `rotations` times over the original length
+        return dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high += 0.001 if low == high else 0
+    kept = 1 - np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    interpolated, extrapolated = 1.0 / (rope.factor * powers), 1.0 / powers
+    return (interpolated * (1 - kept) + extrapolated * kept).astype(np.float32)
 
 
 def rope_tables(cfg: ModelConfig, positions):
@@ -34,7 +55,9 @@ def rope_tables(cfg: ModelConfig, positions):
     ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope and any(cfg.sliding_layers) else [])
     inv_freq = np.stack([rope_inverse_frequencies(cfg.head_dim, rope) for rope in ropes])
     freqs = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[:, None, None, :]
-    return jnp.cos(freqs), jnp.sin(freqs)
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    scale = np.array([rope.attention_factor for rope in ropes], np.float32)[:, None, None, None]
+    return (cos, sin) if np.all(scale == 1) else (cos * scale, sin * scale)  # YaRN's temperature
 
 
 def layer_rope(cfg: ModelConfig, tables, layer):

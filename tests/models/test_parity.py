@@ -1,4 +1,5 @@
 """Logit parity of jpeft's Flax models with the transformers PyTorch models."""
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,9 @@ import jpeft
 from conftest import GPT2, make_hf_model, save_hf_model
 from jpeft.models.config import ModelConfig
 
+# Qwen3's long-context setting, with an original length these 12-token rows span, so that the ramp, the
+# interpolation and the temperature all change the logits.
+YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 # Small caps, windows and query scalars, so that each changes these tiny models' logits.
@@ -30,6 +34,11 @@ CASES = {
     "llama-mha-bias-headdim": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True, head_dim=16)),
     "llama3-rope-scaling": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=50000.0)),
     "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, rms_norm_eps=1e-5)),
+    "qwen3-yarn": ("qwen3", dict(head_dim=16, rope_scaling=YARN_ROPE)),
+    "llama-yarn-mscale-betas-untruncated": ("llama", dict(head_dim=16, rope_scaling=dict(
+        YARN_ROPE, mscale=0.8, mscale_all_dim=0.3, beta_fast=8, beta_slow=0.5, truncate=False))),
+    "mistral-yarn-attention-factor-length-ratio": ("mistral", dict(max_position_embeddings=96, rope_scaling=dict(
+        YARN_ROPE, factor=None, attention_factor=1.3))),
     "mistral-sliding": ("mistral", dict(sliding_window=5)),
     "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2-sliding-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
@@ -41,6 +50,8 @@ CASES = {
     "gemma2-untied-no-caps": ("gemma2", dict(GEMMA2, tie_word_embeddings=False, attn_logit_softcapping=None,
                                              final_logit_softcapping=None, num_key_value_heads=1)),
     "gemma3-local-rope": ("gemma3_text", GEMMA3),
+    "gemma3-yarn-global-rope": ("gemma3_text", dict(GEMMA3, rope_parameters=dict(
+        GEMMA3["rope_parameters"], full_attention=dict(YARN_ROPE, rope_theta=1e6)))),
     "gemma3-legacy-rope-fields": ("gemma3_text", dict(GEMMA3, rope_parameters=None, rope_theta=50000.0,
                                                       rope_local_base_freq=100.0)),
     "gpt2": ("gpt2", GPT2),
@@ -139,9 +150,10 @@ def test_transformers_names_for_the_same_activations():
 
 
 def test_rope_scaling_transformers_reads_first_is_refused_where_unsupported():
-    """A yarn rope_scaling beside a default rope_parameters is what transformers runs, so it is refused."""
-    hf = dict(make_hf_model("qwen2").config.to_dict(), rope_scaling={"type": "yarn", "factor": 4.0})
-    with pytest.raises(jpeft.CheckpointError, match="rope type 'yarn' is not supported"):
+    """A dynamic rope_scaling beside a default rope_parameters is what transformers runs, so it is refused
+    (dynamic NTK rescales by the longest sequence a model has seen so far: state jpeft does not keep)."""
+    hf = dict(make_hf_model("qwen2").config.to_dict(), rope_scaling={"type": "dynamic", "factor": 4.0})
+    with pytest.raises(jpeft.CheckpointError, match="rope type 'dynamic' is not supported"):
         ModelConfig.from_hf(hf)
 
 
@@ -318,11 +330,20 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gemma3-legacy-rope-fields", dict(local_rope=None)),
     ("qwen3-qk-norm", dict(qk_norm=False)),
     ("qwen3-tied-sliding-layers", dict(sliding_window=None)),
+    ("qwen3-yarn", dict(rope=dict(type="default"))),
+    ("qwen3-yarn", dict(rope=dict(attention_factor=1.0))),
+    ("llama-yarn-mscale-betas-untruncated", dict(rope=dict(truncate=True))),
+    ("llama-yarn-mscale-betas-untruncated", dict(rope=dict(beta_slow=1.0))),
+    ("llama-yarn-mscale-betas-untruncated", dict(rope=dict(attention_factor=1.1))),
+    ("gemma3-yarn-global-rope", dict(rope=dict(type="linear", attention_factor=1.0))),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
-    """Guards the parity cases above: a feature both sides silently ignored would pass them too."""
+    """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict
+    changes fields of a RoPE)."""
     model_type, overrides = CASES[case]
     model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(model_type, **overrides), tmp_path))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (1, 12)))
+    feature = {k: dataclasses.replace(getattr(model.config, k), **v) if isinstance(v, dict) else v
+               for k, v in feature.items()}
     changed = model.clone(config=model.config.replace(**feature)).apply({"params": params}, ids)
     assert np.abs(np.asarray(changed - model.apply({"params": params}, ids))).max() > 1e-4
