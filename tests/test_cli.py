@@ -150,7 +150,7 @@ def test_info_lists_every_method_with_its_options(capsys):
     assert main(["info", "--methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     options = dict(line.split(": ", 1) for line in lines)
-    assert list(options) == list(BY_NAME) == ["full", "lora", "qlora", "ia3", "bitfit", "norm", "prompt", "prefix",
+    assert list(options) == list(BY_NAME) == ["full", "lora", "qlora", "vera", "ia3", "bitfit", "norm", "prompt", "prefix",
                                               "llama_adapter", "bottleneck", "classifier"]
     assert "method.use_dora" in options["lora"] and "method.quant" in options["qlora"]
     assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]

@@ -64,6 +64,13 @@ class Method:
         return T.named(params, self.trainable)
 
 
+def dropped_input(x, rate, rng, stream: int):
+    """PEFT's adapter dropout on a dense layer's input, inverted as torch's in training; `stream` gives each
+    method a mask of its own."""
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, stream), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def refuse_second_init(method, path: str, leaves: dict, names) -> None:
     """A module holding the method's leaves already keeps them: a second `init` would silently replace a
     trained adapter (load_adapter refuses an adapted tree likewise)."""

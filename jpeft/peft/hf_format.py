@@ -1,6 +1,6 @@
 """Adapter directories (adapter_config.json + adapter_model.safetensors), both ways.
 
-Methods PEFT has (LoRA and its variants, IA3, prompt tuning, prefix tuning, adaption prompts)
+Methods PEFT has (LoRA and its variants, VeRA, IA3, prompt tuning, prefix tuning, adaption prompts)
 are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
 method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
@@ -35,7 +35,8 @@ from jpeft.peft.registry import METHODS
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-UNPREFIXED = ("prompt_embeddings",)  # prompt learning's one tensor belongs to no module of the base
+# tensors that belong to no module of the base: prompt learning's one, VeRA's shared projections
+UNPREFIXED = ("prompt_embeddings", "base_model.vera_")
 CLASSES = {cls.peft_type: cls for cls in METHODS if getattr(cls, "peft_type", None)}
 PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
 # adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save

@@ -26,7 +26,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, exact_targets, hf_module, layer_index,
+from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, hf_module,
+                             layer_index,
                              layer_names, leading, module_names, linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight,
                              targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
@@ -174,11 +175,7 @@ class LoRA(Method):
         if "adapter_ids" in leaves:
             return _routed(leaves, x)
         scale = leaves["lora_scale"]
-        xd = x
-        if "lora_dropout" in leaves and rng is not None:
-            rate = leaves["lora_dropout"]
-            keep = jax.random.bernoulli(jax.random.fold_in(rng, 0), 1.0 - rate, x.shape)
-            xd = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        xd = dropped_input(x, leaves["lora_dropout"], rng, 0) if "lora_dropout" in leaves and rng is not None else x
         # the scale on the rank-r factor, not on the [tokens, out] product: an elementwise op fused
         # into that big product (and its gradient) takes XLA:CPU off its fast matmul path
         a, b = (scale * leaves["lora_a"]).astype(x.dtype), leaves["lora_b"].astype(x.dtype)

@@ -16,10 +16,12 @@ from jpeft.peft.norm import NormTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
 from jpeft.peft.qlora import QLoRA, Quantized
+from jpeft.peft.vera import VeRA
 
 METHODS = (
     Quantized,
     LoRA,  # before IA3: IA3 scales the input or output of the whole W + s·A·B, so merge folds LoRA in first
+    VeRA,
     IA3,
     PromptTuning,
     PrefixTuning,
@@ -35,10 +37,10 @@ HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modul
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 FAMILY_DEFAULTS = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
-    "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]},
+    "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
-    "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]},
+    "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
              "ia3": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
              "bitfit": {"targets": ["c_attn", "c_proj", "c_fc"]}},
 }
@@ -46,6 +48,7 @@ BY_NAME = {cls.name: cls for cls in (
     Full,
     LoRA,
     QLoRA,
+    VeRA,
     IA3,
     BitFit,
     NormTuning,

@@ -1,7 +1,7 @@
 """Model FLOPs of one train step, counted as the step really does them (the numerator of MFU).
 
 Every matmul weight — a dense kernel (or its quantized form), LoRA's factors, a tied
-embedding used as the LM head — costs 2 FLOPs per token and element forward and 2 for the
+embedding used as the LM head, VeRA's projections — costs 2 FLOPs per token and element forward and 2 for the
 input gradient; only a trained one costs 2 more for its weight gradient. So a LoRA step is
 about 4N FLOPs per token where full fine-tuning is 6N. Attention adds 4·T·heads·head_dim per
 token and layer forward and twice that backward. Recomputation under remat is not counted
@@ -15,7 +15,7 @@ from jpeft import tree as T
 from jpeft.models.config import ModelConfig
 from jpeft.peft import quant
 
-MATMUL_LEAVES = ("kernel", "lora_a", "lora_b")
+MATMUL_LEAVES = ("kernel", "lora_a", "lora_b", "vera_a", "vera_b")
 
 
 def train_step_flops(cfg: ModelConfig, params, mask, tokens: int, seq_len: int) -> float:

@@ -51,6 +51,8 @@ PEFT_CONFIGS = {
     "ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     # PEFT saves the targeted head's base weight beside its ia3_l
     "ia3-head": peft.IA3Config(target_modules=["v_proj", "lm_head"], feedforward_modules=[]),
+    # one shared pair sliced for layers of three shapes; the head's base weight saved beside its vectors
+    "vera-head": peft.VeraConfig(r=4, target_modules=["v_proj", "down_proj", "lm_head"]),
 }
 
 
@@ -61,7 +63,7 @@ def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
     peft_model = peft.get_peft_model(torch_model, PEFT_CONFIGS[name]).eval()
     with torch.no_grad():  # non-trivial values for what PEFT initialises to the identity
         for n, p in peft_model.named_parameters():
-            if "ia3_l" in n or "lora_embedding_A" in n or "magnitude" in n:
+            if "ia3_l" in n or "lora_embedding_A" in n or "magnitude" in n or "vera_lambda" in n:
                 p.add_(0.1 * torch.randn_like(p))
     peft_model.save_pretrained(tmp_path / "adapter")
     model, params = jpeft.from_pretrained(path)
@@ -95,6 +97,7 @@ JPEFT_METHODS = {
     "rslora-patterns": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj"], use_rslora=True,
                                    rank_pattern={"k_proj": 2}, alpha_pattern={"k_proj": 3}), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
+    "vera-all-linear": (jpeft.VeRA(rank=8, targets="all-linear"), ("vera_lambda_d", "vera_lambda_b")),
 }
 
 
@@ -177,6 +180,7 @@ FAMILY_METHODS = {
     # Gemma scales its embeddings (by sqrt(hidden)) after DoRA's rescaling, and ties its head to the bare table
     "dora-embed": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
                    ("lora_a", "lora_b", "lora_magnitude")),
+    "vera": (jpeft.VeRA(rank=4, targets=["q_proj", "o_proj", "up_proj"]), ("vera_lambda_d", "vera_lambda_b")),
 }
 
 
@@ -213,6 +217,7 @@ T5_ADAPTERS = {  # PEFT's module names for T5
     # each stack's position-bias table, an embedding PEFT adapts (A starts at zero there)
     "lora_position_bias": (jpeft.LoRA(rank=4, alpha=8, targets=["relative_attention_bias", "q"]),
                            ("lora_a", "lora_b")),
+    "vera": (jpeft.VeRA(rank=4, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("vera_lambda_d", "vera_lambda_b")),
 }
 
 
@@ -271,6 +276,7 @@ GPT2_ADAPTERS = {
     "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["c_attn", "c_proj", "c_fc"]), ("lora_b",)),
     "lora_mlp_c_proj": (jpeft.LoRA(rank=4, alpha=8, targets=["mlp.c_proj"]), ("lora_b",)),  # not attn.c_proj
     "ia3": (jpeft.IA3(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"]), ("ia3_in", "ia3_out")),
+    "vera": (jpeft.VeRA(rank=4, targets=["c_attn", "c_proj", "c_fc"]), ("vera_lambda_d", "vera_lambda_b")),
 }
 
 
@@ -281,7 +287,7 @@ def peft_adapted(peft_model) -> set[str]:
 
 
 def jpeft_adapted(params) -> set[str]:
-    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_")) for k in leaves)
+    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_", "vera_")) for k in leaves)
             for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
 
 

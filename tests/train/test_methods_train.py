@@ -16,6 +16,7 @@ RUNS = {
     "lora-plus-embed": ["method.name=lora", "method.lr_ratio=8", "method.targets=[embed_tokens,v_proj]"],
     "qlora": ["method.name=qlora", "method.quant=nf4", "method.double_quant=true"],
     "ia3": ["method.name=ia3"],
+    "vera-dropout": ["method.name=vera", "method.rank=8", "method.targets=all-linear", "method.dropout=0.1"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
