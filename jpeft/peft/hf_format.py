@@ -6,8 +6,9 @@ are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.
 method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
 method's `peft_type`; `tree` is every module of the base, so `target_modules` select exactly the
 adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
-the same style (see `bottleneck.py`); methods that train base leaves (BitFit, norm tuning) use
-`peft_type` "JPEFT", `method` naming it, and the trained tensors under their HF checkpoint names.
+the same style (see `bottleneck.py`). Norm tuning trains base leaves, which only its mask tells apart, and is
+written as PEFT's LN tuning; BitFit, which PEFT lacks, uses `peft_type` "JPEFT", `method` naming it, and the
+trained tensors under their HF checkpoint names (as norm tuning did before: such dirs still load).
 A classification head is saved with the adapter trained beside it: as PEFT's SEQ_CLS
 `modules_to_save` (`score.weight`) where HF has the head, else in a JPEFT dir (`method`
 "classifier") that nests the adapter's PEFT config. Loading is stricter than PEFT: a missing or
@@ -29,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
-from jpeft.peft import classifier
+from jpeft.peft import classifier, norm
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import METHODS
 
@@ -37,7 +38,7 @@ PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # tensors that belong to no module of the base: prompt learning's one, VeRA's shared projections
 UNPREFIXED = ("prompt_embeddings", "base_model.vera_")
-CLASSES = {cls.peft_type: cls for cls in METHODS if getattr(cls, "peft_type", None)}
+CLASSES = {cls.peft_type: cls for cls in (*METHODS, norm.NormTuning) if getattr(cls, "peft_type", None)}
 PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
 # adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save
 # only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
@@ -84,6 +85,8 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     refuse_container(params, "save_adapter")
     if classifier.split_head(params)[1]:
         tensors, config = _classifier(params)
+    elif isinstance(method, norm.NormTuning):  # it trains base leaves, which only its mask tells apart
+        tensors, config = _peft_layout(params, method.peft_type, *norm.to_peft(params, method.mask(params)))
     elif method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks
         tensors, config = _native(params, method)
     else:
@@ -103,11 +106,16 @@ def _peft(params):
         what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
         raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
     cls = CLASSES[found[0]]
-    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)}, grouped)
+    return _peft_layout(params, found[0], *PEFT_FAMILIES[found[0]].to_peft(
+        {p: m for p, m in grouped.items() if cls.present(m)}, grouped))
+
+
+def _peft_layout(params, peft_type: str, tensors: dict, config: dict):
+    """PEFT's key prefix on the tensors, and its peft_type and task_type in the config."""
     tensors = {k if k.startswith(UNPREFIXED) else PREFIX + k: np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
     task = "SEQ_2_SEQ_LM" if {"encoder", "decoder"} <= set(params) else "CAUSAL_LM"
-    return tensors, {"peft_type": found[0], "task_type": task, **config}
+    return tensors, {"peft_type": peft_type, "task_type": task, **config}
 
 
 def _classifier(params):

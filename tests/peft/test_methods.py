@@ -1,10 +1,13 @@
 """The method protocol: for every method, identity at init, count = formula, only its own leaves
 change when trained, merged = unmerged, and `jpeft.freeze` for users' own training loops."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import save_file
 
 import jpeft
 from jpeft import tree as T
@@ -247,11 +250,20 @@ def test_list_targets_are_not_regexes_but_a_string_is(base):
     assert np.asarray(adapted["model"]["layers"]["self_attn"]["q_proj"]["lora_scale"]).tolist() == [0.0, 2.0]
 
 
-@pytest.mark.parametrize("name", ["bitfit", "norm"])
-def test_methods_peft_lacks_round_trip_through_jpefts_adapter_dir(base, train_once, tmp_path, name):
+@pytest.mark.parametrize("name,peft_type", [("bitfit", "JPEFT"), ("norm", "LN_TUNING"), ("norm", "JPEFT")])
+def test_methods_training_base_leaves_round_trip_through_an_adapter_dir(base, train_once, tmp_path, name, peft_type):
+    """BitFit in jpeft's own dir; norm tuning in PEFT's LN tuning dir, and in jpeft's own as earlier versions
+    wrote it."""
+    from jpeft.peft import hf_format
     _, params = base
     _, _, trained = train_once(name)
     jpeft.save_adapter(str(tmp_path / "a"), trained, method=METHODS[name]())
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    if config["peft_type"] != peft_type:  # norm tuning's earlier dir
+        tensors, config = hf_format._native(trained, METHODS[name]())
+        save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    assert config["peft_type"] == peft_type
     loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
     flat, back = T.flatten(trained), T.flatten(loaded)
     assert flat.keys() == back.keys()

@@ -359,3 +359,38 @@ def test_t5_prompt_tuning_round_trip(tmp_path):
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(ours(reloaded), ours(adapted), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "t5"])
+def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
+    """PEFT's LN tuning dir, read and written: its default norms per family (a LayerNorm's bias too) trained
+    -> the same logits in jpeft; jpeft's norm tuning -> PeftModel -> jpeft."""
+    from conftest import GPT2
+    if family == "t5":
+        fresh = lambda: make_t5(tmp_path / "base", "flan-t5")
+        batch = np.random.RandomState(0).randint(2, 97, (2, 11)), np.random.RandomState(1).randint(2, 97, (2, 7))
+        ours, theirs = (lambda model, p: t5_logits(model, p, *batch)), (lambda m: torch_t5_logits(m, *batch))
+    else:
+        overrides = GPT2 if family == "gpt2" else FAMILIES.get(family, {})
+        fresh = lambda: (ref := make_hf_model(family, **overrides), save_hf_model(ref, tmp_path / "base"))
+        ours, theirs = jax_logits, torch_logits
+    ref, path = fresh()
+    task = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
+    peft_model = peft.get_peft_model(ref, peft.LNTuningConfig(task_type=task)).eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "ln_tuning_layers" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    model, params = jpeft.from_pretrained(path)
+    loaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(ours(model, loaded), theirs(peft_model), atol=2e-4, rtol=0)
+    method = jpeft.NormTuning()
+    mask = T.flatten(method.mask(params))
+    trained = T.unflatten({p: v * 1.3 if mask[p] else v for p, v in T.flatten(params).items()})
+    assert np.abs(ours(model, trained) - ours(model, params)).max() > 1e-3
+    jpeft.save_adapter(str(tmp_path / "adapter"), trained, method=method)
+    peft_back = peft.PeftModel.from_pretrained(fresh()[0], tmp_path / "adapter").eval()
+    np.testing.assert_allclose(theirs(peft_back), ours(model, trained), atol=2e-4, rtol=0)
+    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(ours(model, reloaded), ours(model, trained), atol=1e-6, rtol=0)
