@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
-from jpeft.peft import classifier, norm
+from jpeft.peft import adalora, classifier, norm
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import METHODS
 
@@ -39,7 +39,8 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # tensors that belong to no module of the base: prompt learning's one, VeRA's shared projections
 UNPREFIXED = ("prompt_embeddings", "base_model.vera_")
 CLASSES = {cls.peft_type: cls for cls in (*METHODS, norm.NormTuning) if getattr(cls, "peft_type", None)}
-PEFT_FAMILIES = {t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}  # peft_type -> to_peft, from_peft
+# peft_type -> its module's to_peft and from_peft; AdaLoRA's from_peft alone (read as the LoRA it computes)
+PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}, "ADALORA": adalora}
 # adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save
 # only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.

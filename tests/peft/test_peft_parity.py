@@ -394,3 +394,36 @@ def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
     np.testing.assert_allclose(theirs(peft_back), ours(model, trained), atol=2e-4, rtol=0)
     reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_allclose(ours(model, reloaded), ours(model, trained), atol=1e-6, rtol=0)
+
+
+def test_adalora_dir_reads_as_the_lora_it_computes(tmp_path):
+    """A pruned AdaLoRA dir (PEFT's own training, ranks left differing between layers, one pruned away): the
+    same logits as its PeftModel, merged too, and written back as a LoRA dir PEFT reads to the same logits."""
+    torch_model = make_hf_model("llama")
+    config = peft.AdaLoraConfig(init_r=6, target_r=1, tinit=1, tfinal=1, deltaT=1, total_step=6, lora_alpha=8,
+                                target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(torch_model, config)
+    optimizer = torch.optim.SGD(peft_model.parameters(), lr=0.5)
+    ids = torch.tensor(IDS)
+    for step in range(6):  # AdaLoRA's own schedule prunes singular values as it trains
+        peft_model(ids, labels=ids).loss.backward()
+        peft_model.base_model.update_and_allocate(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():  # factors large enough to matter (six small steps leave them near their init)
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adalora")  # the kept rows only
+    ranks = sorted(sum(mask) for mask in peft_model.peft_config["default"].rank_pattern.values())
+    assert ranks[0] == 0 and ranks[-1] >= 2, ranks  # a module pruned away, and layers of unequal ranks
+    peft_model = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "adalora").eval()
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
+    loaded = jpeft.load_adapter(str(tmp_path / "adalora"), params)
+    np.testing.assert_allclose(jax_logits(model, loaded), torch_logits(peft_model), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, loaded) - jax_logits(model, params)).max() > 1e-3
+    np.testing.assert_allclose(jax_logits(model, jpeft.merge(loaded)), jax_logits(model, loaded), atol=1e-5, rtol=0)
+    jpeft.save_adapter(str(tmp_path / "lora"), loaded)
+    as_lora = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "lora").eval()
+    assert as_lora.peft_config["default"].peft_type == "LORA"
+    np.testing.assert_allclose(torch_logits(as_lora), jax_logits(model, loaded), atol=2e-4, rtol=0)
