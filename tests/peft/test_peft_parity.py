@@ -32,6 +32,14 @@ def perturb(params, names, key, scale=0.1):
                         for p, v in flat.items()})
 
 
+def perturb_torch(model, names, scale):
+    """The same for a PeftModel: random values added to its parameters whose names contain one of `names`."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(name in n for name in names):
+                p.add_(scale * torch.randn_like(p))
+
+
 PEFT_CONFIGS = {
     "dora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
                             init_lora_weights=False),
@@ -61,10 +69,8 @@ def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
     torch_model = make_hf_model("llama")
     path = save_hf_model(torch_model, tmp_path / "base")
     peft_model = peft.get_peft_model(torch_model, PEFT_CONFIGS[name]).eval()
-    with torch.no_grad():  # non-trivial values for what PEFT initialises to the identity
-        for n, p in peft_model.named_parameters():
-            if "ia3_l" in n or "lora_embedding_A" in n or "magnitude" in n or "vera_lambda" in n:
-                p.add_(0.1 * torch.randn_like(p))
+    # non-trivial values for what PEFT initialises to the identity
+    perturb_torch(peft_model, ("ia3_l", "lora_embedding_A", "magnitude", "vera_lambda"), 0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     model, params = jpeft.from_pretrained(path)
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
@@ -141,10 +147,7 @@ def test_pissa_olora_init_as_peft_and_saved_for_the_original_base(tmp_path, sche
     loaded = peft.PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     np.testing.assert_allclose(torch_logits(loaded), jax_logits(model, trained), atol=2e-4, rtol=0)
     # PEFT's own unconverted directory (init_lora_weights=scheme): jpeft rewrites W on load as PEFT does
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.02 * torch.randn_like(p))
+    perturb_torch(peft_model, ("lora_",), 0.02)
     peft_model.save_pretrained(tmp_path / "peft_dir")
     from_peft = jpeft.load_adapter(str(tmp_path / "peft_dir"), params)
     np.testing.assert_allclose(jax_logits(model, from_peft), torch_logits(peft_model.eval()), atol=2e-4, rtol=0)
@@ -254,10 +257,7 @@ def test_ia3_feedforward_entries_are_plain_name_endings_as_in_peft(tmp_path):
     targets, feedforward = r".*(SelfAttention\.(k|v|o)|wo)", ["o"]
     peft_model = peft.get_peft_model(ref, peft.IA3Config(task_type="SEQ_2_SEQ_LM", target_modules=targets,
                                                          feedforward_modules=feedforward)).eval()
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "ia3_l" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_torch(peft_model, ("ia3_l",), 0.3)
     peft_model.save_pretrained(tmp_path / "adapter")
     model, params = jpeft.from_pretrained(model_dir)
     loaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
@@ -377,10 +377,7 @@ def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
     ref, path = fresh()
     task = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
     peft_model = peft.get_peft_model(ref, peft.LNTuningConfig(task_type=task)).eval()
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "ln_tuning_layers" in n:
-                p.add_(0.3 * torch.randn_like(p))
+    perturb_torch(peft_model, ("ln_tuning_layers",), 0.3)
     peft_model.save_pretrained(tmp_path / "from_peft")
     model, params = jpeft.from_pretrained(path)
     loaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
@@ -410,10 +407,7 @@ def test_adalora_dir_reads_as_the_lora_it_computes(tmp_path):
         peft_model.base_model.update_and_allocate(step)
         optimizer.step()
         optimizer.zero_grad()
-    with torch.no_grad():  # factors large enough to matter (six small steps leave them near their init)
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.add_(0.5 * torch.randn_like(p))
+    perturb_torch(peft_model, ("lora_",), 0.5)  # six small steps leave the factors near their init
     peft_model.save_pretrained(tmp_path / "adalora")  # the kept rows only
     ranks = sorted(sum(mask) for mask in peft_model.peft_config["default"].rank_pattern.values())
     assert ranks[0] == 0 and ranks[-1] >= 2, ranks  # a module pruned away, and layers of unequal ranks
