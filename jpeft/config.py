@@ -43,7 +43,7 @@ class ModelSection:
 class MethodSection:
     """`name` picks the method; the other keys are its options (those it does not take are an error)."""
     name: str = "lora"
-    rank: int = 8
+    rank: int | None = None  # None: the method's default (LoRA's 8, VeRA's 256, as in PEFT)
     alpha: float = 16.0
     targets: list[str] | None = None  # None: the method's default; a string with regex characters is a regex
     dropout: float = 0.0

@@ -16,7 +16,7 @@ RUNS = {
     "lora-plus-embed": ["method.name=lora", "method.lr_ratio=8", "method.targets=[embed_tokens,v_proj]"],
     "qlora": ["method.name=qlora", "method.quant=nf4", "method.double_quant=true"],
     "ia3": ["method.name=ia3"],
-    "vera-dropout": ["method.name=vera", "method.rank=8", "method.targets=all-linear", "method.dropout=0.1"],
+    "vera-dropout": ["method.name=vera", "method.targets=all-linear", "method.dropout=0.1"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
@@ -45,6 +45,13 @@ def test_method_options_are_checked(caplog):
         load_config(None, ["method.init=svd"])
     cfg = load_config(None, ["method.name=lora", r"method.targets=model\.layers\.0\..*_proj"])
     assert cfg.method.targets == r"model\.layers\.0\..*_proj"  # a string with regex characters stays a regex
+
+
+def test_an_unset_rank_is_the_methods_own_default():
+    """PEFT's defaults: LoRA's r=8, VeRA's r=256 (a shared config default would give VeRA LoRA's)."""
+    assert trainer.build_method(load_config(None, ["method.name=lora"])).rank == 8
+    assert trainer.build_method(load_config(None, ["method.name=vera"])).rank == 256
+    assert trainer.build_method(load_config(None, ["method.name=vera", "method.rank=16"])).rank == 16
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
