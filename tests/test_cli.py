@@ -156,6 +156,7 @@ def test_info_lists_every_method_with_its_options(capsys):
     assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]
     assert "method.projection" in options["prefix"] and "method.adapter_layers" in options["llama_adapter"]
     assert "method.kind" in options["bottleneck"] and "method.pooling" in options["classifier"]
+    assert "method.d_initial" in options["vera"]
 
 
 BLOCK_TORCH = """

@@ -51,7 +51,8 @@ def test_an_unset_rank_is_the_methods_own_default():
     """PEFT's defaults: LoRA's r=8, VeRA's r=256 (a shared config default would give VeRA LoRA's)."""
     assert trainer.build_method(load_config(None, ["method.name=lora"])).rank == 8
     assert trainer.build_method(load_config(None, ["method.name=vera"])).rank == 256
-    assert trainer.build_method(load_config(None, ["method.name=vera", "method.rank=16"])).rank == 16
+    vera = trainer.build_method(load_config(None, ["method.name=vera", "method.rank=16", "method.d_initial=0.2"]))
+    assert vera.rank == 16 and vera.d_initial == 0.2
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
