@@ -72,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (optional when everything is overridden)")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=1e-4")
 
-    def model_args(p, adapter=True, required=True,
+    def model_args(p, adapter="optional", required=True,
                    dtype="weight and compute dtype on load (auto: bfloat16 where matmuls in it are native)"):
+        """--model, --adapter ("optional", "required" or None: none) and --dtype."""
         p.add_argument("--model", required=required, help="HF model directory")
         if adapter:
-            p.add_argument("--adapter", help="HF PEFT adapter directory (optional)")
+            p.add_argument("--adapter", required=adapter == "required", help=f"HF PEFT adapter directory ({adapter})")
         p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None, help=dtype)
 
     def chat_args(p):
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat_args(p)
 
     p = command("merge", commands.cmd_merge, "Fold an adapter into the base: an HF dir transformers loads as-is.")
-    model_args(p, dtype="dtype to load, merge and write in (default: merge in float32 and write the base's own "
-                        "dtype, config.json's)")
+    model_args(p, adapter="required",
+               dtype="dtype to load, merge and write in (auto: bfloat16 where matmuls in it are native; default: "
+                     "merge in float32 and write the base's own dtype, config.json's)")
     p.add_argument("--out", required=True, help="output HF model directory")
 
     p = command("info", commands.cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Rows with a 'text' column are scored by perplexity; rows with 'prompt' and 'target' columns by "
                 "ROUGE-L of greedy outputs (FILE:accuracy: exact match; FILE:perplexity: the target's given the "
                 "prompt).")
-    model_args(p, adapter=False)
+    model_args(p, adapter=None)
     tuned = p.add_mutually_exclusive_group(required=True)
     tuned.add_argument("--adapter", help="HF PEFT adapter directory trained on --model")
     tuned.add_argument("--finetuned", metavar="DIR", help="a fully fine-tuned HF model directory of --model")

@@ -10,15 +10,16 @@ def unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None):
-    """(model, params, tokenizer) for a base HF dir plus an optional PEFT adapter dir."""
+def load(model_dir: str, adapter_dir: str | None, dtype: str | None = None, tokenizer: bool = True):
+    """(model, params, tokenizer) for a base HF dir plus an optional PEFT adapter dir; the tokenizer only where
+    the command reads text (merge and info do not, and take a dir without tokenizer files)."""
     import jpeft
     from jpeft.models.hf import load_tokenizer
 
     model, params = jpeft.from_pretrained(model_dir, dtype=dtype)
     if adapter_dir:
         params = jpeft.load_adapter(adapter_dir, params)
-    return model, params, load_tokenizer(model_dir)
+    return model, params, load_tokenizer(model_dir) if tokenizer else None
 
 
 def check_chat(args) -> None:
@@ -136,19 +137,23 @@ def cmd_merge(args) -> None:
     import jpeft
     from jpeft import tree as T
     from jpeft.errors import ConfigError
+    from jpeft.hardware import resolve_dtype
     from jpeft.peft.classifier import read_label_config
     for flag, source in (("--model", args.model), ("--adapter", args.adapter)):
-        if os.path.exists(args.out) and os.path.samefile(args.out, source):
+        if os.path.exists(args.out) and os.path.exists(source) and os.path.samefile(args.out, source):
             raise ConfigError(f"--out {args.out} is the {flag} directory: merging there would overwrite what it "
                               "reads; give a new directory")
-    model, params, _ = load(args.model, args.adapter, args.dtype)
+    if os.path.exists(os.path.join(args.out, "adapter_config.json")):
+        raise ConfigError(f"--out {args.out} holds an adapter (adapter_config.json), which transformers would apply "
+                          "on top of the merged weights; give a new directory")
+    model, params, _ = load(args.model, args.adapter, args.dtype, tokenizer=False)
     embedding = model.embedding_path.rpartition("/")[0]
     if model.config.tie_word_embeddings and len(T.modules(params).get(embedding, {})) > 1:
         logging.getLogger("jpeft").warning(
             "%s adapts the token embedding, to which the LM head is tied: the merged model's head reads the adapted "
             "table, the unmerged model's the original one (PEFT's merge_and_unload does the same)", args.adapter)
     hf = model.config.hf_config  # merged in float32, written in the base's own dtype (as merge_and_unload keeps it)
-    stored = args.dtype if args.dtype in ("float32", "bfloat16") else hf.get("dtype") or hf.get("torch_dtype")
+    stored = resolve_dtype(args.dtype) if args.dtype else hf.get("dtype") or hf.get("torch_dtype")
     jpeft.save_pretrained(args.out, model, jpeft.merge(params), tokenizer_from=args.model, dtype=stored or "float32",
                           config=read_label_config(args.adapter))  # a classifier's class names and pad id
     print(f"merged model written to {args.out}")
@@ -164,7 +169,8 @@ def cmd_info(args) -> None:
         return
     if not args.model:
         raise jpeft.ConfigError("info needs --model DIR (or --methods)")
-    model, params, _ = load(args.model, args.adapter)
+    from jpeft.peft.hf_format import adapter_mask
+    model, params, _ = load(args.model, args.adapter, tokenizer=False)
     cfg = model.config
     layers = (f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder layers" if cfg.is_encoder_decoder
               else f"{cfg.num_layers} layers")
@@ -173,7 +179,7 @@ def cmd_info(args) -> None:
     print(f"architecture: {cfg.model_type} · {layers} · hidden {cfg.hidden_size} · "
           f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
           f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · {positions}")
-    print(jpeft.parameter_report(params))
+    print(jpeft.parameter_report(params, adapter_mask(args.adapter, params) if args.adapter else None))
 
 
 def cmd_bench(args) -> None:

@@ -118,7 +118,7 @@ def require_prompt_room(cfg, max_new_tokens: int, virtual: int = 0, name: str = 
     if room is not None and room < 1:
         raise ConfigError(f"{name}={max_new_tokens}{f' beside {virtual} virtual tokens' if virtual else ''} leaves no "
                           f"room for a prompt in the model's {cfg.max_position_embeddings} positions "
-                          "(max_position_embeddings); lower it")
+                          f"({cfg.positions_key}); lower it")
     return room
 
 
@@ -134,7 +134,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1
             raise JpeftError(f"prompt {i} is empty; give every prompt at least one token (e.g. BOS)")
         if not cfg.is_encoder_decoder and len(prompt) > cfg.max_position_embeddings:
             raise JpeftError(f"prompt {i} has {len(prompt)} tokens but the model reads at most "
-                             f"{cfg.max_position_embeddings} (max_position_embeddings); shorten or truncate it")
+                             f"{cfg.max_position_embeddings} ({cfg.positions_key}); shorten or truncate it")
         if cfg.learned_positions and len(prompt) > prompt_room(cfg, max_new_tokens, virtual):
             raise JpeftError(
                 f"prompt {i} has {len(prompt)} tokens{f' after {virtual} virtual ones' if virtual else ''}; "

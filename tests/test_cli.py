@@ -254,6 +254,10 @@ def test_merge_writes_the_bases_dtype_and_only_its_tokenizer_files(tiny_run, tra
         lambda a, b: bool((np.asarray(a.astype(jnp.bfloat16)) == np.asarray(b.astype(jnp.bfloat16))).all()),
         exact, rounded)))
     assert merged(tmp_path / "f32", "--dtype", "float32")[0] == {"F32"}
+    from jpeft.hardware import auto_dtype  # auto: the dtype it chose here, written as such
+    want = {"bfloat16": ({"BF16"}, "bfloat16"), "float32": ({"F32"}, "float32")}[auto_dtype()]
+    dtypes, config = merged(tmp_path / "auto", "--dtype", "auto")
+    assert (dtypes, config["dtype"]) == want
 
 
 def test_merge_never_writes_over_what_it_reads_and_a_file_in_the_way_is_one_line(tiny_run, trained_adapter,
@@ -269,6 +273,28 @@ def test_merge_never_writes_over_what_it_reads_and_a_file_in_the_way_is_one_line
     err = capsys.readouterr().err
     assert err.startswith("jpeft merge: error: a file is where a directory goes") and "taken" in err
     assert "Traceback" not in err
+    # an adapter dir as --out: transformers would apply that adapter on top of the merged weights
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    assert main(["merge", "--model", tiny_run["model"], "--adapter", str(trained_adapter), "--out", str(stale)]) == 2
+    assert "holds an adapter (adapter_config.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # nothing to merge: --adapter is required
+        main(["merge", "--model", tiny_run["model"], "--out", str(tmp_path / "none")])
+    assert exit.value.code == 2 and "the following arguments are required: --adapter" in capsys.readouterr().err
+
+
+def test_merge_and_info_take_a_base_without_tokenizer_files(tiny_run, trained_adapter, tmp_path, capsys):
+    """Neither reads text: a weights-only base merges (nothing to copy) and is described."""
+    import shutil
+    base = tmp_path / "weights_only"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_run["model"], name), base / name)
+    assert main(["info", "--model", str(base), "--adapter", str(trained_adapter)]) == 0
+    assert "trainable params: " in capsys.readouterr().out
+    assert main(["merge", "--model", str(base), "--adapter", str(trained_adapter), "--out", str(tmp_path / "m")]) == 0
+    assert jpeft.from_pretrained(str(tmp_path / "m"))[0].config.model_type == "llama"
 
 
 def test_info_reports_counts(tiny_run, trained_adapter, capsys):
@@ -277,6 +303,19 @@ def test_info_reports_counts(tiny_run, trained_adapter, capsys):
     _, base = jpeft.from_pretrained(tiny_run["model"])
     trainable, total = jpeft.count_parameters(jpeft.load_adapter(str(trained_adapter), base))
     assert "architecture: llama" in out and f"trainable params: {trainable:,d} || all params: {total:,d}" in out
+
+
+@pytest.mark.parametrize("method", ["norm", "bitfit"])
+def test_info_counts_what_an_adapter_training_base_leaves_trains(tiny_run, tmp_path, capsys, method):
+    """Norm tuning's dir (PEFT's LN tuning: its norms whole, as PEFT counts them) and BitFit's (jpeft's own) train
+    base leaves, which only their configs name: counted from them, not as no parameters at all."""
+    _, params = jpeft.from_pretrained(tiny_run["model"])
+    method = jpeft.NormTuning() if method == "norm" else jpeft.BitFit(targets=["q_proj", "down_proj"])
+    adapted = method.init(jax.random.key(0), params)
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted, method=method)
+    assert main(["info", "--model", tiny_run["model"], "--adapter", str(tmp_path / "adapter")]) == 0
+    want, _ = jpeft.count_parameters(adapted, method.mask(adapted))  # llama's norms: scales only, as PEFT's
+    assert want > 0 and f"trainable params: {want:,d} ||" in capsys.readouterr().out
 
 
 def test_info_describes_an_encoder_decoder(tmp_path, capsys):

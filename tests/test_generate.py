@@ -287,6 +287,8 @@ def test_learned_positions_are_never_read_past_the_table(tmp_path):
         generate(model, prompted, prompt, 4, eos_token_id=None)
     with pytest.raises(jpeft.JpeftError, match="65 tokens .* GPT-2's table holds \\(64"):
         model.apply({"params": params}, jnp.ones((1, 65), jnp.int32))
+    with pytest.raises(jpeft.JpeftError, match=r"prompt 0 has 65 tokens but the model reads at most 64 \(n_positions\)"):
+        generate(model, params, [list(range(1, 66))], 1, eos_token_id=None)
     llama = dataclasses.replace(model.config, model_type="llama")
     assert not llama.learned_positions and model.config.learned_positions
 

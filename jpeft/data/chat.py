@@ -112,7 +112,8 @@ def generation_prompts(prompts: list[str], tokenizer, system: str | None = None,
 def check_template(tokenizer) -> None:
     if tokenizer.chat_template is None:
         raise ConfigError("the tokenizer has no chat template; add one ('chat_template') to the checkpoint's "
-                          "tokenizer_config.json (or a chat_template.jinja beside it), or set data.chat=false")
+                          "tokenizer_config.json (or a chat_template.jinja beside it), or set data.chat=false "
+                          "(jpeft train) / drop --chat (jpeft generate, eval)")
 
 
 def _problem(messages) -> str | None:

@@ -133,6 +133,11 @@ class ModelConfig:
         return self.model_type == "gpt2"
 
     @property
+    def positions_key(self) -> str:
+        """The config.json field max_position_embeddings is read from (GPT-2's and T5's n_positions)."""
+        return "n_positions" if self.model_type in ("gpt2", "t5") else "max_position_embeddings"
+
+    @property
     def query_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

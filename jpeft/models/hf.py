@@ -357,7 +357,7 @@ def load_tokenizer(model_dir: str):
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path={model_dir}: no usable tokenizer files ({e}); "
+        raise ConfigError(f"{model_dir}: no usable tokenizer files ({e}); "
                           "copy the base model's tokenizer files into it") from None
 
 

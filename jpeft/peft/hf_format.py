@@ -32,7 +32,7 @@ from jpeft.errors import AdapterError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import adalora, classifier, norm
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
-from jpeft.peft.registry import METHODS
+from jpeft.peft.registry import BY_NAME, METHODS
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -173,6 +173,20 @@ def read_adapter_config(adapter_dir: str) -> dict:
             raise AdapterError(f"{path}: {key}={config[key]!r} cannot be honoured by jpeft; "
                                f"re-export the adapter with {key}={neutral!r}")
     return config
+
+
+def adapter_mask(adapter_dir: str, params):
+    """What the adapter dir trains, as a mask of `params` (the tree `load_adapter` gave): its own leaves
+    (`trainable_mask`), or the base leaves a method trains in place, which only the dir's config names: PEFT's
+    LN tuning its norms whole, as PEFT counts them; BitFit's and norm tuning's jpeft dirs their method's."""
+    from jpeft.peft import trainable_mask
+    config = read_adapter_config(adapter_dir)
+    if config["peft_type"] == norm.NormTuning.peft_type:
+        return norm.targeted_mask(params, config["target_modules"])
+    method = BY_NAME.get(config.get("method")) if config["peft_type"] == "JPEFT" else None
+    if method is None or method is classifier.Classifier:
+        return trainable_mask(params)
+    return (method(targets=config["targets"]) if config.get("targets") else method()).mask(params)
 
 
 def load_adapter(adapter_dir: str, base_params):

@@ -38,6 +38,12 @@ def _norms(grouped: dict):
             yield path, leaves, layer_names(path, lead[0] if lead else 1)
 
 
+def targeted_mask(params, targets):
+    """What PEFT's LN tuning trains of `params`: every leaf (scale and bias) of the norms `targets` picks."""
+    picked = {path for path, _, names in _norms(T.modules(params)) if any(targeted_layers(path, len(names), targets))}
+    return T.map_with_path(lambda p, _: p.rpartition("/")[0] in picked, params)
+
+
 def to_peft(params, mask) -> tuple[dict, dict]:
     """PEFT's LN tuning tensors and config fields for the norms `mask` trains."""
     grouped, trained = T.modules(params), T.flatten(mask)
