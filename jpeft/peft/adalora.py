@@ -21,7 +21,8 @@ from jpeft.peft.lora import LoRA
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:
     init_r, alpha = int(config["init_r"]), float(config["lora_alpha"])
-    kept = {name.removesuffix(".lora_E"): int(sum(mask)) for name, mask in (config.get("rank_pattern") or {}).items()}
+    # rank_pattern keys: "<module>.lora_E", with the adapter's name after it where PEFT kept it
+    kept = {name.split(".lora_E")[0]: int(sum(mask)) for name, mask in (config.get("rank_pattern") or {}).items()}
     layers = config.get("layers_to_transform")
     method = LoRA(init_r, alpha, config["target_modules"], dropout=float(config.get("lora_dropout") or 0.0),
                   layers=[layers] if isinstance(layers, int) else layers)
