@@ -45,12 +45,13 @@ def test_base_leaves_trained_in_bf16_start_from_the_float32_checkpoint(tiny_run,
                              "train.steps=1"), progress=False)
     original = load_file(os.path.join(tiny_run["model"], "model.safetensors"))
     exported = load_file(tmp_path / ("model/model.safetensors" if method == "full" else
-                                     "adapter/adapter_model.safetensors"))  # norm tuning: its trained tensors
+                                     "adapter/adapter_model.safetensors"))  # norm tuning: PEFT's LN tuning file
     trained = [k for k in original if method == "full" or k.endswith("norm.weight")]
     assert trained and any(original[k].dtype == np.float32 and not np.array_equal(
         original[k], original[k].astype(jnp.bfloat16).astype(np.float32)) for k in trained)
     for key in trained:
-        np.testing.assert_array_equal(exported[key].astype(np.float32), original[key], err_msg=key)
+        name = key if method == "full" else f"base_model.model.{key.removesuffix('.weight')}.ln_tuning_layers.weight"
+        np.testing.assert_array_equal(exported[name].astype(np.float32), original[key], err_msg=key)
 
 
 def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, monkeypatch):
