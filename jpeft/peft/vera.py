@@ -24,6 +24,7 @@ from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dense_layers, dropped_input, exact_targets,
                              hf_module, layer_names, leading, module_names, refuse_second_init, refuse_tied_head,
                              saved_base_weight, targeted_layers)
+from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
 # PEFT's keys of the shared pair, beside the per-module ones: [r, max_in] and [max_out, r], torch's layout
@@ -58,10 +59,16 @@ class VeRA(Method):
         targets = ".*" if self.targets == ALL_LINEAR else self.targets
         found = []
         for path, leaves in grouped.items():
-            if "kernel" not in leaves or (self.targets == ALL_LINEAR and path.rpartition("/")[2] in OUTPUT_LAYERS):
+            dense = "kernel" in leaves or is_quantized(leaves)
+            if not (dense or "embedding" in leaves) or self.targets == ALL_LINEAR and (
+                    not dense or path.rpartition("/")[2] in OUTPUT_LAYERS):
                 continue
-            lead = leading(path, leaves["kernel"])
+            lead = leading(path, next(iter(leaves.values())))
             picked = targeted_layers(path, lead[0] if lead else 1, targets)
+            if any(picked) and "kernel" not in leaves:
+                why = ("its weight is quantized: VeRA adapts float weights (QLoRA's LoRA adapts quantized ones)"
+                       if dense else "it is an embedding: VeRA adapts dense layers, as PEFT's VeRA does")
+                raise JpeftError(f"VeRA targets {self.targets!r} pick {hf_module(path)}, but {why}")
             if any(picked) and not all(picked):
                 raise JpeftError(f"VeRA targets {self.targets!r} pick only some layers of {hf_module(path)}; VeRA "
                                  "adapts whole layer stacks (use LoRA for layer selection)")

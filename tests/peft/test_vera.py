@@ -103,6 +103,7 @@ def test_adapters_jpeft_cannot_read_exactly_are_refused(base, tmp_path, field, v
 @pytest.mark.parametrize("options,match", [
     (dict(targets=r"model\.layers\.0\.self_attn\.q_proj"), "pick only some layers of model.layers.self_attn.q_proj"),
     (dict(targets=["q"]), "match no dense layer; the dense layers: lm_head, model.layers.mlp.down_proj"),
+    (dict(targets=["embed_tokens", "q_proj"]), "pick model.embed_tokens, but it is an embedding"),
     (dict(rank=0), "VeRA rank must be >= 1"),
     (dict(dropout=1.0), r"VeRA dropout must be in \[0, 1\)"),
 ])
@@ -110,6 +111,13 @@ def test_bad_options_are_refused(base, options, match):
     _, params = base
     with pytest.raises(jpeft.JpeftError, match=match):
         jpeft.VeRA(**options).init(jax.random.key(0), params)
+
+
+def test_a_quantized_base_is_refused_naming_qlora(base):
+    _, params = base
+    quantized = jpeft.QLoRA(rank=4, targets=["q_proj"]).init(jax.random.key(0), params)
+    with pytest.raises(jpeft.JpeftError, match="pick model.layers.self_attn.q_proj, but its weight is quantized"):
+        jpeft.VeRA(rank=4, targets=["q_proj"]).init(jax.random.key(0), quantized)
 
 
 def test_a_second_init_is_refused(base):
