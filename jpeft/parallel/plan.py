@@ -15,7 +15,7 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
     remat none: the attention probabilities once, in s (`attention.attention_values`), over the keys each
       query block attends to (`attention.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
       for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
-      rank-wide per LoRA pair; under the model's own dropout, `DROPOUT_BYTES` per attention probability
+      rank-wide per LoRA pair (per VeRA pair one, and its output-wide product, which λ_b's gradient reads); under the model's own dropout, `DROPOUT_BYTES` per attention probability
       and per element of its two dropped hidden-wide outputs (the attention's and the MLP's);
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;
@@ -28,7 +28,8 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - under fsdp, a trained LM head's whole float32 gradient, which the loss keeps to the end.
 
 The counts and multiples were fitted to XLA's buffer assignment of the real compiled step (CPU
-backend, float32: tests/parallel/test_plan.py's small Llama on meshes of 8 fake devices, within 7%,
+backend, float32: tests/parallel/test_plan.py's small Llama on meshes of 8 fake devices, within 7% (VeRA on
+every projection: 6%; its terms were fitted on q/v and all-linear targets, 8x1x1 and 2x2x2: 0.98-1.06),
 which the test checks within 15%; and the bench's 58.6M-parameter Llama on one device, LoRA and
 full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). bfloat16 counts the
 same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
@@ -191,10 +192,14 @@ class _Activations:
         trains = {m.rsplit("/", 1)[-1] for m, leaves in T.modules(mask).items() if any(leaves.values())}
         self.o_trains, self.down_trains = "o_proj" in trains, "down_proj" in trains
         self.norms_train = "input_layernorm" in trains or "post_attention_layernorm" in trains
-        self.lora = [(leaves["lora_a"].shape[-1],  # (rank, input width, output width) per adapted projection
-                      shard_shape(leaves["lora_a"].shape, axes[m + "/lora_a"], gathered)[-2],
-                      shard_shape(leaves["lora_b"].shape, axes[m + "/lora_b"], gathered)[-1])
-                     for m, leaves in layer.items() if "lora_a" in leaves]
+        self.lora = [(leaves[a].shape[-1],  # (rank, input width, output width) per adapted projection
+                      shard_shape(leaves[a].shape, axes[f"{m}/{a}"], gathered)[-2],
+                      shard_shape(leaves[b].shape, axes[f"{m}/{b}"], gathered)[-1])
+                     for a, b in (("lora_a", "lora_b"), ("vera_a", "vera_b")) for m, leaves in layer.items() if a in leaves]
+        # what VeRA keeps beyond a LoRA pair's two rank-wide products: one of them, and its output-wide product,
+        # which λ_b's gradient reads (widths per token)
+        self.vera_widths = sum(shard_shape(leaves["vera_b"].shape, axes[m + "/vera_b"], gathered)[-1]
+                               - leaves["vera_b"].shape[-2] for m, leaves in layer.items() if "vera_b" in leaves)
         flat = T.flatten(nn.meta.unbox(abstract))
         base_axes = T.flatten(nn.get_partition_spec(abstract))
         held, trains_leaf = T.flatten(params), T.flatten(mask)
@@ -233,7 +238,7 @@ class _Activations:
         t, s = self.seq, self.itemsize
         widths = 4 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 2 * self.hidden
         trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
-                   + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora))
+                   + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora) + self.vera_widths)
         per_probability, per_output = DROPOUT_BYTES
         masks = (self.heads * causal_keys(t) * per_probability * self.probability_masks
                  + t * self.hidden * per_output * self.output_masks)
