@@ -55,8 +55,8 @@ class MethodSection:
     alpha_pattern: dict | None = None
     lr_ratio: float = 1.0  # LoRA+: B's learning rate / A's
     lr_embedding: float | None = None  # LoRA+: the learning rate of a LoRA on an embedding (None: 1e-6)
-    quant: str = "nf4"
     d_initial: float = 0.1  # VeRA: the start of its λ_d vector
+    quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None
     num_virtual_tokens: int = 20  # prompt / prefix tuning

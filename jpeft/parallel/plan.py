@@ -15,7 +15,8 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
     remat none: the attention probabilities once, in s (`attention.attention_values`), over the keys each
       query block attends to (`attention.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
       for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
-      rank-wide per LoRA pair (per VeRA pair one, and its output-wide product, which λ_b's gradient reads); under the model's own dropout, `DROPOUT_BYTES` per attention probability
+      rank-wide per LoRA pair (per VeRA pair one, and its output-wide product, which λ_b's gradient
+      reads); under the model's own dropout, `DROPOUT_BYTES` per attention probability
       and per element of its two dropped hidden-wide outputs (the attention's and the MLP's);
     remat dots: the layer input and every projection's output (LoRA's x·A and delta too);
     remat full: the layer input;

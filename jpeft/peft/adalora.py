@@ -48,11 +48,10 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
             b[i, :r] = got["lora_B"].T
             scale[i] = (alpha if alpha > 0 else r) / (init_r + 1e-5) if r else 0.0
             loaded.update(saved_base_weight(tensors, name, leaves))
-        stacked = bool(leading(path, leaves["kernel"]))
-        pick = (lambda v: v) if stacked else (lambda v: v[0])
+        pick = (lambda v: v) if leading(path, leaves["kernel"]) else (lambda v: v[0])
         loaded.update(lora_a=jnp.asarray(pick(a)), lora_b=jnp.asarray(pick(b)), lora_scale=jnp.asarray(pick(scale)))
         if method.dropout > 0:
-            loaded["lora_dropout"] = jnp.full(scale.shape if stacked else (), method.dropout, jnp.float32)
+            loaded["lora_dropout"] = jnp.full(pick(scale).shape, method.dropout, jnp.float32)
         out[path] = loaded
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "

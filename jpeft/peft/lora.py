@@ -27,9 +27,8 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, hf_module,
-                             layer_index,
-                             layer_names, leading, module_names, linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight,
-                             targeted_layers, weight_name)
+                             layer_index, layer_names, leading, module_names, linear_uniform, refuse_second_init,
+                             refuse_tied_head, saved_base_weight, targeted_layers, weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 

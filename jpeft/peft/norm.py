@@ -51,10 +51,10 @@ def to_peft(params, mask) -> tuple[dict, dict]:
     for path, leaves, names in _norms(grouped):
         if not trained.get(f"{path}/scale"):
             continue
-        for leaf, key in LEAVES.items():
-            value = np.asarray(leaves.get(leaf, np.zeros(0)), np.float32)
-            for i, name in enumerate(names if leaf in leaves else ()):
-                tensors[f"{name}.ln_tuning_layers.{key}"] = value[i] if value.ndim == 2 else value
+        for leaf in (leaf for leaf in LEAVES if leaf in leaves):
+            value = np.asarray(leaves[leaf], np.float32)
+            for i, name in enumerate(names):
+                tensors[f"{name}.ln_tuning_layers.{LEAVES[leaf]}"] = value[i] if value.ndim == 2 else value
         adapted += names
     if not adapted:
         raise AdapterError("save_adapter: NormTuning trains no normalisation layer of this tree")

@@ -82,7 +82,7 @@ class VeRA(Method):
         grouped = T.modules(params)
         refuse_tied_head(self.targets, grouped)
         chosen = self.chosen(grouped)
-        d_in, d_out = (max(grouped[p]["kernel"].shape[i] for p in chosen) for i in (-2, -1))
+        d_in, d_out = largest(grouped, chosen)
         key_a, key_b = jax.random.split(key)
         shared_a = _kaiming_uniform(key_a, (d_in, self.rank), d_in)
         shared_b = _kaiming_uniform(key_b, (self.rank, d_out), self.rank)
@@ -120,6 +120,11 @@ class VeRA(Method):
         a, b = _scaled(leaves)
         out["kernel"] = (leaves["kernel"].astype(jnp.float32) + a @ b).astype(leaves["kernel"].dtype)
         return out
+
+
+def largest(grouped: dict, chosen: list[str]) -> tuple[int, int]:
+    """(input, output) sizes of the shared pair: the largest of the chosen modules', as PEFT's `_find_dim`."""
+    return tuple(max(grouped[p]["kernel"].shape[i] for p in chosen) for i in (-2, -1))
 
 
 def _scaled(leaves):
@@ -181,21 +186,21 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     method = VeRA(int(config["r"]), config["target_modules"], float(config.get("vera_dropout") or 0.0))
     refuse_tied_head(method.targets, modules, AdapterError)
     chosen = method.chosen(modules)
-    d_in, d_out = (max(modules[p]["kernel"].shape[i] for p in chosen) for i in (-2, -1))
+    d_in, d_out = largest(modules, chosen)
     shared_a, shared_b = tensors.take(SHARED_A).T, tensors.take(SHARED_B).T
     tensors.fits(SHARED_A, shared_a.T.shape, (method.rank, d_in))
     tensors.fits(SHARED_B, shared_b.T.shape, (d_out, method.rank))
     out = method.attach(modules, chosen, jnp.asarray(shared_a), jnp.asarray(shared_b))
     for path in chosen:
         leaves = dict(out[path])
-        for leaf in method.trainable:
-            vec = np.array(leaves[leaf])
-            stacked = vec.ndim == 2
-            for i, name in enumerate(layer_names(path, vec.shape[0] if stacked else 1)):
+        stacked = leaves["vera_lambda_d"].ndim == 2
+        names = layer_names(path, leaves["vera_lambda_d"].shape[0] if stacked else 1)
+        vectors = {leaf: np.array(leaves[leaf]).reshape(len(names), -1) for leaf in method.trainable}
+        for i, name in enumerate(names):
+            for leaf, vec in vectors.items():
                 got = tensors.take(f"{name}.{leaf}")
                 tensors.fits(f"{name}.{leaf}", got.shape, vec.shape[-1:])
-                vec[i if stacked else ...] = got
-                leaves.update(saved_base_weight(tensors, name, modules[path]))  # PEFT saves a targeted head whole
-            leaves[leaf] = jnp.asarray(vec)
-        out[path] = leaves
+                vec[i] = got
+            leaves.update(saved_base_weight(tensors, name, modules[path]))  # PEFT saves a targeted head whole
+        out[path] = {**leaves, **{leaf: jnp.asarray(vec if stacked else vec[0]) for leaf, vec in vectors.items()}}
     return out

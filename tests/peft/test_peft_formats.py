@@ -1,0 +1,73 @@
+"""PEFT formats that map onto jpeft methods adding no leaves of their own, both ways against PyTorch PEFT: LN
+tuning (jpeft's norm tuning) and AdaLoRA (read as the LoRA it computes)."""
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jpeft
+from jpeft import tree as T
+from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
+from test_peft_parity import IDS, jax_logits, perturb_torch, t5_logits, torch_logits, torch_t5_logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "t5"])
+def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
+    """PEFT's LN tuning dir, read and written: its default norms per family (a LayerNorm's bias too) trained
+    -> the same logits in jpeft; jpeft's norm tuning -> PeftModel -> jpeft."""
+    from conftest import GPT2
+    if family == "t5":
+        fresh = lambda: make_t5(tmp_path / "base", "flan-t5")
+        batch = np.random.RandomState(0).randint(2, 97, (2, 11)), np.random.RandomState(1).randint(2, 97, (2, 7))
+        ours, theirs = (lambda model, p: t5_logits(model, p, *batch)), (lambda m: torch_t5_logits(m, *batch))
+    else:
+        overrides = GPT2 if family == "gpt2" else FAMILIES.get(family, {})
+        fresh = lambda: (ref := make_hf_model(family, **overrides), save_hf_model(ref, tmp_path / "base"))
+        ours, theirs = jax_logits, torch_logits
+    ref, path = fresh()
+    task = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
+    peft_model = peft.get_peft_model(ref, peft.LNTuningConfig(task_type=task)).eval()
+    perturb_torch(peft_model, ("ln_tuning_layers",), 0.3)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    model, params = jpeft.from_pretrained(path)
+    loaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(ours(model, loaded), theirs(peft_model), atol=2e-4, rtol=0)
+    method = jpeft.NormTuning()
+    mask = T.flatten(method.mask(params))
+    trained = T.unflatten({p: v * 1.3 if mask[p] else v for p, v in T.flatten(params).items()})
+    assert np.abs(ours(model, trained) - ours(model, params)).max() > 1e-3
+    jpeft.save_adapter(str(tmp_path / "adapter"), trained, method=method)
+    peft_back = peft.PeftModel.from_pretrained(fresh()[0], tmp_path / "adapter").eval()
+    np.testing.assert_allclose(theirs(peft_back), ours(model, trained), atol=2e-4, rtol=0)
+    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(ours(model, reloaded), ours(model, trained), atol=1e-6, rtol=0)
+
+
+def test_adalora_dir_reads_as_the_lora_it_computes(tmp_path):
+    """A pruned AdaLoRA dir (PEFT's own training, ranks left differing between layers, one pruned away): the
+    same logits as its PeftModel, merged too, and written back as a LoRA dir PEFT reads to the same logits."""
+    torch_model = make_hf_model("llama")
+    config = peft.AdaLoraConfig(init_r=6, target_r=1, tinit=1, tfinal=1, deltaT=1, total_step=6, lora_alpha=8,
+                                target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(torch_model, config)
+    optimizer = torch.optim.SGD(peft_model.parameters(), lr=0.5)
+    ids = torch.tensor(IDS)
+    for step in range(6):  # AdaLoRA's own schedule prunes singular values as it trains
+        peft_model(ids, labels=ids).loss.backward()
+        peft_model.base_model.update_and_allocate(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    perturb_torch(peft_model, ("lora_",), 0.5)  # six small steps leave the factors near their init
+    peft_model.save_pretrained(tmp_path / "adalora")  # the kept rows only
+    ranks = sorted(sum(mask) for mask in peft_model.peft_config["default"].rank_pattern.values())
+    assert ranks[0] == 0 and ranks[-1] >= 2, ranks  # a module pruned away, and layers of unequal ranks
+    peft_model = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "adalora").eval()
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
+    loaded = jpeft.load_adapter(str(tmp_path / "adalora"), params)
+    np.testing.assert_allclose(jax_logits(model, loaded), torch_logits(peft_model), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, loaded) - jax_logits(model, params)).max() > 1e-3
+    np.testing.assert_allclose(jax_logits(model, jpeft.merge(loaded)), jax_logits(model, loaded), atol=1e-5, rtol=0)
+    jpeft.save_adapter(str(tmp_path / "lora"), loaded)
+    as_lora = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "lora").eval()
+    assert as_lora.peft_config["default"].peft_type == "LORA"
+    np.testing.assert_allclose(torch_logits(as_lora), jax_logits(model, loaded), atol=2e-4, rtol=0)
