@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import AdapterError
-from jpeft.peft.base import layer_names, leading, saved_base_weight
+from jpeft.peft.base import from_layer_rows, layer_names, saved_base_weight
 from jpeft.peft.lora import LoRA
 
 
@@ -48,10 +48,10 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
             b[i, :r] = got["lora_B"].T
             scale[i] = (alpha if alpha > 0 else r) / (init_r + 1e-5) if r else 0.0
             loaded.update(saved_base_weight(tensors, name, leaves))
-        pick = (lambda v: v) if leading(path, leaves["kernel"]) else (lambda v: v[0])
-        loaded.update(lora_a=jnp.asarray(pick(a)), lora_b=jnp.asarray(pick(b)), lora_scale=jnp.asarray(pick(scale)))
+        loaded.update(lora_a=from_layer_rows(path, a), lora_b=from_layer_rows(path, b),
+                      lora_scale=from_layer_rows(path, scale))
         if method.dropout > 0:
-            loaded["lora_dropout"] = jnp.full(pick(scale).shape, method.dropout, jnp.float32)
+            loaded["lora_dropout"] = jnp.full(loaded["lora_scale"].shape, method.dropout, jnp.float32)
         out[path] = loaded
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "

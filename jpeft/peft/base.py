@@ -141,8 +141,7 @@ def refuse_tied_head(targets, grouped: dict, error=JpeftError) -> None:
 
 def module_names(grouped: dict) -> list[str]:
     """The HF module name of every layer of every module of a grouped tree (`T.modules`)."""
-    return [name for path, leaves in grouped.items()
-            for name in layer_names(path, (leading(path, next(iter(leaves.values()))) or (1,))[0])]
+    return [name for path, leaves in grouped.items() for name in module_layers(path, leaves)]
 
 
 def exact_targets(adapted, names, selects=matches) -> list[str]:
@@ -199,6 +198,24 @@ def saved_base_weight(tensors, name: str, leaves: dict) -> dict:
 def leading(path: str, array) -> tuple[int, ...]:
     """The stacked-layer dims of a module's weight: (num_layers,) under `layers`, else ()."""
     return tuple(np.shape(array)[:1]) if T.is_stacked(path + "/leaf") else ()
+
+
+def module_layers(path: str, leaves: dict) -> list[str]:
+    """`layer_names` of a module, its layers counted on any of its leaves (all share the stacked axis)."""
+    lead = leading(path, next(iter(leaves.values())))
+    return layer_names(path, lead[0] if lead else 1)
+
+
+def layer_rows(path: str, value) -> np.ndarray:
+    """A writable float32 copy of a module's leaf with one row per layer, in `layer_names`' order (a leading
+    axis of one where the module is not stacked): the layout adapter files are written from and read into."""
+    rows = np.array(value, np.float32)
+    return rows if T.is_stacked(path + "/leaf") else rows[None]
+
+
+def from_layer_rows(path: str, rows, dtype=jnp.float32):
+    """`layer_rows` back in the leaf's own layout."""
+    return jnp.asarray(rows if T.is_stacked(path + "/leaf") else rows[0], dtype)
 
 
 # An attention module's q, k, v and o projections, as each family names them (Llama-like, T5), or its fused

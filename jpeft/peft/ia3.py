@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, hf_module, layer_names, leading,
-                             matches, module_names, refuse_second_init, saved_base_weight, targeted_layers)
+from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, from_layer_rows, hf_module, layer_names,
+                             layer_rows, leading, matches, module_layers, module_names, refuse_second_init,
+                             saved_base_weight, targeted_layers)
 
 
 class IA3(Method):
@@ -92,10 +92,8 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     tensors, scaled, feedforward = {}, [], []
     for path, leaves in modules.items():
         ff = "ia3_in" in leaves
-        vec = np.asarray(leaves["ia3_in" if ff else "ia3_out"], np.float32)
-        layers = layer_names(path, vec.shape[0] if vec.ndim == 2 else 1)
-        for i, name in enumerate(layers):
-            v = vec[i] if vec.ndim == 2 else vec
+        layers = module_layers(path, leaves)
+        for name, v in zip(layers, layer_rows(path, leaves["ia3_in" if ff else "ia3_out"])):
             tensors[f"{name}.ia3_l"] = v[None, :] if ff else v[:, None]
         (feedforward if ff else scaled).extend(layers)
     names = module_names(tree)
@@ -116,14 +114,11 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
         for leaf in ("ia3_in", "ia3_out"):
             if leaf not in leaves:
                 continue
-            vec = np.array(leaves[leaf])
-            stacked = vec.ndim == 2
-            base = {}
-            for i, name in enumerate(layer_names(path, vec.shape[0] if stacked else 1)):
+            rows, base = layer_rows(path, leaves[leaf]), {}
+            for name, row in zip(module_layers(path, leaves), rows):
                 got = tensors.take(f"{name}.ia3_l")
-                want = (1, vec.shape[-1]) if leaf == "ia3_in" else (vec.shape[-1], 1)
-                tensors.fits(f"{name}.ia3_l", got.shape, want)
-                vec[i if stacked else ...] = got.reshape(-1)
+                tensors.fits(f"{name}.ia3_l", got.shape, (1, row.size) if leaf == "ia3_in" else (row.size, 1))
+                row[:] = got.reshape(-1)
                 base = saved_base_weight(tensors, name, leaves)
-            grouped[path] = {**leaves, **base, leaf: jnp.asarray(vec)}
+            grouped[path] = {**leaves, **base, leaf: from_layer_rows(path, rows, leaves[leaf].dtype)}
     return grouped

@@ -26,9 +26,10 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, hf_module,
-                             layer_index, layer_names, leading, module_names, linear_uniform, refuse_second_init,
-                             refuse_tied_head, saved_base_weight, targeted_layers, weight_name)
+from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, from_layer_rows,
+                             hf_module, layer_index, layer_names, layer_rows, leading, module_layers, module_names,
+                             linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight, targeted_layers,
+                             weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -264,10 +265,6 @@ def decompose(kernel, rank: int, scale, scheme: str):
     return jnp.swapaxes(lora_a, -1, -2), jnp.swapaxes(lora_b, -1, -2)
 
 
-def _per_layer(value, i: int, stacked: bool):
-    return np.asarray(value[i] if stacked else value)
-
-
 def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT tensors and config fields for the LoRA `modules` of a grouped `tree` (`T.modules`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
     applies to the original base."""
@@ -277,20 +274,19 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
         if "lora_init_a" in leaves:
             a = np.concatenate([a, np.asarray(leaves["lora_init_a"])], axis=-1)
             b = np.concatenate([b, -np.asarray(leaves["lora_init_b"])], axis=-2)
-        scale = np.asarray(leaves["lora_scale"]).reshape(-1)
-        stacked = a.ndim == 3
+        a, b, scale = layer_rows(path, a), layer_rows(path, b), layer_rows(path, leaves["lora_scale"])
+        magnitude = layer_rows(path, leaves["lora_magnitude"]) if "lora_magnitude" in leaves else None
         rank, embedding = a.shape[-1], "embedding" in leaves
         dropouts.add(float(np.max(leaves.get("lora_dropout", 0.0))))
-        for i, name in enumerate(layer_names(path, scale.size)):
+        for i, name in enumerate(module_layers(path, leaves)):
             if scale[i] == 0:
                 continue
-            a_i, b_i = _per_layer(a, i, stacked).T, _per_layer(b, i, stacked).T
             if embedding:
-                tensors[f"{name}.lora_embedding_A"], tensors[f"{name}.lora_embedding_B"] = a_i, b_i
+                tensors[f"{name}.lora_embedding_A"], tensors[f"{name}.lora_embedding_B"] = a[i].T, b[i].T
             else:
-                tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a_i, b_i
-            if "lora_magnitude" in leaves:
-                tensors[f"{name}.lora_magnitude_vector"] = _per_layer(leaves["lora_magnitude"], i, stacked)
+                tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a[i].T, b[i].T
+            if magnitude is not None:
+                tensors[f"{name}.lora_magnitude_vector"] = magnitude[i]
                 dora = True
             entries[name] = (rank, float(scale[i]) * rank)
             active.setdefault(path, []).append(i)
@@ -298,7 +294,7 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     alpha = collections.Counter(al for _, al in entries.values()).most_common(1)[0][0]
     short = {name.rsplit(".", 1)[-1] for name in entries}
     layer_sets = {tuple(v) for v in active.values()}
-    whole = all(len(v) == len(layer_names(p, np.size(modules[p]["lora_scale"]))) for p, v in active.items())
+    whole = all(len(v) == len(module_layers(p, modules[p])) for p, v in active.items())
     config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
               "rank_pattern": {n: r for n, (r, _) in entries.items() if r != rank},
               "alpha_pattern": {n: al for n, (_, al) in entries.items() if al != alpha},
@@ -341,20 +337,18 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
         if not any(picked):
             continue
         adapted = method.init_module(jax.random.key(0), path, leaves, picked)  # then filled from the file
-        stacked = bool(leading(path, next(iter(leaves.values()))))
         embedding = "embedding" in leaves
         keys = {"lora_a": "lora_embedding_A" if embedding else "lora_A.weight",
                 "lora_b": "lora_embedding_B" if embedding else "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
-        per_layer = {leaf: np.array(adapted[leaf]) if stacked else np.array(adapted[leaf])[None]
-                     for leaf in keys if leaf in adapted}
-        for i, name in enumerate(layer_names(path, len(picked))):
+        per_layer = {leaf: layer_rows(path, adapted[leaf]) for leaf in keys if leaf in adapted}
+        for i, name in enumerate(module_layers(path, leaves)):
             for leaf in per_layer if picked[i] else ():
                 got = tensors.take(f"{name}.{keys[leaf]}")
                 got = got if leaf == "lora_magnitude" else got.T
                 tensors.fits(f"{name}.{keys[leaf]}", got.shape, per_layer[leaf][i].shape)
                 per_layer[leaf][i] = got
             adapted.update(saved_base_weight(tensors, name, leaves))
-        out[path] = {**adapted, **{leaf: jnp.asarray(v if stacked else v[0]) for leaf, v in per_layer.items()}}
+        out[path] = {**adapted, **{leaf: from_layer_rows(path, v) for leaf, v in per_layer.items()}}
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "
                            f"its modules: {method.available(modules)}")

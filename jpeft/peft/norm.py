@@ -5,12 +5,12 @@ Parameters: hidden size per norm (two per layer plus the final norm for Llama). 
 LN tuning (`LN_TUNING`): each trained norm module whole, under `<module>.ln_tuning_layers.` (a LayerNorm's
 bias too, which PEFT trains and jpeft keeps as the base has it).
 """
-import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError
-from jpeft.peft.base import Method, exact_targets, hf_module, layer_names, leading, module_names, targeted_layers
+from jpeft.peft.base import (Method, exact_targets, from_layer_rows, hf_module, layer_rows, module_layers, module_names,
+                             targeted_layers)
 
 LEAVES = {"scale": "weight", "bias": "bias"}  # a norm's leaves and torch's names for them
 
@@ -34,8 +34,7 @@ def _norms(grouped: dict):
     """(path, leaves, HF names of its layers) of every normalisation module of a grouped tree."""
     for path, leaves in grouped.items():
         if "scale" in leaves and _is_norm(path.rpartition("/")[2]):
-            lead = leading(path, leaves["scale"])
-            yield path, leaves, layer_names(path, lead[0] if lead else 1)
+            yield path, leaves, module_layers(path, leaves)
 
 
 def targeted_mask(params, targets):
@@ -52,9 +51,8 @@ def to_peft(params, mask) -> tuple[dict, dict]:
         if not trained.get(f"{path}/scale"):
             continue
         for leaf in (leaf for leaf in LEAVES if leaf in leaves):
-            value = np.asarray(leaves[leaf], np.float32)
-            for i, name in enumerate(names):
-                tensors[f"{name}.ln_tuning_layers.{LEAVES[leaf]}"] = value[i] if value.ndim == 2 else value
+            for name, row in zip(names, layer_rows(path, leaves[leaf])):
+                tensors[f"{name}.ln_tuning_layers.{LEAVES[leaf]}"] = row
         adapted += names
     if not adapted:
         raise AdapterError("save_adapter: NormTuning trains no normalisation layer of this tree")
@@ -79,7 +77,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                 key = f"{name}.ln_tuning_layers.{LEAVES[leaf]}"
                 parts.append(tensors.take(key))
                 tensors.fits(key, parts[-1].shape, leaves[leaf].shape[-1:])
-            loaded[leaf] = jnp.asarray(np.stack(parts) if np.ndim(leaves[leaf]) == 2 else parts[0], leaves[leaf].dtype)
+            loaded[leaf] = from_layer_rows(path, np.stack(parts), leaves[leaf].dtype)
         out[path] = loaded
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no normalisation layer of the base "

@@ -22,8 +22,8 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dense_layers, dropped_input, exact_targets,
-                             hf_module, layer_names, leading, module_names, refuse_second_init, refuse_tied_head,
-                             saved_base_weight, targeted_layers)
+                             from_layer_rows, hf_module, layer_rows, leading, module_layers, module_names,
+                             refuse_second_init, refuse_tied_head, saved_base_weight, targeted_layers)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -161,12 +161,9 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     a, b = shared_pair(modules)
     tensors, adapted, dropouts = {SHARED_A: a.T, SHARED_B: b.T}, [], {0.0}
     for path, leaves in modules.items():
-        lambda_d, lambda_b = (np.asarray(leaves[n], np.float32) for n in ("vera_lambda_d", "vera_lambda_b"))
-        stacked = lambda_d.ndim == 2
-        names = layer_names(path, lambda_d.shape[0] if stacked else 1)
-        for i, name in enumerate(names):
-            tensors[f"{name}.vera_lambda_d"] = lambda_d[i] if stacked else lambda_d
-            tensors[f"{name}.vera_lambda_b"] = lambda_b[i] if stacked else lambda_b
+        names = module_layers(path, leaves)
+        for leaf in ("vera_lambda_d", "vera_lambda_b"):
+            tensors.update({f"{name}.{leaf}": row for name, row in zip(names, layer_rows(path, leaves[leaf]))})
         adapted += names
         dropouts.add(float(np.max(leaves.get("vera_dropout", 0.0))))
     return tensors, {"r": int(a.shape[1]), "target_modules": exact_targets(adapted, module_names(tree)),
@@ -193,14 +190,12 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     out = method.attach(modules, chosen, jnp.asarray(shared_a), jnp.asarray(shared_b))
     for path in chosen:
         leaves = dict(out[path])
-        stacked = leaves["vera_lambda_d"].ndim == 2
-        names = layer_names(path, leaves["vera_lambda_d"].shape[0] if stacked else 1)
-        vectors = {leaf: np.array(leaves[leaf]).reshape(len(names), -1) for leaf in method.trainable}
-        for i, name in enumerate(names):
+        vectors = {leaf: layer_rows(path, leaves[leaf]) for leaf in method.trainable}
+        for i, name in enumerate(module_layers(path, leaves)):
             for leaf, vec in vectors.items():
                 got = tensors.take(f"{name}.{leaf}")
                 tensors.fits(f"{name}.{leaf}", got.shape, vec.shape[-1:])
                 vec[i] = got
             leaves.update(saved_base_weight(tensors, name, modules[path]))  # PEFT saves a targeted head whole
-        out[path] = {**leaves, **{leaf: jnp.asarray(vec if stacked else vec[0]) for leaf, vec in vectors.items()}}
+        out[path] = {**leaves, **{leaf: from_layer_rows(path, vec) for leaf, vec in vectors.items()}}
     return out
