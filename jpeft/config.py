@@ -44,7 +44,7 @@ class MethodSection:
     """`name` picks the method; the other keys are its options (those it does not take are an error)."""
     name: str = "lora"
     rank: int | None = None  # None: the method's default (LoRA's 8, VeRA's 256, as in PEFT)
-    alpha: float = 16.0
+    alpha: float | None = None  # None: the method's default (LoRA's 16; LoHa's 8, as in PEFT)
     targets: list[str] | None = None  # None: the method's default; a string with regex characters is a regex
     dropout: float = 0.0
     init: str = "peft"

@@ -56,7 +56,7 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
         if get(key) is not None and get(key) <= 0:
             fail(key, f"must be positive, got {get(key)}")
     for key in _NON_NEGATIVE:
-        if get(key) < 0:
+        if get(key) is not None and get(key) < 0:
             fail(key, f"must be >= 0, got {get(key)}")
     for key in _UNIT_INTERVAL:
         if not 0 <= get(key) <= 1:

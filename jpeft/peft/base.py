@@ -129,6 +129,32 @@ def matches(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def whole_stacks(method, grouped: dict, refusal) -> list[str]:
+    """The dense modules a method that adapts whole layer stacks picks by its `targets` (`all-linear`: all but
+    the output head). `refusal(path, leaves)` says why a picked module cannot take the method (a quantized
+    weight, an embedding, ...) or gives None; a module picked in some layers only is refused too."""
+    from jpeft.peft.quant import is_quantized
+    name, targets = type(method).__name__, method.targets
+    found = []
+    for path, leaves in grouped.items():
+        dense = "kernel" in leaves or is_quantized(leaves)
+        if not (dense or "embedding" in leaves) or targets == ALL_LINEAR and (
+                not dense or path.rpartition("/")[2] in OUTPUT_LAYERS):
+            continue
+        picked = targeted_layers(path, len(module_layers(path, leaves)), ".*" if targets == ALL_LINEAR else targets)
+        if not any(picked):
+            continue
+        if why := refusal(path, leaves):
+            raise JpeftError(f"{name} targets {targets!r} pick {hf_module(path)}, but {why}")
+        if not all(picked):
+            raise JpeftError(f"{name} targets {targets!r} pick only some layers of {hf_module(path)}; {name} adapts "
+                             "whole layer stacks (use LoRA for layer selection)")
+        found.append(path)
+    if not found:
+        raise JpeftError(f"{name} targets {targets!r} match no dense layer; the dense layers: {dense_layers(grouped)}")
+    return found
+
+
 def refuse_tied_head(targets, grouped: dict, error=JpeftError) -> None:
     """Refuse a target naming `lm_head` where the tree has none of its own (its output layer is the token
     embedding, tie_word_embeddings): PEFT wraps the tied head as a module apart, which jpeft does not, so it

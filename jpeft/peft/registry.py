@@ -11,6 +11,7 @@ from jpeft.peft.classifier import Classifier
 from jpeft.peft.full import Full
 from jpeft.peft.ia3 import IA3
 from jpeft.peft.llama_adapter import LlamaAdapter
+from jpeft.peft.loha import LoHa
 from jpeft.peft.lora import LoRA
 from jpeft.peft.norm import NormTuning
 from jpeft.peft.prefix import PrefixTuning
@@ -22,6 +23,7 @@ METHODS = (
     Quantized,
     LoRA,  # before IA3: IA3 scales the input or output of the whole W + s·A·B, so merge folds LoRA in first
     VeRA,
+    LoHa,
     IA3,
     PromptTuning,
     PrefixTuning,
@@ -38,7 +40,7 @@ QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": [
 FAMILY_DEFAULTS = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
-           "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
+           "loha": {"targets": ["q", "v"]}, "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
     "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
              "ia3": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
@@ -49,6 +51,7 @@ BY_NAME = {cls.name: cls for cls in (
     LoRA,
     QLoRA,
     VeRA,
+    LoHa,
     IA3,
     BitFit,
     NormTuning,

@@ -21,9 +21,9 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dense_layers, dropped_input, exact_targets,
-                             from_layer_rows, hf_module, layer_rows, leading, module_layers, module_names,
-                             refuse_second_init, refuse_tied_head, saved_base_weight, targeted_layers)
+from jpeft.peft.base import (ALL_LINEAR, CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module,
+                             layer_rows, leading, module_layers, module_names, refuse_second_init, refuse_tied_head,
+                             saved_base_weight, whole_stacks)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -56,27 +56,12 @@ class VeRA(Method):
 
     def chosen(self, grouped: dict) -> list[str]:
         """The dense modules VeRA adapts (whole layer stacks; `all-linear`: all but the output head)."""
-        targets = ".*" if self.targets == ALL_LINEAR else self.targets
-        found = []
-        for path, leaves in grouped.items():
-            dense = "kernel" in leaves or is_quantized(leaves)
-            if not (dense or "embedding" in leaves) or self.targets == ALL_LINEAR and (
-                    not dense or path.rpartition("/")[2] in OUTPUT_LAYERS):
-                continue
-            lead = leading(path, next(iter(leaves.values())))
-            picked = targeted_layers(path, lead[0] if lead else 1, targets)
-            if any(picked) and "kernel" not in leaves:
-                why = ("its weight is quantized: VeRA adapts float weights (QLoRA's LoRA adapts quantized ones)"
-                       if dense else "it is an embedding: VeRA adapts dense layers, as PEFT's VeRA does")
-                raise JpeftError(f"VeRA targets {self.targets!r} pick {hf_module(path)}, but {why}")
-            if any(picked) and not all(picked):
-                raise JpeftError(f"VeRA targets {self.targets!r} pick only some layers of {hf_module(path)}; VeRA "
-                                 "adapts whole layer stacks (use LoRA for layer selection)")
-            found += [path] if any(picked) else []
-        if not found:
-            raise JpeftError(f"VeRA targets {self.targets!r} match no dense layer; the dense layers: "
-                             f"{dense_layers(grouped)}")
-        return found
+        def refusal(path, leaves):
+            if is_quantized(leaves):
+                return "its weight is quantized: VeRA adapts float weights (QLoRA's LoRA adapts quantized ones)"
+            if "kernel" not in leaves:
+                return "it is an embedding: VeRA adapts dense layers, as PEFT's VeRA does"
+        return whole_stacks(self, grouped, refusal)
 
     def init(self, key, params):
         grouped = T.modules(params)

@@ -61,6 +61,8 @@ PEFT_CONFIGS = {
     "ia3-head": peft.IA3Config(target_modules=["v_proj", "lm_head"], feedforward_modules=[]),
     # one shared pair sliced for layers of three shapes; the head's base weight saved beside its vectors
     "vera-head": peft.VeraConfig(r=4, target_modules=["v_proj", "down_proj", "lm_head"]),
+    # random B2 (init_weights=False), an alpha of its own; the head's base weight saved beside its factors
+    "loha-head": peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj", "lm_head"], init_weights=False),
 }
 
 
@@ -104,6 +106,7 @@ JPEFT_METHODS = {
                                    rank_pattern={"k_proj": 2}, alpha_pattern={"k_proj": 3}), ("lora_b",)),
     "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
     "vera-all-linear": (jpeft.VeRA(rank=8, targets="all-linear"), ("vera_lambda_d", "vera_lambda_b")),
+    "loha-all-linear": (jpeft.LoHa(rank=4, alpha=8, targets="all-linear"), ("hada_w2_b",)),
 }
 
 
@@ -221,6 +224,7 @@ T5_ADAPTERS = {  # PEFT's module names for T5
     "lora_position_bias": (jpeft.LoRA(rank=4, alpha=8, targets=["relative_attention_bias", "q"]),
                            ("lora_a", "lora_b")),
     "vera": (jpeft.VeRA(rank=4, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("vera_lambda_d", "vera_lambda_b")),
+    "loha": (jpeft.LoHa(rank=2, alpha=3, targets=["q", "v", "wi_1", "wo"]), ("hada_w2_b",)),
 }
 
 
@@ -287,7 +291,7 @@ def peft_adapted(peft_model) -> set[str]:
 
 
 def jpeft_adapted(params) -> set[str]:
-    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_", "vera_")) for k in leaves)
+    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_", "vera_", "hada_")) for k in leaves)
             for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
 
 

@@ -17,6 +17,7 @@ RUNS = {
     "qlora": ["method.name=qlora", "method.quant=nf4", "method.double_quant=true"],
     "ia3": ["method.name=ia3"],
     "vera-dropout": ["method.name=vera", "method.targets=all-linear", "method.dropout=0.1"],
+    "loha": ["method.name=loha", "method.targets=[q_proj,v_proj,down_proj]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
@@ -47,10 +48,14 @@ def test_method_options_are_checked(caplog):
     assert cfg.method.targets == r"model\.layers\.0\..*_proj"  # a string with regex characters stays a regex
 
 
-def test_an_unset_rank_is_the_methods_own_default():
-    """PEFT's defaults: LoRA's r=8, VeRA's r=256 (a shared config default would give VeRA LoRA's)."""
-    assert trainer.build_method(load_config(None, ["method.name=lora"])).rank == 8
+def test_an_unset_rank_or_alpha_is_the_methods_own_default():
+    """PEFT's defaults: LoRA's r=8, VeRA's r=256, LoHa's alpha=8 (a shared config default would give VeRA
+    LoRA's rank and LoHa LoRA's alpha, jpeft's 16)."""
+    lora = trainer.build_method(load_config(None, ["method.name=lora"]))
+    assert (lora.rank, lora.alpha) == (8, 16.0)
     assert trainer.build_method(load_config(None, ["method.name=vera"])).rank == 256
+    loha = trainer.build_method(load_config(None, ["method.name=loha"]))
+    assert (loha.rank, loha.alpha) == (8, 8.0)
     vera = trainer.build_method(load_config(None, ["method.name=vera", "method.rank=16", "method.d_initial=0.2"]))
     assert vera.rank == 16 and vera.d_initial == 0.2
 
