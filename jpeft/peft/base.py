@@ -27,6 +27,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import JpeftError
+from jpeft.peft.quant import is_quantized
 
 
 class Method:
@@ -133,7 +134,6 @@ def whole_stacks(method, grouped: dict, refusal) -> list[str]:
     """The dense modules a method that adapts whole layer stacks picks by its `targets` (`all-linear`: all but
     the output head). `refusal(path, leaves)` says why a picked module cannot take the method (a quantized
     weight, an embedding, ...) or gives None; a module picked in some layers only is refused too."""
-    from jpeft.peft.quant import is_quantized
     name, targets = type(method).__name__, method.targets
     found = []
     for path, leaves in grouped.items():
