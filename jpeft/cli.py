@@ -198,12 +198,15 @@ def main(argv=None) -> int:
     # jpeft needs no PyTorch, so transformers' import-time "PyTorch was not found" notice (a warning on
     # its "transformers" logger) is noise here; drop that one message before anything imports transformers.
     logging.getLogger("transformers").addFilter(_no_pytorch_notice)
-    from jpeft.errors import JpeftError
+    from jpeft.errors import JpeftError, Stopped
     try:
         args.fn(args)
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # the shell's codes for a job ended by SIGINT / SIGTERM
+        print(f"jpeft {args.command}: {e}", file=sys.stderr)
+        return 130 if e.signal == "SIGINT" else 143
     except KeyboardInterrupt:  # before a run's loop, or a command without one: nothing to save
         print(f"jpeft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -26,7 +26,7 @@ from jpeft import tree as T
 from jpeft.config import RunConfig, load_config
 from jpeft.data import DIALOGSUM_SAMPLE, check_columns, load_rows
 from jpeft.data.bpe import speaker_tags, train_bpe_tokenizer
-from jpeft.errors import ConfigError, DataError
+from jpeft.errors import ConfigError, DataError, Stopped
 from jpeft.evaluate import predict, text_metrics
 from jpeft.forgetting import KEY_PREFIX, read_probe, record, score
 from jpeft.hardware import reported_flags, resolve_dtype
@@ -266,8 +266,8 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     stages = len(configs) + 1
     log.info("demo: 1/%d training the base %s on dialogues", stages, "T5 (prefix LM)" if family == "t5" else "LM")
     base_run = os.path.join(work, "base_run")
-    train(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"}, data=base_data,
-                     train={**p["base"], "seed": seed, "log_every": 10}, out_dir=base_run))
+    train_stage(run_config(model={"path": init_dir, "dtype": "auto"}, method={"name": "full"}, data=base_data,
+                           train={**p["base"], "seed": seed, "log_every": 10}, out_dir=base_run), "the base")
     if os.path.exists(base_dir):
         shutil.rmtree(base_dir)
     os.replace(os.path.join(base_run, "model"), base_dir)
@@ -276,7 +276,7 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
         log.info("demo: %d/%d %s fine-tuning to %s", stage, stages, name,
                  "tell matching summaries from others" if name == CLASSIFIER else "summarize")
         reset_peak_rss()
-        train(cfg)
+        train_stage(cfg, name)
 
     model, base_params = from_pretrained(base_dir)
     tokenizer = load_tokenizer(base_dir)
@@ -325,6 +325,14 @@ def run_demo(out: str, data: str | None = None, preset: str = "default", seed: i
     print(f"total params {summary['total_params']:,d} · {summary['seconds']:.0f} s on {machine['cpu_count']} cores "
           f"(flags: {' '.join(machine['cpu_flags']) or 'none reported'}; compute dtype {machine['dtype']})")
     return summary
+
+
+def train_stage(cfg: RunConfig, name: str) -> None:
+    """One of the demo's trainings. A stop request it honoured (its checkpoint saved) ends the demo there:
+    running the same command again resumes that training and goes on."""
+    if stopped := train(cfg).get("stopped"):
+        raise Stopped(stopped, f"stopped by {stopped} while training {name}, with its checkpoint saved; run the "
+                               "same command again to resume from it")
 
 
 def plot_losses(out: str, runs: dict[str, str]) -> None:

@@ -25,6 +25,15 @@ class TrainingError(JpeftError):
     """Training cannot go on as configured (a non-finite loss or gradient)."""
 
 
+class Stopped(Exception):
+    """A stop request (SIGTERM, Ctrl-C) that a training run honoured, saving its checkpoint, ends the command that
+    started it too (the demo, which would otherwise go on to its next stage). `signal` names the request."""
+
+    def __init__(self, signal: str, message: str):
+        super().__init__(message)
+        self.signal = signal
+
+
 def read_json(path: str, error: type[JpeftError], needed_for: str) -> dict:
     """A JSON file, or `error` naming it: missing (saying what needs it) or malformed."""
     import json

@@ -128,3 +128,24 @@ def test_demo_presets_are_options_of_their_methods():
 def test_demo_missing_data_is_an_error(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl: demo data not found; pass --data" in capsys.readouterr().err
+
+
+def test_a_stop_request_ends_the_demo_and_the_same_command_resumes(tmp_path, capsys, monkeypatch, caplog):
+    """A SIGTERM (or Ctrl-C) while the demo fine-tunes: that training saves its checkpoint and the demo stops
+    there (the shell's code for SIGTERM), rather than going on with a half-trained run; the same command again
+    resumes it and finishes."""
+    from jpeft.train import stop
+    entered = []
+    real_enter = stop.StopRequests.__enter__
+    monkeypatch.setattr(stop.StopRequests, "__enter__", lambda self: entered.append(self) or real_enter(self))
+    monkeypatch.setattr(stop.StopRequests, "requested", lambda self: "SIGTERM" if len(entered) == 2 else None)
+    args = ["demo", "--out", str(tmp_path), "--preset", "tiny", "--methods", "lora"]
+    assert main(args) == 143  # the base trained; the fine-tune stopped after its first step
+    assert "stopped by SIGTERM while training lora, with its checkpoint saved" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "lora" / "adapter").exists()
+    monkeypatch.undo()
+    caplog.set_level("INFO", "jpeft")
+    assert main(args) == 0
+    assert f"resuming {tmp_path / 'lora'} from step 1" in caplog.text
+    assert json.loads((tmp_path / "lora" / "summary.json").read_text())["steps"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["lora"]["nll"] > 0
