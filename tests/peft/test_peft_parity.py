@@ -187,6 +187,7 @@ FAMILY_METHODS = {
     "dora-embed": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
                    ("lora_a", "lora_b", "lora_magnitude")),
     "vera": (jpeft.VeRA(rank=4, targets=["q_proj", "o_proj", "up_proj"]), ("vera_lambda_d", "vera_lambda_b")),
+    "loha": (jpeft.LoHa(rank=2, alpha=5, targets=["k_proj", "down_proj"]), ("hada_w2_b",)),
 }
 
 
