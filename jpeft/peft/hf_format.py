@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jpeft import tree as T
-from jpeft.errors import AdapterError, read_json
+from jpeft.errors import AdapterError, JpeftError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import adalora, classifier, norm
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
@@ -230,6 +230,10 @@ def _from_peft(config: dict, tensors: Tensors, base_params, adapter_dir: str):
         return T.from_modules(PEFT_FAMILIES[config["peft_type"]].from_peft(config, tensors, T.modules(base_params)))
     except KeyError as e:
         raise AdapterError(f"{adapter_dir}: adapter_config.json lacks the field {e}") from None
+    except AdapterError:
+        raise
+    except JpeftError as e:  # a method's own refusal of the config (VeRA's, LoHa's targets): an adapter's fault here
+        raise AdapterError(str(e)) from None
 
 
 def _load_native(tensors: Tensors, base_params):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, from_layer_rows, hf_module, layer_names,
+from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, from_layer_rows, hf_module,
                              layer_rows, leading, matches, module_layers, module_names, refuse_second_init,
                              saved_base_weight, targeted_layers)
 
@@ -39,15 +39,15 @@ class IA3(Method):
         for path, leaves in grouped.items():
             if "kernel" not in leaves:
                 continue
-            lead = leading(path, leaves["kernel"])
-            picked = targeted_layers(path, lead[0] if lead else 1, self.targets)
+            lead, names = leading(path, leaves["kernel"]), module_layers(path, leaves)
+            picked = targeted_layers(path, len(names), self.targets)
             if not any(picked):
                 continue
             if not all(picked):
                 raise JpeftError(f"IA3 targets {self.targets!r} pick only some layers of {hf_module(path)}; "
                                  "IA3 adapts whole layer stacks (use LoRA for layer selection)")
             refuse_second_init(self, path, leaves, self.trainable)
-            is_ff = any(is_feedforward(name, self.feedforward) for name in layer_names(path, lead[0] if lead else 1))
+            is_ff = any(is_feedforward(name, self.feedforward) for name in names)
             d_in, d_out = leaves["kernel"].shape[-2:]
             name, size = ("ia3_in", d_in) if is_ff else ("ia3_out", d_out)
             grouped[path] = {**leaves, name: jnp.ones((*lead, size), jnp.float32)}

@@ -132,10 +132,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                     "implement: its outputs are the same (they act in training only), but training it further "
                     "runs without them")
     method = LoHa(int(config["r"]), float(config["alpha"]), config["target_modules"])
-    try:
-        chosen = method.chosen(modules)
-    except JpeftError as e:
-        raise AdapterError(str(e)) from None
+    chosen = method.chosen(modules)
     refuse_tied_head(method.targets, modules, AdapterError)
     out = dict(modules)
     for path in chosen:

@@ -27,7 +27,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, from_layer_rows,
-                             hf_module, layer_index, layer_names, layer_rows, leading, module_layers, module_names,
+                             hf_module, layer_index, layer_rows, leading, module_layers, module_names,
                              linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight, targeted_layers,
                              weight_name)
 from jpeft.peft.quant import is_quantized
@@ -131,8 +131,7 @@ class LoRA(Method):
         return T.from_modules(grouped)
 
     def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
-        lead = leading(path, next(iter(leaves.values())))
-        names = layer_names(path, lead[0] if lead else 1)
+        lead, names = leading(path, next(iter(leaves.values()))), module_layers(path, leaves)
         ranks = {int(pattern_value(self.rank_pattern, n, self.rank)) for n, p in zip(names, picked) if p}
         if len(ranks) > 1:
             raise JpeftError(f"{hf_module(path)}: rank_pattern gives its layers different ranks {sorted(ranks)}; "
