@@ -44,7 +44,7 @@ class MethodSection:
     """`name` picks the method; the other keys are its options (those it does not take are an error)."""
     name: str = "lora"
     rank: int | None = None  # None: the method's default (LoRA's 8, VeRA's 256, as in PEFT)
-    alpha: float | None = None  # None: the method's default (LoRA's 16; LoHa's 8, as in PEFT)
+    alpha: float | None = None  # None: the method's default (LoRA's 16; LoHa's and LoKr's 8, as in PEFT)
     targets: list[str] | None = None  # None: the method's default; a string with regex characters is a regex
     dropout: float = 0.0
     init: str = "peft"
@@ -56,6 +56,8 @@ class MethodSection:
     lr_ratio: float = 1.0  # LoRA+: B's learning rate / A's
     lr_embedding: float | None = None  # LoRA+: the learning rate of a LoRA on an embedding (None: 1e-6)
     d_initial: float = 0.1  # VeRA: the start of its λ_d vector
+    decompose_both: bool = False  # LoKr: W₁ a rank-r product too (where r is below half its larger side)
+    decompose_factor: int = -1  # LoKr: split each width as (this, width / this) where it divides it (-1: near its root)
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

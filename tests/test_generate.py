@@ -254,11 +254,11 @@ def test_user_errors(tiny, args, kwargs, match):
 
 @pytest.mark.parametrize("method", [
     jpeft.Bottleneck("houlsby", 8), jpeft.LlamaAdapter(3, 1), jpeft.PromptTuning(4), jpeft.PrefixTuning(4),
-    jpeft.LoHa(4, targets=["q_proj", "down_proj"]),
+    jpeft.LoHa(4, targets=["q_proj", "down_proj"]), jpeft.LoKr(2, targets=["v_proj", "up_proj"]),
 ], ids=lambda m: m.name)
 def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
     """Cached decoding with an adapter (bottleneck adapters in every step, prompts and prefixes from the
-    cache, LoHa's rebuilt weights) equals re-running the whole sequence each step."""
+    cache, LoHa's and LoKr's rebuilt weights) equals re-running the whole sequence each step."""
     model, params = tiny
     flat = T.flatten(method.init(jax.random.key(0), params))
     keys = iter(jax.random.split(jax.random.key(1), len(flat)))

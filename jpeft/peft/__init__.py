@@ -22,6 +22,7 @@ from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
 from jpeft.peft.registry import BY_NAME, HEAD_MODULES, METHODS
 from jpeft.peft.loha import LoHa
+from jpeft.peft.lokr import LoKr
 from jpeft.peft.vera import VeRA
 
 TRAINABLE_LEAVES = frozenset(n for m in METHODS for n in m.trainable)
@@ -121,6 +122,6 @@ def _mask_of(params, mask, what: str) -> dict:
     return flat_mask
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PrefixTuning",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze"]

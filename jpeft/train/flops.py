@@ -2,9 +2,9 @@
 
 Every matmul weight — a dense kernel (or its quantized form), LoRA's factors, a tied
 embedding used as the LM head, VeRA's projections — costs 2 FLOPs per token and element forward and 2 for the
-input gradient; only a trained one costs 2 more for its weight gradient (and a kernel LoHa adds its ΔW to,
-whose gradient its factors' come from). So a LoRA step is about 4N FLOPs per token where full fine-tuning
-is 6N. LoHa's per-step products that build ΔW and its factors' gradients are not per token and not counted. Attention adds 4·T·heads·head_dim per
+input gradient; only a trained one costs 2 more for its weight gradient (and a kernel LoHa or LoKr adds its ΔW
+to, whose gradient its factors' come from). So a LoRA step is about 4N FLOPs per token where full fine-tuning
+is 6N. The per-step products that build ΔW and its factors' gradients are not per token and not counted. Attention adds 4·T·heads·head_dim per
 token and layer forward and twice that backward. Recomputation under remat is not counted
 (MFU's convention), nor elementwise work.
 """
@@ -15,7 +15,7 @@ import math
 from jpeft import tree as T
 from jpeft.models.config import ModelConfig
 from jpeft.peft import quant
-from jpeft.peft.loha import LoHa
+from jpeft.peft.registry import REBUILT_WEIGHTS
 
 MATMUL_LEAVES = ("kernel", "lora_a", "lora_b", "vera_a", "vera_b")
 
@@ -31,7 +31,7 @@ def train_step_flops(cfg: ModelConfig, params, mask, tokens: int, seq_len: int) 
         if cfg.tie_word_embeddings and module.endswith("embed_tokens"):
             sizes["embedding"] = math.prod(leaves["embedding"].shape)  # the LM head
         gradient = {name for name in sizes if trained.get(f"{module}/{name}", False)}
-        if LoHa.present(leaves):
+        if any(m.present(leaves) for m in REBUILT_WEIGHTS):
             gradient.add("kernel")
         total += sum((6 if name in gradient else 4) * n for name, n in sizes.items())
     attention = 12 * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers

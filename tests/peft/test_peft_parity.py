@@ -10,6 +10,7 @@ import jpeft
 from jpeft import tree as T
 from jpeft.generate import generate
 from jpeft.peft.base import layer_names
+from jpeft.peft.multi import ADAPTER_LEAVES
 from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
@@ -63,6 +64,11 @@ PEFT_CONFIGS = {
     "vera-head": peft.VeraConfig(r=4, target_modules=["v_proj", "down_proj", "lm_head"]),
     # random B2 (init_weights=False), an alpha of its own; the head's base weight saved beside its factors
     "loha-head": peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj", "lm_head"], init_weights=False),
+    # rank-2 W₂ products beside a whole one (the head's prime 97-wide output: 1·97); random W₁ (init_weights=False)
+    "lokr-head": peft.LoKrConfig(r=2, alpha=6, target_modules=["q_proj", "down_proj", "lm_head"], init_weights=False),
+    # W₁ a product too, widths split 4·n
+    "lokr-decompose": peft.LoKrConfig(r=1, alpha=3, target_modules=["v_proj", "up_proj"], decompose_both=True,
+                                      decompose_factor=4, init_weights=False),
 }
 
 
@@ -107,6 +113,9 @@ JPEFT_METHODS = {
     "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
     "vera-all-linear": (jpeft.VeRA(rank=8, targets="all-linear"), ("vera_lambda_d", "vera_lambda_b")),
     "loha-all-linear": (jpeft.LoHa(rank=4, alpha=8, targets="all-linear"), ("hada_w2_b",)),
+    "lokr-all-linear": (jpeft.LoKr(rank=2, alpha=8, targets="all-linear"), ("lokr_w1",)),
+    "lokr-decompose": (jpeft.LoKr(rank=1, alpha=2, targets=["k_proj", "gate_proj"], decompose_both=True,
+                                  decompose_factor=2), ("lokr_w1_a",)),
 }
 
 
@@ -226,6 +235,7 @@ T5_ADAPTERS = {  # PEFT's module names for T5
                            ("lora_a", "lora_b")),
     "vera": (jpeft.VeRA(rank=4, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("vera_lambda_d", "vera_lambda_b")),
     "loha": (jpeft.LoHa(rank=2, alpha=3, targets=["q", "v", "wi_1", "wo"]), ("hada_w2_b",)),
+    "lokr": (jpeft.LoKr(rank=2, alpha=3, targets=["k", "o", "wi_0", "wo"]), ("lokr_w1",)),
 }
 
 
@@ -292,7 +302,7 @@ def peft_adapted(peft_model) -> set[str]:
 
 
 def jpeft_adapted(params) -> set[str]:
-    return {name for path, leaves in T.modules(params).items() if any(k.startswith(("lora_", "ia3_", "vera_", "hada_")) for k in leaves)
+    return {name for path, leaves in T.modules(params).items() if ADAPTER_LEAVES & set(leaves)
             for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
 
 

@@ -18,6 +18,8 @@ RUNS = {
     "ia3": ["method.name=ia3"],
     "vera-dropout": ["method.name=vera", "method.targets=all-linear", "method.dropout=0.1"],
     "loha": ["method.name=loha", "method.targets=[q_proj,v_proj,down_proj]"],
+    "lokr-decompose-both": ["method.name=lokr", "method.rank=1", "method.decompose_both=true",
+                            "method.targets=[q_proj,v_proj,down_proj]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
@@ -49,13 +51,15 @@ def test_method_options_are_checked(caplog):
 
 
 def test_an_unset_rank_or_alpha_is_the_methods_own_default():
-    """PEFT's defaults: LoRA's r=8, VeRA's r=256, LoHa's alpha=8 (a shared config default would give VeRA
+    """PEFT's defaults: LoRA's r=8, VeRA's r=256, LoHa's and LoKr's alpha=8 (a shared config default would give VeRA
     LoRA's rank and LoHa LoRA's alpha, jpeft's 16)."""
     lora = trainer.build_method(load_config(None, ["method.name=lora"]))
     assert (lora.rank, lora.alpha) == (8, 16.0)
     assert trainer.build_method(load_config(None, ["method.name=vera"])).rank == 256
     loha = trainer.build_method(load_config(None, ["method.name=loha"]))
     assert (loha.rank, loha.alpha) == (8, 8.0)
+    lokr = trainer.build_method(load_config(None, ["method.name=lokr", "method.decompose_factor=4"]))
+    assert (lokr.rank, lokr.alpha, lokr.decompose_both, lokr.decompose_factor) == (8, 8.0, False, 4)
     vera = trainer.build_method(load_config(None, ["method.name=vera", "method.rank=16", "method.d_initial=0.2"]))
     assert vera.rank == 16 and vera.d_initial == 0.2
 
