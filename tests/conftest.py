@@ -127,6 +127,26 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
     return model.eval(), str(path)
 
 
+def perturb(params, names, key=None, scale: float = 0.1):
+    """Random values added to the leaves named in `names` (an adapter at its identity init would hide bugs)."""
+    import jax
+    from jpeft import tree as T
+    flat = T.flatten(params)
+    keys = iter(jax.random.split(jax.random.key(1) if key is None else key, len(flat)))
+    return T.unflatten({p: v + scale * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in names else v
+                        for p, v in flat.items()})
+
+
+def edit_adapter_config(adapter_dir, **fields) -> None:
+    """Overwrite fields of a saved adapter's adapter_config.json."""
+    import json
+    config = os.path.join(adapter_dir, "adapter_config.json")
+    with open(config) as f:
+        values = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**values, **fields}, f)
+
+
 def save_hf_model(model, path, **save_kwargs) -> str:
     model.save_pretrained(path, **save_kwargs)
     return str(path)

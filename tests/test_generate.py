@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import make_hf_model, make_t5, save_hf_model
+from conftest import make_hf_model, make_t5, perturb, save_hf_model
 from jpeft import tree as T
 from jpeft.generate import _decode, _decoder, _prefill, generate, generate_text, greedy
 
@@ -260,10 +260,7 @@ def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
     """Cached decoding with an adapter (bottleneck adapters in every step, prompts and prefixes from the
     cache, LoHa's and LoKr's rebuilt weights) equals re-running the whole sequence each step."""
     model, params = tiny
-    flat = T.flatten(method.init(jax.random.key(0), params))
-    keys = iter(jax.random.split(jax.random.key(1), len(flat)))
-    adapted = T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in method.trainable
-                           else v for p, v in flat.items()})
+    adapted = perturb(method.init(jax.random.key(0), params), method.trainable, scale=0.3)
     got = generate(model, adapted, [PROMPTS[1], PROMPTS[2]], max_new_tokens=8, eos_token_id=None)
     # The whole sequence re-run without a cache, in one causal forward pass: each decoded token is the
     # argmax after the prompt and the tokens decoded before it.

@@ -26,7 +26,6 @@ class LoHa(Lycoris):
     peft_type = "LOHA"
     trainable = FACTORS
     metadata = ("hada_scale",)
-    scale = "hada_scale"
     axes = {"hada_w1_a": ("lead", None, "out"), "hada_w2_a": ("lead", None, "out"),
             "hada_w1_b": ("lead", "in", None), "hada_w2_b": ("lead", "in", None), "hada_scale": ("lead",)}
 

@@ -33,7 +33,6 @@ class LoKr(Lycoris):
     peft_type = "LOKR"
     trainable = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
     metadata = ("lokr_scale", "lokr_rank")
-    scale = "lokr_scale"
     # the factors' sides are factors of the weight's widths, which no mesh axis divides alike: kept whole
     axes = {**{leaf: ("lead", None, None) for leaf in trainable}, "lokr_scale": ("lead",), "lokr_rank": ("lead",)}
 
@@ -68,7 +67,7 @@ class LoKr(Lycoris):
 
     @staticmethod
     def delta(leaves) -> jax.Array:
-        """ΔW = scale · W₁ ⊗ W₂ [..., in, out], in float32 (row i·in_n + j, column o·out_k + p: W₁[i, o]·W₂[j, p])."""
+        """ΔW = scale · W₁ ⊗ W₂ [..., in, out] in float32: row i·in_n + j, column o·out_k + p holds W₁[i, o]·W₂[j, p]."""
         w1, w2 = factor(leaves, 1), factor(leaves, 2)
         *lead, in_m, out_l = w1.shape
         in_n, out_k = w2.shape[-2:]

@@ -3,7 +3,7 @@ small trained factors and added to the weight before the product (the `weight` i
 x and one for its gradient, where PEFT's separate x·ΔW takes two more, equal to float32 rounding).
 
 A subclass names its factor leaves (`trainable`, PEFT's tensor names, each transposed to jpeft's [in, out] side)
-and its scale leaf (alpha / r per layer), and gives `init_module` (PEFT's init), `delta` (ΔW [..., in, out] in
+and its metadata (alpha / r per layer, ...), and gives `init_module` (PEFT's init), `delta` (ΔW [..., in, out] in
 float32) and the config fields its files carry (`peft_options`, `from_config`). Whole layer stacks at one rank and
 alpha; PEFT's training-time `rank_dropout` and `module_dropout` are not implemented.
 """
@@ -25,8 +25,6 @@ log = logging.getLogger("jpeft.peft")
 
 
 class Lycoris(Method):
-    scale = ""  # the metadata leaf holding alpha / r per layer
-
     def __init__(self, rank: int = 8, alpha: float = 8.0, targets: Sequence[str] | str = ("q_proj", "v_proj")):
         if rank < 1:
             raise JpeftError(f"{type(self).__name__} rank must be >= 1, got {rank}")

@@ -1,6 +1,4 @@
 """LoHa's invariants and refusals (its logits against PEFT both ways on Llama and T5: test_peft_parity.py)."""
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +6,7 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
-from conftest import GPT2, make_hf_model, save_hf_model
+from conftest import GPT2, edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -17,13 +15,6 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path_factory.mktemp("base")))
-
-
-def with_random_factors(params, key=jax.random.key(1)):
-    flat = T.flatten(params)
-    keys = iter(jax.random.split(key, len(flat)))
-    return T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p).startswith("hada_w")
-                        else v for p, v in flat.items()})
 
 
 def test_init_leaves_the_model_unchanged_with_pefts_bounds(base):
@@ -41,7 +32,7 @@ def test_init_leaves_the_model_unchanged_with_pefts_bounds(base):
 
 def test_delta_is_the_scaled_hadamard_product_and_counts_as_peft_counts(base):
     model, params = base
-    adapted = with_random_factors(jpeft.LoHa(rank=2, alpha=3, targets=TARGETS).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.LoHa(rank=2, alpha=3, targets=TARGETS).init(jax.random.key(0), params), jpeft.LoHa.trainable, scale=0.3)
     leaves = {k: np.asarray(v[1], np.float64) for k, v in T.modules(adapted)["model/layers/self_attn/v_proj"].items()}
     want = 1.5 * (leaves["hada_w1_b"] @ leaves["hada_w1_a"]) * (leaves["hada_w2_b"] @ leaves["hada_w2_a"])
     merged = T.modules(jpeft.merge(adapted))["model/layers/self_attn/v_proj"]["kernel"][1]
@@ -54,7 +45,7 @@ def test_delta_is_the_scaled_hadamard_product_and_counts_as_peft_counts(base):
 
 def test_merged_equals_unmerged_and_gradients_reach_every_factor(base):
     model, params = base
-    adapted = with_random_factors(jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params), jpeft.LoHa.trainable, scale=0.3)
     out = model.apply({"params": adapted}, IDS)
     assert np.abs(np.asarray(out - model.apply({"params": params}, IDS))).max() > 1e-3
     merged = jpeft.merge(adapted)
@@ -73,18 +64,16 @@ def test_merged_equals_unmerged_and_gradients_reach_every_factor(base):
 def test_adapters_jpeft_cannot_read_exactly_are_refused(base, tmp_path, field, value, match):
     _, params = base
     jpeft.save_adapter(str(tmp_path), jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params))
-    config = tmp_path / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    edit_adapter_config(tmp_path, **{field: value})
     with pytest.raises(jpeft.AdapterError, match=match):
         jpeft.load_adapter(str(tmp_path), params)
 
 
 def test_training_time_dropouts_load_with_a_warning(base, tmp_path, caplog):
     model, params = base
-    adapted = with_random_factors(jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params), jpeft.LoHa.trainable, scale=0.3)
     jpeft.save_adapter(str(tmp_path), adapted)
-    config = tmp_path / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "rank_dropout": 0.1, "module_dropout": 0.2}))
+    edit_adapter_config(tmp_path, rank_dropout=0.1, module_dropout=0.2)
     loaded = jpeft.load_adapter(str(tmp_path), params)
     assert "trained with rank_dropout/module_dropout, which jpeft does not implement" in caplog.text
     np.testing.assert_array_equal(model.apply({"params": loaded}, IDS), model.apply({"params": adapted}, IDS))

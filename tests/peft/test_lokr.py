@@ -11,7 +11,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import jpeft
 from jpeft import tree as T
 from jpeft.peft.lokr import factorization
-from conftest import make_hf_model, save_hf_model
+from conftest import edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -21,13 +21,6 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [
 def base(tmp_path_factory):
     torch_model = make_hf_model("llama")
     return torch_model, *jpeft.from_pretrained(save_hf_model(torch_model, tmp_path_factory.mktemp("base")))
-
-
-def with_random_factors(params, key=jax.random.key(1)):
-    flat = T.flatten(params)
-    keys = iter(jax.random.split(key, len(flat)))
-    return T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p).startswith("lokr_w")
-                        else v for p, v in flat.items()})
 
 
 def test_widths_split_as_pefts_factorization():
@@ -75,7 +68,7 @@ def test_init_leaves_the_model_unchanged_with_pefts_bounds(base):
 def test_delta_is_the_scaled_kronecker_product_and_merges(base):
     _, model, params = base
     method = jpeft.LoKr(rank=1, alpha=3, targets=TARGETS, decompose_both=True)
-    adapted = with_random_factors(method.init(jax.random.key(0), params))
+    adapted = perturb(method.init(jax.random.key(0), params), jpeft.LoKr.trainable, scale=0.3)
     leaves = {k: np.asarray(v[1], np.float64) for k, v in T.modules(adapted)["model/layers/mlp/up_proj"].items()}
     w1, w2 = leaves["lokr_w1_b"] @ leaves["lokr_w1_a"], leaves["lokr_w2_b"] @ leaves["lokr_w2_a"]
     merged = jpeft.merge(adapted)
@@ -94,7 +87,7 @@ def test_delta_is_the_scaled_kronecker_product_and_merges(base):
 @pytest.mark.parametrize("options", [dict(rank=2, decompose_factor=2), dict(rank=1, decompose_both=True)], ids=str)
 def test_save_writes_the_options_that_rebuild_the_same_factors(base, tmp_path, options):
     _, model, params = base
-    adapted = with_random_factors(jpeft.LoKr(targets=TARGETS, alpha=5, **options).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.LoKr(targets=TARGETS, alpha=5, **options).init(jax.random.key(0), params), jpeft.LoKr.trainable, scale=0.3)
     jpeft.save_adapter(str(tmp_path), adapted)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["r"], config["alpha"]) == (options["rank"], 5)
@@ -112,8 +105,7 @@ def test_save_writes_the_options_that_rebuild_the_same_factors(base, tmp_path, o
 def test_adapters_whose_config_does_not_fit_their_tensors_are_refused(base, tmp_path, field, value, match):
     _, _, params = base
     jpeft.save_adapter(str(tmp_path), jpeft.LoKr(rank=2, targets=TARGETS).init(jax.random.key(0), params))
-    config = tmp_path / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    edit_adapter_config(tmp_path, **{field: value})
     with pytest.raises(jpeft.AdapterError, match=match):
         jpeft.load_adapter(str(tmp_path), params)
 

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 import jpeft
 from jpeft import tree as T
 from jpeft.train.step import token_loss
+from conftest import perturb
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 
@@ -156,10 +157,7 @@ def test_lora_and_ia3_on_one_module_merge_exactly(base):
     model, params = base
     adapted = jpeft.LoRA(rank=4, targets=["k_proj", "down_proj"]).init(jax.random.key(0), params)
     adapted = jpeft.IA3(targets=["k_proj", "down_proj"], feedforward=["down_proj"]).init(None, adapted)
-    flat = T.flatten(adapted)
-    keys = iter(jax.random.split(jax.random.key(1), len(flat)))
-    adapted = T.unflatten({p: v + 0.3 * jax.random.normal(next(keys), v.shape)
-                           if T.leaf_name(p) in ("lora_b", "ia3_in", "ia3_out") else v for p, v in flat.items()})
+    adapted = perturb(adapted, ("lora_b", "ia3_in", "ia3_out"), scale=0.3)
     unmerged = model.apply({"params": adapted}, IDS)
     np.testing.assert_allclose(model.apply({"params": jpeft.merge(adapted)}, IDS), unmerged, atol=2e-5, rtol=0)
 

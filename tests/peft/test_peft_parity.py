@@ -11,7 +11,7 @@ from jpeft import tree as T
 from jpeft.generate import generate
 from jpeft.peft.base import layer_names
 from jpeft.peft.multi import ADAPTER_LEAVES
-from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
+from conftest import FAMILIES, edit_adapter_config, make_hf_model, make_t5, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 
@@ -23,14 +23,6 @@ def torch_logits(model):
 
 def jax_logits(model, params):
     return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
-
-
-def perturb(params, names, key, scale=0.1):
-    """Random non-zero values on the named adapter leaves (an identity adapter would hide bugs)."""
-    flat = T.flatten(params)
-    keys = iter(jax.random.split(key, len(flat)))
-    return T.unflatten({p: v + scale * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in names else v
-                        for p, v in flat.items()})
 
 
 def perturb_torch(model, names, scale):
@@ -90,11 +82,9 @@ def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
 def test_adapters_whose_init_rewrites_the_base_weights_are_refused(tmp_path, init):
     """PEFT rewrites W when it loads these (a randomized SVD, a quantization, a data-driven SVD): loaded as a
     plain LoRA they would be silently off, so they are refused, naming the way to convert them."""
-    import json
     model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
     jpeft.save_adapter(str(tmp_path / "adapter"), jpeft.LoRA(rank=2, targets=["q_proj"]).init(jax.random.key(0), params))
-    config = tmp_path / "adapter" / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "init_lora_weights": init}))
+    edit_adapter_config(tmp_path / "adapter", init_lora_weights=init)
     with pytest.raises(jpeft.AdapterError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
         jpeft.load_adapter(str(tmp_path / "adapter"), params)
 

@@ -1,6 +1,5 @@
 """VeRA's invariants and refusals (its logits against PEFT both ways, on Llama, Qwen3, Gemma 2/3, GPT-2 and
 T5: test_peft_parity.py)."""
-import json
 import math
 
 import jax
@@ -10,7 +9,7 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
-from conftest import make_hf_model, save_hf_model
+from conftest import edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # outputs 32, 16, 64, 32 wide; inputs 32 and 64
@@ -19,13 +18,6 @@ TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # outputs 32, 16, 64, 32
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path_factory.mktemp("base")))
-
-
-def with_random_vectors(params, key=jax.random.key(1)):
-    flat = T.flatten(params)
-    keys = iter(jax.random.split(key, len(flat)))
-    return T.unflatten({p: v + jax.random.normal(next(keys), v.shape) if T.leaf_name(p).startswith("vera_lambda")
-                        else v for p, v in flat.items()})
 
 
 def test_init_leaves_the_model_unchanged_with_one_shared_pair(base):
@@ -60,7 +52,7 @@ def test_only_the_vectors_train_and_count_as_peft_counts(base):
 
 def test_merged_equals_unmerged(base):
     model, params = base
-    adapted = with_random_vectors(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
     out = model.apply({"params": adapted}, IDS)
     assert np.abs(np.asarray(out - model.apply({"params": params}, IDS))).max() > 1e-3
     merged = jpeft.merge(adapted)
@@ -70,8 +62,8 @@ def test_merged_equals_unmerged(base):
 
 def test_dropout_drops_the_adapters_input_in_a_train_step_only(base):
     model, params = base
-    adapted = with_random_vectors(jpeft.VeRA(rank=8, targets=TARGETS, dropout=0.5).init(jax.random.key(0), params))
-    plain = with_random_vectors(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params))
+    adapted = perturb(jpeft.VeRA(rank=8, targets=TARGETS, dropout=0.5).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
+    plain = perturb(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
     np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": plain}, IDS))
     dropped = model.apply({"params": adapted}, IDS, rngs={"dropout": jax.random.key(3)})
     assert np.abs(np.asarray(dropped - model.apply({"params": plain}, IDS))).max() > 1e-3
@@ -94,8 +86,7 @@ def test_a_tree_of_two_inits_is_refused_at_save(base, tmp_path):
 def test_adapters_jpeft_cannot_read_exactly_are_refused(base, tmp_path, field, value, match):
     _, params = base
     jpeft.save_adapter(str(tmp_path), jpeft.VeRA(rank=4, targets=TARGETS).init(jax.random.key(0), params))
-    config = tmp_path / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    edit_adapter_config(tmp_path, **{field: value})
     with pytest.raises(jpeft.AdapterError, match=match):
         jpeft.load_adapter(str(tmp_path), params)
 

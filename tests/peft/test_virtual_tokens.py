@@ -10,7 +10,7 @@ import torch
 import jpeft
 from jpeft import tree as T
 from jpeft.generate import generate, generate_text
-from conftest import make_hf_model, save_hf_model
+from conftest import make_hf_model, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 9))
 N = 5
@@ -47,14 +47,6 @@ def jax_logits(model, params):
     return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
 
 
-def nonzero(params, name, key):
-    """Random non-zero values on the method's leaves (a zero gate would hide the adapter)."""
-    flat = T.flatten(params)
-    keys = iter(jax.random.split(key, len(flat)))
-    return T.unflatten({p: v + 0.5 * jax.random.normal(next(keys), v.shape) if T.leaf_name(p) in TRAINED[name] else v
-                        for p, v in flat.items()})
-
-
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
 def test_peft_written_adapter_gives_peft_logits(tmp_path, base, name):
     peft_model = peft.get_peft_model(torch_base(base), PEFT_CONFIGS[name]()).eval()
@@ -74,7 +66,7 @@ def test_gemmas_soft_prompt_is_not_scaled_with_the_token_embeddings(tmp_path):
     prompt to that module's output: the prompt itself stays unscaled, both ways."""
     path = save_hf_model(make_hf_model("gemma2", head_dim=8, sliding_window=4), tmp_path / "gemma2")
     model, params = jpeft.from_pretrained(path)
-    adapted = nonzero(jpeft.PromptTuning(N).init(jax.random.key(1), params), "prompt", jax.random.key(2))
+    adapted = perturb(jpeft.PromptTuning(N).init(jax.random.key(1), params), TRAINED["prompt"], jax.random.key(2), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_base(path), str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(peft_logits(peft_model, "prompt"), jax_logits(model, adapted), atol=2e-4, rtol=0)
@@ -83,7 +75,7 @@ def test_gemmas_soft_prompt_is_not_scaled_with_the_token_embeddings(tmp_path):
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
 def test_jpeft_written_adapter_gives_the_same_logits_in_peft(tmp_path, base, name):
     model, params = jpeft.from_pretrained(base)
-    adapted = nonzero(METHODS[name]().init(jax.random.key(1), params), name, jax.random.key(2))
+    adapted = perturb(METHODS[name]().init(jax.random.key(1), params), TRAINED[name], jax.random.key(2), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(peft_logits(peft_model, name), jax_logits(model, adapted), atol=2e-4, rtol=0)
@@ -97,7 +89,7 @@ def test_a_gqa_prefix_loads_in_peft_where_config_json_has_no_head_dim(tmp_path):
     path = save_hf_model(make_hf_model("qwen2"), tmp_path / "qwen2")  # 4 heads, 2 of keys/values
     assert "head_dim" not in json.loads((tmp_path / "qwen2" / "config.json").read_text())
     model, params = jpeft.from_pretrained(path)
-    adapted = nonzero(METHODS["prefix"]().init(jax.random.key(1), params), "prefix", jax.random.key(2))
+    adapted = perturb(METHODS["prefix"]().init(jax.random.key(1), params), TRAINED["prefix"], jax.random.key(2), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_base(path), str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(peft_logits(peft_model, "prefix"), jax_logits(model, adapted), atol=2e-4, rtol=0)
@@ -110,7 +102,7 @@ def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
     puts the prefix in the cache (transformers now passes the cache as `cache`, PEFT looks for
     `past_key_values`); without the cache it agrees for prompt tuning and adaption prompts."""
     model, params = jpeft.from_pretrained(base)
-    adapted = nonzero(METHODS[name]().init(jax.random.key(3), params), name, jax.random.key(4))
+    adapted = perturb(METHODS[name]().init(jax.random.key(3), params), TRAINED[name], jax.random.key(4), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
     prompt = IDS[0].tolist()
