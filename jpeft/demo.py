@@ -62,7 +62,7 @@ METHOD_PRESETS = {  # train.lr and method.* options per method
     "qlora": LORA_PRESET,
     "vera": dict(lr=5e-2, targets=ALL_PROJECTIONS),  # at its default rank, PEFT's 256; 1e-2 to 2e-1 tried
     "loha": dict(lr=1e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8, alpha=8 (LoRA r=16's count); 4e-3 to 4e-2 tried
-    "lokr": dict(lr=1e-2, targets=ALL_PROJECTIONS),
+    "lokr": dict(lr=2e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8, alpha=8 (VeRA's count); 1e-2 to 1.2e-1 tried
     "ia3": dict(lr=2e-2),
     "prompt": dict(lr=3e-2, num_virtual_tokens=20),  # PEFT's prompt-tuning examples use 3e-2
     "prefix": dict(lr=1e-2, num_virtual_tokens=20),
