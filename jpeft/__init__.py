@@ -15,7 +15,7 @@ _LAZY = {
     "from_pretrained": "jpeft.models.hf", "save_pretrained": "jpeft.models.hf",
     **{name: "jpeft.peft" for name in ("LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "IA3", "BitFit", "NormTuning", "Bottleneck",
                                        "Full", "freeze", "trainable_mask", "merge", "count_parameters", "parameter_report")},
-    **{name: "jpeft.peft" for name in ("PromptTuning", "PrefixTuning", "LlamaAdapter", "select_task")},
+    **{name: "jpeft.peft" for name in ("PromptTuning", "PTuning", "PrefixTuning", "LlamaAdapter", "select_task")},
     "Classifier": "jpeft.peft", "classify": "jpeft.peft",
     **{name: "jpeft.peft.multi" for name in ("add_adapter", "use_adapter", "route", "add_weighted_adapter")},
     "save_adapter": "jpeft.peft.hf_format", "load_adapter": "jpeft.peft.hf_format",

@@ -61,10 +61,10 @@ class MethodSection:
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None
-    num_virtual_tokens: int = 20  # prompt / prefix tuning
+    num_virtual_tokens: int = 20  # prompt / prefix / P-tuning
     init_text: str | None = None  # prompt tuning: start from the embeddings of this text
     tasks: int = 1  # prompt tuning: soft prompts side by side, one per task
-    projection: int | None = None  # prefix tuning: hidden size of the reparameterisation MLP
+    projection: int | None = None  # prefix tuning, P-tuning: hidden size of the reparameterisation MLP (P-tuning: None is D)
     adapter_len: int = 10  # LLaMA-Adapter: prompt length per layer
     adapter_layers: int | None = None  # LLaMA-Adapter: the top this many layers (None: all)
     kind: str = "houlsby"  # bottleneck adapters: houlsby | pfeiffer | parallel

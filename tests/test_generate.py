@@ -253,7 +253,8 @@ def test_user_errors(tiny, args, kwargs, match):
 
 
 @pytest.mark.parametrize("method", [
-    jpeft.Bottleneck("houlsby", 8), jpeft.LlamaAdapter(3, 1), jpeft.PromptTuning(4), jpeft.PrefixTuning(4),
+    jpeft.Bottleneck("houlsby", 8), jpeft.LlamaAdapter(3, 1), jpeft.PromptTuning(4), jpeft.PTuning(4),
+    jpeft.PrefixTuning(4),
     jpeft.LoHa(4, targets=["q_proj", "down_proj"]), jpeft.LoKr(2, targets=["v_proj", "up_proj"]),
 ], ids=lambda m: m.name)
 def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):

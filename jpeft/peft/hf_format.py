@@ -161,7 +161,8 @@ def read_adapter_config(adapter_dir: str) -> dict:
                            f"{', '.join(PEFT_FAMILIES)} adapters and its own (JPEFT)")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={config.get('bias')!r} adapters are not supported; use bias='none'")
-    if config.get("task_type") == "SEQ_CLS" and peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT"):
+    if config.get("task_type") == "SEQ_CLS" and peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING",
+                                                                  "ADAPTION_PROMPT"):
         raise AdapterError(f"{path}: a {peft_type} adapter for sequence classification (task_type SEQ_CLS) is not "
                            "supported; jpeft reads classifiers trained with LoRA or IA3 beside the head")
     head = config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= set(

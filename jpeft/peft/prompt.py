@@ -126,14 +126,20 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     if prompts.shape[0] > 1 and (TASK_IDS not in leaves or chosen.ndim):
         raise AdapterError(f"PEFT's prompt-tuning directory holds one prompt and this tree has {prompts.shape[0]}; "
                            "save one task's: jpeft.save_adapter(dir, jpeft.select_task(params, task))")
-    prompts = prompts[int(chosen)]
-    n = prompts.shape[0]
+    tensors, config = peft_prompt(path, prompts[int(chosen)])
+    return tensors, {**config, "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+                     "tokenizer_name_or_path": None}
+
+
+def peft_prompt(path: str, prompt) -> tuple[dict, dict]:
+    """PEFT's `prompt_embeddings` [submodules·n, D] for one prompt [n, D] beside the table module `path`, and the
+    config fields of every prompt-learning dir (PEFT reads an inference-mode dir's prompt as it is)."""
+    n, dim = prompt.shape
     submodules = _submodules(f"{path}/embedding")  # PEFT's decoder block: never read, written as zeros
-    prompts = np.concatenate([prompts, np.zeros(((submodules - 1) * n, prompts.shape[1]), np.float32)])
-    return {"prompt_embeddings": prompts}, {
-        "num_virtual_tokens": n, "token_dim": prompts.shape[1], "num_transformer_submodules": submodules,
-        "num_attention_heads": None, "num_layers": None, "prompt_tuning_init": "RANDOM",
-        "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "inference_mode": True}
+    prompt = np.concatenate([np.asarray(prompt, np.float32), np.zeros(((submodules - 1) * n, dim), np.float32)])
+    return {"prompt_embeddings": prompt}, {
+        "num_virtual_tokens": n, "token_dim": dim, "num_transformer_submodules": submodules,
+        "num_attention_heads": None, "num_layers": None, "inference_mode": True}
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

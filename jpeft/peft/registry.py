@@ -16,6 +16,7 @@ from jpeft.peft.lokr import LoKr
 from jpeft.peft.lycoris import Lycoris
 from jpeft.peft.lora import LoRA
 from jpeft.peft.norm import NormTuning
+from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
 from jpeft.peft.qlora import QLoRA, Quantized
@@ -29,6 +30,7 @@ METHODS = (
     LoKr,
     IA3,
     PromptTuning,
+    PTuning,
     PrefixTuning,
     LlamaAdapter,
     Bottleneck,
@@ -63,6 +65,7 @@ BY_NAME = {cls.name: cls for cls in (
     BitFit,
     NormTuning,
     PromptTuning,
+    PTuning,
     PrefixTuning,
     LlamaAdapter,
     Bottleneck,

@@ -332,12 +332,14 @@ def test_gpt2_adapter_round_trip(tmp_path, method):
     np.testing.assert_allclose(jax_logits(model, jpeft.merge(adapted)), jax_logits(model, adapted), atol=1e-4, rtol=0)
 
 
-def test_t5_prompt_tuning_round_trip(tmp_path):
-    """Soft prompts before T5's encoder input, as PEFT's SEQ_2_SEQ_LM prompt tuning: padded batches give
-    PEFT's logits and greedy tokens, and the adapter survives jpeft -> PEFT -> jpeft."""
+@pytest.mark.parametrize("method", [jpeft.PromptTuning(num_virtual_tokens=3), jpeft.PTuning(3, projection=8)],
+                         ids=lambda m: m.name)
+def test_t5_prompt_tuning_round_trip(tmp_path, method):
+    """Soft prompts (P-tuning's encoded one too) before T5's encoder input, as PEFT's SEQ_2_SEQ_LM prompt tuning:
+    padded batches give PEFT's logits and greedy tokens, and the adapter survives jpeft -> PEFT -> jpeft."""
     ref, model_dir = make_t5(tmp_path / "base", "flan-t5", num_decoder_layers=2)  # HF generates only at equal depths
     model, params = jpeft.from_pretrained(model_dir)
-    adapted = jpeft.PromptTuning(num_virtual_tokens=3).init(jax.random.key(0), params)
+    adapted = method.init(jax.random.key(0), params)
     rng = np.random.RandomState(0)
     ids, dec = rng.randint(2, 97, (2, 11)), rng.randint(2, 97, (2, 7))
     mask = np.ones_like(ids)
@@ -350,6 +352,7 @@ def test_t5_prompt_tuning_round_trip(tmp_path):
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
     assert peft_model.peft_config["default"].num_transformer_submodules == 2
+    assert peft_model.peft_config["default"].peft_type == method.peft_type
     with torch.no_grad():
         theirs = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                             decoder_input_ids=torch.tensor(dec)).logits.numpy()
@@ -363,4 +366,5 @@ def test_t5_prompt_tuning_round_trip(tmp_path):
     assert got == expected[0, 1:].tolist()  # HF's output starts with the decoder start token
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
-    np.testing.assert_allclose(ours(reloaded), ours(adapted), atol=1e-6, rtol=0)
+    # P-tuning's file holds its prompt as encoded outside the compiled model: float32 rounding apart
+    np.testing.assert_allclose(ours(reloaded), ours(adapted), atol=1e-6 if method.name == "prompt" else 3e-5, rtol=0)

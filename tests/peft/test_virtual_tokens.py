@@ -1,4 +1,4 @@
-"""Prompt tuning, prefix tuning and LLaMA-Adapter against PyTorch PEFT, both ways: the logits of the
+"""Prompt tuning, P-tuning, prefix tuning and LLaMA-Adapter against PyTorch PEFT, both ways: the logits of the
 input tokens (virtual-token positions dropped) and greedy generation, from the same adapter dir."""
 import jax
 import jax.numpy as jnp
@@ -16,12 +16,13 @@ IDS = np.random.RandomState(0).randint(0, 97, (2, 9))
 N = 5
 PEFT_CONFIGS = {
     "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=16),
     "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
     "adaption": lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
 }
-METHODS = {"prompt": lambda: jpeft.PromptTuning(N), "prefix": lambda: jpeft.PrefixTuning(N),
-           "adaption": lambda: jpeft.LlamaAdapter(4, 2)}
-TRAINED = {"prompt": ("soft_prompt",), "prefix": ("prefix_k", "prefix_v"),
+METHODS = {"prompt": lambda: jpeft.PromptTuning(N), "p_tuning": lambda: jpeft.PTuning(N, projection=16),
+           "prefix": lambda: jpeft.PrefixTuning(N), "adaption": lambda: jpeft.LlamaAdapter(4, 2)}
+TRAINED = {"prompt": ("soft_prompt",), "p_tuning": jpeft.PTuning.trainable, "prefix": ("prefix_k", "prefix_v"),
            "adaption": ("adaption_prompt", "adaption_gate")}
 SIZE = dict(num_hidden_layers=3)
 
@@ -40,7 +41,7 @@ def torch_base(path):
 def peft_logits(peft_model, name):
     with torch.no_grad():
         logits = peft_model(input_ids=torch.tensor(IDS)).logits.numpy()
-    return logits[:, N:] if name == "prompt" else logits  # PEFT returns the prompt tuning's virtual positions too
+    return logits[:, N:] if name in ("prompt", "p_tuning") else logits  # PEFT returns a soft prompt's positions too
 
 
 def jax_logits(model, params):
@@ -59,6 +60,39 @@ def test_peft_written_adapter_gives_peft_logits(tmp_path, base, name):
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_allclose(jax_logits(model, adapted), peft_logits(peft_model, name), atol=2e-4, rtol=0)
     assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-2
+
+
+def test_p_tuning_encodes_its_prompt_as_pefts_encoder_does(tmp_path, base):
+    """PEFT's MLP encoder in training mode, given jpeft's encoder weights: the same logits (the saved dirs of the
+    tests around this one hold only the encoded prompt)."""
+    model, params = jpeft.from_pretrained(base)
+    adapted = jpeft.PTuning(N, projection=16).init(jax.random.key(1), params)
+    peft_model = peft.get_peft_model(torch_base(base), PEFT_CONFIGS["p_tuning"]()).eval()
+    leaves = {k.removeprefix("p_tuning_"): np.asarray(v) for k, v in T.modules(adapted)["model/embed_tokens"].items()}
+    encoder = peft_model.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(torch.from_numpy(leaves["embedding"]))
+        for i, layer in zip((0, 2, 4), ("in", "mid", "out")):
+            encoder.mlp_head[i].weight.copy_(torch.from_numpy(leaves[f"{layer}_kernel"].T))
+            encoder.mlp_head[i].bias.copy_(torch.from_numpy(leaves[f"{layer}_bias"]))
+    np.testing.assert_allclose(jax_logits(model, adapted), peft_logits(peft_model, "p_tuning"), atol=2e-4, rtol=0)
+    d, h = 32, 16  # PEFT's count of the encoder it trains: n·D + (D+1)·H + (H+1)·H + (H+1)·D
+    assert jpeft.count_parameters(adapted)[0] == N * d + (d + 1) * h + (h + 1) * h + (h + 1) * d
+    assert jpeft.count_parameters(adapted)[0] == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_an_lstm_encoders_dir_loads_as_the_prompt_it_encoded(tmp_path, base):
+    """PEFT saves P-tuning's encoded prompt whatever the encoder (here its bidirectional LSTM, which jpeft
+    does not train), and reads it back as that prompt at inference: so does jpeft."""
+    config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=8,
+                                      encoder_reparameterization_type="LSTM")
+    peft_model = peft.get_peft_model(torch_base(base), config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(base)
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), peft_logits(peft_model, "p_tuning"), atol=2e-4, rtol=0)
+    reread = peft.PeftModel.from_pretrained(torch_base(base), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(reread, "p_tuning"), peft_logits(peft_model, "p_tuning"), atol=1e-5)
 
 
 def test_gemmas_soft_prompt_is_not_scaled_with_the_token_embeddings(tmp_path):

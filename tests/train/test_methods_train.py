@@ -24,6 +24,7 @@ RUNS = {
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
     "prompt-from-text": ["method.name=prompt", "method.num_virtual_tokens=4", "method.init_text=Summarize briefly"],
+    "p-tuning": ["method.name=p_tuning", "method.num_virtual_tokens=4", "method.projection=16"],
     "prefix-projection": ["method.name=prefix", "method.num_virtual_tokens=4", "method.projection=16"],
     "llama-adapter": ["method.name=llama_adapter", "method.adapter_len=4", "method.adapter_layers=1"],
 }
