@@ -58,6 +58,10 @@ class MethodSection:
     d_initial: float = 0.1  # VeRA: the start of its λ_d vector
     decompose_both: bool = False  # LoKr: W₁ a rank-r product too (where r is below half its larger side)
     decompose_factor: int = -1  # LoKr: split each width as (this, width / this) where it divides it (-1: near its root)
+    block_size: int | None = None  # OFT: the rotation blocks' size (None: PEFT's 32, or width / method.rank)
+    block_share: bool = False  # OFT: one rotation block for all blocks of a layer
+    use_cayley_neumann: bool = True  # OFT: PEFT's truncated series for the Cayley transform (false: exact)
+    num_cayley_neumann_terms: int = 5  # OFT: the series' terms
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

@@ -17,6 +17,7 @@ from jpeft.peft.lora import LoRA
 from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.multi import refuse_container
 from jpeft.peft.norm import NormTuning
+from jpeft.peft.oft import OFT
 from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
@@ -123,6 +124,6 @@ def _mask_of(params, mask, what: str) -> dict:
     return flat_mask
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze"]

@@ -155,6 +155,21 @@ def whole_stacks(method, grouped: dict, refusal) -> list[str]:
     return found
 
 
+def linear_stacks(method, grouped: dict) -> list[str]:
+    """`whole_stacks` of float Linear weights: what PEFT's LoHa, LoKr and OFT adapt (no embedding, no GPT-2
+    Conv1D, no quantized weight)."""
+    name = type(method).__name__
+
+    def refusal(path, leaves):
+        if is_quantized(leaves):
+            return f"its weight is quantized: {name} adapts float weights"
+        if "kernel" not in leaves:
+            return f"it is an embedding: jpeft's {name} adapts Linear layers"
+        if path.rpartition("/")[2] in CONV1D:
+            return f"it is GPT-2's Conv1D, which PEFT's {name} does not adapt"
+    return whole_stacks(method, grouped, refusal)
+
+
 def refuse_tied_head(targets, grouped: dict, error=JpeftError) -> None:
     """Refuse a target naming `lm_head` where the tree has none of its own (its output layer is the token
     embedding, tie_word_embeddings): PEFT wraps the tied head as a module apart, which jpeft does not, so it

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, Method, exact_targets, from_layer_rows, layer_rows, module_layers,
-                             module_names, refuse_second_init, refuse_tied_head, saved_base_weight, whole_stacks)
-from jpeft.peft.quant import is_quantized
+from jpeft.peft.base import (ALL_LINEAR, Method, exact_targets, from_layer_rows, layer_rows, linear_stacks,
+                             module_layers, module_names, refuse_second_init, refuse_tied_head, saved_base_weight)
 
 log = logging.getLogger("jpeft.peft")
 
@@ -37,18 +36,7 @@ class Lycoris(Method):
         return f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r})"
 
     def chosen(self, grouped: dict) -> list[str]:
-        """The dense modules it adapts: whole layer stacks of float Linear weights (`all-linear`: all but the
-        output head), the layers PEFT's LyCORIS methods take."""
-        name = type(self).__name__
-
-        def refusal(path, leaves):
-            if is_quantized(leaves):
-                return f"its weight is quantized: {name} adapts float weights"
-            if "kernel" not in leaves:
-                return f"it is an embedding: PEFT's {name} adapts Linear layers"
-            if path.rpartition("/")[2] in CONV1D:
-                return f"it is GPT-2's Conv1D, which PEFT's {name} does not adapt"
-        return whole_stacks(self, grouped, refusal)
+        return linear_stacks(self, grouped)
 
     def init(self, key, params):
         grouped = T.modules(params)

@@ -13,9 +13,9 @@ from jpeft.peft.ia3 import IA3
 from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.loha import LoHa
 from jpeft.peft.lokr import LoKr
-from jpeft.peft.lycoris import Lycoris
 from jpeft.peft.lora import LoRA
 from jpeft.peft.norm import NormTuning
+from jpeft.peft.oft import OFT
 from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
@@ -28,6 +28,7 @@ METHODS = (
     VeRA,
     LoHa,
     LoKr,
+    OFT,
     IA3,
     PromptTuning,
     PTuning,
@@ -36,8 +37,8 @@ METHODS = (
     Bottleneck,
     Classifier,
 )
-# methods whose `weight` hook rebuilds W + ΔW from trained factors in every call (FLOPs and memory count it)
-REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, Lycoris))
+# methods whose `weight` hook rebuilds the weight from trained leaves in every call (FLOPs and memory count it)
+REBUILT_WEIGHTS = tuple(m for m in METHODS if hasattr(m, "weight") and m.trainable)
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
@@ -47,7 +48,7 @@ QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": [
 FAMILY_DEFAULTS = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
-           "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]},
+           "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
     "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
@@ -61,6 +62,7 @@ BY_NAME = {cls.name: cls for cls in (
     VeRA,
     LoHa,
     LoKr,
+    OFT,
     IA3,
     BitFit,
     NormTuning,

@@ -111,7 +111,7 @@ def test_adapters_whose_config_does_not_fit_their_tensors_are_refused(base, tmp_
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(targets=["embed_tokens", "q_proj"]), "pick model.embed_tokens, but it is an embedding: PEFT's LoKr"),
+    (dict(targets=["embed_tokens", "q_proj"]), "pick model.embed_tokens, but it is an embedding: jpeft's LoKr adapts Linear"),
     (dict(targets=r"model\.layers\.1\.mlp\.up_proj"), "pick only some layers of model.layers.mlp.up_proj"),
     (dict(rank=0), "LoKr rank must be >= 1"),
 ])

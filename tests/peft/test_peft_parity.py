@@ -226,6 +226,7 @@ T5_ADAPTERS = {  # PEFT's module names for T5
     "vera": (jpeft.VeRA(rank=4, targets=["q", "k", "v", "o", "wi_0", "wi_1", "wo"]), ("vera_lambda_d", "vera_lambda_b")),
     "loha": (jpeft.LoHa(rank=2, alpha=3, targets=["q", "v", "wi_1", "wo"]), ("hada_w2_b",)),
     "lokr": (jpeft.LoKr(rank=2, alpha=3, targets=["k", "o", "wi_0", "wo"]), ("lokr_w1",)),
+    "oft": (jpeft.OFT(block_size=8, targets=["q", "v", "wi_1", "wo"]), ("oft_R",)),
 }
 
 

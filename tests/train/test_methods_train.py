@@ -20,6 +20,8 @@ RUNS = {
     "loha": ["method.name=loha", "method.targets=[q_proj,v_proj,down_proj]"],
     "lokr-decompose-both": ["method.name=lokr", "method.rank=1", "method.decompose_both=true",
                             "method.targets=[q_proj,v_proj,down_proj]"],
+    "oft-shared-exact": ["method.name=oft", "method.block_size=8", "method.block_share=true",
+                         "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
