@@ -65,6 +65,17 @@ class Method:
         return T.named(params, self.trainable)
 
 
+class RebuiltWeight(Method):
+    """A method whose `weight` hook builds the whole weight from the kernel and its trained leaves in every call
+    (LoHa, LoKr, OFT): merging keeps that weight."""
+
+    @classmethod
+    def merge(cls, leaves: dict) -> dict:
+        out = {k: v for k, v in leaves.items() if k not in cls.trainable + cls.metadata}
+        out["kernel"] = cls.weight(leaves).astype(leaves["kernel"].dtype)
+        return out
+
+
 def dropped_input(x, rate, rng, stream: int):
     """PEFT's adapter dropout on a dense layer's input, inverted as torch's in training; `stream` gives each
     method a mask of its own."""
@@ -153,6 +164,13 @@ def whole_stacks(method, grouped: dict, refusal) -> list[str]:
     if not found:
         raise JpeftError(f"{name} targets {targets!r} match no dense layer; the dense layers: {dense_layers(grouped)}")
     return found
+
+
+def target_option(targets: Sequence[str] | str) -> tuple[str, ...] | str:
+    """A method's `targets` as it keeps them: a regex string, `all-linear` (also as the one-entry list the
+    command line gives), or a tuple of names."""
+    targets = targets if isinstance(targets, str) else tuple(targets)
+    return ALL_LINEAR if targets == (ALL_LINEAR,) else targets
 
 
 def linear_stacks(method, grouped: dict) -> list[str]:

@@ -27,8 +27,8 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, from_layer_rows,
-                             hf_module, layer_index, layer_rows, leading, module_layers, module_names,
-                             linear_uniform, refuse_second_init, refuse_tied_head, saved_base_weight, targeted_layers,
+                             hf_module, layer_index, layer_rows, leading, linear_uniform, module_layers, module_names,
+                             refuse_second_init, refuse_tied_head, saved_base_weight, target_option, targeted_layers,
                              weight_name)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
@@ -78,9 +78,7 @@ class LoRA(Method):
         if lr_ratio <= 0 or (lr_embedding is not None and lr_embedding <= 0):
             raise JpeftError(f"LoRA+ lr_ratio and lr_embedding must be > 0, got {lr_ratio} and {lr_embedding}")
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
-        self.targets = targets if isinstance(targets, str) else tuple(targets)
-        if self.targets == (ALL_LINEAR,):  # as a one-entry list from the command line
-            self.targets = ALL_LINEAR
+        self.targets = target_option(targets)
         self.init_scheme, self.use_rslora, self.use_dora = init, use_rslora, use_dora
         self.layers = None if layers is None else tuple(int(i) for i in layers)
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})

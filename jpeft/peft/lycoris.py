@@ -17,20 +17,18 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, Method, exact_targets, from_layer_rows, layer_rows, linear_stacks,
-                             module_layers, module_names, refuse_second_init, refuse_tied_head, saved_base_weight)
+from jpeft.peft.base import (RebuiltWeight, exact_targets, from_layer_rows, layer_rows, linear_stacks, module_layers,
+                             module_names, refuse_second_init, refuse_tied_head, saved_base_weight, target_option)
 
 log = logging.getLogger("jpeft.peft")
 
 
-class Lycoris(Method):
+class Lycoris(RebuiltWeight):
     def __init__(self, rank: int = 8, alpha: float = 8.0, targets: Sequence[str] | str = ("q_proj", "v_proj")):
         if rank < 1:
             raise JpeftError(f"{type(self).__name__} rank must be >= 1, got {rank}")
         self.rank, self.alpha = int(rank), float(alpha)
-        self.targets = targets if isinstance(targets, str) else tuple(targets)
-        if self.targets == (ALL_LINEAR,):  # as a one-entry list from the command line
-            self.targets = ALL_LINEAR
+        self.targets = target_option(targets)
 
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r})"
@@ -59,12 +57,6 @@ class Lycoris(Method):
         """W + ΔW, summed in float32."""
         w = leaves["kernel"].astype(jnp.float32) + cls.delta(leaves)
         return w if dtype is None else w.astype(dtype)
-
-    @classmethod
-    def merge(cls, leaves: dict) -> dict:
-        out = {k: v for k, v in leaves.items() if k not in cls.trainable + cls.metadata}
-        out["kernel"] = cls.weight(leaves).astype(leaves["kernel"].dtype)
-        return out
 
     @classmethod
     def peft_options(cls, modules: dict) -> dict:

@@ -27,14 +27,15 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, Method, exact_targets, from_layer_rows, layer_rows, leading, linear_stacks,
-                             module_layers, module_names, refuse_second_init, refuse_tied_head, saved_base_weight)
+from jpeft.peft.base import (RebuiltWeight, exact_targets, from_layer_rows, layer_rows, leading, linear_stacks,
+                             module_layers, module_names, refuse_second_init, refuse_tied_head, saved_base_weight,
+                             target_option)
 
 log = logging.getLogger("jpeft.peft")
 PEFT_DEFAULT_BLOCK_SIZE = 32
 
 
-class OFT(Method):
+class OFT(RebuiltWeight):
     name = "oft"
     peft_type = "OFT"
     trainable = ("oft_R",)
@@ -51,9 +52,7 @@ class OFT(Method):
             raise JpeftError(f"OFT's block_size and rank must be positive, got {block_size} and {rank}")
         self.block_size = None if rank else int(block_size or PEFT_DEFAULT_BLOCK_SIZE)
         self.rank = int(rank) if rank else None
-        self.targets = targets if isinstance(targets, str) else tuple(targets)
-        if self.targets == (ALL_LINEAR,):
-            self.targets = ALL_LINEAR
+        self.targets = target_option(targets)
         self.block_share = bool(block_share)
         self.use_cayley_neumann, self.num_cayley_neumann_terms = bool(use_cayley_neumann), int(num_cayley_neumann_terms)
 
@@ -97,12 +96,6 @@ class OFT(Method):
         w = jnp.einsum("...rkc,...rco->...rko", rotations, kernel.reshape(*lead, width // b, b, out))
         w = w.reshape(kernel.shape)
         return w if dtype is None else w.astype(dtype)
-
-    @classmethod
-    def merge(cls, leaves: dict) -> dict:
-        out = {k: v for k, v in leaves.items() if k not in cls.trainable + cls.metadata}
-        out["kernel"] = cls.weight(leaves).astype(leaves["kernel"].dtype)
-        return out
 
 
 def dividing(width: int, given: int) -> int:

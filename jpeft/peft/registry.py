@@ -5,6 +5,7 @@ count, merge, axes, adapter export) consult, in the order their hooks apply; `BY
 `method.name` in a run config to the user-facing class. A class with a `peft_type` has an
 adapter-directory mapping (`to_peft` / `from_peft`) in its own module.
 """
+from jpeft.peft.base import RebuiltWeight
 from jpeft.peft.bitfit import BitFit
 from jpeft.peft.bottleneck import Bottleneck
 from jpeft.peft.classifier import Classifier
@@ -38,7 +39,7 @@ METHODS = (
     Classifier,
 )
 # methods whose `weight` hook rebuilds the weight from trained leaves in every call (FLOPs and memory count it)
-REBUILT_WEIGHTS = tuple(m for m in METHODS if hasattr(m, "weight") and m.trainable)
+REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's

@@ -21,9 +21,9 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module,
-                             layer_rows, leading, module_layers, module_names, refuse_second_init, refuse_tied_head,
-                             saved_base_weight, whole_stacks)
+from jpeft.peft.base import (CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module, layer_rows,
+                             leading, module_layers, module_names, refuse_second_init, refuse_tied_head,
+                             saved_base_weight, target_option, whole_stacks)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
 
@@ -46,9 +46,7 @@ class VeRA(Method):
         if not 0 <= dropout < 1:
             raise JpeftError(f"VeRA dropout must be in [0, 1), got {dropout}")
         self.rank, self.dropout, self.d_initial = int(rank), float(dropout), float(d_initial)
-        self.targets = targets if isinstance(targets, str) else tuple(targets)
-        if self.targets == (ALL_LINEAR,):  # as a one-entry list from the command line
-            self.targets = ALL_LINEAR
+        self.targets = target_option(targets)
 
     def __repr__(self):
         return (f"VeRA(rank={self.rank}, targets={self.targets!r}, dropout={self.dropout}, "
