@@ -31,8 +31,8 @@ EXAMPLES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Fine-tune Hugging Face checkpoints (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2, "
-                                  "T5/FLAN-T5) with JAX: full, LoRA and its variants, VeRA, LoHa, LoKr, OFT, QLoRA, IA3, "
-                                  "BitFit, norm tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, "
+                                  "T5/FLAN-T5) with JAX: full, LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, QLoRA, "
+                                  "IA3, BitFit, norm tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, "
                                   "bottleneck adapters, classifier heads; evaluate, generate, merge, benchmark, "
                                   "measure forgetting.",
         epilog="Every command has --help with an example. Start with: jpeft demo")

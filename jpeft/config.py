@@ -43,7 +43,7 @@ class ModelSection:
 class MethodSection:
     """`name` picks the method; the other keys are its options (those it does not take are an error)."""
     name: str = "lora"
-    rank: int | None = None  # None: the method's default (LoRA's 8, VeRA's 256, as in PEFT)
+    rank: int | None = None  # None: the method's default (LoRA's 8, VeRA's 256, as in PEFT; OFT's block count)
     alpha: float | None = None  # None: the method's default (LoRA's 16; LoHa's and LoKr's 8, as in PEFT)
     targets: list[str] | None = None  # None: the method's default; a string with regex characters is a regex
     dropout: float = 0.0
@@ -62,6 +62,7 @@ class MethodSection:
     block_share: bool = False  # OFT: one rotation block for all blocks of a layer
     use_cayley_neumann: bool = True  # OFT: PEFT's truncated series for the Cayley transform (false: exact)
     num_cayley_neumann_terms: int = 5  # OFT: the series' terms
+    gram_schmidt: bool = False  # HRA: orthonormalise the reflection vectors (PEFT's apply_GS)
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

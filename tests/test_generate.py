@@ -256,11 +256,11 @@ def test_user_errors(tiny, args, kwargs, match):
     jpeft.Bottleneck("houlsby", 8), jpeft.LlamaAdapter(3, 1), jpeft.PromptTuning(4), jpeft.PTuning(4),
     jpeft.PrefixTuning(4),
     jpeft.LoHa(4, targets=["q_proj", "down_proj"]), jpeft.LoKr(2, targets=["v_proj", "up_proj"]),
-    jpeft.OFT(4, targets=["k_proj", "gate_proj"]),
+    jpeft.OFT(4, targets=["k_proj", "gate_proj"]), jpeft.HRA(2, ["q_proj", "down_proj"]),
 ], ids=lambda m: m.name)
 def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
     """Cached decoding with an adapter (bottleneck adapters in every step, prompts and prefixes from the
-    cache, LoHa's, LoKr's and OFT's rebuilt weights) equals re-running the whole sequence each step."""
+    cache, LoHa's, LoKr's, OFT's and HRA's rebuilt weights) equals re-running the whole sequence each step."""
     model, params = tiny
     adapted = perturb(method.init(jax.random.key(0), params), method.trainable, scale=0.3)
     got = generate(model, adapted, [PROMPTS[1], PROMPTS[2]], max_new_tokens=8, eos_token_id=None)

@@ -12,6 +12,7 @@ from jpeft.peft.bitfit import BitFit
 from jpeft.peft.bottleneck import Bottleneck
 from jpeft.peft.classifier import Classifier, classify
 from jpeft.peft.full import Full
+from jpeft.peft.hra import HRA
 from jpeft.peft.ia3 import IA3
 from jpeft.peft.lora import LoRA
 from jpeft.peft.llama_adapter import LlamaAdapter
@@ -124,6 +125,6 @@ def _mask_of(params, mask, what: str) -> dict:
     return flat_mask
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze"]

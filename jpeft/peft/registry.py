@@ -10,6 +10,7 @@ from jpeft.peft.bitfit import BitFit
 from jpeft.peft.bottleneck import Bottleneck
 from jpeft.peft.classifier import Classifier
 from jpeft.peft.full import Full
+from jpeft.peft.hra import HRA
 from jpeft.peft.ia3 import IA3
 from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.loha import LoHa
@@ -30,6 +31,7 @@ METHODS = (
     LoHa,
     LoKr,
     OFT,
+    HRA,
     IA3,
     PromptTuning,
     PTuning,
@@ -50,6 +52,7 @@ FAMILY_DEFAULTS = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},
+           "hra": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
     "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
@@ -64,6 +67,7 @@ BY_NAME = {cls.name: cls for cls in (
     LoHa,
     LoKr,
     OFT,
+    HRA,
     IA3,
     BitFit,
     NormTuning,

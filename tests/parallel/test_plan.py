@@ -105,6 +105,7 @@ def test_plan_matches_the_compiled_train_step(model_dir, odd_dirs):
                                       "method.decompose_both=true", "method.rank=2"]
     runs["oft 8x1x1, all-linear"] = [*overrides(model_dir, "oft", "8x1x1"), "method.targets=all-linear",
                                      "method.block_size=16"]
+    runs["hra 2x2x2, q/v"] = [*overrides(model_dir, "hra", "2x2x2"), "method.rank=8"]
     result = subprocess.run([sys.executable, "-c", SCRIPT.format(runs=json.dumps(runs))], capture_output=True,
                             text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]

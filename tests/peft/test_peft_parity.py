@@ -227,6 +227,7 @@ T5_ADAPTERS = {  # PEFT's module names for T5
     "loha": (jpeft.LoHa(rank=2, alpha=3, targets=["q", "v", "wi_1", "wo"]), ("hada_w2_b",)),
     "lokr": (jpeft.LoKr(rank=2, alpha=3, targets=["k", "o", "wi_0", "wo"]), ("lokr_w1",)),
     "oft": (jpeft.OFT(block_size=8, targets=["q", "v", "wi_1", "wo"]), ("oft_R",)),
+    "hra": (jpeft.HRA(3, ["k", "o", "wi_0", "wo"], gram_schmidt=True), ("hra_u",)),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 from jpeft import tree as T
 from jpeft.models.config import ModelConfig
 from jpeft.models.llama import CausalLM, init_params
-from jpeft.peft import Full, LoHa, LoKr, LoRA, OFT
+from jpeft.peft import HRA, OFT, Full, LoHa, LoKr, LoRA
 from jpeft.train.flops import train_step_flops
 from jpeft.train.optimizer import adamw
 from jpeft.train.step import init_state, make_train_step
@@ -16,8 +16,9 @@ from jpeft.train.step import init_state, make_train_step
 @pytest.mark.parametrize("method", [Full(), LoRA(8, 16, ["q_proj", "v_proj", "down_proj"]),
                                     LoHa(8, 8, ["q_proj", "v_proj", "down_proj"]),
                                     LoKr(4, 8, ["q_proj", "v_proj", "down_proj"], decompose_both=True),
-                                    OFT(32, targets=["q_proj", "v_proj", "down_proj"])],
-                         ids=["full", "lora", "loha", "lokr", "oft"])
+                                    OFT(32, targets=["q_proj", "v_proj", "down_proj"]),
+                                    HRA(8, ["q_proj", "v_proj", "down_proj"])],
+                         ids=["full", "lora", "loha", "lokr", "oft", "hra"])
 def test_count_matches_xla(method):
     cfg = ModelConfig(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=64)

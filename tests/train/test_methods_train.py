@@ -22,6 +22,8 @@ RUNS = {
                             "method.targets=[q_proj,v_proj,down_proj]"],
     "oft-shared-exact": ["method.name=oft", "method.block_size=8", "method.block_share=true",
                          "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
+    "hra-gram-schmidt": ["method.name=hra", "method.rank=4", "method.gram_schmidt=true",
+                         "method.targets=[v_proj,up_proj]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
