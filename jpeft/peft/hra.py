@@ -5,7 +5,7 @@ Householder reflections, with PEFT's semantics.
 
 The vectors are trained (`hra_u` [..., in, r], PEFT's tensor as it is). PEFT's init repeats each of r/2 random
 vectors twice, so each pair of reflections cancels: the model unchanged at init (an odd r cannot start so, and
-PEFT warns). With `gram_schmidt` (PEFT's `apply_GS`) the vectors are orthonormalised (Gram–Schmidt) and H = I − 2·U·Uᵀ; jpeft marks that
+PEFT warns; nor can the Gram–Schmidt form below, whose pairs do not orthonormalise: jpeft warns of both). With `gram_schmidt` (PEFT's `apply_GS`) the vectors are orthonormalised (Gram–Schmidt) and H = I − 2·U·Uᵀ; jpeft marks that
 variant by the metadata leaf `hra_gram_schmidt` beside them, so which one runs is static under jit. H·W is built
 in every call by reflecting W's rows r times, O(r·in·out) (the `weight` insertion point; PEFT forms H whole first:
 equal to float32 rounding). Whole layer stacks of Linear layers, as LoHa and OFT. Parameters: r·in per layer.
@@ -49,6 +49,10 @@ class HRA(RebuiltWeight):
         if self.rank % 2:
             log.warning(f"HRA rank {self.rank} is odd: its reflections cannot start in cancelling pairs, so the "
                         "model changes at init (as PEFT warns)")
+        elif self.gram_schmidt:
+            log.warning("HRA with gram_schmidt starts, as PEFT's does, from pairs of equal vectors, which Gram–Schmidt "
+                        "cannot orthonormalise (each pair's second is the first): the model changes at init, by a "
+                        "reflection that float rounding picks")
         chosen = linear_stacks(self, grouped)
         for path, k in zip(chosen, jax.random.split(key, len(chosen))):
             refuse_second_init(self, path, grouped[path], self.trainable)

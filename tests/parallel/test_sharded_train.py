@@ -75,6 +75,27 @@ def test_every_mesh_matches_one_device(tiny_run, tmp_path, method):
         assert specs[f"['trainable']{emb}"] == "P(None, 'fsdp')"
 
 
+REBUILT = {"lokr": ["method.rank=2", "method.decompose_both=true"], "oft": ["method.block_size=8"],
+           "hra": ["method.rank=4"]}
+
+
+def test_rebuilt_weights_on_a_mesh_match_one_device(tiny_run, tmp_path):
+    """LoKr, OFT and HRA rebuild each weight from the sharded kernel and their leaves (HRA's vectors sharded as
+    the weight's input axis, LoKr's and OFT's whole): on a 2x2x2 mesh, the losses of one device."""
+    extra = {name: (f"method.name={name}", "method.targets=[q_proj,v_proj,down_proj]", "train.lr=3e-2", *options,
+                    *COMMON) for name, options in REBUILT.items()}
+    sharded = run_on_fake_devices(tiny_run, tmp_path, {name: [*options, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+                                                       for name, options in extra.items()})
+    for name, options in extra.items():
+        trainer.train(run_config(tiny_run, tmp_path / f"single-{name}", *options), progress=False)
+        single = [r["loss"] for r in read_metrics(tmp_path / f"single-{name}")]
+        assert len(single) == 5
+        for a, b in zip(sharded["losses"][name], single):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, sharded["losses"][name], single)
+    assert sharded["specs"]["hra"]["['trainable']['model']['layers']['self_attn']['q_proj']['hra_u']"] == \
+        "P(None, 'fsdp', None)"
+
+
 SHARDINGS = textwrap.dedent("""
     import os, json
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -66,6 +66,8 @@ def test_paired_init_is_the_identity_and_it_merges_and_trains(base, caplog):
     np.testing.assert_allclose(logits(model, adapted), logits(model, params), atol=1e-5, rtol=0)
     jpeft.HRA(3, TARGETS).init(jax.random.key(0), params)
     assert "HRA rank 3 is odd" in caplog.text
+    jpeft.HRA(2, TARGETS, gram_schmidt=True).init(jax.random.key(0), params)
+    assert "which Gram–Schmidt cannot orthonormalise" in caplog.text
     adapted = perturb(adapted, ("hra_u",), scale=0.3)
     merged = jpeft.merge(adapted)
     assert set(T.flatten(merged)) == set(T.flatten(params))

@@ -22,7 +22,7 @@ RUNS = {
                             "method.targets=[q_proj,v_proj,down_proj]"],
     "oft-shared-exact": ["method.name=oft", "method.block_size=8", "method.block_share=true",
                          "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
-    "hra-gram-schmidt": ["method.name=hra", "method.rank=4", "method.gram_schmidt=true",
+    "hra-gram-schmidt": ["method.name=hra", "method.rank=3", "method.gram_schmidt=true",
                          "method.targets=[v_proj,up_proj]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
