@@ -28,10 +28,13 @@ MASK[1, :2] = 0  # left padding
 MASK[2, 5:] = 0  # right padding
 VALID = MASK.astype(bool)  # a pad position's logits are never used
 PEFT_CONFIGS = {"prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+                "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
+                                                             encoder_hidden_size=8),
                 "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
                 "prefix-projected": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
                                                                     prefix_projection=True, encoder_hidden_size=8)}
-METHODS = {"prompt": lambda: jpeft.PromptTuning(N), "prefix": lambda: jpeft.PrefixTuning(N),
+METHODS = {"prompt": lambda: jpeft.PromptTuning(N), "p_tuning": lambda: jpeft.PTuning(N, projection=8),
+           "prefix": lambda: jpeft.PrefixTuning(N),
            "prefix-projected": lambda: jpeft.PrefixTuning(N, projection=8)}
 
 
@@ -57,7 +60,7 @@ def randomised(peft_model):
 def theirs(peft_model, name):
     with torch.no_grad():
         logits = peft_model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
-    return logits[:, N:] if name == "prompt" else logits  # PEFT returns the soft prompt's positions too
+    return logits[:, N:] if name in ("prompt", "p_tuning") else logits  # PEFT returns a soft prompt's positions too
 
 
 def ours(model, params):
