@@ -23,6 +23,7 @@ from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
+from jpeft.peft import saved_modules
 from jpeft.peft.registry import BY_NAME, HEAD_MODULES, METHODS
 from jpeft.peft.loha import LoHa
 from jpeft.peft.lokr import LoKr
@@ -49,11 +50,15 @@ def leaf_axes(name: str, weight_axes: tuple | None, ndim: int, stacked: bool = F
 
 
 def trainable_mask(params):
-    """Bool tree: True exactly on adapter leaves and on a head's leaves but its metadata (what every
-    method trains). A head is matched by its top-level module, so a base `kernel` never is."""
+    """Bool tree: True exactly on adapter leaves, on a head's leaves but its metadata (what every method trains)
+    and on the weights of modules an adapter dir saves whole (PEFT's modules_to_save). A head is matched by its
+    top-level module, so a base `kernel` never is."""
+    saved = saved_modules.trained(params)
+
     def trained(path, _):
         name = T.leaf_name(path)
-        return name in TRAINABLE_LEAVES or (path.split("/", 1)[0] in HEAD_MODULES and name not in METADATA_LEAVES)
+        return (name in TRAINABLE_LEAVES or path in saved
+                or (path.split("/", 1)[0] in HEAD_MODULES and name not in METADATA_LEAVES))
     return T.map_with_path(trained, params)
 
 

@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError, read_json
 from jpeft.models.hf import hf_names
-from jpeft.peft import adalora, classifier, norm
+from jpeft.peft import adalora, classifier, norm, saved_modules
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import BY_NAME, METHODS
 
@@ -84,6 +84,10 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     with it (see `_classifier`).
     """
     refuse_container(params, "save_adapter")
+    peft_dir = not classifier.split_head(params)[1] and (method is None or isinstance(method, tuple(CLASSES.values())))
+    if not peft_dir and saved_modules.SavedModules.present_in(params):
+        raise AdapterError("save_adapter: this tree holds modules an adapter dir saved whole (modules_to_save), which "
+                           "only a PEFT method's dir carries back; save its adapter without method= (or merge it)")
     if classifier.split_head(params)[1]:
         tensors, config = _classifier(params)
     elif isinstance(method, norm.NormTuning):  # it trains base leaves, which only its mask tells apart
@@ -107,8 +111,11 @@ def _peft(params):
         what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
         raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")
     cls = CLASSES[found[0]]
-    return _peft_layout(params, found[0], *PEFT_FAMILIES[found[0]].to_peft(
-        {p: m for p, m in grouped.items() if cls.present(m)}, grouped))
+    tensors, config = PEFT_FAMILIES[found[0]].to_peft({p: m for p, m in grouped.items() if cls.present(m)}, grouped)
+    if any(saved_modules.SavedModules.present(m) for m in grouped.values()):
+        saved, entries = saved_modules.write(grouped)
+        tensors, config = {**tensors, **saved}, {**config, "modules_to_save": entries}
+    return _peft_layout(params, found[0], tensors, config)
 
 
 def _peft_layout(params, peft_type: str, tensors: dict, config: dict):
@@ -165,10 +172,11 @@ def read_adapter_config(adapter_dir: str) -> dict:
                                                                   "ADAPTION_PROMPT"):
         raise AdapterError(f"{path}: a {peft_type} adapter for sequence classification (task_type SEQ_CLS) is not "
                            "supported; jpeft reads classifiers trained with LoRA or IA3 beside the head")
-    head = config.get("task_type") == "SEQ_CLS" and set(config.get("modules_to_save") or ()) <= set(
-        classifier.PEFT_HEAD_MODULES)  # what PEFT saves of a classifier: its head, which jpeft reads as one
+    # what PEFT saves of a classifier, its head, jpeft reads as one; of a causal LM, whole modules (saved_modules)
+    saved = config.get("task_type") != "SEQ_CLS" or set(config.get("modules_to_save") or ()) <= set(
+        classifier.PEFT_HEAD_MODULES)
     for key, neutral in UNHONOURED.items():
-        if key == "modules_to_save" and head:
+        if key == "modules_to_save" and saved:
             continue
         if config.get(key, neutral) not in (neutral, [], {}):
             raise AdapterError(f"{path}: {key}={config[key]!r} cannot be honoured by jpeft; "
@@ -215,6 +223,8 @@ def load_adapter(adapter_dir: str, base_params):
         loaded = _from_peft(config, tensors, base_params, adapter_dir)
         if config.get("task_type") == "SEQ_CLS":
             loaded = classifier.read_head(tensors, loaded)
+        elif config.get("modules_to_save"):
+            loaded = T.from_modules(saved_modules.read(config["modules_to_save"], tensors, T.modules(loaded)))
     if tensors.left:
         keys = sorted(tensors.left)
         if any(k.startswith(("encoder.embed_tokens.", "decoder.embed_tokens.")) for k in keys):

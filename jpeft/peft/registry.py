@@ -22,6 +22,7 @@ from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
 from jpeft.peft.qlora import QLoRA, Quantized
+from jpeft.peft.saved_modules import SavedModules
 from jpeft.peft.vera import VeRA
 
 METHODS = (
@@ -39,6 +40,7 @@ METHODS = (
     LlamaAdapter,
     Bottleneck,
     Classifier,
+    SavedModules,  # PEFT's modules_to_save read from a dir: whole weights, marked
 )
 # methods whose `weight` hook rebuilds the weight from trained leaves in every call (FLOPs and memory count it)
 REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))

@@ -142,8 +142,8 @@ def test_shape_mismatch(adapter_dir, tmp_path):
 
 def test_unknown_peft_type_and_unhonoured_fields(adapter_dir):
     adapter, params = adapter_dir
-    edit_config(adapter, peft_type="LOKR")
-    with pytest.raises(jpeft.AdapterError, match="peft_type 'LOKR' is not supported"):
+    edit_config(adapter, peft_type="BOFT")
+    with pytest.raises(jpeft.AdapterError, match="peft_type 'BOFT' is not supported"):
         jpeft.load_adapter(str(adapter), params)
     edit_config(adapter, peft_type="LORA")
     as_written = T.flatten(jpeft.load_adapter(str(adapter), params))

@@ -1,0 +1,69 @@
+"""PEFT's modules_to_save: whole modules a dir carries beside its adapter, read, counted, merged and written back."""
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+import jpeft
+from jpeft import tree as T
+from conftest import make_hf_model, save_hf_model
+
+IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
+SAVED = ["lm_head", "embed_tokens", "post_attention_layernorm"]  # a kernel, an embedding, a stacked norm
+
+
+def logits(model, params):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def peft_dir(path, **overrides):
+    """A PEFT LoRA dir whose saved modules differ from the base's (as after training them)."""
+    peft_model = peft.get_peft_model(make_hf_model("llama", **overrides), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=SAVED, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    peft_model.eval().save_pretrained(path)
+    return peft_model
+
+
+def test_saved_modules_load_count_merge_and_go_back_to_peft(tmp_path):
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
+    peft_model = peft_dir(tmp_path / "adapter")
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-5, rtol=0)
+    assert jpeft.count_parameters(adapted)[0] == peft_model.get_nb_trainable_parameters()[0]
+    mask = T.flatten(jpeft.trainable_mask(adapted))
+    assert mask["lm_head/kernel"] and mask["model/layers/post_attention_layernorm/scale"]
+    assert not mask["model/layers/input_layernorm/scale"] and not mask["model/layers/self_attn/q_proj/kernel"]
+    jpeft.save_adapter(str(tmp_path / "again"), adapted)
+    back = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "again").eval()
+    assert sorted(back.peft_config["default"].modules_to_save) == sorted(SAVED)
+    np.testing.assert_allclose(torch_logits(back), logits(model, adapted), atol=2e-5, rtol=0)
+    merged = jpeft.merge(adapted)
+    assert set(T.flatten(merged)) == set(T.flatten(params))
+    np.testing.assert_allclose(logits(model, merged), logits(model, adapted), atol=2e-5, rtol=0)
+
+
+def test_what_jpeft_cannot_hold_is_refused(tmp_path):
+    _, tied = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", tie_word_embeddings=True), tmp_path / "tied"))
+    peft_dir(tmp_path / "adapter")
+    with pytest.raises(jpeft.AdapterError, match="ties them \\(tie_word_embeddings\\).*merge_and_unload"):
+        jpeft.load_adapter(str(tmp_path / "adapter"), tied)
+    _, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    with pytest.raises(jpeft.AdapterError, match="only a PEFT method's dir carries back"):
+        jpeft.save_adapter(str(tmp_path / "bitfit"), jpeft.BitFit(["q_proj"]).init(None, adapted),
+                           method=jpeft.BitFit(["q_proj"]))
+    peft_model = peft.get_peft_model(make_hf_model("llama"), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "one-layer")
+    with pytest.raises(jpeft.AdapterError, match="names only some layers of model.layers.mlp.down_proj"):
+        jpeft.load_adapter(str(tmp_path / "one-layer"), params)
