@@ -63,8 +63,11 @@ METHOD_PRESETS = {  # train.lr and method.* options per method
     "vera": dict(lr=5e-2, targets=ALL_PROJECTIONS),  # at its default rank, PEFT's 256; 1e-2 to 2e-1 tried
     "loha": dict(lr=1e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8, alpha=8 (LoRA r=16's count); 4e-3 to 4e-2 tried
     "lokr": dict(lr=2e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8, alpha=8 (VeRA's count); 1e-2 to 1.2e-1 tried
+    "oft": dict(lr=5e-3, targets=ALL_PROJECTIONS),  # PEFT's blocks of 32; 1e-3 to 3e-2 tried (from 2e-2 it diverges)
+    "hra": dict(lr=6e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8; 3e-3 to 1.2e-1 tried
     "ia3": dict(lr=2e-2),
     "prompt": dict(lr=3e-2, num_virtual_tokens=20),  # PEFT's prompt-tuning examples use 3e-2
+    "p_tuning": dict(lr=3e-3, num_virtual_tokens=20),  # its encoder's width the model's; 3e-4 to 3e-2 tried
     "prefix": dict(lr=1e-2, num_virtual_tokens=20),
     "llama_adapter": dict(lr=1e-2, adapter_len=10),  # the paper's 9e-3
     "bottleneck": dict(size=64),
