@@ -16,6 +16,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import JpeftError
 from jpeft.peft.registry import HEAD_MODULES, METHODS
+from jpeft.peft.saved_modules import MARK as SAVED_MARK
 
 ADAPTER_LEAVES = frozenset(n for m in METHODS for n in (*m.trainable, *m.metadata))
 COMBINATIONS = ("linear", "cat", "svd")
@@ -29,6 +30,9 @@ def add_adapter(params, name: str, adapted):
     if any(T.leaf_name(p) in ("lora_init_a", "lora_init_b") for p in flat):
         raise JpeftError(f"adapter {name!r} was initialised with PiSSA/OLoRA, which rewrites the base weights; "
                          "it cannot share a base with other adapters")
+    if any(T.leaf_name(p) == SAVED_MARK for p in flat):
+        raise JpeftError(f"add_adapter: {name!r} holds modules its dir saved whole (modules_to_save), which replace "
+                         "the base's rather than sit beside them; named adapters cannot share a base with it")
     if head := sorted({p.split("/", 1)[0] for p in flat} & set(HEAD_MODULES)):
         raise JpeftError(f"add_adapter: {name!r} holds a classification head ({', '.join(head)}), which named "
                          "adapters do not keep; use the classifier tree itself")

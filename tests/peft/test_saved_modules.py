@@ -59,6 +59,8 @@ def test_what_jpeft_cannot_hold_is_refused(tmp_path):
         jpeft.load_adapter(str(tmp_path / "adapter"), tied)
     _, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "base"))
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    with pytest.raises(jpeft.JpeftError, match="holds modules its dir saved whole"):
+        jpeft.add_adapter(params, "saved", adapted)
     with pytest.raises(jpeft.AdapterError, match="only a PEFT method's dir carries back"):
         jpeft.save_adapter(str(tmp_path / "bitfit"), jpeft.BitFit(["q_proj"]).init(None, adapted),
                            method=jpeft.BitFit(["q_proj"]))
