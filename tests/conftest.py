@@ -137,6 +137,23 @@ def perturb(params, names, key=None, scale: float = 0.1):
                         for p, v in flat.items()})
 
 
+def check_merges_and_trains(model, params, adapted, ids) -> None:
+    """A weight method's invariants on a perturbed tree: it changes the logits, `merge` gives a plain tree with
+    the same logits, and every trained leaf gets a gradient."""
+    import jax
+    import numpy as np
+    import jpeft
+    from jpeft import tree as T
+    out = np.asarray(model.apply({"params": adapted}, ids))
+    assert np.abs(out - np.asarray(model.apply({"params": params}, ids))).max() > 1e-3
+    merged = jpeft.merge(adapted)
+    assert set(T.flatten(merged)) == set(T.flatten(params))
+    np.testing.assert_allclose(model.apply({"params": merged}, ids), out, atol=1e-5, rtol=0)
+    trainable, frozen = T.partition(adapted, jpeft.trainable_mask(adapted))
+    grads = jax.grad(lambda t: model.apply({"params": T.combine(t, frozen)}, ids).sum())(trainable)
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
+
+
 def edit_adapter_config(adapter_dir, **fields) -> None:
     """Overwrite fields of a saved adapter's adapter_config.json."""
     import json

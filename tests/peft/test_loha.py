@@ -6,7 +6,7 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
-from conftest import GPT2, edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import GPT2, check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -46,14 +46,7 @@ def test_delta_is_the_scaled_hadamard_product_and_counts_as_peft_counts(base):
 def test_merged_equals_unmerged_and_gradients_reach_every_factor(base):
     model, params = base
     adapted = perturb(jpeft.LoHa(rank=4, targets=TARGETS).init(jax.random.key(0), params), jpeft.LoHa.trainable, scale=0.3)
-    out = model.apply({"params": adapted}, IDS)
-    assert np.abs(np.asarray(out - model.apply({"params": params}, IDS))).max() > 1e-3
-    merged = jpeft.merge(adapted)
-    assert set(T.flatten(merged)) == set(T.flatten(params))
-    np.testing.assert_allclose(model.apply({"params": merged}, IDS), out, atol=1e-5, rtol=0)
-    trainable, frozen = T.partition(adapted, jpeft.trainable_mask(adapted))
-    grads = jax.grad(lambda t: model.apply({"params": T.combine(t, frozen)}, IDS).sum())(trainable)
-    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
+    check_merges_and_trains(model, params, adapted, IDS)
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -11,7 +11,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import jpeft
 from jpeft import tree as T
 from jpeft.peft.lokr import factorization
-from conftest import edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -71,17 +71,11 @@ def test_delta_is_the_scaled_kronecker_product_and_merges(base):
     adapted = perturb(method.init(jax.random.key(0), params), jpeft.LoKr.trainable, scale=0.3)
     leaves = {k: np.asarray(v[1], np.float64) for k, v in T.modules(adapted)["model/layers/mlp/up_proj"].items()}
     w1, w2 = leaves["lokr_w1_b"] @ leaves["lokr_w1_a"], leaves["lokr_w2_b"] @ leaves["lokr_w2_a"]
-    merged = jpeft.merge(adapted)
-    assert set(T.flatten(merged)) == set(T.flatten(params))
-    up = T.modules(merged)["model/layers/mlp/up_proj"]["kernel"][1]
+    up = T.modules(jpeft.merge(adapted))["model/layers/mlp/up_proj"]["kernel"][1]
     np.testing.assert_allclose(np.asarray(up) - leaves["kernel"], 3.0 * np.kron(w1, w2), atol=1e-6, rtol=0)
-    out = model.apply({"params": adapted}, IDS)
-    assert np.abs(np.asarray(out - model.apply({"params": params}, IDS))).max() > 1e-3
-    np.testing.assert_allclose(model.apply({"params": merged}, IDS), out, atol=1e-5, rtol=0)
-    trainable, frozen = T.partition(adapted, jpeft.trainable_mask(adapted))
-    assert {T.leaf_name(p) for p in T.flatten(trainable)} == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
-    grads = jax.grad(lambda t: model.apply({"params": T.combine(t, frozen)}, IDS).sum())(trainable)
-    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
+    trained = {T.leaf_name(p) for p, on in T.flatten(jpeft.trainable_mask(adapted)).items() if on}
+    assert trained == {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}
+    check_merges_and_trains(model, params, adapted, IDS)
 
 
 @pytest.mark.parametrize("options", [dict(rank=2, decompose_factor=2), dict(rank=1, decompose_both=True)], ids=str)

@@ -1,15 +1,13 @@
-"""OFT against PEFT both ways (every variant of its config), and its invariants and refusals."""
+"""OFT's invariants and refusals (every variant of its config against PEFT both ways: test_peft_parity.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
 
 import jpeft
 from jpeft import tree as T
 from jpeft.peft.oft import rotation
-from conftest import edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # input widths 32, 32, 32, 64
@@ -24,60 +22,12 @@ def logits(model, params):
     return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
 
 
-def torch_logits(model):
-    with torch.no_grad():
-        return model(torch.tensor(IDS)).logits.numpy()
-
-
-PEFT_CONFIGS = {
-    "block-size": dict(oft_block_size=8, target_modules=["q_proj", "down_proj"]),
-    "rank-shared": dict(r=4, oft_block_size=0, target_modules=["v_proj", "up_proj"], block_share=True),
-    "exact-cayley": dict(oft_block_size=4, target_modules=["q_proj", "down_proj"], use_cayley_neumann=False),
-    "three-terms": dict(oft_block_size=8, target_modules=["k_proj"], num_cayley_neumann_terms=3),
-    "constrained": dict(oft_block_size=8, target_modules=["o_proj", "gate_proj"], coft=True, eps=1e-2),
-    "adjusted-head": dict(oft_block_size=6, target_modules=["v_proj", "lm_head"]),  # 6 divides neither 32 nor 32
-}
-
-
-@pytest.mark.parametrize("name", PEFT_CONFIGS)
-def test_peft_written_adapter_loads_with_same_logits(base, tmp_path, name):
-    model, params = base
-    peft_model = peft.get_peft_model(make_hf_model("llama"), peft.OFTConfig(init_weights=False, **PEFT_CONFIGS[name]))
-    peft_model.eval().save_pretrained(tmp_path)
-    adapted = jpeft.load_adapter(str(tmp_path), params)
-    np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-5, rtol=0)
-    assert np.abs(logits(model, adapted) - logits(model, params)).max() > 1e-3
-    assert jpeft.count_parameters(adapted)[0] == peft_model.get_nb_trainable_parameters()[0]
-
-
-@pytest.mark.parametrize("method", [
-    jpeft.OFT(block_size=8, targets="all-linear"),
-    jpeft.OFT(rank=2, targets=TARGETS, block_share=True),
-    jpeft.OFT(block_size=5, targets=TARGETS, use_cayley_neumann=False),  # adjusted to 4, as PEFT adjusts it
-], ids=["all-linear", "rank-shared", "adjusted-exact"])
-def test_jpeft_written_adapter_loads_in_peft(base, tmp_path, method):
-    model, params = base
-    torch_model = make_hf_model("llama")
-    adapted = perturb(method.init(jax.random.key(0), params), ("oft_R",), scale=0.2)
-    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
-    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
-    np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-5, rtol=0)
-    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
-    np.testing.assert_array_equal(logits(model, reloaded), logits(model, adapted))
-
-
 def test_identity_at_init_merges_and_trains(base):
     model, params = base
     adapted = jpeft.OFT(block_size=8, targets=TARGETS).init(jax.random.key(0), params)
     np.testing.assert_array_equal(logits(model, adapted), logits(model, params))
     assert T.modules(adapted)["model/layers/mlp/down_proj"]["oft_R"].shape == (2, 8, 28)  # 64 / 8 blocks of 8·7/2
-    adapted = perturb(adapted, ("oft_R",), scale=0.2)
-    merged = jpeft.merge(adapted)
-    assert set(T.flatten(merged)) == set(T.flatten(params))
-    np.testing.assert_allclose(logits(model, merged), logits(model, adapted), atol=1e-5, rtol=0)
-    trainable, frozen = T.partition(adapted, jpeft.trainable_mask(adapted))
-    grads = jax.grad(lambda t: model.apply({"params": T.combine(t, frozen)}, jnp.asarray(IDS)).sum())(trainable)
-    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads))
+    check_merges_and_trains(model, params, perturb(adapted, ("oft_R",), scale=0.2), jnp.asarray(IDS))
 
 
 def test_the_exact_cayley_transform_is_orthogonal_and_the_series_nearly(base):

@@ -61,6 +61,22 @@ PEFT_CONFIGS = {
     # W₁ a product too, widths split 4·n
     "lokr-decompose": peft.LoKrConfig(r=1, alpha=3, target_modules=["v_proj", "up_proj"], decompose_both=True,
                                       decompose_factor=4, init_weights=False),
+    # OFT's variants: a block size or count (shared blocks), the exact transform or a short series, the
+    # constrained form, sizes PEFT adjusts (6 divides no width here) on a head whose base weight PEFT saves
+    "oft": peft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "oft-rank-shared": peft.OFTConfig(r=4, oft_block_size=0, target_modules=["v_proj", "up_proj"], block_share=True,
+                                      init_weights=False),
+    "oft-exact": peft.OFTConfig(oft_block_size=4, target_modules=["q_proj", "down_proj"], use_cayley_neumann=False,
+                                init_weights=False),
+    "oft-three-terms": peft.OFTConfig(oft_block_size=8, target_modules=["k_proj"], num_cayley_neumann_terms=3,
+                                      init_weights=False),
+    "oft-constrained": peft.OFTConfig(oft_block_size=8, target_modules=["o_proj", "gate_proj"], coft=True, eps=1e-2,
+                                      init_weights=False),
+    "oft-adjusted-head": peft.OFTConfig(oft_block_size=6, target_modules=["v_proj", "lm_head"], init_weights=False),
+    # HRA: a chain of reflections, the Gram–Schmidt form, an odd rank on the head
+    "hra": peft.HRAConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
+    "hra-gram-schmidt": peft.HRAConfig(r=3, target_modules=["v_proj", "up_proj"], apply_GS=True, init_weights=False),
+    "hra-odd-head": peft.HRAConfig(r=5, target_modules=["k_proj", "lm_head"], init_weights=False),
 }
 
 
@@ -76,6 +92,7 @@ def test_peft_written_adapter_loads_with_same_logits(tmp_path, name):
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_allclose(jax_logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
     assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-3
+    assert jpeft.count_parameters(adapted)[0] == peft_model.get_nb_trainable_parameters()[0]
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_16", "loftq", "corda"])
@@ -106,6 +123,13 @@ JPEFT_METHODS = {
     "lokr-all-linear": (jpeft.LoKr(rank=2, alpha=8, targets="all-linear"), ("lokr_w1",)),
     "lokr-decompose": (jpeft.LoKr(rank=1, alpha=2, targets=["k_proj", "gate_proj"], decompose_both=True,
                                   decompose_factor=2), ("lokr_w1_a",)),
+    "oft-all-linear": (jpeft.OFT(block_size=8, targets="all-linear"), ("oft_R",)),
+    "oft-rank-shared": (jpeft.OFT(rank=2, targets=["q_proj", "v_proj", "up_proj", "down_proj"], block_share=True),
+                        ("oft_R",)),
+    "oft-adjusted-exact": (jpeft.OFT(block_size=5, targets=["q_proj", "down_proj"], use_cayley_neumann=False),
+                           ("oft_R",)),  # 5 divides no width: 4 and 8 blocks of 8, as PEFT adjusts it
+    "hra-all-linear": (jpeft.HRA(4, targets="all-linear"), ("hra_u",)),
+    "hra-gram-schmidt": (jpeft.HRA(2, ["q_proj", "down_proj"], gram_schmidt=True), ("hra_u",)),
 }
 
 
