@@ -63,6 +63,7 @@ class MethodSection:
     use_cayley_neumann: bool = True  # OFT: PEFT's truncated series for the Cayley transform (false: exact)
     num_cayley_neumann_terms: int = 5  # OFT: the series' terms
     gram_schmidt: bool = False  # HRA: orthonormalise the reflection vectors (PEFT's apply_GS)
+    token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

@@ -195,10 +195,10 @@ class LMHead:
         transposed, where the head is tied to it; else the model's own `lm_head` (with any adapter leaves)."""
         if not self.config.tie_word_embeddings:
             return dict(params["lm_head"])
-        table = params
-        for key in self.embedding_path.split("/"):
-            table = table[key]
-        return {"kernel": table.T}
+        leaves = params
+        for key in self.embedding_path.split("/")[:-1]:
+            leaves = leaves[key]
+        return {"kernel": sites.embed_table(leaves).T}
 
     @nn.nowrap
     def logits(self, head: dict, hidden, rng=None):

@@ -23,6 +23,7 @@ from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
+from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.peft import saved_modules
 from jpeft.peft.registry import BY_NAME, HEAD_MODULES, METHODS
 from jpeft.peft.loha import LoHa
@@ -130,6 +131,6 @@ def _mask_of(params, mask, what: str) -> dict:
     return flat_mask
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "TrainableTokens", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze"]

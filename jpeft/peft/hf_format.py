@@ -1,7 +1,7 @@
 """Adapter directories (adapter_config.json + adapter_model.safetensors), both ways.
 
-Methods PEFT has (LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, IA3, prompt tuning, P-tuning, prefix tuning,
-adaption prompts) are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
+Methods PEFT has (LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, IA3, trainable tokens, prompt tuning, P-tuning,
+prefix tuning, adaption prompts) are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
 method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
 method's `peft_type`; `tree` is every module of the base, so `target_modules` select exactly the

@@ -23,6 +23,7 @@ from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
 from jpeft.peft.qlora import QLoRA, Quantized
 from jpeft.peft.saved_modules import SavedModules
+from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.peft.vera import VeRA
 
 METHODS = (
@@ -34,6 +35,7 @@ METHODS = (
     OFT,
     HRA,
     IA3,
+    TrainableTokens,
     PromptTuning,
     PTuning,
     PrefixTuning,
@@ -57,7 +59,7 @@ FAMILY_DEFAULTS = {
            "hra": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
-    "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
+    "gpt2": {"trainable_tokens": {"targets": ["wte"]}, "lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
              "ia3": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
              "bitfit": {"targets": ["c_attn", "c_proj", "c_fc"]}},
 }
@@ -71,6 +73,7 @@ BY_NAME = {cls.name: cls for cls in (
     OFT,
     HRA,
     IA3,
+    TrainableTokens,
     BitFit,
     NormTuning,
     PromptTuning,

@@ -8,6 +8,7 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     dense:   w = weight hook or kernel;  x = dense_input(x);  y = x·w + Σ dense_delta;
              y = y + bias;  y = dense_output(y)
     embed:   x = [Σ embed_prepend ; table[ids] + Σ embed_delta]   (soft prompts as extra rows)
+    embed_table: the token table a tied LM head reads (trainable tokens' rows in it)
     attention_kv: keys/values with each method's prepended (prefix tuning), before the KV
              cache is written, so a prefix lives in the cache like past tokens
     attention_output: the attention block's output, given its post-RoPE queries (LLaMA-Adapter)
@@ -33,12 +34,13 @@ from jpeft import tree as T
 from jpeft.peft.registry import BY_NAME, METHODS
 from jpeft.products import matmul
 
-__all__ = ["matmul", "weight", "dense", "embed", "attention_kv", "attention_output", "residual", "norm",
+__all__ = ["matmul", "weight", "dense", "embed", "embed_table", "attention_kv", "attention_output", "residual", "norm",
            "virtual_tokens", "expand", "decoding", "require"]
 
 # The hooks a method may implement; a model lists those it calls (`insertion_points`). `pool` is where a
 # classification head reads a decoder's final features (`classifier.classify`).
-HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "attention_kv",
+HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "embed_table",
+         "attention_kv",
          "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
 
 
@@ -105,6 +107,13 @@ def embed(leaves: dict, ids, dtype, prepend: bool = True, scale: float | None = 
     for method in _with("embed_prepend", leaves) if prepend else ():
         x = jnp.concatenate([method.embed_prepend(leaves, ids.shape[0]).astype(dtype), x], axis=1)
     return x
+
+
+def embed_table(leaves: dict):
+    """The token table [vocab, D] as a tied LM head reads it."""
+    for method in _with("embed_table", leaves):
+        return method.embed_table(leaves)
+    return leaves["embedding"]
 
 
 def attention_kv(leaves: dict, k, v):

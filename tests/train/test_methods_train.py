@@ -24,6 +24,7 @@ RUNS = {
                          "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
     "hra-gram-schmidt": ["method.name=hra", "method.rank=3", "method.gram_schmidt=true",
                          "method.targets=[v_proj,up_proj]"],
+    "trainable-tokens": ["method.name=trainable_tokens", f"method.token_indices=[{','.join(map(str, range(10, 60)))}]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
     "bottleneck-parallel": ["method.name=bottleneck", "method.kind=parallel", "method.size=8", "method.scale=4"],
