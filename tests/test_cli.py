@@ -156,7 +156,7 @@ def test_info_lists_every_method_with_its_options(capsys):
     assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]
     assert "method.block_share" in options["oft"] and "method.num_cayley_neumann_terms" in options["oft"]
     assert options["hra"] == "method.rank, method.targets, method.gram_schmidt"
-    assert options["trainable_tokens"] == "method.token_indices, method.targets"
+    assert options["trainable_tokens"] == "method.targets, method.token_indices"
     assert options["p_tuning"] == "method.num_virtual_tokens, method.projection"
     assert "method.projection" in options["prefix"] and "method.adapter_layers" in options["llama_adapter"]
     assert "method.kind" in options["bottleneck"] and "method.pooling" in options["classifier"]
