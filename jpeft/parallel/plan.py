@@ -24,7 +24,7 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
   its attention scores in float32 (plus a copy in s when s is not 4 bytes), of its unrematerialised
   residuals and of its LoRA-adapted projections' widths, plus its weights in
   s, gathered over fsdp (`FSDP_WEIGHT_COPIES`) or dequantized whole (QLoRA), plus under fsdp its
-  trained weights' whole float32 gradient, plus `REBUILT_COPIES` float32 copies of each weight LoHa, LoKr or OFT rebuilds), or one chunk of the loss (float32 logits and their
+  trained weights' whole float32 gradient, plus `REBUILT_COPIES` float32 copies of each weight LoHa, LoKr, OFT or HRA rebuilds), or one chunk of the loss (float32 logits and their
   gradient, the LM head gathered twice under fsdp, the final hidden state and its gradient);
 - under fsdp, a trained LM head's whole float32 gradient, which the loss keeps to the end.
 
@@ -32,7 +32,7 @@ The counts and multiples were fitted to XLA's buffer assignment of the real comp
 backend, float32: tests/parallel/test_plan.py's small Llama on meshes of 8 fake devices, within 7% (VeRA on
 every projection: 6%; its terms were fitted on q/v and all-linear targets, 8x1x1 and 2x2x2: 0.98-1.06; LoHa
 on every projection 8x1x1: 1.00, on q/v 2x2x2: 0.93; LoKr on every projection 2x2x2: 0.96; OFT's R·W on every
-projection 8x1x1: 1.01),
+projection 8x1x1: 1.01; HRA on q/v 2x2x2: 0.93),
 which the test checks within 15%; and the bench's 58.6M-parameter Llama on one device, LoRA and
 full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). bfloat16 counts the
 same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
@@ -68,7 +68,7 @@ BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss
 # its mask and the random bits it is drawn from.
 DROPOUT_BYTES = (14, 6)
 FSDP_WEIGHT_COPIES = 1.5  # a layer's weights gathered over fsdp: XLA keeps part of them twice in the backward
-REBUILT_COPIES = 3  # float32 [in, out] buffers per weight a method rebuilds (LoHa, LoKr, OFT) in a layer's backward: the weight, its gradient, a factor's product
+REBUILT_COPIES = 3  # float32 [in, out] buffers per weight a method rebuilds (LoHa, LoKr, OFT, HRA) in a layer's backward: the weight, its gradient, a factor's product
 # One layer's backward working set per remat policy, fitted to XLA: multiples of its attention scores'
 # float32 bytes (their gradient, and a copy in the compute dtype when it is not float32), of its
 # residuals, and of the input + output widths of its LoRA-adapted projections (their delta path); a
@@ -205,7 +205,7 @@ class _Activations:
         # which λ_b's gradient reads (widths per token)
         self.vera_widths = sum(shard_shape(leaves["vera_b"].shape, axes[m + "/vera_b"], gathered)[-1]
                                - leaves["vera_b"].shape[-2] for m, leaves in layer.items() if "vera_b" in leaves)
-        # LoHa's, LoKr's and OFT's weight is rebuilt whole, [in, out], and differentiated in each layer's backward
+        # LoHa's, LoKr's, OFT's and HRA's weight is rebuilt whole, [in, out], and differentiated in each layer's backward
         self.rebuilt_weights = sum(math.prod(shard_shape(leaves["kernel"].shape, axes[m + "/kernel"], gathered)[-2:])
                                    for m, leaves in layer.items() if any(r.present(leaves) for r in REBUILT_WEIGHTS))
         flat = T.flatten(nn.meta.unbox(abstract))

@@ -67,7 +67,17 @@ class Method:
 
 class RebuiltWeight(Method):
     """A method whose `weight` hook builds the whole weight from the kernel and its trained leaves in every call
-    (LoHa, LoKr, OFT): merging keeps that weight."""
+    (LoHa, LoKr, OFT, HRA), on whole layer stacks of Linear weights (`linear_stacks`): `init_module(key, path,
+    leaves)` adds its leaves to one module; merging keeps the rebuilt weight."""
+
+    def init(self, key, params):
+        grouped = T.modules(params)
+        refuse_tied_head(self.targets, grouped)
+        chosen = linear_stacks(self, grouped)
+        for path, k in zip(chosen, jax.random.split(key, len(chosen))):
+            refuse_second_init(self, path, grouped[path], self.trainable)
+            grouped[path] = self.init_module(k, path, grouped[path])
+        return T.from_modules(grouped)
 
     @classmethod
     def merge(cls, leaves: dict) -> dict:

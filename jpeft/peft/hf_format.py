@@ -84,11 +84,12 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     with it (see `_classifier`).
     """
     refuse_container(params, "save_adapter")
-    peft_dir = not classifier.split_head(params)[1] and (method is None or isinstance(method, tuple(CLASSES.values())))
+    head = bool(classifier.split_head(params)[1])
+    peft_dir = not head and (method is None or isinstance(method, tuple(CLASSES.values())))
     if not peft_dir and saved_modules.SavedModules.present_in(params):
         raise AdapterError("save_adapter: this tree holds modules an adapter dir saved whole (modules_to_save), which "
                            "only a PEFT method's dir carries back; save its adapter without method= (or merge it)")
-    if classifier.split_head(params)[1]:
+    if head:
         tensors, config = _classifier(params)
     elif isinstance(method, norm.NormTuning):  # it trains base leaves, which only its mask tells apart
         tensors, config = _peft_layout(params, method.peft_type, *norm.to_peft(params, method.mask(params)))

@@ -18,11 +18,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (RebuiltWeight, exact_targets, from_layer_rows, layer_rows, leading, linear_stacks,
-                             linear_uniform, module_layers, module_names, refuse_second_init, refuse_tied_head,
-                             saved_base_weight, target_option)
+                             linear_uniform, module_layers, module_names, refuse_tied_head, saved_base_weight,
+                             target_option)
 
 log = logging.getLogger("jpeft.peft")
 GRAM_SCHMIDT = "hra_gram_schmidt"
@@ -44,8 +43,6 @@ class HRA(RebuiltWeight):
         return f"HRA(rank={self.rank}, targets={self.targets!r}, gram_schmidt={self.gram_schmidt})"
 
     def init(self, key, params):
-        grouped = T.modules(params)
-        refuse_tied_head(self.targets, grouped)
         if self.rank % 2:
             log.warning(f"HRA rank {self.rank} is odd: its reflections cannot start in cancelling pairs, so the "
                         "model changes at init (as PEFT warns)")
@@ -53,11 +50,7 @@ class HRA(RebuiltWeight):
             log.warning("HRA with gram_schmidt starts, as PEFT's does, from pairs of equal vectors, which Gram–Schmidt "
                         "cannot orthonormalise (each pair's second is the first): the model changes at init, by a "
                         "reflection that float rounding picks")
-        chosen = linear_stacks(self, grouped)
-        for path, k in zip(chosen, jax.random.split(key, len(chosen))):
-            refuse_second_init(self, path, grouped[path], self.trainable)
-            grouped[path] = self.init_module(k, path, grouped[path])
-        return T.from_modules(grouped)
+        return super().init(key, params)
 
     def init_module(self, key, path: str, leaves: dict) -> dict:
         """PEFT's init: r/2 kaiming-uniform vectors, each twice in a row (U(±1/√(r/2)) on torch's [in, r/2]); an odd

@@ -15,10 +15,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (RebuiltWeight, exact_targets, from_layer_rows, layer_rows, linear_stacks, module_layers,
-                             module_names, refuse_second_init, refuse_tied_head, saved_base_weight, target_option)
+                             module_names, refuse_tied_head, saved_base_weight, target_option)
 
 log = logging.getLogger("jpeft.peft")
 
@@ -32,18 +31,6 @@ class Lycoris(RebuiltWeight):
 
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r})"
-
-    def chosen(self, grouped: dict) -> list[str]:
-        return linear_stacks(self, grouped)
-
-    def init(self, key, params):
-        grouped = T.modules(params)
-        refuse_tied_head(self.targets, grouped)
-        chosen = self.chosen(grouped)
-        for path, k in zip(chosen, jax.random.split(key, len(chosen))):
-            refuse_second_init(self, path, grouped[path], self.trainable)
-            grouped[path] = self.init_module(k, path, grouped[path])
-        return T.from_modules(grouped)
 
     def init_module(self, key, path: str, leaves: dict) -> dict:
         raise NotImplementedError
@@ -95,7 +82,7 @@ class Lycoris(RebuiltWeight):
                         "implement: its outputs are the same (they act in training only), but training it further "
                         "runs without them")
         method = cls.from_config(config)
-        chosen = method.chosen(modules)
+        chosen = linear_stacks(method, modules)
         refuse_tied_head(method.targets, modules, AdapterError)
         out = dict(modules)
         for path in chosen:

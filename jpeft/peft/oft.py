@@ -25,11 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import (RebuiltWeight, exact_targets, from_layer_rows, layer_rows, leading, linear_stacks,
-                             module_layers, module_names, refuse_second_init, refuse_tied_head, saved_base_weight,
-                             target_option)
+                             module_layers, module_names, refuse_tied_head, saved_base_weight, target_option)
 
 log = logging.getLogger("jpeft.peft")
 PEFT_DEFAULT_BLOCK_SIZE = 32
@@ -61,14 +59,6 @@ class OFT(RebuiltWeight):
         return (f"OFT({size}, targets={self.targets!r}, block_share={self.block_share}, "
                 f"use_cayley_neumann={self.use_cayley_neumann}, num_cayley_neumann_terms={self.num_cayley_neumann_terms})")
 
-    def init(self, key, params):
-        grouped = T.modules(params)
-        refuse_tied_head(self.targets, grouped)
-        for path in linear_stacks(self, grouped):
-            refuse_second_init(self, path, grouped[path], self.trainable)
-            grouped[path] = self.init_module(path, grouped[path])
-        return T.from_modules(grouped)
-
     def blocks(self, path: str, width: int) -> tuple[int, int]:
         """(r, b) for an input width, PEFT's adjustment (with its warning) where the option does not divide it."""
         given = self.rank or self.block_size
@@ -77,8 +67,8 @@ class OFT(RebuiltWeight):
                         f"{width} of {path.replace('/', '.')}; {adjusted} there, as PEFT adjusts it")
         return (adjusted, width // adjusted) if self.rank else (width // adjusted, adjusted)
 
-    def init_module(self, path: str, leaves: dict) -> dict:
-        """PEFT's init: S = 0, so R = I."""
+    def init_module(self, key, path: str, leaves: dict) -> dict:
+        """PEFT's init: S = 0, so R = I (nothing drawn)."""
         lead = leading(path, leaves["kernel"])
         r, b = self.blocks(path, leaves["kernel"].shape[-2])
         coefficients = neumann_coefficients(self.num_cayley_neumann_terms) if self.use_cayley_neumann else []
@@ -217,7 +207,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     refuse_tied_head(method.targets, modules, AdapterError)
     out = dict(modules)
     for path in linear_stacks(method, modules):
-        leaves = method.init_module(path, modules[path])  # then filled from the file
+        leaves = method.init_module(None, path, modules[path])  # then filled from the file
         rows = layer_rows(path, leaves["oft_R"])
         for i, name in enumerate(module_layers(path, leaves)):
             got = tensors.take(f"{name}.oft_R.weight")

@@ -59,7 +59,8 @@ FAMILY_DEFAULTS = {
            "hra": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
-    "gpt2": {"trainable_tokens": {"targets": ["wte"]}, "lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
+    "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
+             "trainable_tokens": {"targets": ["wte"]},
              "ia3": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
              "bitfit": {"targets": ["c_attn", "c_proj", "c_fc"]}},
 }

@@ -40,8 +40,7 @@ __all__ = ["matmul", "weight", "dense", "embed", "embed_table", "attention_kv", 
 # The hooks a method may implement; a model lists those it calls (`insertion_points`). `pool` is where a
 # classification head reads a decoder's final features (`classifier.classify`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "embed_table",
-         "attention_kv",
-         "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
+         "attention_kv", "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
 
 
 def missing(method, insertion_points) -> list[str]:

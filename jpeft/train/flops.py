@@ -2,7 +2,7 @@
 
 Every matmul weight — a dense kernel (or its quantized form), LoRA's factors, a tied
 embedding used as the LM head, VeRA's projections — costs 2 FLOPs per token and element forward and 2 for the
-input gradient; only a trained one costs 2 more for its weight gradient (and a kernel that LoHa, LoKr or OFT
+input gradient; only a trained one costs 2 more for its weight gradient (and a kernel that LoHa, LoKr, OFT or HRA
 rebuilds, whose gradient their leaves' come from). So a LoRA step is about 4N FLOPs per token where full fine-tuning
 is 6N. The per-step products that rebuild it and their leaves' gradients are not per token and not counted. Attention adds 4·T·heads·head_dim per
 token and layer forward and twice that backward. Recomputation under remat is not counted
