@@ -64,6 +64,7 @@ class MethodSection:
     num_cayley_neumann_terms: int = 5  # OFT: the series' terms
     gram_schmidt: bool = False  # HRA: orthonormalise the reflection vectors (PEFT's apply_GS)
     token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
+    trainable_token_indices: list[int] | None = None  # LoRA: these ids' input-embedding rows train too (PEFT's)
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None
@@ -81,6 +82,7 @@ class MethodSection:
     pooling: str = "last"  # classifier: last (non-pad token, as HF) | mean
     hidden: int | None = None  # classifier: hidden units of an MLP head (None: a linear head, HF's)
     lora: dict | None = None  # classifier: LoRA trained with the head, LoRA's options (method.lora.rank=8)
+    modules_to_save: list[str] | None = None  # PEFT's: modules trained whole beside the adapter, saved in its dir
 
 
 @dataclass
@@ -165,6 +167,7 @@ KEY_TYPES = {**_TOP_LEVEL, **{f"{section}.{f.name}": f.type for section, cls in 
 
 REGEX_CHARS = set("\\.*+?|()[]^$")
 LORA_KEY = "method.lora"
+SAVED_MODULES = "modules_to_save"
 
 
 def method_options(name: str) -> list[str]:
@@ -172,14 +175,17 @@ def method_options(name: str) -> list[str]:
     import inspect
 
     from jpeft.peft.registry import BY_NAME
+    from jpeft.peft.hf_format import carries_saved_modules
     keys = [f.name for f in dataclasses.fields(MethodSection)]
     names = {p for c in BY_NAME[name].__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
+    if carries_saved_modules(BY_NAME[name]):  # an option of the run, not of the method's constructor
+        names.add(SAVED_MODULES)
     return [k for k in keys if k in names]
 
 
 def method_kwargs(section: "MethodSection") -> dict:
-    """The options of the configured method, set or defaulted, as keyword arguments."""
-    return {k: v for k in method_options(section.name) if (v := getattr(section, k)) is not None}
+    """The constructor's options of the configured method, set or defaulted, as keyword arguments."""
+    return {k: v for k in method_options(section.name) if k != SAVED_MODULES and (v := getattr(section, k)) is not None}
 
 
 def load_config(path: str | None, overrides: Iterable[str] = ()) -> RunConfig:

@@ -155,13 +155,15 @@ def test_info_lists_every_method_with_its_options(capsys):
     assert "method.use_dora" in options["lora"] and "method.quant" in options["qlora"]
     assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]
     assert "method.block_share" in options["oft"] and "method.num_cayley_neumann_terms" in options["oft"]
-    assert options["hra"] == "method.rank, method.targets, method.gram_schmidt"
-    assert options["trainable_tokens"] == "method.targets, method.token_indices"
-    assert options["p_tuning"] == "method.num_virtual_tokens, method.projection"
+    assert options["hra"] == "method.rank, method.targets, method.gram_schmidt, method.modules_to_save"
+    assert options["trainable_tokens"] == "method.targets, method.token_indices, method.modules_to_save"
+    assert options["p_tuning"] == "method.num_virtual_tokens, method.projection, method.modules_to_save"
     assert "method.projection" in options["prefix"] and "method.adapter_layers" in options["llama_adapter"]
     assert "method.kind" in options["bottleneck"] and "method.pooling" in options["classifier"]
-    assert "method.d_initial" in options["vera"] and options["loha"] == "method.rank, method.alpha, method.targets"
-    assert options["lokr"] == "method.rank, method.alpha, method.targets, method.decompose_both, method.decompose_factor"
+    assert "method.d_initial" in options["vera"] and options["loha"] == "method.rank, method.alpha, method.targets, method.modules_to_save"
+    assert options["lokr"] == ("method.rank, method.alpha, method.targets, method.decompose_both, method.decompose_factor, "
+                               "method.modules_to_save")
+    assert not any("modules_to_save" in options[name] for name in ("full", "bitfit", "norm", "classifier"))
 
 
 BLOCK_TORCH = """

@@ -60,7 +60,7 @@ from jpeft.models.attention import causal_keys
 from jpeft.parallel.mesh import MESH_AXES, axis_size, fitted_spec, logical_axes, mesh_shape
 from jpeft.peft.registry import REBUILT_WEIGHTS
 from jpeft.train.loss import CHUNK
-from jpeft.train.build import build_method, build_optimizer, run_model_config
+from jpeft.train.build import build_method, build_optimizer, run_init, run_model_config, train_mask
 
 BATCH_BYTES_PER_TOKEN = 16  # input_ids, labels, attention_mask (int32) and loss_mask (float32)
 # The model's own dropout (GPT-2's, T5's), fitted to XLA as below (tests/parallel/test_plan.py's GPT-2 at 64 and
@@ -149,8 +149,8 @@ def plan(cfg: RunConfig, devices: int, device_memory: int | None = None) -> Plan
     dtype = DTYPES[dtype_name]
     base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(abstract))
     method = build_method(cfg)
-    params = jax.eval_shape(method.init, jax.random.key(0), base)
-    axes, mask = logical_axes(params, abstract), method.mask(params)
+    params = jax.eval_shape(run_init(method, cfg.method.modules_to_save), jax.random.key(0), base)
+    axes, mask = logical_axes(params, abstract), train_mask(method, cfg.method.modules_to_save, params)
     shards = T.map_with_path(lambda p, x: shard_shape(x.shape, axes[p], sizes), params)
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trainable)

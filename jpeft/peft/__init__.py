@@ -25,6 +25,7 @@ from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
 from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.peft import saved_modules
+from jpeft.peft.saved_modules import modules_to_save
 from jpeft.peft.registry import BY_NAME, HEAD_MODULES, METHODS
 from jpeft.peft.loha import LoHa
 from jpeft.peft.lokr import LoKr
@@ -133,4 +134,4 @@ def _mask_of(params, mask, what: str) -> dict:
 
 __all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "TrainableTokens", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
-           "count_parameters", "parameter_report", "freeze"]
+           "count_parameters", "parameter_report", "freeze", "modules_to_save"]

@@ -45,7 +45,7 @@ PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()
 # only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.
 UNHONOURED = {"modules_to_save": None, "layer_replication": None,
-              "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+              "target_parameters": None, "use_qalora": False,
               "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None,
               # LoRA variants with leaves or base rewrites of their own (KaSA, BD-LoRA, VeLoRA, MonteCLoRA)
               "kasa_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None}
@@ -85,10 +85,10 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     """
     refuse_container(params, "save_adapter")
     head = bool(classifier.split_head(params)[1])
-    peft_dir = not head and (method is None or isinstance(method, tuple(CLASSES.values())))
-    if not peft_dir and saved_modules.SavedModules.present_in(params):
-        raise AdapterError("save_adapter: this tree holds modules an adapter dir saved whole (modules_to_save), which "
-                           "only a PEFT method's dir carries back; save its adapter without method= (or merge it)")
+    carries = not head and (method is None or carries_saved_modules(type(method)))
+    if not carries and saved_modules.SavedModules.present_in(params):
+        raise AdapterError("save_adapter: this tree holds modules saved whole (modules_to_save), which only the dir "
+                           "of an adapter in PEFT's layout carries; save its adapter without method= (or merge it)")
     if head:
         tensors, config = _classifier(params)
     elif isinstance(method, norm.NormTuning):  # it trains base leaves, which only its mask tells apart
@@ -104,10 +104,18 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
         json.dump(config, f, indent=2)
 
 
+def carries_saved_modules(method_class) -> bool:
+    """Does the dir `save_adapter` writes for this method class carry PEFT's `modules_to_save`? (An adapter
+    in PEFT's layout does; LN tuning's, which trains the base's own norms, and jpeft's native dirs do not.)"""
+    return issubclass(method_class, tuple(CLASSES.values())) and not issubclass(method_class, norm.NormTuning)
+
+
 def _peft(params):
     """PEFT's tensors and adapter_config for the one PEFT adapter type the tree holds."""
     grouped = T.modules(jax.device_get(params))
     found = [t for t, cls in CLASSES.items() if any(cls.present(m) for m in grouped.values())]
+    if found == ["LORA", "TRAINABLE_TOKENS"]:  # LoRA's trainable_token_indices: its dir carries the rows
+        found = ["LORA"]
     if len(found) != 1:
         what = "no adapter leaves (call a method's .init first)" if not found else f"adapters of {found}"
         raise AdapterError(f"save_adapter: the parameter tree holds {what}; one adapter type is saved at a time")

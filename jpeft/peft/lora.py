@@ -10,6 +10,7 @@ module whose layers are only partly targeted (`layers=`, a regex naming layer in
 holds factors for every layer and `lora_scale` 0 where it is not adapted: no delta, no
 gradient, not counted, not saved. PiSSA and OLoRA move the top of W into A·B at init and
 keep A₀, B₀ (`lora_init_a`/`lora_init_b`), so a saved adapter applies to the original base.
+`trainable_token_indices` (PEFT's) also trains those ids' rows of the input embedding (`trainable_tokens.py`).
 
 Parameters per targeted layer: r·(in + out) (+ out for DoRA).
 """
@@ -30,7 +31,9 @@ from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_
                              hf_module, layer_index, layer_rows, leading, linear_uniform, module_layers, module_names,
                              refuse_second_init, refuse_tied_head, saved_base_weight, target_option, targeted_layers,
                              weight_name)
+from jpeft.peft import trainable_tokens
 from jpeft.peft.quant import is_quantized
+from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.products import matmul
 
 INITS = ("peft", "gaussian", "pissa", "olora")
@@ -68,7 +71,8 @@ class LoRA(Method):
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | str = ("q_proj", "v_proj"),
                  dropout: float = 0.0, init: str = "peft", use_rslora: bool = False, use_dora: bool = False,
                  layers: Sequence[int] | None = None, rank_pattern: dict | None = None,
-                 alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float | None = None):
+                 alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float | None = None,
+                 trainable_token_indices: Sequence[int] | None = None):
         if rank < 1:
             raise JpeftError(f"LoRA rank must be >= 1, got {rank}")
         if init not in INITS:
@@ -84,12 +88,15 @@ class LoRA(Method):
         self.rank_pattern, self.alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
         self.lr_ratio, self.lr_embedding = float(lr_ratio), (
             None if lr_embedding is None else float(lr_embedding))
+        self.trainable_token_indices = None if trainable_token_indices is None else TrainableTokens(
+            trainable_token_indices).token_indices  # (checked as TrainableTokens checks them)
 
     def __repr__(self):
         options = {"use_dora": self.use_dora, "layers": self.layers, "rank_pattern": self.rank_pattern,
-                   "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio, "lr_embedding": self.lr_embedding}
+                   "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio, "lr_embedding": self.lr_embedding,
+                   "trainable_token_indices": self.trainable_token_indices}
         defaults = {"use_dora": False, "layers": None, "rank_pattern": {}, "alpha_pattern": {}, "lr_ratio": 1.0,
-                    "lr_embedding": None}
+                    "lr_embedding": None, "trainable_token_indices": None}
         extras = "".join(f", {k}={v!r}" for k, v in options.items() if v != defaults[k] or type(v) is not type(defaults[k]))
         return (f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
                 f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora}{extras})")
@@ -126,7 +133,13 @@ class LoRA(Method):
         for (path, picked), k in zip(chosen.items(), jax.random.split(key, len(chosen))):
             refuse_second_init(self, path, grouped[path], ("lora_a",))
             grouped[path] = self.init_module(k, path, grouped[path], picked)
-        return T.from_modules(grouped)
+        params = T.from_modules(grouped)
+        return trainable_tokens.with_tokens(params, self.trainable_token_indices) if self.trainable_token_indices \
+            else params
+
+    def mask(self, params):
+        """LoRA's factors, and the token rows of `trainable_token_indices`."""
+        return T.named(params, self.trainable + (TrainableTokens.trainable if self.trainable_token_indices else ()))
 
     def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
         lead, names = leading(path, next(iter(leaves.values()))), module_layers(path, leaves)
@@ -264,7 +277,7 @@ def decompose(kernel, rank: int, scale, scheme: str):
 
 def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT tensors and config fields for the LoRA `modules` of a grouped `tree` (`T.modules`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
-    applies to the original base."""
+    applies to the original base. Trainable token rows beside it go as its `trainable_token_indices`."""
     tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
     for path, leaves in modules.items():
         a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
@@ -308,6 +321,9 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
         config["layers_to_transform"] = list(layers)
     else:  # an exact regex over the adapted per-layer names
         config["target_modules"] = "(" + "|".join(re.escape(n) for n in sorted(entries)) + ")"
+    if tokens := {p: m for p, m in tree.items() if TrainableTokens.present(m)}:
+        rows, config["trainable_token_indices"] = trainable_tokens.lora_tensors(tokens)
+        tensors.update(rows)
     return tensors, config
 
 
@@ -349,4 +365,6 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     if all(out[p] is modules[p] for p in modules):
         raise AdapterError(f"target_modules {config['target_modules']!r} match no module of the base model; "
                            f"its modules: {method.available(modules)}")
+    if token_indices := config.get("trainable_token_indices"):
+        out = trainable_tokens.read_lora_tensors(token_indices, tensors, out)
     return out

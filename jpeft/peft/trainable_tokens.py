@@ -5,7 +5,8 @@ The rows live beside the token table (`trainable_tokens_delta` [n, D], PEFT's na
 themselves, not a difference; `token_indices` [n], metadata) and replace the table's rows for those ids wherever
 the table is read: at the embedding insertion point and, where the head is tied to the table, in the head too (as
 PEFT's tied adapter does; an untied head keeps its own rows). PEFT's init copies the rows, so the model is
-unchanged. Parameters: n·D.
+unchanged. Parameters: n·D. LoRA's `trainable_token_indices` (PEFT's) adds the same leaves to the input embedding,
+saved in the LoRA dir under PEFT's `token_adapter` name (`lora_tensors`, `read_lora_tensors`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import Method, hf_module, matches, refuse_second_init, target_option
 
 INDICES = "token_indices"
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "shared")  # the token table's name in each family (get_input_embeddings)
+LORA_KEY = "token_adapter.trainable_tokens_delta"  # a LoRA dir's rows, under the table's name
 
 
 class TrainableTokens(Method):
@@ -108,3 +111,43 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
             tensors.take("lm_head.trainable_tokens_delta")  # the tied head's copy of the same rows
         out[path] = method.attach(modules[path], rows)
     return out
+
+
+def input_embedding(modules: dict, error=JpeftError) -> str:
+    """The path of the model's token table, the module PEFT's `get_input_embeddings` returns."""
+    found = [p for p, leaves in modules.items() if "embedding" in leaves and p.rpartition("/")[2] in INPUT_EMBEDDINGS]
+    if len(found) != 1:
+        raise error(f"trainable token ids need the model's one token embedding ({' or '.join(INPUT_EMBEDDINGS)}); "
+                    f"this tree has {len(found)}")
+    return found[0]
+
+
+def with_tokens(params, token_indices, error=JpeftError):
+    """`params` with trainable rows for `token_indices` on the input embedding (LoRA's trainable_token_indices)."""
+    grouped = T.modules(params)
+    table = input_embedding(grouped, error)
+    if "lora_a" in grouped[table]:
+        raise error(f"{hf_module(table)} holds a LoRA and would get trainable token rows too; train the rows of "
+                    "new tokens with trainable_token_indices or the table with a LoRA on it, not both")
+    return TrainableTokens(token_indices, [hf_module(table)]).init(None, params)
+
+
+def lora_tensors(modules: dict) -> tuple[dict, list[int]]:
+    """The rows a LoRA dir carries (PEFT's key; a tied head's copy is not saved) and its trainable_token_indices."""
+    (path, leaves), = modules.items()
+    return ({f"{hf_module(path)}.{LORA_KEY}": np.asarray(leaves["trainable_tokens_delta"], np.float32)},
+            [int(i) for i in np.asarray(leaves[INDICES])])
+
+
+def read_lora_tensors(token_indices, tensors, modules: dict) -> dict:
+    """The modules with a LoRA dir's trainable token rows on the input embedding."""
+    table = input_embedding(modules, AdapterError)
+    if isinstance(token_indices, dict):  # PEFT's per-layer form: jpeft takes the input embedding's alone
+        if len(token_indices) != 1 or not matches(hf_module(table), list(token_indices)):
+            raise AdapterError(f"trainable_token_indices {token_indices}: jpeft trains token rows of the input "
+                               f"embedding ({hf_module(table)}) only")
+        (token_indices,) = token_indices.values()
+    key = f"{hf_module(table)}.{LORA_KEY}"
+    rows = tensors.take(key)
+    tensors.fits(key, rows.shape, (len(token_indices), modules[table]["embedding"].shape[1]))
+    return {**modules, table: TrainableTokens(token_indices, [hf_module(table)]).attach(modules[table], rows)}

@@ -1,7 +1,8 @@
 """What a run config builds before training: the model config as the run trains it, the method (defaulted for
-the base's family) with its leaves, and the optimizer (AdamW, or LoRA+ where the method asks for it)."""
+the base's family) with its leaves and what it trains, and the optimizer (AdamW, or LoRA+ where the method asks for it)."""
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 
@@ -13,7 +14,7 @@ from jpeft.data import label_names, load_rows
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.hf import abstract_params
 from jpeft.parallel import param_shardings
-from jpeft.peft import BY_NAME
+from jpeft.peft import BY_NAME, saved_modules
 from jpeft.peft.registry import FAMILY_DEFAULTS
 from jpeft.train.optimizer import LORA_PLUS_EMBEDDING_LR, adamw, lora_plus
 
@@ -65,10 +66,25 @@ def build_optimizer(cfg: RunConfig, method, trainable, frozen):
     return lora_plus(trainable, ratio, (lr_embedding or LORA_PLUS_EMBEDDING_LR) / tc.lr, embeddings, **options)
 
 
-def init_method(method, params, model, mesh, seed: int):
-    """The method's leaves added under jit, each born with the sharding its weight implies."""
-    key = jax.random.key(seed)
-    shardings = param_shardings(jax.eval_shape(method.init, key, params), abstract_params(model), mesh)
+def train_mask(method, saved: list[str] | None, params):
+    """What a run trains: the method's leaves (its `mask`) and the weights of the modules `saved` names
+    (`method.modules_to_save`)."""
+    mask = method.mask(params)
+    return jax.tree.map(operator.or_, mask, saved_modules.selected_mask(params, saved)) if saved else mask
+
+
+def run_init(method, saved: list[str] | None):
+    """A run's init: the method's, then the marks of the modules `saved` names (`method.modules_to_save`)."""
+    def init(key, params):
+        params = method.init(key, params)
+        return saved_modules.modules_to_save(params, saved) if saved else params
+    return init
+
+
+def init_method(method, params, model, mesh, seed: int, saved: list[str] | None = None):
+    """The run's leaves (`run_init`) added under jit, each born with the sharding its weight implies."""
+    init, key = run_init(method, saved), jax.random.key(seed)
+    shardings = param_shardings(jax.eval_shape(init, key, params), abstract_params(model), mesh)
     with warnings.catch_warnings():  # weights a method replaces (QLoRA's kernels) cannot be reused: fine
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        return jax.jit(method.init, out_shardings=shardings, donate_argnums=1)(key, params)
+        return jax.jit(init, out_shardings=shardings, donate_argnums=1)(key, params)

@@ -42,7 +42,7 @@ from jpeft.peft.llama_adapter import PEFT_MODEL_TYPES as PEFT_ADAPTION_PROMPT_TY
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
 from jpeft.train.build import (build_method, build_optimizer, class_labels, init_method, run_model_config,
-                               uses_dropout)
+                               train_mask, uses_dropout)
 from jpeft.train.metrics import MetricsLog, Window
 from jpeft.train.optimizer import applied_updates, schedule
 from jpeft.train.stop import StopRequests
@@ -129,8 +129,9 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     labels = class_labels(cfg)
     method = build_method(cfg, labels)
-    # base leaves the method trains (full, BitFit, norms) are read in float32: trained, they stay float32
-    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=method.mask)
+    trained = partial(train_mask, method, cfg.method.modules_to_save)
+    # base leaves the run trains (full, BitFit, norms, modules_to_save) are read in float32: trained, they stay so
+    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=trained)
     model = model.clone(config=run_model_config(cfg, model.config))
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     if rates := model.config.dropout_rates:
@@ -141,12 +142,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method
 
     sites.require(method, model.insertion_points, model.config.model_type)
-    params = init_method(method, params, model, mesh, tc.seed)
+    params = init_method(method, params, model, mesh, tc.seed, cfg.method.modules_to_save)
     generates = (cfg.data.eval_limit and any(e.prompts is not None for e in data.evals.values())
                  or any(p.metric != "perplexity" for p in probes))
     check_positions(model.config, [data.train, *(e.examples for e in data.evals.values())],
                     sum(sites.virtual_tokens(params)), cfg, generates)
-    mask = method.mask(params)
+    mask = trained(params)
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
@@ -225,7 +226,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     metrics.close()
     train_seconds = time.perf_counter() - loop_started
     params = T.combine(state["trainable"], frozen)
-    export(cfg, model, method, params)
+    export(cfg, model, method, params, mask)
     finished = not record  # a re-run of a finished run trained nothing: its last record is the result
     if finished:
         log.info("%s finished already at step %d; nothing to train", cfg.out_dir, start)
@@ -322,14 +323,14 @@ def _non_finite(cfg: RunConfig, step: int, out: dict, skipped: int, mngr) -> int
                         "train.on_nonfinite=skip to skip such steps")
 
 
-def export(cfg: RunConfig, model, method, params) -> str:
+def export(cfg: RunConfig, model, method, params, mask) -> str:
     """out_dir/model (HF dir) for full fine-tuning or a lone classification head HF can hold, else
     out_dir/adapter (HF PEFT dir where PEFT has the method, jpeft's own otherwise; a classifier's
     class names and pad id beside it). Every process takes part in gathering the leaves no one
     host holds whole; process 0 writes."""
     whole = cfg.method.name == "full" or getattr(method, "saves_model", False)
     if jax.process_count() > 1:
-        params = _gathered(params, method.mask(params), whole=whole)
+        params = _gathered(params, mask, whole=whole)
     out = os.path.join(cfg.out_dir, "model" if whole else "adapter")
     if jax.process_index() != 0:
         return out

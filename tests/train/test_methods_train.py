@@ -24,6 +24,7 @@ RUNS = {
                          "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
     "hra-gram-schmidt": ["method.name=hra", "method.rank=3", "method.gram_schmidt=true",
                          "method.targets=[v_proj,up_proj]"],
+    "lora-new-tokens": ["method.name=lora", "method.trainable_token_indices=[10,11,12]"],
     "trainable-tokens": ["method.name=trainable_tokens", f"method.token_indices=[{','.join(map(str, range(10, 60)))}]"],
     "bitfit": ["method.name=bitfit"],
     "norm": ["method.name=norm"],
@@ -49,7 +50,9 @@ def test_every_method_trains_and_exports(tiny_run, tmp_path, run):
 
 def test_method_options_are_checked(caplog):
     load_config(None, ["method.name=ia3", "method.rank=4"])
-    assert "method.rank: not options of method.name=ia3 (its options: feedforward, targets); ignored" in caplog.text
+    assert "method.rank: not options of method.name=ia3 (its options: feedforward, modules_to_save, targets); ignored" in caplog.text
+    load_config(None, ["method.name=full", "method.modules_to_save=[lm_head]"])
+    assert "method.modules_to_save: not options of method.name=full (its options: none); ignored" in caplog.text
     with pytest.raises(ConfigError, match="method.init.*one of peft, gaussian, pissa, olora"):
         load_config(None, ["method.init=svd"])
     cfg = load_config(None, ["method.name=lora", r"method.targets=model\.layers\.0\..*_proj"])

@@ -59,9 +59,9 @@ def test_frozen_leaves_bit_identical_and_no_optimizer_state(tiny_run, tmp_path, 
     seen = {}
     real_export, real_step = trainer.export, trainer.make_train_step
 
-    def export_spy(cfg, model, method, params):
+    def export_spy(cfg, model, method, params, mask):
         seen["params"] = jax.tree.map(np.array, params)
-        return real_export(cfg, model, method, params)
+        return real_export(cfg, model, method, params, mask)
 
     def step_spy(*args, **kwargs):
         step = real_step(*args, **kwargs)
