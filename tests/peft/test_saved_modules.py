@@ -123,3 +123,15 @@ def test_train_with_modules_to_save(tiny_run, tmp_path):
         assert json.load(f)["modules_to_save"] == ["lm_head"]
     with open(tmp_path / "summary.json") as f:
         assert json.load(f)["trainable_params"] == jpeft.count_parameters(adapted)[0] > base["lm_head"]["kernel"].size
+
+
+def test_a_run_reads_the_modules_it_trains_whole_in_float32(tmp_path):
+    """On a bf16 base the run's mask (`train_mask`) keeps the saved modules' checkpoint values exact."""
+    from functools import partial
+
+    from jpeft.train.build import train_mask
+    path = save_hf_model(make_hf_model("llama"), tmp_path / "base")
+    _, params = jpeft.from_pretrained(path, dtype="bfloat16",
+                                      keep_float32=partial(train_mask, jpeft.LoRA(), ["lm_head"]))
+    dtypes = {p: str(v.dtype) for p, v in T.flatten(params).items()}
+    assert dtypes.pop("lm_head/kernel") == "float32" and set(dtypes.values()) == {"bfloat16"}
