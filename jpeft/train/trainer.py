@@ -43,6 +43,7 @@ from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
 from jpeft.train.build import (build_method, build_optimizer, class_labels, init_method, run_model_config,
                                train_mask, uses_dropout)
+from jpeft.train.lock import out_dir_lock
 from jpeft.train.metrics import MetricsLog, Window
 from jpeft.train.optimizer import applied_updates, schedule
 from jpeft.train.stop import StopRequests
@@ -114,7 +115,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     """Run (or resume) the configured fine-tune; returns the final metrics record.
 
     A SIGTERM or SIGINT stops the run at the next step boundary with a checkpoint saved; the
-    record then says `"stopped"` and no adapter is exported (the re-run finishes the job).
+    record then says `"stopped"` and no adapter is exported (the re-run finishes the job). A second run into
+    the out_dir of a run still going is refused (`lock.out_dir_lock`).
     """
     if not cfg.model.path or not (cfg.data.train or cfg.data.mixture):
         raise ConfigError("model.path and data.train (or data.mixture) must be set (in the YAML file or as "
@@ -126,6 +128,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     probes = forgetting.read_probes(cfg.eval.forgetting or [], "eval.forgetting")
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
+    with out_dir_lock(cfg.out_dir) if primary else contextlib.nullcontext():  # one process writes out_dir
+        return _train(cfg, progress, probes, primary)
+
+
+def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], primary: bool) -> dict:
+    tc = cfg.train
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     labels = class_labels(cfg)
     method = build_method(cfg, labels)

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 import jpeft
 from jpeft import tree as T
+from jpeft.errors import TrainingError
 from jpeft.train import checkpoint, trainer
 from conftest import read_metrics, run_config
 
@@ -157,3 +158,13 @@ def test_signal_stops_at_step_boundary_and_resumes_exactly(tiny_run, tmp_path, m
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(straight)]
+
+
+def test_a_second_run_into_the_out_dir_of_a_live_run_is_refused(tiny_run, tmp_path):
+    from jpeft.train.lock import out_dir_lock
+    with out_dir_lock(str(tmp_path)):  # as a run still going holds it (flock: another open of the file conflicts)
+        with pytest.raises(TrainingError, match=f"out_dir of a run still going \\(process {os.getpid()}\\)"):
+            trainer.train(run_config(tiny_run, tmp_path, "train.steps=2"), progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    trainer.train(run_config(tiny_run, tmp_path, "train.steps=2"), progress=False)  # released: the run goes
+    assert len(read_metrics(tmp_path)) == 2
