@@ -26,17 +26,23 @@ def torch_logits(model):
         return model(torch.tensor(IDS)).logits.numpy()
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
-def test_peft_dirs_both_ways(tmp_path, tied):
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", tie_word_embeddings=tied),
-                                                        tmp_path / "base"))
-    peft_model = peft.get_peft_model(make_hf_model("llama", tie_word_embeddings=tied), peft.TrainableTokensConfig(
-        target_modules=["embed_tokens"], token_indices=CHOSEN))
+def peft_dir(path, tied: bool, config):
+    """A PEFT model of `config` whose token rows moved (as after training), saved at `path`."""
+    peft_model = peft.get_peft_model(make_hf_model("llama", tie_word_embeddings=tied), config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "trainable_tokens_delta" in name:
                 p.add_(0.5 * torch.randn_like(p))
-    peft_model.eval().save_pretrained(tmp_path / "peft")
+    peft_model.eval().save_pretrained(path)
+    return peft_model
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_peft_dirs_both_ways(tmp_path, tied):
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", tie_word_embeddings=tied),
+                                                        tmp_path / "base"))
+    peft_model = peft_dir(tmp_path / "peft", tied, peft.TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                                           token_indices=CHOSEN))
     adapted = jpeft.load_adapter(str(tmp_path / "peft"), params)
     np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-5, rtol=0)
     assert jpeft.count_parameters(adapted)[0] == peft_model.get_nb_trainable_parameters()[0] == 3 * 32
@@ -88,13 +94,8 @@ def test_lora_with_trainable_token_indices_both_ways(tmp_path, tied):
     head reads them unsaved; jpeft reads, counts and writes the pair as PEFT does."""
     model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", tie_word_embeddings=tied),
                                                         tmp_path / "base"))
-    peft_model = peft.get_peft_model(make_hf_model("llama", tie_word_embeddings=tied), peft.LoraConfig(
+    peft_model = peft_dir(tmp_path / "peft", tied, peft.LoraConfig(
         r=2, target_modules=["q_proj"], trainable_token_indices=CHOSEN, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.add_(0.5 * torch.randn_like(p))
-    peft_model.eval().save_pretrained(tmp_path / "peft")
     adapted = jpeft.load_adapter(str(tmp_path / "peft"), params)
     np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-5, rtol=0)
     assert jpeft.count_parameters(adapted) == peft_model.get_nb_trainable_parameters()
