@@ -246,6 +246,33 @@ def targeted_layers(module_path: str, num_layers: int, targets, layers: Sequence
     return picked
 
 
+def without_excluded(config: dict, grouped: dict, error=JpeftError) -> dict:
+    """An adapter config with PEFT's `exclude_modules` folded into its `target_modules`: an exact regex over the
+    per-layer names the targets pick (`all-linear`: every dense layer but the output head; `layers_to_transform`
+    where the targets are a list, as in PEFT) less those the exclusion matches, which PEFT tests as it tests
+    targets. Every method's reader then takes the config as it is."""
+    exclude, targets = config.get("exclude_modules"), config.get("target_modules")
+    if not exclude or targets is None:
+        return config
+    layers = config.get("layers_to_transform")
+    if isinstance(targets, str) and targets != ALL_LINEAR:  # PEFT applies layers to a list of targets only
+        layers = None
+    elif isinstance(layers, int):
+        layers = [layers]
+    picked = []
+    for path, leaves in grouped.items():
+        names = module_layers(path, leaves)
+        if targets == ALL_LINEAR and ("embedding" in leaves or "kernel" not in leaves and not is_quantized(leaves)
+                                      or path.rpartition("/")[2] in OUTPUT_LAYERS):
+            continue
+        chosen = targeted_layers(path, len(names), ".*" if targets == ALL_LINEAR else targets, layers)
+        picked += [name for name, c in zip(names, chosen) if c and not matches(name, exclude)]
+    if not picked:
+        raise error(f"target_modules {targets!r} less exclude_modules {exclude!r} leave no module of this base")
+    return {**config, "target_modules": "(" + "|".join(re.escape(n) for n in picked) + ")",
+            "layers_to_transform": None, "exclude_modules": None}
+
+
 def weight_name(leaves: dict) -> str | None:
     """The leaf a dense or embedding method modifies ('kernel' or 'embedding'), if the module has one."""
     return next((n for n in ("kernel", "embedding") if n in leaves), None)

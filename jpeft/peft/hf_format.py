@@ -31,6 +31,7 @@ from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import adalora, classifier, norm, saved_modules
+from jpeft.peft.base import without_excluded
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import BY_NAME, METHODS
 
@@ -46,7 +47,7 @@ PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.
 UNHONOURED = {"modules_to_save": None, "layer_replication": None,
               "target_parameters": None, "use_qalora": False,
-              "exclude_modules": None, "lora_bias": False, "alora_invocation_tokens": None,
+              "lora_bias": False, "alora_invocation_tokens": None,
               # LoRA variants with leaves or base rewrites of their own (KaSA, BD-LoRA, VeLoRA, MonteCLoRA)
               "kasa_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None}
 
@@ -200,7 +201,7 @@ def adapter_mask(adapter_dir: str, params):
     from jpeft.peft import trainable_mask
     config = read_adapter_config(adapter_dir)
     if config["peft_type"] == norm.NormTuning.peft_type:
-        return norm.targeted_mask(params, config["target_modules"])
+        return norm.targeted_mask(params, without_excluded(config, T.modules(params), AdapterError)["target_modules"])
     method = BY_NAME.get(config.get("method")) if config["peft_type"] == "JPEFT" else None
     if method is None or method is classifier.Classifier:
         return trainable_mask(params)
@@ -246,8 +247,10 @@ def load_adapter(adapter_dir: str, base_params):
 
 
 def _from_peft(config: dict, tensors: Tensors, base_params, adapter_dir: str):
+    grouped = T.modules(base_params)
     try:
-        return T.from_modules(PEFT_FAMILIES[config["peft_type"]].from_peft(config, tensors, T.modules(base_params)))
+        config = without_excluded(config, grouped, AdapterError)
+        return T.from_modules(PEFT_FAMILIES[config["peft_type"]].from_peft(config, tensors, grouped))
     except KeyError as e:
         raise AdapterError(f"{adapter_dir}: adapter_config.json lacks the field {e}") from None
     except AdapterError:

@@ -77,6 +77,18 @@ PEFT_CONFIGS = {
     "hra": peft.HRAConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False),
     "hra-gram-schmidt": peft.HRAConfig(r=3, target_modules=["v_proj", "up_proj"], apply_GS=True, init_weights=False),
     "hra-odd-head": peft.HRAConfig(r=5, target_modules=["k_proj", "lm_head"], init_weights=False),
+    # exclude_modules, folded into the targets: names and suffixes out of all-linear, a regex out of a list with
+    # layers_to_transform, whole stacks out of a method that adapts whole stacks
+    "exclude-all-linear": peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear",
+                                          exclude_modules=["o_proj", "mlp.down_proj", "model.layers.0.mlp.up_proj"],
+                                          init_lora_weights=False),
+    "exclude-regex-layers": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"],
+                                            layers_to_transform=[0, 1], exclude_modules=r".*\.1\.self_attn\.v_proj",
+                                            init_lora_weights=False),
+    "exclude-ia3": peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                  exclude_modules=["k_proj"]),
+    "exclude-loha": peft.LoHaConfig(r=2, alpha=4, target_modules="all-linear", exclude_modules=["q_proj", "k_proj",
+                                    "v_proj", "o_proj"], init_weights=False),
 }
 
 
@@ -394,3 +406,13 @@ def test_t5_prompt_tuning_round_trip(tmp_path, method):
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     # P-tuning's file holds its prompt as encoded outside the compiled model: float32 rounding apart
     np.testing.assert_allclose(ours(reloaded), ours(adapted), atol=1e-6 if method.name == "prompt" else 3e-5, rtol=0)
+
+
+def test_exclude_modules_that_leave_nothing_are_refused(tmp_path):
+    torch_model = make_hf_model("llama")
+    _, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")
+    edit_adapter_config(tmp_path / "a", exclude_modules=["self_attn.q_proj"])
+    with pytest.raises(jpeft.AdapterError, match=r"target_modules \['q_proj'\] less exclude_modules "
+                                                 r"\['self_attn.q_proj'\] leave no module of this base"):
+        jpeft.load_adapter(str(tmp_path / "a"), params)
