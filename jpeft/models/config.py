@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Qwen2/3 and Gemma 1/2/3 differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Qwen2/3, Gemma 1/2/3 and Granite differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "t5", "gpt2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 QK_NORM_TYPES = ("qwen3", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
@@ -23,12 +23,14 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES),
-    "mlp_bias": ("llama",),
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite"),
+    "mlp_bias": ("llama", "granite"),
     "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
+    **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
+                    ("granite",)),
 }
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Granite: embeddings times embedding_multiplier, each block's output times residual_multiplier before the
+    # residual sum, attention_multiplier as the query scale, logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     max_position_embeddings: int = 2048
     gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) is not gated
     # T5: an encoder of num_layers blocks and a decoder of num_decoder_layers, with a learned bias per
@@ -139,6 +147,8 @@ class ModelConfig:
 
     @property
     def query_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
@@ -207,6 +217,10 @@ class ModelConfig:
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
+            embedding_multiplier=float(own("embedding_multiplier") or 1.0),
+            residual_multiplier=float(own("residual_multiplier") or 1.0),
+            attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
+            logits_scaling=float(own("logits_scaling") or 1.0),
             attention_dropout=_rate(family.attention_dropout, "attention_dropout", source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,

@@ -319,6 +319,11 @@ def _one_dtype(flat: dict, dtype: str | None, out_dir: str):
     return stored
 
 
+def has_classifier(model_type: str) -> bool:
+    """Does transformers have a *ForSequenceClassification model of this family (Granite has none)?"""
+    return model_type in ARCHITECTURE
+
+
 def _config_holding(cfg: ModelConfig, params) -> dict:
     """config.json for `params`: biases BitFit added switch on `attention_bias` / `mlp_bias` where the family's
     config has them (Llama both; Qwen3 and Gemma the first);
@@ -333,6 +338,9 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
     expected = T.flatten(nn.meta.unbox(abstract_params(build(
         ModelConfig.from_hf(hf).replace(tie_word_embeddings=cfg.tie_word_embeddings)))))
     if "score/kernel" in leaves:
+        if not has_classifier(cfg.model_type):
+            raise CheckpointError(f"transformers has no sequence classifier for {cfg.model_type} models; save the "
+                                  "classifier with jpeft.save_adapter, which writes jpeft's own adapter dir")
         labels = np.shape(T.flatten(params)["score/kernel"])[-1]
         hf["architectures"] = [ARCHITECTURE[cfg.model_type] + "ForSequenceClassification"]
         if len(hf.get("id2label") or ()) != labels:  # transformers sizes the head by them (2 without)

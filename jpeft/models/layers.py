@@ -202,14 +202,24 @@ class LMHead:
 
     @nn.nowrap
     def logits(self, head: dict, hidden, rng=None):
-        """float32 logits of hidden states [..., D] through the head's leaves, soft-capped where the family does
-        (Gemma 2); `rng` drops an adapter's input as on any dense layer (LoRA dropout on `lm_head`)."""
-        return softcap(sites.dense(head, hidden, rng).astype(jnp.float32), self.config.final_softcap)
+        """float32 logits of hidden states [..., D] through the head's leaves, divided by Granite's
+        `logits_scaling` and soft-capped where the family does (Gemma 2); `rng` drops an adapter's input as on
+        any dense layer (LoRA dropout on `lm_head`)."""
+        logits = sites.dense(head, hidden, rng).astype(jnp.float32)
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
+        return softcap(logits, self.config.final_softcap)
 
     @nn.nowrap
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache (`kv_cache.empty_cache`)."""
         return empty_cache(self.config, batch, max_len, dtype)
+
+
+def scaled(x, multiplier: float):
+    """x times a config's multiplier (Granite's), computed in float32 and rounded once, as torch multiplies a
+    tensor by a Python float; x itself where the multiplier is 1."""
+    return x if multiplier == 1.0 else (x.astype(jnp.float32) * multiplier).astype(x.dtype)
 
 
 def softcap(x, cap: float | None):

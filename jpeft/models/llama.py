@@ -63,7 +63,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output."""
+    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, Granite scales
+    it (`residual_multiplier`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -78,12 +79,13 @@ class DecoderLayer(nn.Module):
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         if cfg.sandwich_norms:
             h = norm(name="post_attention_layernorm")(h)
-        x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
+        x = x + sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "attention", normed)
         normed = norm(name="pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm")(x)
         h = MLP(cfg, name="mlp")(normed)
         if cfg.sandwich_norms:
             h = norm(name="post_feedforward_layernorm")(h)
-        return (x + sites.residual(L.module_leaves(self), h, "mlp", normed), cache_kv, layer + 1), None
+        h = sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "mlp", normed)
+        return (x + h, cache_kv, layer + 1), None
 
 
 def layer_mask(cfg: ModelConfig, masks, layer):
@@ -109,6 +111,7 @@ class Decoder(nn.Module):
         scale = np.sqrt(cfg.hidden_size) if cfg.embed_scale else None  # Gemma's; a soft prompt stays unscaled
         x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype),
                                                                           scale=scale)
+        x = L.scaled(x, cfg.embedding_multiplier)  # Granite's, on the whole input (PEFT's soft prompt too)
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)

@@ -32,7 +32,7 @@ from jpeft.errors import ConfigError, TrainingError
 from jpeft.evaluate import evaluate_classifier, predict, text_metrics
 from jpeft.generate import require_prompt_room
 from jpeft.models.config import ModelConfig
-from jpeft.models.hf import copy_tokenizer, from_pretrained, load_tokenizer, save_pretrained
+from jpeft.models.hf import copy_tokenizer, from_pretrained, has_classifier, load_tokenizer, save_pretrained
 from jpeft.parallel import (activation_sharding, batch_sharding, initialize, local_rows, make_mesh, place_batch,
                             state_shardings)
 from jpeft.peft import count_parameters, parameter_report, sites
@@ -128,11 +128,12 @@ def train(cfg: RunConfig, progress: bool = True) -> dict:
     probes = forgetting.read_probes(cfg.eval.forgetting or [], "eval.forgetting")
     initialize(cfg.dist.coordinator, cfg.dist.num_processes, cfg.dist.process_id)
     primary = jax.process_index() == 0
-    with out_dir_lock(cfg.out_dir) if primary else contextlib.nullcontext():  # one process writes out_dir
-        return _train(cfg, progress, probes, primary)
+    with contextlib.ExitStack() as held:  # out_dir's lock, taken where the run first writes there
+        return _train(cfg, progress, probes, primary, held)
 
 
-def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], primary: bool) -> dict:
+def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], primary: bool,
+           held: contextlib.ExitStack) -> dict:
     tc = cfg.train
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     labels = class_labels(cfg)
@@ -164,6 +165,8 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
     shardings = state_shardings(optimizer, trainable, mesh)
     state = jax.jit(init_state, static_argnums=1, out_shardings=shardings)(trainable, optimizer)
 
+    if primary:  # one process writes out_dir; a run still going there holds it
+        held.enter_context(out_dir_lock(cfg.out_dir))
     os.makedirs(cfg.out_dir, exist_ok=True)
     mngr = checkpoint.manager(cfg.out_dir, tc.keep_checkpoints)
     inputs, defaults = checkpoint.run_fingerprint(cfg)
@@ -336,7 +339,8 @@ def export(cfg: RunConfig, model, method, params, mask) -> str:
     out_dir/adapter (HF PEFT dir where PEFT has the method, jpeft's own otherwise; a classifier's
     class names and pad id beside it). Every process takes part in gathering the leaves no one
     host holds whole; process 0 writes."""
-    whole = cfg.method.name == "full" or getattr(method, "saves_model", False)
+    whole = cfg.method.name == "full" or getattr(method, "saves_model", False) and has_classifier(
+        model.config.model_type)
     if jax.process_count() > 1:
         params = _gathered(params, mask, whole=whole)
     out = os.path.join(cfg.out_dir, "model" if whole else "adapter")

@@ -54,6 +54,11 @@ CASES = {
         GEMMA3["rope_parameters"], full_attention=dict(YARN_ROPE, rope_theta=1e6)))),
     "gemma3-legacy-rope-fields": ("gemma3_text", dict(GEMMA3, rope_parameters=None, rope_theta=50000.0,
                                                       rope_local_base_freq=100.0)),
+    # Granite's multipliers, none of them neutral (a residual multiplier that bf16 cannot hold exactly)
+    "granite-multipliers-bias": ("granite", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                 attention_multiplier=2.0, logits_scaling=8.0, attention_bias=True,
+                                                 mlp_bias=True)),
+    "granite-tied-defaults": ("granite", dict(tie_word_embeddings=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -336,6 +341,10 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("llama-yarn-mscale-betas-untruncated", dict(rope=dict(beta_slow=1.0))),
     ("llama-yarn-mscale-betas-untruncated", dict(rope=dict(attention_factor=1.1))),
     ("gemma3-yarn-global-rope", dict(rope=dict(type="linear", attention_factor=1.0))),
+    ("granite-multipliers-bias", dict(embedding_multiplier=1.0)),
+    ("granite-multipliers-bias", dict(residual_multiplier=1.0)),
+    ("granite-multipliers-bias", dict(attention_multiplier=50.0)),  # (its scores are small: 2 barely differs from None)
+    ("granite-multipliers-bias", dict(logits_scaling=1.0)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

@@ -362,3 +362,16 @@ def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_
     assert ref.config.num_labels == 3 and ref.config.pad_token_id == make_tokenizer().pad_token_id == 0
     np.testing.assert_allclose(hf_logits(ref.eval(), IDS_PADDED, MASK),
                                np.asarray(jpeft.classify(model, tree, IDS_PADDED, MASK)), atol=2e-4, rtol=0)
+
+
+def test_a_family_transformers_has_no_classifier_for_keeps_its_head_in_an_adapter_dir(tmp_path):
+    """Granite has no *ForSequenceClassification: the head saves as an adapter dir, whole-model export says why."""
+    from conftest import FAMILIES as SIZES
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("granite", **SIZES["granite"]), tmp_path / "b"))
+    head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    logits = np.asarray(jpeft.classify(model, head, IDS_PADDED, MASK))
+    jpeft.save_adapter(str(tmp_path / "adapter"), head)
+    reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    np.testing.assert_allclose(np.asarray(jpeft.classify(model, reloaded, IDS_PADDED, MASK)), logits, atol=1e-6)
+    with pytest.raises(jpeft.CheckpointError, match="transformers has no sequence classifier for granite models"):
+        jpeft.save_pretrained(str(tmp_path / "model"), model, head)

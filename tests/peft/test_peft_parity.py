@@ -229,7 +229,7 @@ FAMILY_METHODS = {
 @pytest.mark.parametrize("method", FAMILY_METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_round_trip_for_each_family(tmp_path, family, method):
-    """jpeft -> PEFT -> jpeft for Qwen3 and Gemma 2/3: the same logits on all three."""
+    """jpeft -> PEFT -> jpeft for Qwen3, Gemma 1/2/3 and Granite: the same logits on all three."""
     init, random_leaves = FAMILY_METHODS[method]
     torch_model = make_hf_model(family, **FAMILIES[family])
     model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))

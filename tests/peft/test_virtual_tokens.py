@@ -95,10 +95,13 @@ def test_an_lstm_encoders_dir_loads_as_the_prompt_it_encoded(tmp_path, base):
     np.testing.assert_allclose(peft_logits(reread, "p_tuning"), peft_logits(peft_model, "p_tuning"), atol=1e-5)
 
 
-def test_gemmas_soft_prompt_is_not_scaled_with_the_token_embeddings(tmp_path):
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_a_soft_prompt_is_scaled_where_the_family_scales_its_input(tmp_path, family):
     """Gemma scales its token embeddings by sqrt(hidden) inside the embedding module, and PEFT prepends the soft
-    prompt to that module's output: the prompt itself stays unscaled, both ways."""
-    path = save_hf_model(make_hf_model("gemma2", head_dim=8, sliding_window=4), tmp_path / "gemma2")
+    prompt to that module's output: the prompt itself stays unscaled, both ways. Granite multiplies the whole
+    input (`embedding_multiplier`), the prompt PEFT prepends too."""
+    from conftest import FAMILIES
+    path = save_hf_model(make_hf_model(family, **FAMILIES[family]), tmp_path / family)
     model, params = jpeft.from_pretrained(path)
     adapted = perturb(jpeft.PromptTuning(N).init(jax.random.key(1), params), TRAINED["prompt"], jax.random.key(2), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
