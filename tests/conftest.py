@@ -71,6 +71,7 @@ FAMILIES = {
                    final_logit_softcapping=0.5),
     "gemma3_text": dict(head_dim=8, sliding_window=4),
     "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+    "olmo2": dict(attention_bias=True),
 }
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.

@@ -51,6 +51,7 @@ def tiny(tmp_path_factory):
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})),
     ("gpt2", dict(n_inner=64)),  # learned positions of left-padded rows
     ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
+    ("olmo2", dict(num_key_value_heads=1)),  # q/k norms over the whole projections of the cached tokens
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

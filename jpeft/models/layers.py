@@ -113,16 +113,18 @@ class Dense(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm (w · x, cast first), or Gemma's (`plus_one`: (1 + w) · x in float32, w born zero)."""
+    """Llama's RMSNorm (w · x, cast first), OLMo2's (`float32_scale`: w · x in float32, then cast), or Gemma's
+    (`plus_one`: (1 + w) · x in float32, w born zero)."""
     eps: float
     plus_one: bool = False
     axes: tuple[str] = ("embed",)
+    float32_scale: bool = False
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, self.axes), (x.shape[-1],), jnp.float32)
-        return sites.norm(module_leaves(self), _rms_normed(x, scale, self.eps, self.plus_one))
+        return sites.norm(module_leaves(self), _rms_normed(x, scale, self.eps, self.plus_one, self.float32_scale))
 
 
 class LayerNorm(nn.Module):
@@ -146,12 +148,12 @@ def recomputed(*static_argnums: int):
     return partial(jax.checkpoint, static_argnums=static_argnums, prevent_cse=False)
 
 
-@recomputed(2, 3)
-def _rms_normed(x, scale, eps: float, plus_one: bool):
+@recomputed(2, 3, 4)
+def _rms_normed(x, scale, eps: float, plus_one: bool, float32_scale: bool):
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
-    if plus_one:
-        return (h * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    if plus_one or float32_scale:
+        return (h * (plus_one + scale.astype(jnp.float32))).astype(x.dtype)
     return scale.astype(x.dtype) * h.astype(x.dtype)
 
 

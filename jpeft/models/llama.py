@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3): one module, families differ by config.
+"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo2): one module, families differ by
+config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -32,11 +33,12 @@ class Attention(nn.Module):
         q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
         k = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
         v = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
+        if cfg.qk_norm == "all":
+            q, k = (rms_norm(cfg, (axis,), name)(a) for name, a, axis in (("q_norm", q, "heads"), ("k_norm", k, "kv")))
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = (L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, ("head_dim",), name=name)(a)
-                    for name, a in (("q_norm", q), ("k_norm", k)))
+        if cfg.qk_norm == "head":
+            q, k = (rms_norm(cfg, ("head_dim",), name)(a) for name, a in (("q_norm", q), ("k_norm", k)))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
@@ -63,8 +65,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, Granite scales
-    it (`residual_multiplier`)."""
+    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo2 only that
+    (no `pre_norms`), Granite scales it (`residual_multiplier`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -72,20 +74,26 @@ class DecoderLayer(nn.Module):
         x, cache_kv, layer = carry
         rope, masks, cache_index = context
         cfg = self.cfg
-        norm = partial(L.RMSNorm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        norm = partial(rms_norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        normed = norm(name="input_layernorm")(x)
+        normed = norm("input_layernorm")(x) if cfg.pre_norms else x
         h, cache_kv = Attention(cfg, name="self_attn")(normed, layer_rope(cfg, rope, layer),
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         if cfg.sandwich_norms:
-            h = norm(name="post_attention_layernorm")(h)
+            h = norm("post_attention_layernorm")(h)
         x = x + sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "attention", normed)
-        normed = norm(name="pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm")(x)
+        pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+        normed = norm(pre_mlp)(x) if cfg.pre_norms else x
         h = MLP(cfg, name="mlp")(normed)
         if cfg.sandwich_norms:
-            h = norm(name="post_feedforward_layernorm")(h)
+            h = norm("post_feedforward_layernorm")(h)
         h = sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "mlp", normed)
         return (x + h, cache_kv, layer + 1), None
+
+
+def rms_norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm:
+    """The family's RMSNorm over a tensor's last axis (logical `axes`)."""
+    return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, axes, cfg.norm_float32_scale, name=name)
 
 
 def layer_mask(cfg: ModelConfig, masks, layer):
@@ -115,7 +123,7 @@ class Decoder(nn.Module):
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, name="norm")(x), cache_kv
+        return rms_norm(cfg, ("embed",), "norm")(x), cache_kv
 
 
 class CausalLM(L.LMHead, nn.Module):

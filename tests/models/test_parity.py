@@ -59,6 +59,9 @@ CASES = {
                                                  attention_multiplier=2.0, logits_scaling=8.0, attention_bias=True,
                                                  mlp_bias=True)),
     "granite-tied-defaults": ("granite", dict(tie_word_embeddings=True)),
+    # OLMo2: norms after each block only, q/k norms over the whole projection, w · x in float32
+    "olmo2": ("olmo2", {}),
+    "olmo2-bias-tied": ("olmo2", dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=1)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -136,6 +139,14 @@ def test_config_fields_read_as_transformers_reads_them(case, tmp_path):
     ids = np.random.RandomState(0).randint(0, 97, (2, 12))
     out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
+
+
+def test_a_norm_eps_the_file_leaves_out_is_the_familys():
+    """OLMo2's default is 1e-5, Llama's 1e-6 (too close on tiny weights for the logits tests to tell)."""
+    for model_type, eps in (("olmo2", 1e-5), ("llama", 1e-6)):
+        hf = make_hf_model(model_type).config.to_dict()
+        del hf["rms_norm_eps"]
+        assert ModelConfig.from_hf(hf).rms_norm_eps == eps
 
 
 def test_gemma_legacy_gelu_is_the_tanh_gelu():
@@ -333,7 +344,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gemma", dict(embed_scale=False)),
     ("gemma3-local-rope", dict(local_rope=None)),
     ("gemma3-legacy-rope-fields", dict(local_rope=None)),
-    ("qwen3-qk-norm", dict(qk_norm=False)),
+    ("qwen3-qk-norm", dict(qk_norm=None)),
+    ("olmo2-bias-tied", dict(qk_norm=None)),
     ("qwen3-tied-sliding-layers", dict(sliding_window=None)),
     ("qwen3-yarn", dict(rope=dict(type="default"))),
     ("qwen3-yarn", dict(rope=dict(attention_factor=1.0))),

@@ -364,6 +364,18 @@ def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_
                                np.asarray(jpeft.classify(model, tree, IDS_PADDED, MASK)), atol=2e-4, rtol=0)
 
 
+def test_an_olmo2_head_exports_as_transformers_olmo2_classifier(tmp_path):
+    from conftest import FAMILIES as SIZES
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("olmo2", **SIZES["olmo2"], pad_token_id=0),
+                                                        tmp_path / "b"))
+    head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    jpeft.save_pretrained(str(tmp_path / "model"), model, head)
+    with torch.no_grad():
+        theirs = hf_classifier(str(tmp_path / "model"), 3)(torch.tensor(IDS_PADDED),
+                                                           attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, IDS_PADDED, MASK)), theirs, atol=1e-5)
+
+
 def test_a_family_transformers_has_no_classifier_for_keeps_its_head_in_an_adapter_dir(tmp_path):
     """Granite has no *ForSequenceClassification: the head saves as an adapter dir, whole-model export says why."""
     from conftest import FAMILIES as SIZES
