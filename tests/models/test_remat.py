@@ -78,7 +78,7 @@ def test_float32_math_on_bf16_inputs_saves_only_its_inputs(name):
     w, b = (jnp.asarray(r.randn(16), jnp.float32) for _ in range(2))
     fn = getattr(L, name)
     call = {"activate": lambda f, x, w: f("silu", x, up * w.astype(jnp.bfloat16)),
-            "_rms_normed": lambda f, x, w: f(x, w, 1e-5, False),
+            "_rms_normed": lambda f, x, w: f(x, w, 1e-5, False, False),
             "_layer_normed": lambda f, x, w: f(x, w, b, 1e-5)}[name]
 
     def loss(f):
