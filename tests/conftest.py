@@ -72,6 +72,7 @@ FAMILIES = {
     "gemma3_text": dict(head_dim=8, sliding_window=4),
     "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
     "olmo2": dict(attention_bias=True),
+    "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
 }
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.

@@ -52,6 +52,7 @@ def tiny(tmp_path_factory):
     ("gpt2", dict(n_inner=64)),  # learned positions of left-padded rows
     ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
     ("olmo2", dict(num_key_value_heads=1)),  # q/k norms over the whole projections of the cached tokens
+    ("olmo3", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite and OLMo2 differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite and OLMo 2/3 differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -11,9 +11,11 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "t5", "gpt2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "olmo3",
+                   "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
-QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "olmo2": "all"}
+OLMO_TYPES = ("olmo2", "olmo3")
+QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -23,9 +25,9 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", "olmo2"),
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES),
     "mlp_bias": ("llama", "granite"),
-    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"),
+    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -75,10 +77,10 @@ class ModelConfig:
     norm_plus_one: bool = False
     embed_scale: bool = False
     sandwich_norms: bool = False
-    pre_norms: bool = True  # OLMo2: False, its blocks normalise their outputs only (`sandwich_norms` without these)
-    norm_float32_scale: bool = False  # OLMo2: RMSNorm's w · x in float32, then cast
+    pre_norms: bool = True  # OLMo 2/3: False, its blocks normalise their outputs only (`sandwich_norms` without these)
+    norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
-    # projection ("all": OLMo2)
+    # projection ("all": OLMo 2/3)
     qk_norm: str | None = None
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
@@ -216,9 +218,9 @@ class ModelConfig:
             layer_types=layer_types,
             norm_plus_one=gemma,
             embed_scale=gemma,
-            sandwich_norms=model_type in ("gemma2", "gemma3_text", "olmo2"),
-            pre_norms=model_type != "olmo2",
-            norm_float32_scale=model_type == "olmo2",
+            sandwich_norms=model_type in ("gemma2", "gemma3_text", *OLMO_TYPES),
+            pre_norms=model_type not in OLMO_TYPES,
+            norm_float32_scale=model_type in OLMO_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),

@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo2): one module, families differ by
-config.
+"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3): one module, families differ
+by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -65,7 +65,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo2 only that
+    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 only that
     (no `pre_norms`), Granite scales it (`residual_multiplier`)."""
     cfg: ModelConfig
 

@@ -28,6 +28,9 @@ GEMMA3 = dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, num_hidden
               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}})
+OLMO3 = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+             rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
 CASES = {
     "llama-gqa-untied": ("llama", {}),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
@@ -62,6 +65,8 @@ CASES = {
     # OLMo2: norms after each block only, q/k norms over the whole projection, w · x in float32
     "olmo2": ("olmo2", {}),
     "olmo2-bias-tied": ("olmo2", dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=1)),
+    # OLMo 3: OLMo 2's blocks with sliding-window layers, each kind of layer with its own RoPE
+    "olmo3-sliding-local-rope": ("olmo3", OLMO3),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -123,6 +128,8 @@ FILE_FIELDS = {
     "gemma2-ignores-use-sliding-window-and-local-rope": ("gemma2", GEMMA2, dict(
         use_sliding_window=False, rope_local_base_freq=100.0)),
     "llama-swish-and-gelu-new-names": ("llama", {}, dict(hidden_act="swish")),
+    # a file without layer_types: OLMo 3's every fourth layer full, the others sliding, as its config derives them
+    "olmo3-default-layer-types": ("olmo3", dict(num_hidden_layers=4, sliding_window=3), dict(layer_types=None)),
 }
 
 
@@ -346,6 +353,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gemma3-legacy-rope-fields", dict(local_rope=None)),
     ("qwen3-qk-norm", dict(qk_norm=None)),
     ("olmo2-bias-tied", dict(qk_norm=None)),
+    ("olmo3-sliding-local-rope", dict(sliding_window=None)),
+    ("olmo3-sliding-local-rope", dict(local_rope=None)),
     ("qwen3-tied-sliding-layers", dict(sliding_window=None)),
     ("qwen3-yarn", dict(rope=dict(type="default"))),
     ("qwen3-yarn", dict(rope=dict(attention_factor=1.0))),
