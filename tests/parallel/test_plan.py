@@ -173,3 +173,12 @@ def test_probabilities_are_counted_over_the_keys_each_query_block_attends_to():
     assert causal_keys(100) == 100 * 100  # one block: the whole square
     assert causal_keys(256, 128) == 128 * 128 + 128 * 256
     assert causal_keys(300, 128) == 128 * 128 + 128 * 256 + 44 * 300
+
+
+def test_modules_to_save_are_planned_as_trained_weights(model_dir):
+    """`method.modules_to_save` moves the head from the frozen bytes to the trained ones, with its Adam moments."""
+    lora = plan(load_config(None, overrides(model_dir, "lora", "8x1x1")), 8)
+    saved = plan(load_config(None, [*overrides(model_dir, "lora", "8x1x1"), "method.modules_to_save=[lm_head]"]), 8)
+    head = 64 * 256 * 4  # the float32 lm_head kernel, whole on every device of a data-parallel mesh
+    assert saved.trainable - lora.trainable == head and saved.optimizer - lora.optimizer == 2 * head
+    assert lora.frozen - saved.frozen == head - 4  # its mark (one float32) stays frozen
