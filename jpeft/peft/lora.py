@@ -344,6 +344,8 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                   use_dora=bool(config.get("use_dora")), layers=[layers] if isinstance(layers, int) else layers,
                   rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
     refuse_tied_head(method.targets, modules, AdapterError)
+    if layers is not None and config.get("layers_pattern"):
+        _refuse_other_layer_counts(config["layers_pattern"], modules)
     out = dict(modules)
     for path, leaves in modules.items():
         picked = method.targeted(path, leaves)
@@ -368,3 +370,19 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     if token_indices := config.get("trainable_token_indices"):
         out = trainable_tokens.read_lora_tensors(token_indices, tensors, out)
     return out
+
+
+def _refuse_other_layer_counts(layers_pattern, modules: dict) -> None:
+    """PEFT numbers a module's layer by the first `{layers_pattern}.N.` in its name; jpeft by its layer stack's
+    index. A pattern that numbers any module otherwise (T5's `layer`, a name this base lacks) is refused."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+
+    def peft_index(name: str) -> int | None:
+        found = (re.match(rf"(?:^|.*?\.){re.escape(p)}\.(?P<idx>\d+)\.", name) for p in patterns)
+        return next((int(m.group("idx")) for m in found if m), None)
+
+    for name in module_names(modules):
+        if peft_index(name) != layer_index(name):
+            raise AdapterError(f"layers_pattern {layers_pattern!r} numbers the layers of {name} otherwise than its "
+                               "layer stack does; jpeft counts layers_to_transform in the stack (re-save the adapter "
+                               "with layers_pattern=None)")

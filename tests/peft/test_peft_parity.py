@@ -38,6 +38,8 @@ PEFT_CONFIGS = {
                             init_lora_weights=False),
     "layers": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
                               init_lora_weights=False),
+    "layers-pattern": peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                                      layers_pattern="layers", init_lora_weights=False),
     "regex-layer": peft.LoraConfig(r=2, lora_alpha=6, target_modules=r"model\.layers\.0\.self_attn\.(k|o)_proj",
                                    init_lora_weights=False),
     # a whole module name is adapted whatever layers_to_transform says (PEFT's rule): q_proj of layer 0 too
@@ -415,4 +417,14 @@ def test_exclude_modules_that_leave_nothing_are_refused(tmp_path):
     edit_adapter_config(tmp_path / "a", exclude_modules=["self_attn.q_proj"])
     with pytest.raises(jpeft.AdapterError, match=r"target_modules \['q_proj'\] less exclude_modules "
                                                  r"\['self_attn.q_proj'\] leave no module of this base"):
+        jpeft.load_adapter(str(tmp_path / "a"), params)
+
+
+def test_a_layers_pattern_that_numbers_layers_otherwise_is_refused(tmp_path):
+    torch_model = make_hf_model("llama")
+    _, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0],
+                                                     layers_pattern="layers")).save_pretrained(tmp_path / "a")
+    edit_adapter_config(tmp_path / "a", layers_pattern=["blocks"])
+    with pytest.raises(jpeft.AdapterError, match=r"layers_pattern \['blocks'\] numbers the layers of model.layers.0"):
         jpeft.load_adapter(str(tmp_path / "a"), params)
