@@ -158,11 +158,9 @@ def whole_stacks(method, grouped: dict, refusal) -> list[str]:
     name, targets = type(method).__name__, method.targets
     found = []
     for path, leaves in grouped.items():
-        dense = "kernel" in leaves or is_quantized(leaves)
-        if not (dense or "embedding" in leaves) or targets == ALL_LINEAR and (
-                not dense or path.rpartition("/")[2] in OUTPUT_LAYERS):
+        if weight_name(leaves) is None and not is_quantized(leaves):
             continue
-        picked = targeted_layers(path, len(module_layers(path, leaves)), ".*" if targets == ALL_LINEAR else targets)
+        picked = picked_layers(path, leaves, targets)
         if not any(picked):
             continue
         if why := refusal(path, leaves):
@@ -246,6 +244,18 @@ def targeted_layers(module_path: str, num_layers: int, targets, layers: Sequence
     return picked
 
 
+def picked_layers(path: str, leaves: dict, targets, layers: Sequence[int] | None = None) -> list[bool]:
+    """`targeted_layers` of a module, with PEFT's `all-linear` shorthand: every dense layer (a Linear or GPT-2
+    Conv1D weight, float or quantized) but the output head."""
+    count = len(module_layers(path, leaves))
+    if targets != ALL_LINEAR:
+        return targeted_layers(path, count, targets, layers)
+    dense = "kernel" in leaves or is_quantized(leaves)
+    if not dense or path.rpartition("/")[2] in OUTPUT_LAYERS:
+        return [False] * count
+    return targeted_layers(path, count, ".*", layers)
+
+
 def without_excluded(config: dict, grouped: dict, error=JpeftError) -> dict:
     """An adapter config with PEFT's `exclude_modules` folded into its `target_modules`: an exact regex over the
     per-layer names the targets pick (`all-linear`: every dense layer but the output head; `layers_to_transform`
@@ -261,12 +271,8 @@ def without_excluded(config: dict, grouped: dict, error=JpeftError) -> dict:
         layers = [layers]
     picked = []
     for path, leaves in grouped.items():
-        names = module_layers(path, leaves)
-        if targets == ALL_LINEAR and ("embedding" in leaves or "kernel" not in leaves and not is_quantized(leaves)
-                                      or path.rpartition("/")[2] in OUTPUT_LAYERS):
-            continue
-        chosen = targeted_layers(path, len(names), ".*" if targets == ALL_LINEAR else targets, layers)
-        picked += [name for name, c in zip(names, chosen) if c and not matches(name, exclude)]
+        chosen = picked_layers(path, leaves, targets, layers)
+        picked += [name for name, c in zip(module_layers(path, leaves), chosen) if c and not matches(name, exclude)]
     if not picked:
         raise error(f"target_modules {targets!r} less exclude_modules {exclude!r} leave no module of this base")
     return {**config, "target_modules": "(" + "|".join(re.escape(n) for n in picked) + ")",

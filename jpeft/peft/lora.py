@@ -27,10 +27,9 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (ALL_LINEAR, CONV1D, OUTPUT_LAYERS, Method, dropped_input, exact_targets, from_layer_rows,
-                             hf_module, layer_index, layer_rows, leading, linear_uniform, module_layers, module_names,
-                             refuse_second_init, refuse_tied_head, saved_base_weight, target_option, targeted_layers,
-                             weight_name)
+from jpeft.peft.base import (CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module, layer_index,
+                             layer_rows, leading, linear_uniform, module_layers, module_names, picked_layers,
+                             refuse_second_init, refuse_tied_head, saved_base_weight, target_option, weight_name)
 from jpeft.peft import trainable_tokens
 from jpeft.peft.quant import is_quantized
 from jpeft.peft.trainable_tokens import TrainableTokens
@@ -109,13 +108,7 @@ class LoRA(Method):
         dense layer but the output head (PEFT's shorthand)."""
         if weight_name(leaves) is None and not is_quantized(leaves):
             return []
-        size = leading(path, next(iter(leaves.values())))
-        targets = self.targets
-        if targets == ALL_LINEAR:
-            if "embedding" in leaves or path.rpartition("/")[2] in OUTPUT_LAYERS:
-                return [False] * (size[0] if size else 1)
-            targets = ".*"
-        return targeted_layers(path, size[0] if size else 1, targets, self.layers)
+        return picked_layers(path, leaves, self.targets, self.layers)
 
     def available(self, grouped: dict) -> str:
         """The modules of a grouped tree LoRA can adapt, by HF name (for errors)."""

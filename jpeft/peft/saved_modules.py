@@ -15,6 +15,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError
 from jpeft.peft.base import CONV1D, Method, exact_targets, hf_module, leading, module_layers, module_names
+from jpeft.peft.trainable_tokens import INPUT_EMBEDDINGS
 
 MARK = "saved_module"
 
@@ -40,7 +41,7 @@ def _ends(name: str, entries) -> bool:
 def selected(entries, modules: dict) -> list[str]:
     """Paths of the modules `entries` names (whole layer stacks), or an error saying why it names none."""
     entries = list(entries)
-    if "lm_head" not in modules and any(_ends(name, entries) for name in ("lm_head", "embed_tokens", "wte", "shared")):
+    if "lm_head" not in modules and any(_ends(name, entries) for name in ("lm_head", *INPUT_EMBEDDINGS)):
         raise AdapterError(f"modules_to_save {entries} names the head or the token embedding of a model that "
                            "ties them (tie_word_embeddings): PEFT's saved copy unties them, which jpeft's tied model "
                            "cannot hold; merge the adapter with PEFT (merge_and_unload) and load that checkpoint")

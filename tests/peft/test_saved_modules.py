@@ -12,6 +12,7 @@ import torch
 import jpeft
 from jpeft import tree as T
 from jpeft.train import trainer
+from test_peft_parity import perturb_torch
 from conftest import make_hf_model, read_metrics, run_config, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
@@ -31,10 +32,7 @@ def peft_dir(path, **overrides):
     """A PEFT LoRA dir whose saved modules differ from the base's (as after training them)."""
     peft_model = peft.get_peft_model(make_hf_model("llama", **overrides), peft.LoraConfig(
         r=2, target_modules=["q_proj"], modules_to_save=SAVED, init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(0.2 * torch.randn_like(p))
+    perturb_torch(peft_model, ("modules_to_save",), 0.2)
     peft_model.eval().save_pretrained(path)
     return peft_model
 

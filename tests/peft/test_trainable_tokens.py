@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 import jpeft
 from jpeft import tree as T
+from test_peft_parity import perturb_torch
 from conftest import GPT2, check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
@@ -29,10 +30,7 @@ def torch_logits(model):
 def peft_dir(path, tied: bool, config):
     """A PEFT model of `config` whose token rows moved (as after training), saved at `path`."""
     peft_model = peft.get_peft_model(make_hf_model("llama", tie_word_embeddings=tied), config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.add_(0.5 * torch.randn_like(p))
+    perturb_torch(peft_model, ("trainable_tokens_delta",), 0.5)
     peft_model.eval().save_pretrained(path)
     return peft_model
 
