@@ -217,35 +217,69 @@ def _prefill(model, params, ids, mask, max_new_tokens):
     in the cache by then.
     """
     batch, width = ids.shape
-    stepper, decoding, for_steps = _stepping(model, params)
+    stepper, decoding = _stepping(model, params)
     if model.config.is_encoder_decoder:
         rows, keys = sites.virtual_tokens(params)  # a soft prompt lengthens the encoder's input, a prefix the decoder's
         cache = model.init_cache(batch, keys + max_new_tokens, encoder_len=rows + width)
         start = jnp.full((batch, 1), model.config.decoder_start_token_id, jnp.int32)
         hidden, cache = model.apply({"params": params}, ids, start, mask, cache=cache, return_hidden=True)
-        return hidden, for_steps(cache), lambda tokens, step, cache: stepper.apply({"params": decoding}, None, tokens,
-                                                                                  cache=cache)
+        return hidden, _for_steps(cache), lambda tokens, step, cache: stepper.apply({"params": decoding}, None,
+                                                                                   tokens, cache=cache)
     virtual = sum(sites.virtual_tokens(params))
-    cache = model.init_cache(batch, virtual + width + max_new_tokens)
-    positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
-    hidden, cache = model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
-                                return_hidden=True)
+    hidden, cache = _read(model, params, ids, mask, virtual + width + max_new_tokens)
     lengths = virtual + mask.sum(axis=-1)  # the position of the first new token
-    return hidden, for_steps(cache), lambda tokens, step, cache: stepper.apply(
+    return hidden, _for_steps(cache), lambda tokens, step, cache: stepper.apply(
         {"params": decoding}, tokens, attention_mask=jnp.ones((batch, 1), jnp.int32),
         positions=(lengths + step - 1)[:, None], cache=cache)
 
 
+def _read(model, params, ids, mask, slots: int):
+    """(hidden states, cache of `slots`) of a decoder reading left-padded rows from position 0."""
+    cache = model.init_cache(ids.shape[0], slots)
+    positions = jnp.clip(jnp.cumsum(mask, axis=-1) - 1, 0, None)
+    return model.apply({"params": params}, ids, attention_mask=mask, positions=positions, cache=cache,
+                       return_hidden=True)
+
+
+def _longrope_switch(model, params, ids, mask, max_new_tokens, next_logits):
+    """`next_logits` with LongRoPE's switch as transformers' Phi-3 makes it while generating: the prompt and the
+    steps whose positions stay within the original length use the short factors; at the first step past it
+    transformers drops its cache and reads the whole sequence again, now with the long factors, and later steps
+    extend that cache. Here that step reads prompt and new tokens (those not yet made masked) into a fresh cache
+    of the same slots, whose next slot is then the step's own. Unchanged where no step of this call passes it,
+    and for other families (their transformers models switch the new tokens' factors only, as the steps do)."""
+    cfg, virtual, width = model.config, sum(sites.virtual_tokens(params)), ids.shape[1]
+    original = cfg.rope.original_max_positions
+    if (cfg.model_type, cfg.rope.type) != ("phi3", "longrope") or virtual + width + max_new_tokens - 1 <= original:
+        return next_logits
+    longest = virtual + mask.sum(axis=-1).max()
+
+    def reread(tokens, step):
+        made = (jnp.arange(max_new_tokens) < step).astype(mask.dtype)
+        hidden, cache = _read(model, params, jnp.concatenate([ids, tokens], 1),
+                              jnp.concatenate([mask, jnp.broadcast_to(made, tokens.shape)], 1),
+                              virtual + width + max_new_tokens)
+        last = jax.lax.dynamic_index_in_dim(hidden, width + step - 1, axis=1)
+        return model.logits(model.head_leaves(params), last), _for_steps({**cache, "index": virtual + width + step})
+
+    return lambda tokens, step, cache: jax.lax.cond(longest + step == original + 1, lambda: reread(tokens, step),
+                                                    lambda: next_logits(tokens, step, cache))
+
+
 def _stepping(model, params):
-    """(model, params, cache -> cache) of the decoding steps: the params without the cached leaves and, on CPU,
-    the layers unrolled over per-layer copies of their weights and KV cache (`layers.Unrolled`: XLA:CPU
-    would copy a layer's slice out of each stacked array before every matmul, every step); accelerators read
-    a stacked array's slice in place, so there no second copy of the weights is worth holding."""
+    """(model, params) of the decoding steps: the params without the cached leaves and, on CPU, the layers
+    unrolled over per-layer copies of their weights and KV cache (`layers.Unrolled`, the cache as `_for_steps`
+    makes it: XLA:CPU would copy a layer's slice out of each stacked array before every matmul, every step);
+    accelerators read a stacked array's slice in place, so there no second copy of the weights is worth holding."""
     params = sites.decoding(params)
     if jax.default_backend() != "cpu":
-        return model, params, lambda cache: cache
-    return (model.clone(config=dataclasses.replace(model.config, unrolled=True)), T.unstack(params),
-            C.unstack_cache)
+        return model, params
+    return model.clone(config=dataclasses.replace(model.config, unrolled=True)), T.unstack(params)
+
+
+def _for_steps(cache: dict) -> dict:
+    """A prefill's cache as the decoding steps read it (`_stepping`)."""
+    return C.unstack_cache(cache) if jax.default_backend() == "cpu" else cache
 
 
 @functools.cache
@@ -276,11 +310,13 @@ def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperatu
     last = model.logits(model.head_leaves(params), hidden[:, -1])
     first = pick(last, step_keys(0))
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    next_logits = _longrope_switch(model, params, ids, mask, max_new_tokens,
+                                   lambda tokens, step, cache: advance(tokens[:, step - 1, None], step, cache))
 
     def body(state):
         step, tokens, done, cache = state
         prev = tokens[:, step - 1]
-        logits, cache = advance(prev[:, None], step, cache)
+        logits, cache = next_logits(tokens, step, cache)
         token = pick(logits[:, -1], step_keys(step))
         token = jnp.where(done, prev, token)  # a finished row repeats its EOS
         return step + 1, tokens.at[:, step].set(token), done | is_eos(token), cache

@@ -73,7 +73,18 @@ FAMILIES = {
     "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
     "olmo2": dict(attention_bias=True),
     "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    # Phi-3's fused qkv_proj and gate_up_proj, RoPE on half of each head; its default pad id (32000) is past TINY's
+    # vocabulary
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=4, pad_token_id=96),
 }
+# Phi-3's fused projections by the Llama ones each holds: the names a test's targets take there
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+def family_targets(family: str, targets: list[str]) -> list[str]:
+    """Llama's projection names as `family` names them (Phi-3's fused ones; the others' own)."""
+    return list(dict.fromkeys(FUSED.get(t, t) for t in targets)) if family == "phi3" else targets
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.
 GPT2 = dict(n_inner=64, num_key_value_heads=None)

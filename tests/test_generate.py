@@ -53,6 +53,7 @@ def tiny(tmp_path_factory):
     ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
     ("olmo2", dict(num_key_value_heads=1)),  # q/k norms over the whole projections of the cached tokens
     ("olmo3", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4, pad_token_id=PAD)),  # fused projections
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)
@@ -61,6 +62,26 @@ def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     assert generate(model, params, PROMPTS, NEW, eos_token_id=None) == unstopped
     eos = unstopped[1][4]  # a token greedy decoding emits, so stopping is exercised
     assert generate(model, params, PROMPTS, NEW, eos_token_id=eos) == hf_generate(ref_model, PROMPTS, NEW, eos)
+
+
+# Strong LongRoPE factors, an original length the prompts (9 wide) stay within and their new tokens pass
+PHI3_LONGROPE = dict(pad_token_id=PAD, max_position_embeddings=128, original_max_position_embeddings=14, rope_scaling={
+    "rope_type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [0.05, 0.1, 20.0, 50.0]})
+
+
+def test_phi3_longrope_switches_mid_generation_as_transformers_does(tmp_path, monkeypatch):
+    """Phi-3's generate drops its cache at the first step past the original length and reads the whole sequence
+    again with the long factors: greedy tokens equal transformers', batched and row by row, and differ from a
+    generate that only switched the new tokens' factors (so the re-read is what makes them equal)."""
+    ref_model = make_hf_model("phi3", **SHARP, **PHI3_LONGROPE)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    switched = hf_generate(ref_model, PROMPTS, NEW, eos_token_id=None)
+    assert generate(model, params, PROMPTS, NEW, eos_token_id=None) == switched
+    for prompt in PROMPTS:
+        assert generate(model, params, [prompt], NEW, eos_token_id=None) == hf_generate(ref_model, [prompt], NEW, None)
+    monkeypatch.setattr(type(ref_model), "prepare_inputs_for_generation",
+                        transformers.GenerationMixin.prepare_inputs_for_generation)
+    assert hf_generate(ref_model, PROMPTS, NEW, eos_token_id=None) != switched
 
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen2-mqa", "gpt2", "t5"])

@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite and OLMo 2/3 differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3 and Phi-3 differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -12,14 +12,15 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "olmo3",
-                   "t5", "gpt2")
+                   "phi3", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
+PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
 QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SLIDING, FULL = "sliding_attention", "full_attention"
 # config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
@@ -27,7 +28,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES),
     "mlp_bias": ("llama", "granite"),
-    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3"),
+    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -50,6 +51,9 @@ class Rope:
     beta_slow: float = 1.0
     truncate: bool = True
     attention_factor: float = 1.0
+    # LongRoPE (Phi-3): per-frequency divisors, the long ones where a call reaches past original_max_positions
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,10 @@ class ModelConfig:
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
     # projection ("all": OLMo 2/3)
     qk_norm: str | None = None
+    # Phi-3: q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (HF's modules: an adapter acts on the fused
+    # projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
+    fused_projections: bool = False
+    partial_rotary_factor: float = 1.0
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -126,6 +134,11 @@ class ModelConfig:
         if self.sliding_window is None:
             return (False,) * self.num_layers
         return tuple(t == SLIDING for t in self.layer_types) or (True,) * self.num_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of a head's dimensions RoPE rotates (the first ones), as transformers rounds it."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def dropout_rates(self) -> dict[str, float]:
@@ -193,7 +206,8 @@ class ModelConfig:
         if len(layer_types) not in (0, layers) or set(layer_types) - {SLIDING, FULL}:
             raise CheckpointError(f"{source}: layer_types must list {SLIDING!r} or {FULL!r} for each of the "
                                   f"{layers} layers, got {list(layer_types)}")
-        rope, local_rope = _ropes(family.rope_parameters, hf, source)
+        partial = model_type in PARTIAL_ROTARY_TYPES
+        rope, local_rope = _ropes(family.rope_parameters, hf, source, partial)
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
         bias = bool(own("attention_bias"))
@@ -222,6 +236,9 @@ class ModelConfig:
             pre_norms=model_type not in OLMO_TYPES,
             norm_float32_scale=model_type in OLMO_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
+            fused_projections=model_type == "phi3",
+            partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
+            else 1.0,
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -230,6 +247,7 @@ class ModelConfig:
             attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
             logits_scaling=float(own("logits_scaling") or 1.0),
             attention_dropout=_rate(family.attention_dropout, "attention_dropout", source),
+            residual_dropout=_rate(family.resid_pdrop if model_type == "phi3" else 0.0, "resid_pdrop", source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
@@ -324,24 +342,26 @@ def _family_config(hf: dict, source: str):
         raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None
 
 
-def _ropes(params: dict | None, hf: dict, source: str) -> tuple[Rope, Rope | None]:
+def _ropes(params: dict | None, hf: dict, source: str, partial: bool) -> tuple[Rope, Rope | None]:
     """The global rope and (Gemma 3) the sliding layers' own, from the family config's `rope_parameters`:
     transformers reads a file's `rope_scaling` before its `rope_parameters`, fills llama3's and yarn's original
-    length from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local)."""
+    length from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local).
+    `partial`: the family rotates part of each head (`PARTIAL_ROTARY_TYPES`); the others' transformers models
+    rotate whole heads, and the scalings' frequencies for part of one would not fit them."""
     params = dict(params or {})
     if FULL in params or SLIDING in params:
         full, local = params.get(FULL) or {}, params.get(SLIDING)
-        return _rope(full, hf, source), None if local is None else _rope(local, hf, source)
-    return _rope(params, hf, source, truncate=params.get("truncate", True)), None
+        return _rope(full, hf, source, partial), None if local is None else _rope(local, hf, source, partial)
+    return _rope(params, hf, source, partial, truncate=params.get("truncate", True)), None
 
 
-def _rope(params: dict, hf: dict, source: str, truncate: bool = True) -> Rope:
+def _rope(params: dict, hf: dict, source: str, partial: bool, truncate: bool = True) -> Rope:
     """One rope. YaRN's `truncate` is read from the un-nested parameters only, as transformers reads it."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise CheckpointError(
             f"{source}: rope type {rope_type!r} is not supported; jpeft honours {', '.join(ROPE_TYPES)}")
-    if rope_type != "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
+    if not partial and rope_type != "default" and params.get("partial_rotary_factor", 1.0) != 1.0:
         raise CheckpointError(f"{source}: partial_rotary_factor {params['partial_rotary_factor']} is not supported; "
                               "jpeft rotates whole heads")
     max_positions = hf.get("max_position_embeddings", 8192)
@@ -350,6 +370,8 @@ def _rope(params: dict, hf: dict, source: str, truncate: bool = True) -> Rope:
     rope = Rope(theta=params.get("rope_theta", hf.get("rope_theta", 10000.0)), type=rope_type, factor=factor,
                 low_freq_factor=params.get("low_freq_factor", 1.0), high_freq_factor=params.get("high_freq_factor", 4.0),
                 original_max_positions=original)
+    if rope_type == "longrope":
+        return _longrope(rope, params, hf, source)
     if rope_type != "yarn":
         return rope
     factor = max_positions / original if factor is None else factor  # DeepSeek-V3's files leave it to the lengths
@@ -361,6 +383,26 @@ def _rope(params: dict, hf: dict, source: str, truncate: bool = True) -> Rope:
     return dataclasses.replace(rope, factor=factor, beta_fast=params.get("beta_fast") or 32.0,
                                beta_slow=params.get("beta_slow") or 1.0, truncate=bool(truncate),
                                attention_factor=float(attention_factor))
+
+
+def _longrope(rope: Rope, params: dict, hf: dict, source: str) -> Rope:
+    """LongRoPE's factors (one per rotated pair of dimensions) and attention factor, as transformers computes
+    them: the factor defaults to the ratio of the lengths, the attention factor to sqrt(1 + ln(factor) / ln(original
+    length))."""
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    pairs = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+    for name in ("short_factor", "long_factor"):
+        if len(params[name]) != pairs:
+            raise CheckpointError(f"{source}: longrope's {name} has {len(params[name])} entries; the heads rotate "
+                                  f"{pairs} pairs of dimensions")
+    factor = params.get("factor") or hf.get("max_position_embeddings", 8192) / rope.original_max_positions
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) /
+                                                             math.log(rope.original_max_positions))
+    return dataclasses.replace(rope, factor=factor, attention_factor=float(attention_factor),
+                               short_factor=tuple(map(float, params["short_factor"])),
+                               long_factor=tuple(map(float, params["long_factor"])))
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:

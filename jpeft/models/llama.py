@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3): one module, families differ
-by config.
+"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3): one module, families
+differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -30,9 +30,14 @@ class Attention(nn.Module):
     def __call__(self, x, rope, mask, cache_kv, cache_index, layer):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = L.Dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
-        k = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
-        v = L.Dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if cfg.fused_projections:  # Phi-3's qkv_proj, split as transformers splits it
+            q, k, v = jnp.split(L.Dense(q_width + 2 * kv_width, ("embed", "heads"), cfg.qkv_bias, name="qkv_proj")(x),
+                                (q_width, q_width + kv_width), axis=-1)
+        else:
+            q = L.Dense(q_width, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
+            k = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
+            v = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
         if cfg.qk_norm == "all":
             q, k = (rms_norm(cfg, (axis,), name)(a) for name, a, axis in (("q_norm", q, "heads"), ("k_norm", k, "kv")))
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -58,15 +63,19 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(x)
-        up = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")(x)
+        if cfg.fused_projections:  # Phi-3's gate_up_proj: gate, then up
+            gate, up = jnp.split(L.Dense(2 * cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias,
+                                         name="gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(x)
+            up = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")(x)
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(
             L.activate(cfg.hidden_act, gate, up))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 only that
-    (no `pre_norms`), Granite scales it (`residual_multiplier`)."""
+    (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 drops it in training (`residual_dropout`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -81,13 +90,15 @@ class DecoderLayer(nn.Module):
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         if cfg.sandwich_norms:
             h = norm("post_attention_layernorm")(h)
-        x = x + sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "attention", normed)
+        h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
+        x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
         normed = norm(pre_mlp)(x) if cfg.pre_norms else x
         h = MLP(cfg, name="mlp")(normed)
         if cfg.sandwich_norms:
             h = norm("post_feedforward_layernorm")(h)
-        h = sites.residual(L.module_leaves(self), L.scaled(h, cfg.residual_multiplier), "mlp", normed)
+        h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
+        h = sites.residual(L.module_leaves(self), h, "mlp", normed)
         return (x + h, cache_kv, layer + 1), None
 
 

@@ -9,11 +9,14 @@ import numpy as np
 from jpeft.models.config import ModelConfig, Rope
 
 
-def rope_inverse_frequencies(dim: int, rope: Rope) -> np.ndarray:
-    """RoPE inverse frequencies for heads of `dim` (float32, as HF computes them), with the rope's scaling."""
+def rope_inverse_frequencies(dim: int, rope: Rope, long: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies for `dim` rotated dimensions (float32, as HF computes them), with the rope's
+    scaling; `long`: LongRoPE's long factors (the short ones otherwise)."""
     powers = np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
     inv = (1.0 / powers).astype(np.float32)
-    if rope.type == "linear":
+    if rope.type == "longrope":
+        inv = (1.0 / (np.float32(rope.long_factor if long else rope.short_factor) * powers)).astype(np.float32)
+    elif rope.type == "linear":
         inv = inv / np.float32(rope.factor)
     elif rope.type == "llama3":
         factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
@@ -47,14 +50,18 @@ def _yarn(powers: np.ndarray, dim: int, rope: Rope) -> np.ndarray:
 
 
 def rope_tables(cfg: ModelConfig, positions):
-    """(cos, sin) [kinds, B, T, head_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
+    """(cos, sin) [kinds, B, T, rotary_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
     sliding layers have a RoPE of their own. Computed once a call, before the layer scan: inside it each
     layer recomputed them, XLA fused the cos and sin into every head's rotation, and the scan stacked
     them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench model: LoRA bf16
-    step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x)."""
+    step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x). LongRoPE picks its long factors for the whole
+    call where its last position reaches past the original length, as transformers does per forward pass."""
     ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope and any(cfg.sliding_layers) else [])
-    inv_freq = np.stack([rope_inverse_frequencies(cfg.head_dim, rope) for rope in ropes])
-    freqs = positions[None, ..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[:, None, None, :]
+    inv_freq = jnp.asarray(np.stack([rope_inverse_frequencies(cfg.rotary_dim, rope) for rope in ropes]))
+    if cfg.rope.type == "longrope":
+        long = np.stack([rope_inverse_frequencies(cfg.rotary_dim, rope, long=True) for rope in ropes])
+        inv_freq = jnp.where(jnp.max(positions) + 1 > cfg.rope.original_max_positions, long, inv_freq)
+    freqs = positions[None, ..., None].astype(jnp.float32) * inv_freq[:, None, None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     scale = np.array([rope.attention_factor for rope in ropes], np.float32)[:, None, None, None]
     return (cos, sin) if np.all(scale == 1) else (cos * scale, sin * scale)  # YaRN's temperature
@@ -71,8 +78,9 @@ def layer_rope(cfg: ModelConfig, tables, layer):
 
 @jax.custom_vjp
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x [B, T, heads, head_dim] by a layer's tables [B, T, head_dim / 2]: each pair
-    (x1, x2) of the two halves becomes (x1·cos − x2·sin, x2·cos + x1·sin), in float32, rounded once.
+    """Rotate-half RoPE on x [B, T, heads, head_dim] by a layer's tables [B, T, rotary_dim / 2]: each pair
+    (x1, x2) of the rotated dimensions' two halves becomes (x1·cos − x2·sin, x2·cos + x1·sin), in float32, rounded
+    once; the dimensions past rotary_dim (Phi-3's partial rotation) pass unchanged.
     Its gradient is the inverse rotation (sin negated), not autodiff's: the halves' slices would
     become pads, which XLA:CPU fused with the cotangent's transposes into slow loops (in-process A/B,
     the bench's bf16 LoRA step 0.97x). The tables are positions' functions, never differentiated."""
@@ -82,6 +90,9 @@ def apply_rope(x, cos, sin):
 def _rotate(x, cos, sin):
     """The rotation, stacked along a new axis rather than concatenated (XLA:CPU, bf16 [8, 256, 8, 64]:
     backward 3.1 -> 0.7 ms)."""
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return jnp.concatenate([_rotate(x[..., :rotated], cos, sin), x[..., rotated:]], axis=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     pairs = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2).astype(jnp.float32)
     x1, x2 = pairs[..., 0, :], pairs[..., 1, :]

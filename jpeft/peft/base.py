@@ -321,8 +321,9 @@ def from_layer_rows(path: str, rows, dtype=jnp.float32):
 
 
 # An attention module's q, k, v and o projections, as each family names them (Llama-like, T5), or its fused
-# q/k/v projection and o (GPT-2's c_attn [D, 3·D] and c_proj).
-ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"), ("c_attn", "c_proj"))
+# q/k/v projection and o (GPT-2's c_attn [D, 3·D] and c_proj, Phi-3's qkv_proj and o_proj).
+ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q", "k", "v", "o"), ("c_attn", "c_proj"),
+                         ("qkv_proj", "o_proj"))
 
 
 def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, int]]:
@@ -334,12 +335,19 @@ def attention_modules(grouped: dict) -> dict[str, tuple[tuple[int, ...], int, in
         for *qkv, out in ATTENTION_PROJECTIONS:
             projections = [grouped.get(f"{parent}/{p}", {}) for p in qkv]
             if name == out and all("kernel" in p for p in (leaves, *projections)):
-                fused = len(qkv) == 1  # q, k and v side by side in one kernel: k's width is a third of it
                 q = projections[0]["kernel"]
-                k = q if fused else projections[1]["kernel"]
-                width = int(np.shape(k)[-1]) // (3 if fused else 1)
+                if len(qkv) == 1:  # q, k and v side by side in one kernel; q as wide as o's input
+                    width = (int(np.shape(q)[-1]) - query_width(leaves)) // 2
+                else:
+                    width = int(np.shape(projections[1]["kernel"])[-1])
                 found[parent] = (leading(path, leaves["kernel"]), int(np.shape(q)[-2]), width)
     if not found:
         raise JpeftError("this method needs attention modules with plain q, k, v and o projection kernels "
                          "(a quantized base cannot carry it)")
     return found
+
+
+def query_width(out_projection: dict) -> int:
+    """All query heads' width: the attention output projection's input (every family's o reads one row per query
+    head and dimension)."""
+    return int(np.shape(out_projection["kernel"])[-2])

@@ -72,7 +72,7 @@ class LlamaAdapter(Method):
     def attention_output(leaves, q, out):
         from jpeft.peft import sites  # the prompt goes through the layer's own projections (sites imports us)
         b, t, heads, dim = q.shape
-        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype))
+        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype), heads * dim)
         kv = k.shape[-1] // dim
         k, v = (a.reshape(a.shape[0], kv, dim) for a in (k, v))
         q = q.reshape(b, t, kv, heads // kv, dim)
@@ -92,16 +92,18 @@ class LlamaAdapter(Method):
 
 # PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the
 # projection the gated result passes through). GPT-2's fused c_attn gives keys and values both; no projection follows.
-PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None)}
+# Phi-3's fused qkv_proj is read as Llama's three (PEFT has no adaption prompt for Phi-3).
+PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None), "qkv_proj": ("qkv_proj", "o_proj")}
 
 
-def _through_attention(leaves: dict, prompt):
+def _through_attention(leaves: dict, prompt, query_width: int):
     """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
     from jpeft.peft import sites
     key_proj = next(p for p in PROMPT_KEYS if p in leaves)
     value_proj, output = PROMPT_KEYS[key_proj]
-    if key_proj == value_proj:  # fused q/k/v: the key and value thirds
-        _, k, v = jnp.split(sites.dense(leaves[key_proj], prompt), 3, axis=-1)
+    if key_proj == value_proj:  # fused q/k/v: the keys and values after the queries' width
+        qkv = sites.dense(leaves[key_proj], prompt)
+        _, k, v = jnp.split(qkv, (query_width, (qkv.shape[-1] + query_width) // 2), axis=-1)
         return k, v, output
     return sites.dense(leaves[key_proj], prompt), sites.dense(leaves[value_proj], prompt), output
 

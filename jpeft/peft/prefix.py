@@ -31,7 +31,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import ATTENTION_PROJECTIONS, Method, attention_modules, linear_uniform
+from jpeft.peft.base import ATTENTION_PROJECTIONS, Method, attention_modules, linear_uniform, query_width
 
 ENCODER = "prefix_encoder"
 SHARED = ("prefix_embedding", "prefix_in_kernel", "prefix_in_bias")  # at <stack>/prefix_encoder
@@ -161,19 +161,16 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     layers, n, width = k.shape
     embeddings = np.stack([k, v], axis=1).transpose(2, 0, 1, 3).reshape(n, layers * 2 * width)
     return {"prompt_embeddings": embeddings}, {
-        "num_virtual_tokens": n, "token_dim": _query_width(tree, path, width), "num_layers": layers,
+        "num_virtual_tokens": n, "token_dim": _query_width(tree, path), "num_layers": layers,
         "num_attention_heads": None,
         "num_transformer_submodules": 2 if path == SEQ2SEQ_DECODER else 1, "prefix_projection": False,
         "encoder_hidden_size": width, "inference_mode": True}
 
 
-def _query_width(tree: dict, path: str, kv_width: int) -> int:
-    """All query heads' width: the attention module's own query projection's (q_proj, T5's q); GPT-2's
-    fused c_attn has as many query heads as key/value heads."""
-    for q, *others in ATTENTION_PROJECTIONS:
-        if len(others) == 3 and f"{path}/{q}" in tree:
-            return int(np.shape(tree[f"{path}/{q}"]["kernel"])[-1])
-    return kv_width
+def _query_width(tree: dict, path: str) -> int:
+    """All query heads' width, read off the attention module's output projection."""
+    out = next(o for *_, o in ATTENTION_PROJECTIONS if f"{path}/{o}" in tree)
+    return query_width(tree[f"{path}/{out}"])
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

@@ -50,9 +50,14 @@ HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modul
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
 # (peft.utils.constants: T5's and GPT-2's own projection names; IA3 on q_proj for Qwen and Gemma), and BitFit's
-# every projection.
+# every projection. PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q
+# and v).
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
+PHI3_QKV = {"targets": ["qkv_proj"]}
 FAMILY_DEFAULTS = {
+    "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), PHI3_QKV),
+             "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
+             "bitfit": {"targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},

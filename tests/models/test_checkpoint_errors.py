@@ -53,8 +53,10 @@ def test_unsupported_model_type(ckpt):
 
 
 @pytest.mark.parametrize("changes,message", [
+    (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+     "rope type 'dynamic' is not supported"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
-                           "long_factor": [2.0] * 8}), "rope type 'longrope' is not supported"),
+                           "long_factor": [2.0] * 8}), "longrope's short_factor has 8 entries; the heads rotate 4"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor 0.5 is not supported"),
     (dict(hidden_act="swish2"), "hidden_act 'swish2' is not supported"),

@@ -11,7 +11,7 @@ from jpeft import tree as T
 from jpeft.generate import generate
 from jpeft.peft.base import layer_names
 from jpeft.peft.multi import ADAPTER_LEAVES
-from conftest import FAMILIES, edit_adapter_config, make_hf_model, make_t5, perturb, save_hf_model
+from conftest import FAMILIES, edit_adapter_config, family_targets, make_hf_model, make_t5, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 
@@ -216,23 +216,28 @@ def test_biases_a_family_has_no_switch_for_are_named(tmp_path):
         jpeft.save_pretrained(str(tmp_path / "out"), model, jpeft.merge(jpeft.BitFit().init(jax.random.key(0), params)))
 
 
-FAMILY_METHODS = {
-    "lora": (jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"]), ("lora_b",)),
-    "ia3": (jpeft.IA3(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]), ("ia3_in", "ia3_out")),
+FAMILY_METHODS = {  # each made with the family's names for Llama's projections (`family_targets`)
+    "lora": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=names(["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"])),
+             ("lora_b",)),
+    "ia3": (lambda names: jpeft.IA3(targets=names(["k_proj", "v_proj", "down_proj"]), feedforward=["down_proj"]),
+            ("ia3_in", "ia3_out")),
     # Gemma scales its embeddings (by sqrt(hidden)) after DoRA's rescaling, and ties its head to the bare table
-    "dora-embed": (jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
+    "dora-embed": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
                    ("lora_a", "lora_b", "lora_magnitude")),
-    "vera": (jpeft.VeRA(rank=4, targets=["q_proj", "o_proj", "up_proj"]), ("vera_lambda_d", "vera_lambda_b")),
-    "loha": (jpeft.LoHa(rank=2, alpha=5, targets=["k_proj", "down_proj"]), ("hada_w2_b",)),
+    "vera": (lambda names: jpeft.VeRA(rank=4, targets=names(["q_proj", "o_proj", "up_proj"])),
+             ("vera_lambda_d", "vera_lambda_b")),
+    "loha": (lambda names: jpeft.LoHa(rank=2, alpha=5, targets=names(["k_proj", "down_proj"])), ("hada_w2_b",)),
 }
 
 
 @pytest.mark.parametrize("method", FAMILY_METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_round_trip_for_each_family(tmp_path, family, method):
-    """jpeft -> PEFT -> jpeft for Qwen3, Gemma 1/2/3 and Granite: the same logits on all three."""
-    init, random_leaves = FAMILY_METHODS[method]
+    """jpeft -> PEFT -> jpeft for Qwen3, Gemma 1/2/3, Granite, OLMo 2/3 and Phi-3 (its fused projections): the same
+    logits on all three."""
+    make, random_leaves = FAMILY_METHODS[method]
+    init = make(lambda targets: family_targets(family, targets))
     torch_model = make_hf_model(family, **FAMILIES[family])
     model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
     adapted = perturb(init.init(jax.random.key(0), params), random_leaves, jax.random.key(1))
