@@ -73,9 +73,7 @@ FAMILIES = {
     "granite": dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
     "olmo2": dict(attention_bias=True),
     "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
-    # Phi-3's fused qkv_proj and gate_up_proj, RoPE on half of each head; its default pad id (32000) is past TINY's
-    # vocabulary
-    "phi3": dict(partial_rotary_factor=0.5, sliding_window=4, pad_token_id=96),
+    "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj and gate_up_proj, RoPE on half of each head
 }
 # Phi-3's fused projections by the Llama ones each holds: the names a test's targets take there
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -98,6 +96,8 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
 
     _torch_one_thread()
     fields = {k: v for k, v in {**TINY, **overrides}.items() if not (v is None and k in TINY)}
+    if model_type == "phi3":  # its default pad id (32000) is past a tiny vocabulary
+        fields.setdefault("pad_token_id", fields["vocab_size"] - 1)
     config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -53,7 +53,7 @@ def tiny(tmp_path_factory):
     ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)),
     ("olmo2", dict(num_key_value_heads=1)),  # q/k norms over the whole projections of the cached tokens
     ("olmo3", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
-    ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4, pad_token_id=PAD)),  # fused projections
+    ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),  # fused projections
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)
@@ -65,7 +65,7 @@ def test_greedy_matches_transformers(model_type, overrides, tmp_path):
 
 
 # Strong LongRoPE factors, an original length the prompts (9 wide) stay within and their new tokens pass
-PHI3_LONGROPE = dict(pad_token_id=PAD, max_position_embeddings=128, original_max_position_embeddings=14, rope_scaling={
+PHI3_LONGROPE = dict(max_position_embeddings=128, original_max_position_embeddings=14, rope_scaling={
     "rope_type": "longrope", "short_factor": [1.0, 1.0, 1.0, 1.0], "long_factor": [0.05, 0.1, 20.0, 50.0]})
 
 

@@ -16,7 +16,8 @@ from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 
 RATES = {"llama": dict(attention_dropout=0.3),
-         "gpt2": dict(GPT2, embd_pdrop=0.1, attn_pdrop=0.2, resid_pdrop=0.3)}  # a different scale at each kind of site
+         "gpt2": dict(GPT2, embd_pdrop=0.1, attn_pdrop=0.2, resid_pdrop=0.3),  # a different scale at each kind of site
+         "phi3": dict(attention_dropout=0.2, resid_pdrop=0.3, embd_pdrop=0.1)}  # embd_pdrop: unused
 
 
 def keep_everything(monkeypatch):

@@ -33,9 +33,8 @@ OLMO3 = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention
                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
 # LongRoPE: its own factor per rotated pair; the 12-token rows reach past an original length of 8 (the long
 # factors) and stay within one of 16 (the short ones). Phi-3 reads that length from config.json's top level (a
-# rope_scaling's own is overwritten by it), and its default pad id (32000) is past the tiny vocabulary.
+# rope_scaling's own is overwritten by it).
 LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.3, 0.7, 2.0], "long_factor": [3.0, 0.5, 8.0, 20.0]}
-PHI3 = dict(pad_token_id=96)
 CASES = {
     "llama-gqa-untied": ("llama", {}),
     "llama-mqa-tied": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
@@ -73,12 +72,12 @@ CASES = {
     # OLMo 3: OLMo 2's blocks with sliding-window layers, each kind of layer with its own RoPE
     "olmo3-sliding-local-rope": ("olmo3", OLMO3),
     # Phi-3: fused qkv_proj and gate_up_proj, RoPE on part of each head, a dropout-free residual (resid_pdrop)
-    "phi3-fused-partial-rotary-sliding": ("phi3", dict(PHI3, partial_rotary_factor=0.5, sliding_window=5)),
-    "phi3-tied-mha": ("phi3", dict(PHI3, tie_word_embeddings=True, num_key_value_heads=4)),
-    "phi3-longrope-long": ("phi3", dict(PHI3, max_position_embeddings=128, original_max_position_embeddings=8,
+    "phi3-fused-partial-rotary-sliding": ("phi3", dict(partial_rotary_factor=0.5, sliding_window=5)),
+    "phi3-tied-mha": ("phi3", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "phi3-longrope-long": ("phi3", dict(max_position_embeddings=128, original_max_position_embeddings=8,
                                         rope_scaling=LONGROPE)),
     "phi3-longrope-short-partial-attention-factor": ("phi3", dict(
-        PHI3, partial_rotary_factor=0.5, max_position_embeddings=128, original_max_position_embeddings=16,
+        partial_rotary_factor=0.5, max_position_embeddings=128, original_max_position_embeddings=16,
         rope_scaling=dict(LONGROPE, short_factor=[1.5, 0.5], long_factor=[4.0, 9.0], attention_factor=1.2))),
     "llama-longrope-long": ("llama", dict(max_position_embeddings=128, rope_parameters=dict(
         LONGROPE, rope_theta=1e4, original_max_position_embeddings=8))),

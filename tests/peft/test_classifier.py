@@ -364,9 +364,10 @@ def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_
                                np.asarray(jpeft.classify(model, tree, IDS_PADDED, MASK)), atol=2e-4, rtol=0)
 
 
-def test_an_olmo2_head_exports_as_transformers_olmo2_classifier(tmp_path):
+@pytest.mark.parametrize("family", ["olmo2", "phi3"])
+def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, family):
     from conftest import FAMILIES as SIZES
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("olmo2", **SIZES["olmo2"], pad_token_id=0),
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **SIZES[family], pad_token_id=0),
                                                         tmp_path / "b"))
     head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
     jpeft.save_pretrained(str(tmp_path / "model"), model, head)

@@ -220,3 +220,52 @@ def test_an_adapter_for_another_base_is_refused(tmp_path, base):
     _, two_layers = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "other"))
     with pytest.raises(jpeft.AdapterError, match=r"'prompt_embeddings' has shape \(5, 96\).*expected \(5, 64\)"):
         jpeft.load_adapter(str(tmp_path / "prefix"), two_layers)
+
+
+@pytest.fixture(scope="module")
+def phi3_and_llama(tmp_path_factory):
+    """A Phi-3 checkpoint (whole-head RoPE, no window) and the Llama checkpoint of its weights, q/k/v and gate/up
+    split out of its fused projections: the same model, one with PEFT's adapters for everything."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    root = tmp_path_factory.mktemp("fused")
+    phi3 = make_hf_model("phi3", **SIZE)
+    config = AutoConfig.for_model("llama", **{k: getattr(phi3.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps")})
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    weights = {}
+    for name, w in phi3.state_dict().items():
+        if "qkv_proj" in name:
+            weights.update(zip((name.replace("qkv", p) for p in "qkv"), w.split([config.hidden_size, kv, kv])))
+        elif "gate_up_proj" in name:
+            weights.update(zip((name.replace("gate_up", "gate"), name.replace("gate_up", "up")), w.chunk(2)))
+        else:
+            weights[name] = w
+    llama = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    llama.load_state_dict(weights)
+    return save_hf_model(phi3, root / "phi3"), save_hf_model(llama, root / "llama")
+
+
+@pytest.mark.parametrize("name", ["prefix", "adaption"])
+def test_phi3s_fused_projections_carry_a_method_as_llamas_three_do(phi3_and_llama, name):
+    """PEFT has no adaption prompt for Phi-3, and its prefix keys/values come from outside the projections: on the
+    same weights, fused or split, jpeft's prefix and LLaMA-Adapter give the same logits (Llama's are PEFT's)."""
+    (phi3, params), (llama, llama_params) = (jpeft.from_pretrained(path) for path in phi3_and_llama)
+    np.testing.assert_allclose(jax_logits(phi3, params), jax_logits(llama, llama_params), atol=1e-5, rtol=0)
+    adapted = [perturb(METHODS[name]().init(jax.random.key(1), p), TRAINED[name], jax.random.key(2), 0.5)
+               for p in (params, llama_params)]
+    fused, split = jax_logits(phi3, adapted[0]), jax_logits(llama, adapted[1])
+    assert np.abs(fused - jax_logits(phi3, params)).max() > 1e-2
+    np.testing.assert_allclose(fused, split, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["prompt", "p_tuning", "prefix"])
+def test_a_phi3_adapter_gives_the_same_logits_in_peft_both_ways(tmp_path, phi3_and_llama, name):
+    model, params = jpeft.from_pretrained(phi3_and_llama[0])
+    adapted = perturb(METHODS[name]().init(jax.random.key(1), params), TRAINED[name], jax.random.key(2), 0.5)
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(phi3_and_llama[0]), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, name), jax_logits(model, adapted), atol=2e-4, rtol=0)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ GPT2_OPTIONS = {"lora": ("method.targets=[c_attn,c_proj,c_fc]",), "prompt": ("me
 PEFT_LOADS = ("prompt", "prefix", "llama_adapter")  # GPT-2 runs whose adapter dir PeftModel reads
 
 
-@pytest.mark.parametrize("family,method,lr", [("qwen3", "lora", 1e-1), ("olmo2", "full", 3e-2), ("granite", "full", 3e-2), ("gemma2", "full", 3e-2),
+@pytest.mark.parametrize("family,method,lr", [("qwen3", "lora", 1e-1), ("phi3", "full", 3e-2), ("olmo2", "full", 3e-2),
+                                              ("granite", "full", 3e-2), ("gemma2", "full", 3e-2),
                                               ("gemma3_text", "full", 3e-2), ("gpt2", "lora", 3e-1),
                                               ("gpt2", "full", 1e-2), ("gpt2", "prompt", 3e-1),
                                               ("gpt2", "prefix", 1.0), ("gpt2", "bottleneck", 3e-2),

@@ -73,18 +73,21 @@ def test_an_unset_rank_or_alpha_is_the_methods_own_default():
     assert vera.rank == 16 and vera.d_initial == 0.2
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("family", ["t5", "gpt2", "phi3"])
 @pytest.mark.parametrize("name", ["lora", "ia3", "bitfit"])
 def test_unset_targets_default_to_the_familys_own_projection_names(tmp_path, family, name):
-    """PEFT's defaults for T5 and GPT-2 (Llama's q_proj, v_proj ... would match none of their layers)."""
+    """PEFT's defaults for T5 and GPT-2, Phi-3's fused projections in Llama's stead (Llama's q_proj, v_proj ...
+    would match none of their layers)."""
     from conftest import GPT2, make_hf_model, make_t5, save_hf_model
-    path = make_t5(tmp_path)[1] if family == "t5" else save_hf_model(make_hf_model("gpt2", **GPT2), tmp_path)
+    path = make_t5(tmp_path)[1] if family == "t5" else save_hf_model(
+        make_hf_model(family, **(GPT2 if family == "gpt2" else {})), tmp_path)
     method = trainer.build_method(load_config(None, [f"model.path={path}", f"method.name={name}"]))
     _, params = jpeft.from_pretrained(path)
     adapted = method.init(jax.random.key(0), params)
     trained = {p for p, on in T.flatten(method.mask(adapted)).items() if on}
-    want = {"t5": {"lora": "/q/", "ia3": "/wo/", "bitfit": "/wi_1/"}, "gpt2": {"lora": "/c_attn/", "ia3": "mlp/c_proj/",
-                                                                              "bitfit": "/c_fc/"}}[family][name]
+    want = {"t5": {"lora": "/q/", "ia3": "/wo/", "bitfit": "/wi_1/"},
+            "gpt2": {"lora": "/c_attn/", "ia3": "mlp/c_proj/", "bitfit": "/c_fc/"},
+            "phi3": {"lora": "/qkv_proj/", "ia3": "/down_proj/", "bitfit": "/gate_up_proj/"}}[family][name]
     assert any(want in p for p in trained), sorted(trained)
     if name == "ia3":  # the feed-forward module's vector scales its input
         assert any(want in p and p.endswith("ia3_in") for p in trained)
