@@ -74,6 +74,7 @@ FAMILIES = {
     "olmo2": dict(attention_bias=True),
     "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj and gate_up_proj, RoPE on half of each head
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2),  # no RoPE in every other layer
 }
 # Phi-3's fused projections by the Llama ones each holds: the names a test's targets take there
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -96,9 +97,9 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
 
     _torch_one_thread()
     fields = {k: v for k, v in {**TINY, **overrides}.items() if not (v is None and k in TINY)}
-    if model_type == "phi3":  # its default pad id (32000) is past a tiny vocabulary
-        fields.setdefault("pad_token_id", fields["vocab_size"] - 1)
     config = transformers.AutoConfig.for_model(model_type, **fields)
+    if (config.pad_token_id or 0) >= config.vocab_size:  # a family's default (Phi-3's 32000) past a tiny vocabulary
+        config.pad_token_id = config.vocab_size - 1
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # non-trivial norms and biases so a mapping bug cannot hide

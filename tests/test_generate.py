@@ -54,6 +54,8 @@ def tiny(tmp_path_factory):
     ("olmo2", dict(num_key_value_heads=1)),  # q/k norms over the whole projections of the cached tokens
     ("olmo3", dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),  # fused projections
+    ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
+    ("ministral", dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

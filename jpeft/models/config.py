@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3 and Phi-3 differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3 and SmolLM3 differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2", "olmo3",
-                   "phi3", "t5", "gpt2")
+SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+                   "olmo2", "olmo3", "phi3", "smollm3", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
@@ -26,9 +26,9 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES),
-    "mlp_bias": ("llama", "granite"),
-    "sliding_window": ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3"),
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3"),
+    "mlp_bias": ("llama", "granite", "smollm3"),
+    "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -90,6 +90,7 @@ class ModelConfig:
     # projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
     fused_projections: bool = False
     partial_rotary_factor: float = 1.0
+    rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate (SmolLM3's NoPE layers do not)? () = every layer
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -223,7 +224,7 @@ class ModelConfig:
             rms_norm_eps=family.rms_norm_eps,  # the family's default where the file has none (OLMo2's 1e-5)
             rope=rope,
             local_rope=local_rope,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
             mlp_bias=bool(own("mlp_bias")),
@@ -239,6 +240,7 @@ class ModelConfig:
             fused_projections=model_type == "phi3",
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
+            rope_layers=_rope_layers(family, layers, source) if model_type == "smollm3" else (),
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -308,6 +310,16 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         attention_dropout=_rate(hf.get("attn_pdrop", 0.1), "attn_pdrop", source),
         residual_dropout=_rate(hf.get("resid_pdrop", 0.1), "resid_pdrop", source),
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
+
+
+def _rope_layers(family, layers: int, source: str) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE switch (`no_rope_layers`: 1 where a layer rotates, every fourth one not by default, as
+    its transformers config derives them)."""
+    flags = tuple(family.no_rope_layers)
+    if len(flags) != layers or set(flags) - {0, 1}:
+        raise CheckpointError(f"{source}: no_rope_layers must give 0 or 1 for each of the {layers} layers, got "
+                              f"{list(flags)}")
+    return tuple(map(bool, flags))
 
 
 def _rate(value, key: str, source: str) -> float:

@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3): one module, families
-differ by config.
+"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3): one
+module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time

@@ -68,12 +68,18 @@ def rope_tables(cfg: ModelConfig, positions):
 
 
 def layer_rope(cfg: ModelConfig, tables, layer):
-    """This layer's (cos, sin) [B, T, head_dim / 2] of `rope_tables`."""
+    """This layer's (cos, sin) [B, T, rotary_dim / 2] of `rope_tables`; a layer without RoPE (SmolLM3's NoPE layers)
+    gets cos 1 and sin 0, a rotation that leaves every value as it was, bit for bit."""
     cos, sin = tables
     if len(cos) == 1:
-        return cos[0], sin[0]
-    local = jnp.asarray(cfg.sliding_layers)[layer]
-    return jnp.where(local, cos[1], cos[0]), jnp.where(local, sin[1], sin[0])
+        cos, sin = cos[0], sin[0]
+    else:
+        local = jnp.asarray(cfg.sliding_layers)[layer]
+        cos, sin = jnp.where(local, cos[1], cos[0]), jnp.where(local, sin[1], sin[0])
+    if cfg.rope_layers and not all(cfg.rope_layers):
+        rotates = jnp.asarray(cfg.rope_layers)[layer]
+        cos, sin = jnp.where(rotates, cos, 1.0), jnp.where(rotates, sin, 0.0)
+    return cos, sin
 
 
 @jax.custom_vjp

@@ -81,6 +81,14 @@ CASES = {
         rope_scaling=dict(LONGROPE, short_factor=[1.5, 0.5], long_factor=[4.0, 9.0], attention_factor=1.2))),
     "llama-longrope-long": ("llama", dict(max_position_embeddings=128, rope_parameters=dict(
         LONGROPE, rope_theta=1e4, original_max_position_embeddings=8))),
+    # SmolLM3: no RoPE in every fourth layer by default (or where no_rope_layers says), sliding layers where asked
+    "smollm3-nope-layers-tied": ("smollm3", dict(num_hidden_layers=4)),
+    "smollm3-sliding-nope-every-other": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2,
+                                                         use_sliding_window=True, sliding_window=4)),
+    "smollm3-untied-bias-own-layers": ("smollm3", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                                                       no_rope_layers=[0, 1])),
+    "ministral-alternating-windows": ("ministral", dict(head_dim=8, sliding_window=4,
+                                                        layer_types=["sliding_attention", "full_attention"])),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -144,6 +152,10 @@ FILE_FIELDS = {
     "llama-swish-and-gelu-new-names": ("llama", {}, dict(hidden_act="swish")),
     # a file without layer_types: OLMo 3's every fourth layer full, the others sliding, as its config derives them
     "olmo3-default-layer-types": ("olmo3", dict(num_hidden_layers=4, sliding_window=3), dict(layer_types=None)),
+    # SmolLM3's defaults: a tied head, RoPE left out of every fourth layer
+    "smollm3-default-tie-and-nope-layers": ("smollm3", dict(num_hidden_layers=4), dict(
+        tie_word_embeddings=None, no_rope_layers=None, no_rope_layer_interval=None)),
+    "ministral-default-layer-types": ("ministral", dict(head_dim=8, sliding_window=4), dict(layer_types=None)),
 }
 
 
