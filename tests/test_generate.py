@@ -56,6 +56,8 @@ def tiny(tmp_path_factory):
     ("phi3", dict(partial_rotary_factor=0.5, sliding_window=4)),  # fused projections
     ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
     ("ministral", dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    ("ernie4_5", dict(head_dim=8, use_bias=True)),  # neighbouring dimensions rotated together, cached
+    ("helium", dict(head_dim=8)),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

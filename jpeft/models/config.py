@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3 and SmolLM3 differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5 and Helium differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "t5", "gpt2")
+                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium")  # families that rotate neighbouring dimensions together (GPT-J's)
+FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
@@ -26,8 +28,9 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3"),
-    "mlp_bias": ("llama", "granite", "smollm3"),
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium"),
+    "mlp_bias": ("llama", "granite", "smollm3", "helium"),
+    "use_bias": ("ernie4_5",),  # every projection's bias
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
@@ -91,6 +94,7 @@ class ModelConfig:
     fused_projections: bool = False
     partial_rotary_factor: float = 1.0
     rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate (SmolLM3's NoPE layers do not)? () = every layer
+    rope_interleaved: bool = False  # ERNIE 4.5, Helium: RoPE's pairs are neighbouring dimensions, not halves
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -211,7 +215,7 @@ class ModelConfig:
         rope, local_rope = _ropes(family.rope_parameters, hf, source, partial)
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        bias = bool(own("attention_bias"))
+        bias = bool(own("attention_bias") or own("use_bias"))
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -220,14 +224,14 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
+            head_dim=getattr(family, "head_dim", None) or hidden // heads,  # the family's default (Gemma's 256)
             rms_norm_eps=family.rms_norm_eps,  # the family's default where the file has none (OLMo2's 1e-5)
             rope=rope,
             local_rope=local_rope,
             tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
             qkv_bias=model_type == "qwen2" or bias,
-            o_bias=model_type != "qwen2" and bias,
-            mlp_bias=bool(own("mlp_bias")),
+            o_bias=bias and model_type != "helium",  # Helium's attention_bias is q/k/v's alone
+            mlp_bias=bool(own("mlp_bias") or own("use_bias")),
             hidden_act=act,
             sliding_window=own("sliding_window"),
             layer_types=layer_types,
@@ -235,12 +239,13 @@ class ModelConfig:
             embed_scale=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text", *OLMO_TYPES),
             pre_norms=model_type not in OLMO_TYPES,
-            norm_float32_scale=model_type in OLMO_TYPES,
+            norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
             fused_projections=model_type == "phi3",
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
             rope_layers=_rope_layers(family, layers, source) if model_type == "smollm3" else (),
+            rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -248,7 +253,9 @@ class ModelConfig:
             residual_multiplier=float(own("residual_multiplier") or 1.0),
             attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
             logits_scaling=float(own("logits_scaling") or 1.0),
-            attention_dropout=_rate(family.attention_dropout, "attention_dropout", source),
+            # ERNIE 4.5's attention drops nothing, whatever a file says
+            attention_dropout=0.0 if model_type == "ernie4_5" else _rate(family.attention_dropout, "attention_dropout",
+                                                                          source),
             residual_dropout=_rate(family.resid_pdrop if model_type == "phi3" else 0.0, "resid_pdrop", source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,

@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3): one
-module, families differ by config.
+"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
+ERNIE 4.5, Helium): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = (rms_norm(cfg, ("head_dim",), name)(a) for name, a in (("q_norm", q), ("k_norm", k)))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, cache_index)

@@ -89,6 +89,11 @@ CASES = {
                                                        no_rope_layers=[0, 1])),
     "ministral-alternating-windows": ("ministral", dict(head_dim=8, sliding_window=4,
                                                         layer_types=["sliding_attention", "full_attention"])),
+    # ERNIE 4.5 and Helium rotate neighbouring dimensions together; ERNIE's use_bias is every projection's, Helium's
+    # attention_bias q/k/v's alone, and Helium's RMSNorm scales in float32
+    "ernie4_5-interleaved-rope-tied": ("ernie4_5", dict(head_dim=8)),
+    "ernie4_5-biases-untied": ("ernie4_5", dict(head_dim=8, use_bias=True, tie_word_embeddings=False)),
+    "helium-qkv-biases": ("helium", dict(head_dim=8, attention_bias=True, mlp_bias=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -156,6 +161,9 @@ FILE_FIELDS = {
     "smollm3-default-tie-and-nope-layers": ("smollm3", dict(num_hidden_layers=4), dict(
         tie_word_embeddings=None, no_rope_layers=None, no_rope_layer_interval=None)),
     "ministral-default-layer-types": ("ministral", dict(head_dim=8, sliding_window=4), dict(layer_types=None)),
+    # a head_dim the file leaves out is the family's default, not hidden / heads (Gemma's and ERNIE 4.5's 256, 128)
+    "gemma-default-head-dim": ("gemma", {}, dict(head_dim=None)),
+    "ernie4_5-default-head-dim": ("ernie4_5", {}, dict(head_dim=None)),
 }
 
 

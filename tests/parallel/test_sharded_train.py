@@ -163,3 +163,29 @@ def test_method_leaves_and_optimizer_state_follow_their_weights():
             assert out[name]["leaves"][path] == spec, (name, path, out[name]["leaves"][path])
         # Adam's two moments of every trained leaf lie exactly as the leaf does
         assert out[name]["moments"] == sorted(2 * list(out[name]["trainable"].values())), name
+
+
+def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj are split after a tensor-sharded product: full fine-tuning and a LoRA on
+    them, on a mesh of all three axes, equal the 1-device runs."""
+    from transformers import AutoTokenizer
+    from conftest import FAMILIES, make_hf_model, save_hf_model
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    base = save_hf_model(make_hf_model("phi3", **FAMILIES["phi3"], vocab_size=len(tokenizer),
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
+                         tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    run = {**tiny_run, "model": base}
+    runs = {"full": ["method.name=full", *COMMON],
+            "lora": ["method.name=lora", "method.targets=[qkv_proj,gate_up_proj]", *COMMON]}
+    sharded = run_on_fake_devices(run, tmp_path, {name: [*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+                                                  for name, extra in runs.items()})
+    for name, extra in runs.items():
+        trainer.train(run_config(run, tmp_path / f"single-{name}", *extra), progress=False)
+        single = [r["loss"] for r in read_metrics(tmp_path / f"single-{name}")]
+        assert len(single) == 5
+        for a, b in zip(sharded["losses"][name], single, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, sharded["losses"][name], single)
+    assert sharded["specs"]["lora"]["['trainable']['model']['layers']['self_attn']['qkv_proj']['lora_b']"] == \
+        "P(None, None, 'tensor')"
