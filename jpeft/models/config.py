@@ -1,6 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5 and Helium differ only in these fields, and T5 in a few more; anything in a config.json that
+Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium and EXAONE 4 differ
+only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "t5", "gpt2")
+                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
+POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
 INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium")  # families that rotate neighbouring dimensions together (GPT-J's)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
-QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", **dict.fromkeys(OLMO_TYPES, "all")}
+QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "exaone4": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -31,7 +33,8 @@ FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium"),
     "mlp_bias": ("llama", "granite", "smollm3", "helium"),
     "use_bias": ("ernie4_5",),  # every projection's bias
-    "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3"),
+    "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
+                       "exaone4"),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -237,14 +240,14 @@ class ModelConfig:
             layer_types=layer_types,
             norm_plus_one=gemma,
             embed_scale=gemma,
-            sandwich_norms=model_type in ("gemma2", "gemma3_text", *OLMO_TYPES),
-            pre_norms=model_type not in OLMO_TYPES,
+            sandwich_norms=model_type in ("gemma2", "gemma3_text", *POST_NORM_TYPES),
+            pre_norms=model_type not in POST_NORM_TYPES,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
             fused_projections=model_type == "phi3",
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
-            rope_layers=_rope_layers(family, layers, source) if model_type == "smollm3" else (),
+            rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
@@ -319,9 +322,14 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
 
 
-def _rope_layers(family, layers: int, source: str) -> tuple[bool, ...]:
-    """SmolLM3's per-layer RoPE switch (`no_rope_layers`: 1 where a layer rotates, every fourth one not by default, as
-    its transformers config derives them)."""
+def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:
+    """Which layers rotate, where not all do: SmolLM3's per-layer switch (`no_rope_layers`: 1 where a layer rotates,
+    every fourth one not by default, as its transformers config derives them); EXAONE 4's sliding layers alone
+    where it has a window."""
+    if model_type == "exaone4" and window is not None:
+        return tuple(kind == SLIDING for kind in layer_types)
+    if model_type != "smollm3":
+        return ()
     flags = tuple(family.no_rope_layers)
     if len(flags) != layers or set(flags) - {0, 1}:
         raise CheckpointError(f"{source}: no_rope_layers must give 0 or 1 for each of the {layers} layers, got "

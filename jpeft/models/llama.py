@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -74,8 +74,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 only that
-    (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 drops it in training (`residual_dropout`)."""
+    """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
+    only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 drops it in training
+    (`residual_dropout`)."""
     cfg: ModelConfig
 
     @nn.compact

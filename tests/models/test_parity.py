@@ -94,6 +94,11 @@ CASES = {
     "ernie4_5-interleaved-rope-tied": ("ernie4_5", dict(head_dim=8)),
     "ernie4_5-biases-untied": ("ernie4_5", dict(head_dim=8, use_bias=True, tie_word_embeddings=False)),
     "helium-qkv-biases": ("helium", dict(head_dim=8, attention_bias=True, mlp_bias=True)),
+    # EXAONE 4: norms after each block only, per-head q/k norms, RoPE in its sliding layers alone
+    "exaone4-sliding-rope-local-only": ("exaone4", dict(num_hidden_layers=4, sliding_window=4,
+                                                        sliding_window_pattern=2)),
+    "exaone4-no-window-tied": ("exaone4", dict(sliding_window=None, layer_types=["full_attention"] * 2,
+                                               tie_word_embeddings=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
