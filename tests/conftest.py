@@ -78,6 +78,7 @@ FAMILIES = {
     "ernie4_5": dict(head_dim=8, use_bias=True),  # RoPE over neighbouring dimensions, a bias on every projection
     "helium": dict(head_dim=8, attention_bias=True),
     "exaone4": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),
+    "arcee": dict(mlp_bias=True),  # up_proj without a gate
 }
 # Phi-3's fused projections by the Llama ones each holds: the names a test's targets take there
 FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",

@@ -59,6 +59,8 @@ def tiny(tmp_path_factory):
     ("ernie4_5", dict(head_dim=8, use_bias=True)),  # neighbouring dimensions rotated together, cached
     ("helium", dict(head_dim=8)),
     ("exaone4", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2)),  # full layers without RoPE
+    ("seed_oss", dict(head_dim=8)),
+    ("arcee", {}),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

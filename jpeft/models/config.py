@@ -1,8 +1,8 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium and EXAONE 4 differ
-only in these fields, and T5 in a few more; anything in a config.json that
-jpeft cannot honour is an error here rather than a silently different model.
+Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
+Seed-OSS and Arcee differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
+honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
 
@@ -13,15 +13,19 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "t5", "gpt2")
+                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "t5",
+                   "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
+QKV_BIAS_ONLY_TYPES = ("qwen2", "helium")  # attention biases on q/k/v alone, never on o_proj
+# the config.json field of a family's dropout on each block's output before the residual sum
+RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
 PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
 INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium")  # families that rotate neighbouring dimensions together (GPT-J's)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "exaone4": "head", **dict.fromkeys(OLMO_TYPES, "all")}
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
@@ -30,8 +34,10 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium"),
-    "mlp_bias": ("llama", "granite", "smollm3", "helium"),
+    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium", "seed_oss",
+                       "arcee"),
+    "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
+    "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
                        "exaone4"),
@@ -108,7 +114,7 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     max_position_embeddings: int = 2048
-    gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) is not gated
+    gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) and Arcee's act(up) are not gated
     # T5: an encoder of num_layers blocks and a decoder of num_decoder_layers, with a learned bias per
     # relative-position bucket and head instead of RoPE; v1.0 scales the decoder output by
     # hidden ** -0.5 before its tied head.
@@ -233,7 +239,8 @@ class ModelConfig:
             local_rope=local_rope,
             tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
             qkv_bias=model_type == "qwen2" or bias,
-            o_bias=bias and model_type != "helium",  # Helium's attention_bias is q/k/v's alone
+            o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
+            else bias and model_type not in QKV_BIAS_ONLY_TYPES,
             mlp_bias=bool(own("mlp_bias") or own("use_bias")),
             hidden_act=act,
             sliding_window=own("sliding_window"),
@@ -249,6 +256,7 @@ class ModelConfig:
             else 1.0,
             rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
+            gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -259,7 +267,7 @@ class ModelConfig:
             # ERNIE 4.5's attention drops nothing, whatever a file says
             attention_dropout=0.0 if model_type == "ernie4_5" else _rate(family.attention_dropout, "attention_dropout",
                                                                           source),
-            residual_dropout=_rate(family.resid_pdrop if model_type == "phi3" else 0.0, "resid_pdrop", source),
+            residual_dropout=_residual_dropout(model_type, family, source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
@@ -335,6 +343,12 @@ def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, windo
         raise CheckpointError(f"{source}: no_rope_layers must give 0 or 1 for each of the {layers} layers, got "
                               f"{list(flags)}")
     return tuple(map(bool, flags))
+
+
+def _residual_dropout(model_type: str, family, source: str) -> float:
+    """The rate of the family's dropout on each block's output (`RESIDUAL_DROPOUT_FIELDS`), 0 for the others."""
+    field = RESIDUAL_DROPOUT_FIELDS.get(model_type)
+    return _rate(getattr(family, field), field, source) if field else 0.0
 
 
 def _rate(value, key: str, source: str) -> float:

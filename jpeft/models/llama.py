@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -63,14 +63,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
+        dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=name)(x)
         if cfg.fused_projections:  # Phi-3's gate_up_proj: gate, then up
-            gate, up = jnp.split(L.Dense(2 * cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias,
-                                         name="gate_up_proj")(x), 2, axis=-1)
-        else:
-            gate = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="gate_proj")(x)
-            up = L.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, name="up_proj")(x)
-        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(
-            L.activate(cfg.hidden_act, gate, up))
+            h = L.activate(cfg.hidden_act, *jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj"), 2, axis=-1))
+        elif cfg.gated_mlp:
+            h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),
+                           dense(cfg.intermediate_size, "up_proj"))
+        else:  # Arcee's act(up_proj(x)), no gate
+            h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(h)
 
 
 class DecoderLayer(nn.Module):

@@ -17,7 +17,8 @@ from jpeft.models.config import ModelConfig
 
 RATES = {"llama": dict(attention_dropout=0.3),
          "gpt2": dict(GPT2, embd_pdrop=0.1, attn_pdrop=0.2, resid_pdrop=0.3),  # a different scale at each kind of site
-         "phi3": dict(attention_dropout=0.2, resid_pdrop=0.3, embd_pdrop=0.1)}  # embd_pdrop: unused
+         "phi3": dict(attention_dropout=0.2, resid_pdrop=0.3, embd_pdrop=0.1),  # embd_pdrop: unused
+         "seed_oss": dict(head_dim=8, attention_dropout=0.2, residual_dropout=0.3)}
 
 
 def keep_everything(monkeypatch):

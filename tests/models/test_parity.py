@@ -99,6 +99,12 @@ CASES = {
                                                         sliding_window_pattern=2)),
     "exaone4-no-window-tied": ("exaone4", dict(sliding_window=None, layer_types=["full_attention"] * 2,
                                                tie_word_embeddings=True)),
+    # Seed-OSS: q/k/v biases by default, o_proj's its own (attention_out_bias); Arcee: an ungated relu² MLP
+    "seed_oss-qkv-biases": ("seed_oss", dict(head_dim=8)),
+    "seed_oss-out-and-mlp-biases": ("seed_oss", dict(head_dim=8, attention_bias=False, attention_out_bias=True,
+                                                     mlp_bias=True)),
+    "arcee-ungated-relu2": ("arcee", {}),
+    "arcee-biases-tied": ("arcee", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
