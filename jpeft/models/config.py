@@ -221,9 +221,10 @@ class ModelConfig:
             raise CheckpointError(f"{source}: layer_types must list {SLIDING!r} or {FULL!r} for each of the "
                                   f"{layers} layers, got {list(layer_types)}")
         partial = model_type in PARTIAL_ROTARY_TYPES
-        rope, local_rope = _ropes(family.rope_parameters, hf, source, partial)
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
+        head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
+        rope, local_rope = _ropes(family.rope_parameters, hf, source, partial, head_dim)
         bias = bool(own("attention_bias") or own("use_bias"))
         return cls(
             model_type=model_type,
@@ -233,7 +234,7 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=getattr(family, "head_dim", None) or hidden // heads,  # the family's default (Gemma's 256)
+            head_dim=head_dim,
             rms_norm_eps=family.rms_norm_eps,  # the family's default where the file has none (OLMo2's 1e-5)
             rope=rope,
             local_rope=local_rope,
@@ -383,7 +384,7 @@ def _family_config(hf: dict, source: str):
         raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None
 
 
-def _ropes(params: dict | None, hf: dict, source: str, partial: bool) -> tuple[Rope, Rope | None]:
+def _ropes(params: dict | None, hf: dict, source: str, partial: bool, head_dim: int) -> tuple[Rope, Rope | None]:
     """The global rope and (Gemma 3) the sliding layers' own, from the family config's `rope_parameters`:
     transformers reads a file's `rope_scaling` before its `rope_parameters`, fills llama3's and yarn's original
     length from max_position_embeddings and gives Gemma 3 its per-layer-kind defaults (1e6 global, 1e4 local).
@@ -392,11 +393,12 @@ def _ropes(params: dict | None, hf: dict, source: str, partial: bool) -> tuple[R
     params = dict(params or {})
     if FULL in params or SLIDING in params:
         full, local = params.get(FULL) or {}, params.get(SLIDING)
-        return _rope(full, hf, source, partial), None if local is None else _rope(local, hf, source, partial)
-    return _rope(params, hf, source, partial, truncate=params.get("truncate", True)), None
+        return (_rope(full, hf, source, partial, head_dim),
+                None if local is None else _rope(local, hf, source, partial, head_dim))
+    return _rope(params, hf, source, partial, head_dim, truncate=params.get("truncate", True)), None
 
 
-def _rope(params: dict, hf: dict, source: str, partial: bool, truncate: bool = True) -> Rope:
+def _rope(params: dict, hf: dict, source: str, partial: bool, head_dim: int, truncate: bool = True) -> Rope:
     """One rope. YaRN's `truncate` is read from the un-nested parameters only, as transformers reads it."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -412,7 +414,7 @@ def _rope(params: dict, hf: dict, source: str, partial: bool, truncate: bool = T
                 low_freq_factor=params.get("low_freq_factor", 1.0), high_freq_factor=params.get("high_freq_factor", 4.0),
                 original_max_positions=original)
     if rope_type == "longrope":
-        return _longrope(rope, params, hf, source)
+        return _longrope(rope, params, hf, source, head_dim)
     if rope_type != "yarn":
         return rope
     factor = max_positions / original if factor is None else factor  # DeepSeek-V3's files leave it to the lengths
@@ -426,11 +428,10 @@ def _rope(params: dict, hf: dict, source: str, partial: bool, truncate: bool = T
                                attention_factor=float(attention_factor))
 
 
-def _longrope(rope: Rope, params: dict, hf: dict, source: str) -> Rope:
+def _longrope(rope: Rope, params: dict, hf: dict, source: str, head_dim: int) -> Rope:
     """LongRoPE's factors (one per rotated pair of dimensions) and attention factor, as transformers computes
     them: the factor defaults to the ratio of the lengths, the attention factor to sqrt(1 + ln(factor) / ln(original
     length))."""
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     pairs = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
     for name in ("short_factor", "long_factor"):
         if len(params[name]) != pairs:

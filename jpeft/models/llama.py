@@ -76,7 +76,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
-    only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 drops it in training
+    only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
     (`residual_dropout`)."""
     cfg: ModelConfig
 
