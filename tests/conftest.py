@@ -79,15 +79,18 @@ FAMILIES = {
     "helium": dict(head_dim=8, attention_bias=True),
     "exaone4": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),
     "arcee": dict(mlp_bias=True),  # up_proj without a gate
+    "glm": dict(head_dim=16),  # gate_up_proj, RoPE over neighbouring dimensions of half of each head, q/k/v biases
 }
-# Phi-3's fused projections by the Llama ones each holds: the names a test's targets take there
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj"}
+# Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
+# targets take there
+GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP}
 
 
 def family_targets(family: str, targets: list[str]) -> list[str]:
-    """Llama's projection names as `family` names them (Phi-3's fused ones; the others' own)."""
-    return list(dict.fromkeys(FUSED.get(t, t) for t in targets)) if family == "phi3" else targets
+    """Llama's projection names as `family` names them (its fused ones; the others' own)."""
+    fused = FUSED.get(family, {})
+    return list(dict.fromkeys(fused.get(t, t) for t in targets))
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.
 GPT2 = dict(n_inner=64, num_key_value_heads=None)

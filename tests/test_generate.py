@@ -61,6 +61,7 @@ def tiny(tmp_path_factory):
     ("exaone4", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2)),  # full layers without RoPE
     ("seed_oss", dict(head_dim=8)),
     ("arcee", {}),
+    ("glm", dict(head_dim=16)),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

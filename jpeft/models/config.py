@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS and Arcee differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
+Seed-OSS, Arcee and GLM differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
 honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "t5",
-                   "gpt2")
+                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
+                   "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
-QKV_BIAS_ONLY_TYPES = ("qwen2", "helium")  # attention biases on q/k/v alone, never on o_proj
+QKV_BIAS_ONLY_TYPES = ("qwen2", "helium", "glm")  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
-PARTIAL_ROTARY_TYPES = ("phi3",)  # families whose transformers model rotates a part of each head
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium")  # families that rotate neighbouring dimensions together (GPT-J's)
+PARTIAL_ROTARY_TYPES = ("phi3", "glm")  # families whose transformers model rotates a part of each head
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", "glm")  # families that rotate neighbouring dimensions together (GPT-J's)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "exaone4": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
@@ -35,7 +35,7 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium", "seed_oss",
-                       "arcee"),
+                       "arcee", "glm"),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
@@ -98,9 +98,10 @@ class ModelConfig:
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
     # projection ("all": OLMo 2/3)
     qk_norm: str | None = None
-    # Phi-3: q/k/v in one `qkv_proj` and gate/up in one `gate_up_proj` (HF's modules: an adapter acts on the fused
-    # projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
-    fused_projections: bool = False
+    # Phi-3: q/k/v in one `qkv_proj`; Phi-3 and GLM: gate/up in one `gate_up_proj` (HF's modules: an adapter acts on
+    # the fused projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     partial_rotary_factor: float = 1.0
     rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate (SmolLM3's NoPE layers do not)? () = every layer
     rope_interleaved: bool = False  # ERNIE 4.5, Helium: RoPE's pairs are neighbouring dimensions, not halves
@@ -252,7 +253,8 @@ class ModelConfig:
             pre_norms=model_type not in POST_NORM_TYPES,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
-            fused_projections=model_type == "phi3",
+            fused_qkv=model_type == "phi3",
+            fused_gate_up=model_type in ("phi3", "glm"),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
             rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),

@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -31,7 +31,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        if cfg.fused_projections:  # Phi-3's qkv_proj, split as transformers splits it
+        if cfg.fused_qkv:  # Phi-3's qkv_proj, split as transformers splits it
             q, k, v = jnp.split(L.Dense(q_width + 2 * kv_width, ("embed", "heads"), cfg.qkv_bias, name="qkv_proj")(x),
                                 (q_width, q_width + kv_width), axis=-1)
         else:
@@ -64,7 +64,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=name)(x)
-        if cfg.fused_projections:  # Phi-3's gate_up_proj: gate, then up
+        if cfg.fused_gate_up:  # Phi-3's and GLM's gate_up_proj: gate, then up
             h = L.activate(cfg.hidden_act, *jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj"), 2, axis=-1))
         elif cfg.gated_mlp:
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),

@@ -105,6 +105,10 @@ CASES = {
                                                      mlp_bias=True)),
     "arcee-ungated-relu2": ("arcee", {}),
     "arcee-biases-tied": ("arcee", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    # GLM: Phi-3's fused gate_up_proj beside plain q/k/v (biased), RoPE over neighbouring dimensions of half a head
+    "glm-fused-mlp-partial-interleaved-rope": ("glm", dict(head_dim=16)),
+    "glm-no-bias-mqa-tied": ("glm", dict(head_dim=16, attention_bias=False, num_key_value_heads=1,
+                                         tie_word_embeddings=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
