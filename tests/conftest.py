@@ -80,11 +80,13 @@ FAMILIES = {
     "exaone4": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),
     "arcee": dict(mlp_bias=True),  # up_proj without a gate
     "glm": dict(head_dim=16),  # gate_up_proj, RoPE over neighbouring dimensions of half of each head, q/k/v biases
+    "glm4": dict(head_dim=16),  # + norms after attention and the MLP
 }
 # Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
 # targets take there
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP}
+FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP,
+         "glm4": GATE_UP}
 
 
 def family_targets(family: str, targets: list[str]) -> list[str]:

@@ -62,6 +62,7 @@ def tiny(tmp_path_factory):
     ("seed_oss", dict(head_dim=8)),
     ("arcee", {}),
     ("glm", dict(head_dim=16)),
+    ("glm4", dict(head_dim=16, num_key_value_heads=1)),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

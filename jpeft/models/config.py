@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee and GLM differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
+Seed-OSS, Arcee and GLM/GLM-4 differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
 honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -14,15 +14,16 @@ from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "t5", "gpt2")
+                   "glm4", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
-QKV_BIAS_ONLY_TYPES = ("qwen2", "helium", "glm")  # attention biases on q/k/v alone, never on o_proj
+GLM_TYPES = ("glm", "glm4")
+QKV_BIAS_ONLY_TYPES = ("qwen2", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
-PARTIAL_ROTARY_TYPES = ("phi3", "glm")  # families whose transformers model rotates a part of each head
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", "glm")  # families that rotate neighbouring dimensions together (GPT-J's)
+PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "exaone4": "head", **dict.fromkeys(OLMO_TYPES, "all")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
@@ -30,12 +31,15 @@ ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # trans
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 SLIDING, FULL = "sliding_attention", "full_attention"
+# the names of a block's norms after attention, before the MLP and after it where it has all three (Gemma 2/3's)
+SANDWICH_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
 # config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium", "seed_oss",
-                       "arcee", "glm"),
+                       "arcee", *GLM_TYPES),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
@@ -93,6 +97,7 @@ class ModelConfig:
     norm_plus_one: bool = False
     embed_scale: bool = False
     sandwich_norms: bool = False
+    sandwich_norm_names: tuple[str, str, str] = SANDWICH_NORMS  # GLM-4 names them its own way
     pre_norms: bool = True  # OLMo 2/3: False, its blocks normalise their outputs only (`sandwich_norms` without these)
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
@@ -249,12 +254,13 @@ class ModelConfig:
             layer_types=layer_types,
             norm_plus_one=gemma,
             embed_scale=gemma,
-            sandwich_norms=model_type in ("gemma2", "gemma3_text", *POST_NORM_TYPES),
+            sandwich_norms=model_type in ("gemma2", "gemma3_text", *POST_NORM_TYPES, "glm4"),
+            sandwich_norm_names=GLM4_SANDWICH_NORMS if model_type == "glm4" else SANDWICH_NORMS,
             pre_norms=model_type not in POST_NORM_TYPES,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
             fused_qkv=model_type == "phi3",
-            fused_gate_up=model_type in ("phi3", "glm"),
+            fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
             rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),

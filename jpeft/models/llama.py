@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -90,15 +90,15 @@ class DecoderLayer(nn.Module):
         normed = norm("input_layernorm")(x) if cfg.pre_norms else x
         h, cache_kv = Attention(cfg, name="self_attn")(normed, layer_rope(cfg, rope, layer),
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
+        after_attention, before_mlp, after_mlp = cfg.sandwich_norm_names
         if cfg.sandwich_norms:
-            h = norm("post_attention_layernorm")(h)
+            h = norm(after_attention)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
-        pre_mlp = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
-        normed = norm(pre_mlp)(x) if cfg.pre_norms else x
+        normed = norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms else x
         h = MLP(cfg, name="mlp")(normed)
         if cfg.sandwich_norms:
-            h = norm("post_feedforward_layernorm")(h)
+            h = norm(after_mlp)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         h = sites.residual(L.module_leaves(self), h, "mlp", normed)
         return (x + h, cache_kv, layer + 1), None

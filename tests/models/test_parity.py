@@ -109,6 +109,9 @@ CASES = {
     "glm-fused-mlp-partial-interleaved-rope": ("glm", dict(head_dim=16)),
     "glm-no-bias-mqa-tied": ("glm", dict(head_dim=16, attention_bias=False, num_key_value_heads=1,
                                          tie_word_embeddings=True)),
+    # GLM-4 (0414): GLM's blocks with norms after attention and the MLP too, named its own way
+    "glm4-sandwich-norms": ("glm4", dict(head_dim=16)),
+    "glm4-no-bias-tied": ("glm4", dict(head_dim=16, attention_bias=False, tie_word_embeddings=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
