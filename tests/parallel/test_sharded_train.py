@@ -79,19 +79,26 @@ REBUILT = {"lokr": ["method.rank=2", "method.decompose_both=true"], "oft": ["met
            "hra": ["method.rank=4"]}
 
 
+def cube_matches_one_device(run: dict, tmp_path, runs: dict) -> dict:
+    """Each of `runs` (name -> overrides) on a 2x2x2 mesh of fake devices gives the 1-device run's losses; returns
+    the sharded runs' losses and shardings."""
+    sharded = run_on_fake_devices(run, tmp_path, {name: [*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+                                                  for name, extra in runs.items()})
+    for name, extra in runs.items():
+        trainer.train(run_config(run, tmp_path / f"single-{name}", *extra), progress=False)
+        single = [r["loss"] for r in read_metrics(tmp_path / f"single-{name}")]
+        assert len(single) == 5
+        for a, b in zip(sharded["losses"][name], single, strict=True):
+            assert abs(a - b) <= 1e-5 * abs(b), (name, sharded["losses"][name], single)
+    return sharded
+
+
 def test_rebuilt_weights_on_a_mesh_match_one_device(tiny_run, tmp_path):
     """LoKr, OFT and HRA rebuild each weight from the sharded kernel and their leaves (HRA's vectors sharded as
     the weight's input axis, LoKr's and OFT's whole): on a 2x2x2 mesh, the losses of one device."""
-    extra = {name: (f"method.name={name}", "method.targets=[q_proj,v_proj,down_proj]", "train.lr=3e-2", *options,
-                    *COMMON) for name, options in REBUILT.items()}
-    sharded = run_on_fake_devices(tiny_run, tmp_path, {name: [*options, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-                                                       for name, options in extra.items()})
-    for name, options in extra.items():
-        trainer.train(run_config(tiny_run, tmp_path / f"single-{name}", *options), progress=False)
-        single = [r["loss"] for r in read_metrics(tmp_path / f"single-{name}")]
-        assert len(single) == 5
-        for a, b in zip(sharded["losses"][name], single):
-            assert abs(a - b) <= 1e-5 * abs(b), (name, sharded["losses"][name], single)
+    sharded = cube_matches_one_device(tiny_run, tmp_path, {
+        name: [f"method.name={name}", "method.targets=[q_proj,v_proj,down_proj]", "train.lr=3e-2", *options, *COMMON]
+        for name, options in REBUILT.items()})
     assert sharded["specs"]["hra"]["['trainable']['model']['layers']['self_attn']['q_proj']['hra_u']"] == \
         "P(None, 'fsdp', None)"
 
@@ -177,15 +184,8 @@ def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
                          tmp_path / "base")
     tokenizer.save_pretrained(base)
     run = {**tiny_run, "model": base}
-    runs = {"full": ["method.name=full", *COMMON],
-            "lora": ["method.name=lora", "method.targets=[qkv_proj,gate_up_proj]", *COMMON]}
-    sharded = run_on_fake_devices(run, tmp_path, {name: [*extra, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-                                                  for name, extra in runs.items()})
-    for name, extra in runs.items():
-        trainer.train(run_config(run, tmp_path / f"single-{name}", *extra), progress=False)
-        single = [r["loss"] for r in read_metrics(tmp_path / f"single-{name}")]
-        assert len(single) == 5
-        for a, b in zip(sharded["losses"][name], single, strict=True):
-            assert abs(a - b) <= 1e-5 * abs(b), (name, sharded["losses"][name], single)
+    sharded = cube_matches_one_device(run, tmp_path, {
+        "full": ["method.name=full", *COMMON],
+        "lora": ["method.name=lora", "method.targets=[qkv_proj,gate_up_proj]", *COMMON]})
     assert sharded["specs"]["lora"]["['trainable']['model']['layers']['self_attn']['qkv_proj']['lora_b']"] == \
         "P(None, None, 'tensor')"
