@@ -75,6 +75,8 @@ FAMILIES = {
     "olmo3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj and gate_up_proj, RoPE on half of each head
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2),  # no RoPE in every other layer
+    "ministral": dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "seed_oss": dict(head_dim=8, attention_out_bias=True),  # o_proj's bias beside q/k/v's
     "ernie4_5": dict(head_dim=8, use_bias=True),  # RoPE over neighbouring dimensions, a bias on every projection
     "helium": dict(head_dim=8, attention_bias=True),
     "exaone4": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),
