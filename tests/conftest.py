@@ -83,18 +83,25 @@ FAMILIES = {
     "arcee": dict(mlp_bias=True),  # up_proj without a gate
     "glm": dict(head_dim=16),  # gate_up_proj, RoPE over neighbouring dimensions of half of each head, q/k/v biases
     "glm4": dict(head_dim=16),  # + norms after attention and the MLP
+    # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
+    # shared expert; OLMoE's q/k/v clipped after its q/k norms
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.5),
 }
 # Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
-# targets take there
+# targets take there; None where a family has no such module (a mixture's MLP is its experts, no dense projections)
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+NO_MLP = dict.fromkeys(("gate_proj", "up_proj", "down_proj"))
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP,
-         "glm4": GATE_UP}
+         "glm4": GATE_UP, **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe"), NO_MLP)}
 
 
 def family_targets(family: str, targets: list[str]) -> list[str]:
     """Llama's projection names as `family` names them (its fused ones; the others' own)."""
     fused = FUSED.get(family, {})
-    return list(dict.fromkeys(fused.get(t, t) for t in targets))
+    return [t for t in dict.fromkeys(fused.get(t, t) for t in targets) if t is not None]
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.
 GPT2 = dict(n_inner=64, num_key_value_heads=None)

@@ -63,6 +63,8 @@ def tiny(tmp_path_factory):
     ("arcee", {}),
     ("glm", dict(head_dim=16)),
     ("glm4", dict(head_dim=16, num_key_value_heads=1)),
+    ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
+    ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

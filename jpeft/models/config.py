@@ -1,8 +1,9 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee and GLM/GLM-4 differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot
-honour is an error here rather than a silently different model.
+Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE and OLMoE differ only in these fields,
+and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a silently
+different model.
 """
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from jpeft.errors import CheckpointError, read_json
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "t5", "gpt2")
+                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 GLM_TYPES = ("glm", "glm4")
-QKV_BIAS_ONLY_TYPES = ("qwen2", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
+QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
 PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
 INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
-QK_NORM_TYPES = {"qwen3": "head", "gemma3_text": "head", "exaone4": "head", **dict.fromkeys(OLMO_TYPES, "all")}
+QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
+                 **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
+# Mixture-of-experts families: config.json's field of their expert count and of each expert's width
+MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
+              "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -38,13 +43,15 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", *GEMMA_TYPES, "granite", *OLMO_TYPES, "smollm3", "helium", "seed_oss",
-                       "arcee", *GLM_TYPES),
+    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *OLMO_TYPES, "olmoe", "smollm3",
+                       "helium", "seed_oss", "arcee", *GLM_TYPES),
+    "qkv_bias": ("qwen2_moe",),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4"),
+                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe"),
+    "clip_qkv": ("olmoe",),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -121,6 +128,16 @@ class ModelConfig:
     logits_scaling: float = 1.0
     max_position_embeddings: int = 2048
     gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) and Arcee's act(up) are not gated
+    clip_qkv: float | None = None  # OLMoE: queries, keys and values clipped to [-clip_qkv, clip_qkv]
+    # Mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): each token's MLP is the weighted sum of the
+    # experts_per_token experts (of num_experts, each intermediate_size wide) its router scores highest, their
+    # softmax weights renormalised to sum 1 where `norm_topk_prob` (Mixtral always) and kept in float32 (Mixtral's)
+    # or rounded to the compute dtype (the others'); Qwen2-MoE adds a sigmoid-gated dense `shared_expert`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False
+    float32_expert_weights: bool = False
+    shared_expert_size: int = 0
     # T5: an encoder of num_layers blocks and a decoder of num_decoder_layers, with a learned bias per
     # relative-position bucket and head instead of RoPE; v1.0 scales the decoder output by
     # hidden ** -0.5 before its tied head.
@@ -232,11 +249,12 @@ class ModelConfig:
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope, local_rope = _ropes(family.rope_parameters, hf, source, partial, head_dim)
         bias = bool(own("attention_bias") or own("use_bias"))
+        moe = _experts(model_type, family, layers, source)
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
+            intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe else need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -245,7 +263,7 @@ class ModelConfig:
             rope=rope,
             local_rope=local_rope,
             tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
-            qkv_bias=model_type == "qwen2" or bias,
+            qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
             mlp_bias=bool(own("mlp_bias") or own("use_bias")),
@@ -266,6 +284,8 @@ class ModelConfig:
             rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
+            clip_qkv=None if own("clip_qkv") is None else float(own("clip_qkv")),
+            **moe,
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -337,6 +357,34 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         attention_dropout=_rate(hf.get("attn_pdrop", 0.1), "attn_pdrop", source),
         residual_dropout=_rate(hf.get("resid_pdrop", 0.1), "resid_pdrop", source),
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
+
+
+def _experts(model_type: str, family, layers: int, source: str) -> dict:
+    """The MoE fields of a mixture-of-experts family (`MOE_FIELDS`), {} for a dense one. Refused: dense MLP
+    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`), and what only training
+    with transformers adds (the router's load-balancing loss, Mixtral's jitter noise on its input)."""
+    if model_type not in MOE_FIELDS:
+        return {}
+    experts, k = getattr(family, MOE_FIELDS[model_type][0]), family.num_experts_per_tok
+    if not isinstance(experts, int) or isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= experts:
+        raise CheckpointError(f"{source}: a {model_type} model needs num_experts_per_tok (got {k!r}) between 1 and "
+                              f"its number of experts (got {experts!r})")
+    step, dense = getattr(family, "decoder_sparse_step", 1) or 1, getattr(family, "mlp_only_layers", None) or []
+    if step != 1 or dense:
+        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+        if len(sparse) != layers:
+            raise CheckpointError(f"{source}: layers {sorted(set(range(layers)) - set(sparse))} have a dense MLP "
+                                  "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
+                                  "the experts")
+    for key, why in (("output_router_logits", "the router's load-balancing loss"),
+                     ("router_jitter_noise", "noise on the router's input")):
+        if getattr(family, key, None):
+            raise CheckpointError(f"{source}: {key} is set, which adds {why} when transformers trains the model; "
+                                  f"jpeft trains without it: set {key} to {'false' if key[0] == 'o' else 0}")
+    return dict(num_experts=experts, experts_per_token=k,
+                norm_topk_prob=model_type == "mixtral" or bool(getattr(family, "norm_topk_prob", False)),
+                float32_expert_weights=model_type == "mixtral",
+                shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0)
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

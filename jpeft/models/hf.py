@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from jpeft import tree as T
 from jpeft.errors import CheckpointError, ConfigError, read_json
 from jpeft.hardware import resolve_dtype
+from jpeft.models import hf_experts
 from jpeft.models.config import FAMILY_FIELDS, ModelConfig, read_config
 from jpeft.models.llama import CausalLM
 from jpeft.models.gpt2 import GPT2
@@ -34,11 +35,15 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                    "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
-HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# a tree leaf's name in HF: Linear/Embedding/norm weights, biases, and parameters named as HF names them (a
+# mixture's router weight and stacked experts)
+HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight",
+           "gate_up_proj": "gate_up_proj", "down_proj": "down_proj"}
 ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "olmo2": "Olmo2", "olmo3": "Olmo3",
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
-                "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4",
+                "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "mixtral": "Mixtral",
+                "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
                 "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
@@ -168,12 +173,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     try:
         for path, spec in expected.items():
             names = hf_names(path, spec.shape[0] if T.is_stacked(path) else 1)
-            for name in names:
-                if name not in index:
-                    raise CheckpointError(f"{model_dir}: weight '{name}' is missing from the checkpoint")
-                if (file := index[name][0]) not in handles:
-                    handles[file] = safe_open(file, "np").__enter__()
-            parts = [handles[index[name][0]].get_slice(index[name][1]) for name in names]
+            parts = [_open(index, name, cfg, handles, model_dir) for name in names]
             for name, part in zip(names, parts):
                 if part.get_dtype() not in FLOAT_FILE_DTYPES:
                     raise CheckpointError(f"{model_dir}: weight '{name}' is stored as {part.get_dtype()}, not as "
@@ -237,6 +237,19 @@ def _own_head(index: dict, embedding: str) -> bool:
                               "re-save it") from None
 
 
+def _open(index: dict, name: str, cfg: ModelConfig, handles: dict, model_dir: str):
+    """A safetensors slice of HF tensor `name`: the file's own, or a mixture's experts stacked from their parts
+    (`hf_experts`)."""
+    parts = [[name]] if name in index else hf_experts.file_parts(name, cfg.model_type, cfg.num_experts)
+    for part in [p for expert in parts or [[name]] for p in expert]:
+        if part not in index:
+            raise CheckpointError(f"{model_dir}: weight '{part}' is missing from the checkpoint")
+        if (file := index[part][0]) not in handles:
+            handles[file] = safe_open(file, "np").__enter__()
+    opened = [[handles[index[p][0]].get_slice(index[p][1]) for p in expert] for expert in parts]
+    return opened[0][0] if len(opened) == 1 and len(opened[0]) == 1 else hf_experts.Stacked(opened)
+
+
 def _tree_shape(path: str, hf_shape) -> tuple:
     return tuple(reversed(hf_shape)) if transposed(path) else tuple(hf_shape)
 
@@ -290,7 +303,7 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         parts = list(array) if T.is_stacked(path) else [array]
         names = hf_names(path, len(parts))
         for name, part in zip(names, parts):
-            tensors[name] = np.ascontiguousarray(hf_layout(path, part))
+            tensors.update(hf_experts.split(name, np.ascontiguousarray(hf_layout(path, part)), model.config.model_type))
     index_path = os.path.join(out_dir, "model.safetensors.index.json")
     if os.path.exists(index_path):  # a sharded checkpoint saved there before: its shards are stale now
         for shard in set(_shards(index_path).values()):

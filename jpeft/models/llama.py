@@ -1,5 +1,6 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE and
+OLMoE): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -18,6 +19,7 @@ import numpy as np
 from jpeft.models import attention as A
 from jpeft.models import kv_cache as C
 from jpeft.models import layers as L
+from jpeft.models import moe
 from jpeft.models.config import ModelConfig
 from jpeft.models.rope import apply_rope, layer_rope, rope_tables
 from jpeft.peft import sites
@@ -40,6 +42,8 @@ class Attention(nn.Module):
             v = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
         if cfg.qk_norm == "all":
             q, k = (rms_norm(cfg, (axis,), name)(a) for name, a, axis in (("q_norm", q, "heads"), ("k_norm", k, "kv")))
+        if cfg.clip_qkv is not None:  # OLMoE's, after its norms
+            q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
@@ -64,6 +68,8 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
         dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=name)(x)
+        if cfg.num_experts:
+            return self.experts(x)
         if cfg.fused_gate_up:  # Phi-3's and GLM's gate_up_proj: gate, then up
             h = L.activate(cfg.hidden_act, *jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj"), 2, axis=-1))
         elif cfg.gated_mlp:
@@ -72,6 +78,16 @@ class MLP(nn.Module):
         else:  # Arcee's act(up_proj(x)), no gate
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(h)
+
+    def experts(self, x):
+        """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid."""
+        cfg = self.cfg
+        tokens = x.reshape(-1, cfg.hidden_size)
+        h = moe.Experts(cfg, name="experts")(tokens, *moe.Router(cfg, name="gate")(tokens)).reshape(x.shape)
+        if not cfg.shared_expert_size:
+            return h
+        shared = MLP(cfg.replace(num_experts=0, intermediate_size=cfg.shared_expert_size), name="shared_expert")(x)
+        return h + jax.nn.sigmoid(L.Dense(1, ("embed", None), name="shared_expert_gate")(x)) * shared
 
 
 class DecoderLayer(nn.Module):

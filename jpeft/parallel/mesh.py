@@ -1,6 +1,6 @@
 """One device mesh and one rules table that decide all sharding.
 
-Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`);
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `layers`, `experts`);
 `RULES` maps them to mesh axes. Adapter leaves derive their axes from the weight they
 modify, as each method declares (`jpeft.peft.leaf_axes`): LoRA A shares the kernel's input
 axis, B its output axis, the rank is unsharded; IA3 vectors follow the axis they scale.
@@ -28,6 +28,7 @@ RULES = (
     ("kv", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("experts", None),
     ("head_dim", None),
 )
 

@@ -172,20 +172,34 @@ def test_method_leaves_and_optimizer_state_follow_their_weights():
         assert out[name]["moments"] == sorted(2 * list(out[name]["trainable"].values())), name
 
 
-def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
-    """Phi-3's qkv_proj and gate_up_proj are split after a tensor-sharded product: full fine-tuning and a LoRA on
-    them, on a mesh of all three axes, equal the 1-device runs."""
+def family_run(tiny_run, tmp_path, family: str) -> dict:
+    """`tiny_run` with a tiny random model of `family` (its `conftest.FAMILIES` sizes) over the run's tokenizer."""
     from transformers import AutoTokenizer
     from conftest import FAMILIES, make_hf_model, save_hf_model
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
-    base = save_hf_model(make_hf_model("phi3", **FAMILIES["phi3"], vocab_size=len(tokenizer),
+    base = save_hf_model(make_hf_model(family, **FAMILIES[family], vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
                          tmp_path / "base")
     tokenizer.save_pretrained(base)
-    run = {**tiny_run, "model": base}
-    sharded = cube_matches_one_device(run, tmp_path, {
+    return {**tiny_run, "model": base}
+
+
+def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj are split after a tensor-sharded product: full fine-tuning and a LoRA on
+    them, on a mesh of all three axes, equal the 1-device runs."""
+    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "phi3"), tmp_path, {
         "full": ["method.name=full", *COMMON],
         "lora": ["method.name=lora", "method.targets=[qkv_proj,gate_up_proj]", *COMMON]})
     assert sharded["specs"]["lora"]["['trainable']['model']['layers']['self_attn']['qkv_proj']['lora_b']"] == \
         "P(None, None, 'tensor')"
+
+
+def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
+    """Mixtral's stacked experts, their widths over the tensor axis and the model width over fsdp, routed
+    tokens grouped per expert: full fine-tuning on a mesh of all three axes equals the 1-device run."""
+    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "mixtral"), tmp_path,
+                                      {"full": ["method.name=full", *COMMON]})
+    experts = "['trainable']['model']['layers']['mlp']['experts']"
+    assert sharded["specs"]["full"][f"{experts}['gate_up_proj']"] == "P(None, None, 'tensor', 'fsdp')"
+    assert sharded["specs"]["full"][f"{experts}['down_proj']"] == "P(None, None, 'fsdp', 'tensor')"

@@ -220,7 +220,7 @@ FAMILY_METHODS = {  # each made with the family's names for Llama's projections 
     "lora": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=names(["q_proj", "k_proj", "v_proj", "o_proj",
                                                                        "gate_proj", "up_proj", "down_proj"])),
              ("lora_b",)),
-    "ia3": (lambda names: jpeft.IA3(targets=names(["k_proj", "v_proj", "down_proj"]), feedforward=["down_proj"]),
+    "ia3": (lambda names: jpeft.IA3(targets=names(["k_proj", "v_proj", "down_proj"]), feedforward=names(["down_proj"])),
             ("ia3_in", "ia3_out")),
     # Gemma scales its embeddings (by sqrt(hidden)) after DoRA's rescaling, and ties its head to the bare table
     "dora-embed": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),

@@ -1,0 +1,72 @@
+"""A mixture's experts as checkpoints store them: one tensor per expert and projection.
+
+transformers 5 runs the experts stacked (`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj`
+[E, D, I]), as jpeft's tree holds them, but loads and saves the hub's layout: Qwen2/3-MoE's and OLMoE's
+`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`, and Mixtral's `block_sparse_moe.experts.{e}.w1`
+(gate), `w3` (up), `w2` (down) beside its router `block_sparse_moe.gate`. Reading stacks those parts lazily,
+slice by slice (`Stacked`), so a sharded load still reads each device's part only; saving splits them again.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+# per family: the layer's module holding router and experts in files, and its (gate, up) and down names
+FILE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
+DEFAULT_FILE_NAMES = ("mlp", ("gate_proj", "up_proj"), "down_proj")
+_STACKED = re.compile(r"^(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def file_parts(name: str, model_type: str, num_experts: int) -> list[list[str]] | None:
+    """The file's tensor names behind a stacked tree tensor `name`: per expert, the parts its rows join (gate
+    and up; down alone); for a renamed router, one part. None for any other name."""
+    if not (match := _STACKED.match(name)):
+        return None
+    layer, what = match.groups()
+    block, gate_up, down = FILE_NAMES.get(model_type, DEFAULT_FILE_NAMES)
+    if what == "gate.weight":
+        return [[f"{layer}.{block}.gate.weight"]] if block != "mlp" else None
+    parts = gate_up if what.endswith("gate_up_proj") else (down,)
+    return [[f"{layer}.{block}.experts.{e}.{part}.weight" for part in parts] for e in range(num_experts)]
+
+
+def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray]:
+    """A stacked tree tensor as the file stores it: {file name: part} (itself where it is stored as it is)."""
+    parts = file_parts(name, model_type, len(array))
+    if parts is None:
+        return {name: array}
+    if len(parts) == 1 and name.endswith("gate.weight"):
+        return {parts[0][0]: array}
+    return {part: np.ascontiguousarray(piece) for expert, names in zip(array, parts)
+            for part, piece in zip(names, np.split(expert, len(names), axis=0))}
+
+
+class Stacked:
+    """A safetensors slice over parts: experts stacked on a new first axis, each expert's parts joined along
+    their rows (gate, then up), read only where a slice asks."""
+
+    def __init__(self, parts: list[list]):
+        self.parts = parts
+        self.rows = [p.get_shape()[0] for p in parts[0]]
+
+    def get_shape(self) -> list[int]:
+        first = self.parts[0][0].get_shape()
+        return [len(self.parts), sum(self.rows), *first[1:]]
+
+    def get_dtype(self) -> str:
+        return self.parts[0][0].get_dtype()
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        experts, rows, *rest = tuple(index) + (slice(None),) * (3 - len(index))
+        start, stop, _ = rows.indices(sum(self.rows))
+        out = []
+        for expert in self.parts[experts]:
+            pieces, offset = [], 0
+            for part, size in zip(expert, self.rows):
+                lo, hi = max(start - offset, 0), min(stop - offset, size)
+                if lo < hi:
+                    pieces.append(part[(slice(lo, hi), *rest)])
+                offset += size
+            out.append(np.concatenate(pieces))
+        return np.stack(out)

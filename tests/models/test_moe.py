@@ -1,0 +1,142 @@
+"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE) against transformers: logits, gradients of every weight,
+the routers' weights in bfloat16, checkpoint files both ways (their experts read slice by slice), and what jpeft
+refuses."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+import jpeft
+from conftest import FAMILIES, make_hf_model, save_hf_model
+from jpeft import tree as T
+from jpeft.models import moe
+from jpeft.models.config import ModelConfig
+from jpeft.models.hf_experts import Stacked
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+CASES = {
+    **{family: (family, FAMILIES[family]) for family in MOE},
+    "mixtral-top1-sliding-tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=4,
+                                                  tie_word_embeddings=True)),
+    "qwen3_moe-unnormalised-all-experts": ("qwen3_moe", dict(FAMILIES["qwen3_moe"], norm_topk_prob=False,
+                                                             num_experts_per_tok=4)),
+    "qwen2_moe-no-qkv-bias": ("qwen2_moe", dict(FAMILIES["qwen2_moe"], qkv_bias=False)),
+}
+IDS = np.random.RandomState(0).randint(0, 97, (2, 12))
+
+
+def torch_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+    model_type, overrides = CASES[case]
+    ref_model = make_hf_model(model_type, **overrides)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_gradients_of_router_experts_and_attention_match_torch(family, tmp_path):
+    """The full fine-tune's gradients: through the top-k choice into the router, through each expert's rows."""
+    ref_model = make_hf_model(family, **FAMILIES[family], initializer_range=0.2)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    probe = np.random.RandomState(1).normal(size=(*IDS.shape, 97)).astype(np.float32)
+    grads = jax.grad(lambda p: (model.apply({"params": p}, jnp.asarray(IDS)) * probe).sum())(params)
+    (ref_model(torch.tensor(IDS)).logits * torch.tensor(probe)).sum().backward()
+    layers = T.flatten(grads["model"]["layers"])
+    for layer, torch_layer in enumerate(ref_model.model.layers):
+        mlp = torch_layer.mlp
+        for path, weight in (("mlp/gate/weight", mlp.gate.weight), ("mlp/experts/gate_up_proj", mlp.experts.gate_up_proj),
+                             ("mlp/experts/down_proj", mlp.experts.down_proj),
+                             ("self_attn/q_proj/kernel", torch_layer.self_attn.q_proj.weight)):
+            expected = weight.grad.numpy()
+            got = np.asarray(layers[path][layer])
+            got = got.T if path.endswith("kernel") else got
+            assert np.abs(expected).max() > 1e-3, path  # every expert path carries gradient here
+            np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max(), rtol=0, err_msg=path)
+
+
+@pytest.mark.parametrize("family,weight_dtype", [("mixtral", torch.float32), ("qwen3_moe", torch.bfloat16)])
+def test_routers_weigh_experts_as_transformers_in_bfloat16(family, weight_dtype):
+    """Mixtral keeps the chosen experts' weights in float32, Qwen rounds them to the compute dtype; both take a
+    float32 softmax of bf16 logits."""
+    ref_model = make_hf_model(family, **FAMILIES[family], initializer_range=0.5).to(torch.bfloat16)
+    router = ref_model.model.layers[0].mlp.gate
+    x = torch.randn(40, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        logits, weights, experts = router(x)
+    cfg = ModelConfig.from_hf(ref_model.config.to_dict())
+    got_weights, got_experts = moe.route(cfg, jnp.asarray(logits.float().numpy(), jnp.bfloat16))
+    assert weights.dtype == weight_dtype and got_weights.dtype == jnp.dtype(str(weight_dtype).split(".")[1])
+    np.testing.assert_array_equal(np.asarray(got_experts), experts.numpy())
+    # float32 softmaxes may differ in their last bit (exp's implementations); the rounding to bf16 hides that
+    np.testing.assert_allclose(np.asarray(got_weights, np.float32), weights.float().numpy(), rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_saved_files_are_transformers_own_and_load_back(family, tmp_path):
+    """Per-expert tensors under the family's own names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2), the
+    same names and bits transformers writes, read back by transformers to the same logits."""
+    ref_model = make_hf_model(family, **FAMILIES[family])
+    path = save_hf_model(ref_model, tmp_path / "hf")
+    model, params = jpeft.from_pretrained(path)
+    jpeft.save_pretrained(str(tmp_path / "jpeft"), model, params)
+    ours, theirs = load_file(tmp_path / "jpeft" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+    assert any(".experts.3." in name for name in ours)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "jpeft", dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(reloaded), torch_logits(ref_model), atol=1e-6, rtol=0)
+
+
+def test_stacked_experts_read_any_slice_from_their_parts(tmp_path):
+    """What a device's shard of a sharded load reads: experts stacked, gate and up joined along their rows."""
+    rng = np.random.default_rng(0)
+    gate, up = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    save_file({f"{name}{e}": a[e] for name, a in (("g", gate), ("u", up)) for e in range(3)}, tmp_path / "w.safetensors")
+    whole = np.concatenate([gate, up], axis=1)  # [E, 2I, D]
+    with safe_open(tmp_path / "w.safetensors", "np") as f:
+        stacked = Stacked([[f.get_slice(f"g{e}"), f.get_slice(f"u{e}")] for e in range(3)])
+        assert stacked.get_shape() == list(whole.shape) and stacked.get_dtype() == "F32"
+        for index in [(), (slice(1, 3),), (slice(0, 3), slice(3, 8), slice(1, 3)), (slice(2, 3), slice(0, 4)),
+                      (slice(0, 1), slice(5, 10), slice(0, 4))]:
+            np.testing.assert_array_equal(stacked[index], whole[index])
+
+
+def test_a_checkpoint_in_transformers_stacked_layout_loads_too(tmp_path):
+    """A file holding the experts as transformers runs them (`mlp.experts.gate_up_proj`) reads as the hub's."""
+    ref_model = make_hf_model("qwen3_moe", **FAMILIES["qwen3_moe"])
+    path = save_hf_model(ref_model, tmp_path)
+    stacked = {k: v.detach().numpy().copy() for k, v in ref_model.state_dict().items()}
+    save_file(stacked, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert any(k.endswith("experts.gate_up_proj") for k in stacked)
+    model, params = jpeft.from_pretrained(path)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), torch_logits(ref_model),
+                               atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(mlp_only_layers=[1]), r"layers \[1\] have a dense MLP"),
+    (dict(decoder_sparse_step=2), r"layers \[0\] have a dense MLP"),
+    (dict(output_router_logits=True), "load-balancing loss"),
+    (dict(num_experts_per_tok=5), "between 1 and its number of experts"),
+])
+def test_what_jpeft_cannot_run_is_refused(fields, match):
+    hf = {**make_hf_model("qwen3_moe", **FAMILIES["qwen3_moe"]).config.to_dict(), **fields}
+    with pytest.raises(jpeft.CheckpointError, match=match):
+        ModelConfig.from_hf(json.loads(json.dumps(hf)))
+
+
+def test_mixtral_jitter_noise_is_refused():
+    hf = make_hf_model("mixtral", **FAMILIES["mixtral"]).config.to_dict()
+    with pytest.raises(jpeft.CheckpointError, match="router_jitter_noise"):
+        ModelConfig.from_hf(dict(hf, router_jitter_noise=0.1))
