@@ -65,6 +65,7 @@ class MethodSection:
     gram_schmidt: bool = False  # HRA: orthonormalise the reflection vectors (PEFT's apply_GS)
     token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
     trainable_token_indices: list[int] | None = None  # LoRA: these ids' input-embedding rows train too (PEFT's)
+    target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)
     quant: str = "nf4"
     double_quant: bool = False
     feedforward: list[str] | None = None

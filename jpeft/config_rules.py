@@ -86,8 +86,9 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
                                     "SLURM leave dist.* unset: JAX finds the processes itself")
     if not 0 <= cfg.method.dropout < 1:
         fail("method.dropout", f"must be in [0, 1), got {cfg.method.dropout}")
-    if cfg.method.targets is not None and not cfg.method.targets:
-        fail("method.targets", "must name at least one module, e.g. [q_proj, v_proj]")
+    if cfg.method.targets is not None and not cfg.method.targets and not cfg.method.target_parameters:
+        fail("method.targets", "must name at least one module, e.g. [q_proj, v_proj] (or be [] beside "
+                               "method.target_parameters, a LoRA on a mixture's experts alone)")
     if cfg.method.name == "prompt" and cfg.method.tasks > 1:
         fail("method.tasks", f"={cfg.method.tasks}: a run of jpeft train trains one prompt (its data has no task "
                              "column to route rows by); train one run per task, or several prompts from Python "

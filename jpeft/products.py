@@ -71,6 +71,19 @@ def matmul(x, w):
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+# rows [N, in] against each group's w: [G, in, out] (jpeft's kernels), or [G, out, in] (transformers' Linear layout)
+_GROUPED = {transposed: jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2 if transposed else 1]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0]) for transposed in (False, True)}
+
+
+def grouped(rows, w, sizes, transposed: bool = False):
+    """rows [N, in] grouped in order (`sizes[g]` rows for group g) times their group's w, in the rows' dtype: a
+    mixture's experts (a grouped matmul where the backend has one; XLA:CPU computes every group's product and
+    keeps each row's)."""
+    return jax.lax.ragged_dot_general(rows, w.astype(rows.dtype), sizes, _GROUPED[transposed])
+
+
 def row_major(a):
     """`a` materialised row-major on CPU: XLA:CPU's bf16 matmul takes no transposed left operand (it
     would run in float32), and XLA otherwise folds a transpose into the product that reads it or lays

@@ -35,10 +35,9 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                    "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
-# a tree leaf's name in HF: Linear/Embedding/norm weights, biases, and parameters named as HF names them (a
-# mixture's router weight and stacked experts)
-HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight",
-           "gate_up_proj": "gate_up_proj", "down_proj": "down_proj"}
+# a tree leaf's name in HF: Linear/Embedding/norm weights, biases, and weights kept in HF's layout (a mixture's
+# router and stacked experts)
+HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
 ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "olmo2": "Olmo2", "olmo3": "Olmo3",
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
@@ -240,7 +239,7 @@ def _own_head(index: dict, embedding: str) -> bool:
 def _open(index: dict, name: str, cfg: ModelConfig, handles: dict, model_dir: str):
     """A safetensors slice of HF tensor `name`: the file's own, or a mixture's experts stacked from their parts
     (`hf_experts`)."""
-    parts = [[name]] if name in index else hf_experts.file_parts(name, cfg.model_type, cfg.num_experts)
+    parts = [[name]] if name in index else hf_experts.file_parts(name, cfg.model_type, cfg.num_experts, index)
     for part in [p for expert in parts or [[name]] for p in expert]:
         if part not in index:
             raise CheckpointError(f"{model_dir}: weight '{part}' is missing from the checkpoint")

@@ -1,7 +1,7 @@
 """A mixture's experts as checkpoints store them: one tensor per expert and projection.
 
 transformers 5 runs the experts stacked (`mlp.experts.gate_up_proj` [E, 2I, D], `mlp.experts.down_proj`
-[E, D, I]), as jpeft's tree holds them, but loads and saves the hub's layout: Qwen2/3-MoE's and OLMoE's
+[E, D, I]), as jpeft's tree holds them (`.../experts/gate_up_proj/weight`), but loads and saves the hub's layout: Qwen2/3-MoE's and OLMoE's
 `mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`, and Mixtral's `block_sparse_moe.experts.{e}.w1`
 (gate), `w3` (up), `w2` (down) beside its router `block_sparse_moe.gate`. Reading stacks those parts lazily,
 slice by slice (`Stacked`), so a sharded load still reads each device's part only; saving splits them again.
@@ -15,17 +15,20 @@ import numpy as np
 # per family: the layer's module holding router and experts in files, and its (gate, up) and down names
 FILE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 DEFAULT_FILE_NAMES = ("mlp", ("gate_proj", "up_proj"), "down_proj")
-_STACKED = re.compile(r"^(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+_STACKED = re.compile(r"^(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate)\.weight$")
 
 
-def file_parts(name: str, model_type: str, num_experts: int) -> list[list[str]] | None:
+def file_parts(name: str, model_type: str, num_experts: int, held=()) -> list[list[str]] | None:
     """The file's tensor names behind a stacked tree tensor `name`: per expert, the parts its rows join (gate
-    and up; down alone); for a renamed router, one part. None for any other name."""
+    and up; down alone); for a renamed router, one part; the stacked tensor itself where the file (`held`
+    names) has it under transformers' own name. None for any other name."""
     if not (match := _STACKED.match(name)):
         return None
     layer, what = match.groups()
+    if (stacked := name.removesuffix(".weight")) in held and what != "gate":
+        return [[stacked]]
     block, gate_up, down = FILE_NAMES.get(model_type, DEFAULT_FILE_NAMES)
-    if what == "gate.weight":
+    if what == "gate":
         return [[f"{layer}.{block}.gate.weight"]] if block != "mlp" else None
     parts = gate_up if what.endswith("gate_up_proj") else (down,)
     return [[f"{layer}.{block}.experts.{e}.{part}.weight" for part in parts] for e in range(num_experts)]
@@ -36,7 +39,7 @@ def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray
     parts = file_parts(name, model_type, len(array))
     if parts is None:
         return {name: array}
-    if len(parts) == 1 and name.endswith("gate.weight"):
+    if len(parts) == 1 and name.endswith(".gate.weight"):
         return {parts[0][0]: array}
     return {part: np.ascontiguousarray(piece) for expert, names in zip(array, parts)
             for part, piece in zip(names, np.split(expert, len(names), axis=0))}

@@ -2,10 +2,11 @@
 the token's output is the weighted sum of its top-k experts' gated MLPs.
 
 The weights are transformers' own parameters, in its layout: the router `gate/weight` [E, D], and the experts
-stacked as `experts/gate_up_proj` [E, 2I, D] (gate, then up) and `experts/down_proj` [E, D, I]. They are no
-dense insertion points, as PEFT's `target_modules` cannot reach them either. A token's k assignments are
-sorted by expert, each expert multiplies its contiguous run of rows (`lax.ragged_dot_general`: a grouped
-matmul where the backend has one), and the weighted rows are summed back into their tokens.
+stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up) and `experts/down_proj/weight` [E, D, I].
+None is a dense insertion point, as none is a module PEFT's `target_modules` reaches; the experts are the
+`sites.experts` insertion point, where PEFT's `target_parameters` LoRA acts. A token's k assignments are sorted
+by expert, each expert multiplies its contiguous run of rows (`products.grouped`), and the weighted rows are
+summed back into their tokens.
 """
 from __future__ import annotations
 
@@ -15,12 +16,9 @@ import jax.numpy as jnp
 
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
+from jpeft.peft import sites
+from jpeft.peft.base import EXPERT_WEIGHTS
 from jpeft.products import matmul
-
-# x [rows, in] against each group's w [out, in] (transformers' Linear layout), rows grouped by expert
-_GROUPED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-
 
 def route(cfg: ModelConfig, logits):
     """(weights, experts) [N, k] of each token's top-k experts, as transformers' routers pick and weigh them: a
@@ -35,13 +33,12 @@ def route(cfg: ModelConfig, logits):
 
 def mix(cfg: ModelConfig, x, weights, experts, gate_up, down):
     """Σ_k weights[:, k] · expert_k(x) for x [N, D]: each assignment's row, sorted by expert, through its
-    expert's act(gate) · up and down projections."""
+    expert's act(gate) · up and down projections (`gate_up`, `down`: functions of (rows, group sizes))."""
     order = jnp.argsort(experts.reshape(-1), stable=True)
     tokens = order // cfg.experts_per_token
     sizes = jnp.bincount(experts.reshape(-1), length=cfg.num_experts)
-    grouped = lambda rows, w: jax.lax.ragged_dot_general(rows, w.astype(rows.dtype), sizes, _GROUPED)
-    h = L.activate(cfg.hidden_act, *jnp.split(grouped(x[tokens], gate_up), 2, axis=-1))
-    y = grouped(h, down) * weights.reshape(-1)[order][:, None]
+    h = L.activate(cfg.hidden_act, *jnp.split(gate_up(x[tokens], sizes), 2, axis=-1))
+    y = down(h, sizes) * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[tokens].add(y.astype(x.dtype))
 
 
@@ -65,7 +62,18 @@ class Experts(nn.Module):
     def __call__(self, x, weights, experts):
         cfg = self.cfg
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        param = lambda name, shape, axes: self.param(name, nn.with_logical_partitioning(L.init_normal, axes), shape,
-                                                     jnp.float32)
-        return mix(cfg, x, weights, experts, param("gate_up_proj", (e, 2 * i, d), ("experts", "mlp", "embed")),
-                   param("down_proj", (e, d, i), ("experts", "embed", "mlp")))
+        return mix(cfg, x, weights, experts,
+                   ExpertWeight((e, 2 * i, d), ("experts", "mlp", "embed"), name=EXPERT_WEIGHTS[0]),
+                   ExpertWeight((e, d, i), ("experts", "embed", "mlp"), name=EXPERT_WEIGHTS[1]))
+
+
+class ExpertWeight(nn.Module):
+    """One stacked expert weight [E, out, in] (logical `axes`): the `sites.experts` insertion point."""
+    shape: tuple[int, int, int]
+    axes: tuple[str, str, str]
+
+    @nn.compact
+    def __call__(self, rows, sizes):
+        if self.is_initializing():
+            self.param("weight", nn.with_logical_partitioning(L.init_normal, self.axes), self.shape, jnp.float32)
+        return sites.experts(L.module_leaves(self), rows, sizes)

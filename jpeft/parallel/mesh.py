@@ -83,6 +83,8 @@ def logical_axes(params, abstract_base) -> dict:
     for path, leaf in T.flatten(params).items():
         prefix, name = path.rsplit("/", 1)
         weight = base.get(prefix + "/kernel") or base.get(prefix + "/embedding")
+        if weight is None and (stacked := base.get(prefix + "/weight")) is not None:  # a mixture's experts, [.., out, in]
+            weight = (*stacked[:-2], stacked[-1], stacked[-2])
         if path in base:
             axes[path] = tuple(base[path])
         else:

@@ -40,7 +40,8 @@ def leaf_axes(name: str, weight_axes: tuple | None, ndim: int, stacked: bool = F
     """Logical axes of an adapter leaf, derived from those of the weight it modifies: `in`/`out`
     are the weight's input/output axes, `lead` its stacked-layer axis; a leaf in a module without
     a weight (a prefix, a soft prompt, a bottleneck adapter) names logical axes itself, `lead`
-    being `layers` when stacked. Unknown shapes replicate."""
+    being `layers` when stacked. Unknown shapes replicate past the leading axes they have (a LoRA's
+    per-layer scale beside a mixture's [layers, experts, out, in] weight: `layers`)."""
     if weight_axes is None:
         lead, d_in, d_out = ["layers"] if stacked else [], None, None
     else:
@@ -48,7 +49,7 @@ def leaf_axes(name: str, weight_axes: tuple | None, ndim: int, stacked: bool = F
     spec = _OWNER[name].axes.get(name) if name in _OWNER else ("lead", "out")  # e.g. a bias BitFit added
     words = {"in": [d_in], "out": [d_out], "lead": lead, None: [None]}
     axes = tuple(a for word in spec or () for a in words.get(word, [word]))
-    return axes if len(axes) == ndim else (*lead, *[None] * (ndim - len(lead)))
+    return axes if len(axes) == ndim else (*lead, *[None] * ndim)[:ndim]
 
 
 def trainable_mask(params):

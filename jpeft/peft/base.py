@@ -279,6 +279,15 @@ def without_excluded(config: dict, grouped: dict, error=JpeftError) -> dict:
             "layers_to_transform": None, "exclude_modules": None}
 
 
+# a mixture's stacked expert weights, in the order transformers registers them (PEFT nests its wrappers by it)
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def is_expert_weight(path: str, leaves: dict) -> bool:
+    """Is this module a mixture's stacked expert weight (`sites.experts`: `.../experts/gate_up_proj/weight`)?"""
+    return "weight" in leaves and path.rpartition("/")[0].endswith("experts")
+
+
 def weight_name(leaves: dict) -> str | None:
     """The leaf a dense or embedding method modifies ('kernel' or 'embedding'), if the module has one."""
     return next((n for n in ("kernel", "embedding") if n in leaves), None)

@@ -46,7 +46,7 @@ PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()
 # only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.
 UNHONOURED = {"modules_to_save": None, "layer_replication": None,
-              "target_parameters": None, "use_qalora": False,
+              "use_qalora": False,
               "lora_bias": False, "alora_invocation_tokens": None,
               # LoRA variants with leaves or base rewrites of their own (KaSA, BD-LoRA, VeLoRA, MonteCLoRA)
               "kasa_config": None, "use_bdlora": None, "velora_config": None, "monteclora_config": None}

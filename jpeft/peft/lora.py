@@ -11,8 +11,10 @@ holds factors for every layer and `lora_scale` 0 where it is not adapted: no del
 gradient, not counted, not saved. PiSSA and OLoRA move the top of W into A·B at init and
 keep A₀, B₀ (`lora_init_a`/`lora_init_b`), so a saved adapter applies to the original base.
 `trainable_token_indices` (PEFT's) also trains those ids' rows of the input embedding (`trainable_tokens.py`).
+`target_parameters` (PEFT's) adapt a mixture's stacked expert weights, one pair per expert: `lora_a`
+[..., E, in, r] and `lora_b` [..., E, r, out] beside `weight` [..., E, out, in], applied to each expert's rows.
 
-Parameters per targeted layer: r·(in + out) (+ out for DoRA).
+Parameters per targeted layer: r·(in + out) (+ out for DoRA; times E for experts).
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module, layer_index,
-                             layer_rows, leading, linear_uniform, module_layers, module_names, picked_layers,
-                             refuse_second_init, refuse_tied_head, saved_base_weight, target_option, weight_name)
+from jpeft.peft.base import (CONV1D, EXPERT_WEIGHTS, Method, dropped_input, exact_targets, from_layer_rows, hf_module,
+                             is_expert_weight, layer_index, layer_rows, leading, linear_uniform, module_layers,
+                             module_names, picked_layers, refuse_second_init, refuse_tied_head, saved_base_weight,
+                             target_option, weight_name)
 from jpeft.peft import trainable_tokens
 from jpeft.peft.quant import is_quantized
 from jpeft.peft.trainable_tokens import TrainableTokens
-from jpeft.products import matmul
+from jpeft.products import grouped, matmul
 
 INITS = ("peft", "gaussian", "pissa", "olora")
 # init_lora_weights values of a PEFT adapter jpeft loads: those that leave the base weights as they are (A and B
@@ -57,7 +60,9 @@ class LoRA(Method):
     indices (PEFT's layers_to_transform). `lr_ratio` ≠ 1 or an `lr_embedding` turns on LoRA+ as
     PEFT's `create_loraplus_optimizer` groups it: B (and any trainable vector) learns `lr_ratio` times faster
     than A, and both factors of a LoRA on an embedding learn at `lr_embedding` (its `loraplus_lr_embedding`,
-    1e-6 unless given).
+    1e-6 unless given). `target_parameters`: a mixture's expert weights by PEFT's parameter names
+    (`mlp.experts.gate_up_proj`, `down_proj`), matched as a dotted suffix of each layer's; as in PEFT, without
+    dropout, DoRA or PiSSA/OLoRA there.
     """
     name = "lora"
     peft_type = "LORA"
@@ -71,7 +76,8 @@ class LoRA(Method):
                  dropout: float = 0.0, init: str = "peft", use_rslora: bool = False, use_dora: bool = False,
                  layers: Sequence[int] | None = None, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float | None = None,
-                 trainable_token_indices: Sequence[int] | None = None):
+                 trainable_token_indices: Sequence[int] | None = None,
+                 target_parameters: Sequence[str] | None = None):
         if rank < 1:
             raise JpeftError(f"LoRA rank must be >= 1, got {rank}")
         if init not in INITS:
@@ -89,13 +95,19 @@ class LoRA(Method):
             None if lr_embedding is None else float(lr_embedding))
         self.trainable_token_indices = None if trainable_token_indices is None else TrainableTokens(
             trainable_token_indices).token_indices  # (checked as TrainableTokens checks them)
+        self.target_parameters = tuple(target_parameters or ())
+        unfit = {"dropout": dropout > 0, "DoRA": use_dora, f"init {init!r}": init in ("pissa", "olora"),
+                 "layers": layers is not None}
+        if self.target_parameters and (unfit := [name for name, on in unfit.items() if on]):
+            raise JpeftError(f"LoRA on target_parameters {list(self.target_parameters)} takes no {', '.join(unfit)} "
+                             "(PEFT's LoRA on parameters has none of them)")
 
     def __repr__(self):
         options = {"use_dora": self.use_dora, "layers": self.layers, "rank_pattern": self.rank_pattern,
                    "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio, "lr_embedding": self.lr_embedding,
-                   "trainable_token_indices": self.trainable_token_indices}
+                   "trainable_token_indices": self.trainable_token_indices, "target_parameters": self.target_parameters}
         defaults = {"use_dora": False, "layers": None, "rank_pattern": {}, "alpha_pattern": {}, "lr_ratio": 1.0,
-                    "lr_embedding": None, "trainable_token_indices": None}
+                    "lr_embedding": None, "trainable_token_indices": None, "target_parameters": ()}
         extras = "".join(f", {k}={v!r}" for k, v in options.items() if v != defaults[k] or type(v) is not type(defaults[k]))
         return (f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
                 f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora}{extras})")
@@ -110,6 +122,13 @@ class LoRA(Method):
             return []
         return picked_layers(path, leaves, self.targets, self.layers)
 
+    def targeted_parameter(self, path: str, leaves: dict) -> list[bool]:
+        """Per layer of a module: is it an expert weight `target_parameters` names?"""
+        if not is_expert_weight(path, leaves):
+            return []
+        return [any(name == t or name.endswith(f".{t}") for t in self.target_parameters)
+                for name in module_layers(path, leaves)]
+
     def available(self, grouped: dict) -> str:
         """The modules of a grouped tree LoRA can adapt, by HF name (for errors)."""
         return ", ".join(sorted(hf_module(p) for p, leaves in grouped.items() if self.targeted(p, leaves)))
@@ -119,13 +138,20 @@ class LoRA(Method):
         grouped = T.modules(params)
         refuse_tied_head(self.targets, grouped)
         chosen = {path: picked for path, leaves in grouped.items() if any(picked := self.targeted(path, leaves))}
-        if not chosen:
+        experts = {path: picked for path, leaves in grouped.items()
+                   if any(picked := self.targeted_parameter(path, leaves))}
+        if self.target_parameters and not experts:
+            names = sorted(hf_module(p) for p, leaves in grouped.items() if is_expert_weight(p, leaves))
+            raise JpeftError(f"LoRA target_parameters {list(self.target_parameters)} match no expert weight; "
+                             f"{'available: ' + ', '.join(names) if names else 'the model has no experts'}")
+        if not chosen and (self.targets or not experts):
             raise JpeftError(f"{type(self).__name__} targets {self.targets!r}"
                              f"{f' in layers {list(self.layers)}' if self.layers is not None else ''} "
                              f"match no dense layer; available: {self.available(grouped)}")
-        for (path, picked), k in zip(chosen.items(), jax.random.split(key, len(chosen))):
+        for (path, picked), k in zip({**chosen, **experts}.items(), jax.random.split(key, len(chosen) + len(experts))):
             refuse_second_init(self, path, grouped[path], ("lora_a",))
-            grouped[path] = self.init_module(k, path, grouped[path], picked)
+            init = self.init_experts if path in experts else self.init_module
+            grouped[path] = init(k, path, grouped[path], picked)
         params = T.from_modules(grouped)
         return trainable_tokens.with_tokens(params, self.trainable_token_indices) if self.trainable_token_indices \
             else params
@@ -136,11 +162,7 @@ class LoRA(Method):
 
     def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
         lead, names = leading(path, next(iter(leaves.values()))), module_layers(path, leaves)
-        ranks = {int(pattern_value(self.rank_pattern, n, self.rank)) for n, p in zip(names, picked) if p}
-        if len(ranks) > 1:
-            raise JpeftError(f"{hf_module(path)}: rank_pattern gives its layers different ranks {sorted(ranks)}; "
-                             "a stacked layer module needs one rank")
-        rank = ranks.pop()
+        rank = self.rank_of(path, names, picked)
         scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
                              for n, p in zip(names, picked)], jnp.float32).reshape(lead)
         embedding = "embedding" in leaves
@@ -171,6 +193,32 @@ class LoRA(Method):
             base = out["embedding"] if embedding else _weight(out)
             out["lora_magnitude"] = column_norm(base.astype(jnp.float32), a, b, scale)
         return out
+
+    def init_experts(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
+        """A pair of factors per expert of a stacked weight [..., E, out, in], PEFT's init."""
+        w, names = leaves["weight"], module_layers(path, leaves)
+        lead, (experts, d_out, d_in) = leading(path, w), w.shape[-3:]
+        rank = self.rank_of(path, names, picked)
+        scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
+                             for n, p in zip(names, picked)], jnp.float32).reshape(lead)
+        shape = (*lead, experts, d_in, rank)
+        a = linear_uniform(key, shape, d_in) if self.init_scheme == "peft" else jax.random.normal(key, shape) / rank
+        return {**leaves, "lora_a": a, "lora_b": jnp.zeros((*lead, experts, rank, d_out), jnp.float32),
+                "lora_scale": scale}
+
+    def rank_of(self, path: str, names: list[str], picked: list[bool]) -> int:
+        """The one rank rank_pattern gives a stacked module's adapted layers."""
+        ranks = {int(pattern_value(self.rank_pattern, n, self.rank)) for n, p in zip(names, picked) if p}
+        if len(ranks) > 1:
+            raise JpeftError(f"{hf_module(path)}: rank_pattern gives its layers different ranks {sorted(ranks)}; "
+                             "a stacked layer module needs one rank")
+        return ranks.pop()
+
+    @staticmethod
+    def expert_delta(leaves, rows, sizes):
+        """s·(rows·A_e)·B_e for each expert's rows."""
+        a = (leaves["lora_scale"][..., None, None, None] * leaves["lora_a"]).astype(rows.dtype)
+        return grouped(grouped(rows, a, sizes), leaves["lora_b"], sizes)
 
     @staticmethod
     def dense_delta(leaves, x, y, rng):
@@ -214,6 +262,10 @@ class LoRA(Method):
     def merge(cls, leaves: dict) -> dict:
         """W + s·A·B (DoRA: rescaled to the magnitude), in float32, cast back; LoRA leaves dropped."""
         out = {k: v for k, v in leaves.items() if k not in cls.trainable + cls.metadata}
+        if "weight" in leaves:  # a mixture's experts, [..., E, out, in]
+            delta = jnp.einsum("...eir,...ero->...eoi", leaves["lora_a"], leaves["lora_b"])
+            scale = leaves["lora_scale"][..., None, None, None]
+            return {**out, "weight": (leaves["weight"].astype(jnp.float32) + scale * delta).astype(leaves["weight"].dtype)}
         name = weight_name(leaves)
         w = leaves[name]
         a, b = leaves["lora_a"].astype(jnp.float32), leaves["lora_b"].astype(jnp.float32)
@@ -272,6 +324,9 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     """PEFT tensors and config fields for the LoRA `modules` of a grouped `tree` (`T.modules`); PiSSA/OLoRA converted back: [A | A₀], [B | -B₀] at twice the rank, so the adapter
     applies to the original base. Trainable token rows beside it go as its `trainable_token_indices`."""
     tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
+    experts = {p: leaves for p, leaves in modules.items() if is_expert_weight(p, leaves)}
+    modules = {p: leaves for p, leaves in modules.items() if p not in experts}
+    parameters = _experts_to_peft(experts, tensors)
     for path, leaves in modules.items():
         a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
         if "lora_init_a" in leaves:
@@ -293,20 +348,25 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
                 dora = True
             entries[name] = (rank, float(scale[i]) * rank)
             active.setdefault(path, []).append(i)
-    rank = collections.Counter(r for r, _ in entries.values()).most_common(1)[0][0]
-    alpha = collections.Counter(al for _, al in entries.values()).most_common(1)[0][0]
+    ranks = {**entries, **parameters}
+    rank = collections.Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(al for _, al in ranks.values()).most_common(1)[0][0]
     short = {name.rsplit(".", 1)[-1] for name in entries}
     layer_sets = {tuple(v) for v in active.values()}
     whole = all(len(v) == len(module_layers(p, modules[p])) for p, v in active.items())
     config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
-              "rank_pattern": {n: r for n, (r, _) in entries.items() if r != rank},
-              "alpha_pattern": {n: al for n, (_, al) in entries.items() if al != alpha},
+              "rank_pattern": {n: r for n, (r, _) in ranks.items() if r != rank},
+              "alpha_pattern": {n: al for n, (_, al) in ranks.items() if al != alpha},
               "bias": "none", "fan_in_fan_out": bool(short & set(CONV1D)), "inference_mode": True,
               "init_lora_weights": True,
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
     names = module_names(tree)
-    if whole:
+    if parameters:  # by their names within a layer, as PEFT's target_parameters name them
+        config["target_parameters"] = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in parameters})
+    if not entries:
+        config["target_modules"] = None
+    elif whole:
         config["target_modules"] = exact_targets(entries, names)
     elif len(layer_sets) == 1 and stacked_only:
         layers = layer_sets.pop()
@@ -331,15 +391,17 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
         raise AdapterError(f"init_lora_weights={init!r}: PEFT rewrites the base weights with it when it loads the "
                            "adapter, which jpeft cannot reproduce; save it from PEFT with "
                            "path_initial_model_for_weight_conversion (a plain LoRA of the original base) and load that")
-    method = LoRA(int(config["r"]), float(config["lora_alpha"]), config["target_modules"],
+    targets = config.get("target_modules")
+    method = LoRA(int(config["r"]), float(config["lora_alpha"]), () if targets is None else targets,
                   dropout=float(config.get("lora_dropout") or 0.0),
                   init=init if init in ("pissa", "olora") else "peft", use_rslora=bool(config.get("use_rslora")),
                   use_dora=bool(config.get("use_dora")), layers=[layers] if isinstance(layers, int) else layers,
-                  rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
+                  rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"),
+                  target_parameters=config.get("target_parameters"))
     refuse_tied_head(method.targets, modules, AdapterError)
     if layers is not None and config.get("layers_pattern"):
         _refuse_other_layer_counts(config["layers_pattern"], modules)
-    out = dict(modules)
+    out = {**modules, **_experts_from_peft(method, tensors, modules)}
     for path, leaves in modules.items():
         picked = method.targeted(path, leaves)
         if not any(picked):
@@ -363,6 +425,58 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     if token_indices := config.get("trainable_token_indices"):
         out = trainable_tokens.read_lora_tensors(token_indices, tensors, out)
     return out
+
+
+def _experts_to_peft(experts: dict, tensors: dict) -> dict:
+    """PEFT's tensors of the LoRA on expert weights (`target_parameters`) into `tensors`; {parameter name: (rank,
+    alpha)} per adapted layer. PEFT holds one Linear pair for all experts: A [E·r, in] by expert then rank, B
+    [out, r·E] by rank then expert."""
+    picked = {path: list(layer_rows(path, leaves["lora_scale"]) != 0) for path, leaves in experts.items()}
+    names, entries = _wrapped_names(picked, experts), {}
+    for path, leaves in experts.items():
+        a, b, scale = (layer_rows(path, leaves[k]) for k in ("lora_a", "lora_b", "lora_scale"))
+        for i, name in enumerate(module_layers(path, leaves)):
+            if picked[path][i]:
+                tensors[f"{names[path, i]}.lora_A.weight"] = a[i].transpose(0, 2, 1).reshape(-1, a.shape[-2])
+                tensors[f"{names[path, i]}.lora_B.weight"] = b[i].transpose(2, 1, 0).reshape(b.shape[-1], -1)
+                entries[name] = (a.shape[-1], float(scale[i]) * a.shape[-1])
+    return entries
+
+
+def _experts_from_peft(method: LoRA, tensors, modules: dict) -> dict:
+    """The expert-weight modules `method.target_parameters` adapt, with their factors read from PEFT's tensors."""
+    picked = {path: picks for path, leaves in modules.items() if any(picks := method.targeted_parameter(path, leaves))}
+    if method.target_parameters and not picked:
+        raise AdapterError(f"target_parameters {list(method.target_parameters)} match no expert weight of the base "
+                           "model (jpeft's LoRA on parameters adapts a mixture's mlp.experts.gate_up_proj and down_proj)")
+    names, out = _wrapped_names(picked, modules), {}
+    for path, picks in picked.items():
+        adapted = method.init_experts(jax.random.key(0), path, modules[path], picks)  # then filled from the file
+        a, b = layer_rows(path, adapted["lora_a"]), layer_rows(path, adapted["lora_b"])
+        experts, d_in, rank = a.shape[-3:]
+        for i in (i for i, p in enumerate(picks) if p):
+            got_a, got_b = (tensors.take(f"{names[path, i]}.lora_{f}.weight") for f in "AB")
+            tensors.fits(f"{names[path, i]}.lora_A.weight", got_a.shape, (experts * rank, d_in))
+            tensors.fits(f"{names[path, i]}.lora_B.weight", got_b.shape, (b.shape[-1], rank * experts))
+            a[i] = got_a.reshape(experts, rank, d_in).transpose(0, 2, 1)
+            b[i] = got_b.reshape(-1, rank, experts).transpose(2, 1, 0)
+        out[path] = {**adapted, "lora_a": from_layer_rows(path, a), "lora_b": from_layer_rows(path, b)}
+    return out
+
+
+def _wrapped_names(picked: dict, modules: dict) -> dict:
+    """{(expert weight's path, layer): PEFT's name of its LoRA module}. PEFT wraps the experts module once per
+    adapted weight, in the order transformers registers them (`EXPERT_WEIGHTS`): the first is innermost, one
+    `base_layer` below each later one (`experts.base_layer.lora_A` for gate_up_proj beside down_proj's
+    `experts.lora_A`)."""
+    names = {}
+    for path, picks in picked.items():
+        parent, _, weight = path.rpartition("/")
+        for i, name in enumerate(module_layers(path, modules[path])):
+            if picks[i]:
+                wrapped = [w for w in EXPERT_WEIGHTS if picked.get(f"{parent}/{w}", [False] * len(picks))[i]]
+                names[path, i] = name.rpartition(".")[0] + ".base_layer" * (len(wrapped) - 1 - wrapped.index(weight))
+    return names
 
 
 def _refuse_other_layer_counts(layers_pattern, modules: dict) -> None:

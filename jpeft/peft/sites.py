@@ -15,6 +15,8 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     residual: a layer's attention, cross-attention (T5's decoder) or MLP output before it joins the
              residual stream, given the block's input too (bottleneck adapters); the leaves are the layer's
     norm:    a norm's output (norm_output)
+    experts: a mixture's stacked expert weight [E, out, in] on rows grouped by expert: y = rows·W_eᵀ
+             + Σ expert_delta (PEFT's LoRA on `target_parameters`)
 
 Whole-tree points, read by the model once per call:
     virtual_tokens: (rows prepended to the input, keys prepended in every layer), so the model
@@ -32,15 +34,16 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.peft.registry import BY_NAME, METHODS
-from jpeft.products import matmul
+from jpeft.products import grouped, matmul
 
 __all__ = ["matmul", "weight", "dense", "embed", "embed_table", "attention_kv", "attention_output", "residual", "norm",
-           "virtual_tokens", "expand", "decoding", "require"]
+           "experts", "virtual_tokens", "expand", "decoding", "require"]
 
 # The hooks a method may implement; a model lists those it calls (`insertion_points`). `pool` is where a
 # classification head reads a decoder's final features (`classifier.classify`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "embed_table",
-         "attention_kv", "attention_output", "residual", "norm_output", "virtual_tokens", "expand", "pool")
+         "attention_kv", "attention_output", "residual", "norm_output", "expert_delta", "virtual_tokens", "expand",
+         "pool")
 
 
 def missing(method, insertion_points) -> list[str]:
@@ -141,6 +144,15 @@ def norm(leaves: dict, y):
     """A normalisation layer's output."""
     for method in _with("norm_output", leaves):
         y = method.norm_output(leaves, y)
+    return y
+
+
+def experts(leaves: dict, rows, sizes):
+    """rows [N, in], grouped by expert in order (`sizes[e]` rows each), through their expert's weight with every
+    method's delta."""
+    y = grouped(rows, leaves["weight"], sizes, transposed=True)
+    for method in _with("expert_delta", leaves):
+        y = y + method.expert_delta(leaves, rows, sizes).astype(y.dtype)
     return y
 
 

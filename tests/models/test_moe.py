@@ -56,8 +56,8 @@ def test_gradients_of_router_experts_and_attention_match_torch(family, tmp_path)
     layers = T.flatten(grads["model"]["layers"])
     for layer, torch_layer in enumerate(ref_model.model.layers):
         mlp = torch_layer.mlp
-        for path, weight in (("mlp/gate/weight", mlp.gate.weight), ("mlp/experts/gate_up_proj", mlp.experts.gate_up_proj),
-                             ("mlp/experts/down_proj", mlp.experts.down_proj),
+        for path, weight in (("mlp/gate/weight", mlp.gate.weight), ("mlp/experts/gate_up_proj/weight", mlp.experts.gate_up_proj),
+                             ("mlp/experts/down_proj/weight", mlp.experts.down_proj),
                              ("self_attn/q_proj/kernel", torch_layer.self_attn.q_proj.weight)):
             expected = weight.grad.numpy()
             got = np.asarray(layers[path][layer])

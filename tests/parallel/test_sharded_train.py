@@ -197,9 +197,15 @@ def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
 
 def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
     """Mixtral's stacked experts, their widths over the tensor axis and the model width over fsdp, routed
-    tokens grouped per expert: full fine-tuning on a mesh of all three axes equals the 1-device run."""
-    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "mixtral"), tmp_path,
-                                      {"full": ["method.name=full", *COMMON]})
+    tokens grouped per expert: full fine-tuning, and a LoRA on the experts (PEFT's target_parameters), on a mesh
+    of all three axes equal the 1-device runs."""
+    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "mixtral"), tmp_path, {
+        "full": ["method.name=full", *COMMON],
+        "lora": ["method.name=lora", "method.targets=[q_proj]", "train.lr=3e-2",
+                 "method.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", *COMMON]})
     experts = "['trainable']['model']['layers']['mlp']['experts']"
-    assert sharded["specs"]["full"][f"{experts}['gate_up_proj']"] == "P(None, None, 'tensor', 'fsdp')"
-    assert sharded["specs"]["full"][f"{experts}['down_proj']"] == "P(None, None, 'fsdp', 'tensor')"
+    assert sharded["specs"]["full"][f"{experts}['gate_up_proj']['weight']"] == "P(None, None, 'tensor', 'fsdp')"
+    assert sharded["specs"]["full"][f"{experts}['down_proj']['weight']"] == "P(None, None, 'fsdp', 'tensor')"
+    # an expert's LoRA factors lie as its weight's input and output axes
+    assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_a']"] == "P(None, None, 'fsdp', None)"
+    assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_b']"] == "P(None, None, None, 'tensor')"

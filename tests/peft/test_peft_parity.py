@@ -231,8 +231,13 @@ FAMILY_METHODS = {  # each made with the family's names for Llama's projections 
 }
 
 
+# the mixtures' adapters on dense projections act on Llama's attention alone: Qwen2-MoE, whose shared expert adds
+# dense MLP projections, stands for them here (their experts' LoRA: test_expert_lora.py)
+ROUND_TRIP_FAMILIES = [f for f in FAMILIES if f not in ("mixtral", "qwen3_moe", "olmoe")]
+
+
 @pytest.mark.parametrize("method", FAMILY_METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)
 def test_adapter_round_trip_for_each_family(tmp_path, family, method):
     """jpeft -> PEFT -> jpeft for Qwen3, Gemma 1/2/3, Granite, OLMo 2/3 and Phi-3 (its fused projections): the same
     logits on all three."""
