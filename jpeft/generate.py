@@ -247,10 +247,11 @@ def _longrope_switch(model, params, ids, mask, max_new_tokens, next_logits):
     transformers drops its cache and reads the whole sequence again, now with the long factors, and later steps
     extend that cache. Here that step reads prompt and new tokens (those not yet made masked) into a fresh cache
     of the same slots, whose next slot is then the step's own. Unchanged where no step of this call passes it,
-    and for other families (their transformers models switch the new tokens' factors only, as the steps do)."""
+    and for families without `longrope_rereads` (their transformers models switch the new tokens' factors only,
+    as the steps do)."""
     cfg, virtual, width = model.config, sum(sites.virtual_tokens(params)), ids.shape[1]
     original = cfg.rope.original_max_positions
-    if (cfg.model_type, cfg.rope.type) != ("phi3", "longrope") or virtual + width + max_new_tokens - 1 <= original:
+    if not cfg.longrope_rereads or cfg.rope.type != "longrope" or virtual + width + max_new_tokens - 1 <= original:
         return next_logits
     longest = virtual + mask.sum(axis=-1).max()
 

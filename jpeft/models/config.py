@@ -117,6 +117,9 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate (SmolLM3's NoPE layers do not)? () = every layer
     rope_interleaved: bool = False  # ERNIE 4.5, Helium: RoPE's pairs are neighbouring dimensions, not halves
+    # Phi-3: its generate drops the cache at the first step past LongRoPE's original length and re-reads the
+    # sequence with the long factors (`generate._longrope_switch`)
+    longrope_rereads: bool = False
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -283,6 +286,7 @@ class ModelConfig:
             else 1.0,
             rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
+            longrope_rereads=model_type == "phi3",
             gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
             clip_qkv=None if own("clip_qkv") is None else float(own("clip_qkv")),
             **moe,

@@ -20,6 +20,7 @@ from jpeft.peft import sites
 from jpeft.peft.base import EXPERT_WEIGHTS
 from jpeft.products import matmul
 
+
 def route(cfg: ModelConfig, logits):
     """(weights, experts) [N, k] of each token's top-k experts, as transformers' routers pick and weigh them: a
     float32 softmax over the router's logits, renormalised over the k where `norm_topk_prob`, rounded to the
