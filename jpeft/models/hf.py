@@ -239,8 +239,9 @@ def _own_head(index: dict, embedding: str) -> bool:
 def _open(index: dict, name: str, cfg: ModelConfig, handles: dict, model_dir: str):
     """A safetensors slice of HF tensor `name`: the file's own, or a mixture's experts stacked from their parts
     (`hf_experts`)."""
-    parts = [[name]] if name in index else hf_experts.file_parts(name, cfg.model_type, cfg.num_experts, index)
-    for part in [p for expert in parts or [[name]] for p in expert]:
+    parts = [[name]] if name in index else (hf_experts.file_parts(name, cfg.model_type, cfg.num_experts, index)
+                                            or [[name]])
+    for part in [p for expert in parts for p in expert]:
         if part not in index:
             raise CheckpointError(f"{model_dir}: weight '{part}' is missing from the checkpoint")
         if (file := index[part][0]) not in handles:

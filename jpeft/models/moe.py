@@ -35,9 +35,10 @@ def route(cfg: ModelConfig, logits):
 def mix(cfg: ModelConfig, x, weights, experts, gate_up, down):
     """Σ_k weights[:, k] · expert_k(x) for x [N, D]: each assignment's row, sorted by expert, through its
     expert's act(gate) · up and down projections (`gate_up`, `down`: functions of (rows, group sizes))."""
-    order = jnp.argsort(experts.reshape(-1), stable=True)
+    chosen = experts.reshape(-1)
+    order = jnp.argsort(chosen, stable=True)
     tokens = order // cfg.experts_per_token
-    sizes = jnp.bincount(experts.reshape(-1), length=cfg.num_experts)
+    sizes = jnp.bincount(chosen, length=cfg.num_experts)
     h = L.activate(cfg.hidden_act, *jnp.split(gate_up(x[tokens], sizes), 2, axis=-1))
     y = down(h, sizes) * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[tokens].add(y.astype(x.dtype))

@@ -161,10 +161,7 @@ class LoRA(Method):
         return T.named(params, self.trainable + (TrainableTokens.trainable if self.trainable_token_indices else ()))
 
     def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
-        lead, names = leading(path, next(iter(leaves.values()))), module_layers(path, leaves)
-        rank = self.rank_of(path, names, picked)
-        scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
-                             for n, p in zip(names, picked)], jnp.float32).reshape(lead)
+        lead, rank, scale = self.layer_ranks(path, leaves, picked)
         embedding = "embedding" in leaves
         if is_quantized(leaves) and self.init_scheme in ("pissa", "olora"):
             raise JpeftError(f"{hf_module(path)}: {self.init_scheme} rewrites the base weight; it cannot start "
@@ -196,23 +193,25 @@ class LoRA(Method):
 
     def init_experts(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
         """A pair of factors per expert of a stacked weight [..., E, out, in], PEFT's init."""
-        w, names = leaves["weight"], module_layers(path, leaves)
-        lead, (experts, d_out, d_in) = leading(path, w), w.shape[-3:]
-        rank = self.rank_of(path, names, picked)
-        scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
-                             for n, p in zip(names, picked)], jnp.float32).reshape(lead)
+        lead, rank, scale = self.layer_ranks(path, leaves, picked)
+        experts, d_out, d_in = leaves["weight"].shape[-3:]
         shape = (*lead, experts, d_in, rank)
         a = linear_uniform(key, shape, d_in) if self.init_scheme == "peft" else jax.random.normal(key, shape) / rank
         return {**leaves, "lora_a": a, "lora_b": jnp.zeros((*lead, experts, rank, d_out), jnp.float32),
                 "lora_scale": scale}
 
-    def rank_of(self, path: str, names: list[str], picked: list[bool]) -> int:
-        """The one rank rank_pattern gives a stacked module's adapted layers."""
+    def layer_ranks(self, path: str, leaves: dict, picked: list[bool]):
+        """(stacked-layer dims, the one rank rank_pattern gives the module's adapted layers, each layer's scale:
+        alpha_pattern's over the rank, 0 where not adapted)."""
+        lead, names = leading(path, next(iter(leaves.values()))), module_layers(path, leaves)
         ranks = {int(pattern_value(self.rank_pattern, n, self.rank)) for n, p in zip(names, picked) if p}
         if len(ranks) > 1:
             raise JpeftError(f"{hf_module(path)}: rank_pattern gives its layers different ranks {sorted(ranks)}; "
                              "a stacked layer module needs one rank")
-        return ranks.pop()
+        rank = ranks.pop()
+        scale = jnp.asarray([self.scaling(rank, pattern_value(self.alpha_pattern, n, self.alpha)) * p
+                             for n, p in zip(names, picked)], jnp.float32).reshape(lead)
+        return lead, rank, scale
 
     @staticmethod
     def expert_delta(leaves, rows, sizes):
