@@ -37,6 +37,9 @@ class ModelSection:
     dtype: str = "auto"  # float32 | bfloat16 | auto: bfloat16 where matmuls in it are native (jpeft.hardware)
     remat: str = "none"  # rematerialise layer activations: none | full | dots
     dropout: bool = True  # the model's own dropout from config.json (GPT-2's, T5's) in training, as transformers
+    # a mixture of experts' load-balancing loss weight in training; None: config.json's router_aux_loss_coef
+    # where its output_router_logits is set, else 0
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass

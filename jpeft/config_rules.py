@@ -26,7 +26,8 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.seq_len", "train.grad_acc
              "method.rank", "train.log_every", "data.max_new_tokens", "method.num_virtual_tokens", "method.tasks",
              "method.adapter_len", "method.size", "method.num_labels", "method.hidden")
 _NON_NEGATIVE = ("train.warmup", "train.save_every", "train.eval_every", "train.weight_decay",
-                 "train.lr", "method.alpha", "data.eval_limit", "train.seed")
+                 "train.lr", "method.alpha", "data.eval_limit", "train.seed",
+                 "model.router_aux_loss_coef")
 _UNIT_INTERVAL = ("train.min_lr_ratio",)
 
 

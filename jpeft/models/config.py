@@ -141,6 +141,9 @@ class ModelConfig:
     norm_topk_prob: bool = False
     float32_expert_weights: bool = False
     shared_expert_size: int = 0
+    # The weight of the routers' load-balancing loss (Switch Transformer's, `moe.balance_loss`) added to the
+    # training loss: config.json's router_aux_loss_coef where its output_router_logits asks for it, else 0.
+    router_aux_loss_coef: float = 0.0
     # T5: an encoder of num_layers blocks and a decoder of num_decoder_layers, with a learned bias per
     # relative-position bucket and head instead of RoPE; v1.0 scales the decoder output by
     # hidden ** -0.5 before its tied head.
@@ -365,8 +368,8 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
 
 def _experts(model_type: str, family, layers: int, source: str) -> dict:
     """The MoE fields of a mixture-of-experts family (`MOE_FIELDS`), {} for a dense one. Refused: dense MLP
-    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`), and what only training
-    with transformers adds (the router's load-balancing loss, Mixtral's jitter noise on its input)."""
+    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`), and Mixtral's jitter
+    noise on the router's input in training."""
     if model_type not in MOE_FIELDS:
         return {}
     experts, k = getattr(family, MOE_FIELDS[model_type][0]), family.num_experts_per_tok
@@ -380,15 +383,14 @@ def _experts(model_type: str, family, layers: int, source: str) -> dict:
             raise CheckpointError(f"{source}: layers {sorted(set(range(layers)) - set(sparse))} have a dense MLP "
                                   "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
                                   "the experts")
-    for key, why in (("output_router_logits", "the router's load-balancing loss"),
-                     ("router_jitter_noise", "noise on the router's input")):
-        if getattr(family, key, None):
-            raise CheckpointError(f"{source}: {key} is set, which adds {why} when transformers trains the model; "
-                                  f"jpeft trains without it: set {key} to {'false' if key[0] == 'o' else 0}")
+    if getattr(family, "router_jitter_noise", None):
+        raise CheckpointError(f"{source}: router_jitter_noise is set, which adds noise on the router's input when "
+                              "transformers trains the model; jpeft trains without it: set router_jitter_noise to 0")
     return dict(num_experts=experts, experts_per_token=k,
                 norm_topk_prob=model_type == "mixtral" or bool(getattr(family, "norm_topk_prob", False)),
                 float32_expert_weights=model_type == "mixtral",
-                shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0)
+                shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
+                router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0)
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

@@ -102,7 +102,7 @@ class GPT2(L.LMHead, nn.Module):
                              f"positions than GPT-2's table holds ({cfg.max_position_embeddings}, n_positions)")
         cache_kv = None if cache is None else (cache["k"], cache["v"])
         mask = A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, None)
-        transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=True)
+        transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=self.is_initializing())
         hidden, cache_kv = transformer(cfg, name="transformer")(input_ids, d.positions, mask, cache_kv, d.index)
         hidden = hidden[:, d.rows:]
         out = self.outputs(hidden, return_hidden)

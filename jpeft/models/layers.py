@@ -40,7 +40,7 @@ def scan_layers(block, cfg: ModelConfig, length: int):
         return lambda *args, name: Unrolled(block, args, length, name=name)
     if cfg.remat != "none":
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    return nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,), length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 

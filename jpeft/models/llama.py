@@ -180,7 +180,9 @@ class CausalLM(L.LMHead, nn.Module):
                                        q_positions=d.positions) if use else None
                       for window, use in ((None, not all(cfg.sliding_layers)),
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
-        decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=True)
+        # mapped at init too; in an apply that collects sown values (`moe.router_logits`) flax would otherwise
+        # first run the decoder on the unexpanded params
+        decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
         context = (rope_tables(cfg, d.positions), masks, d.index)
         hidden, cache_kv = decoder(cfg, name="model")(input_ids, context, cache_kv)
         hidden = hidden[:, d.rows:]

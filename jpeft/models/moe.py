@@ -6,7 +6,8 @@ stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up) and `experts
 None is a dense insertion point, as none is a module PEFT's `target_modules` reaches; the experts are the
 `sites.experts` insertion point, where PEFT's `target_parameters` LoRA acts. A token's k assignments are sorted
 by expert, each expert multiplies its contiguous run of rows (`products.grouped`), and the weighted rows are
-summed back into their tokens.
+summed back into their tokens. In training the routers' logits can also give the load-balancing loss
+(`balance_loss`), which transformers adds where a config asks for it.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft import tree as T
 from jpeft.models import layers as L
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
 from jpeft.peft.base import EXPERT_WEIGHTS
 from jpeft.products import matmul
+
+ROUTER_LOGITS = "router_logits"
 
 
 def route(cfg: ModelConfig, logits):
@@ -44,8 +48,30 @@ def mix(cfg: ModelConfig, x, weights, experts, gate_up, down):
     return jnp.zeros_like(x).at[tokens].add(y.astype(x.dtype))
 
 
+def balance_loss(cfg: ModelConfig, router_logits, real):
+    """transformers' `load_balancing_loss_func` (Switch Transformer's eqs. 4-6): E · Σ_e f_e · P_e over every
+    layer's real tokens together (`router_logits` [L, N, E], `real` [N] true where a token is no padding), f_e
+    the tokens' top-k choices of expert e and P_e its summed router probability, each per real token and
+    layer. Only P_e carries gradient."""
+    probs = jax.nn.softmax(router_logits, axis=-1)  # in the logits' dtype, as there
+    chosen = jax.lax.top_k(probs, cfg.experts_per_token)[1]
+    weight = jnp.broadcast_to(real.astype(jnp.float32)[None, :, None], chosen.shape)
+    choices = jnp.zeros(cfg.num_experts, jnp.float32).at[chosen.reshape(-1)].add(weight.reshape(-1))
+    prob_sums = jnp.einsum("lne,n->e", probs.astype(jnp.float32), real.astype(jnp.float32))
+    rows = router_logits.shape[0] * jnp.maximum(real.sum(), 1)
+    return cfg.num_experts * jnp.sum(choices / rows * (prob_sums / rows))
+
+
+def router_logits(intermediates) -> jax.Array:
+    """The routers' logits [L, N, E] a call sowed (`Router`, applied with "intermediates" mutable), layer by
+    layer whether the layers ran scanned (one [L, N, E] array) or unrolled (one [N, E] each)."""
+    sown = [v for path, v in T.flatten(intermediates).items() if path.split("/")[-1] == ROUTER_LOGITS]
+    return jnp.concatenate([a.reshape(-1, *a.shape[-2:]) for group in sown for a in group])
+
+
 class Router(nn.Module):
-    """transformers' TopKRouter: (weights, experts) [N, k] for the tokens x [N, D]."""
+    """transformers' TopKRouter: (weights, experts) [N, k] for the tokens x [N, D]. Its logits are sown into
+    "intermediates" where the call collects them (`router_logits`): a train step's load-balancing loss."""
     cfg: ModelConfig
 
     @nn.compact
@@ -53,7 +79,9 @@ class Router(nn.Module):
         cfg = self.cfg
         w = self.param("weight", nn.with_logical_partitioning(L.init_normal, ("experts", "embed")),
                        (cfg.num_experts, cfg.hidden_size), jnp.float32)
-        return route(cfg, matmul(x, w.T))
+        logits = matmul(x, w.T)
+        self.sow("intermediates", ROUTER_LOGITS, logits)
+        return route(cfg, logits)
 
 
 class Experts(nn.Module):

@@ -202,7 +202,7 @@ class T5(L.LMHead, nn.Module):
         else:
             segments = cache["encoder_segments"]
         cross_mask = A.attention_mask(q_slots, jnp.arange(segments.shape[1]), dec_segments, segments, None, False)
-        decoder = nn.map_variables(Stack, "params", trans_in_fn=sites.expand, init=True)
+        decoder = nn.map_variables(Stack, "params", trans_in_fn=sites.expand, init=self.is_initializing())
         hidden, caches = decoder(cfg, True, name="decoder")(
             shared(decoder_input_ids, dtype, prepend=False), q_slots, k_slots,
             A.attention_mask(q_slots, k_slots, dec_segments, k_segments, None), encoded, cross_mask, caches, index)

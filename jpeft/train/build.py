@@ -11,6 +11,7 @@ import jax
 from jpeft import tree as T
 from jpeft.config import RunConfig, method_kwargs
 from jpeft.data import label_names, load_rows
+from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.hf import abstract_params
 from jpeft.parallel import param_shardings
@@ -20,9 +21,15 @@ from jpeft.train.optimizer import LORA_PLUS_EMBEDDING_LR, adamw, lora_plus
 
 
 def run_model_config(cfg: RunConfig, config: ModelConfig) -> ModelConfig:
-    """The checkpoint's model config as a run trains it: the run's remat, and no dropout of the model's own
-    where `model.dropout` is false."""
+    """The checkpoint's model config as a run trains it: the run's remat, its weight of a mixture's
+    load-balancing loss where it sets one, and no dropout of the model's own where `model.dropout` is false."""
     config = config.replace(remat=cfg.model.remat)
+    coef = cfg.model.router_aux_loss_coef
+    if coef and not config.num_experts:
+        raise ConfigError(f"config key 'model.router_aux_loss_coef' weighs the load-balancing loss of a mixture of "
+                          f"experts' routers; {cfg.model.path} is a {config.model_type} model without experts")
+    if coef is not None:
+        config = config.replace(router_aux_loss_coef=float(coef))
     return config if cfg.model.dropout else config.without_dropout()
 
 

@@ -16,29 +16,40 @@ import optax
 
 from jpeft import tree as T
 from jpeft.hardware import step_compiler_options
+from jpeft.models import moe
 from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
 
-def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
+def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, router_loss: bool = False):
     """(summed next-token NLL over loss_mask, number of loss tokens).
 
     A packed batch brings `positions`; one with `loss_index` [B, K] gets the LM head (and its
-    backward) only at those K positions of each row, which hold all of its loss.
+    backward) only at those K positions of each row, which hold all of its loss. With `router_loss`
+    a mixture of experts whose config weighs it (`router_aux_loss_coef`) adds its routers' load-balancing
+    loss to the mean, as transformers adds it in training: coefficient · loss · tokens to the sum.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    coef = model.config.router_aux_loss_coef if router_loss else 0.0
     if "decoder_input_ids" in batch:  # an encoder-decoder: the loss is on its decoder's tokens
         hidden = model.apply({"params": params}, batch["input_ids"], batch["decoder_input_ids"],
                              batch["attention_mask"], return_hidden=True, rngs=rngs)
     else:
         hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("positions"),
-                             return_hidden=True, rngs=rngs)
+                             return_hidden=True, rngs=rngs, mutable=["intermediates"] if coef else False)
+    if coef:
+        hidden, sown = hidden
     labels, weights = batch["labels"], batch["loss_mask"]
     if "loss_index" in batch:
         index = batch["loss_index"]
         hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
         labels, weights = (jnp.take_along_axis(a, index, axis=1) for a in (labels, weights))
-    return chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits, dropout_rng)
+    nll, count = chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits,
+                                       dropout_rng)
+    if coef:
+        real = batch["attention_mask"].reshape(-1) > 0
+        nll = nll + coef * count * moe.balance_loss(model.config, moe.router_logits(sown["intermediates"]), real)
+    return nll, count
 
 
 def class_loss(model, params, batch, dropout_rng=None):
@@ -49,11 +60,12 @@ def class_loss(model, params, batch, dropout_rng=None):
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def batch_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK):
-    """(summed loss, count) of what the batch holds: a class per row (`labels` [B]) or next tokens ([B, T])."""
+def batch_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, router_loss: bool = False):
+    """(summed loss, count) of what the batch holds: a class per row (`labels` [B]) or next tokens ([B, T]),
+    the latter with a mixture's load-balancing loss where `router_loss` (a train step's)."""
     if batch["labels"].ndim == 1:
         return class_loss(model, params, batch, dropout_rng)
-    return token_loss(model, params, batch, dropout_rng, chunk)
+    return token_loss(model, params, batch, dropout_rng, chunk, router_loss)
 
 
 def init_state(trainable, optimizer) -> dict:
@@ -89,7 +101,7 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
             weights = mb["loss_mask"]
 
             def loss_of(tr, w):
-                return batch_loss(model, T.combine(tr, frozen), {**mb, "loss_mask": w}, rng, chunk)
+                return batch_loss(model, T.combine(tr, frozen), {**mb, "loss_mask": w}, rng, chunk, router_loss=True)
 
             (l, n), g = jax.value_and_grad(loss_of, argnums=(0, 1) if tasks else 0, has_aux=True)(
                 state["trainable"], weights)

@@ -146,6 +146,9 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
     if rates := model.config.dropout_rates:
         log.info("the model's own dropout in training, from config.json (model.dropout=false turns it off): %s",
                  ", ".join(f"{k}={v}" for k, v in rates.items()))
+    if model.config.router_aux_loss_coef:
+        log.info("the routers' load-balancing loss in training, weighted %g (model.router_aux_loss_coef)",
+                 model.config.router_aux_loss_coef)
     tokenizer = load_tokenizer(cfg.model.path)
     data = run_data(cfg, tokenizer, labels, model.config)
     base_scores = probe_scores(cfg, model, params, tokenizer, probes)  # the weights as loaded, before the method

@@ -18,6 +18,7 @@ from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf_experts import Stacked
+from jpeft.train import step
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 CASES = {
@@ -127,13 +128,80 @@ def test_a_checkpoint_in_transformers_stacked_layout_loads_too(tmp_path):
 @pytest.mark.parametrize("fields,match", [
     (dict(mlp_only_layers=[1]), r"layers \[1\] have a dense MLP"),
     (dict(decoder_sparse_step=2), r"layers \[0\] have a dense MLP"),
-    (dict(output_router_logits=True), "load-balancing loss"),
     (dict(num_experts_per_tok=5), "between 1 and its number of experts"),
 ])
 def test_what_jpeft_cannot_run_is_refused(fields, match):
     hf = {**make_hf_model("qwen3_moe", **FAMILIES["qwen3_moe"]).config.to_dict(), **fields}
     with pytest.raises(jpeft.CheckpointError, match=match):
         ModelConfig.from_hf(json.loads(json.dumps(hf)))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tmp_path):
+    """A train step's loss with the routers' load-balancing loss (output_router_logits in config.json): the mean
+    NLL plus the coefficient times transformers' aux_loss over the real tokens of every layer, padding left out,
+    with torch's gradients of the router (whose probabilities alone the aux loss differentiates), experts and
+    attention. An eval step's loss is the NLL alone."""
+    ref_model = make_hf_model(family, **FAMILIES[family], initializer_range=0.2, output_router_logits=True,
+                              router_aux_loss_coef=0.5)
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    assert model.config.router_aux_loss_coef == 0.5
+    mask = np.ones_like(IDS)
+    mask[1, 7:] = 0
+    batch = {"input_ids": IDS, "attention_mask": mask, "labels": np.roll(IDS, -1, axis=1),
+             "loss_mask": mask * np.roll(mask, -1, axis=1) * (np.arange(IDS.shape[1]) < IDS.shape[1] - 1)}
+    batch = jax.tree.map(jnp.asarray, batch)
+    out = ref_model(torch.tensor(IDS), attention_mask=torch.tensor(mask),
+                    labels=torch.tensor(np.where(mask > 0, IDS, -100)))
+    out.loss.backward()
+
+    def mean_loss(p, router_loss=True):
+        total, count = step.token_loss(model, p, batch, router_loss=router_loss)
+        return total / count
+
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-6)
+    np.testing.assert_allclose(float(mean_loss(params, router_loss=False)), (out.loss - 0.5 * out.aux_loss).item(),
+                               rtol=1e-6)
+    layers = T.flatten(grads["model"]["layers"])
+    for layer, torch_layer in enumerate(ref_model.model.layers):
+        for path, weight in (("mlp/gate/weight", torch_layer.mlp.gate.weight),
+                             ("mlp/experts/down_proj/weight", torch_layer.mlp.experts.down_proj),
+                             ("self_attn/q_proj/kernel", torch_layer.self_attn.q_proj.weight)):
+            expected, got = weight.grad.numpy(), np.asarray(layers[path][layer])
+            got = got.T if path.endswith("kernel") else got
+            np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max(), rtol=0, err_msg=path)
+
+
+def test_the_load_balancing_loss_moves_the_router_toward_balance():
+    """Its gradient alone, on logits that send every token to experts 0 and 1: descending it takes probability
+    from those two and gives it to the others, and leaves padding alone; uniform routing scores k."""
+    cfg = ModelConfig(model_type="mixtral", vocab_size=1, hidden_size=1, num_layers=2, num_heads=1, num_kv_heads=1,
+                      head_dim=1, intermediate_size=1, num_experts=4, experts_per_token=2)
+    real = jnp.array([True] * 5 + [False])
+    skewed = jnp.tile(jnp.array([3.0, 1.0, 0.0, 0.0]), (2, 6, 1))
+    grad = jax.grad(lambda z: moe.balance_loss(cfg, z, real))(skewed)
+    assert (grad[:, :5, :2] > 0).all() and (grad[:, :5, 2:] < 0).all() and (grad[:, 5] == 0).all()
+    balanced = jnp.tile(jnp.zeros(4), (2, 6, 1))
+    np.testing.assert_allclose(float(moe.balance_loss(cfg, balanced, real)), 2.0, rtol=1e-6)
+
+
+def test_a_run_sets_the_load_balancing_weight_for_a_mixture_alone(tiny_run, tmp_path):
+    """`model.router_aux_loss_coef` replaces config.json's weight (unset: config.json's stays); a dense model
+    refuses a weight above 0, and no weight is negative."""
+    from conftest import run_config
+    from jpeft.train.build import run_model_config
+    mixture = ModelConfig.from_hf(make_hf_model("mixtral", **FAMILIES["mixtral"], output_router_logits=True,
+                                                router_aux_loss_coef=0.5).config.to_dict())
+    dense = ModelConfig.from_hf(make_hf_model("llama").config.to_dict())
+    assert run_model_config(run_config(tiny_run, tmp_path), mixture).router_aux_loss_coef == 0.5
+    weighed = run_config(tiny_run, tmp_path, "model.router_aux_loss_coef=0.02")
+    assert run_model_config(weighed, mixture).router_aux_loss_coef == 0.02
+    with pytest.raises(jpeft.ConfigError, match="llama model without experts"):
+        run_model_config(weighed, dense)
+    assert run_model_config(run_config(tiny_run, tmp_path, "model.router_aux_loss_coef=0"), dense) == dense
+    with pytest.raises(jpeft.ConfigError, match="router_aux_loss_coef.*must be >= 0"):
+        run_config(tiny_run, tmp_path, "model.router_aux_loss_coef=-1")
 
 
 def test_mixtral_jitter_noise_is_refused():

@@ -197,10 +197,10 @@ def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
 
 def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
     """Mixtral's stacked experts, their widths over the tensor axis and the model width over fsdp, routed
-    tokens grouped per expert: full fine-tuning, and a LoRA on the experts (PEFT's target_parameters), on a mesh
-    of all three axes equal the 1-device runs."""
+    tokens grouped per expert: full fine-tuning with the routers' load-balancing loss, and a LoRA on the experts
+    (PEFT's target_parameters), on a mesh of all three axes equal the 1-device runs."""
     sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "mixtral"), tmp_path, {
-        "full": ["method.name=full", *COMMON],
+        "full": ["method.name=full", "model.router_aux_loss_coef=0.1", *COMMON],
         "lora": ["method.name=lora", "method.targets=[q_proj]", "train.lr=3e-2",
                  "method.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", *COMMON]})
     experts = "['trainable']['model']['layers']['mlp']['experts']"

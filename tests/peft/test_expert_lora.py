@@ -79,8 +79,8 @@ def test_zero_init_changes_nothing_merges_exactly_and_counts_r_times_experts_wid
 
 
 def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run, tmp_path):
-    """`method.target_parameters` in a run config: the loss falls, the experts' base weights never move, and the
-    exported adapter gives PEFT's logits."""
+    """`method.target_parameters` in a run config (with the routers' load-balancing loss): the loss falls, the
+    experts' base weights never move, and the exported adapter gives PEFT's logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], vocab_size=len(tokenizer),
@@ -88,7 +88,8 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
                          tmp_path / "base")
     tokenizer.save_pretrained(path)
     trainer.train(run_config({**tiny_run, "model": path}, tmp_path / "run", "method.name=lora", "method.targets=[]",
-                             f"method.target_parameters=[{','.join(BOTH)}]", "train.lr=5e-2", "train.steps=8"),
+                             f"method.target_parameters=[{','.join(BOTH)}]", "train.lr=5e-2", "train.steps=8",
+                             "model.router_aux_loss_coef=0.01"),
                   progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
