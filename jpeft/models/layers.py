@@ -7,11 +7,13 @@ each method lives in `jpeft.peft`.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jpeft.models.config import ModelConfig
 from jpeft.models.kv_cache import empty_cache
@@ -70,6 +72,21 @@ class Unrolled(nn.Module):
 
 def _per_layer(node) -> bool:
     return isinstance(node, list)
+
+
+def per_device_rows(f, rows: tuple, shared: tuple):
+    """f(*rows, *shared) with each device computing on its own rows: the `rows` arrays split on their leading
+    (batch) axis over the mesh axes `batch` maps to, each `shared` tree whole on every device (an fsdp-split
+    weight gathered, as a layer gathers it), the result split as `rows`. Outside a mesh, or where its batch
+    axes do not divide the rows, f itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in jax.tree.leaves(tuple(nn.logical_to_mesh_axes(("batch",))))
+                                       if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or rows[0].shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return f(*rows, *shared)
+    split = P(axes)
+    return jax.shard_map(f, mesh=mesh, in_specs=(*[split] * len(rows), *[P()] * len(shared)), out_specs=split,
+                         axis_names=set(axes))(*rows, *shared)
 
 
 def module_leaves(module: nn.Module) -> dict:

@@ -82,8 +82,7 @@ class MLP(nn.Module):
     def experts(self, x):
         """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid."""
         cfg = self.cfg
-        tokens = x.reshape(-1, cfg.hidden_size)
-        h = moe.Experts(cfg, name="experts")(tokens, *moe.Router(cfg, name="gate")(tokens)).reshape(x.shape)
+        h = moe.Experts(cfg, name="experts")(x, *moe.Router(cfg, name="gate")(x))
         if not cfg.shared_expert_size:
             return h
         shared = MLP(cfg.replace(num_experts=0, intermediate_size=cfg.shared_expert_size), name="shared_expert")(x)

@@ -11,6 +11,8 @@ summed back into their tokens. In training the routers' logits can also give the
 """
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,7 +72,7 @@ def router_logits(intermediates) -> jax.Array:
 
 
 class Router(nn.Module):
-    """transformers' TopKRouter: (weights, experts) [N, k] for the tokens x [N, D]. Its logits are sown into
+    """transformers' TopKRouter: (weights, experts) [..., k] for the tokens x [..., D]. Its logits are sown into
     "intermediates" where the call collects them (`router_logits`): a train step's load-balancing loss."""
     cfg: ModelConfig
 
@@ -80,30 +82,39 @@ class Router(nn.Module):
         w = self.param("weight", nn.with_logical_partitioning(L.init_normal, ("experts", "embed")),
                        (cfg.num_experts, cfg.hidden_size), jnp.float32)
         logits = matmul(x, w.T)
-        self.sow("intermediates", ROUTER_LOGITS, logits)
+        self.sow("intermediates", ROUTER_LOGITS, logits.reshape(-1, cfg.num_experts))
         return route(cfg, logits)
 
 
 class Experts(nn.Module):
-    """transformers' stacked experts, weighed as the router chose: x [N, D] -> [N, D]."""
+    """transformers' stacked experts, weighed as the router chose: x [B, T, D] -> [B, T, D]. Each device
+    sorts and multiplies its own rows (`layers.per_device_rows`): sorting all of a split batch's tokens
+    together, XLA would gather every device's tokens to each and repeat the experts' work on all of them."""
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x, weights, experts):
         cfg = self.cfg
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
-        return mix(cfg, x, weights, experts,
-                   ExpertWeight((e, 2 * i, d), ("experts", "mlp", "embed"), name=EXPERT_WEIGHTS[0]),
-                   ExpertWeight((e, d, i), ("experts", "embed", "mlp"), name=EXPERT_WEIGHTS[1]))
+        gate_up = ExpertWeight((e, 2 * i, d), ("experts", "mlp", "embed"), name=EXPERT_WEIGHTS[0])()
+        down = ExpertWeight((e, d, i), ("experts", "embed", "mlp"), name=EXPERT_WEIGHTS[1])()
+
+        def rows(x, weights, experts, gate_up, down):
+            tokens = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+            return mix(cfg, tokens(x), tokens(weights), tokens(experts), partial(sites.experts, gate_up),
+                       partial(sites.experts, down)).reshape(x.shape)
+
+        return L.per_device_rows(rows, (x, weights, experts), (gate_up, down))
 
 
 class ExpertWeight(nn.Module):
-    """One stacked expert weight [E, out, in] (logical `axes`): the `sites.experts` insertion point."""
+    """One stacked expert weight [E, out, in] (logical `axes`): the `sites.experts` insertion point, whose
+    leaves (the weight, and any method's beside it) the call returns."""
     shape: tuple[int, int, int]
     axes: tuple[str, str, str]
 
     @nn.compact
-    def __call__(self, rows, sizes):
+    def __call__(self):
         if self.is_initializing():
             self.param("weight", nn.with_logical_partitioning(L.init_normal, self.axes), self.shape, jnp.float32)
-        return sites.experts(L.module_leaves(self), rows, sizes)
+        return L.module_leaves(self)

@@ -13,7 +13,9 @@ and heads, kv heads, MLP width and vocab split over `tensor`:
 - every layer's residuals for the backward pass (the layers run under one scan, so all of them
   are live when it starts), per token of a layer:
     remat none: the attention probabilities once, in s (`attention.attention_values`), over the keys each
-      query block attends to (`attention.causal_keys`), 4 MLP-wide tensors, q, k, v, 2 hidden-wide ones; and
+      query block attends to (`attention.causal_keys`), 4 MLP-wide tensors (a mixture of experts: its router's
+      logits and their float32 softmax, and for each of a token's k experts its input row, gate/up, activation
+      and output; a shared expert as 4 of its width), q, k, v, 2 hidden-wide ones; and
       for what trains: down_proj's and o_proj's inputs, 4 more hidden-wide for trained norm scales, 2
       rank-wide per LoRA pair (per VeRA pair one, and its output-wide product, which λ_b's gradient
       reads); under the model's own dropout, `DROPOUT_BYTES` per attention probability
@@ -34,7 +36,9 @@ every projection: 6%; its terms were fitted on q/v and all-linear targets, 8x1x1
 on every projection 8x1x1: 1.00, on q/v 2x2x2: 0.93; LoKr on every projection 2x2x2: 0.96; OFT's R·W on every
 projection 8x1x1: 1.01; HRA on q/v 2x2x2: 0.93),
 which the test checks within 15%; and the bench's 58.6M-parameter Llama on one device, LoRA and
-full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). bfloat16 counts the
+full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). A mixture's experts are counted as grouped
+products, as GPU and TPU run them; XLA:CPU multiplies each row by every expert and keeps those products in the
+backward, 1.4x the plan for the test's small Mixtral and Qwen2-MoE. bfloat16 counts the
 same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
 computes bfloat16 arithmetic in float32, keeps more than that.
 """
@@ -188,6 +192,13 @@ class _Activations:
         self.heads, self.kv, self.mlp, self.vocab = (split(model_cfg.num_heads), split(model_cfg.num_kv_heads),
                                                      split(model_cfg.intermediate_size), split(model_cfg.vocab_size))
         self.itemsize = jnp.dtype(model_cfg.dtype).itemsize
+        # the MLP's widths per token, kept without remat and as its products' outputs (remat dots): a mixture's
+        # are its router's logits (and their float32 softmax), each of a token's k expert rows' input, gate/up,
+        # activation and output, and a shared expert's as a dense MLP's
+        k, experts, shared = model_cfg.experts_per_token, model_cfg.num_experts, split(model_cfg.shared_expert_size)
+        self.mlp_residuals, self.mlp_outputs = ((k * (3 * self.mlp + 2 * self.hidden) + 2 * experts + 4 * shared,
+                                                 k * (2 * self.mlp + self.hidden) + experts + 2 * shared)
+                                                if experts else (4 * self.mlp, 2 * self.mlp))
         self.remat, self.accum, self.fsdp = cfg.model.remat, cfg.train.grad_accum, sizes["fsdp"]
         rates = model_cfg.dropout_rates
         self.probability_masks, self.output_masks = "attention_dropout" in rates, 2 * ("residual_dropout" in rates)
@@ -234,7 +245,7 @@ class _Activations:
         if self.remat == "full":
             return t * d * s
         if self.remat == "dots":
-            outputs = 3 * d + (self.heads + 2 * self.kv) * self.head_dim + 2 * self.mlp
+            outputs = 3 * d + (self.heads + 2 * self.kv) * self.head_dim + self.mlp_outputs
             return t * s * (outputs + sum(r + out for r, _, out in self.lora))
         probabilities, widths, trained = self.unrematerialised()
         return probabilities + t * s * (widths + trained)
@@ -244,7 +255,7 @@ class _Activations:
         bytes, the widths of the tensors kept whatever trains, those kept for what trains) -- widths per
         token, in elements."""
         t, s = self.seq, self.itemsize
-        widths = 4 * self.mlp + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 2 * self.hidden
+        widths = self.mlp_residuals + self.heads * self.head_dim + 2 * self.kv * self.head_dim + 2 * self.hidden
         trained = (self.down_trains * self.mlp + self.o_trains * self.heads * self.head_dim
                    + 4 * self.norms_train * self.hidden + 2 * sum(r for r, _, _ in self.lora) + self.vera_widths)
         per_probability, per_output = DROPOUT_BYTES
