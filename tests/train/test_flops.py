@@ -50,3 +50,21 @@ def test_lora_skips_the_frozen_weight_gradients():
     attention = 12 * 100 * 4 * 16 * 2
     assert full == 1000 * (6 * weights + attention)
     assert frozen_count == 1000 * (4 * weights + 6 * factors + attention)
+
+
+def test_a_mixture_counts_its_router_and_k_experts_per_token():
+    """Mixtral with 4 experts of width 32, top 2, costs a dense Llama of MLP width 64 plus its router; a LoRA on
+    its experts, 2 of 4 experts' factors."""
+    from jpeft.peft import LoRA
+    sizes = dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16)
+    dense_cfg = ModelConfig(model_type="llama", intermediate_size=64, **sizes)
+    moe_cfg = ModelConfig(model_type="mixtral", intermediate_size=32, num_experts=4, experts_per_token=2, **sizes)
+    dense, moe = (init_params(CausalLM(c), jax.random.key(0)) for c in (dense_cfg, moe_cfg))
+    router = 2 * 4 * 64  # two layers' [4, 64]
+    assert train_step_flops(moe_cfg, moe, Full().mask(moe), 10, 8) == pytest.approx(
+        train_step_flops(dense_cfg, dense, Full().mask(dense), 10, 8) + 10 * 6 * router)
+    lora = LoRA(4, 8, targets=[], target_parameters=["mlp.experts.down_proj"])
+    adapted = lora.init(jax.random.key(1), moe)
+    factors = 2 * 2 * 4 * (32 + 64)  # two layers, two of four experts, rank 4 from 32 to 64
+    assert train_step_flops(moe_cfg, adapted, lora.mask(adapted), 10, 8) == pytest.approx(
+        train_step_flops(moe_cfg, moe, jax.tree.map(lambda _: False, moe), 10, 8) + 10 * 6 * factors)
