@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.models.config import ModelConfig, Rope
+from jpeft.models.config import ModelConfig
+from jpeft.models.rope_params import Rope
 
 
 def rope_inverse_frequencies(dim: int, rope: Rope, long: bool = False) -> np.ndarray:
