@@ -139,6 +139,7 @@ class ModelConfig:
     embed_dropout: float = 0.0
     attention_dropout: float = 0.0
     residual_dropout: float = 0.0
+    router_jitter: float = 0.0  # Mixtral's router_jitter_noise: its MoE input times U(1 - this, 1 + this)
     pad_token_id: int | None = None  # what HF's sequence classifiers pool past (the last token not this id)
     # Run-time knobs, not part of the checkpoint.
     dtype: str = "float32"          # activation / matmul dtype
@@ -165,11 +166,11 @@ class ModelConfig:
     @property
     def dropout_rates(self) -> dict[str, float]:
         """The model's own dropout rates above zero, by field."""
-        rates = {k: getattr(self, k) for k in ("embed_dropout", "attention_dropout", "residual_dropout")}
+        rates = {k: getattr(self, k) for k in ("embed_dropout", "attention_dropout", "residual_dropout", "router_jitter")}
         return {k: v for k, v in rates.items() if v > 0}
 
     def without_dropout(self) -> "ModelConfig":
-        return self.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0)
+        return self.replace(embed_dropout=0.0, attention_dropout=0.0, residual_dropout=0.0, router_jitter=0.0)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -347,8 +348,7 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
 
 def _experts(model_type: str, family, layers: int, source: str) -> dict:
     """The MoE fields of a mixture-of-experts family (`MOE_FIELDS`), {} for a dense one. Refused: dense MLP
-    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`), and Mixtral's jitter
-    noise on the router's input in training."""
+    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`)."""
     if model_type not in MOE_FIELDS:
         return {}
     experts, k = getattr(family, MOE_FIELDS[model_type][0]), family.num_experts_per_tok
@@ -362,14 +362,12 @@ def _experts(model_type: str, family, layers: int, source: str) -> dict:
             raise CheckpointError(f"{source}: layers {sorted(set(range(layers)) - set(sparse))} have a dense MLP "
                                   "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
                                   "the experts")
-    if getattr(family, "router_jitter_noise", None):
-        raise CheckpointError(f"{source}: router_jitter_noise is set, which adds noise on the router's input when "
-                              "transformers trains the model; jpeft trains without it: set router_jitter_noise to 0")
     return dict(num_experts=experts, experts_per_token=k,
                 norm_topk_prob=model_type == "mixtral" or bool(getattr(family, "norm_topk_prob", False)),
                 float32_expert_weights=model_type == "mixtral",
                 shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
-                router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0)
+                router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0,
+                router_jitter=_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source))
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

@@ -80,8 +80,11 @@ class MLP(nn.Module):
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(h)
 
     def experts(self, x):
-        """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid."""
+        """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid; in
+        training Mixtral's jitter on their input (`router_jitter`)."""
         cfg = self.cfg
+        if (rng := L.dropout_rng(self, cfg.router_jitter)) is not None:
+            x = x * jax.random.uniform(rng, x.shape, x.dtype, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
         h = moe.Experts(cfg, name="experts")(x, *moe.Router(cfg, name="gate")(x))
         if not cfg.shared_expert_size:
             return h

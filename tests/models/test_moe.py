@@ -204,7 +204,36 @@ def test_a_run_sets_the_load_balancing_weight_for_a_mixture_alone(tiny_run, tmp_
         run_config(tiny_run, tmp_path, "model.router_aux_loss_coef=-1")
 
 
-def test_mixtral_jitter_noise_is_refused():
-    hf = make_hf_model("mixtral", **FAMILIES["mixtral"]).config.to_dict()
-    with pytest.raises(jpeft.CheckpointError, match="router_jitter_noise"):
-        ModelConfig.from_hf(dict(hf, router_jitter_noise=0.1))
+def test_mixtrals_jitter_scales_the_experts_input_in_training_as_transformers(monkeypatch, tmp_path):
+    """router_jitter_noise in training: the block's input times uniform noise in [1 - j, 1 + j], before the router
+    and the experts; transformers' block given jpeft's draw gives jpeft's output. Without a dropout key (eval,
+    generate), or with the model's own dropout off, no noise."""
+    from jpeft.models.llama import MLP
+    ref_model = make_hf_model("mixtral", **FAMILIES["mixtral"], initializer_range=0.3, router_jitter_noise=0.3)
+    cfg = ModelConfig.from_hf(ref_model.config.to_dict())
+    assert cfg.router_jitter == 0.3 and cfg.without_dropout().router_jitter == 0
+    params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))[1]
+    layer = jax.tree.map(lambda a: a[0], params["model"]["layers"]["mlp"])
+    x = np.random.RandomState(2).normal(size=(2, 12, 32)).astype(np.float32)
+    draws = []
+    uniform = jax.random.uniform
+    monkeypatch.setattr(jax.random, "uniform", lambda *a, **k: draws.append(uniform(*a, **k)) or draws[-1])
+    ours = MLP(cfg).apply({"params": layer}, jnp.asarray(x), rngs={"dropout": jax.random.key(3)})
+    (noise,) = draws
+    assert 0.7 <= float(noise.min()) < 0.8 and 1.2 < float(noise.max()) <= 1.3
+    block = ref_model.model.layers[0].mlp.train()
+    empty_like = torch.empty_like
+
+    class Draw:  # what the block's torch.empty_like(hidden_states).uniform_(1 - j, 1 + j) gives: jpeft's draw
+        def uniform_(self, low, high):
+            assert (low, high) == (0.7, 1.3)
+            return torch.tensor(np.asarray(noise))
+
+    monkeypatch.setattr(torch, "empty_like", lambda t, **k: Draw() if t.shape == x.shape else empty_like(t, **k))
+    with torch.no_grad():
+        theirs = block(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5, rtol=0)
+    plain = MLP(cfg).apply({"params": layer}, jnp.asarray(x))
+    assert len(draws) == 1 and np.abs(np.asarray(plain) - np.asarray(ours)).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(MLP(cfg.without_dropout()).apply(
+        {"params": layer}, jnp.asarray(x), rngs={"dropout": jax.random.key(3)})))
