@@ -38,7 +38,7 @@ projection 8x1x1: 1.01; HRA on q/v 2x2x2: 0.93),
 which the test checks within 15%; and the bench's 58.6M-parameter Llama on one device, LoRA and
 full at 8 x 256 tokens and LoRA at 2 x 1024, within 16%). A mixture's experts are counted as grouped
 products, as GPU and TPU run them; XLA:CPU multiplies each row by every expert and keeps those products in the
-backward, 1.4x the plan for the test's small Mixtral and Qwen2-MoE. bfloat16 counts the
+backward, 1.4x the plan for the test's small Qwen2-MoE. bfloat16 counts the
 same tensors at 2 bytes except those the model computes in float32; XLA's CPU backend, which
 computes bfloat16 arithmetic in float32, keeps more than that.
 """
