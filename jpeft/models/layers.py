@@ -192,7 +192,11 @@ class Embed(nn.Module):
 
     def __call__(self, ids, dtype, prepend: bool = True, scale: float | None = None):
         self.embedding  # noqa: B018 - creates the table at init
-        return sites.embed(module_leaves(self), ids, dtype, prepend, scale)
+        leaves = module_leaves(self)
+        # gathered over fsdp for the lookup, as a layer gathers its weights: each device then reads its own
+        # tokens' rows, where a table split by width left XLA to gather every device's rows to each
+        leaves["embedding"] = nn.with_logical_constraint(leaves["embedding"], ("vocab", None))
+        return sites.embed(leaves, ids, dtype, prepend, scale)
 
 
 class LMHead:
