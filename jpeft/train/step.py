@@ -17,6 +17,7 @@ import optax
 from jpeft import tree as T
 from jpeft.hardware import step_compiler_options
 from jpeft.models import moe
+from jpeft.parallel.mesh import activation_sharding
 from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
@@ -138,6 +139,15 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
     return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings, compiler_options=step_compiler_options())
 
 
-def make_eval_step(model):
-    """params, batch -> (summed loss, count): NLL and tokens, or cross-entropy and rows for a classifier."""
-    return jax.jit(lambda params, batch: batch_loss(model, params, batch), compiler_options=step_compiler_options())
+def make_eval_step(model, mesh=None):
+    """params, batch -> (summed loss, count): NLL and tokens, or cross-entropy and rows for a classifier. Under
+    `mesh` its activations are laid out as the train step's (a mixture routes each device's own rows)."""
+    step = jax.jit(lambda params, batch: batch_loss(model, params, batch), compiler_options=step_compiler_options())
+    if mesh is None:
+        return step
+
+    def on_mesh(params, batch):
+        with activation_sharding(mesh):
+            return step(params, batch)
+
+    return on_mesh

@@ -184,7 +184,7 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
     start = int(state["step"])
     train_step = make_train_step(model, optimizer, tc.seed, uses_dropout(method, model), shardings,
                                  tasks=0 if data.draws is None else len(data.tasks))
-    eval_step = make_eval_step(model)
+    eval_step = make_eval_step(model, mesh)
     in_sharding = batch_sharding(mesh, tc.batch_size)
     shape = (tc.grad_accum, tc.batch_size, tc.seq_len)
     rows = local_rows(in_sharding, shape)

@@ -209,3 +209,51 @@ def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
     # an expert's LoRA factors lie as its weight's input and output axes
     assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_a']"] == "P(None, None, 'fsdp', None)"
     assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_b']"] == "P(None, None, None, 'tensor')"
+
+
+EVAL = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from jpeft.models.hf import from_pretrained
+    from jpeft.parallel import make_mesh
+    from jpeft.train.step import make_eval_step
+    sys.path.insert(0, {tests!r})
+    from test_sharded_train import eval_batch
+    from jpeft.models import layers
+    meshes, per_device_rows = [], layers.per_device_rows
+    def spy(f, rows, shared):  # the mesh a mixture's experts see as the step is traced
+        meshes.append(dict(jax.sharding.get_abstract_mesh().shape))
+        return per_device_rows(f, rows, shared)
+    layers.per_device_rows = spy
+    mesh = make_mesh(2, 2, 2)
+    model, params = from_pretrained({path!r}, mesh=mesh)
+    meshes.clear()  # those of tracing the model's init
+    loss = make_eval_step(model, mesh)(params, eval_batch())
+    print(json.dumps({{"loss": [float(v) for v in loss], "meshes": meshes}}))
+""")
+
+
+def eval_batch() -> dict:
+    import numpy as np
+    ids = np.random.RandomState(0).randint(1, 90, (8, 16)).astype(np.int32)
+    return {"input_ids": ids, "labels": np.roll(ids, -1, 1), "attention_mask": np.ones_like(ids),
+            "loss_mask": np.ones(ids.shape, np.float32)}
+
+
+def test_a_mixtures_eval_step_on_a_mesh_routes_each_devices_own_tokens(tmp_path):
+    """A run's held-out loss on a 2x2x2 mesh, as its train step: each device sorts its own tokens for the experts
+    (not the whole batch's on every device), and the loss is one device's."""
+    import numpy as np
+    import jpeft
+    from conftest import FAMILIES, make_hf_model, save_hf_model
+    from jpeft.train.step import make_eval_step
+    path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"]), tmp_path / "mixtral")
+    script = EVAL.format(tests=os.path.dirname(__file__), path=str(path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sharded["meshes"] and all(m == {"data": 2, "fsdp": 2, "tensor": 2} for m in sharded["meshes"])
+    model, params = jpeft.from_pretrained(path)
+    np.testing.assert_allclose(sharded["loss"], [float(v) for v in make_eval_step(model)(params, eval_batch())],
+                               rtol=1e-5)
