@@ -218,7 +218,7 @@ EVAL = textwrap.dedent("""
     from jpeft.models.hf import from_pretrained
     from jpeft.parallel import make_mesh
     from jpeft.train.step import make_eval_step
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, os.path.join({tests!r}, "parallel")]  # conftest's folder, and this file's
     from test_sharded_train import eval_batch
     from jpeft.models import layers
     meshes, per_device_rows = [], layers.per_device_rows
@@ -249,7 +249,7 @@ def test_a_mixtures_eval_step_on_a_mesh_routes_each_devices_own_tokens(tmp_path)
     from conftest import FAMILIES, make_hf_model, save_hf_model
     from jpeft.train.step import make_eval_step
     path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"]), tmp_path / "mixtral")
-    script = EVAL.format(tests=os.path.dirname(__file__), path=str(path))
+    script = EVAL.format(tests=os.path.dirname(os.path.dirname(__file__)), path=str(path))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = json.loads(result.stdout.strip().splitlines()[-1])
