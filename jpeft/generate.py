@@ -5,10 +5,13 @@ token per step inside a single jit-compiled `lax.while_loop` that stops as soon 
 every row has emitted EOS; on CPU the steps run the layers unrolled over per-layer weights and cache
 (`_stepping`). Adapter leaves in `params` are applied by the model itself,
 so an unmerged adapter needs nothing special here; virtual tokens (soft prompts, prefixes)
-enter the KV cache in the prefill, and the decoding steps run without them.
+enter the KV cache in the prefill, and the decoding steps run without them. Params placed on a mesh
+(`from_pretrained(..., mesh=...)`) decode there as a train step runs: the rows and their KV cache split
+over the data-parallel devices, the weights as placed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -17,12 +20,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from jpeft import tree as T
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.hardware import wide_vectors
 from jpeft.models import kv_cache as C
+from jpeft.parallel.mesh import activation_sharding, data_ways, params_mesh, split_rows
 from jpeft.peft import sites
 from jpeft.peft.prompt import task_rows
 
@@ -59,19 +64,24 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
     eos_slots = np.full(-(-max(len(eos), 1) // EOS_SLOTS) * EOS_SLOTS, -1, np.int32)
     eos_slots[:len(eos)] = eos
 
+    # On a mesh each data-parallel device decodes its own rows (the last row repeated to fill them).
+    mesh, count = params_mesh(params), len(prompts)
+    index = np.minimum(np.arange(-(-count // data_ways(mesh)) * data_ways(mesh)), count - 1)
     width = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
-    ids = np.full((len(prompts), width), pad_token_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for row, prompt in enumerate(prompts):
+    ids = np.full((len(index), width), pad_token_id, np.int32)
+    mask = np.zeros((len(index), width), np.int32)
+    for row, i in enumerate(index):
         # a decoder's prompts end where the new tokens start; an encoder's input starts where a soft prompt ends
         # (T5's relative positions would count pads between them), and its decoder starts on its own
-        at = slice(0, len(prompt)) if cfg.is_encoder_decoder else slice(width - len(prompt), width)
-        ids[row, at], mask[row, at] = prompt, 1
-    tokens = _decoder(cfg.dtype)(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size),
-                                 params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(eos_slots),
-                                 jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed),
-                                 jnp.int32(first_row))
-    return [_cut_at_eos(row, eos) for row in np.asarray(tokens).tolist()]
+        at = slice(0, len(prompts[i])) if cfg.is_encoder_decoder else slice(width - len(prompts[i]), width)
+        ids[row, at], mask[row, at] = prompts[i], 1
+    with contextlib.nullcontext() if mesh is None else activation_sharding(mesh):
+        ids, mask = (jnp.asarray(a) if mesh is None else split_rows(mesh, a) for a in (ids, mask))
+        tokens = _decoder(cfg.dtype)(model, max_new_tokens, _candidates(temperature, top_k, top_p, cfg.vocab_size),
+                                     task_rows(params, index, count), ids, mask, jnp.asarray(eos_slots),
+                                     jnp.float32(temperature or 1.0), jnp.float32(top_p), jax.random.key(seed),
+                                     jnp.int32(first_row))
+    return [_cut_at_eos(row, eos) for row in np.asarray(tokens)[:count].tolist()]
 
 
 def generate_text(model, params, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
@@ -327,4 +337,5 @@ def _decode(model, max_new_tokens, candidates, params, ids, mask, eos, temperatu
         return (step < max_new_tokens) & ~done.all()
 
     _, tokens, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, is_eos(first), cache))
-    return tokens
+    # whole on every device (and every host): the caller reads all rows
+    return tokens if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(tokens, P())

@@ -104,11 +104,32 @@ def param_shardings(params, abstract_base, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     """[grad_accum, batch, T] batches split over the mesh's data-parallel axes (data x fsdp)."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = data_ways(mesh)
     if batch_size % ways:
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {ways} data-parallel "
                           f"devices (mesh.data x mesh.fsdp)")
     return NamedSharding(mesh, P(None, ("data", "fsdp")))
+
+
+def data_ways(mesh: Mesh | None) -> int:
+    """How many ways the mesh's data-parallel axes (data x fsdp) split a batch's rows (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def params_mesh(params) -> Mesh | None:
+    """The mesh a placed tree lies on, where its leaves are split or copied over more than one device."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def split_rows(mesh: Mesh, array: np.ndarray) -> jax.Array:
+    """A host array every process holds whole -> a global array whose rows are split over the data-parallel
+    axes (each device takes its own rows; no device receives the whole array)."""
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def local_rows(sharding: NamedSharding, shape: tuple) -> slice:

@@ -161,9 +161,10 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     return grouped
 
 
-def task_rows(params, rows: slice, count: int):
-    """The tree for rows `rows` of a call's `count` prompts: per-row task ids (select_task) cut to those rows,
-    as a caller that splits its prompts into batches needs; one id for all rows stays as it is."""
+def task_rows(params, rows: slice | np.ndarray, count: int):
+    """The tree for rows `rows` (a slice or row indices) of a call's `count` prompts: per-row task ids
+    (select_task) taken at those rows, as a caller that splits its prompts into batches or repeats rows needs;
+    one id for all rows stays as it is."""
     flat = T.flatten(params)
     for path, ids in flat.items():
         if T.leaf_name(path) == TASK_IDS and np.size(ids) > 1:
