@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     from jpeft.models import layers
     from jpeft.parallel import make_mesh
     sys.path[:0] = [{tests!r}, os.path.join({tests!r}, "parallel")]  # conftest's folder, and this file's
-    from test_sharded_generate import PROMPTS
+    from test_sharded_generate import PROMPTS, prompted
 
     meshes, per_device_rows = [], layers.per_device_rows
     def spy(f, rows, shared):  # the mesh a mixture's experts see as decoding is traced
@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent("""
     model, params = jpeft.from_pretrained({mixtral!r}, mesh=make_mesh(2, 2, 2))
     meshes.clear()  # those of tracing the model's init
     tokens = G.generate(model, params, PROMPTS, 6, eos_token_id=None)
+    model, params = jpeft.from_pretrained({llama!r}, mesh=make_mesh(2, 2, 2))
+    per_row = G.generate(model, prompted(params), PROMPTS, 6, eos_token_id=None)
 
     # the compiled decoding loop's per-device temporaries, 16 rows on 8 data-parallel devices: as generate places
     # the rows (split) and as it did before (whole on each device)
@@ -43,14 +45,24 @@ SCRIPT = textwrap.dedent("""
     whole = loop(jnp.asarray(rows), jnp.asarray(rows))
     with G.activation_sharding(mesh):
         split = loop(G.split_rows(mesh, rows), G.split_rows(mesh, rows))
-    print(json.dumps({{"tokens": tokens, "meshes": meshes, "whole": whole, "split": split}}))
+    print(json.dumps({{"tokens": tokens, "per_row": per_row, "meshes": meshes, "whole": whole, "split": split}}))
 """)
 
 # five rows on a 2x2x2 mesh (4 data-parallel devices): the last row is repeated to fill the eighth slot
 PROMPTS = [np.random.RandomState(i).randint(1, 90, 3 + 2 * i).tolist() for i in range(5)]
 
 
+
+def prompted(params):
+    """Three tasks' soft prompts, one chosen per row (the repeated row takes the last row's)."""
+    import jax
+    from jpeft.peft import PromptTuning
+    from jpeft.peft.prompt import select_task
+    return select_task(PromptTuning(num_virtual_tokens=3, tasks=3).init(jax.random.key(1), params), [0, 2, 1, 2, 0])
+
+
 def test_decoding_on_a_mesh_splits_rows_and_equals_one_device(tmp_path):
+    """Mixtral's greedy tokens on a 2x2x2 mesh, and a soft prompt per row (task ids padded with the rows)."""
     mixtral = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"]), tmp_path / "mixtral")
     llama = save_hf_model(make_hf_model("llama"), tmp_path / "llama")
     script = SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)), mixtral=str(mixtral), llama=str(llama))
@@ -59,6 +71,8 @@ def test_decoding_on_a_mesh_splits_rows_and_equals_one_device(tmp_path):
     sharded = json.loads(result.stdout.strip().splitlines()[-1])
     model, params = jpeft.from_pretrained(mixtral)
     assert sharded["tokens"] == generate(model, params, PROMPTS, 6, eos_token_id=None)
+    model, params = jpeft.from_pretrained(llama)
+    assert sharded["per_row"] == generate(model, prompted(params), PROMPTS, 6, eos_token_id=None)
     # a mixture's experts route each device's own rows, in the prefill and in the decoding steps
     assert sharded["meshes"] and all(m == {"data": 2, "fsdp": 2, "tensor": 2} for m in sharded["meshes"])
     # the KV cache and activations are split eight ways (weights and the loop's own scalars are not)
