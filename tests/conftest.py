@@ -108,13 +108,17 @@ FAMILIES = {
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24),
     "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, clip_qkv=0.5),
+    # GPT-OSS: biased router and experts, interleaved gate/up clamped (a limit its tiny activations reach), attention
+    # sinks, alternating sliding layers
+    "gpt_oss": dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, sliding_window=4,
+                    swiglu_limit=0.05),
 }
 # Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
 # targets take there; None where a family has no such module (a mixture's MLP is its experts, no dense projections)
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 NO_MLP = dict.fromkeys(("gate_proj", "up_proj", "down_proj"))
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP,
-         "glm4": GATE_UP, **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe"), NO_MLP)}
+         "glm4": GATE_UP, **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss"), NO_MLP)}
 
 
 def family_targets(family: str, targets: list[str]) -> list[str]:

@@ -56,10 +56,11 @@ def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
 
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
-           block: int = QUERY_BLOCK, bias=None, dropout=None):
+           block: int = QUERY_BLOCK, bias=None, dropout=None, sinks=None):
     """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
     [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions);
-    `dropout` (key, rate) drops attention probabilities (`attention_dropout`).
+    `dropout` (key, rate) drops attention probabilities (`attention_dropout`); `sinks` [H]: a logit per head that
+    joins every query's softmax without a value (GPT-OSS's attention sinks).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
     slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
@@ -68,15 +69,15 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
     """
     t = q.shape[1]
     if causal_offset is None or t <= block:
-        return _attend(q, k, v, mask, scale, cap, bias, dropout)
+        return _attend(q, k, v, mask, scale, cap, bias, dropout, sinks)
     return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
                                     mask[:, start:end, :causal_offset + end], scale, cap,
                                     None if bias is None else bias[:, :, start:end, :causal_offset + end],
-                                    dropout and (jax.random.fold_in(dropout[0], start), dropout[1]))
+                                    dropout and (jax.random.fold_in(dropout[0], start), dropout[1]), sinks)
                             for start, end in query_blocks(t, block)], axis=1)
 
 
-def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=None):
+def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=None, sinks=None):
     """Attention as batched matmuls over (batch, kv head), a head's query group folded into its rows. The
     training path keeps batch and heads apart ([B, KV, ...]), so each keeps its own sharding."""
     b, t, h, d = q.shape
@@ -92,7 +93,10 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=N
     scores = jnp.where(mask[:, None, None], scores, NEG_INF).reshape(*v.shape[:-2], h // kv * t, -1)
     rng, rate = dropout or (None, 0.0)
     keep = None if rng is None else jax.random.bernoulli(rng, 1 - rate, scores.shape)
-    out = attention_values(scores, v, keep, rate)
+    if sinks is not None:  # per head, as each query's row of scores lies: [.., KV, H/KV · T, 1]
+        sinks = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(kv, h // kv, 1, 1), (b, kv, h // kv, t, 1))
+        sinks = sinks.reshape(*scores.shape[:-1], 1)
+    out = attention_values(scores, v, keep, rate, sinks)
     return out.reshape(b, kv, h // kv, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -100,9 +104,10 @@ WEIGHTED_VALUES = "...qs,...sd->...qd"  # probabilities [..., Q, S] times values
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
-def attention_values(scores, v, keep=None, rate: float = 0.0):
+def attention_values(scores, v, keep=None, rate: float = 0.0, sinks=None):
     """softmax(scores) [..., Q, S], rounded to v's dtype, times v [..., S, D], accumulated in float32; with
-    `keep` (a boolean mask) the rounded probabilities go through dropout at `rate` first, as torch drops them.
+    `keep` (a boolean mask) the rounded probabilities go through dropout at `rate` first, as torch drops them;
+    with `sinks` [..., Q, 1] each row's sink logit joins its softmax and takes no value (`softmax`).
 
     Its backward keeps only the rounded probabilities (which the product's own gradient needs) and the
     float32 output, not softmax's float32 output beside them, which the layer scan would stack for every
@@ -112,23 +117,35 @@ def attention_values(scores, v, keep=None, rate: float = 0.0):
     0.93-0.97x, float32 0.93x, full bf16 0.98x, and its bf16 temporaries 420 -> 405 MB; keeping one bf16
     copy of the probabilities had taken them 485 -> 436). In float32 its gradient is autodiff's up to
     rounding. Under dropout the row term is unchanged: with dP the gradient of the dropped probabilities
-    pulled back through dropout, Σ_d dO·O = Σₛ dP·P."""
-    return _attention_values_fwd(scores, v, keep, rate)[0]
+    pulled back through dropout, Σ_d dO·O = Σₛ dP·P. A sink's gradient is -P_sink · Σₛ dP·P."""
+    return _attention_values_fwd(scores, v, keep, rate, sinks)[0]
 
 
-def _attention_values_fwd(scores, v, keep, rate):
-    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+def softmax(scores, sinks=None):
+    """(softmax over the keys [..., Q, S], each row's sink probability [..., Q, 1] or None): with `sinks` each row's
+    sink logit joins the normaliser and its own probability is dropped, as GPT-OSS's attention computes it."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1), None
+    top = jnp.maximum(scores.max(axis=-1, keepdims=True), sinks)
+    e, sink = jnp.exp(scores - top), jnp.exp(sinks - top)
+    total = e.sum(axis=-1, keepdims=True) + sink
+    return e / total, sink / total
+
+
+def _attention_values_fwd(scores, v, keep, rate, sinks):
+    p, sink = softmax(scores, sinks)
+    p = p.astype(v.dtype)
     out = einsum(WEIGHTED_VALUES, p if keep is None else dropped(p, keep, rate), v, jnp.float32)
-    return out.astype(v.dtype), (p, v, out, keep)
+    return out.astype(v.dtype), (p, v, out, keep, sink)
 
 
 def _attention_values_bwd(rate, res, g):
-    p, v, out, keep = res
+    p, v, out, keep, sink = res
     dp, dv = jax.vjp(lambda p, v: einsum(WEIGHTED_VALUES, p, v), p if keep is None else dropped(p, keep, rate),
                      v)[1](g)
     dp = dp.astype(jnp.float32) if keep is None else jnp.where(keep, dp.astype(jnp.float32) / (1 - rate), 0)
     rows = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    return p.astype(jnp.float32) * (dp - rows), dv, None
+    return p.astype(jnp.float32) * (dp - rows), dv, None, None if sink is None else -sink * rows
 
 
 attention_values.defvjp(_attention_values_fwd, _attention_values_bwd)

@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE and OLMoE differ only in these fields,
+Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE and GPT-OSS differ only in these fields,
 and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a silently
 different model.
 """
@@ -15,7 +15,7 @@ from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "t5", "gpt2")
+                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -25,12 +25,13 @@ QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention 
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
 PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
 INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
-FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium")  # RMSNorm's w · x in float32
+FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
                  **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
 # Mixture-of-experts families: config.json's field of their expert count and of each expert's width
 MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
-              "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size")}
+              "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
+              "gpt_oss": ("num_local_experts", "intermediate_size")}
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -42,13 +43,13 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *OLMO_TYPES, "olmoe", "smollm3",
-                       "helium", "seed_oss", "arcee", *GLM_TYPES),
+                       "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe"),
+                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
     "clip_qkv": ("olmoe",),
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
@@ -120,6 +121,16 @@ class ModelConfig:
     norm_topk_prob: bool = False
     float32_expert_weights: bool = False
     shared_expert_size: int = 0
+    # GPT-OSS: a bias on the router and on each expert's projections, its experts stored [E, in, out] with gate and
+    # up interleaved (gate_up_proj's columns gate0, up0, gate1, ...), their activation (up + 1) · glu with
+    # glu = gate · sigmoid(alpha · gate), gate clamped above at swiglu_limit and up to ±swiglu_limit, the router
+    # named `router`; and a learned logit per attention head (`sinks`) that joins each query's softmax.
+    router_name: str = "gate"
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
+    attention_sinks: bool = False
     # The weight of the routers' load-balancing loss (Switch Transformer's, `moe.balance_loss`) added to the
     # training loss: config.json's router_aux_loss_coef where its output_router_logits asks for it, else 0.
     router_aux_loss_coef: float = 0.0
@@ -273,6 +284,7 @@ class ModelConfig:
             gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
             clip_qkv=None if own("clip_qkv") is None else float(own("clip_qkv")),
             **moe,
+            attention_sinks=model_type == "gpt_oss",
             query_pre_attn_scalar=own("query_pre_attn_scalar"),
             attn_softcap=own("attn_logit_softcapping"),
             final_softcap=own("final_logit_softcapping"),
@@ -363,11 +375,14 @@ def _experts(model_type: str, family, layers: int, source: str) -> dict:
                                   "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
                                   "the experts")
     return dict(num_experts=experts, experts_per_token=k,
-                norm_topk_prob=model_type == "mixtral" or bool(getattr(family, "norm_topk_prob", False)),
+                # GPT-OSS: a softmax over the top-k logits, which is the renormalised top-k of the full one
+                norm_topk_prob=model_type in ("mixtral", "gpt_oss") or bool(getattr(family, "norm_topk_prob", False)),
                 float32_expert_weights=model_type == "mixtral",
                 shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
                 router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0,
-                router_jitter=_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source))
+                router_jitter=_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source),
+                **(dict(router_name="router", router_bias=True, expert_bias=True, swiglu_limit=float(family.swiglu_limit),
+                        swiglu_alpha=float(family.swiglu_alpha)) if model_type == "gpt_oss" else {}))
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

@@ -37,12 +37,14 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 # a tree leaf's name in HF: Linear/Embedding/norm weights, biases, and weights kept in HF's layout (a mixture's
 # router and stacked experts)
-HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight"}
+HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight",
+           # GPT-OSS's parameters of a module that holds more: attention's sinks, the experts' biases
+           **{name: name for name in ("sinks", "gate_up_proj_bias", "down_proj_bias")}}
 ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "olmo2": "Olmo2", "olmo3": "Olmo3",
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "mixtral": "Mixtral",
-                "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
+                "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "gpt_oss": "GptOss",
                 "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
@@ -247,7 +249,7 @@ def _open(index: dict, name: str, cfg: ModelConfig, handles: dict, model_dir: st
         if (file := index[part][0]) not in handles:
             handles[file] = safe_open(file, "np").__enter__()
     opened = [[handles[index[p][0]].get_slice(index[p][1]) for p in expert] for expert in parts]
-    return opened[0][0] if len(opened) == 1 and len(opened[0]) == 1 else hf_experts.Stacked(opened)
+    return hf_experts.reader(name, cfg.model_type, opened)
 
 
 def _tree_shape(path: str, hf_shape) -> tuple:

@@ -5,6 +5,8 @@ transformers 5 runs the experts stacked (`mlp.experts.gate_up_proj` [E, 2I, D], 
 `mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`, and Mixtral's `block_sparse_moe.experts.{e}.w1`
 (gate), `w3` (up), `w2` (down) beside its router `block_sparse_moe.gate`. Reading stacks those parts lazily,
 slice by slice (`Stacked`), so a sharded load still reads each device's part only; saving splits them again.
+GPT-OSS's files hold each stack whole, `mlp.experts.gate_up_proj` [E, D, 2I] and `down_proj` [E, I, D], as its
+transformers model runs them ([E, in, out]): read transposed (`Transposed`), written back so.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 # per family: the layer's module holding router and experts in files, and its (gate, up) and down names
 FILE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 DEFAULT_FILE_NAMES = ("mlp", ("gate_proj", "up_proj"), "down_proj")
+IN_OUT_TYPES = ("gpt_oss",)  # families whose files stack each expert weight [E, in, out] under transformers' name
 _STACKED = re.compile(r"^(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate)\.weight$")
 
 
@@ -25,7 +28,7 @@ def file_parts(name: str, model_type: str, num_experts: int, held=()) -> list[li
     if not (match := _STACKED.match(name)):
         return None
     layer, what = match.groups()
-    if (stacked := name.removesuffix(".weight")) in held and what != "gate":
+    if ((stacked := name.removesuffix(".weight")) in held or model_type in IN_OUT_TYPES) and what != "gate":
         return [[stacked]]
     block, gate_up, down = FILE_NAMES.get(model_type, DEFAULT_FILE_NAMES)
     if what == "gate":
@@ -39,10 +42,38 @@ def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray
     parts = file_parts(name, model_type, len(array))
     if parts is None:
         return {name: array}
+    if model_type in IN_OUT_TYPES:
+        return {parts[0][0]: np.ascontiguousarray(array.transpose(0, 2, 1))}
     if len(parts) == 1 and name.endswith(".gate.weight"):
         return {parts[0][0]: array}
     return {part: np.ascontiguousarray(piece) for expert, names in zip(array, parts)
             for part, piece in zip(names, np.split(expert, len(names), axis=0))}
+
+
+def reader(name: str, model_type: str, opened: list[list]):
+    """A safetensors slice of tree tensor `name` from the file slices `file_parts` opened for it."""
+    if len(opened) > 1 or len(opened[0]) > 1:
+        return Stacked(opened)
+    in_out = model_type in IN_OUT_TYPES and (match := _STACKED.match(name)) and match.group(2) != "gate"
+    return Transposed(opened[0][0]) if in_out else opened[0][0]
+
+
+class Transposed:
+    """A safetensors slice of stacked [E, in, out] expert weights, read as [E, out, in]."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def get_shape(self) -> list[int]:
+        experts, d_in, d_out = self.part.get_shape()
+        return [experts, d_out, d_in]
+
+    def get_dtype(self) -> str:
+        return self.part.get_dtype()
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        experts, rows, columns = tuple(index) + (slice(None),) * (3 - len(index))
+        return np.swapaxes(self.part[experts, columns, rows], 1, 2)
 
 
 class Stacked:

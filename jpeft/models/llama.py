@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE and
-OLMoE): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE,
+OLMoE and GPT-OSS): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -54,8 +54,10 @@ class Attention(nn.Module):
         cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, cache_index)
         # Without a cache the queries are the last keys (after any prefix): causal in static slots.
         causal_offset = None if cache_kv is not None else k.shape[2] - q.shape[1]
+        sinks = self.param("sinks", nn.with_logical_partitioning(L.init_normal, ("heads",)), (cfg.num_heads,),
+                           jnp.float32) if cfg.attention_sinks else None
         out = A.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
-                       causal_offset, dropout=A.attention_dropout(self, cfg.attention_dropout))
+                       causal_offset, dropout=A.attention_dropout(self, cfg.attention_dropout), sinks=sinks)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
@@ -85,7 +87,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         if (rng := L.dropout_rng(self, cfg.router_jitter)) is not None:
             x = x * jax.random.uniform(rng, x.shape, x.dtype, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        h = moe.Experts(cfg, name="experts")(x, *moe.Router(cfg, name="gate")(x))
+        h = moe.Experts(cfg, name="experts")(x, *moe.Router(cfg, name=cfg.router_name)(x))
         if not cfg.shared_expert_size:
             return h
         shared = MLP(cfg.replace(num_experts=0, intermediate_size=cfg.shared_expert_size), name="shared_expert")(x)

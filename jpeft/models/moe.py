@@ -1,8 +1,9 @@
-"""The mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE): a router scores every expert for each token, and
-the token's output is the weighted sum of its top-k experts' gated MLPs.
+"""The mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS): a router scores every expert for each token,
+and the token's output is the weighted sum of its top-k experts' gated MLPs.
 
-The weights are transformers' own parameters, in its layout: the router `gate/weight` [E, D], and the experts
-stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up) and `experts/down_proj/weight` [E, D, I].
+The weights are transformers' own parameters: the router `gate/weight` [E, D] (GPT-OSS's `router`, with a bias),
+and the experts stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up; GPT-OSS's interleaved, its
+file's [E, D, 2I] transposed on reading) and `experts/down_proj/weight` [E, D, I] (GPT-OSS: biases beside them).
 None is a dense insertion point, as none is a module PEFT's `target_modules` reaches; the experts are the
 `sites.experts` insertion point, where PEFT's `target_parameters` LoRA acts. A token's k assignments are sorted
 by expert, each expert multiplies its contiguous run of rows (`products.grouped`), and the weighted rows are
@@ -38,16 +39,28 @@ def route(cfg: ModelConfig, logits):
     return (weights if cfg.float32_expert_weights else weights.astype(logits.dtype)), experts
 
 
-def mix(cfg: ModelConfig, x, weights, experts, gate_up, down):
+def mix(cfg: ModelConfig, x, weights, experts, gate_up, down, biases=None):
     """Σ_k weights[:, k] · expert_k(x) for x [N, D]: each assignment's row, sorted by expert, through its
-    expert's act(gate) · up and down projections (`gate_up`, `down`: functions of (rows, group sizes))."""
+    expert's act(gate) · up and down projections (`gate_up`, `down`: functions of (rows, group sizes); `biases`:
+    GPT-OSS's per-expert (gate_up [E, 2I], down [E, D]) added to them)."""
     chosen = experts.reshape(-1)
     order = jnp.argsort(chosen, stable=True)
     tokens = order // cfg.experts_per_token
     sizes = jnp.bincount(chosen, length=cfg.num_experts)
-    h = L.activate(cfg.hidden_act, *jnp.split(gate_up(x[tokens], sizes), 2, axis=-1))
-    y = down(h, sizes) * weights.reshape(-1)[order][:, None]
+    biased = lambda y, which: y if biases is None else y + biases[which][chosen[order]].astype(y.dtype)  # noqa: E731
+    h = activate(cfg, biased(gate_up(x[tokens], sizes), 0))
+    y = biased(down(h, sizes), 1) * weights.reshape(-1)[order][:, None]
     return jnp.zeros_like(x).at[tokens].add(y.astype(x.dtype))
+
+
+def activate(cfg: ModelConfig, gate_up):
+    """An expert's hidden units from its gate/up rows: act(gate) · up of the halves, or GPT-OSS's clamped
+    (up + 1) · gate · sigmoid(alpha · gate) of the interleaved columns (in float32, rounded once, as `L.activate`)."""
+    if cfg.swiglu_limit is None:
+        return L.activate(cfg.hidden_act, *jnp.split(gate_up, 2, axis=-1))
+    limit, h = cfg.swiglu_limit, gate_up.astype(jnp.float32)
+    gate, up = jnp.minimum(h[..., ::2], limit), jnp.clip(h[..., 1::2], -limit, limit)
+    return ((up + 1) * (gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha))).astype(gate_up.dtype)
 
 
 def balance_loss(cfg: ModelConfig, router_logits, real):
@@ -82,6 +95,9 @@ class Router(nn.Module):
         w = self.param("weight", nn.with_logical_partitioning(L.init_normal, ("experts", "embed")),
                        (cfg.num_experts, cfg.hidden_size), jnp.float32)
         logits = matmul(x, w.T)
+        if cfg.router_bias:
+            logits = logits + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("experts",)),
+                                         (cfg.num_experts,), jnp.float32).astype(logits.dtype)
         self.sow("intermediates", ROUTER_LOGITS, logits.reshape(-1, cfg.num_experts))
         return route(cfg, logits)
 
@@ -98,13 +114,17 @@ class Experts(nn.Module):
         e, d, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
         gate_up = ExpertWeight((e, 2 * i, d), ("experts", "mlp", "embed"), name=EXPERT_WEIGHTS[0])()
         down = ExpertWeight((e, d, i), ("experts", "embed", "mlp"), name=EXPERT_WEIGHTS[1])()
+        biases = tuple(self.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                                  (e, width), jnp.float32)
+                       for name, width, axes in ((EXPERT_WEIGHTS[0], 2 * i, ("experts", "mlp")),
+                                                 (EXPERT_WEIGHTS[1], d, ("experts", "embed")))) if cfg.expert_bias else None
 
-        def rows(x, weights, experts, gate_up, down):
+        def rows(x, weights, experts, gate_up, down, biases):
             tokens = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
             return mix(cfg, tokens(x), tokens(weights), tokens(experts), partial(sites.experts, gate_up),
-                       partial(sites.experts, down)).reshape(x.shape)
+                       partial(sites.experts, down), biases).reshape(x.shape)
 
-        return L.per_device_rows(rows, (x, weights, experts), (gate_up, down))
+        return L.per_device_rows(rows, (x, weights, experts), (gate_up, down, biases))
 
 
 class ExpertWeight(nn.Module):

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE) against transformers: logits, gradients of every weight,
+"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS) against transformers: logits, gradients of every weight,
 the routers' weights in bfloat16, checkpoint files both ways (their experts read slice by slice), and what jpeft
 refuses."""
 import json
@@ -17,10 +17,10 @@ from conftest import FAMILIES, make_hf_model, save_hf_model
 from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
-from jpeft.models.hf_experts import Stacked
+from jpeft.models.hf_experts import Stacked, Transposed
 from jpeft.train import step
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 CASES = {
     **{family: (family, FAMILIES[family]) for family in MOE},
     "mixtral-top1-sliding-tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=4,
@@ -84,17 +84,19 @@ def test_routers_weigh_experts_as_transformers_in_bfloat16(family, weight_dtype)
     np.testing.assert_allclose(np.asarray(got_weights, np.float32), weights.float().numpy(), rtol=3e-7, atol=0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_saved_files_are_transformers_own_and_load_back(family, tmp_path):
-    """Per-expert tensors under the family's own names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2), the
-    same names and bits transformers writes, read back by transformers to the same logits."""
+@pytest.mark.parametrize("family,expert_name", [("mixtral", ".experts.3."), ("qwen2_moe", ".experts.3."),
+                                                ("gpt_oss", ".experts.gate_up_proj_bias")])
+def test_saved_files_are_transformers_own_and_load_back(family, expert_name, tmp_path):
+    """Per-expert tensors under the family's own names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2; GPT-OSS's
+    stacks [E, in, out] and biases), the same names and bits transformers writes, read back by transformers to the
+    same logits."""
     ref_model = make_hf_model(family, **FAMILIES[family])
     path = save_hf_model(ref_model, tmp_path / "hf")
     model, params = jpeft.from_pretrained(path)
     jpeft.save_pretrained(str(tmp_path / "jpeft"), model, params)
     ours, theirs = load_file(tmp_path / "jpeft" / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
-    assert any(".experts.3." in name for name in ours)
+    assert any(expert_name in name for name in ours)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "jpeft", dtype=torch.float32).eval()
     np.testing.assert_allclose(torch_logits(reloaded), torch_logits(ref_model), atol=1e-6, rtol=0)
 
@@ -111,6 +113,48 @@ def test_stacked_experts_read_any_slice_from_their_parts(tmp_path):
         for index in [(), (slice(1, 3),), (slice(0, 3), slice(3, 8), slice(1, 3)), (slice(2, 3), slice(0, 4)),
                       (slice(0, 1), slice(5, 10), slice(0, 4))]:
             np.testing.assert_array_equal(stacked[index], whole[index])
+
+
+def test_transposed_experts_read_any_slice_as_out_by_in(tmp_path):
+    """GPT-OSS's stacks [E, in, out] read as jpeft holds them, [E, out, in], one device's slice at a time."""
+    stack = np.random.default_rng(0).normal(size=(3, 5, 8)).astype(np.float32)
+    save_file({"w": stack}, tmp_path / "w.safetensors")
+    whole = stack.transpose(0, 2, 1)
+    with safe_open(tmp_path / "w.safetensors", "np") as f:
+        transposed = Transposed(f.get_slice("w"))
+        assert transposed.get_shape() == list(whole.shape) and transposed.get_dtype() == "F32"
+        for index in [(), (slice(1, 3),), (slice(0, 3), slice(3, 8), slice(1, 3)), (slice(2, 3), slice(0, 4))]:
+            np.testing.assert_array_equal(transposed[index], whole[index])
+
+
+def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):
+    """A full fine-tune's gradients through attention sinks (strong ones), the clamped activation of interleaved
+    gate/up columns, the experts' and router's biases."""
+    ref_model = make_hf_model("gpt_oss", **dict(FAMILIES["gpt_oss"], swiglu_limit=0.5), initializer_range=0.2)
+    with torch.no_grad():
+        for layer in ref_model.model.layers:
+            layer.self_attn.sinks.add_(torch.randn(4))
+    model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
+    probe = np.random.RandomState(1).normal(size=(*IDS.shape, 97)).astype(np.float32)
+    grads = jax.grad(lambda p: (model.apply({"params": p}, jnp.asarray(IDS)) * probe).sum())(params)
+    logits = ref_model(torch.tensor(IDS)).logits
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), logits.detach().numpy(),
+                               atol=2e-5, rtol=0)
+    (logits * torch.tensor(probe)).sum().backward()
+    layers = T.flatten(grads["model"]["layers"])
+    for layer, torch_layer in enumerate(ref_model.model.layers):
+        mlp, attention = torch_layer.mlp, torch_layer.self_attn
+        for path, weight in (("mlp/router/weight", mlp.router.weight), ("mlp/router/bias", mlp.router.bias),
+                             ("mlp/experts/gate_up_proj/weight", mlp.experts.gate_up_proj),
+                             ("mlp/experts/down_proj/weight", mlp.experts.down_proj),
+                             ("mlp/experts/gate_up_proj_bias", mlp.experts.gate_up_proj_bias),
+                             ("mlp/experts/down_proj_bias", mlp.experts.down_proj_bias),
+                             ("self_attn/sinks", attention.sinks), ("self_attn/q_proj/kernel", attention.q_proj.weight)):
+            expected = weight.grad.numpy()
+            got = np.asarray(layers[path][layer])
+            got = got.T if path.endswith("kernel") else got.transpose(0, 2, 1) if got.ndim == 3 else got
+            assert np.abs(expected).max() > 1e-2, path
+            np.testing.assert_allclose(got, expected, atol=4e-6 * np.abs(expected).max(), rtol=0, err_msg=path)
 
 
 def test_a_checkpoint_in_transformers_stacked_layout_loads_too(tmp_path):

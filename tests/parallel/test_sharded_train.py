@@ -195,11 +195,13 @@ def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
         "P(None, None, 'tensor')"
 
 
-def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
-    """Mixtral's stacked experts, their widths over the tensor axis and the model width over fsdp, routed
-    tokens grouped per expert: full fine-tuning with the routers' load-balancing loss, and a LoRA on the experts
-    (PEFT's target_parameters), on a mesh of all three axes equal the 1-device runs."""
-    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "mixtral"), tmp_path, {
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path, family):
+    """Mixtral's stacked experts (and GPT-OSS's, with biases and attention sinks), their widths over the tensor axis
+    and the model width over fsdp, routed tokens grouped per expert: full fine-tuning with the routers'
+    load-balancing loss, and a LoRA on the experts (PEFT's target_parameters), on a mesh of all three axes equal
+    the 1-device runs."""
+    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, family), tmp_path, {
         "full": ["method.name=full", "model.router_aux_loss_coef=0.1", *COMMON],
         "lora": ["method.name=lora", "method.targets=[q_proj]", "train.lr=3e-2",
                  "method.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]", *COMMON]})
@@ -209,6 +211,9 @@ def test_a_mixtures_experts_on_a_mesh_match_one_device(tiny_run, tmp_path):
     # an expert's LoRA factors lie as its weight's input and output axes
     assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_a']"] == "P(None, None, 'fsdp', None)"
     assert sharded["specs"]["lora"][f"{experts}['gate_up_proj']['lora_b']"] == "P(None, None, None, 'tensor')"
+    if family == "gpt_oss":  # a sink per head, as the heads lie; each expert's biases as its outputs
+        assert sharded["specs"]["full"]["['trainable']['model']['layers']['self_attn']['sinks']"] == "P(None, 'tensor')"
+        assert sharded["specs"]["full"][f"{experts}['gate_up_proj_bias']"] == "P(None, None, 'tensor')"
 
 
 EVAL = textwrap.dedent("""

@@ -36,6 +36,7 @@ def base(family, path):
     ("mixtral", ["q_proj"], BOTH),  # both weights of one experts module: PEFT nests gate_up_proj's under down_proj's
     ("qwen3_moe", [], ["experts.down_proj"]),  # parameters alone, by a shorter suffix
     ("qwen2_moe", ["up_proj"], ["gate_up_proj"]),  # beside the shared expert's dense up_proj
+    ("gpt_oss", ["q_proj", "o_proj"], BOTH),  # weights PEFT wraps as [E, in, out], jpeft holds as [E, out, in]
 ])
 def test_jpeft_peft_jpeft_give_the_same_logits(tmp_path, family, targets, parameters):
     torch_model, model, params = base(family, tmp_path / "base")
