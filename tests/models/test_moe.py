@@ -180,7 +180,7 @@ def test_what_jpeft_cannot_run_is_refused(fields, match):
         ModelConfig.from_hf(json.loads(json.dumps(hf)))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss"])
 def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tmp_path):
     """A train step's loss with the routers' load-balancing loss (output_router_logits in config.json): the mean
     NLL plus the coefficient times transformers' aux_loss over the real tokens of every layer, padding left out,
@@ -209,11 +209,14 @@ def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tm
                                rtol=1e-6)
     layers = T.flatten(grads["model"]["layers"])
     for layer, torch_layer in enumerate(ref_model.model.layers):
-        for path, weight in (("mlp/gate/weight", torch_layer.mlp.gate.weight),
+        router = model.config.router_name
+        for path, weight in ((f"mlp/{router}/weight", getattr(torch_layer.mlp, router).weight),
                              ("mlp/experts/down_proj/weight", torch_layer.mlp.experts.down_proj),
                              ("self_attn/q_proj/kernel", torch_layer.self_attn.q_proj.weight)):
             expected, got = weight.grad.numpy(), np.asarray(layers[path][layer])
             got = got.T if path.endswith("kernel") else got
+            if got.shape != expected.shape:  # GPT-OSS's experts, [E, in, out] in torch
+                got = got.transpose(0, 2, 1)
             np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max(), rtol=0, err_msg=path)
 
 
