@@ -143,9 +143,10 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     cfg = read_config(os.path.join(model_dir, "config.json"))
     if quantized := cfg.hf_config.get("quantization_config"):
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
-        raise CheckpointError(f"{model_dir}: config.json holds a quantization_config (quant_method {method}); jpeft "
-                              "reads float weights only: load the unquantized checkpoint (jpeft.QLoRA quantizes "
-                              "the base itself) or dequantize and re-save it")
+        if not (method == "mxfp4" and cfg.model_type in hf_experts.IN_OUT_TYPES):  # gpt-oss's experts: read dequantized
+            raise CheckpointError(f"{model_dir}: config.json holds a quantization_config (quant_method {method}); jpeft "
+                                  "reads float weights only (and GPT-OSS's MXFP4 experts): load the unquantized "
+                                  "checkpoint (jpeft.QLoRA quantizes the base itself) or dequantize and re-save it")
     cfg = cfg.replace(eos_token_ids=stop_ids(model_dir, cfg.hf_config))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
@@ -347,6 +348,7 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
     config has them (Llama both; Qwen3 and Gemma the first);
     anything else the family's config cannot hold is an error, never a silently dropped tensor."""
     hf, leaves = cfg.to_hf(), set(T.flatten(params))
+    hf.pop("quantization_config", None)  # every weight is written as floats (GPT-OSS's MXFP4 experts dequantized)
     if not cfg.is_encoder_decoder:  # a head untied on load (its own lm_head.weight) is saved as untied
         hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     for flag, modules in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),

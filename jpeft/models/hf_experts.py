@@ -6,7 +6,9 @@ transformers 5 runs the experts stacked (`mlp.experts.gate_up_proj` [E, 2I, D], 
 (gate), `w3` (up), `w2` (down) beside its router `block_sparse_moe.gate`. Reading stacks those parts lazily,
 slice by slice (`Stacked`), so a sharded load still reads each device's part only; saving splits them again.
 GPT-OSS's files hold each stack whole, `mlp.experts.gate_up_proj` [E, D, 2I] and `down_proj` [E, I, D], as its
-transformers model runs them ([E, in, out]): read transposed (`Transposed`), written back so.
+transformers model runs them ([E, in, out]): read transposed (`Transposed`), written back so. The hub's gpt-oss
+checkpoints hold them MXFP4-quantized instead (`gate_up_proj_blocks`, `_scales`, [E, out, in] by blocks of 32),
+dequantized as read (`Mxfp4`) and written back as floats.
 """
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ def file_parts(name: str, model_type: str, num_experts: int, held=()) -> list[li
     if not (match := _STACKED.match(name)):
         return None
     layer, what = match.groups()
-    if ((stacked := name.removesuffix(".weight")) in held or model_type in IN_OUT_TYPES) and what != "gate":
+    stacked = name.removesuffix(".weight")
+    if model_type in IN_OUT_TYPES and what != "gate" and f"{stacked}_blocks" in held:
+        return [[f"{stacked}_blocks", f"{stacked}_scales"]]
+    if (stacked in held or model_type in IN_OUT_TYPES) and what != "gate":
         return [[stacked]]
     block, gate_up, down = FILE_NAMES.get(model_type, DEFAULT_FILE_NAMES)
     if what == "gate":
@@ -52,10 +57,44 @@ def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray
 
 def reader(name: str, model_type: str, opened: list[list]):
     """A safetensors slice of tree tensor `name` from the file slices `file_parts` opened for it."""
+    in_out = model_type in IN_OUT_TYPES and (match := _STACKED.match(name)) and match.group(2) != "gate"
+    if in_out and len(opened[0]) == 2:
+        return Mxfp4(*opened[0])
     if len(opened) > 1 or len(opened[0]) > 1:
         return Stacked(opened)
-    in_out = model_type in IN_OUT_TYPES and (match := _STACKED.match(name)) and match.group(2) != "gate"
     return Transposed(opened[0][0]) if in_out else opened[0][0]
+
+
+# MXFP4's 4-bit values (E2M1: sign, two exponent bits, one mantissa bit), by code
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)
+MXFP4_BLOCK = 32  # values per shared scale
+
+
+class Mxfp4:
+    """MXFP4-quantized stacked expert weights read as floats [E, out, in]: `blocks` [E, out, in / 32, 16] hold two
+    4-bit codes a byte (the low nibble first), `scales` [E, out, in / 32] each block's power of two (biased by
+    127), as transformers dequantizes them (exact in float32 and bfloat16). A slice reads only its blocks."""
+
+    def __init__(self, blocks, scales):
+        self.blocks, self.scales = blocks, scales
+
+    def get_shape(self) -> list[int]:
+        experts, rows, groups, width = self.blocks.get_shape()
+        return [experts, rows, groups * width * 2]
+
+    def get_dtype(self) -> str:
+        return "BF16"  # what every MXFP4 value and scale fits exactly
+
+    def __getitem__(self, index: tuple) -> np.ndarray:
+        experts, rows, columns = tuple(index) + (slice(None),) * (3 - len(index))
+        start, stop, _ = columns.indices(self.get_shape()[2])
+        first, last = start // MXFP4_BLOCK, -(-stop // MXFP4_BLOCK)
+        blocks = self.blocks[experts, rows, first:last]
+        values = np.stack([FP4_VALUES[blocks & 0x0F], FP4_VALUES[blocks >> 4]], axis=-1).reshape(*blocks.shape[:-1], -1)
+        exponents = self.scales[experts, rows, first:last].astype(np.int32) - 127
+        values = np.ldexp(values, exponents[..., None]).reshape(*blocks.shape[:2], -1)
+        return values[..., start - first * MXFP4_BLOCK:stop - first * MXFP4_BLOCK]
 
 
 class Transposed:

@@ -17,7 +17,7 @@ from conftest import FAMILIES, make_hf_model, save_hf_model
 from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
-from jpeft.models.hf_experts import Stacked, Transposed
+from jpeft.models.hf_experts import Mxfp4, Stacked, Transposed
 from jpeft.train import step
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
@@ -125,6 +125,50 @@ def test_transposed_experts_read_any_slice_as_out_by_in(tmp_path):
         assert transposed.get_shape() == list(whole.shape) and transposed.get_dtype() == "F32"
         for index in [(), (slice(1, 3),), (slice(0, 3), slice(3, 8), slice(1, 3)), (slice(2, 3), slice(0, 4))]:
             np.testing.assert_array_equal(transposed[index], whole[index])
+
+
+def mxfp4_checkpoint(path):
+    """A tiny GPT-OSS whose experts its file holds MXFP4-quantized, as the hub's gpt-oss files do (random codes,
+    scales 2^-9..2^-5), and the torch model holding transformers' dequantization of them."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    ref_model = make_hf_model("gpt_oss", **dict(FAMILIES["gpt_oss"], intermediate_size=32))  # inputs: whole blocks
+    save_hf_model(ref_model, path)
+    rng = np.random.default_rng(0)
+    tensors = load_file(path / "model.safetensors")
+    for name, stack in list(tensors.items()):
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, d_in, d_out = stack.shape
+            blocks = rng.integers(0, 256, (experts, d_out, d_in // 32, 16), dtype=np.uint8)
+            scales = rng.integers(118, 123, (experts, d_out, d_in // 32), dtype=np.uint8)
+            tensors.update({f"{name}_blocks": blocks, f"{name}_scales": scales})
+            dequantized = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32)
+            with torch.no_grad():
+                ref_model.get_parameter(name).copy_(dequantized)
+            del tensors[name]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return ref_model
+
+
+def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path):
+    """The hub's gpt-oss layout: experts as MXFP4 blocks and scales read as transformers dequantizes them (logits
+    equal), any slice of them alone (a device's shard), and saved back as a float checkpoint transformers loads."""
+    ref_model = mxfp4_checkpoint(tmp_path / "mxfp4")
+    model, params = jpeft.from_pretrained(str(tmp_path / "mxfp4"))
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), torch_logits(ref_model),
+                               atol=2e-5, rtol=0)
+    whole = np.asarray(params["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["weight"][1])
+    with safe_open(tmp_path / "mxfp4" / "model.safetensors", "np") as f:
+        stack = Mxfp4(*(f.get_slice(f"model.layers.1.mlp.experts.gate_up_proj_{part}") for part in ("blocks", "scales")))
+        assert stack.get_shape() == list(whole.shape)
+        for index in [(), (slice(1, 3), slice(5, 20)), (slice(0, 4), slice(0, 32), slice(7, 29)), (slice(3, 4),)]:
+            np.testing.assert_array_equal(stack[index], whole[index])
+    jpeft.save_pretrained(str(tmp_path / "float"), model, params)
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(reloaded), torch_logits(ref_model), atol=1e-6, rtol=0)
 
 
 def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):
