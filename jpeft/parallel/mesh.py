@@ -117,10 +117,10 @@ def data_ways(mesh: Mesh | None) -> int:
 
 
 def params_mesh(params) -> Mesh | None:
-    """The mesh a placed tree lies on, where its leaves are split or copied over more than one device."""
+    """The jpeft mesh (`make_mesh`'s axes) a placed tree lies on, where it spans more than one device."""
     for leaf in jax.tree.leaves(params):
         sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 and sharding.mesh.axis_names == MESH_AXES:
             return sharding.mesh
     return None
 
