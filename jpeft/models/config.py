@@ -1,7 +1,8 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE and GPT-OSS differ only in these fields,
+Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE differ only in
+these fields,
 and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a silently
 different model.
 """
@@ -15,7 +16,7 @@ from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "t5", "gpt2")
+                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -31,7 +32,9 @@ QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "e
 # Mixture-of-experts families: config.json's field of their expert count and of each expert's width
 MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
               "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
-              "gpt_oss": ("num_local_experts", "intermediate_size")}
+              **dict.fromkeys(("gpt_oss", "granitemoe"), ("num_local_experts", "intermediate_size"))}
+# Mixture-of-experts families whose router is a softmax over the top-k logits (the renormalised top-k of the full one)
+TOPK_SOFTMAX_TYPES = ("mixtral", "gpt_oss", "granitemoe")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -42,8 +45,8 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *OLMO_TYPES, "olmoe", "smollm3",
-                       "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
+    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", "granitemoe", *OLMO_TYPES, "olmoe",
+                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
@@ -55,7 +58,7 @@ FAMILY_FIELDS = {
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
     **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
-                    ("granite",)),
+                    ("granite", "granitemoe")),
 }
 
 
@@ -126,6 +129,7 @@ class ModelConfig:
     # glu = gate · sigmoid(alpha · gate), gate clamped above at swiglu_limit and up to ±swiglu_limit, the router
     # named `router`; and a learned logit per attention head (`sinks`) that joins each query's softmax.
     router_name: str = "gate"
+    moe_name: str = "mlp"  # the layer's module holding router and experts (GraniteMoE's `block_sparse_moe`)
     router_bias: bool = False
     expert_bias: bool = False
     swiglu_limit: float | None = None
@@ -375,14 +379,15 @@ def _experts(model_type: str, family, layers: int, source: str) -> dict:
                                   "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
                                   "the experts")
     return dict(num_experts=experts, experts_per_token=k,
-                # GPT-OSS: a softmax over the top-k logits, which is the renormalised top-k of the full one
-                norm_topk_prob=model_type in ("mixtral", "gpt_oss") or bool(getattr(family, "norm_topk_prob", False)),
+                norm_topk_prob=model_type in TOPK_SOFTMAX_TYPES or bool(getattr(family, "norm_topk_prob", False)),
                 float32_expert_weights=model_type == "mixtral",
                 shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
                 router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0,
                 router_jitter=_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source),
-                **(dict(router_name="router", router_bias=True, expert_bias=True, swiglu_limit=float(family.swiglu_limit),
-                        swiglu_alpha=float(family.swiglu_alpha)) if model_type == "gpt_oss" else {}))
+                **(dict(router_name="router", router_bias=True, expert_bias=True,
+                        swiglu_limit=float(family.swiglu_limit), swiglu_alpha=float(family.swiglu_alpha))
+                   if model_type == "gpt_oss" else {}),
+                **(dict(router_name="router", moe_name="block_sparse_moe") if model_type == "granitemoe" else {}))
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

@@ -5,7 +5,8 @@ transformers 5 runs the experts stacked (`mlp.experts.gate_up_proj` [E, 2I, D], 
 `mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`, and Mixtral's `block_sparse_moe.experts.{e}.w1`
 (gate), `w3` (up), `w2` (down) beside its router `block_sparse_moe.gate`. Reading stacks those parts lazily,
 slice by slice (`Stacked`), so a sharded load still reads each device's part only; saving splits them again.
-GPT-OSS's files hold each stack whole, `mlp.experts.gate_up_proj` [E, D, 2I] and `down_proj` [E, I, D], as its
+GraniteMoE's files hold each stack whole as `block_sparse_moe.input_linear` and `output_linear`, its router as
+`router.layer`. GPT-OSS's files hold each stack whole, `mlp.experts.gate_up_proj` [E, D, 2I] and `down_proj` [E, I, D], as its
 transformers model runs them ([E, in, out]): read transposed (`Transposed`), written back so. The hub's gpt-oss
 checkpoints hold them MXFP4-quantized instead (`gate_up_proj_blocks`, `_scales`, [E, out, in] by blocks of 32),
 dequantized as read (`Mxfp4`) and written back as floats.
@@ -20,7 +21,10 @@ import numpy as np
 FILE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 DEFAULT_FILE_NAMES = ("mlp", ("gate_proj", "up_proj"), "down_proj")
 IN_OUT_TYPES = ("gpt_oss",)  # families whose files stack each expert weight [E, in, out] under transformers' name
-_STACKED = re.compile(r"^(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate)\.weight$")
+# families whose files hold each stack whole under names of their own (GraniteMoE's), by tree tensor
+WHOLE_FILE_NAMES = {"granitemoe": {"experts.gate_up_proj": "input_linear.weight", "experts.down_proj":
+                                   "output_linear.weight", "router": "router.layer.weight"}}
+_STACKED = re.compile(r"^(.*)\.(mlp|block_sparse_moe)\.(experts\.gate_up_proj|experts\.down_proj|gate|router)\.weight$")
 
 
 def file_parts(name: str, model_type: str, num_experts: int, held=()) -> list[list[str]] | None:
@@ -29,15 +33,17 @@ def file_parts(name: str, model_type: str, num_experts: int, held=()) -> list[li
     names) has it under transformers' own name. None for any other name."""
     if not (match := _STACKED.match(name)):
         return None
-    layer, what = match.groups()
+    layer, module, what = match.groups()
     stacked = name.removesuffix(".weight")
-    if model_type in IN_OUT_TYPES and what != "gate" and f"{stacked}_blocks" in held:
-        return [[f"{stacked}_blocks", f"{stacked}_scales"]]
-    if (stacked in held or model_type in IN_OUT_TYPES) and what != "gate":
-        return [[stacked]]
+    if model_type in WHOLE_FILE_NAMES:
+        return [[stacked if stacked in held else f"{layer}.{module}.{WHOLE_FILE_NAMES[model_type][what]}"]]
     block, gate_up, down = FILE_NAMES.get(model_type, DEFAULT_FILE_NAMES)
-    if what == "gate":
-        return [[f"{layer}.{block}.gate.weight"]] if block != "mlp" else None
+    if what in ("gate", "router"):
+        return [[f"{layer}.{block}.gate.weight"]] if what == "gate" and block != module else None
+    if model_type in IN_OUT_TYPES and f"{stacked}_blocks" in held:
+        return [[f"{stacked}_blocks", f"{stacked}_scales"]]
+    if stacked in held or model_type in IN_OUT_TYPES:
+        return [[stacked]]
     parts = gate_up if what.endswith("gate_up_proj") else (down,)
     return [[f"{layer}.{block}.experts.{e}.{part}.weight" for part in parts] for e in range(num_experts)]
 
@@ -49,7 +55,7 @@ def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray
         return {name: array}
     if model_type in IN_OUT_TYPES:
         return {parts[0][0]: np.ascontiguousarray(array.transpose(0, 2, 1))}
-    if len(parts) == 1 and name.endswith(".gate.weight"):
+    if model_type in WHOLE_FILE_NAMES or name.endswith(".gate.weight"):  # a router, or a stack stored whole
         return {parts[0][0]: array}
     return {part: np.ascontiguousarray(piece) for expert, names in zip(array, parts)
             for part, piece in zip(names, np.split(expert, len(names), axis=0))}
@@ -57,7 +63,7 @@ def split(name: str, array: np.ndarray, model_type: str) -> dict[str, np.ndarray
 
 def reader(name: str, model_type: str, opened: list[list]):
     """A safetensors slice of tree tensor `name` from the file slices `file_parts` opened for it."""
-    in_out = model_type in IN_OUT_TYPES and (match := _STACKED.match(name)) and match.group(2) != "gate"
+    in_out = model_type in IN_OUT_TYPES and (match := _STACKED.match(name)) and match.group(3).startswith("experts")
     if in_out and len(opened[0]) == 2:
         return Mxfp4(*opened[0])
     if len(opened) > 1 or len(opened[0]) > 1:

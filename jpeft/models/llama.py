@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
 ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE,
-OLMoE and GPT-OSS): one module, families differ by config.
+OLMoE, GPT-OSS and GraniteMoE): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -116,7 +116,7 @@ class DecoderLayer(nn.Module):
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         normed = norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms else x
-        h = MLP(cfg, name="mlp")(normed)
+        h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
         if cfg.sandwich_norms:
             h = norm(after_mlp)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)

@@ -1,4 +1,4 @@
-"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS) against transformers: logits, gradients of every weight,
+"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, GraniteMoE) against transformers: logits, gradients of every weight,
 the routers' weights in bfloat16, checkpoint files both ways (their experts read slice by slice), and what jpeft
 refuses."""
 import json
@@ -20,7 +20,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.hf_experts import Mxfp4, Stacked, Transposed
 from jpeft.train import step
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe")
 CASES = {
     **{family: (family, FAMILIES[family]) for family in MOE},
     "mixtral-top1-sliding-tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=4,
@@ -85,10 +85,11 @@ def test_routers_weigh_experts_as_transformers_in_bfloat16(family, weight_dtype)
 
 
 @pytest.mark.parametrize("family,expert_name", [("mixtral", ".experts.3."), ("qwen2_moe", ".experts.3."),
-                                                ("gpt_oss", ".experts.gate_up_proj_bias")])
+                                                ("gpt_oss", ".experts.gate_up_proj_bias"),
+                                                ("granitemoe", ".block_sparse_moe.input_linear.weight")])
 def test_saved_files_are_transformers_own_and_load_back(family, expert_name, tmp_path):
     """Per-expert tensors under the family's own names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2; GPT-OSS's
-    stacks [E, in, out] and biases), the same names and bits transformers writes, read back by transformers to the
+    stacks [E, in, out] and biases; GraniteMoE's whole stacks `input_linear`, `output_linear`), the same names and bits transformers writes, read back by transformers to the
     same logits."""
     ref_model = make_hf_model(family, **FAMILIES[family])
     path = save_hf_model(ref_model, tmp_path / "hf")
@@ -224,7 +225,7 @@ def test_what_jpeft_cannot_run_is_refused(fields, match):
         ModelConfig.from_hf(json.loads(json.dumps(hf)))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "gpt_oss", "granitemoe"])
 def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tmp_path):
     """A train step's loss with the routers' load-balancing loss (output_router_logits in config.json): the mean
     NLL plus the coefficient times transformers' aux_loss over the real tokens of every layer, padding left out,
@@ -253,9 +254,10 @@ def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tm
                                rtol=1e-6)
     layers = T.flatten(grads["model"]["layers"])
     for layer, torch_layer in enumerate(ref_model.model.layers):
-        router = model.config.router_name
-        for path, weight in ((f"mlp/{router}/weight", getattr(torch_layer.mlp, router).weight),
-                             ("mlp/experts/down_proj/weight", torch_layer.mlp.experts.down_proj),
+        block, router = model.config.moe_name, model.config.router_name
+        moe_block = getattr(torch_layer, block)
+        for path, weight in ((f"{block}/{router}/weight", getattr(moe_block, router).weight),
+                             (f"{block}/experts/down_proj/weight", moe_block.experts.down_proj),
                              ("self_attn/q_proj/kernel", torch_layer.self_attn.q_proj.weight)):
             expected, got = weight.grad.numpy(), np.asarray(layers[path][layer])
             got = got.T if path.endswith("kernel") else got

@@ -37,6 +37,7 @@ def base(family, path):
     ("qwen3_moe", [], ["experts.down_proj"]),  # parameters alone, by a shorter suffix
     ("qwen2_moe", ["up_proj"], ["gate_up_proj"]),  # beside the shared expert's dense up_proj
     ("gpt_oss", ["q_proj", "o_proj"], BOTH),  # weights PEFT wraps as [E, in, out], jpeft holds as [E, out, in]
+    ("granitemoe", ["v_proj"], ["experts.gate_up_proj", "experts.down_proj"]),  # in block_sparse_moe
 ])
 def test_jpeft_peft_jpeft_give_the_same_logits(tmp_path, family, targets, parameters):
     torch_model, model, params = base(family, tmp_path / "base")
@@ -45,7 +46,8 @@ def test_jpeft_peft_jpeft_give_the_same_logits(tmp_path, family, targets, parame
     assert np.abs(logits(model, adapted) - logits(model, params)).max() > 1e-2
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_parameters"] == sorted(f"mlp.experts.{p.rpartition('.')[2]}" for p in parameters)
+    assert config["target_parameters"] == sorted(f"{model.config.moe_name}.experts.{p.rpartition('.')[2]}"
+                                                 for p in parameters)
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
     np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
     peft_model.save_pretrained(tmp_path / "from_peft")
