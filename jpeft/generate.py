@@ -66,7 +66,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: in
 
     # On a mesh each data-parallel device decodes its own rows (the last row repeated to fill them).
     mesh, count = params_mesh(params), len(prompts)
-    index = np.minimum(np.arange(-(-count // data_ways(mesh)) * data_ways(mesh)), count - 1)
+    ways = data_ways(mesh)
+    index = np.minimum(np.arange(-(-count // ways) * ways), count - 1)
     width = -(-max(map(len, prompts)) // PROMPT_BUCKET) * PROMPT_BUCKET
     ids = np.full((len(index), width), pad_token_id, np.int32)
     mask = np.zeros((len(index), width), np.int32)

@@ -1,14 +1,13 @@
 """The mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, GraniteMoE): a router scores every expert for
 each token, and the token's output is the weighted sum of its top-k experts' gated MLPs.
 
-The weights are transformers' own parameters: the router `gate/weight` [E, D] (GPT-OSS's and GraniteMoE's
-`router`, GPT-OSS's with a bias),
-and the experts stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up; GPT-OSS's interleaved, its
-file's [E, D, 2I] transposed on reading) and `experts/down_proj/weight` [E, D, I] (GPT-OSS: biases beside them).
-None is a dense insertion point, as none is a module PEFT's `target_modules` reaches; the experts are the
-`sites.experts` insertion point, where PEFT's `target_parameters` LoRA acts. A token's k assignments are sorted
-by expert, each expert multiplies its contiguous run of rows (`products.grouped`), and the weighted rows are
-summed back into their tokens. In training the routers' logits can also give the load-balancing loss
+The weights are transformers' own parameters: the router `gate/weight` [E, D] (GPT-OSS's and GraniteMoE's `router`,
+GPT-OSS's with a bias), and the experts stacked as `experts/gate_up_proj/weight` [E, 2I, D] (gate, then up;
+GPT-OSS's interleaved, its file's [E, D, 2I] transposed on reading) and `experts/down_proj/weight` [E, D, I] (GPT-OSS:
+biases beside them). None is a dense insertion point, as none is a module PEFT's `target_modules` reaches; the
+experts are the `sites.experts` insertion point, where PEFT's `target_parameters` LoRA acts. A token's k assignments
+are sorted by expert, each expert multiplies its contiguous run of rows (`products.grouped`), and the weighted rows
+are summed back into their tokens. In training the routers' logits can also give the load-balancing loss
 (`balance_loss`), which transformers adds where a config asks for it.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ import optax
 from jpeft import tree as T
 from jpeft.hardware import step_compiler_options
 from jpeft.models import moe
-from jpeft.parallel.mesh import activation_sharding
+from jpeft.parallel.mesh import activation_sharding, data_ways
 from jpeft.peft.classifier import class_nll, classify
 from jpeft.train.loss import CHUNK, chunked_cross_entropy
 
@@ -87,10 +87,7 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
     device's loss chunks hold about CHUNK of its own tokens.
     """
     base_key = jax.random.key(seed)
-    chunk = CHUNK
-    if state_shardings is not None:
-        mesh = state_shardings["step"].mesh
-        chunk *= mesh.shape["data"] * mesh.shape["fsdp"]
+    chunk = CHUNK * data_ways(None if state_shardings is None else state_shardings["step"].mesh)
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(base_key, state["step"])
