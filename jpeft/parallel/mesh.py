@@ -41,15 +41,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     """
     devices = jax.devices() if devices is None else devices
     shape = tuple(mesh_shape(data, fsdp, tensor, len(devices)).values())
-    auto = (jax.sharding.AxisType.Auto,) * len(shape)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices > 1:
         from jax.experimental import mesh_utils
         if shape[0] % slices:
             raise ConfigError(f"mesh.data={shape[0]} must be a multiple of the {slices} TPU slices")
         grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
-        return Mesh(grid, MESH_AXES, axis_types=auto)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        return auto_axes(Mesh(grid, MESH_AXES))
+    return auto_axes(jax.make_mesh(shape, MESH_AXES, devices=devices))
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis Auto: XLA propagates shardings from the params' placement and the models'
+    constraints. `jax.make_mesh` makes Explicit axes by default, whose sharding-in-types rejects mixing
+    split and whole operands (a decoding step's cache update), so a user's mesh is taken as Auto too."""
+    return mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, n_devices: int) -> dict:
@@ -72,7 +78,7 @@ def fitted_spec(shape: tuple, axes: tuple, sizes: dict) -> list:
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
     """Trace under this so the models' activation constraints (logical axes) bind to `mesh`."""
-    with jax.sharding.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    with jax.sharding.set_mesh(auto_axes(mesh)), nn.logical_axis_rules(RULES):
         yield
 
 
@@ -94,7 +100,7 @@ def logical_axes(params, abstract_base) -> dict:
 
 def param_shardings(params, abstract_base, mesh: Mesh):
     """NamedSharding per leaf, from logical axes through `RULES`; indivisible dims replicate."""
-    axes = logical_axes(params, abstract_base)
+    axes, mesh = logical_axes(params, abstract_base), auto_axes(mesh)
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
 
     def sharding(path, leaf):
@@ -104,7 +110,7 @@ def param_shardings(params, abstract_base, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     """[grad_accum, batch, T] batches split over the mesh's data-parallel axes (data x fsdp)."""
-    ways = data_ways(mesh)
+    mesh, ways = auto_axes(mesh), data_ways(mesh)
     if batch_size % ways:
         raise ConfigError(f"train.batch_size={batch_size} must be divisible by the {ways} data-parallel "
                           f"devices (mesh.data x mesh.fsdp)")
@@ -155,7 +161,7 @@ def place_batch(sharding: NamedSharding, local: dict, global_shape: tuple) -> di
 
 def state_shardings(optimizer, trainable, mesh: Mesh) -> dict:
     """Shardings of the train state: optimizer moments lie exactly like the (placed) leaves they track."""
-    replicated = NamedSharding(mesh, P())
+    replicated = NamedSharding(auto_axes(mesh), P())
     trainable_shardings = jax.tree.map(lambda x: x.sharding, trainable)
     opt_state = jax.eval_shape(optimizer.init, trainable)
     return {"step": replicated, "trainable": trainable_shardings,

@@ -38,6 +38,9 @@ SCRIPT = textwrap.dedent("""
     other = jax.sharding.NamedSharding(jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,)),
                                        jax.sharding.PartitionSpec())
     elsewhere = G.generate(model, jax.device_put(params, other), PROMPTS, 6, eos_token_id=None)
+    # jpeft's axes on a mesh of jax.make_mesh's default Explicit axes: taken as Auto
+    model, params = jpeft.from_pretrained({llama!r}, mesh=jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")))
+    explicit = G.generate(model, params, PROMPTS, 6, eos_token_id=None)
 
     # the compiled decoding loop's per-device temporaries, 16 rows on 8 data-parallel devices: as generate places
     # the rows (split) and as it did before (whole on each device)
@@ -50,7 +53,7 @@ SCRIPT = textwrap.dedent("""
     whole = loop(jnp.asarray(rows), jnp.asarray(rows))
     with G.activation_sharding(mesh):
         split = loop(G.split_rows(mesh, rows), G.split_rows(mesh, rows))
-    print(json.dumps({{"tokens": tokens, "per_row": per_row, "elsewhere": elsewhere, "meshes": meshes, "whole": whole, "split": split}}))
+    print(json.dumps({{"tokens": tokens, "per_row": per_row, "elsewhere": elsewhere, "explicit": explicit, "meshes": meshes, "whole": whole, "split": split}}))
 """)
 
 # five rows on a 2x2x2 mesh (4 data-parallel devices): the last row is repeated to fill the eighth slot
@@ -78,7 +81,7 @@ def test_decoding_on_a_mesh_splits_rows_and_equals_one_device(tmp_path):
     assert sharded["tokens"] == generate(model, params, PROMPTS, 6, eos_token_id=None)
     model, params = jpeft.from_pretrained(llama)
     assert sharded["per_row"] == generate(model, prompted(params), PROMPTS, 6, eos_token_id=None)
-    assert sharded["elsewhere"] == generate(model, params, PROMPTS, 6, eos_token_id=None)
+    assert sharded["elsewhere"] == sharded["explicit"] == generate(model, params, PROMPTS, 6, eos_token_id=None)
     # a mixture's experts route each device's own rows, in the prefill and in the decoding steps
     assert sharded["meshes"] and all(m == {"data": 2, "fsdp": 2, "tensor": 2} for m in sharded["meshes"])
     # the KV cache and activations are split eight ways (weights and the loop's own scalars are not)
