@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import make_hf_model, make_t5, perturb, save_hf_model
+from conftest import jit_logits, make_hf_model, make_t5, perturb, save_hf_model
 from jpeft import tree as T
 from jpeft.generate import _decode, _decoder, _prefill, generate, generate_text, greedy
 
@@ -169,7 +169,7 @@ def test_sampling_is_seeded_and_filtered(tiny):
 
     # First token of 64 copies of one prompt: always among the top 3, yet not always the same.
     prompt = PROMPTS[1]
-    logits = np.asarray(model.apply({"params": params}, np.array([prompt])))[0, -1]
+    logits = jit_logits(model, params, np.array([prompt]))[0, -1]
     top3 = set(np.argsort(-logits)[:3].tolist())
     first = [row[0] for row in generate(model, params, [prompt] * 64, 1, None, temperature=2.0, top_k=3)]
     assert set(first) <= top3 and len(set(first)) > 1
@@ -187,7 +187,7 @@ def test_every_sampled_token_is_among_the_top_k(tiny):
     model, params = tiny
     prompt, k = PROMPTS[0], 3
     rows = generate(model, params, [prompt] * 16, 6, None, temperature=3.0, top_k=k, top_p=0.95, seed=1)
-    logits = np.asarray(model.apply({"params": params}, np.array([prompt + row for row in rows])))
+    logits = jit_logits(model, params, np.array([prompt + row for row in rows]))
     for row, row_logits in zip(rows, logits):
         for i, token in enumerate(row):
             assert token in np.argsort(-row_logits[len(prompt) - 1 + i])[:k]
@@ -303,7 +303,7 @@ def test_every_method_decodes_what_its_forward_pass_predicts(tiny, method):
     got = generate(model, adapted, [PROMPTS[1], PROMPTS[2]], max_new_tokens=8, eos_token_id=None)
     # The whole sequence re-run without a cache, in one causal forward pass: each decoded token is the
     # argmax after the prompt and the tokens decoded before it.
-    logits = np.asarray(model.apply({"params": adapted}, np.asarray([PROMPTS[1] + got[0][:-1]])))[0]
+    logits = jit_logits(model, adapted, np.asarray([PROMPTS[1] + got[0][:-1]]))[0]
     assert len(got[0]) == 8 and np.argmax(logits[len(PROMPTS[1]) - 1:], axis=-1).tolist() == got[0]
     assert got[0] != generate(model, params, [PROMPTS[1]], max_new_tokens=8, eos_token_id=None)[0]
 
@@ -315,7 +315,7 @@ def test_learned_positions_are_never_read_past_the_table(tmp_path):
     model, params = jpeft.from_pretrained(path)
     prompt = [list(range(5, 65))]  # 60 tokens: 5 new ones feed 4 back, at positions 60..63
     out = generate(model, params, prompt, 5, eos_token_id=None)[0]
-    logits = model.apply({"params": params}, jnp.asarray([prompt[0] + out[:4]]))
+    logits = jit_logits(model, params, [prompt[0] + out[:4]])
     assert np.isfinite(np.asarray(logits)).all() and out[4] == int(jnp.argmax(logits[0, -1]))
     with pytest.raises(jpeft.JpeftError, match="prompt 0 has 60 tokens; with max_new_tokens=6 .* 65 positions"):
         generate(model, params, prompt, 6, eos_token_id=None)
@@ -323,7 +323,7 @@ def test_learned_positions_are_never_read_past_the_table(tmp_path):
     with pytest.raises(jpeft.JpeftError, match="60 tokens after 2 virtual ones; .* 65 positions but has 64"):
         generate(model, prompted, prompt, 4, eos_token_id=None)
     with pytest.raises(jpeft.JpeftError, match="65 tokens .* GPT-2's table holds \\(64"):
-        model.apply({"params": params}, jnp.ones((1, 65), jnp.int32))
+        jit_logits(model, params, jnp.ones((1, 65), jnp.int32))
     with pytest.raises(jpeft.JpeftError, match=r"prompt 0 has 65 tokens but the model reads at most 64 \(n_positions\)"):
         generate(model, params, [list(range(1, 66))], 1, eos_token_id=None)
     llama = dataclasses.replace(model.config, model_type="llama")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jpeft
-from conftest import FAMILIES, make_hf_model, save_hf_model
+from conftest import FAMILIES, jit_logits, make_hf_model, save_hf_model
 from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
@@ -158,7 +158,7 @@ def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path
     equal), any slice of them alone (a device's shard), and saved back as a float checkpoint transformers loads."""
     ref_model = mxfp4_checkpoint(tmp_path / "mxfp4")
     model, params = jpeft.from_pretrained(str(tmp_path / "mxfp4"))
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), torch_logits(ref_model),
+    np.testing.assert_allclose(jit_logits(model, params, IDS), torch_logits(ref_model),
                                atol=2e-5, rtol=0)
     whole = np.asarray(params["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["weight"][1])
     with safe_open(tmp_path / "mxfp4" / "model.safetensors", "np") as f:
@@ -183,7 +183,7 @@ def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_pa
     probe = np.random.RandomState(1).normal(size=(*IDS.shape, 97)).astype(np.float32)
     grads = jax.grad(lambda p: (model.apply({"params": p}, jnp.asarray(IDS)) * probe).sum())(params)
     logits = ref_model(torch.tensor(IDS)).logits
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), logits.detach().numpy(),
+    np.testing.assert_allclose(jit_logits(model, params, IDS), logits.detach().numpy(),
                                atol=2e-5, rtol=0)
     (logits * torch.tensor(probe)).sum().backward()
     layers = T.flatten(grads["model"]["layers"])
@@ -210,7 +210,7 @@ def test_a_checkpoint_in_transformers_stacked_layout_loads_too(tmp_path):
     save_file(stacked, tmp_path / "model.safetensors", metadata={"format": "pt"})
     assert any(k.endswith("experts.gate_up_proj") for k in stacked)
     model, params = jpeft.from_pretrained(path)
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), torch_logits(ref_model),
+    np.testing.assert_allclose(jit_logits(model, params, IDS), torch_logits(ref_model),
                                atol=2e-4, rtol=0)
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jpeft
-from conftest import GPT2, make_hf_model, save_hf_model
+from conftest import GPT2, jit_logits, make_hf_model, save_hf_model
 from jpeft.models.config import ModelConfig
 
 # Qwen3's long-context setting, with an original length these 12-token rows span, so that the ramp, the
@@ -250,7 +250,7 @@ def test_sliding_window_changes_logits(tmp_path):
     ref_model = make_hf_model("mistral", sliding_window=5)
     model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (1, 12)))
-    windowed = model.apply({"params": params}, ids)
+    windowed = jit_logits(model, params, ids)
     full = model.clone(config=model.config.replace(sliding_window=None)).apply({"params": params}, ids)
     assert np.abs(np.asarray(windowed - full))[:, 5:].max() > 1e-3
 
@@ -264,10 +264,10 @@ def test_left_padding_with_attention_mask(tmp_path):
     ids[1, :4] = 0
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     ref = torch_logits(ref_model, ids, mask, positions)
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
+    out = jit_logits(model, params, ids, mask, positions)
     np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=2e-4, rtol=0)
     # The padded row's real tokens see exactly what an unpadded run of them sees.
-    alone = np.asarray(model.apply({"params": params}, jnp.asarray(ids[1:, 4:])))
+    alone = jit_logits(model, params, ids[1:, 4:])
     np.testing.assert_allclose(out[1, 4:], alone[0], atol=2e-5, rtol=0)
 
 
@@ -278,7 +278,7 @@ def test_sharded_safetensors_load(tmp_path):
     assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 2
     model, params = jpeft.from_pretrained(path)
     ids = np.arange(8)[None] % 97
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
+    np.testing.assert_allclose(jit_logits(model, params, ids),
                                torch_logits(ref_model, ids), atol=2e-4, rtol=0)
     # Saved over, the dir holds one model.safetensors: the old shards would be read back (as they were) otherwise.
     other = jax.tree.map(lambda x: -x, params)
@@ -301,7 +301,7 @@ def test_a_base_model_checkpoint_without_the_prefix_loads(model_type, overrides,
     save_file(tensors, file, metadata={"format": "pt"})
     model, params = jpeft.from_pretrained(path)
     ids = np.random.RandomState(4).randint(0, 97, (2, 9))
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))),
+    np.testing.assert_allclose(jit_logits(model, params, ids),
                                torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
@@ -334,7 +334,7 @@ def test_a_tied_config_with_its_own_head_in_the_file_loads_untied(model_type, ov
     model, params = jpeft.from_pretrained(path)
     ids = np.random.RandomState(1).randint(0, 97, (2, 9))
     theirs = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), ids)
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, jnp.asarray(ids))), theirs, atol=2e-4,
+    np.testing.assert_allclose(jit_logits(model, params, ids), theirs, atol=2e-4,
                                rtol=0)
     jpeft.save_pretrained(str(tmp_path / "out"), model, params)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
@@ -363,7 +363,7 @@ def test_bfloat16_load(tmp_path):
     model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path), dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     ids = np.random.RandomState(3).randint(0, 97, (1, 8))
-    out = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    out = jit_logits(model, params, ids)
     ref = torch_logits(ref_model, ids)
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
 
@@ -428,4 +428,4 @@ def test_each_family_feature_changes_logits(case, feature, tmp_path):
     feature = {k: dataclasses.replace(getattr(model.config, k), **v) if isinstance(v, dict) else v
                for k, v in feature.items()}
     changed = model.clone(config=model.config.replace(**feature)).apply({"params": params}, ids)
-    assert np.abs(np.asarray(changed - model.apply({"params": params}, ids))).max() > 1e-4
+    assert np.abs(np.asarray(changed - jit_logits(model, params, ids))).max() > 1e-4

@@ -23,6 +23,7 @@ from jpeft.parallel.mesh import logical_axes
 from jpeft.generate import generate
 from jpeft.peft import BY_NAME, Bottleneck, sites
 from jpeft.train.step import token_loss
+from conftest import jit_logits
 
 CFG = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)
@@ -275,7 +276,7 @@ def family_base(tmp_path, family):
 
 def family_logits(family, model, params, ids, dec):
     args = (ids,) if family == "gpt2" else (ids, dec)
-    return np.asarray(model.apply({"params": params}, *map(jnp.asarray, args)))
+    return jit_logits(model, params, *map(jnp.asarray, args))
 
 
 def hooked(ref, family, params, activation):

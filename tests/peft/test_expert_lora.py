@@ -3,14 +3,13 @@ invariants of any LoRA, a training run whose adapter PEFT loads, and what PEFT r
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
 
 import jpeft
-from conftest import FAMILIES, make_hf_model, perturb, read_metrics, run_config, save_hf_model
+from conftest import FAMILIES, jit_logits, make_hf_model, perturb, read_metrics, run_config, save_hf_model
 from jpeft import tree as T
 from jpeft.train import trainer
 
@@ -19,7 +18,7 @@ BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 def torch_logits(model):
@@ -102,10 +101,10 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
     peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path),
                                                 str(tmp_path / "run" / "adapter")).eval()
     ids = np.arange(1, 20)[None]
-    ours = np.asarray(model.apply({"params": tuned}, ids))
+    ours = jit_logits(model, tuned, ids)
     with torch.no_grad():
         np.testing.assert_allclose(ours, peft_model(torch.tensor(ids)).logits.numpy(), atol=2e-4, rtol=0)
-    assert np.abs(ours - np.asarray(model.apply({"params": params}, ids))).max() > 1e-3
+    assert np.abs(ours - jit_logits(model, params, ids)).max() > 1e-3
 
 
 @pytest.mark.parametrize("options,match", [

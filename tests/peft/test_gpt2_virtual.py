@@ -9,7 +9,6 @@ PEFT prepends n ones to the attention mask either way. Without `position_ids` GP
 slot, pads included, in transformers and in jpeft alike.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -19,7 +18,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import jpeft
 from jpeft import tree as T
 from jpeft.generate import generate
-from conftest import GPT2, make_hf_model, save_hf_model
+from conftest import GPT2, jit_logits, make_hf_model, save_hf_model
 
 N = 3
 IDS = np.random.RandomState(0).randint(0, 97, (3, 7))
@@ -64,7 +63,7 @@ def theirs(peft_model, name):
 
 
 def ours(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(MASK)))
+    return jit_logits(model, params, IDS, MASK)
 
 
 def assert_same_logits(model, params, peft_model, name):

@@ -2,7 +2,6 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -11,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft import tree as T
-from conftest import make_hf_model, save_hf_model
+from conftest import jit_logits, make_hf_model, save_hf_model
 from test_lora import randomize_b
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
@@ -24,7 +23,7 @@ def torch_logits(model):
 
 
 def jax_logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL + ["lm_head"]])

@@ -6,7 +6,8 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
-from conftest import GPT2, check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import (GPT2, check_merges_and_trains, edit_adapter_config, jit_logits, make_hf_model, perturb,
+                     save_hf_model)
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -20,7 +21,7 @@ def base(tmp_path_factory):
 def test_init_leaves_the_model_unchanged_with_pefts_bounds(base):
     model, params = base
     adapted = jpeft.LoHa(rank=8, alpha=4, targets=TARGETS).init(jax.random.key(0), params)
-    np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, adapted, IDS), jit_logits(model, params, IDS))
     up = T.modules(adapted)["model/layers/mlp/up_proj"]
     assert up["hada_w1_b"].shape == (2, 32, 8) and up["hada_w1_a"].shape == (2, 8, 64)
     np.testing.assert_array_equal(up["hada_w2_b"], 0)
@@ -69,7 +70,7 @@ def test_training_time_dropouts_load_with_a_warning(base, tmp_path, caplog):
     edit_adapter_config(tmp_path, rank_dropout=0.1, module_dropout=0.2)
     loaded = jpeft.load_adapter(str(tmp_path), params)
     assert "trained with rank_dropout/module_dropout, which jpeft does not implement" in caplog.text
-    np.testing.assert_array_equal(model.apply({"params": loaded}, IDS), model.apply({"params": adapted}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, loaded, IDS), jit_logits(model, adapted, IDS))
 
 
 @pytest.mark.parametrize("options,match", [

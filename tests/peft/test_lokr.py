@@ -11,7 +11,7 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import jpeft
 from jpeft import tree as T
 from jpeft.peft.lokr import factorization
-from conftest import check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import check_merges_and_trains, edit_adapter_config, jit_logits, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # [in, out]: [32, 32], [32, 16], [32, 64], [64, 32]
@@ -54,7 +54,7 @@ def test_factors_have_pefts_shapes_and_count(base, options):
 def test_init_leaves_the_model_unchanged_with_pefts_bounds(base):
     _, model, params = base
     adapted = jpeft.LoKr(rank=2, alpha=4, targets=TARGETS).init(jax.random.key(0), params)
-    np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, adapted, IDS), jit_logits(model, params, IDS))
     down = T.modules(adapted)["model/layers/mlp/down_proj"]  # in 64 = 8·8, out 32 = 4·8
     assert down["lokr_w1"].shape == (2, 8, 4) and down["lokr_w2_b"].shape == (2, 8, 2)
     np.testing.assert_array_equal(down["lokr_w1"], 0)
@@ -88,7 +88,7 @@ def test_save_writes_the_options_that_rebuild_the_same_factors(base, tmp_path, o
     assert config["decompose_both"] == options.get("decompose_both", False)
     assert config["decompose_factor"] == options.get("decompose_factor", -1)
     loaded = jpeft.load_adapter(str(tmp_path), params)
-    np.testing.assert_array_equal(model.apply({"params": loaded}, IDS), model.apply({"params": adapted}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, loaded, IDS), jit_logits(model, adapted, IDS))
 
 
 @pytest.mark.parametrize("field,value,match", [

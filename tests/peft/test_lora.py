@@ -6,6 +6,7 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
+from conftest import jit_logits
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 def test_zero_init_leaves_output_unchanged(base):
     model, params = base
     adapted = jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]).init(jax.random.key(0), params)
-    np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, adapted, IDS), jit_logits(model, params, IDS))
     assert T.flatten(params).keys() < T.flatten(adapted).keys()  # pure: the input tree is untouched
 
 
@@ -36,11 +37,11 @@ def test_merged_equals_unmerged(base):
     lora = jpeft.LoRA(rank=4, alpha=8, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj", "lm_head"])
     adapted = randomize_b(lora.init(jax.random.key(0), params), jax.random.key(1))
-    unmerged = model.apply({"params": adapted}, IDS)
+    unmerged = jit_logits(model, adapted, IDS)
     merged_params = jpeft.merge(adapted)
     assert T.flatten(merged_params).keys() == T.flatten(params).keys()
-    merged = model.apply({"params": merged_params}, IDS)
-    assert np.abs(np.asarray(unmerged - model.apply({"params": params}, IDS))).max() > 1e-2
+    merged = jit_logits(model, merged_params, IDS)
+    assert np.abs(np.asarray(unmerged - jit_logits(model, params, IDS))).max() > 1e-2
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
 
 
@@ -83,8 +84,8 @@ def test_peft_init_distribution(base):
 def test_dropout_only_with_rng(base):
     model, params = base
     adapted = randomize_b(jpeft.LoRA(rank=4, dropout=0.5).init(jax.random.key(0), params), jax.random.key(1))
-    deterministic = model.apply({"params": adapted}, IDS)
-    np.testing.assert_array_equal(deterministic, model.apply({"params": adapted}, IDS))
+    deterministic = jit_logits(model, adapted, IDS)
+    np.testing.assert_array_equal(deterministic, jit_logits(model, adapted, IDS))
     dropped = model.apply({"params": adapted}, IDS, rngs={"dropout": jax.random.key(2)})
     assert np.abs(np.asarray(dropped - deterministic)).max() > 1e-4
 

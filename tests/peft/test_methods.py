@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 import jpeft
 from jpeft import tree as T
 from jpeft.train.step import token_loss
-from conftest import perturb
+from conftest import jit_logits, perturb
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 
@@ -81,7 +81,7 @@ def test_identity_at_init_and_count_formula(base, name):
     method = METHODS[name]()
     adapted = method.init(jax.random.key(0), params)
     if name not in VIRTUAL_TOKENS:
-        np.testing.assert_allclose(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS),
+        np.testing.assert_allclose(jit_logits(model, adapted, IDS), jit_logits(model, params, IDS),
                                    atol=1e-6, rtol=0)
     trainable, total = jpeft.count_parameters(adapted, method.mask(adapted))
     expected = formula(name, model.config)
@@ -145,11 +145,11 @@ def test_training_changes_only_the_methods_leaves(train_once, name):
 def test_merged_equals_unmerged(base, train_once, name):
     model, params = base
     _, _, trained = train_once(name)
-    unmerged = model.apply({"params": trained}, IDS)
+    unmerged = jit_logits(model, trained, IDS)
     merged_params = jpeft.merge(trained)
     assert T.flatten(merged_params).keys() == T.flatten(params).keys()
-    assert np.abs(np.asarray(unmerged - model.apply({"params": params}, IDS))).max() > 1e-3
-    np.testing.assert_allclose(model.apply({"params": merged_params}, IDS), unmerged, atol=2e-5, rtol=0)
+    assert np.abs(np.asarray(unmerged - jit_logits(model, params, IDS))).max() > 1e-3
+    np.testing.assert_allclose(jit_logits(model, merged_params, IDS), unmerged, atol=2e-5, rtol=0)
 
 
 def test_lora_and_ia3_on_one_module_merge_exactly(base):
@@ -158,8 +158,8 @@ def test_lora_and_ia3_on_one_module_merge_exactly(base):
     adapted = jpeft.LoRA(rank=4, targets=["k_proj", "down_proj"]).init(jax.random.key(0), params)
     adapted = jpeft.IA3(targets=["k_proj", "down_proj"], feedforward=["down_proj"]).init(None, adapted)
     adapted = perturb(adapted, ("lora_b", "ia3_in", "ia3_out"), scale=0.3)
-    unmerged = model.apply({"params": adapted}, IDS)
-    np.testing.assert_allclose(model.apply({"params": jpeft.merge(adapted)}, IDS), unmerged, atol=2e-5, rtol=0)
+    unmerged = jit_logits(model, adapted, IDS)
+    np.testing.assert_allclose(jit_logits(model, jpeft.merge(adapted), IDS), unmerged, atol=2e-5, rtol=0)
 
 
 def test_norm_tuning_trains_gpt2s_layer_norm_scales(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from conftest import make_hf_model, make_t5, save_hf_model
+from conftest import jit_logits, make_hf_model, make_t5, save_hf_model
 from test_peft_parity import perturb
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (3, 10)))
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 
 def logits(model, params, ids=IDS):
-    return np.asarray(model.apply({"params": params}, ids))
+    return jit_logits(model, params, ids)
 
 
 def test_use_adapter_gives_each_adapter_alone(setup):

@@ -7,7 +7,7 @@ import pytest
 import jpeft
 from jpeft import tree as T
 from jpeft.peft.oft import rotation
-from conftest import check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import check_merges_and_trains, edit_adapter_config, jit_logits, make_hf_model, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # input widths 32, 32, 32, 64
@@ -19,7 +19,7 @@ def base(tmp_path_factory):
 
 
 def logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 def test_identity_at_init_merges_and_trains(base):

@@ -1,6 +1,5 @@
 """Every method PEFT has, both ways against PyTorch PEFT: same logits from the same adapter dir."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -11,7 +10,8 @@ from jpeft import tree as T
 from jpeft.generate import generate
 from jpeft.peft.base import layer_names
 from jpeft.peft.multi import ADAPTER_LEAVES
-from conftest import FAMILIES, edit_adapter_config, family_targets, make_hf_model, make_t5, perturb, save_hf_model
+from conftest import (FAMILIES, edit_adapter_config, family_targets, jit_logits, make_hf_model, make_t5, perturb,
+                      save_hf_model)
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 
@@ -22,7 +22,7 @@ def torch_logits(model):
 
 
 def jax_logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 def perturb_torch(model, names, scale):
@@ -256,7 +256,7 @@ def test_adapter_round_trip_for_each_family(tmp_path, family, method):
 
 
 def t5_logits(model, params, ids, dec):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec)))
+    return jit_logits(model, params, ids, dec)
 
 
 def torch_t5_logits(model, ids, dec):
@@ -396,7 +396,7 @@ def test_t5_prompt_tuning_round_trip(tmp_path, method):
     mask[1, 7:] = 0  # HF pads T5 inputs on the right
 
     def ours(p):
-        return np.asarray(model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(dec), jnp.asarray(mask)))
+        return jit_logits(model, p, ids, dec, mask)
 
     assert np.abs(ours(adapted) - ours(params)).max() > 1e-3
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)

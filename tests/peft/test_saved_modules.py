@@ -13,14 +13,14 @@ import jpeft
 from jpeft import tree as T
 from jpeft.train import trainer
 from test_peft_parity import perturb_torch
-from conftest import make_hf_model, read_metrics, run_config, save_hf_model
+from conftest import jit_logits, make_hf_model, read_metrics, run_config, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 SAVED = ["lm_head", "embed_tokens", "post_attention_layernorm"]  # a kernel, an embedding, a stacked norm
 
 
 def logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 def torch_logits(model):

@@ -10,6 +10,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.llama import CausalLM, init_params
 from jpeft.peft import sites
 from jpeft.peft.base import Method
+from conftest import jit_logits
 
 
 class ToyPrefix(Method):
@@ -71,19 +72,19 @@ def test_prepended_keys_values_act_as_a_cached_prefix(model):
     row = lambda c: c[:, :m.config.num_kv_heads].transpose(0, 2, 1, 3)  # noqa: E731 - batch row 0's [L, S, KV, D]
     prefixed = with_leaves(params, **{"model/layers/self_attn/toy_k": row(cache["k"]),
                                       "model/layers/self_attn/toy_v": row(cache["v"])})
-    rest = m.apply({"params": prefixed}, ids[:, 3:])
-    full = m.apply({"params": params}, ids)
+    rest = jit_logits(m, prefixed, ids[:, 3:])
+    full = jit_logits(m, params, ids)
     np.testing.assert_allclose(rest, full[:, 3:], atol=1e-5, rtol=0)
-    assert np.abs(np.asarray(rest - m.apply({"params": params}, ids[:, 3:]))).max() > 1e-3
+    assert np.abs(np.asarray(rest - jit_logits(m, params, ids[:, 3:]))).max() > 1e-3
 
 
 def test_residual_and_norm_sites_act_exactly_when_their_leaves_are_present(model):
     m, params = model
-    base = m.apply({"params": params}, IDS)
+    base = jit_logits(m, params, IDS)
     zero = with_leaves(params, **{"model/layers/toy_shift": jnp.zeros((2, 32))})
-    np.testing.assert_array_equal(m.apply({"params": zero}, IDS), base)
+    np.testing.assert_array_equal(jit_logits(m, zero, IDS), base)
     shifted = with_leaves(params, **{"model/layers/toy_shift": jnp.full((2, 32), 0.5)})
     assert np.abs(np.asarray(m.apply({"params": shifted}, IDS) - base)).max() > 1e-2
     gain = with_leaves(params, **{"model/norm/toy_gain": jnp.full((32,), 2.0)})
     doubled = with_leaves(params, **{"model/norm/scale": 2.0 * params["model"]["norm"]["scale"]})
-    np.testing.assert_allclose(m.apply({"params": gain}, IDS), m.apply({"params": doubled}, IDS), atol=1e-6)
+    np.testing.assert_allclose(jit_logits(m, gain, IDS), jit_logits(m, doubled, IDS), atol=1e-6)

@@ -9,7 +9,6 @@ PeftModel.generate drops the prefix with its KV cache (transformers 5 keeps the 
 generate built over PEFT's `past_key_values`) and, with use_cache=False, has it at the first step only.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 import jpeft
 from jpeft.generate import generate
-from conftest import make_t5
+from conftest import jit_logits, make_t5
 
 N = 3
 rng = np.random.RandomState(0)
@@ -36,8 +35,7 @@ def base(tmp_path, sizes):
 
 
 def ours(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS), jnp.asarray(DEC), jnp.asarray(MASK),
-                                  jnp.asarray(DEC_MASK)))
+    return jit_logits(model, params, IDS, DEC, MASK, DEC_MASK)
 
 
 def theirs(peft_model):

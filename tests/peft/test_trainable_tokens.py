@@ -11,7 +11,8 @@ from safetensors import safe_open
 import jpeft
 from jpeft import tree as T
 from test_peft_parity import perturb_torch
-from conftest import GPT2, check_merges_and_trains, edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import (GPT2, check_merges_and_trains, edit_adapter_config, jit_logits, make_hf_model, perturb,
+                     save_hf_model)
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 10))
 IDS[0, :3] = [3, 7, 50]
@@ -19,7 +20,7 @@ CHOSEN = [3, 7, 50]
 
 
 def logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 def torch_logits(model):

@@ -9,7 +9,7 @@ import pytest
 
 import jpeft
 from jpeft import tree as T
-from conftest import edit_adapter_config, make_hf_model, perturb, save_hf_model
+from conftest import edit_adapter_config, jit_logits, make_hf_model, perturb, save_hf_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 10)))
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # outputs 32, 16, 64, 32 wide; inputs 32 and 64
@@ -23,7 +23,7 @@ def base(tmp_path_factory):
 def test_init_leaves_the_model_unchanged_with_one_shared_pair(base):
     model, params = base
     adapted = jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params)
-    np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": params}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, adapted, IDS), jit_logits(model, params, IDS))
     modules = {p: m for p, m in T.modules(adapted).items() if "vera_a" in m}
     assert len(modules) == len(TARGETS)
     a = max((m["vera_a"] for m in modules.values()), key=lambda a: a.shape[-2])[0]   # [max_in, r]
@@ -53,20 +53,20 @@ def test_only_the_vectors_train_and_count_as_peft_counts(base):
 def test_merged_equals_unmerged(base):
     model, params = base
     adapted = perturb(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
-    out = model.apply({"params": adapted}, IDS)
-    assert np.abs(np.asarray(out - model.apply({"params": params}, IDS))).max() > 1e-3
+    out = jit_logits(model, adapted, IDS)
+    assert np.abs(np.asarray(out - jit_logits(model, params, IDS))).max() > 1e-3
     merged = jpeft.merge(adapted)
     assert set(T.flatten(merged)) == set(T.flatten(params))
-    np.testing.assert_allclose(model.apply({"params": merged}, IDS), out, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(jit_logits(model, merged, IDS), out, atol=1e-5, rtol=0)
 
 
 def test_dropout_drops_the_adapters_input_in_a_train_step_only(base):
     model, params = base
     adapted = perturb(jpeft.VeRA(rank=8, targets=TARGETS, dropout=0.5).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
     plain = perturb(jpeft.VeRA(rank=8, targets=TARGETS).init(jax.random.key(0), params), ("vera_lambda_d", "vera_lambda_b"), scale=1.0)
-    np.testing.assert_array_equal(model.apply({"params": adapted}, IDS), model.apply({"params": plain}, IDS))
+    np.testing.assert_array_equal(jit_logits(model, adapted, IDS), jit_logits(model, plain, IDS))
     dropped = model.apply({"params": adapted}, IDS, rngs={"dropout": jax.random.key(3)})
-    assert np.abs(np.asarray(dropped - model.apply({"params": plain}, IDS))).max() > 1e-3
+    assert np.abs(np.asarray(dropped - jit_logits(model, plain, IDS))).max() > 1e-3
 
 
 def test_a_tree_of_two_inits_is_refused_at_save(base, tmp_path):

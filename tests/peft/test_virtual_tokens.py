@@ -10,7 +10,7 @@ import torch
 import jpeft
 from jpeft import tree as T
 from jpeft.generate import generate, generate_text
-from conftest import make_hf_model, perturb, save_hf_model
+from conftest import jit_logits, make_hf_model, perturb, save_hf_model
 
 IDS = np.random.RandomState(0).randint(0, 97, (2, 9))
 N = 5
@@ -45,7 +45,7 @@ def peft_logits(peft_model, name):
 
 
 def jax_logits(model, params):
-    return np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    return jit_logits(model, params, IDS)
 
 
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
