@@ -71,6 +71,7 @@ class MethodSection:
     target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)
     quant: str = "nf4"
     double_quant: bool = False
+    quantize_experts: bool = False  # QLoRA: a mixture's stacked experts quantized too (bitsandbytes leaves them float)
     feedforward: list[str] | None = None
     num_virtual_tokens: int = 20  # prompt / prefix / P-tuning
     init_text: str | None = None  # prompt tuning: start from the embeddings of this text

@@ -27,7 +27,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import JpeftError
-from jpeft.peft.quant import is_quantized
+from jpeft.peft.quant import EXPERT_LEAVES, expert_codes, is_quantized, logical_shape
 
 
 class Method:
@@ -284,8 +284,17 @@ EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
 def is_expert_weight(path: str, leaves: dict) -> bool:
-    """Is this module a mixture's stacked expert weight (`sites.experts`: `.../experts/gate_up_proj/weight`)?"""
-    return "weight" in leaves and path.rpartition("/")[0].endswith("experts")
+    """Is this module a mixture's stacked expert weight (`sites.experts`: `.../experts/gate_up_proj/weight`, or
+    QLoRA's quantized leaves in its place)?"""
+    return any(n in leaves for n in ("weight", *EXPERT_LEAVES)) and path.rpartition("/")[0].endswith("experts")
+
+
+def expert_shape(leaves: dict) -> tuple[int, ...]:
+    """The shape [..., E, out, in] of a stacked expert weight, float or quantized."""
+    if "weight" in leaves:
+        return tuple(leaves["weight"].shape)
+    *lead, d_in, d_out = logical_shape(expert_codes(leaves))
+    return (*lead, d_out, d_in)
 
 
 def weight_name(leaves: dict) -> str | None:

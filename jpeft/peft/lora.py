@@ -29,10 +29,10 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, EXPERT_WEIGHTS, Method, dropped_input, exact_targets, from_layer_rows, hf_module,
-                             is_expert_weight, layer_index, layer_rows, leading, linear_uniform, module_layers,
-                             module_names, picked_layers, refuse_second_init, refuse_tied_head, saved_base_weight,
-                             target_option, weight_name)
+from jpeft.peft.base import (CONV1D, EXPERT_WEIGHTS, Method, dropped_input, exact_targets, expert_shape,
+                             from_layer_rows, hf_module, is_expert_weight, layer_index, layer_rows, leading,
+                             linear_uniform, module_layers, module_names, picked_layers, refuse_second_init,
+                             refuse_tied_head, saved_base_weight, target_option, weight_name)
 from jpeft.peft import trainable_tokens
 from jpeft.peft.quant import is_quantized
 from jpeft.peft.trainable_tokens import TrainableTokens
@@ -194,7 +194,7 @@ class LoRA(Method):
     def init_experts(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
         """A pair of factors per expert of a stacked weight [..., E, out, in], PEFT's init."""
         lead, rank, scale = self.layer_ranks(path, leaves, picked)
-        experts, d_out, d_in = leaves["weight"].shape[-3:]
+        experts, d_out, d_in = expert_shape(leaves)[-3:]
         shape = (*lead, experts, d_in, rank)
         a = linear_uniform(key, shape, d_in) if self.init_scheme == "peft" else jax.random.normal(key, shape) / rank
         return {**leaves, "lora_a": a, "lora_b": jnp.zeros((*lead, experts, rank, d_out), jnp.float32),

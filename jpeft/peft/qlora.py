@@ -2,9 +2,10 @@
 
 `QLoRA.init` quantizes every dense kernel of the layer stack (as bitsandbytes' 4-bit loading
 does; embeddings, norms, the LM head and T5's feed-forward output `wo`, which transformers keeps in float,
-stay as they are), then adds LoRA leaves. The
-quantized leaves (`jpeft.peft.quant`) replace `kernel`; `Quantized` is the protocol's view of
-them: its `weight` hook dequantizes in the compute dtype, and merging dequantizes first.
+stay as they are), then adds LoRA leaves; with `quantize_experts` a mixture's expert stacks too. The
+quantized leaves (`jpeft.peft.quant`) replace `kernel` (a mixture's `weight`); `Quantized` and `QuantizedExperts`
+are the protocol's view of them: their `weight` and `expert_weight` hooks dequantize in the compute dtype, and
+merging dequantizes first.
 Trainable parameters are LoRA's; the base counts its logical (unquantized) elements.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from jpeft import tree as T
 from jpeft.errors import JpeftError
 from jpeft.peft import quant
-from jpeft.peft.base import Method, hf_module
+from jpeft.peft.base import Method, hf_module, is_expert_weight
 from jpeft.peft.lora import LoRA
 
 log = logging.getLogger("jpeft.peft")
@@ -51,13 +52,38 @@ class Quantized(Method):
         return quant.num_elements(leaves) if name == first else 0
 
 
+class QuantizedExperts(Method):
+    """A mixture's frozen stacked expert weight [..., E, out, in], quantized (QLoRA's `quantize_experts`): the
+    leaves of its transpose, renamed `weight_*` (`quant.EXPERT_LEAVES`)."""
+    name = "quantized_experts"
+    stored = quant.EXPERT_LEAVES
+    axes = {"weight" + n.removeprefix("kernel"): a for n, a in Quantized.axes.items()}
+
+    @staticmethod
+    def expert_weight(leaves, dtype):
+        """The stack's transpose [..., E, in, out] in `dtype`."""
+        return quant.dequantize(quant.expert_codes(leaves), dtype)
+
+    @classmethod
+    def merge(cls, leaves: dict) -> dict:
+        out = {k: v for k, v in leaves.items() if k not in cls.stored}
+        out["weight"] = jnp.swapaxes(quant.dequantize(quant.expert_codes(leaves), jnp.float32), -1, -2)
+        return out
+
+    @classmethod
+    def count(cls, leaves: dict, name: str) -> int:
+        return Quantized.count(quant.expert_codes(leaves), "kernel" + name.removeprefix("weight"))
+
+
 class QLoRA(LoRA):
     """LoRA over an NF4 (QLoRA paper: 16-value NormalFloat, absmax blocks of 64, optional double
-    quantization of the absmax in blocks of 256) or int8 (blockwise absmax) frozen base."""
+    quantization of the absmax in blocks of 256) or int8 (blockwise absmax) frozen base. `quantize_experts`
+    quantizes a mixture's stacked experts too (most of its weights), each expert blocked as bitsandbytes would
+    block it as a Linear; bitsandbytes under transformers leaves these stacks unquantized, as the default does."""
     name = "qlora"
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), quant: str = "nf4",
-                 double_quant: bool = False, **lora_options):
+                 double_quant: bool = False, quantize_experts: bool = False, **lora_options):
         if quant not in KINDS:
             raise JpeftError(f"QLoRA quant must be one of {', '.join(KINDS)}, got {quant!r}")
         if lora_options.get("init") in ("pissa", "olora"):
@@ -67,21 +93,34 @@ class QLoRA(LoRA):
             raise JpeftError("QLoRA double_quant quantizes NF4's absmax blocks; int8 has none to quantize (as in "
                              "bitsandbytes): drop double_quant or use quant='nf4'")
         super().__init__(rank, alpha, targets, **lora_options)
-        self.quant, self.double_quant = quant, double_quant
+        self.quant, self.double_quant, self.quantize_experts = quant, double_quant, quantize_experts
 
     def __repr__(self):
-        return f"{super().__repr__()[:-1]}, quant={self.quant!r}, double_quant={self.double_quant})"
+        experts = ", quantize_experts=True" if self.quantize_experts else ""
+        return f"{super().__repr__()[:-1]}, quant={self.quant!r}, double_quant={self.double_quant}{experts})"
 
     def init(self, key, params):
         grouped = T.modules(params)
+        experts = [p for p, leaves in grouped.items() if is_expert_weight(p, leaves)]
+        if self.quantize_experts and not experts:
+            raise JpeftError("QLoRA quantize_experts: this model has no mixture of experts to quantize")
         for path, leaves in grouped.items():
             if "kernel" in leaves and T.is_stacked(path + "/kernel") and T.leaf_name(path) not in KEEP_FLOAT:
-                rest = {k: v for k, v in leaves.items() if k != "kernel"}
-                try:
-                    grouped[path] = {**rest, **quant.quantize(leaves["kernel"], self.quant, self.double_quant)}
-                except JpeftError as e:
-                    raise JpeftError(f"{hf_module(path)}: {e}") from None
+                grouped[path] = self.quantized(path, leaves, "kernel")
+            elif self.quantize_experts and path in experts and "weight" in leaves:
+                grouped[path] = self.quantized(path, leaves, "weight")
         return super().init(key, T.from_modules(grouped))
+
+    def quantized(self, path: str, leaves: dict, name: str) -> dict:
+        """A module's leaves with its weight `name` quantized: a kernel [..., in, out], or a mixture's expert
+        stack [..., E, out, in] (as its transpose, `quant.EXPERT_LEAVES`)."""
+        weight = leaves[name] if name == "kernel" else jnp.swapaxes(leaves[name], -1, -2)
+        try:
+            codes = quant.quantize(weight, self.quant, self.double_quant)
+        except JpeftError as e:
+            raise JpeftError(f"{hf_module(path)}: {e}") from None
+        rest = {k: v for k, v in leaves.items() if k != name}
+        return {**rest, **{name + k.removeprefix("kernel"): v for k, v in codes.items()}}
 
 
 def merge_note(params) -> None:

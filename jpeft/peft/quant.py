@@ -36,6 +36,9 @@ NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 0.7229568362236023, 1.0], np.float32)
 QUANT_LEAVES = ("kernel_nf4", "kernel_int8", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
                 "kernel_absmax_offset")
+# the same leaves of a mixture's stacked expert weight (`weight` [..., E, out, in]): those of its [..., E, in, out]
+# transpose, so each expert's blocks are bitsandbytes' over its own [out, in] weight
+EXPERT_LEAVES = tuple("weight" + n.removeprefix("kernel") for n in QUANT_LEAVES)
 
 
 def _dynamic_map() -> np.ndarray:
@@ -58,11 +61,22 @@ def is_quantized(leaves: dict) -> bool:
     return "kernel_nf4" in leaves or "kernel_int8" in leaves
 
 
+def expert_codes(leaves: dict) -> dict:
+    """A quantized expert stack's leaves under the names this module reads (`kernel_*`)."""
+    return {"kernel" + n.removeprefix("weight"): v for n, v in leaves.items() if n in EXPERT_LEAVES}
+
+
+def logical_shape(leaves: dict) -> tuple[int, ...]:
+    """The shape [..., in, out] of the weight the leaves store."""
+    if "kernel_int8" in leaves:
+        return tuple(np.shape(leaves["kernel_int8"]))
+    *lead, half, d_out = np.shape(leaves["kernel_nf4"])
+    return (*lead, 2 * half, d_out)
+
+
 def num_elements(leaves: dict) -> int:
     """Elements of the logical [..., in, out] weight (what a parameter count reports)."""
-    if "kernel_int8" in leaves:
-        return int(np.size(leaves["kernel_int8"]))
-    return 2 * int(np.size(leaves["kernel_nf4"]))
+    return int(np.prod(logical_shape(leaves)))
 
 
 def _nearest(values, table: np.ndarray):

@@ -21,13 +21,14 @@ from jpeft.peft.oft import OFT
 from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
-from jpeft.peft.qlora import QLoRA, Quantized
+from jpeft.peft.qlora import QLoRA, Quantized, QuantizedExperts
 from jpeft.peft.saved_modules import SavedModules
 from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.peft.vera import VeRA
 
 METHODS = (
     Quantized,
+    QuantizedExperts,  # before LoRA: merging dequantizes the stack LoRA's experts' factors merge into
     LoRA,  # before IA3: IA3 scales the input or output of the whole W + s·A·B, so merge folds LoRA in first
     VeRA,
     LoHa,

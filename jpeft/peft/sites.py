@@ -15,8 +15,8 @@ The functions are pure, so the chunked LM-head loss calls `dense` on the head di
     residual: a layer's attention, cross-attention (T5's decoder) or MLP output before it joins the
              residual stream, given the block's input too (bottleneck adapters); the leaves are the layer's
     norm:    a norm's output (norm_output)
-    experts: a mixture's stacked expert weight [E, out, in] on rows grouped by expert: y = rows·W_eᵀ
-             + Σ expert_delta (PEFT's LoRA on `target_parameters`)
+    experts: a mixture's stacked expert weight [E, out, in] (or what a method stores in its place: expert_weight)
+             on rows grouped by expert: y = rows·W_eᵀ + Σ expert_delta (PEFT's LoRA on `target_parameters`)
 
 Whole-tree points, read by the model once per call:
     virtual_tokens: (rows prepended to the input, keys prepended in every layer), so the model
@@ -42,8 +42,8 @@ __all__ = ["matmul", "weight", "dense", "embed", "embed_table", "attention_kv", 
 # The hooks a method may implement; a model lists those it calls (`insertion_points`). `pool` is where a
 # classification head reads a decoder's final features (`classifier.classify`).
 HOOKS = ("weight", "dense_input", "dense_delta", "dense_output", "embed_delta", "embed_prepend", "embed_table",
-         "attention_kv", "attention_output", "residual", "norm_output", "expert_delta", "virtual_tokens", "expand",
-         "pool")
+         "attention_kv", "attention_output", "residual", "norm_output", "expert_weight", "expert_delta",
+         "virtual_tokens", "expand", "pool")
 
 
 def missing(method, insertion_points) -> list[str]:
@@ -149,8 +149,13 @@ def norm(leaves: dict, y):
 
 def experts(leaves: dict, rows, sizes):
     """rows [N, in], grouped by expert in order (`sizes[e]` rows each), through their expert's weight with every
-    method's delta."""
-    y = grouped(rows, leaves["weight"], sizes, transposed=True)
+    method's delta. A method storing the weight in another form gives it [..., E, in, out] (`expert_weight`),
+    rematerialised as `dense` does a stored weight."""
+    if stored := _with("expert_weight", leaves):
+        y = jax.checkpoint(lambda rows, leaves, sizes: grouped(rows, stored[0].expert_weight(leaves, rows.dtype),
+                                                               sizes))(rows, leaves, sizes)
+    else:
+        y = grouped(rows, leaves["weight"], sizes, transposed=True)
     for method in _with("expert_delta", leaves):
         y = y + method.expert_delta(leaves, rows, sizes).astype(y.dtype)
     return y

@@ -107,6 +107,27 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
     assert np.abs(ours - jit_logits(model, params, ids)).max() > 1e-3
 
 
+def test_a_qlora_run_on_quantized_experts_trains_their_lora(tiny_run, tmp_path):
+    """`method.quantize_experts` in a run config: the experts' LoRA trains over NF4 stacks, and the adapter it
+    saves is a plain PEFT LoRA on the experts (it loads onto the float base)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], vocab_size=len(tokenizer),
+                                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
+                         tmp_path / "base")
+    tokenizer.save_pretrained(path)
+    trainer.train(run_config({**tiny_run, "model": path}, tmp_path / "run", "method.name=qlora", "method.targets=[]",
+                             f"method.target_parameters=[{','.join(BOTH)}]", "method.quantize_experts=true",
+                             "train.lr=5e-2", "train.steps=8"), progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_parameters"] == BOTH[::-1]
+    model, params = jpeft.from_pretrained(path)
+    tuned = jpeft.load_adapter(str(tmp_path / "run" / "adapter"), params)
+    assert np.abs(jit_logits(model, tuned, IDS) - jit_logits(model, params, IDS)).max() > 1e-3
+
+
 @pytest.mark.parametrize("options,match", [
     (dict(dropout=0.1), "takes no dropout"),
     (dict(use_dora=True), "takes no DoRA"),

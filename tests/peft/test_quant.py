@@ -206,3 +206,41 @@ def test_qlora_is_lora_on_the_dequantized_base(qlora_base, kind, caplog):
                                atol=2e-5, rtol=0)
     plain = jit_logits(model, params, ids)
     assert np.abs(np.asarray(model.apply({"params": adapted}, ids) - plain)).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_merges_and_trains(tmp_path, kind):
+    """`quantize_experts`: a mixture's stacks stored in 4 or 8 bits, each expert's NF4 blocks bitsandbytes' over its
+    own [out, in] weight; LoRA on attention and on the experts over them merges exactly and gets gradients; counts
+    are LoRA's on the float base, and the quantized leaves lie on the mesh as the weight would."""
+    from conftest import FAMILIES, check_merges_and_trains, make_hf_model, perturb, save_hf_model
+    from jpeft import tree as T
+    from jpeft.models.hf import abstract_params
+    from jpeft.parallel.mesh import logical_axes
+    from jpeft.peft.qlora import QuantizedExperts
+    torch_model = make_hf_model("mixtral", **FAMILIES["mixtral"], hidden_size=64, intermediate_size=128)
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    options = dict(rank=2, targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert "weight" in T.modules(jpeft.QLoRA(**options).init(jax.random.key(0), params))[
+        "model/layers/mlp/experts/down_proj"]  # by default the stacks stay float, as under bitsandbytes
+    adapted = jpeft.QLoRA(quant=kind, quantize_experts=True, **options).init(jax.random.key(0), params)
+    for name, (out, d_in) in {"gate_up_proj": (256, 64), "down_proj": (64, 128)}.items():
+        leaves = T.modules(adapted)[f"model/layers/mlp/experts/{name}"]
+        stored = leaves[f"weight_{kind}"]
+        assert "weight" not in leaves and stored.shape == (2, 4, d_in // (2 if kind == "nf4" else 1), out)
+        dequantized = np.asarray(QuantizedExperts.expert_weight(leaves, jnp.float32))
+        weights = getattr(torch_model.model.layers[1].mlp.experts, name).detach().numpy()
+        for expert, w in enumerate(weights):
+            if kind == "nf4":
+                np.testing.assert_allclose(dequantized[1, expert].T, bnb_nf4(w, double_quant=False)[2], rtol=1e-6, atol=0)
+            else:  # half a step of 1/127 of each block's absmax
+                absmax = np.abs(w).max(axis=1, keepdims=True)
+                assert (np.abs(dequantized[1, expert].T - w) <= absmax / 254 * (1 + 1e-6)).all()
+    axes = logical_axes(adapted, abstract_params(model))
+    assert axes[f"model/layers/mlp/experts/gate_up_proj/weight_{kind}"] == ("layers", "experts", "embed", "mlp")
+    assert jpeft.count_parameters(adapted) == jpeft.count_parameters(jpeft.LoRA(**options).init(jax.random.key(0), params))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 9)))
+    check_merges_and_trains(model, params, perturb(adapted, ("lora_b",)), ids)
+    dense = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "dense"))[1]
+    with pytest.raises(jpeft.JpeftError, match="quantize_experts: this model has no mixture of experts"):
+        jpeft.QLoRA(quantize_experts=True).init(jax.random.key(0), dense)
