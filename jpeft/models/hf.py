@@ -26,6 +26,7 @@ from jpeft.hardware import resolve_dtype
 from jpeft.models import hf_experts
 from jpeft.models.config import FAMILY_FIELDS, ModelConfig, read_config
 from jpeft.models.llama import CausalLM
+from jpeft.models.quantized_load import quantized_shapes, read_quantized
 from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
 from jpeft.peft.base import CONV1D, layer_names
@@ -124,7 +125,7 @@ def _files(model_dir: str) -> dict[str, str]:
     raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_float32=None):
+def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_float32=None, quantize=None):
     """Read an HF checkpoint dir into (CausalLM module, params tree); dtype casts weights (`auto`:
     bfloat16 where the hardware has native bf16 matmuls, else float32; jpeft.hardware).
 
@@ -133,6 +134,8 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     weight ever sits on one device or host. `keep_float32`: a function of the params tree giving a
     bool tree (a method's `mask`) of leaves read in float32 whatever `dtype`, so that a base leaf
     about to be trained starts from the checkpoint's own values, not from their bf16 rounding.
+    `quantize`: a `jpeft.QLoRA`, whose quantized leaves are read as its codes a layer at a time
+    (`quantized_load`), so the float base is never on the devices whole; `method.init` then adds LoRA's.
     """
     if not os.path.isdir(model_dir):
         what = "is a file, not a" if os.path.isfile(model_dir) else "no such"
@@ -167,9 +170,13 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
         expected = _with_score(expected, cfg.hidden_size, classes)
     target = DTYPES[dtype] if dtype else jnp.float32
     exact = T.flatten(keep_float32(T.unflatten(expected))) if keep_float32 else {}
+    quantizes = (lambda path: False) if quantize is None else quantize.quantizes  # noqa: E731
+    codes = {p: s for path, spec in expected.items() if quantizes(path)
+             for p, s in quantized_shapes(quantize, path, spec.shape, target).items()}
+    shardings = None
     if mesh is not None:
         from jpeft.parallel.mesh import param_shardings
-        shardings = T.flatten(param_shardings(T.unflatten(expected), abstract, mesh))
+        shardings = T.flatten(param_shardings(T.unflatten({**expected, **codes}), abstract, mesh))
     handles: dict[str, object] = {}
     flat = {}
     try:
@@ -187,7 +194,9 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
                     f"{model_dir}: weight for '{path}' has shape {shape}, config.json implies {spec.shape}")
             read = partial(_read_slice, path, parts)
             leaf_dtype = jnp.float32 if exact.get(path) else target
-            if mesh is None:
+            if quantizes(path):
+                flat.update(read_quantized(quantize, path, spec.shape, leaf_dtype, read, shardings))
+            elif mesh is None:
                 flat[path] = jnp.asarray(read(()), leaf_dtype)
             else:
                 flat[path] = jax.make_array_from_callback(

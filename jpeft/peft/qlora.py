@@ -100,27 +100,33 @@ class QLoRA(LoRA):
         return f"{super().__repr__()[:-1]}, quant={self.quant!r}, double_quant={self.double_quant}{experts})"
 
     def init(self, key, params):
-        grouped = T.modules(params)
-        experts = [p for p, leaves in grouped.items() if is_expert_weight(p, leaves)]
-        if self.quantize_experts and not experts:
+        """Quantize the leaves `quantizes` names (those a quantized load left float), then add LoRA's."""
+        if self.quantize_experts and not any(is_expert_weight(p, m) for p, m in T.modules(params).items()):
             raise JpeftError("QLoRA quantize_experts: this model has no mixture of experts to quantize")
-        for path, leaves in grouped.items():
-            if "kernel" in leaves and T.is_stacked(path + "/kernel") and T.leaf_name(path) not in KEEP_FLOAT:
-                grouped[path] = self.quantized(path, leaves, "kernel")
-            elif self.quantize_experts and path in experts and "weight" in leaves:
-                grouped[path] = self.quantized(path, leaves, "weight")
-        return super().init(key, T.from_modules(grouped))
+        flat = {}
+        for path, leaf in T.flatten(params).items():
+            flat.update(self.quantized(path, leaf) if self.quantizes(path) else {path: leaf})
+        return super().init(key, T.unflatten(flat))
 
-    def quantized(self, path: str, leaves: dict, name: str) -> dict:
-        """A module's leaves with its weight `name` quantized: a kernel [..., in, out], or a mixture's expert
-        stack [..., E, out, in] (as its transpose, `quant.EXPERT_LEAVES`)."""
-        weight = leaves[name] if name == "kernel" else jnp.swapaxes(leaves[name], -1, -2)
+    def quantizes(self, path: str) -> bool:
+        """Is the base leaf at `path` stored quantized: a layer stack's dense kernel (not T5's `wo`), and with
+        `quantize_experts` a mixture's expert stack?"""
+        module, name = path.rsplit("/", 1)
+        if name == "kernel":
+            return T.is_stacked(path) and T.leaf_name(module) not in KEEP_FLOAT
+        return self.quantize_experts and name == "weight" and module.rpartition("/")[0].endswith("experts")
+
+    def quantized(self, path: str, weight) -> dict:
+        """{path: leaf} of the leaves replacing the weight at `path` (any leading axes: a layer stack, or one layer
+        of it): a kernel [..., in, out] quantized, or a mixture's expert stack [..., E, out, in] as its transpose
+        (`quant.EXPERT_LEAVES`)."""
+        module, name = path.rsplit("/", 1)
         try:
-            codes = quant.quantize(weight, self.quant, self.double_quant)
+            codes = quant.quantize(weight if name == "kernel" else jnp.swapaxes(weight, -1, -2), self.quant,
+                                   self.double_quant)
         except JpeftError as e:
-            raise JpeftError(f"{hf_module(path)}: {e}") from None
-        rest = {k: v for k, v in leaves.items() if k != name}
-        return {**rest, **{name + k.removeprefix("kernel"): v for k, v in codes.items()}}
+            raise JpeftError(f"{hf_module(module)}: {e}") from None
+        return {f"{module}/{name}{k.removeprefix('kernel')}": v for k, v in codes.items()}
 
 
 def merge_note(params) -> None:

@@ -139,8 +139,10 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
     labels = class_labels(cfg)
     method = build_method(cfg, labels)
     trained = partial(train_mask, method, cfg.method.modules_to_save)
-    # base leaves the run trains (full, BitFit, norms, modules_to_save) are read in float32: trained, they stay so
-    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=trained)
+    # base leaves the run trains (full, BitFit, norms, modules_to_save) are read in float32: trained, they stay so;
+    # QLoRA's are read as its codes, a layer at a time (the float base is never on the devices whole)
+    model, params = from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, keep_float32=trained,
+                                    quantize=method if hasattr(method, "quantizes") else None)
     model = model.clone(config=run_model_config(cfg, model.config))
     log.info("compute dtype %s (model.dtype=%s)", model.config.dtype, cfg.model.dtype)
     if rates := model.config.dropout_rates:

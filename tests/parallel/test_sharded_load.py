@@ -32,6 +32,19 @@ SCRIPT = textwrap.dedent("""
         shard = {{p: [list(s.data.shape) for s in v.addressable_shards][0] for p, v in flat.items()}}
         report["x".join(map(str, shape))] = {{"equal": equal, "largest_read": largest,
                                                "dtype": str(flat["lm_head/kernel"].dtype), "shard": shard}}
+    # QLoRA's codes read a layer at a time into their device slices: those of quantizing the one-device load
+    import jax, jpeft
+    qlora = jpeft.QLoRA(double_quant=True)
+    expected = T.flatten(qlora.init(jax.random.key(0), hf.from_pretrained({model!r}, dtype="bfloat16")[1]))
+    reads.clear()
+    _, loaded = hf.from_pretrained({model!r}, dtype="bfloat16", mesh=make_mesh(2, 2, 2), quantize=qlora)
+    loaded = T.flatten(qlora.init(jax.random.key(0), loaded))
+    report["qlora"] = {{"leaves": sorted(loaded) == sorted(expected),
+                        "codes": all(np.array_equal(loaded[p], v) for p, v in expected.items() if v.dtype == np.uint8),
+                        "floats": max(float(np.max(np.abs(np.asarray(loaded[p], np.float32) - np.asarray(v, np.float32))
+                                                   / np.maximum(np.abs(np.asarray(v, np.float32)), 1e-30)))
+                                      for p, v in expected.items() if v.dtype != np.uint8),
+                        "largest_read": max(size / sizes[p] for p, size in reads if qlora.quantizes(p))}}
     print(json.dumps(report))
 """)
 
@@ -43,6 +56,7 @@ def test_weights_are_read_straight_into_their_device_slices(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    qlora = report.pop("qlora")
     for mesh, r in report.items():
         assert r["equal"] and r["dtype"] == "bfloat16", mesh
     # fsdp=8: no read ever covers more than one eighth of a weight (no whole copy on the host)
@@ -50,3 +64,6 @@ def test_weights_are_read_straight_into_their_device_slices(tmp_path):
     assert report["1x8x1"]["shard"]["model/layers/mlp/gate_proj/kernel"] == [2, 4, 64]
     assert report["2x2x2"]["shard"]["model/layers/mlp/gate_proj/kernel"] == [2, 16, 32]
     assert report["1x2x4"]["shard"]["lm_head/kernel"] == [16, 24]
+    # QLoRA's quantized leaves are read one layer's device slice at a time, as codes equal to quantizing the
+    # loaded base (double quantization's float statistics to a float32 ulp: a mean over one layer or the stack)
+    assert qlora["leaves"] and qlora["codes"] and qlora["floats"] < 3e-7 and qlora["largest_read"] <= 1 / 4, qlora

@@ -244,3 +244,36 @@ def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_
     dense = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "dense"))[1]
     with pytest.raises(jpeft.JpeftError, match="quantize_experts: this model has no mixture of experts"):
         jpeft.QLoRA(quantize_experts=True).init(jax.random.key(0), dense)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_quantized_load_reads_a_layer_at_a_time_the_codes_quantizing_the_loaded_base_gives(tmp_path, dtype):
+    """from_pretrained(quantize=qlora): each quantized weight read one layer's slice at a time, into the leaves
+    QLoRA.init makes of the loaded float base (codes bit for bit; double quantization's float statistics to an ulp:
+    their mean over one layer's blocks or the whole stack's rounds apart), experts too; init then adds LoRA alone."""
+    from conftest import FAMILIES, make_hf_model, save_hf_model
+    from jpeft import tree as T
+    from jpeft.models import hf
+    path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], hidden_size=64, intermediate_size=128),
+                         tmp_path / "base")
+    method = jpeft.QLoRA(rank=2, targets=["q_proj", "down_proj"], double_quant=True, quantize_experts=True,
+                         target_parameters=["mlp.experts.gate_up_proj"])
+    expected = T.flatten(method.init(jax.random.key(0), jpeft.from_pretrained(path, dtype=dtype)[1]))
+    reads, real = [], hf._read_slice
+    spy = lambda path, parts, index: reads.append((path, index)) or real(path, parts, index)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf, "_read_slice", spy)
+        _, loaded = jpeft.from_pretrained(path, dtype=dtype, quantize=method)
+    assert {p for p, _ in reads if method.quantizes(p)} == {
+        f"model/layers/{m}" for m in ("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel",
+                                      "self_attn/o_proj/kernel", "mlp/experts/gate_up_proj/weight",
+                                      "mlp/experts/down_proj/weight")}
+    assert all(index[0] in (slice(0, 1), slice(1, 2)) for p, index in reads if method.quantizes(p))
+    loaded = T.flatten(method.init(jax.random.key(0), loaded))
+    assert loaded.keys() == expected.keys()
+    for p, v in expected.items():
+        assert loaded[p].dtype == v.dtype, p
+        if v.dtype == jnp.uint8:
+            np.testing.assert_array_equal(loaded[p], v, err_msg=p)
+        else:
+            np.testing.assert_allclose(loaded[p], v, rtol=2e-7, atol=0, err_msg=p)
