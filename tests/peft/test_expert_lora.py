@@ -80,10 +80,10 @@ def test_zero_init_changes_nothing_merges_exactly_and_counts_r_times_experts_wid
     assert jpeft.count_parameters(trained, method.mask(trained))[0] == cfg.num_layers * per_layer
 
 
-def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run, tmp_path):
-    """`method.target_parameters` in a run config (with the routers' load-balancing loss): the loss falls, the
-    experts' base weights never move, and the exported adapter gives PEFT's logits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def trained_experts(tiny_run, tmp_path, *overrides) -> str:
+    """A tiny Mixtral with the run's tokenizer after 8 steps of LoRA on both expert weights (+ `overrides`), whose
+    loss must fall; its base dir (the run's in tmp_path / "run")."""
+    from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], vocab_size=len(tokenizer),
                                        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
@@ -91,10 +91,17 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
     tokenizer.save_pretrained(path)
     trainer.train(run_config({**tiny_run, "model": path}, tmp_path / "run", "method.name=lora", "method.targets=[]",
                              f"method.target_parameters=[{','.join(BOTH)}]", "train.lr=5e-2", "train.steps=8",
-                             "model.router_aux_loss_coef=0.01"),
-                  progress=False)
+                             *overrides), progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    return path
+
+
+def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run, tmp_path):
+    """`method.target_parameters` in a run config (with the routers' load-balancing loss): the loss falls, the
+    experts' base weights never move, and the exported adapter gives PEFT's logits."""
+    from transformers import AutoModelForCausalLM
+    path = trained_experts(tiny_run, tmp_path, "model.router_aux_loss_coef=0.01")
     model, params = jpeft.from_pretrained(path)
     tuned = jpeft.load_adapter(str(tmp_path / "run" / "adapter"), params)
     assert {p.rsplit("/", 2)[-2] for p in T.flatten(tuned) if "lora" in p} == {"gate_up_proj", "down_proj"}
@@ -110,17 +117,7 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
 def test_a_qlora_run_on_quantized_experts_trains_their_lora(tiny_run, tmp_path):
     """`method.quantize_experts` in a run config: the experts' LoRA trains over NF4 stacks, and the adapter it
     saves is a plain PEFT LoRA on the experts (it loads onto the float base)."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
-    path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], vocab_size=len(tokenizer),
-                                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
-                         tmp_path / "base")
-    tokenizer.save_pretrained(path)
-    trainer.train(run_config({**tiny_run, "model": path}, tmp_path / "run", "method.name=qlora", "method.targets=[]",
-                             f"method.target_parameters=[{','.join(BOTH)}]", "method.quantize_experts=true",
-                             "train.lr=5e-2", "train.steps=8"), progress=False)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
-    assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    path = trained_experts(tiny_run, tmp_path, "method.name=qlora", "method.quantize_experts=true")
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_parameters"] == BOTH[::-1]
     model, params = jpeft.from_pretrained(path)
