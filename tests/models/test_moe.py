@@ -170,6 +170,11 @@ def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path
     assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32).eval()
     np.testing.assert_allclose(torch_logits(reloaded), torch_logits(ref_model), atol=1e-6, rtol=0)
+    # QLoRA reading them straight into NF4 experts, a layer's blocks at a time: the codes of the dequantized load's
+    qlora = jpeft.QLoRA(targets=["q_proj"], quantize_experts=True)
+    read = T.flatten(qlora.init(jax.random.key(0), jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=qlora)[1]))
+    quantized = T.flatten(qlora.init(jax.random.key(0), params))
+    assert read.keys() == quantized.keys() and all(np.array_equal(read[p], v) for p, v in quantized.items())
 
 
 def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):
