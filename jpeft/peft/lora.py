@@ -29,11 +29,11 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, EXPERT_WEIGHTS, Method, dropped_input, exact_targets, expert_shape,
+from jpeft.peft.base import (CONV1D, Method, dropped_input, exact_targets, expert_shape,
                              from_layer_rows, hf_module, is_expert_weight, layer_index, layer_rows, leading,
                              linear_uniform, module_layers, module_names, picked_layers, refuse_second_init,
                              refuse_tied_head, saved_base_weight, target_option, weight_name)
-from jpeft.peft import trainable_tokens
+from jpeft.peft import lora_experts, trainable_tokens
 from jpeft.peft.quant import is_quantized
 from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.products import grouped, matmul
@@ -325,7 +325,7 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     tensors, entries, dropouts, dora, active = {}, {}, {0.0}, False, {}
     experts = {p: leaves for p, leaves in modules.items() if is_expert_weight(p, leaves)}
     modules = {p: leaves for p, leaves in modules.items() if p not in experts}
-    parameters = _experts_to_peft(experts, tensors)
+    parameters = lora_experts.to_peft(experts, tensors)
     for path, leaves in modules.items():
         a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
         if "lora_init_a" in leaves:
@@ -400,7 +400,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     refuse_tied_head(method.targets, modules, AdapterError)
     if layers is not None and config.get("layers_pattern"):
         _refuse_other_layer_counts(config["layers_pattern"], modules)
-    out = {**modules, **_experts_from_peft(method, tensors, modules)}
+    out = {**modules, **lora_experts.from_peft(method, tensors, modules)}
     for path, leaves in modules.items():
         picked = method.targeted(path, leaves)
         if not any(picked):
@@ -424,58 +424,6 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
     if token_indices := config.get("trainable_token_indices"):
         out = trainable_tokens.read_lora_tensors(token_indices, tensors, out)
     return out
-
-
-def _experts_to_peft(experts: dict, tensors: dict) -> dict:
-    """PEFT's tensors of the LoRA on expert weights (`target_parameters`) into `tensors`; {parameter name: (rank,
-    alpha)} per adapted layer. PEFT holds one Linear pair for all experts: A [E·r, in] by expert then rank, B
-    [out, r·E] by rank then expert."""
-    picked = {path: list(layer_rows(path, leaves["lora_scale"]) != 0) for path, leaves in experts.items()}
-    names, entries = _wrapped_names(picked, experts), {}
-    for path, leaves in experts.items():
-        a, b, scale = (layer_rows(path, leaves[k]) for k in ("lora_a", "lora_b", "lora_scale"))
-        for i, name in enumerate(module_layers(path, leaves)):
-            if picked[path][i]:
-                tensors[f"{names[path, i]}.lora_A.weight"] = a[i].transpose(0, 2, 1).reshape(-1, a.shape[-2])
-                tensors[f"{names[path, i]}.lora_B.weight"] = b[i].transpose(2, 1, 0).reshape(b.shape[-1], -1)
-                entries[name] = (a.shape[-1], float(scale[i]) * a.shape[-1])
-    return entries
-
-
-def _experts_from_peft(method: LoRA, tensors, modules: dict) -> dict:
-    """The expert-weight modules `method.target_parameters` adapt, with their factors read from PEFT's tensors."""
-    picked = {path: picks for path, leaves in modules.items() if any(picks := method.targeted_parameter(path, leaves))}
-    if method.target_parameters and not picked:
-        raise AdapterError(f"target_parameters {list(method.target_parameters)} match no expert weight of the base "
-                           "model (jpeft's LoRA on parameters adapts a mixture's mlp.experts.gate_up_proj and down_proj)")
-    names, out = _wrapped_names(picked, modules), {}
-    for path, picks in picked.items():
-        adapted = method.init_experts(jax.random.key(0), path, modules[path], picks)  # then filled from the file
-        a, b = layer_rows(path, adapted["lora_a"]), layer_rows(path, adapted["lora_b"])
-        experts, d_in, rank = a.shape[-3:]
-        for i in (i for i, p in enumerate(picks) if p):
-            got_a, got_b = (tensors.take(f"{names[path, i]}.lora_{f}.weight") for f in "AB")
-            tensors.fits(f"{names[path, i]}.lora_A.weight", got_a.shape, (experts * rank, d_in))
-            tensors.fits(f"{names[path, i]}.lora_B.weight", got_b.shape, (b.shape[-1], rank * experts))
-            a[i] = got_a.reshape(experts, rank, d_in).transpose(0, 2, 1)
-            b[i] = got_b.reshape(-1, rank, experts).transpose(2, 1, 0)
-        out[path] = {**adapted, "lora_a": from_layer_rows(path, a), "lora_b": from_layer_rows(path, b)}
-    return out
-
-
-def _wrapped_names(picked: dict, modules: dict) -> dict:
-    """{(expert weight's path, layer): PEFT's name of its LoRA module}. PEFT wraps the experts module once per
-    adapted weight, in the order transformers registers them (`EXPERT_WEIGHTS`): the first is innermost, one
-    `base_layer` below each later one (`experts.base_layer.lora_A` for gate_up_proj beside down_proj's
-    `experts.lora_A`)."""
-    names = {}
-    for path, picks in picked.items():
-        parent, _, weight = path.rpartition("/")
-        for i, name in enumerate(module_layers(path, modules[path])):
-            if picks[i]:
-                wrapped = [w for w in EXPERT_WEIGHTS if picked.get(f"{parent}/{w}", [False] * len(picks))[i]]
-                names[path, i] = name.rpartition(".")[0] + ".base_layer" * (len(wrapped) - 1 - wrapped.index(weight))
-    return names
 
 
 def _refuse_other_layer_counts(layers_pattern, modules: dict) -> None:
