@@ -116,13 +116,18 @@ FAMILIES = {
     # GraniteMoE: Granite's multipliers around experts in `block_sparse_moe`, their files' own names
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0, residual_multiplier=0.5,
                        attention_multiplier=0.1, logits_scaling=4.0),
+    # + a dense `shared_mlp` beside the experts
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+                             residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
+                             shared_intermediate_size=24),
 }
 # Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
 # targets take there; None where a family has no such module (a mixture's MLP is its experts, no dense projections)
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 NO_MLP = dict.fromkeys(("gate_proj", "up_proj", "down_proj"))
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP,
-         "glm4": GATE_UP, **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe"), NO_MLP)}
+         "glm4": GATE_UP,
+         **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 
 def family_targets(family: str, targets: list[str]) -> list[str]:

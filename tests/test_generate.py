@@ -66,7 +66,9 @@ def tiny(tmp_path_factory):
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     ("gpt_oss", dict(head_dim=8, num_local_experts=4, sliding_window=4)),  # attention sinks over the cache
-    ("granitemoe", dict(num_local_experts=4, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=2.0)),
+    # GraniteMoE's multipliers and experts, and the shared MLP beside them
+    ("granitemoeshared", dict(num_local_experts=4, embedding_multiplier=6.0, residual_multiplier=0.5, logits_scaling=2.0,
+                              shared_intermediate_size=24)),
 ])
 def test_greedy_matches_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **SHARP, **overrides)

@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE differ
+Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ
 only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here
 rather than a silently different model.
 """
@@ -15,11 +15,13 @@ from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "t5", "gpt2")
+                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",
+                   "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 GLM_TYPES = ("glm", "glm4")
+GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
@@ -31,9 +33,9 @@ QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "e
 # Mixture-of-experts families: config.json's field of their expert count and of each expert's width
 MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
               "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
-              **dict.fromkeys(("gpt_oss", "granitemoe"), ("num_local_experts", "intermediate_size"))}
+              **dict.fromkeys(("gpt_oss", *GRANITE_MOE_TYPES), ("num_local_experts", "intermediate_size"))}
 # Mixture-of-experts families whose router is a softmax over the top-k logits (the renormalised top-k of the full one)
-TOPK_SOFTMAX_TYPES = ("mixtral", "gpt_oss", "granitemoe")
+TOPK_SOFTMAX_TYPES = ("mixtral", "gpt_oss", *GRANITE_MOE_TYPES)
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
 T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
@@ -44,7 +46,7 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", "granitemoe", *OLMO_TYPES, "olmoe",
+    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
                        "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
@@ -57,7 +59,7 @@ FAMILY_FIELDS = {
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
     **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
-                    ("granite", "granitemoe")),
+                    ("granite", *GRANITE_MOE_TYPES)),
 }
 
 
@@ -117,12 +119,14 @@ class ModelConfig:
     # Mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): each token's MLP is the weighted sum of the
     # experts_per_token experts (of num_experts, each intermediate_size wide) its router scores highest, their
     # softmax weights renormalised to sum 1 where `norm_topk_prob` (Mixtral always) and kept in float32 (Mixtral's)
-    # or rounded to the compute dtype (the others'); Qwen2-MoE adds a sigmoid-gated dense `shared_expert`.
+    # or rounded to the compute dtype (the others'); Qwen2-MoE adds a sigmoid-gated dense `shared_expert`,
+    # GraniteMoE-Shared a dense `shared_mlp` of the layer (fused input_linear: gate, then up; output_linear).
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = False
     float32_expert_weights: bool = False
     shared_expert_size: int = 0
+    shared_mlp_size: int = 0
     # GPT-OSS: a bias on the router and on each expert's projections, its experts stored [E, in, out] with gate and
     # up interleaved (gate_up_proj's columns gate0, up0, gate1, ...), their activation (up + 1) · glu with
     # glu = gate · sigmoid(alpha · gate), gate clamped above at swiglu_limit and up to ±swiglu_limit, the router
@@ -386,7 +390,9 @@ def _experts(model_type: str, family, layers: int, source: str) -> dict:
                 **(dict(router_name="router", router_bias=True, expert_bias=True,
                         swiglu_limit=float(family.swiglu_limit), swiglu_alpha=float(family.swiglu_alpha))
                    if model_type == "gpt_oss" else {}),
-                **(dict(router_name="router", moe_name="block_sparse_moe") if model_type == "granitemoe" else {}))
+                **(dict(router_name="router", moe_name="block_sparse_moe",
+                        shared_mlp_size=getattr(family, "shared_intermediate_size", 0) or 0)
+                   if model_type in GRANITE_MOE_TYPES else {}))
 
 
 def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:

@@ -22,8 +22,9 @@ FILE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3"), "w2")}
 DEFAULT_FILE_NAMES = ("mlp", ("gate_proj", "up_proj"), "down_proj")
 IN_OUT_TYPES = ("gpt_oss",)  # families whose files stack each expert weight [E, in, out] under transformers' name
 # families whose files hold each stack whole under names of their own (GraniteMoE's), by tree tensor
-WHOLE_FILE_NAMES = {"granitemoe": {"experts.gate_up_proj": "input_linear.weight", "experts.down_proj":
-                                   "output_linear.weight", "router": "router.layer.weight"}}
+WHOLE_FILE_NAMES = dict.fromkeys(("granitemoe", "granitemoeshared"), {
+    "experts.gate_up_proj": "input_linear.weight", "experts.down_proj": "output_linear.weight",
+    "router": "router.layer.weight"})
 _STACKED = re.compile(r"^(.*)\.(mlp|block_sparse_moe)\.(experts\.gate_up_proj|experts\.down_proj|gate|router)\.weight$")
 
 

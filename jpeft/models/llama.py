@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
 ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE,
-OLMoE, GPT-OSS and GraniteMoE): one module, families differ by config.
+OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -94,6 +94,19 @@ class MLP(nn.Module):
         return h + jax.nn.sigmoid(L.Dense(1, ("embed", None), name="shared_expert_gate")(x)) * shared
 
 
+class SharedMLP(nn.Module):
+    """GraniteMoE-Shared's dense MLP beside the experts, added to their output ungated: act(gate) · up of its fused
+    `input_linear` (gate, then up), then `output_linear`."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate_up = L.Dense(2 * cfg.shared_mlp_size, ("embed", "mlp"), name="input_linear")(x)
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), name="output_linear")(
+            L.activate(cfg.hidden_act, *jnp.split(gate_up, 2, axis=-1)))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
@@ -117,6 +130,8 @@ class DecoderLayer(nn.Module):
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         normed = norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms else x
         h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
+        if cfg.shared_mlp_size:
+            h = h + SharedMLP(cfg, name="shared_mlp")(normed)
         if cfg.sandwich_norms:
             h = norm(after_mlp)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)

@@ -194,8 +194,9 @@ class _Activations:
         self.itemsize = jnp.dtype(model_cfg.dtype).itemsize
         # the MLP's widths per token, kept without remat and as its products' outputs (remat dots): a mixture's
         # are its router's logits (and their float32 softmax), each of a token's k expert rows' input, gate/up,
-        # activation and output, and a shared expert's as a dense MLP's
-        k, experts, shared = model_cfg.experts_per_token, model_cfg.num_experts, split(model_cfg.shared_expert_size)
+        # activation and output, and a shared expert's (or MLP's) as a dense MLP's
+        k, experts = model_cfg.experts_per_token, model_cfg.num_experts
+        shared = split(model_cfg.shared_expert_size or model_cfg.shared_mlp_size)
         self.mlp_residuals, self.mlp_outputs = ((k * (3 * self.mlp + 2 * self.hidden) + 2 * experts + 4 * shared,
                                                  k * (2 * self.mlp + self.hidden) + experts + 2 * shared)
                                                 if experts else (4 * self.mlp, 2 * self.mlp))

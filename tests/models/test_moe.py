@@ -20,7 +20,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.hf_experts import Mxfp4, Stacked, Transposed
 from jpeft.train import step
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared")
 CASES = {
     **{family: (family, FAMILIES[family]) for family in MOE},
     "mixtral-top1-sliding-tied": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1, sliding_window=4,
@@ -86,7 +86,8 @@ def test_routers_weigh_experts_as_transformers_in_bfloat16(family, weight_dtype)
 
 @pytest.mark.parametrize("family,expert_name", [("mixtral", ".experts.3."), ("qwen2_moe", ".experts.3."),
                                                 ("gpt_oss", ".experts.gate_up_proj_bias"),
-                                                ("granitemoe", ".block_sparse_moe.input_linear.weight")])
+                                                ("granitemoe", ".block_sparse_moe.input_linear.weight"),
+                                                ("granitemoeshared", ".shared_mlp.output_linear.weight")])
 def test_saved_files_are_transformers_own_and_load_back(family, expert_name, tmp_path):
     """Per-expert tensors under the family's own names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2; GPT-OSS's
     stacks [E, in, out] and biases; GraniteMoE's whole stacks `input_linear`, `output_linear`), the same names and bits transformers writes, read back by transformers to the

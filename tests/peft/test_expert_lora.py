@@ -37,6 +37,7 @@ def base(family, path):
     ("qwen2_moe", ["up_proj"], ["gate_up_proj"]),  # beside the shared expert's dense up_proj
     ("gpt_oss", ["q_proj", "o_proj"], BOTH),  # weights PEFT wraps as [E, in, out], jpeft holds as [E, out, in]
     ("granitemoe", ["v_proj"], ["experts.gate_up_proj", "experts.down_proj"]),  # in block_sparse_moe
+    ("granitemoeshared", ["input_linear", "output_linear"], ["experts.down_proj"]),  # + its dense shared_mlp
 ])
 def test_jpeft_peft_jpeft_give_the_same_logits(tmp_path, family, targets, parameters):
     torch_model, model, params = base(family, tmp_path / "base")
