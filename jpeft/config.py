@@ -69,9 +69,10 @@ class MethodSection:
     token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
     trainable_token_indices: list[int] | None = None  # LoRA: these ids' input-embedding rows train too (PEFT's)
     target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)
-    quant: str = "nf4"
+    quant: str = "nf4"  # QLoRA: nf4 | int8 | mxfp4
     double_quant: bool = False
-    quantize_experts: bool = False  # QLoRA: a mixture's stacked experts quantized too (bitsandbytes leaves them float)
+    expert_quant: str | None = None  # QLoRA: a mixture's stacked experts quantized too, nf4 | int8 | mxfp4 (None: float,
+    # as bitsandbytes leaves them)
     feedforward: list[str] | None = None
     num_virtual_tokens: int = 20  # prompt / prefix / P-tuning
     init_text: str | None = None  # prompt tuning: start from the embeddings of this text

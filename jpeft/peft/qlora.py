@@ -2,7 +2,7 @@
 
 `QLoRA.init` quantizes every dense kernel of the layer stack (as bitsandbytes' 4-bit loading
 does; embeddings, norms, the LM head and T5's feed-forward output `wo`, which transformers keeps in float,
-stay as they are), then adds LoRA leaves; with `quantize_experts` a mixture's expert stacks too. The
+stay as they are), then adds LoRA leaves; with `expert_quant` a mixture's expert stacks too. The
 quantized leaves (`jpeft.peft.quant`) replace `kernel` (a mixture's `weight`); `Quantized` and `QuantizedExperts`
 are the protocol's view of them: their `weight` and `expert_weight` hooks dequantize in the compute dtype, and
 merging dequantizes first.
@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from jpeft import tree as T
 from jpeft.errors import JpeftError
 from jpeft.peft import quant
+from jpeft.peft.quant import KINDS as quant_kinds
 from jpeft.peft.base import Method, hf_module, is_expert_weight
 from jpeft.peft.lora import LoRA
 
 log = logging.getLogger("jpeft.peft")
-KINDS = ("nf4", "int8")
 KEEP_FLOAT = ("wo",)  # T5's _keep_in_fp32_modules: transformers loads it unquantized under bitsandbytes
 
 
@@ -31,8 +31,8 @@ class Quantized(Method):
     stored = quant.QUANT_LEAVES
     # sharded as the weight they replace (NF4's packed input axis and the absmax blocks split along `in`, as
     # far as the mesh divides them), so a QLoRA base under fsdp/tensor is no larger per device than LoRA's
-    axes = {"kernel_nf4": ("lead", "in", "out"), "kernel_int8": ("lead", "in", "out"),
-            "kernel_absmax": ("lead", "in", "out"), "kernel_absmax_q": ("lead", "in", "out"),
+    axes = {**dict.fromkeys(("kernel_nf4", "kernel_mxfp4", "kernel_int8", "kernel_absmax", "kernel_absmax_q",
+                             "kernel_exponent"), ("lead", "in", "out")),
             "kernel_absmax_scale": ("lead", None), "kernel_absmax_offset": ("lead",)}
 
     @staticmethod
@@ -53,7 +53,7 @@ class Quantized(Method):
 
 
 class QuantizedExperts(Method):
-    """A mixture's frozen stacked expert weight [..., E, out, in], quantized (QLoRA's `quantize_experts`): the
+    """A mixture's frozen stacked expert weight [..., E, out, in], quantized (QLoRA's `expert_quant`): the
     leaves of its transpose, renamed `weight_*` (`quant.EXPERT_LEAVES`)."""
     name = "quantized_experts"
     stored = quant.EXPERT_LEAVES
@@ -77,32 +77,34 @@ class QuantizedExperts(Method):
 
 class QLoRA(LoRA):
     """LoRA over an NF4 (QLoRA paper: 16-value NormalFloat, absmax blocks of 64, optional double
-    quantization of the absmax in blocks of 256) or int8 (blockwise absmax) frozen base. `quantize_experts`
-    quantizes a mixture's stacked experts too (most of its weights), each expert blocked as bitsandbytes would
-    block it as a Linear; bitsandbytes under transformers leaves these stacks unquantized, as the default does."""
+    quantization of the absmax in blocks of 256), int8 (blockwise absmax) or MXFP4 frozen base. `expert_quant`
+    ("nf4", "int8" or "mxfp4") quantizes a mixture's stacked experts too (most of its weights), each expert blocked
+    as bitsandbytes would block it as a Linear (MXFP4: exactly the values GPT-OSS's experts ship in); bitsandbytes
+    under transformers leaves these stacks unquantized, as the default (None) does."""
     name = "qlora"
 
     def __init__(self, rank: int = 8, alpha: float = 16.0, targets=("q_proj", "v_proj"), quant: str = "nf4",
-                 double_quant: bool = False, quantize_experts: bool = False, **lora_options):
-        if quant not in KINDS:
-            raise JpeftError(f"QLoRA quant must be one of {', '.join(KINDS)}, got {quant!r}")
+                 double_quant: bool = False, expert_quant: str | None = None, **lora_options):
+        if quant not in quant_kinds or expert_quant not in (None, *quant_kinds):
+            raise JpeftError(f"QLoRA quant and expert_quant must be one of {', '.join(quant_kinds)} (expert_quant also "
+                             f"None: float experts), got quant={quant!r}, expert_quant={expert_quant!r}")
         if lora_options.get("init") in ("pissa", "olora"):
             raise JpeftError("QLoRA cannot use PiSSA/OLoRA init here: they rewrite the base weight before it is "
                              "quantized; use LoRA(init=...) on a float base")
-        if double_quant and quant != "nf4":
-            raise JpeftError("QLoRA double_quant quantizes NF4's absmax blocks; int8 has none to quantize (as in "
-                             "bitsandbytes): drop double_quant or use quant='nf4'")
+        if double_quant and "nf4" not in (quant, expert_quant):
+            raise JpeftError("QLoRA double_quant quantizes NF4's absmax blocks; int8 and MXFP4 have none to quantize "
+                             "(as in bitsandbytes): drop double_quant or use quant='nf4'")
         super().__init__(rank, alpha, targets, **lora_options)
-        self.quant, self.double_quant, self.quantize_experts = quant, double_quant, quantize_experts
+        self.quant, self.double_quant, self.expert_quant = quant, double_quant, expert_quant
 
     def __repr__(self):
-        experts = ", quantize_experts=True" if self.quantize_experts else ""
+        experts = f", expert_quant={self.expert_quant!r}" if self.expert_quant else ""
         return f"{super().__repr__()[:-1]}, quant={self.quant!r}, double_quant={self.double_quant}{experts})"
 
     def init(self, key, params):
         """Quantize the leaves `quantizes` names (those a quantized load left float), then add LoRA's."""
-        if self.quantize_experts and not any(is_expert_weight(p, m) for p, m in T.modules(params).items()):
-            raise JpeftError("QLoRA quantize_experts: this model has no mixture of experts to quantize")
+        if self.expert_quant and not any(is_expert_weight(p, m) for p, m in T.modules(params).items()):
+            raise JpeftError("QLoRA expert_quant: this model has no mixture of experts to quantize")
         flat = {}
         for path, leaf in T.flatten(params).items():
             flat.update(self.quantized(path, leaf) if self.quantizes(path) else {path: leaf})
@@ -110,11 +112,11 @@ class QLoRA(LoRA):
 
     def quantizes(self, path: str) -> bool:
         """Is the base leaf at `path` stored quantized: a layer stack's dense kernel (not T5's `wo`), and with
-        `quantize_experts` a mixture's expert stack?"""
+        `expert_quant` a mixture's expert stack?"""
         module, name = path.rsplit("/", 1)
         if name == "kernel":
             return T.is_stacked(path) and T.leaf_name(module) not in KEEP_FLOAT
-        return self.quantize_experts and name == "weight" and module.rpartition("/")[0].endswith("experts")
+        return bool(self.expert_quant) and name == "weight" and module.rpartition("/")[0].endswith("experts")
 
     def quantized(self, path: str, weight) -> dict:
         """{path: leaf} of the leaves replacing the weight at `path` (any leading axes: a layer stack, or one layer
@@ -122,8 +124,8 @@ class QLoRA(LoRA):
         (`quant.EXPERT_LEAVES`)."""
         module, name = path.rsplit("/", 1)
         try:
-            codes = quant.quantize(weight if name == "kernel" else jnp.swapaxes(weight, -1, -2), self.quant,
-                                   self.double_quant)
+            codes = quant.quantize(weight if name == "kernel" else jnp.swapaxes(weight, -1, -2),
+                                   self.quant if name == "kernel" else self.expert_quant, self.double_quant)
         except JpeftError as e:
             raise JpeftError(f"{hf_module(module)}: {e}") from None
         return {f"{module}/{name}{k.removeprefix('kernel')}": v for k, v in codes.items()}

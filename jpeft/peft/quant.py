@@ -1,6 +1,6 @@
-"""A frozen dense weight stored in 4 or 8 bits: NF4 (the QLoRA paper) and blockwise int8.
+"""A frozen dense weight stored in 4 or 8 bits: NF4 (the QLoRA paper), blockwise int8, and MXFP4.
 
-A block holds 64 consecutive input elements of one output unit: bitsandbytes' block over
+An NF4 or int8 block holds 64 consecutive input elements of one output unit: bitsandbytes' block over
 PyTorch's flattened [out, in] weight, so codes and scales are bitsandbytes'. The input size
 must be a multiple of 64; below 64 (tiny test models) it is one block per output unit,
 where bitsandbytes' blocks would straddle output units. Leaves that replace `kernel`
@@ -15,6 +15,11 @@ where bitsandbytes' blocks would straddle output units. Leaves that replace `ker
           (output unit major): kernel_absmax_q uint8 [..., in/64, out],
           kernel_absmax_scale f32 [..., ceil(in/64 · out / 256)]
     int8  kernel_int8 int8 [..., in, out] = round(w / absmax · 127), kernel_absmax
+    MXFP4 (the OCP MX format GPT-OSS's experts ship in) kernel_mxfp4 uint8 [..., in/2, out]: codes of FP4 (E2M1)
+          values packed as NF4's, in blocks of 32 inputs scaled by a power of two, kernel_exponent uint8
+          [..., in/32, out] = its exponent + 127 (E8M0): the block's largest magnitude's floor(log2) - 2, so that
+          magnitude lands in [4, 8) and anything past 6 saturates (the MX spec's rule). Values that already
+          are MXFP4 (a dequantized gpt-oss expert) come back exactly.
 
 Codes are the nearest table entries (ties to the lower), as bitsandbytes' CUDA kernels
 pick them. Its CPU 8-bit kernel (0.50, used for double_quant's absmax) first rounds the
@@ -29,13 +34,16 @@ import numpy as np
 
 from jpeft.errors import JpeftError
 
-BLOCK, SCALE_BLOCK = 64, 256
+BLOCK, SCALE_BLOCK, MX_BLOCK = 64, 256, 32
+KINDS = ("nf4", "int8", "mxfp4")
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                 0.7229568362236023, 1.0], np.float32)
-QUANT_LEAVES = ("kernel_nf4", "kernel_int8", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
-                "kernel_absmax_offset")
+FP4 = np.array([-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)  # E2M1's values, sorted
+PACKED = ("kernel_nf4", "kernel_mxfp4")  # two 4-bit codes a byte
+QUANT_LEAVES = (*PACKED, "kernel_int8", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
+                "kernel_absmax_offset", "kernel_exponent")
 # the same leaves of a mixture's stacked expert weight (`weight` [..., E, out, in]): those of its [..., E, in, out]
 # transpose, so each expert's blocks are bitsandbytes' over its own [out, in] weight
 EXPERT_LEAVES = tuple("weight" + n.removeprefix("kernel") for n in QUANT_LEAVES)
@@ -58,7 +66,7 @@ DYNAMIC = _dynamic_map()
 
 
 def is_quantized(leaves: dict) -> bool:
-    return "kernel_nf4" in leaves or "kernel_int8" in leaves
+    return any(n in leaves for n in (*PACKED, "kernel_int8"))
 
 
 def expert_codes(leaves: dict) -> dict:
@@ -70,7 +78,7 @@ def logical_shape(leaves: dict) -> tuple[int, ...]:
     """The shape [..., in, out] of the weight the leaves store."""
     if "kernel_int8" in leaves:
         return tuple(np.shape(leaves["kernel_int8"]))
-    *lead, half, d_out = np.shape(leaves["kernel_nf4"])
+    *lead, half, d_out = np.shape(leaves["kernel_nf4" if "kernel_nf4" in leaves else "kernel_mxfp4"])
     return (*lead, 2 * half, d_out)
 
 
@@ -99,22 +107,32 @@ def quantize(kernel, kind: str = "nf4", double_quant: bool = False) -> dict:
     """The leaves that replace a float `kernel` [..., in, out] (see the module docstring).
 
     jax.numpy throughout, so it runs under jit on a sharded weight without gathering it."""
-    if kind not in ("nf4", "int8"):
-        raise JpeftError(f"unknown quantization {kind!r}; use nf4 or int8")
+    if kind not in KINDS:
+        raise JpeftError(f"unknown quantization {kind!r}; use one of {', '.join(KINDS)}")
     w = jnp.asarray(kernel, jnp.float32)
     *lead, d_in, d_out = w.shape
-    block = min(BLOCK, d_in)
-    if d_in % block or (kind == "nf4" and d_in % 2):
+    size = MX_BLOCK if kind == "mxfp4" else BLOCK
+    block = min(size, d_in)
+    if d_in % block or (kind != "int8" and d_in % 2):
         raise JpeftError(f"cannot quantize a weight of shape {w.shape} to {kind}: its input size {d_in} must be a "
-                         f"multiple of the block size {BLOCK}" + (" (or even, below it)" if kind == "nf4" else ""))
+                         f"multiple of the block size {size}" + (" (or even, below it)" if kind != "int8" else ""))
     blocks = w.reshape(*lead, d_in // block, block, d_out)
-    absmax = jnp.max(jnp.abs(blocks), axis=-2)                      # [..., in/64, out]
+    absmax = jnp.max(jnp.abs(blocks), axis=-2)                      # [..., in/block, out]
+    if kind == "mxfp4":
+        exponent = jnp.clip(jnp.frexp(absmax)[1] - 3, -127, 127)      # floor(log2(absmax)) - 2; 0 gives -127
+        normed = (blocks * jnp.ldexp(jnp.float32(1), -exponent)[..., None, :]).reshape(w.shape)
+        return {"kernel_mxfp4": _pack(_nearest(normed, FP4)), "kernel_exponent": (exponent + 127).astype(jnp.uint8)}
     normed = _normalise(blocks, absmax[..., None, :]).reshape(w.shape)
     if kind == "int8":
         return {"kernel_int8": jnp.round(normed * 127).astype(jnp.int8), "kernel_absmax": absmax}
-    codes = _nearest(normed, NF4).reshape(*lead, d_in // 2, 2, d_out)
-    packed = {"kernel_nf4": (codes[..., 0, :] << 4) | codes[..., 1, :]}
+    packed = {"kernel_nf4": _pack(_nearest(normed, NF4))}
     return {**packed, **(_quantize_absmax(absmax) if double_quant else {"kernel_absmax": absmax})}
+
+
+def _pack(codes):
+    """4-bit codes [..., in, out] -> bytes [..., in/2, out], input row 2i in the high nibble."""
+    pairs = codes.reshape(*codes.shape[:-2], -1, 2, codes.shape[-1])
+    return (pairs[..., 0, :] << 4) | pairs[..., 1, :]
 
 
 def _quantize_absmax(absmax) -> dict:
@@ -151,13 +169,16 @@ def _absmax(leaves: dict):
 def dequantize(leaves: dict, dtype=jnp.float32):
     """The weight [..., in, out] of a quantized module's leaves (other leaf names are ignored),
     computed in float32 and cast to `dtype`; jit-friendly, it fuses into the consuming matmul."""
-    absmax = _absmax(leaves).astype(jnp.float32)
     if "kernel_int8" in leaves:
         values = leaves["kernel_int8"].astype(jnp.float32) / 127
     else:
-        packed = leaves["kernel_nf4"]
+        packed, table = (leaves["kernel_nf4"], NF4) if "kernel_nf4" in leaves else (leaves["kernel_mxfp4"], FP4)
         codes = jnp.stack([packed >> 4, packed & 15], axis=-2)       # [..., in/2, 2, out]
-        values = jnp.asarray(NF4)[codes.reshape(*packed.shape[:-2], -1, packed.shape[-1])]
+        values = jnp.asarray(table)[codes.reshape(*packed.shape[:-2], -1, packed.shape[-1])]
+    if "kernel_exponent" in leaves:
+        scale = jnp.ldexp(jnp.float32(1), leaves["kernel_exponent"].astype(jnp.int32) - 127)
+    else:
+        scale = _absmax(leaves).astype(jnp.float32)
     *lead, d_in, d_out = values.shape
-    blocks = values.reshape(*lead, absmax.shape[-2], -1, d_out) * absmax[..., None, :]
+    blocks = values.reshape(*lead, scale.shape[-2], -1, d_out) * scale[..., None, :]
     return blocks.reshape(*lead, d_in, d_out).astype(dtype)

@@ -18,6 +18,7 @@ from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
 from jpeft.models.hf_experts import Mxfp4, Stacked, Transposed
+from jpeft.peft.qlora import QuantizedExperts
 from jpeft.train import step
 
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared")
@@ -172,10 +173,15 @@ def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "float", dtype=torch.float32).eval()
     np.testing.assert_allclose(torch_logits(reloaded), torch_logits(ref_model), atol=1e-6, rtol=0)
     # QLoRA reading them straight into NF4 experts, a layer's blocks at a time: the codes of the dequantized load's
-    qlora = jpeft.QLoRA(targets=["q_proj"], quantize_experts=True)
+    qlora = jpeft.QLoRA(targets=["q_proj"], expert_quant="nf4")
     read = T.flatten(qlora.init(jax.random.key(0), jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=qlora)[1]))
     quantized = T.flatten(qlora.init(jax.random.key(0), params))
     assert read.keys() == quantized.keys() and all(np.array_equal(read[p], v) for p, v in quantized.items())
+    # ... or into MXFP4 experts: the values it ships, exactly
+    held = T.modules(jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=jpeft.QLoRA(expert_quant="mxfp4"))[1])
+    for name in ("gate_up_proj", "down_proj"):
+        stored = QuantizedExperts.expert_weight(held[f"model/layers/mlp/experts/{name}"], jnp.float32)
+        np.testing.assert_array_equal(np.swapaxes(stored, -1, -2), params["model"]["layers"]["mlp"]["experts"][name]["weight"])
 
 
 def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):

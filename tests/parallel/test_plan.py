@@ -118,7 +118,7 @@ def test_plan_matches_the_compiled_train_step(model_dir, odd_dirs, mixture_dir):
     runs["hra 2x2x2, q/v"] = [*overrides(model_dir, "hra", "2x2x2"), "method.rank=8"]
     runs["qwen2_moe full 2x2x2, experts"] = overrides(mixture_dir, "full", "2x2x2")
     runs["qwen2_moe qlora 2x2x2, quantized experts"] = [*overrides(mixture_dir, "qlora", "2x2x2"),
-                                                         "method.quantize_experts=true",
+                                                         "method.expert_quant=nf4",
                                                          "method.target_parameters=[mlp.experts.down_proj]"]
     result = subprocess.run([sys.executable, "-c", SCRIPT.format(runs=json.dumps(runs))], capture_output=True,
                             text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})

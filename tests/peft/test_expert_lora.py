@@ -116,9 +116,9 @@ def test_a_run_trains_the_experts_lora_alone_and_peft_loads_its_adapter(tiny_run
 
 
 def test_a_qlora_run_on_quantized_experts_trains_their_lora(tiny_run, tmp_path):
-    """`method.quantize_experts` in a run config: the experts' LoRA trains over NF4 stacks, and the adapter it
+    """`method.expert_quant` in a run config: the experts' LoRA trains over NF4 stacks, and the adapter it
     saves is a plain PEFT LoRA on the experts (it loads onto the float base)."""
-    path = trained_experts(tiny_run, tmp_path, "method.name=qlora", "method.quantize_experts=true")
+    path = trained_experts(tiny_run, tmp_path, "method.name=qlora", "method.expert_quant=nf4")
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_parameters"] == BOTH[::-1]
     model, params = jpeft.from_pretrained(path)

@@ -83,6 +83,21 @@ def test_double_quantization_equals_bitsandbytes(seed):
     assert np.all(diff <= 1e-6 * np.abs(reference).reshape(-1, 64) + code_gap[:, None] * (1 + 1e-6))
 
 
+def test_mxfp4_takes_the_mx_scale_and_the_nearest_fp4_values_and_keeps_mxfp4_values_exactly():
+    """Each block of 32 scaled by the power of two that puts its largest magnitude in [4, 8) (the OCP MX rule),
+    every value the nearest FP4 (E2M1) one; weights that already are MXFP4 come back bit for bit."""
+    w = weight((48, 256), seed=4).T  # a kernel [in, out]
+    leaves = quant.quantize(w, "mxfp4")
+    assert leaves["kernel_mxfp4"].shape == (128, 48) and leaves["kernel_exponent"].dtype == np.uint8
+    scale = 2.0 ** (np.asarray(leaves["kernel_exponent"], np.float64) - 127)[:, None, :]  # [8, 1, 48]
+    scaled = w.reshape(8, 32, 48) / scale
+    assert (np.abs(scaled).max(axis=1) >= 4).all() and (np.abs(scaled).max(axis=1) < 8).all()
+    nearest = quant.FP4[np.abs(scaled[..., None] - quant.FP4).argmin(-1)]  # ties to the lower, past 6 to 6
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(leaves)).reshape(8, 32, 48) / scale, nearest)
+    exact = np.asarray(quant.dequantize(leaves))
+    np.testing.assert_array_equal(quant.dequantize(quant.quantize(exact, "mxfp4")), exact)
+
+
 def test_error_within_the_table_bound():
     w = weight((2, 128, 64), seed=1)
     for kind, bound in (("nf4", np.max(np.diff(quant.NF4)) / 2), ("int8", 0.5 / 127)):
@@ -175,7 +190,7 @@ def test_qlora_keeps_t5s_wo_float_names_the_module_and_refuses_int8_double_quant
                                                  tmp_path / "odd"))
     with pytest.raises(jpeft.JpeftError, match=r"model.layers.mlp.down_proj: cannot quantize .* input size 96"):
         jpeft.QLoRA(2, 4, ["q_proj"]).init(jax.random.key(0), odd)
-    with pytest.raises(jpeft.JpeftError, match="double_quant quantizes NF4's absmax blocks; int8 has none"):
+    with pytest.raises(jpeft.JpeftError, match="double_quant quantizes NF4's absmax blocks; int8 and MXFP4 have none"):
         jpeft.QLoRA(2, 4, ["q_proj"], quant="int8", double_quant=True)
 
 
@@ -210,7 +225,7 @@ def test_qlora_is_lora_on_the_dequantized_base(qlora_base, kind, caplog):
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_merges_and_trains(tmp_path, kind):
-    """`quantize_experts`: a mixture's stacks stored in 4 or 8 bits, each expert's NF4 blocks bitsandbytes' over its
+    """`expert_quant`: a mixture's stacks stored in 4 or 8 bits, each expert's NF4 blocks bitsandbytes' over its
     own [out, in] weight; LoRA on attention and on the experts over them merges exactly and gets gradients; counts
     are LoRA's on the float base, and the quantized leaves lie on the mesh as the weight would."""
     from conftest import FAMILIES, check_merges_and_trains, make_hf_model, perturb, save_hf_model
@@ -223,7 +238,7 @@ def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_
     options = dict(rank=2, targets=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     assert "weight" in T.modules(jpeft.QLoRA(**options).init(jax.random.key(0), params))[
         "model/layers/mlp/experts/down_proj"]  # by default the stacks stay float, as under bitsandbytes
-    adapted = jpeft.QLoRA(quant=kind, quantize_experts=True, **options).init(jax.random.key(0), params)
+    adapted = jpeft.QLoRA(quant=kind, expert_quant=kind, **options).init(jax.random.key(0), params)
     for name, (out, d_in) in {"gate_up_proj": (256, 64), "down_proj": (64, 128)}.items():
         leaves = T.modules(adapted)[f"model/layers/mlp/experts/{name}"]
         stored = leaves[f"weight_{kind}"]
@@ -242,8 +257,8 @@ def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 9)))
     check_merges_and_trains(model, params, perturb(adapted, ("lora_b",)), ids)
     dense = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "dense"))[1]
-    with pytest.raises(jpeft.JpeftError, match="quantize_experts: this model has no mixture of experts"):
-        jpeft.QLoRA(quantize_experts=True).init(jax.random.key(0), dense)
+    with pytest.raises(jpeft.JpeftError, match="expert_quant: this model has no mixture of experts"):
+        jpeft.QLoRA(expert_quant="nf4").init(jax.random.key(0), dense)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -256,7 +271,7 @@ def test_a_quantized_load_reads_a_layer_at_a_time_the_codes_quantizing_the_loade
     from jpeft.models import hf
     path = save_hf_model(make_hf_model("mixtral", **FAMILIES["mixtral"], hidden_size=64, intermediate_size=128),
                          tmp_path / "base")
-    method = jpeft.QLoRA(rank=2, targets=["q_proj", "down_proj"], double_quant=True, quantize_experts=True,
+    method = jpeft.QLoRA(rank=2, targets=["q_proj", "down_proj"], double_quant=True, expert_quant="nf4",
                          target_parameters=["mlp.experts.gate_up_proj"])
     expected = T.flatten(method.init(jax.random.key(0), jpeft.from_pretrained(path, dtype=dtype)[1]))
     reads, real = [], hf._read_slice
