@@ -71,8 +71,8 @@ class MethodSection:
     target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)
     quant: str = "nf4"  # QLoRA: nf4 | int8 | mxfp4
     double_quant: bool = False
-    expert_quant: str | None = None  # QLoRA: a mixture's stacked experts quantized too, nf4 | int8 | mxfp4 (None: float,
-    # as bitsandbytes leaves them)
+    # QLoRA: a mixture's stacked experts quantized too, nf4 | int8 | mxfp4 (None: float, as bitsandbytes leaves them)
+    expert_quant: str | None = None
     feedforward: list[str] | None = None
     num_virtual_tokens: int = 20  # prompt / prefix / P-tuning
     init_text: str | None = None  # prompt tuning: start from the embeddings of this text

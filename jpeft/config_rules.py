@@ -11,12 +11,14 @@ import re
 
 from jpeft.config import KEY_TYPES, LORA_KEY, DataSection, RunConfig, coerce, method_options
 from jpeft.errors import ConfigError
+from jpeft.peft.quant import KINDS as QUANT_KINDS
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "method.init": ("peft", "gaussian", "pissa", "olora"),
-    "method.quant": ("nf4", "int8"),
+    "method.quant": QUANT_KINDS,
+    "method.expert_quant": QUANT_KINDS,  # or none: the experts stay float
     "method.kind": ("houlsby", "pfeiffer", "parallel"),
     "method.pooling": ("last", "mean"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -51,7 +53,7 @@ def check(cfg: RunConfig, origins: dict[str, str]) -> None:
         fail("out_dir", f"is the file {cfg.out_dir}, not a directory")
     from jpeft.peft.registry import BY_NAME
     for key, choices in {**CHOICES, "method.name": tuple(BY_NAME)}.items():
-        if get(key) not in choices:
+        if get(key) is not None and get(key) not in choices:  # None: an optional key left unset
             fail(key, f"must be one of {', '.join(choices)}, got {get(key)!r}")
     for key in _POSITIVE:
         if get(key) is not None and get(key) <= 0:

@@ -112,6 +112,8 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.tensor=2", r"has moved to 'mesh.tensor'"),
     ("mesh.fsdp=0", r"'mesh.fsdp'.* must be a positive number of devices or -1"),
     ("train.on_nonfinite=ignore", r"must be one of stop, skip"),
+    ("method.name=qlora & method.expert_quant=fp8",
+     r"'method.expert_quant'.* must be one of nf4, int8, mxfp4, got 'fp8'"),
     ("dist.coordinator=localhost:1234", r"'dist.coordinator'.* needs dist.num_processes and dist.process_id"),
     ("dist.process_id=1", r"'dist.process_id'.* needs dist.coordinator"),
     ("train.keep_checkpoints=0", r"'train.keep_checkpoints'.* must be positive"),

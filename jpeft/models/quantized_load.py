@@ -25,22 +25,24 @@ def read_quantized(method, path: str, shape: tuple, dtype, read, shardings: dict
     device)."""
     layers, one = shape[0], shape[1:]
     codes = quantized_shapes(method, path, one, dtype)
-    stacked = lambda leaf: (None if shardings is None else shardings[leaf])  # noqa: E731
-    per_layer = lambda sharding: None if sharding is None else NamedSharding(sharding.mesh, P(*sharding.spec[1:]))  # noqa: E731
-    out = {leaf: jax.jit(partial(jnp.zeros, (layers, *s.shape), s.dtype), out_shardings=stacked(leaf))()
+    placed = {leaf: None if shardings is None else shardings[leaf] for leaf in codes}
+    out = {leaf: jax.jit(partial(jnp.zeros, (layers, *s.shape), s.dtype), out_shardings=placed[leaf])()
            for leaf, s in codes.items()}
-    write = jax.jit(partial(_write_layer, method, path), donate_argnums=0,
-                    out_shardings=None if shardings is None else {leaf: stacked(leaf) for leaf in codes})
-    weight_sharding = None if shardings is None else per_layer(shardings[path])
+    write = jax.jit(partial(_write_layer, method, path), donate_argnums=0, out_shardings=placed)
     for layer in range(layers):
         at = (slice(layer, layer + 1),)
-        if weight_sharding is None:
+        if shardings is None:
             weight = jnp.asarray(read(at)[0], dtype)
         else:
-            weight = jax.make_array_from_callback(one, weight_sharding,
+            weight = jax.make_array_from_callback(one, _without_layers(shardings[path]),
                                                   lambda index, at=at: read(at + tuple(index))[0].astype(dtype))
         out = write(out, weight, layer)
     return out
+
+
+def _without_layers(sharding: NamedSharding) -> NamedSharding:
+    """A stacked leaf's sharding for one layer's slice of it."""
+    return NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
 
 
 def _write_layer(method, path: str, stacked: dict, weight, layer):

@@ -181,7 +181,8 @@ def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path
     held = T.modules(jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=jpeft.QLoRA(expert_quant="mxfp4"))[1])
     for name in ("gate_up_proj", "down_proj"):
         stored = QuantizedExperts.expert_weight(held[f"model/layers/mlp/experts/{name}"], jnp.float32)
-        np.testing.assert_array_equal(np.swapaxes(stored, -1, -2), params["model"]["layers"]["mlp"]["experts"][name]["weight"])
+        float_stack = params["model"]["layers"]["mlp"]["experts"][name]["weight"]
+        np.testing.assert_array_equal(np.swapaxes(stored, -1, -2), float_stack)
 
 
 def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):

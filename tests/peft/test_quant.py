@@ -247,13 +247,15 @@ def test_quantized_experts_are_bitsandbytes_blocks_per_expert_and_qlora_on_them_
         weights = getattr(torch_model.model.layers[1].mlp.experts, name).detach().numpy()
         for expert, w in enumerate(weights):
             if kind == "nf4":
-                np.testing.assert_allclose(dequantized[1, expert].T, bnb_nf4(w, double_quant=False)[2], rtol=1e-6, atol=0)
+                reference = bnb_nf4(w, double_quant=False)[2]
+                np.testing.assert_allclose(dequantized[1, expert].T, reference, rtol=1e-6, atol=0)
             else:  # half a step of 1/127 of each block's absmax
                 absmax = np.abs(w).max(axis=1, keepdims=True)
                 assert (np.abs(dequantized[1, expert].T - w) <= absmax / 254 * (1 + 1e-6)).all()
     axes = logical_axes(adapted, abstract_params(model))
     assert axes[f"model/layers/mlp/experts/gate_up_proj/weight_{kind}"] == ("layers", "experts", "embed", "mlp")
-    assert jpeft.count_parameters(adapted) == jpeft.count_parameters(jpeft.LoRA(**options).init(jax.random.key(0), params))
+    lora = jpeft.LoRA(**options).init(jax.random.key(0), params)
+    assert jpeft.count_parameters(adapted) == jpeft.count_parameters(lora)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 97, (2, 9)))
     check_merges_and_trains(model, params, perturb(adapted, ("lora_b",)), ids)
     dense = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "dense"))[1]
