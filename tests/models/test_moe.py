@@ -1,6 +1,6 @@
-"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, GraniteMoE) against transformers: logits, gradients of every weight,
-the routers' weights in bfloat16, checkpoint files both ways (their experts read slice by slice), and what jpeft
-refuses."""
+"""Mixtures of experts (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, GraniteMoE(-Shared)) against transformers: logits,
+gradients of every weight, the routers' weights in bfloat16, checkpoint files both ways (their experts read slice by
+slice), and what jpeft refuses."""
 import json
 
 import jax
@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jpeft
-from conftest import FAMILIES, jit_logits, make_hf_model, save_hf_model
+from conftest import FAMILIES, jit_logits, make_hf_model, perturb, save_hf_model
 from jpeft import tree as T
 from jpeft.models import moe
 from jpeft.models.config import ModelConfig
+from jpeft.generate import generate
 from jpeft.models.hf_experts import Mxfp4, Stacked, Transposed
 from jpeft.peft.qlora import QuantizedExperts
 from jpeft.train import step
@@ -177,12 +178,17 @@ def test_gpt_oss_mxfp4_experts_are_read_dequantized_and_saved_as_floats(tmp_path
     read = T.flatten(qlora.init(jax.random.key(0), jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=qlora)[1]))
     quantized = T.flatten(qlora.init(jax.random.key(0), params))
     assert read.keys() == quantized.keys() and all(np.array_equal(read[p], v) for p, v in quantized.items())
-    # ... or into MXFP4 experts: the values it ships, exactly
-    held = T.modules(jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=jpeft.QLoRA(expert_quant="mxfp4"))[1])
+    # ... or into MXFP4 experts: the values it ships, exactly; with LoRA on them it decodes what it predicts
+    exact = jpeft.QLoRA(targets=["q_proj"], expert_quant="mxfp4", target_parameters=["mlp.experts.down_proj"])
+    held = jpeft.from_pretrained(str(tmp_path / "mxfp4"), quantize=exact)[1]
     for name in ("gate_up_proj", "down_proj"):
-        stored = QuantizedExperts.expert_weight(held[f"model/layers/mlp/experts/{name}"], jnp.float32)
+        stored = QuantizedExperts.expert_weight(T.modules(held)[f"model/layers/mlp/experts/{name}"], jnp.float32)
         float_stack = params["model"]["layers"]["mlp"]["experts"][name]["weight"]
         np.testing.assert_array_equal(np.swapaxes(stored, -1, -2), float_stack)
+    tuned = perturb(exact.init(jax.random.key(0), held), ("lora_b",))
+    prompt = [5, 9, 14, 3]
+    got = generate(model, tuned, [prompt], 6, eos_token_id=None)[0]
+    assert np.argmax(jit_logits(model, tuned, [prompt + got[:-1]])[0, 3:], axis=-1).tolist() == got
 
 
 def test_gpt_oss_gradients_of_sinks_biases_router_and_experts_match_torch(tmp_path):
