@@ -52,21 +52,26 @@ class MetricsLog:
 
 class Window:
     """The losses logged at a step, over the steps since the last log, as transformers' Trainer logs them:
-    `loss` the mean of those steps' losses, `loss_<task>` each task's loss over its tokens there. A step whose
-    update was skipped (non-finite) is left out."""
+    `loss` the mean of those steps' losses (and `aux_loss`, a mixture's load-balancing loss, the same way),
+    `loss_<task>` each task's loss over its tokens there. A step whose update was skipped (non-finite) is left
+    out."""
 
     def __init__(self, tasks):
-        self.tasks, self.loss, self.steps = tasks, 0.0, 0
+        self.tasks, self.loss, self.aux_loss, self.steps = tasks, 0.0, 0.0, 0
         self.task_loss, self.task_tokens = np.zeros(len(tasks)), np.zeros(len(tasks))
 
     def add(self, out: dict) -> None:
         self.loss, self.steps = self.loss + float(out["loss"]), self.steps + 1
+        self.aux_loss += float(out.get("aux_loss", 0.0))
         if "task_loss" in out:  # a mixture's
             self.task_loss, self.task_tokens = self.task_loss + out["task_loss"], self.task_tokens + out["task_tokens"]
 
     def losses(self, out: dict) -> dict:
-        """{"loss", "loss_<task>" ...}; with no finite step since the last log, the logged step's own loss."""
+        """{"loss", "aux_loss" (a mixture's), "loss_<task>" ...}; with no finite step since the last log, the logged
+        step's own."""
         record = {"loss": self.loss / self.steps if self.steps else float(out["loss"])}
+        if "aux_loss" in out:
+            record["aux_loss"] = self.aux_loss / self.steps if self.steps else float(out["aux_loss"])
         for task, loss, count in zip(self.tasks, self.task_loss, self.task_tokens):
             if count:
                 record[f"loss_{task.name}"] = float(loss / count)

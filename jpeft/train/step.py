@@ -28,7 +28,8 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, route
     A packed batch brings `positions`; one with `loss_index` [B, K] gets the LM head (and its
     backward) only at those K positions of each row, which hold all of its loss. With `router_loss`
     a mixture of experts whose config weighs it (`router_aux_loss_coef`) adds its routers' load-balancing
-    loss to the mean, as transformers adds it in training: coefficient · loss · tokens to the sum.
+    loss to the mean, as transformers adds it in training: coefficient · loss · tokens to the sum; the
+    result then has a third value, that loss unweighted (transformers' `aux_loss`; 0 where none is added).
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     coef = model.config.router_aux_loss_coef if router_loss else 0.0
@@ -47,10 +48,12 @@ def token_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, route
         labels, weights = (jnp.take_along_axis(a, index, axis=1) for a in (labels, weights))
     nll, count = chunked_cross_entropy(hidden, model.head_leaves(params), labels, weights, chunk, model.logits,
                                        dropout_rng)
+    balance = jnp.zeros(())
     if coef:
         real = batch["attention_mask"].reshape(-1) > 0
-        nll = nll + coef * count * moe.balance_loss(model.config, moe.router_logits(sown["intermediates"]), real)
-    return nll, count
+        balance = moe.balance_loss(model.config, moe.router_logits(sown["intermediates"]), real)
+        nll = nll + coef * count * balance
+    return (nll, count, balance) if router_loss else (nll, count)
 
 
 def class_loss(model, params, batch, dropout_rng=None):
@@ -63,9 +66,11 @@ def class_loss(model, params, batch, dropout_rng=None):
 
 def batch_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, router_loss: bool = False):
     """(summed loss, count) of what the batch holds: a class per row (`labels` [B]) or next tokens ([B, T]),
-    the latter with a mixture's load-balancing loss where `router_loss` (a train step's)."""
+    the latter with a mixture's load-balancing loss where `router_loss` (a train step's; then also that loss
+    unweighted, as `token_loss`)."""
     if batch["labels"].ndim == 1:
-        return class_loss(model, params, batch, dropout_rng)
+        return (*class_loss(model, params, batch, dropout_rng), jnp.zeros(())) if router_loss else \
+            class_loss(model, params, batch, dropout_rng)
     return token_loss(model, params, batch, dropout_rng, chunk, router_loss)
 
 
@@ -93,27 +98,30 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
         key = jax.random.fold_in(base_key, state["step"])
 
         def micro(carry, xs):
-            grads, loss, count, by_task = carry
+            grads, loss, count, balance, by_task = carry
             index, mb = xs
             rng = jax.random.fold_in(key, index) if dropout else None
             weights = mb["loss_mask"]
 
             def loss_of(tr, w):
-                return batch_loss(model, T.combine(tr, frozen), {**mb, "loss_mask": w}, rng, chunk, router_loss=True)
+                l, n, b = batch_loss(model, T.combine(tr, frozen), {**mb, "loss_mask": w}, rng, chunk,
+                                     router_loss=True)
+                return l, (n, b)
 
-            (l, n), g = jax.value_and_grad(loss_of, argnums=(0, 1) if tasks else 0, has_aux=True)(
+            (l, (n, b)), g = jax.value_and_grad(loss_of, argnums=(0, 1) if tasks else 0, has_aux=True)(
                 state["trainable"], weights)
             if tasks:
                 g, token_loss = g
                 by_task = by_task + jnp.stack([
                     jax.ops.segment_sum(a.reshape(len(a), -1).sum(axis=1), mb["task"], num_segments=tasks)
                     for a in (token_loss * weights, weights)])
-            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, by_task), None
+            return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, balance + b, by_task), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
         accum = jax.tree.leaves(batch)[0].shape[0]
-        (grads, loss, count, by_task), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((2, tasks))), (jnp.arange(accum), batch))
+        (grads, loss, count, balance, by_task), _ = jax.lax.scan(
+            micro, (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jnp.zeros((2, tasks))),
+            (jnp.arange(accum), batch))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -130,6 +138,8 @@ def make_train_step(model, optimizer, seed: int, dropout: bool, state_shardings=
                    "tokens": jnp.sum(batch["attention_mask"] > 0)}
         if tasks:
             metrics["task_loss"], metrics["task_tokens"] = by_task
+        if model.config.router_aux_loss_coef:  # the routers' load-balancing loss (in `loss`, weighted), per micro-batch
+            metrics["aux_loss"] = balance / accum
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)

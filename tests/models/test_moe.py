@@ -264,12 +264,13 @@ def test_the_load_balancing_loss_and_its_gradients_match_transformers(family, tm
     out.loss.backward()
 
     def mean_loss(p, router_loss=True):
-        total, count = step.token_loss(model, p, batch, router_loss=router_loss)
-        return total / count
+        total, count, *balance = step.token_loss(model, p, batch, router_loss=router_loss)
+        return total / count, balance
 
-    loss, grads = jax.value_and_grad(mean_loss)(params)
+    (loss, [balance]), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
     np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-6)
-    np.testing.assert_allclose(float(mean_loss(params, router_loss=False)), (out.loss - 0.5 * out.aux_loss).item(),
+    np.testing.assert_allclose(float(balance), out.aux_loss.item(), rtol=1e-6)  # the train step's aux_loss metric
+    np.testing.assert_allclose(float(mean_loss(params, router_loss=False)[0]), (out.loss - 0.5 * out.aux_loss).item(),
                                rtol=1e-6)
     layers = T.flatten(grads["model"]["layers"])
     for layer, torch_layer in enumerate(ref_model.model.layers):

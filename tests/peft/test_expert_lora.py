@@ -93,8 +93,12 @@ def trained_experts(tiny_run, tmp_path, *overrides) -> str:
     trainer.train(run_config({**tiny_run, "model": path}, tmp_path / "run", "method.name=lora", "method.targets=[]",
                              f"method.target_parameters=[{','.join(BOTH)}]", "train.lr=5e-2", "train.steps=8",
                              *overrides), progress=False)
-    losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
+    records = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in records]
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    # with the routers' loss in training, the steps log it apart too (unweighted, as transformers' aux_loss)
+    assert all(("aux_loss" in r) == ("model.router_aux_loss_coef=0.01" in overrides) for r in records)
+    assert all(0 < r["aux_loss"] <= 4 for r in records if "aux_loss" in r), records  # E · Σ f·P of 4 experts
     return path
 
 
