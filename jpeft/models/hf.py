@@ -171,11 +171,11 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     target = DTYPES[dtype] if dtype else jnp.float32
     exact = T.flatten(keep_float32(T.unflatten(expected))) if keep_float32 else {}
     quantizes = (lambda path: False) if quantize is None else quantize.quantizes  # noqa: E731
-    codes = {p: s for path, spec in expected.items() if quantizes(path)
-             for p, s in quantized_shapes(quantize, path, spec.shape, target).items()}
     shardings = None
-    if mesh is not None:
+    if mesh is not None:  # the quantized leaves' too, as their weights' would lie
         from jpeft.parallel.mesh import param_shardings
+        codes = {p: s for path, spec in expected.items() if quantizes(path)
+                 for p, s in quantized_shapes(quantize, path, spec.shape, target).items()}
         shardings = T.flatten(param_shardings(T.unflatten({**expected, **codes}), abstract, mesh))
     handles: dict[str, object] = {}
     flat = {}

@@ -286,7 +286,12 @@ EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 def is_expert_weight(path: str, leaves: dict) -> bool:
     """Is this module a mixture's stacked expert weight (`sites.experts`: `.../experts/gate_up_proj/weight`, or
     QLoRA's quantized leaves in its place)?"""
-    return any(n in leaves for n in ("weight", *EXPERT_LEAVES)) and path.rpartition("/")[0].endswith("experts")
+    return any(n in leaves for n in ("weight", *EXPERT_LEAVES)) and in_experts(path)
+
+
+def in_experts(path: str) -> bool:
+    """Is `path` a module of a mixture's experts module (`.../experts/gate_up_proj`)?"""
+    return path.rpartition("/")[0].endswith("experts")
 
 
 def expert_shape(leaves: dict) -> tuple[int, ...]:

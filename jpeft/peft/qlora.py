@@ -18,7 +18,7 @@ from jpeft import tree as T
 from jpeft.errors import JpeftError
 from jpeft.peft import quant
 from jpeft.peft.quant import KINDS as quant_kinds
-from jpeft.peft.base import Method, hf_module, is_expert_weight
+from jpeft.peft.base import Method, hf_module, in_experts, is_expert_weight
 from jpeft.peft.lora import LoRA
 
 log = logging.getLogger("jpeft.peft")
@@ -116,7 +116,7 @@ class QLoRA(LoRA):
         module, name = path.rsplit("/", 1)
         if name == "kernel":
             return T.is_stacked(path) and T.leaf_name(module) not in KEEP_FLOAT
-        return bool(self.expert_quant) and name == "weight" and module.rpartition("/")[0].endswith("experts")
+        return bool(self.expert_quant) and name == "weight" and in_experts(module)
 
     def quantized(self, path: str, weight) -> dict:
         """{path: leaf} of the leaves replacing the weight at `path` (any leading axes: a layer stack, or one layer

@@ -69,8 +69,8 @@ def batch_loss(model, params, batch, dropout_rng=None, chunk: int = CHUNK, route
     the latter with a mixture's load-balancing loss where `router_loss` (a train step's; then also that loss
     unweighted, as `token_loss`)."""
     if batch["labels"].ndim == 1:
-        return (*class_loss(model, params, batch, dropout_rng), jnp.zeros(())) if router_loss else \
-            class_loss(model, params, batch, dropout_rng)
+        loss = class_loss(model, params, batch, dropout_rng)
+        return (*loss, jnp.zeros(())) if router_loss else loss
     return token_loss(model, params, batch, dropout_rng, chunk, router_loss)
 
 
