@@ -4,7 +4,7 @@ Methods PEFT has (LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, IA3, traina
 prefix tuning, adaption prompts) are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
 method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
-method's `peft_type`; `tree` is every module of the base, so `target_modules` select exactly the
+method's `peft_type`; LoRA's is lora_format.py; `tree` is every module of the base, so `target_modules` select exactly the
 adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
 the same style (see `bottleneck.py`). Norm tuning trains base leaves, which only its mask tells apart, and is
 written as PEFT's LN tuning; BitFit, which PEFT lacks, uses `peft_type` "JPEFT", `method` naming it, and the
@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError, read_json
 from jpeft.models.hf import hf_names
-from jpeft.peft import adalora, classifier, norm, saved_modules
+from jpeft.peft import adalora, classifier, lora_format, norm, saved_modules
 from jpeft.peft.base import without_excluded
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import BY_NAME, METHODS
@@ -40,8 +40,10 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # tensors that belong to no module of the base: prompt learning's one, VeRA's shared projections
 UNPREFIXED = ("prompt_embeddings", "base_model.vera_")
 CLASSES = {cls.peft_type: cls for cls in (*METHODS, norm.NormTuning) if getattr(cls, "peft_type", None)}
-# peft_type -> its module's to_peft and from_peft; AdaLoRA's from_peft alone (read as the LoRA it computes)
-PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}, "ADALORA": adalora}
+# peft_type -> its module's to_peft and from_peft (LoRA's in lora_format.py); AdaLoRA's from_peft alone (read as the
+# LoRA it computes)
+PEFT_FAMILIES = {**{t: sys.modules[cls.__module__] for t, cls in CLASSES.items()}, "LORA": lora_format,
+                 "ADALORA": adalora}
 # adapter_config fields that change the math; jpeft refuses rather than ignores them (modules_to_save
 # only beyond a SEQ_CLS adapter's classification head). `fan_in_fan_out` only says how the torch base
 # stores its weight (GPT-2's Conv1D): jpeft's kernels are [in, out] whatever the file.

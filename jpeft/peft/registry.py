@@ -3,7 +3,7 @@
 `METHODS` are the leaf families the insertion points and the tree-wide operations (mask,
 count, merge, axes, adapter export) consult, in the order their hooks apply; `BY_NAME` maps
 `method.name` in a run config to the user-facing class. A class with a `peft_type` has an
-adapter-directory mapping (`to_peft` / `from_peft`) in its own module.
+adapter-directory mapping (`to_peft` / `from_peft`) in its own module (LoRA's in lora_format.py).
 """
 from jpeft.peft.base import RebuiltWeight
 from jpeft.peft.bitfit import BitFit
