@@ -11,56 +11,12 @@ import dataclasses
 from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
+from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES,
+                                   GEMMA_TYPES, GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES, MOE_FIELDS,
+                                   PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
+                                   SANDWICH_NORMS, SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
+                                   residual_dropout_rate, dropout_rate, activation, family_config)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
-
-SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",
-                   "t5", "gpt2")
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
-OLMO_TYPES = ("olmo2", "olmo3")
-POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
-GLM_TYPES = ("glm", "glm4")
-GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
-QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
-# the config.json field of a family's dropout on each block's output before the residual sum
-RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
-PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
-FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
-QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
-                 **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
-# Mixture-of-experts families: config.json's field of their expert count and of each expert's width
-MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
-              "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
-              **dict.fromkeys(("gpt_oss", *GRANITE_MOE_TYPES), ("num_local_experts", "intermediate_size"))}
-# Mixture-of-experts families whose router is a softmax over the top-k logits (the renormalised top-k of the full one)
-TOPK_SOFTMAX_TYPES = ("mixtral", "gpt_oss", *GRANITE_MOE_TYPES)
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
-ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
-T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
-# the names of a block's norms after attention, before the MLP and after it where it has all three (Gemma 2/3's)
-SANDWICH_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
-# config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
-# Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
-# Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
-FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
-                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
-    "qkv_bias": ("qwen2_moe",),
-    "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
-    "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
-    "use_bias": ("ernie4_5",),  # every projection's bias
-    "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
-    "clip_qkv": ("olmoe",),
-    "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
-    "final_logit_softcapping": ("gemma2", "gemma3_text"),
-    "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
-    **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
-                    ("granite", *GRANITE_MOE_TYPES)),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,9 +190,9 @@ class ModelConfig:
         if model_type == "gpt2":
             return _gpt2(hf, source, need).replace(pad_token_id=pad)
         gemma = model_type in GEMMA_TYPES
-        family = _family_config(hf, source)
+        family = family_config(hf, source)
         own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
-        act = _activation(hf, model_type)
+        act = activation(hf, model_type)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
         if model_type in ("gemma", "gemma3_text") and hf.get("use_bidirectional_attention"):
@@ -253,7 +209,7 @@ class ModelConfig:
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope, local_rope = read_ropes(family.rope_parameters, hf, source, partial, head_dim)
         bias = bool(own("attention_bias") or own("use_bias"))
-        moe = _experts(model_type, family, layers, source)
+        moe = expert_fields(model_type, family, layers, source)
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -285,7 +241,7 @@ class ModelConfig:
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
-            rope_layers=_rope_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
+            rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             longrope_rereads=model_type == "phi3",
             gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
@@ -300,9 +256,9 @@ class ModelConfig:
             attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
             logits_scaling=float(own("logits_scaling") or 1.0),
             # ERNIE 4.5's attention drops nothing, whatever a file says
-            attention_dropout=0.0 if model_type == "ernie4_5" else _rate(family.attention_dropout, "attention_dropout",
+            attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout, "attention_dropout",
                                                                           source),
-            residual_dropout=_residual_dropout(model_type, family, source),
+            residual_dropout=residual_dropout_rate(model_type, family, source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
@@ -328,7 +284,7 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
                               f"or [gated-]{{{', '.join(T5_ACTIVATIONS)}}}")
     scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     heads, layers = need("num_heads"), need("num_layers")
-    rate = _rate(hf.get("dropout_rate", 0.1), "dropout_rate", source)
+    rate = dropout_rate(hf.get("dropout_rate", 0.1), "dropout_rate", source)
     return ModelConfig(
         model_type="t5", vocab_size=need("vocab_size"), hidden_size=need("d_model"), intermediate_size=need("d_ff"),
         num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=need("d_kv"),
@@ -359,93 +315,10 @@ def _gpt2(hf: dict, source: str, need) -> ModelConfig:
         num_kv_heads=heads, head_dim=hidden // heads, rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True, mlp_bias=True,
         hidden_act=act, gated_mlp=False,
-        embed_dropout=_rate(hf.get("embd_pdrop", 0.1), "embd_pdrop", source),
-        attention_dropout=_rate(hf.get("attn_pdrop", 0.1), "attn_pdrop", source),
-        residual_dropout=_rate(hf.get("resid_pdrop", 0.1), "resid_pdrop", source),
+        embed_dropout=dropout_rate(hf.get("embd_pdrop", 0.1), "embd_pdrop", source),
+        attention_dropout=dropout_rate(hf.get("attn_pdrop", 0.1), "attn_pdrop", source),
+        residual_dropout=dropout_rate(hf.get("resid_pdrop", 0.1), "resid_pdrop", source),
         max_position_embeddings=hf.get("n_positions", 1024), hf_config=dict(hf))
-
-
-def _experts(model_type: str, family, layers: int, source: str) -> dict:
-    """The MoE fields of a mixture-of-experts family (`MOE_FIELDS`), {} for a dense one. Refused: dense MLP
-    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`)."""
-    if model_type not in MOE_FIELDS:
-        return {}
-    experts, k = getattr(family, MOE_FIELDS[model_type][0]), family.num_experts_per_tok
-    if not isinstance(experts, int) or isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= experts:
-        raise CheckpointError(f"{source}: a {model_type} model needs num_experts_per_tok (got {k!r}) between 1 and "
-                              f"its number of experts (got {experts!r})")
-    step, dense = getattr(family, "decoder_sparse_step", 1) or 1, getattr(family, "mlp_only_layers", None) or []
-    if step != 1 or dense:
-        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
-        if len(sparse) != layers:
-            raise CheckpointError(f"{source}: layers {sorted(set(range(layers)) - set(sparse))} have a dense MLP "
-                                  "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
-                                  "the experts")
-    return dict(num_experts=experts, experts_per_token=k,
-                norm_topk_prob=model_type in TOPK_SOFTMAX_TYPES or bool(getattr(family, "norm_topk_prob", False)),
-                float32_expert_weights=model_type == "mixtral",
-                shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
-                router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0,
-                router_jitter=_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source),
-                **(dict(router_name="router", router_bias=True, expert_bias=True,
-                        swiglu_limit=float(family.swiglu_limit), swiglu_alpha=float(family.swiglu_alpha))
-                   if model_type == "gpt_oss" else {}),
-                **(dict(router_name="router", moe_name="block_sparse_moe",
-                        shared_mlp_size=getattr(family, "shared_intermediate_size", 0) or 0)
-                   if model_type in GRANITE_MOE_TYPES else {}))
-
-
-def _rope_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:
-    """Which layers rotate, where not all do: SmolLM3's per-layer switch (`no_rope_layers`: 1 where a layer rotates,
-    every fourth one not by default, as its transformers config derives them); EXAONE 4's sliding layers alone
-    where it has a window."""
-    if model_type == "exaone4" and window is not None:
-        return tuple(kind == SLIDING for kind in layer_types)
-    if model_type != "smollm3":
-        return ()
-    flags = tuple(family.no_rope_layers)
-    if len(flags) != layers or set(flags) - {0, 1}:
-        raise CheckpointError(f"{source}: no_rope_layers must give 0 or 1 for each of the {layers} layers, got "
-                              f"{list(flags)}")
-    return tuple(map(bool, flags))
-
-
-def _residual_dropout(model_type: str, family, source: str) -> float:
-    """The rate of the family's dropout on each block's output (`RESIDUAL_DROPOUT_FIELDS`), 0 for the others."""
-    field = RESIDUAL_DROPOUT_FIELDS.get(model_type)
-    return _rate(getattr(family, field), field, source) if field else 0.0
-
-
-def _rate(value, key: str, source: str) -> float:
-    """A dropout rate from config.json: a number in [0, 1) (null is transformers' 0)."""
-    value = 0.0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise CheckpointError(f"{source}: {key} must be a dropout rate in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _activation(hf: dict, model_type: str) -> str:
-    """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`,
-    the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too."""
-    if model_type in ("gemma2", "gemma3_text"):
-        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    elif model_type == "gemma":
-        act = hf.get("hidden_act", "gelu_pytorch_tanh")
-        act = "gelu_pytorch_tanh" if act == "gelu" else act
-    else:
-        act = hf.get("hidden_act", "silu")
-    return ACTIVATION_ALIASES.get(act, act)
-
-
-def _family_config(hf: dict, source: str):
-    """The family's transformers config of this config.json: the defaults of fields the file leaves out, its
-    layer kinds (derived in older Qwen2/3 and Gemma 2/3 files) and its RoPE as transformers resolves it, so
-    none of them can drift from the family's own rules."""
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.for_model(**hf)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None
 
 
 def read_config(path: str) -> ModelConfig:

@@ -24,7 +24,8 @@ from jpeft import tree as T
 from jpeft.errors import CheckpointError, ConfigError, read_json
 from jpeft.hardware import resolve_dtype
 from jpeft.models import hf_experts
-from jpeft.models.config import FAMILY_FIELDS, ModelConfig, read_config
+from jpeft.models.config import ModelConfig, read_config
+from jpeft.models.families import FAMILY_FIELDS
 from jpeft.models.llama import CausalLM
 from jpeft.models.quantized_load import quantized_shapes, read_quantized
 from jpeft.models.gpt2 import GPT2
