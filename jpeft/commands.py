@@ -112,7 +112,7 @@ def cmd_generate(args) -> None:
 
     from jpeft.data.chat import generation_prompts
     from jpeft.generate import generate_text
-    from jpeft.models.hf import decoding_settings
+    from jpeft.models.generation_config import decoding_settings
     check_chat(args)
     model, params, tokenizer = load(args.model, args.adapter, args.dtype)
     if settings := decoding_settings(args.model):
