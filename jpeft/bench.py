@@ -254,8 +254,9 @@ def add_arguments(parser) -> None:
                              "--warmup untimed ones, and the malloc options")
     parser.add_argument("--load", action="store_true",
                         help="instead of train steps: peak host RSS of loading a random HF checkpoint onto "
-                             "8 fake CPU devices (mesh.fsdp=8), whole then sharded vs "
-                             "sharded from birth; uses the model sizes, --dtype and malloc options")
+                             "8 fake CPU devices (mesh.fsdp=8), whole then sharded vs sharded from birth (with "
+                             "--method qlora: a float base quantized after loading vs read straight into its NF4 "
+                             "codes); uses the model sizes, --dtype, --rank and malloc options")
     parser.add_argument("--sft", metavar="FILE",
                         help="instead: LoRA-fine-tune on a DialogSum-shaped JSONL (dialogue, summary), jpeft "
                              "(packed rows) against HF PEFT (padded batches): target tok/s and seconds to the "
@@ -265,7 +266,8 @@ def add_arguments(parser) -> None:
                         help="what to train: LoRA, full fine-tuning, QLoRA on an NF4 base (jpeft only) "
                              "(default lora full)")
     parser.add_argument("--method", choices=["qlora"], default=None,
-                        help="qlora: NF4-base QLoRA beside LoRA on a bf16 base (memory and speed); sets --modes")
+                        help="qlora: NF4-base QLoRA beside LoRA on a bf16 base (memory and speed); sets --modes "
+                             "(with --load: how a QLoRA base loads)")
     for name, default, text in (
             ("steps", None, "timed train steps per process, its tok/s their median (default 5; --sft: train "
                             "steps of each side, default 100)"),
@@ -333,11 +335,11 @@ def main(args) -> None:
         return
     if args.load:
         from jpeft.bench_load import format_load_table, run_load_bench
-        if args.against or args.method:
-            raise JpeftError("bench: --load measures loading only; drop --against/--method")
+        if args.against:
+            raise JpeftError("bench: --load measures jpeft's loading only; drop --against")
         result = run_load_bench(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                                 kv_heads=args.kv_heads, mlp=args.mlp, dtype=args.dtype,
-                                tune_malloc=args.tune_malloc)
+                                tune_malloc=args.tune_malloc, method=args.method, rank=args.rank)
         print(json.dumps(result) if args.json else format_load_table(result))
         return
     modes, dtype = (("lora", "qlora"), "bfloat16") if args.method == "qlora" else (tuple(args.modes), args.dtype)

@@ -144,7 +144,7 @@ def test_bad_options_are_jpeft_errors_naming_the_option(options, message):
 def test_load_with_against_is_a_jpeft_error():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    with pytest.raises(JpeftError, match="--load measures loading only"):
+    with pytest.raises(JpeftError, match="--load measures jpeft's loading only"):
         main(parser.parse_args(["--load", "--against", "hf-peft"]))
 
 
@@ -180,3 +180,30 @@ def test_load_bench_loads_the_same_values_both_ways_and_sharded_costs_no_more():
     assert len(s["devices"]) == 8 and s["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert s["malloc_env"]["MALLOC_ARENA_MAX"] == "4"
     assert "sharded_from_birth" in format_load_table(result)
+
+
+def test_qlora_load_bench_reads_the_same_codes_either_way():
+    """--load --method qlora: a float base quantized after loading and one read straight into its codes end in
+    the same QLoRA tree (codes exactly; double quantization's float statistics to a float32 ulp, as XLA sums a
+    layer and a stack in different orders)."""
+    size = {k: TINY[k] for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "mlp")}
+    result = run_load_bench(**size, dtype="bfloat16", method="qlora", rank=4, timeout=300)
+    r = result["load"]
+    after, read = r["quantize_after_load"]["checksum"], r["quantized_load"]["checksum"]
+    codes = "model/layers/self_attn/q_proj/kernel_nf4"
+    assert {codes, "model/layers/mlp/down_proj/kernel_absmax_q", "model/layers/self_attn/q_proj/lora_a",
+            "model/embed_tokens/embedding"} <= set(read)
+    assert "model/layers/mlp/down_proj/kernel" not in read  # every layer weight quantized, not only the targets
+    assert set(after) == set(read)
+    for path in read:
+        if path.endswith(("_offset", "_scale")) and "lora" not in path:
+            assert read[path] == pytest.approx(after[path], rel=1e-6), path
+        else:
+            assert read[path] == after[path], path
+    for w in (r["quantize_after_load"], r["quantized_load"]):
+        assert w["load_mb"] == pytest.approx(w["peak_rss_mb"] - r["baseline_rss_mb"]) and w["load_s"] > 0
+    assert r["ratio"] == pytest.approx(r["quantized_load"]["load_mb"] / r["quantize_after_load"]["load_mb"])
+    assert "QLoRA(" in result["settings"]["method"] and "double_quant=True" in result["settings"]["method"]
+    assert "quantized_load/quantize_after_load" in format_load_table(result)
+    with pytest.raises(JpeftError, match="--method 'ia3'"):
+        run_load_bench(**size, method="ia3")

@@ -1,0 +1,140 @@
+"""What the model families differ in: which config.json fields each family's transformers model reads, and
+the rules by which jpeft reads a family's own fields (its experts, its rotating layers, its dropout, its
+activation). `ModelConfig.from_hf` (config.py) puts them together.
+"""
+from __future__ import annotations
+
+from jpeft.errors import CheckpointError
+from jpeft.models.rope_params import SLIDING
+
+SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
+                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",
+                   "t5", "gpt2")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+OLMO_TYPES = ("olmo2", "olmo3")
+POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
+GLM_TYPES = ("glm", "glm4")
+GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
+QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
+# the config.json field of a family's dropout on each block's output before the residual sum
+RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
+PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
+FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
+QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
+                 **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
+# Mixture-of-experts families: config.json's field of their expert count and of each expert's width
+MOE_FIELDS = {"mixtral": ("num_local_experts", "intermediate_size"), "qwen2_moe": ("num_experts", "moe_intermediate_size"),
+              "qwen3_moe": ("num_experts", "moe_intermediate_size"), "olmoe": ("num_experts", "intermediate_size"),
+              **dict.fromkeys(("gpt_oss", *GRANITE_MOE_TYPES), ("num_local_experts", "intermediate_size"))}
+# Mixture-of-experts families whose router is a softmax over the top-k logits (the renormalised top-k of the full one)
+TOPK_SOFTMAX_TYPES = ("mixtral", "gpt_oss", *GRANITE_MOE_TYPES)
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
+ACTIVATION_ALIASES = {"gelu_new": "gelu_pytorch_tanh", "swish": "silu"}  # transformers' names for the same functions
+T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_pytorch_tanh", "silu": "silu"}
+# the names of a block's norms after attention, before the MLP and after it where it has all three (Gemma 2/3's)
+SANDWICH_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")
+# config.json fields that only some families' transformers models read; the others ignore them, and so does jpeft.
+# Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
+# Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
+FAMILY_FIELDS = {
+    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
+                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
+    "qkv_bias": ("qwen2_moe",),
+    "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
+    "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
+    "use_bias": ("ernie4_5",),  # every projection's bias
+    "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
+                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
+    "clip_qkv": ("olmoe",),
+    "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
+    "final_logit_softcapping": ("gemma2", "gemma3_text"),
+    "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
+    **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
+                    ("granite", *GRANITE_MOE_TYPES)),
+}
+
+
+def expert_fields(model_type: str, family, layers: int, source: str) -> dict:
+    """The MoE fields of a mixture-of-experts family (`MOE_FIELDS`), {} for a dense one. Refused: dense MLP
+    layers between the sparse ones (Qwen's `mlp_only_layers`, `decoder_sparse_step`)."""
+    if model_type not in MOE_FIELDS:
+        return {}
+    experts, k = getattr(family, MOE_FIELDS[model_type][0]), family.num_experts_per_tok
+    if not isinstance(experts, int) or isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= experts:
+        raise CheckpointError(f"{source}: a {model_type} model needs num_experts_per_tok (got {k!r}) between 1 and "
+                              f"its number of experts (got {experts!r})")
+    step, dense = getattr(family, "decoder_sparse_step", 1) or 1, getattr(family, "mlp_only_layers", None) or []
+    if step != 1 or dense:
+        sparse = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+        if len(sparse) != layers:
+            raise CheckpointError(f"{source}: layers {sorted(set(range(layers)) - set(sparse))} have a dense MLP "
+                                  "(mlp_only_layers, decoder_sparse_step); jpeft runs models whose every layer has "
+                                  "the experts")
+    return dict(num_experts=experts, experts_per_token=k,
+                norm_topk_prob=model_type in TOPK_SOFTMAX_TYPES or bool(getattr(family, "norm_topk_prob", False)),
+                float32_expert_weights=model_type == "mixtral",
+                shared_expert_size=getattr(family, "shared_expert_intermediate_size", 0) or 0,
+                router_aux_loss_coef=float(family.router_aux_loss_coef) if family.output_router_logits else 0.0,
+                router_jitter=dropout_rate(getattr(family, "router_jitter_noise", 0.0), "router_jitter_noise", source),
+                **(dict(router_name="router", router_bias=True, expert_bias=True,
+                        swiglu_limit=float(family.swiglu_limit), swiglu_alpha=float(family.swiglu_alpha))
+                   if model_type == "gpt_oss" else {}),
+                **(dict(router_name="router", moe_name="block_sparse_moe",
+                        shared_mlp_size=getattr(family, "shared_intermediate_size", 0) or 0)
+                   if model_type in GRANITE_MOE_TYPES else {}))
+
+
+def rotating_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:
+    """Which layers rotate, where not all do: SmolLM3's per-layer switch (`no_rope_layers`: 1 where a layer rotates,
+    every fourth one not by default, as its transformers config derives them); EXAONE 4's sliding layers alone
+    where it has a window."""
+    if model_type == "exaone4" and window is not None:
+        return tuple(kind == SLIDING for kind in layer_types)
+    if model_type != "smollm3":
+        return ()
+    flags = tuple(family.no_rope_layers)
+    if len(flags) != layers or set(flags) - {0, 1}:
+        raise CheckpointError(f"{source}: no_rope_layers must give 0 or 1 for each of the {layers} layers, got "
+                              f"{list(flags)}")
+    return tuple(map(bool, flags))
+
+
+def residual_dropout_rate(model_type: str, family, source: str) -> float:
+    """The rate of the family's dropout on each block's output (`RESIDUAL_DROPOUT_FIELDS`), 0 for the others."""
+    field = RESIDUAL_DROPOUT_FIELDS.get(model_type)
+    return dropout_rate(getattr(family, field), field, source) if field else 0.0
+
+
+def dropout_rate(value, key: str, source: str) -> float:
+    """A dropout rate from config.json: a number in [0, 1) (null is transformers' 0)."""
+    value = 0.0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise CheckpointError(f"{source}: {key} must be a dropout rate in [0, 1), got {value!r}")
+    return float(value)
+
+
+def activation(hf: dict, model_type: str) -> str:
+    """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`,
+    the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too."""
+    if model_type in ("gemma2", "gemma3_text"):
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    elif model_type == "gemma":
+        act = hf.get("hidden_act", "gelu_pytorch_tanh")
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
+    else:
+        act = hf.get("hidden_act", "silu")
+    return ACTIVATION_ALIASES.get(act, act)
+
+
+def family_config(hf: dict, source: str):
+    """The family's transformers config of this config.json: the defaults of fields the file leaves out, its
+    layer kinds (derived in older Qwen2/3 and Gemma 2/3 files) and its RoPE as transformers resolves it, so
+    none of them can drift from the family's own rules."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.for_model(**hf)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None
