@@ -265,6 +265,17 @@ def dialogsum_rows(n: int, start: int = 0) -> list[dict]:
         return [json.loads(line) for line in f][start:start + n]
 
 
+# Decoding tests' weights: at the default 0.02 attention is so flat that wrong positions pass
+SHARP = dict(initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory):
+    """jpeft's (model, params) of a tiny Llama with SHARP weights (test_generate.py, test_sampling.py)."""
+    import jpeft
+    return jpeft.from_pretrained(save_hf_model(make_hf_model("llama", **SHARP), tmp_path_factory.mktemp("llama")))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny Llama with its own BPE tokenizer (an HF dir) and DialogSum-shaped train/eval JSONL."""

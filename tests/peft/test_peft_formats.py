@@ -8,7 +8,8 @@ import torch
 import jpeft
 from jpeft import tree as T
 from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
-from test_peft_parity import IDS, jax_logits, perturb_torch, t5_logits, torch_logits, torch_t5_logits
+from test_peft_parity import IDS, jax_logits, perturb_torch, torch_logits
+from test_t5_peft_parity import t5_logits, torch_t5_logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "t5"])
