@@ -103,6 +103,9 @@ FAMILIES = {
     "arcee": dict(mlp_bias=True),  # up_proj without a gate
     "glm": dict(head_dim=16),  # gate_up_proj, RoPE over neighbouring dimensions of half of each head, q/k/v biases
     "glm4": dict(head_dim=16),  # + norms after attention and the MLP
+    "olmo": dict(attention_bias=True, clip_qkv=0.5),  # LayerNorms that learn nothing
+    "cohere": dict(logit_scale=0.25),  # LayerNorms that learn a scale, a parallel block, RoPE over neighbours
+    "cohere2": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),  # RoPE in sliding layers alone
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

@@ -1,8 +1,8 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ
-only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here
+Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
+GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here
 rather than a silently different model.
 """
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
 from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES,
-                                   GEMMA_TYPES, GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES, MOE_FIELDS,
-                                   PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
-                                   SANDWICH_NORMS, SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
-                                   residual_dropout_rate, dropout_rate, activation, family_config)
+                                   GEMMA_TYPES, GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES,
+                                   LAYER_NORM_TYPES, MOE_FIELDS, PARALLEL_BLOCK_TYPES, PARTIAL_ROTARY_TYPES,
+                                   POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES, SANDWICH_NORMS,
+                                   SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
+                                   residual_dropout_rate, dropout_rate, activation, family_config, norm_eps)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -47,6 +48,10 @@ class ModelConfig:
     sandwich_norm_names: tuple[str, str, str] = SANDWICH_NORMS  # GLM-4 names them its own way
     pre_norms: bool = True  # OLMo 2/3: False, its blocks normalise their outputs only (`sandwich_norms` without these)
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
+    # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale" (Cohere's), "none"
+    # (OLMo 1's); None for RMSNorm
+    layer_norm: str | None = None
+    parallel_block: bool = False  # Cohere: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
     # projection ("all": OLMo 2/3)
     qk_norm: str | None = None
@@ -69,6 +74,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    logit_scale: float = 1.0  # Cohere: logits times logit_scale
     max_position_embeddings: int = 2048
     gated_mlp: bool = True  # act(gate)·up; T5 v1.0's act(wi) and Arcee's act(up) are not gated
     clip_qkv: float | None = None  # OLMoE: queries, keys and values clipped to [-clip_qkv, clip_qkv]
@@ -195,6 +201,9 @@ class ModelConfig:
         act = activation(hf, model_type)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
+        if model_type == "cohere" and hf.get("use_qk_norm"):
+            raise CheckpointError(f"{source}: use_qk_norm is true (Command R+'s LayerNorm of each head's queries and "
+                                  "keys, a scale per head), which jpeft does not run")
         if model_type in ("gemma", "gemma3_text") and hf.get("use_bidirectional_attention"):
             raise CheckpointError(f"{source}: use_bidirectional_attention is true (an embedding model's encoder); "
                                   "jpeft runs causal decoders only")
@@ -219,7 +228,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
-            rms_norm_eps=family.rms_norm_eps,  # the family's default where the file has none (OLMo2's 1e-5)
+            rms_norm_eps=norm_eps(model_type, family),
             rope=rope,
             local_rope=local_rope,
             tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
@@ -236,6 +245,8 @@ class ModelConfig:
             sandwich_norm_names=GLM4_SANDWICH_NORMS if model_type == "glm4" else SANDWICH_NORMS,
             pre_norms=model_type not in POST_NORM_TYPES,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
+            layer_norm=LAYER_NORM_TYPES.get(model_type),
+            parallel_block=model_type in PARALLEL_BLOCK_TYPES,
             qk_norm=QK_NORM_TYPES.get(model_type),
             fused_qkv=model_type == "phi3",
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
@@ -255,6 +266,7 @@ class ModelConfig:
             residual_multiplier=float(own("residual_multiplier") or 1.0),
             attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
             logits_scaling=float(own("logits_scaling") or 1.0),
+            logit_scale=1.0 if own("logit_scale") is None else float(own("logit_scale")),
             # ERNIE 4.5's attention drops nothing, whatever a file says
             attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout, "attention_dropout",
                                                                           source),

@@ -9,18 +9,24 @@ from jpeft.models.rope_params import SLIDING
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared",
-                   "t5", "gpt2")
+                   "glm4", "olmo", "cohere", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
+                   "granitemoe", "granitemoeshared", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
-OLMO_TYPES = ("olmo2", "olmo3")
+OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 GLM_TYPES = ("glm", "glm4")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
+COHERE_TYPES = ("cohere", "cohere2")
+# families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: Cohere's a
+# scale, OLMo 1's nothing
+LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale")}
+PARALLEL_BLOCK_TYPES = COHERE_TYPES  # attention and the MLP both read the layer's one normed input, summed
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
 PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES)  # families that rotate neighbouring dimensions together (GPT-J's)
+# families that rotate neighbouring dimensions together (GPT-J's)
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
                  **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
@@ -41,14 +47,15 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
-                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "gpt_oss"),
+                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "olmo", *COHERE_TYPES, "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
-    "clip_qkv": ("olmoe",),
+                       "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
+    "clip_qkv": ("olmo", "olmoe"),
+    "logit_scale": COHERE_TYPES,  # logits times it (Granite's logits_scaling divides)
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -90,9 +97,9 @@ def expert_fields(model_type: str, family, layers: int, source: str) -> dict:
 def rotating_layers(model_type: str, family, layers: int, layer_types: tuple, window, source: str) -> tuple[bool, ...]:
     """Which layers rotate, where not all do: SmolLM3's per-layer switch (`no_rope_layers`: 1 where a layer rotates,
     every fourth one not by default, as its transformers config derives them); EXAONE 4's sliding layers alone
-    where it has a window."""
-    if model_type == "exaone4" and window is not None:
-        return tuple(kind == SLIDING for kind in layer_types)
+    where it has a window; Cohere 2's sliding layers alone (none without a window)."""
+    if model_type == "exaone4" and window is not None or model_type == "cohere2":
+        return tuple(window is not None and kind == SLIDING for kind in layer_types)
     if model_type != "smollm3":
         return ()
     flags = tuple(family.no_rope_layers)
@@ -106,6 +113,14 @@ def residual_dropout_rate(model_type: str, family, source: str) -> float:
     """The rate of the family's dropout on each block's output (`RESIDUAL_DROPOUT_FIELDS`), 0 for the others."""
     field = RESIDUAL_DROPOUT_FIELDS.get(model_type)
     return dropout_rate(getattr(family, field), field, source) if field else 0.0
+
+
+def norm_eps(model_type: str, family) -> float:
+    """The epsilon of the family's norms: Cohere's `layer_norm_eps`; OLMo 1's LayerNorm's own 1e-5 (transformers'
+    reads no field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
+    if model_type == "olmo":
+        return 1e-5
+    return family.layer_norm_eps if model_type in COHERE_TYPES else family.rms_norm_eps
 
 
 def dropout_rate(value, key: str, source: str) -> float:

@@ -145,15 +145,19 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """GPT-2's LayerNorm: mean and variance in float32, then w · x + b."""
+    """LayerNorm: mean and variance in float32, then w · x + b (GPT-2's), w · x (Cohere's: no `use_bias`) or neither
+    (OLMo 1's: no `use_scale`, no `use_bias`)."""
     eps: float
+    use_scale: bool = True
+    use_bias: bool = True
+    axes: tuple[str] = ("embed",)
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
-                           jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],),
-                          jnp.float32)
+        def param(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, self.axes), (x.shape[-1],), jnp.float32)
+        scale = param("scale", nn.initializers.ones) if self.use_scale else None
+        bias = param("bias", nn.initializers.zeros) if self.use_bias else None
         return sites.norm(module_leaves(self), _layer_normed(x, scale, bias, self.eps))
 
 
@@ -178,7 +182,8 @@ def _rms_normed(x, scale, eps: float, plus_one: bool, float32_scale: bool):
 def _layer_normed(x, scale, bias, eps: float):
     h = x.astype(jnp.float32)
     h = (h - h.mean(-1, keepdims=True)) * jax.lax.rsqrt(h.var(-1, keepdims=True) + eps)
-    return (h * scale + bias).astype(x.dtype)
+    h = h if scale is None else h * scale
+    return (h if bias is None else h + bias).astype(x.dtype)
 
 
 class Embed(nn.Module):
@@ -226,11 +231,13 @@ class LMHead:
     @nn.nowrap
     def logits(self, head: dict, hidden, rng=None):
         """float32 logits of hidden states [..., D] through the head's leaves, divided by Granite's
-        `logits_scaling` and soft-capped where the family does (Gemma 2); `rng` drops an adapter's input as on
-        any dense layer (LoRA dropout on `lm_head`)."""
+        `logits_scaling`, times Cohere's `logit_scale`, soft-capped where the family does (Gemma 2); `rng` drops an
+        adapter's input as on any dense layer (LoRA dropout on `lm_head`)."""
         logits = sites.dense(head, hidden, rng).astype(jnp.float32)
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
         return softcap(logits, self.config.final_softcap)
 
     @nn.nowrap

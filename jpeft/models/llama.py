@@ -1,6 +1,6 @@
-"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, and with the experts of `moe` Mixtral, Qwen2/3-MoE,
-OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
+"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, and with the experts of `moe` Mixtral,
+Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -41,13 +41,13 @@ class Attention(nn.Module):
             k = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
             v = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="v_proj")(x)
         if cfg.qk_norm == "all":
-            q, k = (rms_norm(cfg, (axis,), name)(a) for name, a, axis in (("q_norm", q, "heads"), ("k_norm", k, "kv")))
+            q, k = (norm(cfg, (axis,), name)(a) for name, a, axis in (("q_norm", q, "heads"), ("k_norm", k, "kv")))
         if cfg.clip_qkv is not None:  # OLMoE's, after its norms
             q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
-            q, k = (rms_norm(cfg, ("head_dim",), name)(a) for name, a in (("q_norm", q), ("k_norm", k)))
+            q, k = (norm(cfg, ("head_dim",), name)(a) for name, a in (("q_norm", q), ("k_norm", k)))
         q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
@@ -110,7 +110,7 @@ class SharedMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
-    (`residual_dropout`)."""
+    (`residual_dropout`); Cohere's attention and MLP read one normed input (`parallel_block`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -118,29 +118,33 @@ class DecoderLayer(nn.Module):
         x, cache_kv, layer = carry
         rope, masks, cache_index = context
         cfg = self.cfg
-        norm = partial(rms_norm, cfg, ("embed",))
+        block_norm = partial(norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        normed = norm("input_layernorm")(x) if cfg.pre_norms else x
+        normed = block_norm("input_layernorm")(x) if cfg.pre_norms else x
         h, cache_kv = Attention(cfg, name="self_attn")(normed, layer_rope(cfg, rope, layer),
                                                        layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         after_attention, before_mlp, after_mlp = cfg.sandwich_norm_names
         if cfg.sandwich_norms:
-            h = norm(after_attention)(h)
+            h = block_norm(after_attention)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
-        normed = norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms else x
+        if not cfg.parallel_block:  # whose MLP reads attention's input
+            normed = block_norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms \
+                else x
         h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
         if cfg.shared_mlp_size:
             h = h + SharedMLP(cfg, name="shared_mlp")(normed)
         if cfg.sandwich_norms:
-            h = norm(after_mlp)(h)
+            h = block_norm(after_mlp)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         h = sites.residual(L.module_leaves(self), h, "mlp", normed)
         return (x + h, cache_kv, layer + 1), None
 
 
-def rms_norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm:
-    """The family's RMSNorm over a tensor's last axis (logical `axes`)."""
+def norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm | L.LayerNorm:
+    """The family's norm over a tensor's last axis (logical `axes`): its RMSNorm, or its LayerNorm (`layer_norm`)."""
+    if cfg.layer_norm:
+        return L.LayerNorm(cfg.rms_norm_eps, cfg.layer_norm == "scale", False, axes, name=name)
     return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, axes, cfg.norm_float32_scale, name=name)
 
 
@@ -171,7 +175,7 @@ class Decoder(nn.Module):
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return rms_norm(cfg, ("embed",), "norm")(x), cache_kv
+        return norm(cfg, ("embed",), "norm")(x), cache_kv
 
 
 class CausalLM(L.LMHead, nn.Module):

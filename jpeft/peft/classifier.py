@@ -132,25 +132,24 @@ def is_head_leaf(path: str) -> bool:
     return path.split("/", 1)[0] in Classifier.heads and T.leaf_name(path) not in Classifier.metadata
 
 
-# The final norm of each decoder family's tree, by the tree's top-level module (Llama-like: `model`, GPT-2:
-# `transformer`, as HF's *ForSequenceClassification name the base): the head pools what it outputs.
-FINAL_NORMS = {"model": "norm", "transformer": "ln_f"}
+# Where a decoder family's tree holds the width of the features the head pools, by the tree's top-level module
+# (Llama-like: `model`, GPT-2: `transformer`, as HF's *ForSequenceClassification name the base): its final norm's
+# scale, or its token embedding where the norms learn nothing (OLMo 1).
+WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "transformer/ln_f/scale")
 
 
 def hidden_size(params) -> int:
-    """The width of the features the head reads: the decoder's final norm's."""
-    for top, norm in FINAL_NORMS.items():
-        scale = params.get(top, {}).get(norm, {}).get("scale")
-        if scale is not None:
-            return int(np.shape(scale)[-1])
+    """The width of the features the head reads (`WIDTHS`)."""
+    flat = T.flatten({top: params[top] for top in ("model", "transformer") if top in params})
+    if widths := [flat[path] for path in WIDTHS if path in flat]:
+        return int(np.shape(widths[0])[-1])
     if {"encoder", "decoder"} <= set(params):
         raise JpeftError("jpeft has no classification head for encoder-decoders (T5): HF's T5ForSequenceClassification "
                          "runs the decoder over the shifted input and reads its last EOS token through a dense-tanh "
                          "head of its own, which jpeft does not implement; fine-tune T5 to generate the label text "
                          "instead (data.prompt + data.target)")
-    norms = ", ".join(f"{top}/{norm}" for top, norm in FINAL_NORMS.items())
-    raise JpeftError(f"the classifier reads a decoder's final norm ({norms}), which this parameter tree does not "
-                     "have; pass the tree jpeft.from_pretrained returns")
+    raise JpeftError(f"the classifier reads a decoder's final features (their width from {', '.join(WIDTHS)}), "
+                     "which this parameter tree does not have; pass the tree jpeft.from_pretrained returns")
 
 
 def require_head(params) -> dict:

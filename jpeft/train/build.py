@@ -80,6 +80,14 @@ def train_mask(method, saved: list[str] | None, params):
     return jax.tree.map(operator.or_, mask, saved_modules.selected_mask(params, saved)) if saved else mask
 
 
+def require_trainable(method, mask) -> None:
+    """Refuse a run whose method, added to the model, trains nothing (norm tuning of OLMo 1, whose norms learn
+    nothing): it would go through its steps changing nothing."""
+    if not any(jax.tree.leaves(mask)):
+        raise ConfigError(f"{method} trains no parameter of this model (its norms or targets are not there); "
+                          "pick another method or other targets")
+
+
 def run_init(method, saved: list[str] | None):
     """A run's init: the method's, then the marks of the modules `saved` names (`method.modules_to_save`)."""
     def init(key, params):

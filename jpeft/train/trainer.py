@@ -42,7 +42,7 @@ from jpeft.peft.llama_adapter import PEFT_MODEL_TYPES as PEFT_ADAPTION_PROMPT_TY
 from jpeft.peft.quant import QUANT_LEAVES
 from jpeft.train import checkpoint
 from jpeft.train.build import (build_method, build_optimizer, class_labels, init_method, run_model_config,
-                               train_mask, uses_dropout)
+                               require_trainable, train_mask, uses_dropout)
 from jpeft.train.lock import out_dir_lock
 from jpeft.train.metrics import MetricsLog, Window
 from jpeft.train.optimizer import applied_updates, schedule
@@ -162,6 +162,7 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
     check_positions(model.config, [data.train, *(e.examples for e in data.evals.values())],
                     sum(sites.virtual_tokens(params)), cfg, generates)
     mask = trained(params)
+    require_trainable(method, mask)
     log.info("%s: %s", method, parameter_report(params, mask))
     trainable, frozen = T.partition(params, mask)
     trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)

@@ -109,6 +109,15 @@ CASES = {
     # GLM-4 (0414): GLM's blocks with norms after attention and the MLP too, named its own way
     "glm4-sandwich-norms": ("glm4", dict(head_dim=16)),
     "glm4-no-bias-tied": ("glm4", dict(head_dim=16, attention_bias=False, tie_word_embeddings=True)),
+    # OLMo 1: LayerNorms that learn nothing, q/k/v clipped
+    "olmo-parameterless-norms-clip": ("olmo", dict(clip_qkv=0.1)),
+    "olmo-bias-tied-mha": ("olmo", dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4)),
+    # Cohere: a LayerNorm learning a scale, attention and MLP from one normed input, RoPE over neighbouring
+    # dimensions, logits times logit_scale; Cohere 2: RoPE in its sliding layers alone
+    "cohere-parallel-block-tied": ("cohere", dict(logit_scale=0.25, layer_norm_eps=1e-3, initializer_range=0.2)),
+    "cohere-bias-untied": ("cohere", dict(attention_bias=True, tie_word_embeddings=False)),
+    "cohere2-sliding-rope-local-only": ("cohere2", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2,
+                                                        logit_scale=0.5)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -318,6 +327,10 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("granite-multipliers-bias", dict(residual_multiplier=1.0)),
     ("granite-multipliers-bias", dict(attention_multiplier=50.0)),  # (its scores are small: 2 barely differs from None)
     ("granite-multipliers-bias", dict(logits_scaling=1.0)),
+    ("olmo-parameterless-norms-clip", dict(clip_qkv=None)),
+    ("cohere-parallel-block-tied", dict(logit_scale=1.0)),
+    ("cohere-parallel-block-tied", dict(rope_interleaved=False)),
+    ("cohere2-sliding-rope-local-only", dict(rope_layers=())),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

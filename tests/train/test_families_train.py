@@ -20,7 +20,8 @@ PEFT_LOADS = ("prompt", "prefix", "llama_adapter")  # GPT-2 runs whose adapter d
                                               ("gemma3_text", "full", 3e-2), ("mixtral", "full", 3e-2),
                                               ("qwen2_moe", "full", 3e-2), ("gpt_oss", "full", 3e-2),
                                               ("gpt_oss", "lora", 1e-1), ("granitemoe", "full", 3e-2),
-                                              ("granitemoeshared", "full", 3e-2), ("gpt2", "lora", 3e-1),
+                                              ("granitemoeshared", "full", 3e-2), ("olmo", "full", 3e-2),
+                                              ("cohere2", "full", 3e-2), ("gpt2", "lora", 3e-1),
                                               ("gpt2", "full", 1e-2), ("gpt2", "prompt", 3e-1),
                                               ("gpt2", "prefix", 1.0), ("gpt2", "bottleneck", 3e-2),
                                               ("gpt2", "llama_adapter", 3e-1)])
@@ -146,6 +147,15 @@ def test_examples_longer_than_learned_positions_are_refused(tiny_run, tmp_path):
     trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "fits", *prompt, "train.seq_len=92"),
                   progress=False)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "fits"))
+
+
+def test_norm_tuning_of_norms_that_learn_nothing_is_refused(tiny_run, tmp_path):
+    """OLMo 1's LayerNorms have no parameters: norm tuning there would go through its steps changing nothing."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    base = save_hf_model(make_hf_model("olmo", vocab_size=len(tokenizer)), tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    with pytest.raises(jpeft.ConfigError, match=r"NormTuning\(\) trains no parameter of this model"):
+        trainer.train(run_config({**tiny_run, "model": base}, tmp_path / "run", "method.name=norm"), progress=False)
 
 
 def test_new_tokens_that_leave_no_room_for_a_prompt_are_refused_before_training(tiny_run, tmp_path):
