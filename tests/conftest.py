@@ -106,6 +106,7 @@ FAMILIES = {
     "olmo": dict(attention_bias=True, clip_qkv=0.5),  # LayerNorms that learn nothing
     "cohere": dict(logit_scale=0.25),  # LayerNorms that learn a scale, a parallel block, RoPE over neighbours
     "cohere2": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),  # RoPE in sliding layers alone
+    "stablelm": dict(use_qkv_bias=True, use_parallel_residual=True),  # biased LayerNorms, RoPE on a quarter of a head
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

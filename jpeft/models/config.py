@@ -1,8 +1,9 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2 and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
-GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE,
+GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a config.json that
+jpeft cannot honour is an error here
 rather than a silently different model.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELD
                                    LAYER_NORM_TYPES, MOE_FIELDS, PARALLEL_BLOCK_TYPES, PARTIAL_ROTARY_TYPES,
                                    POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES, SANDWICH_NORMS,
                                    SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
-                                   residual_dropout_rate, dropout_rate, activation, family_config, norm_eps)
+                                   residual_dropout_rate, dropout_rate, activation, family_config, norm_eps,
+                                   refuse_unsupported)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -48,10 +50,10 @@ class ModelConfig:
     sandwich_norm_names: tuple[str, str, str] = SANDWICH_NORMS  # GLM-4 names them its own way
     pre_norms: bool = True  # OLMo 2/3: False, its blocks normalise their outputs only (`sandwich_norms` without these)
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
-    # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale" (Cohere's), "none"
-    # (OLMo 1's); None for RMSNorm
+    # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale_bias" (StableLM's),
+    # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
     layer_norm: str | None = None
-    parallel_block: bool = False  # Cohere: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
+    parallel_block: bool = False  # Cohere, StableLM: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
     # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
     # projection ("all": OLMo 2/3)
     qk_norm: str | None = None
@@ -198,12 +200,10 @@ class ModelConfig:
         gemma = model_type in GEMMA_TYPES
         family = family_config(hf, source)
         own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
+        refuse_unsupported(model_type, family, source)
         act = activation(hf, model_type)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
-        if model_type == "cohere" and hf.get("use_qk_norm"):
-            raise CheckpointError(f"{source}: use_qk_norm is true (Command R+'s LayerNorm of each head's queries and "
-                                  "keys, a scale per head), which jpeft does not run")
         if model_type in ("gemma", "gemma3_text") and hf.get("use_bidirectional_attention"):
             raise CheckpointError(f"{source}: use_bidirectional_attention is true (an embedding model's encoder); "
                                   "jpeft runs causal decoders only")
@@ -232,7 +232,7 @@ class ModelConfig:
             rope=rope,
             local_rope=local_rope,
             tie_word_embeddings=bool(family.tie_word_embeddings),  # the family's default where the file has none
-            qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias")),
+            qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
             mlp_bias=bool(own("mlp_bias") or own("use_bias")),
@@ -246,7 +246,7 @@ class ModelConfig:
             pre_norms=model_type not in POST_NORM_TYPES,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm=LAYER_NORM_TYPES.get(model_type),
-            parallel_block=model_type in PARALLEL_BLOCK_TYPES,
+            parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
             qk_norm=QK_NORM_TYPES.get(model_type),
             fused_qkv=model_type == "phi3",
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),

@@ -9,22 +9,26 @@ from jpeft.models.rope_params import SLIDING
 
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "olmo", "cohere", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss",
-                   "granitemoe", "granitemoeshared", "t5", "gpt2")
+                   "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                   "gpt_oss", "granitemoe", "granitemoeshared", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 GLM_TYPES = ("glm", "glm4")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 COHERE_TYPES = ("cohere", "cohere2")
-# families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: Cohere's a
-# scale, OLMo 1's nothing
-LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale")}
+# families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
+# a scale and a bias, Cohere's a scale, OLMo 1's nothing
+LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"), "stablelm": "scale_bias"}
 PARALLEL_BLOCK_TYPES = COHERE_TYPES  # attention and the MLP both read the layer's one normed input, summed
+# config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
+UNSUPPORTED = {("cohere", "use_qk_norm"): "Command R+'s LayerNorm of each head's queries and keys, a scale per head",
+               ("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
+               ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training"}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout"}
-PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES)  # families whose transformers model rotates a part of each head
+PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm")  # families whose transformers model rotates a part of each head
 # families that rotate neighbouring dimensions together (GPT-J's)
 INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
@@ -49,6 +53,8 @@ FAMILY_FIELDS = {
     "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
                        "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "olmo", *COHERE_TYPES, "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
+    "use_qkv_bias": ("stablelm",),
+    "use_parallel_residual": ("stablelm",),  # StableLM's parallel block, where it asks for one
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
@@ -116,11 +122,19 @@ def residual_dropout_rate(model_type: str, family, source: str) -> float:
 
 
 def norm_eps(model_type: str, family) -> float:
-    """The epsilon of the family's norms: Cohere's `layer_norm_eps`; OLMo 1's LayerNorm's own 1e-5 (transformers'
-    reads no field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
+    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`; OLMo 1's LayerNorm's own 1e-5
+    (transformers' reads no field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's
+    1e-5)."""
     if model_type == "olmo":
         return 1e-5
-    return family.layer_norm_eps if model_type in COHERE_TYPES else family.rms_norm_eps
+    return family.layer_norm_eps if model_type in LAYER_NORM_TYPES else family.rms_norm_eps
+
+
+def refuse_unsupported(model_type: str, family, source: str) -> None:
+    """A CheckpointError naming the first of the family's `UNSUPPORTED` switches the config turns on."""
+    for (family_type, field), what in UNSUPPORTED.items():
+        if model_type == family_type and getattr(family, field, None):
+            raise CheckpointError(f"{source}: {field} is {getattr(family, field)!r} ({what}), which jpeft does not run")
 
 
 def dropout_rate(value, key: str, source: str) -> float:

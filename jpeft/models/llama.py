@@ -1,6 +1,6 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, and with the experts of `moe` Mixtral,
-Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, and with the experts of `moe`
+Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -110,7 +110,7 @@ class SharedMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
-    (`residual_dropout`); Cohere's attention and MLP read one normed input (`parallel_block`)."""
+    (`residual_dropout`); Cohere's and StableLM's attention and MLP read one normed input (`parallel_block`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -144,7 +144,7 @@ class DecoderLayer(nn.Module):
 def norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm | L.LayerNorm:
     """The family's norm over a tensor's last axis (logical `axes`): its RMSNorm, or its LayerNorm (`layer_norm`)."""
     if cfg.layer_norm:
-        return L.LayerNorm(cfg.rms_norm_eps, cfg.layer_norm == "scale", False, axes, name=name)
+        return L.LayerNorm(cfg.rms_norm_eps, cfg.layer_norm != "none", cfg.layer_norm == "scale_bias", axes, name=name)
     return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, axes, cfg.norm_float32_scale, name=name)
 
 

@@ -118,6 +118,10 @@ CASES = {
     "cohere-bias-untied": ("cohere", dict(attention_bias=True, tie_word_embeddings=False)),
     "cohere2-sliding-rope-local-only": ("cohere2", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2,
                                                         logit_scale=0.5)),
+    # StableLM: LayerNorms with a bias, RoPE on a quarter of each head, q/k/v biases; its parallel block on request
+    "stablelm-partial-rope-qkv-bias": ("stablelm", dict(use_qkv_bias=True, layer_norm_eps=1e-3)),
+    "stablelm-parallel-residual-tied": ("stablelm", dict(use_parallel_residual=True, tie_word_embeddings=True,
+                                                         partial_rotary_factor=0.5)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -251,6 +255,18 @@ def test_bidirectional_attention_is_refused(model_type):
         ModelConfig.from_hf(hf)
 
 
+@pytest.mark.parametrize("model_type,switch,match", [
+    ("cohere", dict(use_qk_norm=True), r"use_qk_norm is True \(Command R\+'s LayerNorm"),
+    ("stablelm", dict(qk_layernorm=True), r"qk_layernorm is True \(a LayerNorm module per head"),
+    ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
+])
+def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
+    hf = dict(make_hf_model(model_type).config.to_dict(), **switch)
+    with pytest.raises(jpeft.CheckpointError, match=f"config.json: {match}.*which jpeft does not run"):
+        ModelConfig.from_hf(hf)
+    ModelConfig.from_hf({**hf, **{k: type(v)() for k, v in switch.items()}})  # off (False, 0.0), the file loads
+
+
 def test_sliding_window_changes_logits(tmp_path):
     """Guards the parity test above against a window that is silently ignored on both sides."""
     ref_model = make_hf_model("mistral", sliding_window=5)
@@ -331,6 +347,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("cohere-parallel-block-tied", dict(logit_scale=1.0)),
     ("cohere-parallel-block-tied", dict(rope_interleaved=False)),
     ("cohere2-sliding-rope-local-only", dict(rope_layers=())),
+    ("stablelm-partial-rope-qkv-bias", dict(partial_rotary_factor=1.0)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict
