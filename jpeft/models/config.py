@@ -32,7 +32,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the norms' epsilon (a LayerNorm's too: GPT-2's, T5's, `layer_norm` families')
     rope: Rope = Rope()
     local_rope: Rope | None = None  # the rope of sliding-window layers, where it differs
     tie_word_embeddings: bool = False
@@ -268,8 +268,8 @@ class ModelConfig:
             logits_scaling=float(own("logits_scaling") or 1.0),
             logit_scale=1.0 if own("logit_scale") is None else float(own("logit_scale")),
             # ERNIE 4.5's attention drops nothing, whatever a file says
-            attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout, "attention_dropout",
-                                                                          source),
+            attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout,
+                                                                                 "attention_dropout", source),
             residual_dropout=residual_dropout_rate(model_type, family, source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,

@@ -129,8 +129,8 @@ class DecoderLayer(nn.Module):
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
         if not cfg.parallel_block:  # whose MLP reads attention's input
-            normed = block_norm(before_mlp if cfg.sandwich_norms else "post_attention_layernorm")(x) if cfg.pre_norms \
-                else x
+            mlp_norm = before_mlp if cfg.sandwich_norms else "post_attention_layernorm"
+            normed = block_norm(mlp_norm)(x) if cfg.pre_norms else x
         h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
         if cfg.shared_mlp_size:
             h = h + SharedMLP(cfg, name="shared_mlp")(normed)
