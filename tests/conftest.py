@@ -104,7 +104,9 @@ FAMILIES = {
     "glm": dict(head_dim=16),  # gate_up_proj, RoPE over neighbouring dimensions of half of each head, q/k/v biases
     "glm4": dict(head_dim=16),  # + norms after attention and the MLP
     "olmo": dict(attention_bias=True, clip_qkv=0.5),  # LayerNorms that learn nothing
-    "cohere": dict(logit_scale=0.25),  # LayerNorms that learn a scale, a parallel block, RoPE over neighbours
+    # LayerNorms that learn a scale (and one per head and dimension over each head's queries and keys), a parallel
+    # block, RoPE over neighbouring dimensions, scaled logits
+    "cohere": dict(logit_scale=0.25, use_qk_norm=True),
     "cohere2": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),  # RoPE in sliding layers alone
     "stablelm": dict(use_qkv_bias=True, use_parallel_residual=True),  # biased LayerNorms, RoPE on a quarter of a head
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated

@@ -57,7 +57,8 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("glm", dict(head_dim=16)),
     ("glm4", dict(head_dim=16, num_key_value_heads=1)),
     ("olmo", dict(clip_qkv=0.5)),
-    ("cohere", dict(logit_scale=0.5, num_key_value_heads=1)),  # a parallel block, neighbouring dimensions rotated
+    # a parallel block, neighbouring dimensions rotated, each cached head's keys normalised with its own scale
+    ("cohere", dict(logit_scale=0.5, num_key_value_heads=1, use_qk_norm=True)),
     ("cohere2", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2)),  # full layers without RoPE
     ("stablelm", dict(use_qkv_bias=True, partial_rotary_factor=0.5)),  # RoPE on part of each cached head
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own

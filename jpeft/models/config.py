@@ -54,8 +54,8 @@ class ModelConfig:
     # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
     layer_norm: str | None = None
     parallel_block: bool = False  # Cohere, StableLM: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
-    # RMSNorm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3) or over the whole
-    # projection ("all": OLMo 2/3)
+    # The norm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3), the same with a scale of
+    # each head's own ("each_head": Cohere's `use_qk_norm`) or over the whole projection ("all": OLMo 2/3)
     qk_norm: str | None = None
     # Phi-3: q/k/v in one `qkv_proj`; Phi-3 and GLM: gate/up in one `gate_up_proj` (HF's modules: an adapter acts on
     # the fused projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
@@ -247,7 +247,7 @@ class ModelConfig:
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm=LAYER_NORM_TYPES.get(model_type),
             parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
-            qk_norm=QK_NORM_TYPES.get(model_type),
+            qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm else QK_NORM_TYPES.get(model_type),
             fused_qkv=model_type == "phi3",
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial

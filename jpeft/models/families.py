@@ -22,8 +22,7 @@ COHERE_TYPES = ("cohere", "cohere2")
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"), "stablelm": "scale_bias"}
 PARALLEL_BLOCK_TYPES = COHERE_TYPES  # attention and the MLP both read the layer's one normed input, summed
 # config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
-UNSUPPORTED = {("cohere", "use_qk_norm"): "Command R+'s LayerNorm of each head's queries and keys, a scale per head",
-               ("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
+UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training"}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum

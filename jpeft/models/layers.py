@@ -145,17 +145,19 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm: mean and variance in float32, then w · x + b (GPT-2's), w · x (Cohere's: no `use_bias`) or neither
-    (OLMo 1's: no `use_scale`, no `use_bias`)."""
+    """LayerNorm over the last axis: mean and variance in float32, then w · x + b (GPT-2's), w · x (Cohere's: no
+    `use_bias`) or neither (OLMo 1's: no `use_scale`, no `use_bias`). Its leaves span the trailing axes `axes` names
+    (Cohere's queries: a scale per head and dimension)."""
     eps: float
     use_scale: bool = True
     use_bias: bool = True
-    axes: tuple[str] = ("embed",)
+    axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
     def __call__(self, x):
         def param(name, init):
-            return self.param(name, nn.with_logical_partitioning(init, self.axes), (x.shape[-1],), jnp.float32)
+            shape = x.shape[x.ndim - len(self.axes):]
+            return self.param(name, nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
         scale = param("scale", nn.initializers.ones) if self.use_scale else None
         bias = param("bias", nn.initializers.zeros) if self.use_bias else None
         return sites.norm(module_leaves(self), _layer_normed(x, scale, bias, self.eps))

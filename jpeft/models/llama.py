@@ -48,6 +48,9 @@ class Attention(nn.Module):
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = (norm(cfg, ("head_dim",), name)(a) for name, a in (("q_norm", q), ("k_norm", k)))
+        elif cfg.qk_norm == "each_head":  # Cohere's: a scale per head and dimension
+            q, k = (norm(cfg, (heads, "head_dim"), name)(a) for name, a, heads in (("q_norm", q, "heads"),
+                                                                                    ("k_norm", k, "kv")))
         q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens

@@ -9,8 +9,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError
-from jpeft.peft.base import (Method, exact_targets, from_layer_rows, hf_module, layer_rows, module_layers, module_names,
-                             targeted_layers)
+from jpeft.peft.base import (Method, exact_targets, from_layer_rows, hf_module, layer_rows, leading, module_layers,
+                             module_names, targeted_layers)
 
 LEAVES = {"scale": "weight", "bias": "bias"}  # a norm's leaves and torch's names for them
 
@@ -76,7 +76,7 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
             for name in names:
                 key = f"{name}.ln_tuning_layers.{LEAVES[leaf]}"
                 parts.append(tensors.take(key))
-                tensors.fits(key, parts[-1].shape, leaves[leaf].shape[-1:])
+                tensors.fits(key, parts[-1].shape, leaves[leaf].shape[len(leading(path, leaves[leaf])):])
             loaded[leaf] = from_layer_rows(path, np.stack(parts), leaves[leaf].dtype)
         out[path] = loaded
     if all(out[p] is modules[p] for p in modules):

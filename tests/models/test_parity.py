@@ -116,6 +116,8 @@ CASES = {
     # dimensions, logits times logit_scale; Cohere 2: RoPE in its sliding layers alone
     "cohere-parallel-block-tied": ("cohere", dict(logit_scale=0.25, layer_norm_eps=1e-3, initializer_range=0.2)),
     "cohere-bias-untied": ("cohere", dict(attention_bias=True, tie_word_embeddings=False)),
+    # Command R+'s LayerNorm of the queries and keys over each head, a scale per head and dimension
+    "cohere-qk-norm-gqa": ("cohere", dict(use_qk_norm=True, initializer_range=0.2)),
     "cohere2-sliding-rope-local-only": ("cohere2", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2,
                                                         logit_scale=0.5)),
     # StableLM: LayerNorms with a bias, RoPE on a quarter of each head, q/k/v biases; its parallel block on request
@@ -256,7 +258,6 @@ def test_bidirectional_attention_is_refused(model_type):
 
 
 @pytest.mark.parametrize("model_type,switch,match", [
-    ("cohere", dict(use_qk_norm=True), r"use_qk_norm is True \(Command R\+'s LayerNorm"),
     ("stablelm", dict(qk_layernorm=True), r"qk_layernorm is True \(a LayerNorm module per head"),
     ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
 ])
@@ -347,6 +348,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("cohere-parallel-block-tied", dict(logit_scale=1.0)),
     ("cohere-parallel-block-tied", dict(rope_interleaved=False)),
     ("cohere2-sliding-rope-local-only", dict(rope_layers=())),
+    ("cohere-qk-norm-gqa", dict(qk_norm=None)),
     ("stablelm-partial-rope-qkv-bias", dict(partial_rotary_factor=1.0)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
