@@ -68,7 +68,6 @@ def load(a: dict, way: str) -> dict:
 
     from jpeft.models.hf import abstract_params, from_pretrained
     from jpeft.parallel import make_mesh, param_shardings
-    from jpeft.train.build import init_method
 
     mesh = make_mesh(1, LOAD_DEVICES, 1)
     if way == "baseline":
@@ -83,6 +82,7 @@ def load(a: dict, way: str) -> dict:
         elif way == "sharded":
             _, params = from_pretrained(a["checkpoint"], a["dtype"], mesh=mesh)
         else:  # QLoRA's base: quantized after a float load (as before), or read straight into its codes
+            from jpeft.train.build import init_method  # here only: the baseline and the plain ways do not import it
             method = qlora_method(a["rank"])
             model, params = from_pretrained(a["checkpoint"], a["dtype"], mesh=mesh,
                                             quantize=method if way == "quantized" else None)
@@ -173,9 +173,9 @@ def run_load_bench(vocab: int = 32000, hidden: int = 512, layers: int = 8, heads
             **{ratio: after[key] / before[key] if before[key] > 0 else None
                for ratio, key in (("ratio", "load_mb"), ("anon_ratio", "anon_load_mb"))}}
     settings = {**a, "method": method and repr(qlora_method(rank)),
-                "mesh": {"data": 1, "fsdp": LOAD_DEVICES, "tensor": 1}, "malloc_env": malloc, "device_env": devices, "jax": runs[newer_way]["jax"],
-                "devices": runs[newer_way]["devices"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                "process_per_mode": True}
+                "mesh": {"data": 1, "fsdp": LOAD_DEVICES, "tensor": 1}, "malloc_env": malloc, "device_env": devices,
+                "jax": runs[newer_way]["jax"], "devices": runs[newer_way]["devices"], "cpu_count": os.cpu_count(),
+                "machine": platform.machine(), "process_per_mode": True}
     return {"load": load, "settings": settings}
 
 

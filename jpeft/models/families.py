@@ -49,8 +49,9 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, *OLMO_TYPES, "olmoe",
-                       "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, "olmo", *COHERE_TYPES, "gpt_oss"),
+    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, "olmo",
+                       *OLMO_TYPES, "olmoe", "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, *COHERE_TYPES,
+                       "gpt_oss"),
     "qkv_bias": ("qwen2_moe",),
     "use_qkv_bias": ("stablelm",),
     "use_parallel_residual": ("stablelm",),  # StableLM's parallel block, where it asks for one

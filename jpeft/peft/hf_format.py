@@ -4,8 +4,8 @@ Methods PEFT has (LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, IA3, traina
 prefix tuning, adaption prompts) are written with PEFT's key names and shapes (`base_model.model.<module>.lora_A.weight`,
 `prompt_embeddings`, ...), so `peft.PeftModel.from_pretrained` reads what we write; each
 method's file holds its own mapping (`to_peft(modules, tree)` / `from_peft`, found through the
-method's `peft_type`; LoRA's is lora_format.py; `tree` is every module of the base, so `target_modules` select exactly the
-adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
+method's `peft_type`; LoRA's is lora_format.py; `tree` is every module of the base, so `target_modules` select
+exactly the adapted ones). Bottleneck adapters, which PEFT lacks, have their own `peft_type` and layout in
 the same style (see `bottleneck.py`). Norm tuning trains base leaves, which only its mask tells apart, and is
 written as PEFT's LN tuning; BitFit, which PEFT lacks, uses `peft_type` "JPEFT", `method` naming it, and the
 trained tensors under their HF checkpoint names (as norm tuning did before: such dirs still load).
