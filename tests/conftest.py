@@ -109,6 +109,9 @@ FAMILIES = {
     "cohere": dict(logit_scale=0.25, use_qk_norm=True),
     "cohere2": dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2),  # RoPE in sliding layers alone
     "stablelm": dict(use_qkv_bias=True, use_parallel_residual=True),  # biased LayerNorms, RoPE on a quarter of a head
+    # GPT-NeoX: q/k/v fused by heads, a parallel block with a norm for each branch, RoPE on half of each head, biased
+    # LayerNorms, an ungated GELU MLP, the head `embed_out` in its files (no GQA field: None drops TINY's)
+    "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -127,12 +130,15 @@ FAMILIES = {
                              residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
                              shared_intermediate_size=24),
 }
-# Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up): the names a test's
-# targets take there; None where a family has no such module (a mixture's MLP is its experts, no dense projections)
+# Fused projections by the Llama ones each holds (Phi-3's q/k/v and gate/up, GLM's gate/up), and GPT-NeoX's own
+# names: the names a test's targets take there; None where a family has no such module (a mixture's MLP is its
+# experts, no dense projections; GPT-NeoX's MLP has no gate)
 GATE_UP = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 NO_MLP = dict.fromkeys(("gate_proj", "up_proj", "down_proj"))
 FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", **GATE_UP}, "glm": GATE_UP,
-         "glm4": GATE_UP,
+         "glm4": GATE_UP, "gpt_neox": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"),
+                                       "o_proj": "dense", "gate_proj": None, "up_proj": "dense_h_to_4h",
+                                       "down_proj": "dense_4h_to_h", "embed_tokens": "embed_in"},
          **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 

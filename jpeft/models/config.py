@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE,
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE,
 GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a config.json that
 jpeft cannot honour is an error here
 rather than a silently different model.
@@ -14,8 +14,9 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES,
                                    GEMMA_TYPES, GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES,
-                                   LAYER_NORM_TYPES, MOE_FIELDS, PARALLEL_BLOCK_TYPES, PARTIAL_ROTARY_TYPES,
-                                   POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES, SANDWICH_NORMS,
+                                   LAYER_NORM_TYPES, MODULE_NAMES, MOE_FIELDS, PARALLEL_BLOCK_TYPES,
+                                   PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
+                                   SANDWICH_NORMS,
                                    SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
                                    residual_dropout_rate, dropout_rate, activation, family_config, norm_eps,
                                    refuse_unsupported)
@@ -54,12 +55,15 @@ class ModelConfig:
     # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
     layer_norm: str | None = None
     parallel_block: bool = False  # Cohere, StableLM: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
+    parallel_norms: bool = False  # GPT-NeoX's parallel block: x + attention(norm₁(x)) + mlp(norm₂(x))
     # The norm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3), the same with a scale of
     # each head's own ("each_head": Cohere's `use_qk_norm`) or over the whole projection ("all": OLMo 2/3)
     qk_norm: str | None = None
-    # Phi-3: q/k/v in one `qkv_proj`; Phi-3 and GLM: gate/up in one `gate_up_proj` (HF's modules: an adapter acts on
-    # the fused projection, as PEFT's do), RoPE on the first partial_rotary_factor of each head only
-    fused_qkv: bool = False
+    # q/k/v in one projection, as "blocks" (Phi-3's qkv_proj: all queries, then keys, then values) or by "heads"
+    # (GPT-NeoX's query_key_value: each head's query, key and value together); Phi-3 and GLM: gate/up in one
+    # `gate_up_proj` (HF's modules: an adapter acts on the fused projection, as PEFT's do), RoPE on the first
+    # partial_rotary_factor of each head only
+    fused_qkv: str | None = None
     fused_gate_up: bool = False
     partial_rotary_factor: float = 1.0
     rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate (SmolLM3's NoPE layers do not)? () = every layer
@@ -169,6 +173,10 @@ class ModelConfig:
         """The config.json field max_position_embeddings is read from (GPT-2's and T5's n_positions)."""
         return "n_positions" if self.model_type in ("gpt2", "t5") else "max_position_embeddings"
 
+    def module_name(self, name: str) -> str:
+        """The family's name of the module jpeft's Llama-family decoder calls `name` (`families.MODULE_NAMES`)."""
+        return MODULE_NAMES.get(self.model_type, {}).get(name, name)
+
     @property
     def query_scale(self) -> float:
         if self.attention_multiplier is not None:
@@ -191,7 +199,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -235,7 +243,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
-            mlp_bias=bool(own("mlp_bias") or own("use_bias")),
+            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or model_type == "gpt_neox",
             hidden_act=act,
             sliding_window=own("sliding_window"),
             layer_types=layer_types,
@@ -247,15 +255,16 @@ class ModelConfig:
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm=LAYER_NORM_TYPES.get(model_type),
             parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
+            parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm else QK_NORM_TYPES.get(model_type),
-            fused_qkv=model_type == "phi3",
+            fused_qkv={"phi3": "blocks", "gpt_neox": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
             else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             longrope_rereads=model_type == "phi3",
-            gated_mlp=model_type != "arcee",  # Arcee's MLP: down(act(up(x))), no gate
+            gated_mlp=model_type not in ("arcee", "gpt_neox"),  # their MLP: down(act(up(x))), no gate
             clip_qkv=None if own("clip_qkv") is None else float(own("clip_qkv")),
             **moe,
             attention_sinks=model_type == "gpt_oss",
@@ -271,6 +280,7 @@ class ModelConfig:
             attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout,
                                                                                  "attention_dropout", source),
             residual_dropout=residual_dropout_rate(model_type, family, source),
+            embed_dropout=residual_dropout_rate(model_type, family, source) if model_type == "gpt_neox" else 0.0,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),

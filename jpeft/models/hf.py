@@ -25,9 +25,9 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.hardware import resolve_dtype
 from jpeft.models import hf_experts
 from jpeft.models.config import ModelConfig, read_config
-from jpeft.models.families import FAMILY_FIELDS
+from jpeft.models.families import FAMILY_FIELDS, FILE_NAMES
 from jpeft.models.generation_config import stop_ids
-from jpeft.models.llama import CausalLM
+from jpeft.models.llama import CausalLM, GPTNeoX
 from jpeft.models.quantized_load import quantized_shapes, read_quantized
 from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
@@ -48,14 +48,14 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",
                 "stablelm": "StableLm", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
-                "gpt_oss": "GptOss", "gpt2": "GPT2"}  # + ForSequenceClassification
+                "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
 HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's prefix
 
 
 def family(cfg: ModelConfig) -> type[CausalLM | T5 | GPT2]:
-    return {"t5": T5, "gpt2": GPT2}.get(cfg.model_type, CausalLM)
+    return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX}.get(cfg.model_type, CausalLM)
 
 
 def build(cfg: ModelConfig) -> CausalLM | T5 | GPT2:
@@ -100,15 +100,20 @@ def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
     return array.T if transposed(path) else array
 
 
-def _weight_index(model_dir: str, prefix: str | None) -> dict[str, tuple[str, str]]:
+def _weight_index(model_dir: str, prefix: str | None, file_names: dict) -> dict[str, tuple[str, str]]:
     """HF tensor name -> (safetensors file, the name it has there): model.safetensors, else the shards of
-    model.safetensors.index.json (transformers' order). A checkpoint saved from the base model
+    model.safetensors.index.json (transformers' order). A weight the family's files name apart from its module
+    (`families.FILE_NAMES`: GPT-NeoX's `embed_out`) gets the module's name. A checkpoint saved from the base model
     (`LlamaModel`, GPT-2 as the hub holds it) names its tensors without the family's `prefix`
     (`layers.0...`, `h.0...`): they get it, as transformers' loading adds it."""
     files = _files(model_dir)
-    if not prefix or any(name.startswith(f"{prefix}.") for name in files):
-        return {name: (file, name) for name, file in files.items()}
-    return {name if name.startswith(HEADS) else f"{prefix}.{name}": (file, name) for name, file in files.items()}
+    module_names = {file: module for module, file in file_names.items()}
+    bare = prefix and not any(name.startswith(f"{prefix}.") for name in files)
+
+    def name_of(name):
+        name = module_names.get(name, name)
+        return f"{prefix}.{name}" if bare and not name.startswith(HEADS) else name
+    return {name_of(name): (file, name) for name, file in files.items()}
 
 
 def _files(model_dir: str) -> dict[str, str]:
@@ -155,7 +160,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     cfg = cfg.replace(eos_token_ids=stop_ids(model_dir, cfg.hf_config))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
-    index = _weight_index(model_dir, family(cfg).base_prefix)
+    index = _weight_index(model_dir, family(cfg).base_prefix, FILE_NAMES.get(cfg.model_type, {}))
     own_head = cfg.tie_word_embeddings and _own_head(index, hf_names(family(cfg).embedding_path, 1)[0])
     if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds a head of its own
         # (as transformers: none at all, or a tied config's exact copy of the embedding, is the embedding)
@@ -284,13 +289,13 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         log.warning("%s: the classifier's config has no pad_token_id, so transformers runs it on one row at a "
                     "time only; pass tokenizer_from or config={'pad_token_id': ...}", out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
+    tensors, file_names = {}, FILE_NAMES.get(model.config.model_type, {})
     flat = {path: np.asarray(jax.device_get(value)) for path, value in T.flatten(params).items()}
     stored = _one_dtype(flat, dtype, out_dir)
     for path, array in flat.items():
         array = array.astype(stored, copy=False)
         parts = list(array) if T.is_stacked(path) else [array]
-        names = hf_names(path, len(parts))
+        names = [file_names.get(name, name) for name in hf_names(path, len(parts))]
         for name, part in zip(names, parts):
             tensors.update(hf_experts.split(name, np.ascontiguousarray(hf_layout(path, part)), model.config.model_type))
     index_path = os.path.join(out_dir, "model.safetensors.index.json")
@@ -339,6 +344,7 @@ def _config_holding(cfg: ModelConfig, params) -> dict:
         hf["tie_word_embeddings"] = cfg.tie_word_embeddings
     for flag, modules in (("attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
                           ("mlp_bias", ("gate_proj", "up_proj", "down_proj"))):
+        modules = tuple(map(cfg.module_name, modules))
         if cfg.model_type in FAMILY_FIELDS[flag] and any(p.endswith(f"{m}/bias") for p in leaves for m in modules):
             hf[flag] = True
     expected = T.flatten(nn.meta.unbox(abstract_params(build(

@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, and with the experts of `moe`
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, and with the experts of `moe`
 Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
@@ -33,9 +33,12 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        if cfg.fused_qkv:  # Phi-3's qkv_proj, split as transformers splits it
-            q, k, v = jnp.split(L.Dense(q_width + 2 * kv_width, ("embed", "heads"), cfg.qkv_bias, name="qkv_proj")(x),
-                                (q_width, q_width + kv_width), axis=-1)
+        if cfg.fused_qkv:  # split as transformers splits it
+            qkv = L.Dense(q_width + 2 * kv_width, ("embed", "heads"), cfg.qkv_bias, name=cfg.module_name("qkv_proj"))(x)
+            if cfg.fused_qkv == "heads":  # GPT-NeoX's: each head's query, key and value side by side
+                q, k, v = (a.reshape(b, t, -1) for a in jnp.split(qkv.reshape(b, t, cfg.num_heads, -1), 3, axis=-1))
+            else:
+                q, k, v = jnp.split(qkv, (q_width, q_width + kv_width), axis=-1)
         else:
             q = L.Dense(q_width, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
             k = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
@@ -61,7 +64,7 @@ class Attention(nn.Module):
                            jnp.float32) if cfg.attention_sinks else None
         out = A.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
                        causal_offset, dropout=A.attention_dropout(self, cfg.attention_dropout), sinks=sinks)
-        out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj")(
+        out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name=cfg.module_name("o_proj"))(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
 
@@ -72,7 +75,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=name)(x)
+        dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=cfg.module_name(name))(x)
         if cfg.num_experts:
             return self.experts(x)
         if cfg.fused_gate_up:  # Phi-3's and GLM's gate_up_proj: gate, then up
@@ -80,9 +83,9 @@ class MLP(nn.Module):
         elif cfg.gated_mlp:
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),
                            dense(cfg.intermediate_size, "up_proj"))
-        else:  # Arcee's act(up_proj(x)), no gate
+        else:  # Arcee's and GPT-NeoX's act(up_proj(x)), no gate
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
-        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name="down_proj")(h)
+        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name=cfg.module_name("down_proj"))(h)
 
     def experts(self, x):
         """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid; in
@@ -113,7 +116,8 @@ class SharedMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
-    (`residual_dropout`); Cohere's and StableLM's attention and MLP read one normed input (`parallel_block`)."""
+    (`residual_dropout`); Cohere's and StableLM's attention and MLP read one normed input (`parallel_block`), GPT-NeoX's
+    each its own norm of the layer's input (`parallel_norms`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -124,14 +128,18 @@ class DecoderLayer(nn.Module):
         block_norm = partial(norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         normed = block_norm("input_layernorm")(x) if cfg.pre_norms else x
-        h, cache_kv = Attention(cfg, name="self_attn")(normed, layer_rope(cfg, rope, layer),
-                                                       layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
+        if cfg.parallel_norms:
+            normed_apart = block_norm("post_attention_layernorm")(x)
+        h, cache_kv = Attention(cfg, name=cfg.module_name("self_attn"))(
+            normed, layer_rope(cfg, rope, layer), layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         after_attention, before_mlp, after_mlp = cfg.sandwich_norm_names
         if cfg.sandwich_norms:
             h = block_norm(after_attention)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
-        if not cfg.parallel_block:  # whose MLP reads attention's input
+        if cfg.parallel_norms:
+            normed = normed_apart
+        elif not cfg.parallel_block:  # whose MLP reads attention's input
             mlp_norm = before_mlp if cfg.sandwich_norms else "post_attention_layernorm"
             normed = block_norm(mlp_norm)(x) if cfg.pre_norms else x
         h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
@@ -172,13 +180,14 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, context, cache_kv):
         cfg = self.cfg
         scale = np.sqrt(cfg.hidden_size) if cfg.embed_scale else None  # Gemma's; a soft prompt stays unscaled
-        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens")(input_ids, jnp.dtype(cfg.dtype),
-                                                                          scale=scale)
+        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name=cfg.module_name("embed_tokens"))(
+            input_ids, jnp.dtype(cfg.dtype), scale=scale)
         x = L.scaled(x, cfg.embedding_multiplier)  # Granite's, on the whole input (PEFT's soft prompt too)
+        x = L.dropout(self, x, cfg.embed_dropout)  # GPT-NeoX's hidden_dropout, the soft prompt's too
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return norm(cfg, ("embed",), "norm")(x), cache_kv
+        return norm(cfg, ("embed",), cfg.module_name("norm"))(x), cache_kv
 
 
 class CausalLM(L.LMHead, nn.Module):
@@ -210,12 +219,18 @@ class CausalLM(L.LMHead, nn.Module):
         # first run the decoder on the unexpanded params
         decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
         context = (rope_tables(cfg, d.positions), masks, d.index)
-        hidden, cache_kv = decoder(cfg, name="model")(input_ids, context, cache_kv)
+        hidden, cache_kv = decoder(cfg, name=self.base_prefix)(input_ids, context, cache_kv)
         hidden = hidden[:, d.rows:]
         out = self.outputs(hidden, return_hidden)
         if cache is None:
             return out
         return out, C.written_cache(cache_kv, d, input_ids.shape[1])
+
+
+class GPTNeoX(CausalLM):
+    """GPT-NeoX (Pythia): the decoder above under the family's own module names (`families.MODULE_NAMES`)."""
+    base_prefix = "gpt_neox"
+    embedding_path = "gpt_neox/embed_in/embedding"
 
 
 def init_params(model: CausalLM, key) -> dict:

@@ -207,7 +207,7 @@ class _Activations:
         gathered = {**sizes, "fsdp": 1}  # a weight as the layer computing with it holds it
         layer = {m: leaves for m, leaves in T.modules(params).items() if T.is_stacked(m + "/leaf")}
         trains = {m.rsplit("/", 1)[-1] for m, leaves in T.modules(mask).items() if any(leaves.values())}
-        self.o_trains, self.down_trains = "o_proj" in trains, "down_proj" in trains
+        self.o_trains, self.down_trains = (model_cfg.module_name(m) in trains for m in ("o_proj", "down_proj"))
         self.norms_train = "input_layernorm" in trains or "post_attention_layernorm" in trains
         self.lora = [(leaves[a].shape[-1],  # (rank, input width, output width) per adapted projection
                       shard_shape(leaves[a].shape, axes[f"{m}/{a}"], gathered)[-2],

@@ -133,14 +133,15 @@ def is_head_leaf(path: str) -> bool:
 
 
 # Where a decoder family's tree holds the width of the features the head pools, by the tree's top-level module
-# (Llama-like: `model`, GPT-2: `transformer`, as HF's *ForSequenceClassification name the base): its final norm's
-# scale, or its token embedding where the norms learn nothing (OLMo 1).
-WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "transformer/ln_f/scale")
+# (Llama-like: `model`, GPT-NeoX: `gpt_neox`, GPT-2: `transformer`, as HF's *ForSequenceClassification name the
+# base): its final norm's scale, or its token embedding where the norms learn nothing (OLMo 1).
+WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "gpt_neox/final_layer_norm/scale",
+          "transformer/ln_f/scale")
 
 
 def hidden_size(params) -> int:
     """The width of the features the head reads (`WIDTHS`)."""
-    flat = T.flatten({top: params[top] for top in ("model", "transformer") if top in params})
+    flat = T.flatten({top: params[top] for top in ("model", "gpt_neox", "transformer") if top in params})
     if widths := [flat[path] for path in WIDTHS if path in flat]:
         return int(np.shape(widths[0])[-1])
     if {"encoder", "decoder"} <= set(params):

@@ -72,7 +72,7 @@ class LlamaAdapter(Method):
     def attention_output(leaves, q, out):
         from jpeft.peft import sites  # the prompt goes through the layer's own projections (sites imports us)
         b, t, heads, dim = q.shape
-        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype), heads * dim)
+        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype), heads, dim)
         kv = k.shape[-1] // dim
         k, v = (a.reshape(a.shape[0], kv, dim) for a in (k, v))
         q = q.reshape(b, t, kv, heads // kv, dim)
@@ -92,18 +92,25 @@ class LlamaAdapter(Method):
 
 # PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the
 # projection the gated result passes through). GPT-2's fused c_attn gives keys and values both; no projection follows.
-# Phi-3's fused qkv_proj is read as Llama's three (PEFT has no adaption prompt for Phi-3).
-PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None), "qkv_proj": ("qkv_proj", "o_proj")}
+# Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read as Llama's three (PEFT has no adaption prompt for
+# either).
+PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None), "qkv_proj": ("qkv_proj", "o_proj"),
+               "query_key_value": ("query_key_value", "dense")}
+BY_HEADS = "query_key_value"  # GPT-NeoX's fused projection holds each head's query, key and value side by side
 
 
-def _through_attention(leaves: dict, prompt, query_width: int):
+def _through_attention(leaves: dict, prompt, heads: int, dim: int):
     """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
     from jpeft.peft import sites
     key_proj = next(p for p in PROMPT_KEYS if p in leaves)
     value_proj, output = PROMPT_KEYS[key_proj]
+    if key_proj == BY_HEADS:
+        qkv = sites.dense(leaves[key_proj], prompt)
+        _, k, v = (a.reshape(*a.shape[:-2], -1) for a in jnp.split(qkv.reshape(*qkv.shape[:-1], heads, -1), 3, -1))
+        return k, v, output
     if key_proj == value_proj:  # fused q/k/v: the keys and values after the queries' width
         qkv = sites.dense(leaves[key_proj], prompt)
-        _, k, v = jnp.split(qkv, (query_width, (qkv.shape[-1] + query_width) // 2), axis=-1)
+        _, k, v = jnp.split(qkv, (heads * dim, (qkv.shape[-1] + heads * dim) // 2), axis=-1)
         return k, v, output
     return sites.dense(leaves[key_proj], prompt), sites.dense(leaves[value_proj], prompt), output
 

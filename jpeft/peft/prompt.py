@@ -91,7 +91,8 @@ def select_task(params, task_ids):
 
 
 SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
-TOKEN_TABLES = ("embed_tokens/embedding", "wte/embedding")  # a decoder's token table: Llama-like, GPT-2
+# a decoder's token table: Llama-like, GPT-NeoX, GPT-2
+TOKEN_TABLES = ("embed_tokens/embedding", "embed_in/embedding", "wte/embedding")
 
 
 def _submodules(table_path: str) -> int:
@@ -103,7 +104,8 @@ def _table_path(params) -> str:
     tables = [p for p in T.flatten(params) if p.endswith(TOKEN_TABLES) or p == SEQ2SEQ_TABLE]
     if len(tables) != 1:
         raise JpeftError("prompt tuning needs the tree of a model with one input embedding table "
-                         f"(.../embed_tokens/embedding, transformer/wte/embedding or shared/embedding); "
+                         f"(.../embed_tokens/embedding, gpt_neox/embed_in/embedding, transformer/wte/embedding or "
+                         f"shared/embedding); "
                          f"found {tables or 'none'}")
     return tables[0]
 

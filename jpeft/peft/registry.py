@@ -55,10 +55,15 @@ HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modul
 # and v).
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 PHI3_QKV = {"targets": ["qkv_proj"]}
+NEOX_QKV = {"targets": ["query_key_value"]}
 FAMILY_DEFAULTS = {
     "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), PHI3_QKV),
              "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
              "bitfit": {"targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}},
+    "gpt_neox": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), NEOX_QKV),
+                 "trainable_tokens": {"targets": ["embed_in"]},
+                 "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
+                 "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},

@@ -20,7 +20,8 @@ from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import Method, hf_module, matches, refuse_second_init, target_option
 
 INDICES = "token_indices"
-INPUT_EMBEDDINGS = ("embed_tokens", "wte", "shared")  # the token table's name in each family (get_input_embeddings)
+# the token table's name in each family (get_input_embeddings)
+INPUT_EMBEDDINGS = ("embed_tokens", "embed_in", "wte", "shared")
 LORA_KEY = "token_adapter.trainable_tokens_delta"  # a LoRA dir's rows, under the table's name
 
 

@@ -18,6 +18,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.peft import quant
 from jpeft.peft.base import is_expert_weight
 from jpeft.peft.registry import REBUILT_WEIGHTS
+from jpeft.peft.trainable_tokens import INPUT_EMBEDDINGS
 
 MATMUL_LEAVES = ("kernel", "weight", "lora_a", "lora_b", "vera_a", "vera_b")
 
@@ -30,7 +31,7 @@ def train_step_flops(cfg: ModelConfig, params, mask, tokens: int, seq_len: int) 
         sizes = {name: math.prod(leaves[name].shape) for name in MATMUL_LEAVES if name in leaves}
         if quant.is_quantized(leaves):
             sizes["kernel"] = quant.num_elements(leaves)
-        if cfg.tie_word_embeddings and module.endswith("embed_tokens"):
+        if cfg.tie_word_embeddings and module.rpartition("/")[2] in INPUT_EMBEDDINGS:
             sizes["embedding"] = math.prod(leaves["embedding"].shape)  # the LM head
         gradient = {name for name in sizes if trained.get(f"{module}/{name}", False)}
         if any(m.present(leaves) for m in REBUILT_WEIGHTS):

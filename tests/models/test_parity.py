@@ -124,6 +124,12 @@ CASES = {
     "stablelm-partial-rope-qkv-bias": ("stablelm", dict(use_qkv_bias=True, layer_norm_eps=1e-3)),
     "stablelm-parallel-residual-tied": ("stablelm", dict(use_parallel_residual=True, tie_word_embeddings=True,
                                                          partial_rotary_factor=0.5)),
+    # GPT-NeoX (Pythia): q/k/v fused by heads, biased LayerNorms, partial RoPE over halves, an ungated GELU MLP; a
+    # parallel block with a norm for each branch, or the sequential one; its head `embed_out` in the files
+    "gpt_neox-parallel-two-norms": ("gpt_neox", dict(num_key_value_heads=None, initializer_range=0.2)),
+    "gpt_neox-sequential-tied-half-rope": ("gpt_neox", dict(num_key_value_heads=None, use_parallel_residual=False,
+                                                            tie_word_embeddings=True, rotary_pct=0.5,
+                                                            rotary_emb_base=100, layer_norm_eps=1e-3)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -350,6 +356,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("cohere2-sliding-rope-local-only", dict(rope_layers=())),
     ("cohere-qk-norm-gqa", dict(qk_norm=None)),
     ("stablelm-partial-rope-qkv-bias", dict(partial_rotary_factor=1.0)),
+    ("gpt_neox-parallel-two-norms", dict(parallel_norms=False)),
+    ("gpt_neox-parallel-two-norms", dict(fused_qkv="blocks")),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

@@ -185,14 +185,20 @@ def family_run(tiny_run, tmp_path, family: str) -> dict:
     return {**tiny_run, "model": base}
 
 
-def test_phi3s_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path):
-    """Phi-3's qkv_proj and gate_up_proj are split after a tensor-sharded product: full fine-tuning and a LoRA on
-    them, on a mesh of all three axes, equal the 1-device runs."""
-    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, "phi3"), tmp_path, {
-        "full": ["method.name=full", *COMMON],
-        "lora": ["method.name=lora", "method.targets=[qkv_proj,gate_up_proj]", *COMMON]})
-    assert sharded["specs"]["lora"]["['trainable']['model']['layers']['self_attn']['qkv_proj']['lora_b']"] == \
-        "P(None, None, 'tensor')"
+FUSED_ON_A_MESH = {"phi3": ("[qkv_proj,gate_up_proj]", "['model']['layers']['self_attn']['qkv_proj']"),
+                   "gpt_neox": ("[query_key_value,dense_h_to_4h]",
+                                "['gpt_neox']['layers']['attention']['query_key_value']")}
+
+
+@pytest.mark.parametrize("family", FUSED_ON_A_MESH)
+def test_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path, family):
+    """Phi-3's qkv_proj and gate_up_proj, and GPT-NeoX's query_key_value (by heads), are split after a
+    tensor-sharded product: full fine-tuning and a LoRA on them, on a mesh of all three axes, equal the 1-device
+    runs."""
+    targets, qkv = FUSED_ON_A_MESH[family]
+    sharded = cube_matches_one_device(family_run(tiny_run, tmp_path, family), tmp_path, {
+        "full": ["method.name=full", *COMMON], "lora": ["method.name=lora", f"method.targets={targets}", *COMMON]})
+    assert sharded["specs"]["lora"][f"['trainable']{qkv}['lora_b']"] == "P(None, None, 'tensor')"
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

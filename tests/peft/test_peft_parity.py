@@ -1,6 +1,9 @@
 """Every method PEFT has, both ways against PyTorch PEFT: same logits from the same adapter dir (on T5:
 test_t5_peft_parity.py)."""
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -223,7 +226,7 @@ FAMILY_METHODS = {  # each made with the family's names for Llama's projections 
     "ia3": (lambda names: jpeft.IA3(targets=names(["k_proj", "v_proj", "down_proj"]), feedforward=names(["down_proj"])),
             ("ia3_in", "ia3_out")),
     # Gemma scales its embeddings (by sqrt(hidden)) after DoRA's rescaling, and ties its head to the bare table
-    "dora-embed": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=["embed_tokens"], use_dora=True),
+    "dora-embed": (lambda names: jpeft.LoRA(rank=4, alpha=8, targets=names(["embed_tokens"]), use_dora=True),
                    ("lora_a", "lora_b", "lora_magnitude")),
     "vera": (lambda names: jpeft.VeRA(rank=4, targets=names(["q_proj", "o_proj", "up_proj"])),
              ("vera_lambda_d", "vera_lambda_b")),
@@ -254,6 +257,33 @@ def test_adapter_round_trip_for_each_family(tmp_path, family, method):
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+
+
+def test_lora_gradients_through_gpt_neoxs_fused_projection_equal_pefts(tmp_path):
+    """LoRA on query_key_value, whose output splits by heads, and on the MLP: jpeft's loss and LoRA gradients
+    are PeftModel's."""
+    torch_model = make_hf_model("gpt_neox", **FAMILIES["gpt_neox"])
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
+    adapted = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["query_key_value", "dense_4h_to_h"]).init(
+        jax.random.key(0), params), ("lora_b",), jax.random.key(1))
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter", is_trainable=True)
+    theirs = peft_model(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss
+    theirs.backward()
+
+    def loss(p):
+        logits = model.apply({"params": p}, jnp.asarray(IDS))[:, :-1]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), IDS[:, 1:, None], -1).mean()
+    ours, grads = jax.value_and_grad(loss)(adapted)
+    np.testing.assert_allclose(float(ours), theirs.item(), atol=1e-5, rtol=0)
+    grads, compared = T.flatten(grads), 0
+    for name, p in peft_model.named_parameters():
+        if match := re.fullmatch(r"base_model\.model\.(\w+)\.layers\.(\d+)\.(.+)\.lora_([AB])\.default\.weight", name):
+            top, layer, module, factor = match.groups()
+            path = f"{top}/layers/{module.replace('.', '/')}/lora_{factor.lower()}"
+            np.testing.assert_allclose(np.asarray(grads[path][int(layer)]), p.grad.numpy().T, atol=1e-6, rtol=0)
+            compared += 1
+    assert compared == 2 * 2 * 2  # A and B of two modules in two layers
 
 
 GPT2_ADAPTERS = {

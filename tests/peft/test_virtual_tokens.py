@@ -269,3 +269,39 @@ def test_a_phi3_adapter_gives_the_same_logits_in_peft_both_ways(tmp_path, phi3_a
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_a_gpt_neox_adapter_gives_the_same_logits_in_peft_both_ways(tmp_path, name):
+    """GPT-NeoX's prefix keys and values join each head after its fused projection's split (past keys, unrotated),
+    and its soft prompt joins the input before the embedding dropout: as PEFT's."""
+    from conftest import FAMILIES
+    path = save_hf_model(make_hf_model("gpt_neox", **FAMILIES["gpt_neox"], initializer_range=0.2), tmp_path / "base")
+    model, params = jpeft.from_pretrained(path)
+    adapted = perturb(METHODS[name]().init(jax.random.key(1), params), TRAINED[name], jax.random.key(2), 0.5)
+    assert np.abs(jax_logits(model, adapted) - jax_logits(model, params)).max() > 1e-2
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(torch_base(path), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(peft_logits(peft_model, name), jax_logits(model, adapted), atol=2e-4, rtol=0)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
+
+
+def test_llama_adapters_prompt_reads_gpt_neoxs_projection_by_heads():
+    """PEFT has no adaption prompt for GPT-NeoX: its prompt's keys and values out of query_key_value (each head's
+    query, key and value side by side) are those of the same weights laid out as Phi-3's qkv_proj (all queries,
+    then keys, then values), whose LLaMA-Adapter equals Llama's three projections' above."""
+    from jpeft.peft.llama_adapter import _through_attention
+    heads, dim, width, n = 4, 8, 32, 5
+    kernel, bias = jax.random.normal(jax.random.key(0), (width, heads * 3 * dim)), jnp.arange(heads * 3 * dim) / 9.0
+    blocks = lambda a: a.reshape(*a.shape[:-1], heads, 3, dim).swapaxes(-3, -2).reshape(a.shape)
+    prompt = jax.random.normal(jax.random.key(1), (n, width))
+    by_heads = _through_attention({"query_key_value": {"kernel": kernel, "bias": bias}, "dense": {}}, prompt,
+                                  heads, dim)
+    by_blocks = _through_attention({"qkv_proj": {"kernel": blocks(kernel), "bias": blocks(bias)}, "o_proj": {}},
+                                   prompt, heads, dim)
+    assert by_heads[2] == "dense" and by_blocks[2] == "o_proj"
+    for ours, phi3 in zip(by_heads[:2], by_blocks[:2]):
+        np.testing.assert_allclose(ours, phi3, atol=1e-5, rtol=0)
+    assert np.abs(by_heads[0] - by_heads[1]).max() > 1e-2  # keys and values differ
