@@ -112,6 +112,9 @@ FAMILIES = {
     # GPT-NeoX: q/k/v fused by heads, a parallel block with a norm for each branch, RoPE on half of each head, biased
     # LayerNorms, an ungated GELU MLP, the head `embed_out` in its files (no GQA field: None drops TINY's)
     "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5),
+    # Phi (phi-1/1.5/2): biases everywhere, the head's too, one LayerNorm for a parallel block, RoPE on half of each
+    # head, an ungated GELU MLP (fc1, fc2), each head's queries and keys through a LayerNorm of its own
+    "phi": dict(qk_layernorm=True),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -139,6 +142,7 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
          "glm4": GATE_UP, "gpt_neox": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"),
                                        "o_proj": "dense", "gate_proj": None, "up_proj": "dense_h_to_4h",
                                        "down_proj": "dense_4h_to_h", "embed_tokens": "embed_in"},
+         "phi": {"o_proj": "dense", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 

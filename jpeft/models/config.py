@@ -1,10 +1,9 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE,
-GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a config.json that
-jpeft cannot honour is an error here
-rather than a silently different model.
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi and the mixtures of experts Mixtral,
+Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a
+config.json that jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
 
@@ -18,8 +17,9 @@ from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELD
                                    PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
                                    SANDWICH_NORMS,
                                    SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
-                                   residual_dropout_rate, dropout_rate, activation, family_config, norm_eps,
-                                   refuse_unsupported)
+                                   own_dropout_rate, dropout_rate, activation, family_config, norm_eps,
+                                   refuse_unsupported, BIASED_TYPES, EMBED_DROPOUT_FIELDS, RESIDUAL_DROPOUT_FIELDS,
+                                   UNGATED_MLP_TYPES)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -37,6 +37,7 @@ class ModelConfig:
     rope: Rope = Rope()
     local_rope: Rope | None = None  # the rope of sliding-window layers, where it differs
     tie_word_embeddings: bool = False
+    head_bias: bool = False  # Phi's LM head has a bias
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -199,7 +200,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -225,7 +226,7 @@ class ModelConfig:
         hidden = need("hidden_size")
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope, local_rope = read_ropes(family.rope_parameters, hf, source, partial, head_dim)
-        bias = bool(own("attention_bias") or own("use_bias"))
+        bias = bool(own("attention_bias") or own("use_bias")) or model_type in BIASED_TYPES
         moe = expert_fields(model_type, family, layers, source)
         return cls(
             model_type=model_type,
@@ -243,7 +244,8 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
-            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or model_type == "gpt_neox",
+            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or model_type in ("gpt_neox", *BIASED_TYPES),
+            head_bias=model_type in BIASED_TYPES,
             hidden_act=act,
             sliding_window=own("sliding_window"),
             layer_types=layer_types,
@@ -256,7 +258,8 @@ class ModelConfig:
             layer_norm=LAYER_NORM_TYPES.get(model_type),
             parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
             parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")),
-            qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm else QK_NORM_TYPES.get(model_type),
+            qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
+            else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
             fused_qkv={"phi3": "blocks", "gpt_neox": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
@@ -264,7 +267,7 @@ class ModelConfig:
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             longrope_rereads=model_type == "phi3",
-            gated_mlp=model_type not in ("arcee", "gpt_neox"),  # their MLP: down(act(up(x))), no gate
+            gated_mlp=model_type not in UNGATED_MLP_TYPES,
             clip_qkv=None if own("clip_qkv") is None else float(own("clip_qkv")),
             **moe,
             attention_sinks=model_type == "gpt_oss",
@@ -279,8 +282,8 @@ class ModelConfig:
             # ERNIE 4.5's attention drops nothing, whatever a file says
             attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout,
                                                                                  "attention_dropout", source),
-            residual_dropout=residual_dropout_rate(model_type, family, source),
-            embed_dropout=residual_dropout_rate(model_type, family, source) if model_type == "gpt_neox" else 0.0,
+            residual_dropout=own_dropout_rate(RESIDUAL_DROPOUT_FIELDS, model_type, family, source),
+            embed_dropout=own_dropout_rate(EMBED_DROPOUT_FIELDS, model_type, family, source),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),

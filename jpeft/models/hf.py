@@ -48,7 +48,7 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",
                 "stablelm": "StableLm", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
-                "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "gpt2": "GPT2"}  # + ForSequenceClassification
+                "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "phi": "Phi", "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
 HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's prefix

@@ -212,9 +212,10 @@ class LMHead:
     `embedding_path`, and its compact `__call__` ends in `self.outputs(...)`."""
 
     def outputs(self, hidden, return_hidden: bool):
-        """The hidden states, or their logits; at init, the head's own kernel where the head is not tied."""
+        """The hidden states, or their logits; at init, the head's own kernel (and Phi's bias) where the head is not
+        tied."""
         if not self.config.tie_word_embeddings and self.is_initializing():
-            Dense(self.config.vocab_size, ("embed", "vocab"), name="lm_head")(hidden)
+            Dense(self.config.vocab_size, ("embed", "vocab"), self.config.head_bias, name="lm_head")(hidden)
         if return_hidden:
             return hidden
         return self.logits(self.head_leaves(module_leaves(self)), hidden, dropout_rng(self))

@@ -1,6 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, and with the experts of `moe`
-Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by config.
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, and with the
+experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by
+config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -153,7 +154,9 @@ class DecoderLayer(nn.Module):
 
 
 def norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm | L.LayerNorm:
-    """The family's norm over a tensor's last axis (logical `axes`): its RMSNorm, or its LayerNorm (`layer_norm`)."""
+    """The family's norm over a tensor's last axis (logical `axes`): its RMSNorm, or its LayerNorm (`layer_norm`),
+    named as the family names the module jpeft calls `name`."""
+    name = cfg.module_name(name)
     if cfg.layer_norm:
         return L.LayerNorm(cfg.rms_norm_eps, cfg.layer_norm != "none", cfg.layer_norm == "scale_bias", axes, name=name)
     return L.RMSNorm(cfg.rms_norm_eps, cfg.norm_plus_one, axes, cfg.norm_float32_scale, name=name)
@@ -187,7 +190,7 @@ class Decoder(nn.Module):
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return norm(cfg, ("embed",), cfg.module_name("norm"))(x), cache_kv
+        return norm(cfg, ("embed",), "norm")(x), cache_kv
 
 
 class CausalLM(L.LMHead, nn.Module):

@@ -81,7 +81,9 @@ class LlamaAdapter(Method):
         gated = jnp.einsum("bkgts,skd->btkgd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
         delta = gated.reshape(b, t, heads * dim)
         if output is not None:
-            delta = sites.dense(leaves[output], delta)
+            projection = leaves[output]
+            delta = sites.dense({k: v for k, v in projection.items() if k != "bias"} if output in UNBIASED_OUTPUTS
+                                else projection, delta)
         return out + (leaves["adaption_layers"] * delta).astype(out.dtype)
 
     @classmethod
@@ -90,12 +92,16 @@ class LlamaAdapter(Method):
         return int(np.size(leaves[name]) // max(adapted.size, 1) * adapted.sum())
 
 
-# PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the
-# projection the gated result passes through). GPT-2's fused c_attn gives keys and values both; no projection follows.
-# Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read as Llama's three (PEFT has no adaption prompt for
-# either).
-PROMPT_KEYS = {"k_proj": ("v_proj", "o_proj"), "c_attn": ("c_attn", None), "qkv_proj": ("qkv_proj", "o_proj"),
-               "query_key_value": ("query_key_value", "dense")}
+# PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the names
+# of the projection the gated result passes through: Phi's is `dense`). GPT-2's fused c_attn gives keys and values
+# both; no projection follows. Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read as Llama's three (PEFT
+# has no adaption prompt for either).
+PROMPT_KEYS = {"k_proj": ("v_proj", ("o_proj", "dense")), "c_attn": ("c_attn", ()),
+               "qkv_proj": ("qkv_proj", ("o_proj",)), "query_key_value": ("query_key_value", ("dense",))}
+# GPT-NeoX's and Phi's output projection, which PEFT's adaption prompt does not take: the gated prompt passes its weight
+# alone, as the attention output already carries its bias, so zero gates leave the model as it was. (PEFT passes
+# o_proj's bias a second time where a Llama has one, and jpeft does as PEFT there.)
+UNBIASED_OUTPUTS = ("dense",)
 BY_HEADS = "query_key_value"  # GPT-NeoX's fused projection holds each head's query, key and value side by side
 
 
@@ -103,7 +109,8 @@ def _through_attention(leaves: dict, prompt, heads: int, dim: int):
     """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
     from jpeft.peft import sites
     key_proj = next(p for p in PROMPT_KEYS if p in leaves)
-    value_proj, output = PROMPT_KEYS[key_proj]
+    value_proj, outputs = PROMPT_KEYS[key_proj]
+    output = next((o for o in outputs if o in leaves), None)
     if key_proj == BY_HEADS:
         qkv = sites.dense(leaves[key_proj], prompt)
         _, k, v = (a.reshape(*a.shape[:-2], -1) for a in jnp.split(qkv.reshape(*qkv.shape[:-1], heads, -1), 3, -1))

@@ -50,12 +50,14 @@ REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
-# (peft.utils.constants: T5's and GPT-2's own projection names; IA3 on q_proj for Qwen and Gemma), and BitFit's
+# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's and Phi's own projection names; IA3 on q_proj for Qwen and
+# Gemma), and BitFit's
 # every projection. PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q
 # and v).
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 PHI3_QKV = {"targets": ["qkv_proj"]}
 NEOX_QKV = {"targets": ["query_key_value"]}
+PHI_QV_MLP = {"targets": ["q_proj", "v_proj", "fc1", "fc2"]}
 FAMILY_DEFAULTS = {
     "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), PHI3_QKV),
              "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
@@ -64,6 +66,9 @@ FAMILY_DEFAULTS = {
                  "trainable_tokens": {"targets": ["embed_in"]},
                  "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
                  "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
+    "phi": {**dict.fromkeys(("lora", "qlora", "loha", "lokr", "oft", "hra"), PHI_QV_MLP),
+            "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
+            "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},

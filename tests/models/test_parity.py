@@ -130,6 +130,11 @@ CASES = {
     "gpt_neox-sequential-tied-half-rope": ("gpt_neox", dict(num_key_value_heads=None, use_parallel_residual=False,
                                                             tie_word_embeddings=True, rotary_pct=0.5,
                                                             rotary_emb_base=100, layer_norm_eps=1e-3)),
+    # Phi: biases on every projection and the head, a parallel block on one LayerNorm, partial RoPE, an ungated MLP;
+    # LayerNorms over each head's queries and keys (qk_layernorm)
+    "phi-parallel-biased-head": ("phi", {}),
+    "phi-qk-layernorm-quarter-rope": ("phi", dict(qk_layernorm=True, partial_rotary_factor=0.25, layer_norm_eps=1e-3,
+                                                  initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -266,6 +271,7 @@ def test_bidirectional_attention_is_refused(model_type):
 @pytest.mark.parametrize("model_type,switch,match", [
     ("stablelm", dict(qk_layernorm=True), r"qk_layernorm is True \(a LayerNorm module per head"),
     ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
+    ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
     hf = dict(make_hf_model(model_type).config.to_dict(), **switch)
@@ -358,6 +364,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("stablelm-partial-rope-qkv-bias", dict(partial_rotary_factor=1.0)),
     ("gpt_neox-parallel-two-norms", dict(parallel_norms=False)),
     ("gpt_neox-parallel-two-norms", dict(fused_qkv="blocks")),
+    ("phi-qk-layernorm-quarter-rope", dict(partial_rotary_factor=1.0)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

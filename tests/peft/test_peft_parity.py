@@ -259,13 +259,15 @@ def test_adapter_round_trip_for_each_family(tmp_path, family, method):
     np.testing.assert_allclose(jax_logits(model, reloaded), jax_logits(model, adapted), atol=1e-5, rtol=0)
 
 
-def test_lora_gradients_through_gpt_neoxs_fused_projection_equal_pefts(tmp_path):
-    """LoRA on query_key_value, whose output splits by heads, and on the MLP: jpeft's loss and LoRA gradients
-    are PeftModel's."""
-    torch_model = make_hf_model("gpt_neox", **FAMILIES["gpt_neox"])
+@pytest.mark.parametrize("family,targets", [("gpt_neox", ["query_key_value", "dense_4h_to_h"]),
+                                            ("phi", ["q_proj", "fc2"])])
+def test_lora_gradients_in_a_parallel_block_equal_pefts(tmp_path, family, targets):
+    """LoRA in GPT-NeoX's and Phi's parallel blocks (on NeoX's query_key_value, whose output splits by heads; under
+    Phi's q/k LayerNorms) and on their MLPs: jpeft's loss and LoRA gradients are PeftModel's."""
+    torch_model = make_hf_model(family, **FAMILIES[family])
     model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / "base"))
-    adapted = perturb(jpeft.LoRA(rank=4, alpha=8, targets=["query_key_value", "dense_4h_to_h"]).init(
-        jax.random.key(0), params), ("lora_b",), jax.random.key(1))
+    adapted = perturb(jpeft.LoRA(rank=4, alpha=8, targets=targets).init(jax.random.key(0), params), ("lora_b",),
+                      jax.random.key(1))
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter", is_trainable=True)
     theirs = peft_model(input_ids=torch.tensor(IDS), labels=torch.tensor(IDS)).loss

@@ -305,3 +305,21 @@ def test_llama_adapters_prompt_reads_gpt_neoxs_projection_by_heads():
     for ours, phi3 in zip(by_heads[:2], by_blocks[:2]):
         np.testing.assert_allclose(ours, phi3, atol=1e-5, rtol=0)
     assert np.abs(by_heads[0] - by_heads[1]).max() > 1e-2  # keys and values differ
+
+
+@pytest.mark.parametrize("family", ["phi", "gpt_neox"])
+def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tmp_path, family):
+    """Phi's and GPT-NeoX's attention output projection is `dense` (PEFT has no adaption prompt for either): zero
+    gates leave the model as it was (dense's bias is not added twice), trained ones change it, through dense's
+    weight (zeroed, it leaves the gated prompt nothing to add)."""
+    from conftest import FAMILIES
+    torch_model = make_hf_model(family, **FAMILIES[family], initializer_range=0.2)
+    model, params = jpeft.from_pretrained(save_hf_model(torch_model, tmp_path / family))
+    adapted = METHODS["adaption"]().init(jax.random.key(1), params)
+    np.testing.assert_allclose(jax_logits(model, adapted), jax_logits(model, params), atol=1e-5, rtol=0)
+    gated = perturb(adapted, TRAINED["adaption"], jax.random.key(2), 0.5)
+    assert np.abs(jax_logits(model, gated) - jax_logits(model, params)).max() > 1e-2
+    dense = f"/{model.config.module_name('self_attn')}/dense/kernel"
+    without = lambda tree: T.unflatten({p: v * 0 if dense in p else v for p, v in T.flatten(tree).items()})
+    np.testing.assert_allclose(jax_logits(model, without(gated)), jax_logits(model, without(params)), atol=1e-5,
+                               rtol=0)
