@@ -177,7 +177,9 @@ def _rms_normed(x, scale, eps: float, plus_one: bool, float32_scale: bool):
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + eps)
     if plus_one or float32_scale:
         return (h * (plus_one + scale.astype(jnp.float32))).astype(x.dtype)
-    return scale.astype(x.dtype) * h.astype(x.dtype)
+    # Llama's w · x, x cast first: the product in float32, rounded once, as torch promotes a float32 w (a bf16 w's
+    # product is exact there too), so the scale's gradient sums its tokens in float32
+    return (scale.astype(jnp.float32) * h.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
 @recomputed(3)

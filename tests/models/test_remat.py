@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import jpeft
 from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals lists
@@ -92,6 +93,24 @@ def test_float32_math_on_bf16_inputs_saves_only_its_inputs(name):
     assert float32_saved(fn) == []
     for got, want in zip(jax.grad(loss(fn), (0, 1))(x, w), jax.grad(loss(fn.__wrapped__), (0, 1))(x, w)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_a_float32_norm_scale_acts_below_bf16s_resolution():
+    """Llama's RMSNorm on bf16 activations multiplies a float32 scale (a trained one: full fine-tuning, norm tuning)
+    in float32 and rounds once, as torch promotes w · x.to(bf16): a change below bf16's resolution at 1 reaches the
+    output, where rounding the scale to bf16 first dropped it; the output is torch's rounded to bf16."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from jpeft.models import layers as L
+
+    x = jnp.asarray(np.random.RandomState(0).randn(64, 32), jnp.bfloat16)
+    scale = jnp.full(32, 1 + 3e-3, jnp.float32)  # 1 in bf16 (its spacing there: 2⁻⁷)
+    ours = np.asarray(L._rms_normed(x, scale, 1e-6, False, False), np.float32)
+    assert (ours != np.asarray(L._rms_normed(x, jnp.ones(32), 1e-6, False, False), np.float32)).any()
+    norm = LlamaRMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.fill_(1 + 3e-3)
+        theirs = norm(torch.tensor(np.asarray(x, np.float32)).to(torch.bfloat16)).to(torch.bfloat16).float().numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=2 ** -8, atol=0)  # rsqrt's last bit may round either way
 
 
 def test_attention_values_keep_one_bf16_copy_of_the_probabilities():
