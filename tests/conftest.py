@@ -115,6 +115,9 @@ FAMILIES = {
     # Phi (phi-1/1.5/2): biases everywhere, the head's too, one LayerNorm for a parallel block, RoPE on half of each
     # head, an ungated GELU MLP (fc1, fc2), each head's queries and keys through a LayerNorm of its own
     "phi": dict(qk_layernorm=True),
+    # GPT-J: Phi's parallel block with RoPE over neighbouring dimensions of part of each head (rotary_dim), no
+    # attention biases, a biased head; GPT-2's names for the top modules (no GQA field: None drops TINY's)
+    "gptj": dict(num_key_value_heads=None, rotary_dim=4),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -143,6 +146,8 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
                                        "o_proj": "dense", "gate_proj": None, "up_proj": "dense_h_to_4h",
                                        "down_proj": "dense_4h_to_h", "embed_tokens": "embed_in"},
          "phi": {"o_proj": "dense", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
+         "gptj": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out",
+                  "embed_tokens": "wte"},
          **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 

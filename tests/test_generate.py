@@ -63,6 +63,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("stablelm", dict(use_qkv_bias=True, partial_rotary_factor=0.5)),  # RoPE on part of each cached head
     ("gpt_neox", dict(num_key_value_heads=None)),  # keys and values of each head out of one fused projection
     ("phi", dict(qk_layernorm=True, num_key_value_heads=1)),  # each cached key head's own LayerNorm; a biased head
+    ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),  # neighbouring dimensions of part of each head rotated
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     ("gpt_oss", dict(head_dim=8, num_local_experts=4, sliding_window=4)),  # attention sinks over the cache

@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi and the mixtures of experts Mixtral,
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J and the mixtures of experts Mixtral,
 Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a
 config.json that jpeft cannot honour is an error here rather than a silently different model.
 """
@@ -18,8 +18,8 @@ from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELD
                                    SANDWICH_NORMS,
                                    SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
                                    own_dropout_rate, dropout_rate, activation, family_config, norm_eps,
-                                   refuse_unsupported, BIASED_TYPES, EMBED_DROPOUT_FIELDS, RESIDUAL_DROPOUT_FIELDS,
-                                   UNGATED_MLP_TYPES)
+                                   refuse_unsupported, ATTENTION_DROPOUT_FIELDS, BIASED_TYPES, EMBED_DROPOUT_FIELDS,
+                                   RESIDUAL_DROPOUT_FIELDS, UNGATED_MLP_TYPES)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -172,7 +172,7 @@ class ModelConfig:
     @property
     def positions_key(self) -> str:
         """The config.json field max_position_embeddings is read from (GPT-2's and T5's n_positions)."""
-        return "n_positions" if self.model_type in ("gpt2", "t5") else "max_position_embeddings"
+        return "n_positions" if self.model_type in ("gpt2", "t5", "gptj") else "max_position_embeddings"
 
     def module_name(self, name: str) -> str:
         """The family's name of the module jpeft's Llama-family decoder calls `name` (`families.MODULE_NAMES`)."""
@@ -188,9 +188,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Translate an HF config dict, refusing what would change the model's math."""
         def need(key):
-            if key not in hf:
+            if key not in fields:
                 raise CheckpointError(f"{source}: missing required field '{key}'")
-            return hf[key]
+            return fields[key]
+
+        fields = hf
 
         model_type = hf.get("model_type")
         if model_type == "gemma3" and "text_config" in hf:
@@ -200,7 +202,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -208,6 +210,8 @@ class ModelConfig:
             return _gpt2(hf, source, need).replace(pad_token_id=pad)
         gemma = model_type in GEMMA_TYPES
         family = family_config(hf, source)
+        # the standard names of fields a family's file names its own way (GPT-J's n_layer, n_embd, ...)
+        fields = {**{k: hf[v] for k, v in getattr(family, "attribute_map", {}).items() if v in hf}, **hf}
         own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
         refuse_unsupported(model_type, family, source)
         act = activation(hf, model_type)
@@ -225,14 +229,20 @@ class ModelConfig:
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
-        rope, local_rope = read_ropes(family.rope_parameters, hf, source, partial, head_dim)
-        bias = bool(own("attention_bias") or own("use_bias")) or model_type in BIASED_TYPES
+        rope_parameters = getattr(family, "rope_parameters", None)  # GPT-J's config has none: its `rotary_dim`
+        if model_type == "gptj" and not 0 < family.rotary_dim <= head_dim:
+            raise CheckpointError(f"{source}: rotary_dim must be between 1 and the head size {head_dim}, got "
+                                  f"{family.rotary_dim}")
+        rope, local_rope = read_ropes(rope_parameters, hf, source, partial, head_dim)
+        biased = BIASED_TYPES.get(model_type, ())
+        bias = bool(own("attention_bias") or own("use_bias")) or "attention" in biased
         moe = expert_fields(model_type, family, layers, source)
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe else need("intermediate_size"),
+            intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe
+            else (family.n_inner or 4 * hidden) if model_type == "gptj" else need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -244,8 +254,8 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
-            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or model_type in ("gpt_neox", *BIASED_TYPES),
-            head_bias=model_type in BIASED_TYPES,
+            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or "mlp" in biased,
+            head_bias="head" in biased,
             hidden_act=act,
             sliding_window=own("sliding_window"),
             layer_types=layer_types,
@@ -262,8 +272,8 @@ class ModelConfig:
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
             fused_qkv={"phi3": "blocks", "gpt_neox": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
-            partial_rotary_factor=float((family.rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial
-            else 1.0,
+            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
+            else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
             longrope_rereads=model_type == "phi3",
@@ -280,11 +290,12 @@ class ModelConfig:
             logits_scaling=float(own("logits_scaling") or 1.0),
             logit_scale=1.0 if own("logit_scale") is None else float(own("logit_scale")),
             # ERNIE 4.5's attention drops nothing, whatever a file says
-            attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(family.attention_dropout,
-                                                                                 "attention_dropout", source),
+            attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(
+                getattr(family, attention_dropout := ATTENTION_DROPOUT_FIELDS.get(model_type, "attention_dropout")),
+                attention_dropout, source),
             residual_dropout=own_dropout_rate(RESIDUAL_DROPOUT_FIELDS, model_type, family, source),
             embed_dropout=own_dropout_rate(EMBED_DROPOUT_FIELDS, model_type, family, source),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            max_position_embeddings=fields.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
         )

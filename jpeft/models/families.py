@@ -10,7 +10,7 @@ from jpeft.models.rope_params import SLIDING
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "t5", "gpt2")
+                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -20,33 +20,40 @@ COHERE_TYPES = ("cohere", "cohere2")
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
 # a scale and a bias, Cohere's a scale, OLMo 1's nothing
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"),
-                    **dict.fromkeys(("stablelm", "gpt_neox", "phi"), "scale_bias")}
-PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi")  # attention and the MLP both read the layer's one normed input, summed
-BIASED_TYPES = ("phi",)  # families with a bias on every projection and on the LM head, whatever the file says
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi")  # their MLP: down(act(up(x))), no gate
+                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj"), "scale_bias")}
+# attention and the MLP both read the layer's one normed input, summed
+PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
+# biases whatever the file says: Phi's on every projection and the LM head, GPT-NeoX's on the MLP, GPT-J's on the MLP
+# and the head
+BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head")}
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj")  # their MLP: down(act(up(x))), no gate
 # Module names of a family whose transformers model names its modules its own way (GPT-NeoX's), by the Llama name
 # jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's adapters do
 MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention",
                              "qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
                              "down_proj": "dense_4h_to_h", "norm": "final_layer_norm"},
                 "phi": {"o_proj": "dense", "up_proj": "fc1", "down_proj": "fc2", "norm": "final_layernorm",
-                        "q_norm": "q_layernorm", "k_norm": "k_layernorm"}}
+                        "q_norm": "q_layernorm", "k_norm": "k_layernorm"},
+                "gptj": {"embed_tokens": "wte", "layers": "h", "input_layernorm": "ln_1", "self_attn": "attn",
+                         "o_proj": "out_proj", "up_proj": "fc_in", "down_proj": "fc_out", "norm": "ln_f"}}
 # Weights a family's files name apart from its module (transformers renames them on loading and back on saving):
 # GPT-NeoX's head, `lm_head` to PEFT, `embed_out.weight` in the hub's files
 FILE_NAMES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
 # config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
 UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
-               ("phi", "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"}
+               **{(family, "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"
+                  for family in ("phi", "gptj")}}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout", "gpt_neox": "hidden_dropout",
-                           "phi": "resid_pdrop"}
-EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop"}  # a family's dropout on its embeddings
+                           "phi": "resid_pdrop", "gptj": "resid_pdrop"}
+EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop"}  # on the embeddings
+ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop"}  # the others' `attention_dropout`
 # families whose transformers model rotates a part of each head
-PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi")
+PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi", "gptj")
 # families that rotate neighbouring dimensions together (GPT-J's)
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES)
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES, "gptj")
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
                  **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
@@ -145,6 +152,8 @@ def norm_eps(model_type: str, family) -> float:
     1e-5)."""
     if model_type == "olmo":
         return 1e-5
+    if model_type == "gptj":
+        return family.layer_norm_epsilon
     return family.layer_norm_eps if model_type in LAYER_NORM_TYPES else family.rms_norm_eps
 
 
@@ -171,6 +180,8 @@ def activation(hf: dict, model_type: str) -> str:
     elif model_type == "gemma":
         act = hf.get("hidden_act", "gelu_pytorch_tanh")
         act = "gelu_pytorch_tanh" if act == "gelu" else act
+    elif model_type == "gptj":
+        act = hf.get("activation_function", "gelu_new")
     else:
         act = hf.get("hidden_act", "silu")
     return ACTIVATION_ALIASES.get(act, act)

@@ -1,5 +1,5 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, and with the
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, and with the
 experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by
 config (and a family's own module names, `families.MODULE_NAMES`).
 
@@ -188,7 +188,7 @@ class Decoder(nn.Module):
         x = L.scaled(x, cfg.embedding_multiplier)  # Granite's, on the whole input (PEFT's soft prompt too)
         x = L.dropout(self, x, cfg.embed_dropout)  # GPT-NeoX's hidden_dropout, the soft prompt's too
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
-        (x, cache_kv, _), _ = stack(cfg, name="layers")((x, cache_kv, jnp.int32(0)), context)
+        (x, cache_kv, _), _ = stack(cfg, name=cfg.module_name("layers"))((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
         return norm(cfg, ("embed",), "norm")(x), cache_kv
 
@@ -234,6 +234,12 @@ class GPTNeoX(CausalLM):
     """GPT-NeoX (Pythia): the decoder above under the family's own module names (`families.MODULE_NAMES`)."""
     base_prefix = "gpt_neox"
     embedding_path = "gpt_neox/embed_in/embedding"
+
+
+class GPTJ(CausalLM):
+    """GPT-J: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top ones."""
+    base_prefix = "transformer"
+    embedding_path = "transformer/wte/embedding"
 
 
 def init_params(model: CausalLM, key) -> dict:

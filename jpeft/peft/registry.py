@@ -50,8 +50,8 @@ REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
-# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's and Phi's own projection names; IA3 on q_proj for Qwen and
-# Gemma), and BitFit's
+# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's, Phi's and GPT-J's own projection names; IA3 on q_proj for Qwen
+# and Gemma), and BitFit's
 # every projection. PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q
 # and v).
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
@@ -69,6 +69,9 @@ FAMILY_DEFAULTS = {
     "phi": {**dict.fromkeys(("lora", "qlora", "loha", "lokr", "oft", "hra"), PHI_QV_MLP),
             "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}},
+    "gptj": {"trainable_tokens": {"targets": ["wte"]},
+             "ia3": {"targets": ["q_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
+             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import GPT2, jit_logits, make_hf_model, save_hf_model
+from conftest import FAMILIES, GPT2, jit_logits, make_hf_model, save_hf_model
 from jpeft.models.config import ModelConfig
 
 # Qwen3's long-context setting, with an original length these 12-token rows span, so that the ramp, the
@@ -135,6 +135,11 @@ CASES = {
     "phi-parallel-biased-head": ("phi", {}),
     "phi-qk-layernorm-quarter-rope": ("phi", dict(qk_layernorm=True, partial_rotary_factor=0.25, layer_norm_eps=1e-3,
                                                   initializer_range=0.2)),
+    # GPT-J: Phi's parallel block without attention biases, RoPE over neighbouring dimensions of part of each head
+    # (rotary_dim) or all of it, a biased head, GPT-2's top names and config fields
+    "gptj-partial-interleaved-rope": ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),
+    "gptj-whole-head-rope-eps": ("gptj", dict(num_key_value_heads=None, rotary_dim=8, layer_norm_epsilon=1e-3,
+                                              initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -272,12 +277,20 @@ def test_bidirectional_attention_is_refused(model_type):
     ("stablelm", dict(qk_layernorm=True), r"qk_layernorm is True \(a LayerNorm module per head"),
     ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
     ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
+    ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
-    hf = dict(make_hf_model(model_type).config.to_dict(), **switch)
+    hf = dict(make_hf_model(model_type, **FAMILIES[model_type]).config.to_dict(), **switch)
     with pytest.raises(jpeft.CheckpointError, match=f"config.json: {match}.*which jpeft does not run"):
         ModelConfig.from_hf(hf)
     ModelConfig.from_hf({**hf, **{k: type(v)() for k, v in switch.items()}})  # off (False, 0.0), the file loads
+
+
+def test_a_gptj_rotary_dim_past_its_head_is_refused():
+    """transformers' GPT-J would fail mid-forward on it (its sin and cos are wider than the head)."""
+    hf = dict(make_hf_model("gptj", num_key_value_heads=None, rotary_dim=4).config.to_dict(), rotary_dim=16)
+    with pytest.raises(jpeft.CheckpointError, match="rotary_dim must be between 1 and the head size 8, got 16"):
+        ModelConfig.from_hf(hf)
 
 
 def test_sliding_window_changes_logits(tmp_path):
@@ -365,6 +378,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gpt_neox-parallel-two-norms", dict(parallel_norms=False)),
     ("gpt_neox-parallel-two-norms", dict(fused_qkv="blocks")),
     ("phi-qk-layernorm-quarter-rope", dict(partial_rotary_factor=1.0)),
+    ("gptj-whole-head-rope-eps", dict(rope_interleaved=False)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

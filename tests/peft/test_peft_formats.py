@@ -12,7 +12,8 @@ from test_peft_parity import IDS, jax_logits, perturb_torch, torch_logits
 from test_t5_peft_parity import t5_logits, torch_t5_logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "cohere", "stablelm", "gpt_neox", "phi", "t5"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "cohere", "stablelm", "gpt_neox", "phi", "gptj",
+                                    "t5"])
 def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
     """PEFT's LN tuning dir, read and written: its default norms per family (a LayerNorm's bias too) trained
     -> the same logits in jpeft; jpeft's norm tuning -> PeftModel -> jpeft."""
