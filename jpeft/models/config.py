@@ -37,7 +37,7 @@ class ModelConfig:
     rope: Rope = Rope()
     local_rope: Rope | None = None  # the rope of sliding-window layers, where it differs
     tie_word_embeddings: bool = False
-    head_bias: bool = False  # Phi's LM head has a bias
+    head_bias: bool = False  # Phi's and GPT-J's LM head has a bias
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

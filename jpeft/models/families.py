@@ -27,8 +27,8 @@ PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 # and the head
 BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head")}
 UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj")  # their MLP: down(act(up(x))), no gate
-# Module names of a family whose transformers model names its modules its own way (GPT-NeoX's), by the Llama name
-# jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's adapters do
+# Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's), by the
+# Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's adapters do
 MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention",
                              "qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
                              "down_proj": "dense_4h_to_h", "norm": "final_layer_norm"},

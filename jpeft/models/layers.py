@@ -214,8 +214,8 @@ class LMHead:
     `embedding_path`, and its compact `__call__` ends in `self.outputs(...)`."""
 
     def outputs(self, hidden, return_hidden: bool):
-        """The hidden states, or their logits; at init, the head's own kernel (and Phi's bias) where the head is not
-        tied."""
+        """The hidden states, or their logits; at init, the head's own kernel (and Phi's and GPT-J's bias) where the
+        head is not tied."""
         if not self.config.tie_word_embeddings and self.is_initializing():
             Dense(self.config.vocab_size, ("embed", "vocab"), self.config.head_bias, name="lm_head")(hidden)
         if return_hidden:

@@ -84,7 +84,7 @@ class MLP(nn.Module):
         elif cfg.gated_mlp:
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),
                            dense(cfg.intermediate_size, "up_proj"))
-        else:  # Arcee's and GPT-NeoX's act(up_proj(x)), no gate
+        else:  # Arcee's, GPT-NeoX's, Phi's and GPT-J's act(up_proj(x)), no gate
             h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
         return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name=cfg.module_name("down_proj"))(h)
 

@@ -133,9 +133,9 @@ def is_head_leaf(path: str) -> bool:
 
 
 # Where a decoder family's tree holds the width of the features the head pools, by the tree's top-level module
-# (Llama-like: `model`, GPT-NeoX: `gpt_neox`, GPT-2: `transformer`, as HF's *ForSequenceClassification name the
-# base): its final norm's scale (Phi's `final_layernorm`), or its token embedding where the norms learn nothing
-# (OLMo 1).
+# (Llama-like: `model`, GPT-NeoX: `gpt_neox`, GPT-2 and GPT-J: `transformer`, as HF's *ForSequenceClassification
+# name the base): its final norm's scale (Phi's `final_layernorm`), or its token embedding where the norms learn
+# nothing (OLMo 1).
 WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "model/final_layernorm/scale",
           "gpt_neox/final_layer_norm/scale", "transformer/ln_f/scale")
 

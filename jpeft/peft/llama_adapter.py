@@ -82,8 +82,8 @@ class LlamaAdapter(Method):
         delta = gated.reshape(b, t, heads * dim)
         if output is not None:
             projection = leaves[output]
-            delta = sites.dense({k: v for k, v in projection.items() if k != "bias"} if output in UNBIASED_OUTPUTS
-                                else projection, delta)
+            delta = sites.dense({name: leaf for name, leaf in projection.items() if name != "bias"}
+                                if output in UNBIASED_OUTPUTS else projection, delta)
         return out + (leaves["adaption_layers"] * delta).astype(out.dtype)
 
     @classmethod
