@@ -208,7 +208,8 @@ class _Activations:
         layer = {m: leaves for m, leaves in T.modules(params).items() if T.is_stacked(m + "/leaf")}
         trains = {m.rsplit("/", 1)[-1] for m, leaves in T.modules(mask).items() if any(leaves.values())}
         self.o_trains, self.down_trains = (model_cfg.module_name(m) in trains for m in ("o_proj", "down_proj"))
-        self.norms_train = "input_layernorm" in trains or "post_attention_layernorm" in trains
+        self.norms_train = any(model_cfg.module_name(m) in trains
+                               for m in ("input_layernorm", "post_attention_layernorm"))
         self.lora = [(leaves[a].shape[-1],  # (rank, input width, output width) per adapted projection
                       shard_shape(leaves[a].shape, axes[f"{m}/{a}"], gathered)[-2],
                       shard_shape(leaves[b].shape, axes[f"{m}/{b}"], gathered)[-1])

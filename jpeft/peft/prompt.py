@@ -19,6 +19,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
 from jpeft.peft.base import Method
+from jpeft.peft.trainable_tokens import INPUT_EMBEDDINGS
 
 TASK_IDS = "prompt_task_ids"
 
@@ -91,8 +92,8 @@ def select_task(params, task_ids):
 
 
 SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
-# a decoder's token table: Llama-like, GPT-NeoX, GPT-2
-TOKEN_TABLES = ("embed_tokens/embedding", "embed_in/embedding", "wte/embedding")
+# a decoder's token table (Llama-like, GPT-NeoX, GPT-2 and GPT-J): every family's input embedding but T5's
+TOKEN_TABLES = tuple(f"{name}/embedding" for name in INPUT_EMBEDDINGS if f"{name}/embedding" != SEQ2SEQ_TABLE)
 
 
 def _submodules(table_path: str) -> int:
