@@ -281,6 +281,9 @@ def without_excluded(config: dict, grouped: dict, error=JpeftError) -> dict:
 
 # a mixture's stacked expert weights, in the order transformers registers them (PEFT nests its wrappers by it)
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+# the modules transformers 4 split each into (Mixtral's w1/w3/w2): PEFT 0.22+ still reads a LoRA target of theirs as
+# the fused weight, so a bare `up_proj` beside Qwen2-MoE's experts would name their gate_up_proj too
+EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj", "w1", "w3"), "down_proj": ("w2",)}
 
 
 def is_expert_weight(path: str, leaves: dict) -> bool:

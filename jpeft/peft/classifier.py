@@ -30,8 +30,9 @@ from jpeft.peft.base import Method
 from jpeft.peft.lora import LoRA
 
 POOLINGS = ("last", "mean")
-# PEFT's SEQ_CLS adapters save the head as `modules_to_save`; it names both usual head modules.
-PEFT_HEAD_MODULES = ("classifier", "score")
+# PEFT's SEQ_CLS adapters save the head as `modules_to_save`; it names every usual head module (PEFT 0.22 added
+# DistilBERT's pre_classifier; a name no module has saves nothing).
+PEFT_HEAD_MODULES = ("classifier", "score", "pre_classifier")
 LABELS_FILE = "classifier.json"  # beside an adapter: what AutoModelForSequenceClassification needs besides it
 
 

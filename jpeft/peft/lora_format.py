@@ -18,8 +18,9 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError
 from jpeft.peft import trainable_tokens
-from jpeft.peft.base import (CONV1D, EXPERT_WEIGHTS, exact_targets, from_layer_rows, is_expert_weight, layer_index,
-                             layer_rows, module_layers, module_names, refuse_tied_head, saved_base_weight)
+from jpeft.peft.base import (CONV1D, EXPERT_PARTS, EXPERT_WEIGHTS, exact_targets, from_layer_rows, in_experts,
+                             is_expert_weight, layer_index, layer_rows, module_layers, module_names, refuse_tied_head,
+                             saved_base_weight)
 from jpeft.peft.lora import LoRA
 from jpeft.peft.trainable_tokens import TrainableTokens
 
@@ -69,7 +70,7 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
               "init_lora_weights": True,
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)
-    names = module_names(tree)
+    names = peft_names(tree)
     if parameters:  # by their names within a layer, as PEFT's target_parameters name them
         config["target_parameters"] = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in parameters})
     if not entries:
@@ -86,6 +87,14 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
         rows, config["trainable_token_indices"] = trainable_tokens.lora_tensors(tokens)
         tensors.update(rows)
     return tensors, config
+
+
+def peft_names(tree: dict) -> list[str]:
+    """Every module name of the base, with the names PEFT also reads as a fused expert weight (`EXPERT_PARTS`), so
+    that the targets written select in PEFT what they select in jpeft (Qwen2-MoE's `shared_expert.up_proj`)."""
+    names = module_names(tree)
+    return names + [f"{name.rpartition('.')[0]}.{part}" for name in names if in_experts(name.replace(".", "/"))
+                    for part in EXPERT_PARTS.get(name.rpartition(".")[2], ())]
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

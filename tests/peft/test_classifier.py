@@ -199,7 +199,7 @@ def test_lora_head_saves_as_peft_seq_cls_and_loads_both_ways(base, tmp_path):
     logits = np.asarray(jpeft.classify(model, trained, IDS_PADDED, MASK))
     jpeft.save_adapter(str(tmp_path / "adapter"), trained)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier", "score"]
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier", "score", "pre_classifier"]
     peft_model = peft.PeftModel.from_pretrained(hf_classifier(path, 3), tmp_path / "adapter").eval()
     np.testing.assert_allclose(logits, hf_logits(peft_model, IDS_PADDED, MASK), atol=2e-4, rtol=0)
     reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)

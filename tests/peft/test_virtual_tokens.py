@@ -137,7 +137,8 @@ def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
     """The reference is greedy decoding through PeftModel's forward pass. PeftModel.generate with its KV
     cache is not: with peft 0.21 and transformers 5 it re-injects the soft prompt at every step and never
     puts the prefix in the cache (transformers now passes the cache as `cache`, PEFT looks for
-    `past_key_values`); without the cache it agrees for prompt tuning and adaption prompts."""
+    `past_key_values`); without the cache it agrees for prompt tuning and adaption prompts (for prefix tuning,
+    peft 0.22's fails with a shape error in the attention's output projection)."""
     model, params = jpeft.from_pretrained(base)
     adapted = perturb(METHODS[name]().init(jax.random.key(3), params), TRAINED[name], jax.random.key(4), 0.5)
     jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
@@ -147,11 +148,12 @@ def test_greedy_generation_is_token_identical_to_peft(tmp_path, base, name):
     with torch.no_grad():
         for _ in range(12):
             sequence.append(int(peft_model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
-        uncached = peft_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                                       max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
     got = generate(model, adapted, [prompt, prompt[3:]], max_new_tokens=12, eos_token_id=None)
     assert got[0] == sequence[len(prompt):]
     if name != "prefix":
+        with torch.no_grad():
+            uncached = peft_model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                           max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
         assert got[0] == uncached[0, len(prompt):].tolist()
     assert got[1] == generate(model, adapted, [prompt[3:]], max_new_tokens=12, eos_token_id=None)[0]  # left padding
 
