@@ -112,3 +112,17 @@ def test_bfloat16_load(tmp_path):
     out = jit_logits(model, params, ids)
     ref = torch_logits(ref_model, ids)
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_the_abstract_tree_is_traced_once_per_config_and_handed_out_as_copies(tmp_path):
+    """`abstract_params` caches one trace per model config: equal configs share it, another config gets its own,
+    and a caller that edits its tree leaves the next caller's whole."""
+    from jpeft.models.hf import abstract_params
+    from jpeft import tree as T
+    model, _ = jpeft.from_pretrained(save_hf_model(make_hf_model("llama"), tmp_path / "a"))
+    wider, _ = jpeft.from_pretrained(save_hf_model(make_hf_model("llama", intermediate_size=96), tmp_path / "b"))
+    first = abstract_params(model)
+    del first["lm_head"]
+    again = T.flatten(abstract_params(jpeft.from_pretrained(str(tmp_path / "a"))[0]))
+    assert "lm_head/kernel" in again and again["model/layers/mlp/up_proj/kernel"].value.shape == (2, 32, 64)
+    assert T.flatten(abstract_params(wider))["model/layers/mlp/up_proj/kernel"].value.shape == (2, 32, 96)

@@ -48,6 +48,8 @@ def test_jpeft_peft_jpeft_give_the_same_logits(tmp_path, family, targets, parame
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == sorted(f"{model.config.moe_name}.experts.{p.rpartition('.')[2]}"
                                                  for p in parameters)
+    # PEFT 0.22 reads a bare gate_proj or up_proj beside fused experts as their gate_up_proj too
+    assert not {"gate_proj", "up_proj"} & set(config["target_modules"] or ())
     peft_model = peft.PeftModel.from_pretrained(torch_model, tmp_path / "adapter").eval()
     np.testing.assert_allclose(logits(model, adapted), torch_logits(peft_model), atol=2e-4, rtol=0)
     peft_model.save_pretrained(tmp_path / "from_peft")
