@@ -13,7 +13,7 @@ from jpeft.errors import AdapterError, CheckpointError, ConfigError, DataError, 
 
 _LAZY = {
     "from_pretrained": "jpeft.models.hf", "save_pretrained": "jpeft.models.hf",
-    **{name: "jpeft.peft" for name in ("LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "TrainableTokens", "BitFit", "NormTuning", "Bottleneck",
+    **{name: "jpeft.peft" for name in ("LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "RoAd", "TrainableTokens", "BitFit", "NormTuning", "Bottleneck",
                                        "Full", "modules_to_save", "freeze", "trainable_mask", "merge", "count_parameters", "parameter_report")},
     **{name: "jpeft.peft" for name in ("PromptTuning", "PTuning", "PrefixTuning", "LlamaAdapter", "select_task")},
     "Classifier": "jpeft.peft", "classify": "jpeft.peft",

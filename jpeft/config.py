@@ -66,6 +66,8 @@ class MethodSection:
     use_cayley_neumann: bool = True  # OFT: PEFT's truncated series for the Cayley transform (false: exact)
     num_cayley_neumann_terms: int = 5  # OFT: the series' terms
     gram_schmidt: bool = False  # HRA: orthonormalise the reflection vectors (PEFT's apply_GS)
+    variant: str = "road_1"  # RoAd: road_1 | road_2 | road_4 (one, two or four parameters per output)
+    group_size: int = 64  # RoAd: outputs are paired within groups of this many (PEFT's default)
     token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
     trainable_token_indices: list[int] | None = None  # LoRA: these ids' input-embedding rows train too (PEFT's)
     target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)

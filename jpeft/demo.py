@@ -49,7 +49,7 @@ PRESETS = {
     "tiny": dict(vocab=400, hidden=32, layers=2, heads=2, mlp=64, held_out=4, max_new_tokens=8, rows=40,
                  base=dict(steps=4, batch_size=4, seq_len=64, lr=3e-3, warmup=1),
                  finetune=dict(steps=3, batch_size=4, seq_len=96, warmup=1),
-                 methods={"lora": dict(lr=3e-3, rank=4, alpha=8)}),
+                 methods={"lora": dict(lr=3e-3, rank=4, alpha=8), "road": dict(group_size=8)}),  # 32 wide
 }
 ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 T5_PROJECTIONS = "[q,k,v,o,wi_0,wi_1,wo]"  # the same projections, as PEFT names them in T5

@@ -151,11 +151,12 @@ def test_info_lists_every_method_with_its_options(capsys):
     lines = capsys.readouterr().out.splitlines()
     options = dict(line.split(": ", 1) for line in lines)
     assert list(options) == list(BY_NAME) == ["full", "lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "ia3",
-                                              "trainable_tokens", "bitfit", "norm", "prompt", "p_tuning", "prefix", "llama_adapter", "bottleneck", "classifier"]
+                                              "road", "trainable_tokens", "bitfit", "norm", "prompt", "p_tuning", "prefix", "llama_adapter", "bottleneck", "classifier"]
     assert "method.use_dora" in options["lora"] and "method.quant" in options["qlora"]
     assert "method.feedforward" in options["ia3"] and "method.tasks" in options["prompt"]
     assert "method.block_share" in options["oft"] and "method.num_cayley_neumann_terms" in options["oft"]
     assert options["hra"] == "method.rank, method.targets, method.gram_schmidt, method.modules_to_save"
+    assert options["road"] == "method.targets, method.variant, method.group_size, method.modules_to_save"
     assert options["trainable_tokens"] == "method.targets, method.token_indices, method.modules_to_save"
     assert options["p_tuning"] == "method.num_virtual_tokens, method.projection, method.modules_to_save"
     assert "method.projection" in options["prefix"] and "method.adapter_layers" in options["llama_adapter"]

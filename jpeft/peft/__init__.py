@@ -14,6 +14,7 @@ from jpeft.peft.classifier import Classifier, classify
 from jpeft.peft.full import Full
 from jpeft.peft.hra import HRA
 from jpeft.peft.ia3 import IA3
+from jpeft.peft.road import RoAd
 from jpeft.peft.lora import LoRA
 from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.multi import refuse_container
@@ -133,6 +134,6 @@ def _mask_of(params, mask, what: str) -> dict:
     return flat_mask
 
 
-__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "TrainableTokens", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
+__all__ = ["leaf_axes", "LoRA", "QLoRA", "VeRA", "LoHa", "LoKr", "OFT", "HRA", "IA3", "RoAd", "TrainableTokens", "BitFit", "NormTuning", "Full", "PromptTuning", "PTuning", "PrefixTuning",
            "LlamaAdapter", "select_task", "Bottleneck", "Classifier", "classify", "BY_NAME", "trainable_mask", "merge",
            "count_parameters", "parameter_report", "freeze", "modules_to_save"]

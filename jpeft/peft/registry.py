@@ -21,6 +21,7 @@ from jpeft.peft.oft import OFT
 from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning
+from jpeft.peft.road import RoAd
 from jpeft.peft.qlora import QLoRA, Quantized, QuantizedExperts
 from jpeft.peft.saved_modules import SavedModules
 from jpeft.peft.trainable_tokens import TrainableTokens
@@ -36,6 +37,7 @@ METHODS = (
     OFT,
     HRA,
     IA3,
+    RoAd,  # after LoRA too: it rotates the whole layer's output
     TrainableTokens,
     PromptTuning,
     PTuning,
@@ -59,14 +61,14 @@ PHI3_QKV = {"targets": ["qkv_proj"]}
 NEOX_QKV = {"targets": ["query_key_value"]}
 PHI_QV_MLP = {"targets": ["q_proj", "v_proj", "fc1", "fc2"]}
 FAMILY_DEFAULTS = {
-    "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), PHI3_QKV),
+    "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road"), PHI3_QKV),
              "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
              "bitfit": {"targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}},
-    "gpt_neox": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra"), NEOX_QKV),
+    "gpt_neox": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road"), NEOX_QKV),
                  "trainable_tokens": {"targets": ["embed_in"]},
                  "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
                  "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
-    "phi": {**dict.fromkeys(("lora", "qlora", "loha", "lokr", "oft", "hra"), PHI_QV_MLP),
+    "phi": {**dict.fromkeys(("lora", "qlora", "loha", "lokr", "oft", "hra", "road"), PHI_QV_MLP),
             "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}},
     "gptj": {"trainable_tokens": {"targets": ["wte"]},
@@ -75,7 +77,7 @@ FAMILY_DEFAULTS = {
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
     "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
            "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},
-           "hra": {"targets": ["q", "v"]},
+           "hra": {"targets": ["q", "v"]}, "road": {"targets": ["q", "v"]},
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
     "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
@@ -93,6 +95,7 @@ BY_NAME = {cls.name: cls for cls in (
     OFT,
     HRA,
     IA3,
+    RoAd,
     TrainableTokens,
     BitFit,
     NormTuning,

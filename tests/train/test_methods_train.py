@@ -24,6 +24,7 @@ RUNS = {
                          "method.use_cayley_neumann=false", "method.targets=[q_proj,down_proj]"],
     "hra-gram-schmidt": ["method.name=hra", "method.rank=3", "method.gram_schmidt=true",
                          "method.targets=[v_proj,up_proj]"],
+    "road-2": ["method.name=road", "method.variant=road_2", "method.group_size=16", "method.targets=[v_proj,up_proj]"],
     "lora-new-tokens": ["method.name=lora", "method.trainable_token_indices=[10,11,12]"],
     "trainable-tokens": ["method.name=trainable_tokens", f"method.token_indices=[{','.join(map(str, range(10, 60)))}]"],
     "bitfit": ["method.name=bitfit"],
