@@ -95,3 +95,11 @@ def test_t5_round_trip_with_pefts_logits(tmp_path):
     np.testing.assert_allclose(jit_logits(model, adapted, IDS, IDS[:, :4]), want, atol=2e-4, rtol=0)
     reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_array_equal(jit_logits(model, reloaded, IDS, IDS[:, :4]), jit_logits(model, adapted, IDS, IDS[:, :4]))
+
+
+def test_layers_of_two_variants_are_not_written_as_one_peft_adapter(base, tmp_path):
+    _, _, params = base
+    mixed = jpeft.RoAd(["v_proj"], "road_2", 8).init(None, jpeft.RoAd(["q_proj"], "road_1", 8).init(None, params))
+    with pytest.raises(jpeft.AdapterError, match=r"different variants or group sizes \(\[\('road_1', 8\), "
+                                                 r"\('road_2', 8\)\]\) cannot be one PEFT adapter"):
+        jpeft.save_adapter(str(tmp_path / "adapter"), mixed)
