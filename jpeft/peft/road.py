@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, from_layer_rows, hf_module, layer_rows,
-                             leading, module_layers, module_names, refuse_second_init, targeted_layers)
+from jpeft.peft.base import (Method, exact_targets, from_layer_rows, hf_module, layer_rows, leading, linear_stacks,
+                             module_layers, module_names, refuse_second_init, target_option)
 
 VARIANTS = ("road_1", "road_2", "road_4")
 
@@ -36,7 +36,7 @@ class RoAd(Method):
         if group_size <= 0 or group_size % 2:
             raise JpeftError(f"RoAd group_size {group_size}: a positive even number (it pairs element i with "
                              "element i + group_size/2)")
-        self.targets = targets if isinstance(targets, str) else tuple(targets)
+        self.targets = target_option(targets)
         self.variant, self.group_size = variant, group_size
 
     def __repr__(self):
@@ -44,17 +44,9 @@ class RoAd(Method):
 
     def init(self, key, params):
         del key
-        grouped, found, g = T.modules(params), [], self.group_size
-        for path, leaves in grouped.items():
-            if "kernel" not in leaves or not any(picked := targeted_layers(path, len(module_layers(path, leaves)),
-                                                                            self.targets)):
-                continue
-            if not all(picked):
-                raise JpeftError(f"RoAd targets {self.targets!r} pick only some layers of {hf_module(path)}; RoAd "
-                                 "adapts whole layer stacks")
-            if path.rpartition("/")[2] in CONV1D:
-                raise JpeftError(f"RoAd on {hf_module(path)}: PEFT's RoAd adapts nn.Linear layers only, and GPT-2's "
-                                 "projections are Conv1D; use LoRA or IA3 there")
+        grouped, g = T.modules(params), self.group_size
+        for path in linear_stacks(self, grouped):
+            leaves = grouped[path]
             out = leaves["kernel"].shape[-1]
             if out % g:
                 raise JpeftError(f"RoAd on {hf_module(path)}: its {out} outputs do not split into groups of "
@@ -64,10 +56,6 @@ class RoAd(Method):
                                                                    "road_4": (2, g)}[self.variant])
             grouped[path] = {**leaves, "road_theta": jnp.zeros(shape, jnp.float32),
                              "road_alpha": jnp.ones(shape, jnp.float32)}
-            found.append(path)
-        if not found:
-            raise JpeftError(f"RoAd targets {self.targets!r} match no dense layer; the dense layers: "
-                             f"{dense_layers(grouped)}")
         return T.from_modules(grouped)
 
     @staticmethod

@@ -78,7 +78,7 @@ def test_bad_options_are_refused(base, options, match):
 
 def test_gpt2_conv1d_is_refused_as_pefts_road_adapts_linear_layers_only(tmp_path):
     _, params = jpeft.from_pretrained(save_hf_model(make_hf_model("gpt2", **GPT2), tmp_path / "gpt2"))
-    with pytest.raises(jpeft.JpeftError, match="PEFT's RoAd adapts nn.Linear layers only"):
+    with pytest.raises(jpeft.JpeftError, match="it is GPT-2's Conv1D, which PEFT's RoAd does not adapt"):
         jpeft.RoAd(["c_attn"], group_size=8).init(None, params)
 
 
@@ -103,3 +103,13 @@ def test_layers_of_two_variants_are_not_written_as_one_peft_adapter(base, tmp_pa
     with pytest.raises(jpeft.AdapterError, match=r"different variants or group sizes \(\[\('road_1', 8\), "
                                                  r"\('road_2', 8\)\]\) cannot be one PEFT adapter"):
         jpeft.save_adapter(str(tmp_path / "adapter"), mixed)
+
+
+def test_all_linear_adapts_what_pefts_road_adapts(base):
+    _, _, params = base
+    adapted = jpeft.RoAd("all-linear", group_size=8).init(None, params)
+    ours = {p.split("/")[-2] for p in T.flatten(adapted) if p.endswith("/road_theta")}
+    config = peft.RoadConfig(group_size=8, target_modules="all-linear")
+    made = peft.get_peft_model(make_hf_model("llama", **BIASED), config)
+    theirs = {name.rpartition(".")[2] for name, module in made.named_modules() if hasattr(module, "road_theta")}
+    assert ours == theirs == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
