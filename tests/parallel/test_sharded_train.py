@@ -95,10 +95,11 @@ def cube_matches_one_device(run: dict, tmp_path, runs: dict) -> dict:
 
 def test_rebuilt_weights_on_a_mesh_match_one_device(tiny_run, tmp_path):
     """LoKr, OFT and HRA rebuild each weight from the sharded kernel and their leaves (HRA's vectors sharded as
-    the weight's input axis, LoKr's and OFT's whole): on a 2x2x2 mesh, the losses of one device."""
+    the weight's input axis, LoKr's and OFT's whole), and RoAd rotates pairs of the outputs the tensor axis
+    splits: on a 2x2x2 mesh, the losses of one device."""
     sharded = cube_matches_one_device(tiny_run, tmp_path, {
         name: [f"method.name={name}", "method.targets=[q_proj,v_proj,down_proj]", "train.lr=3e-2", *options, *COMMON]
-        for name, options in REBUILT.items()})
+        for name, options in {**REBUILT, "road": ["method.variant=road_4", "method.group_size=8"]}.items()})
     assert sharded["specs"]["hra"]["['trainable']['model']['layers']['self_attn']['q_proj']['hra_u']"] == \
         "P(None, 'fsdp', None)"
 
