@@ -91,7 +91,7 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     ("train.lr=fast", r"'train.lr'.* must be a number"),
     ("method.targets=[1, 2]", r"'method.targets'.* must be a list of strings"),
     ("method.name=prompt & method.tasks=2", r"'method.tasks'.* =2: a run of jpeft train trains one prompt"),
-    ("method.name=adalora", r"'method.name'.* must be one of full, lora, qlora, vera, loha, lokr, oft, hra, ia3, "
+    ("method.name=adalora", r"'method.name'.* must be one of full, lora, qlora, vera, loha, lokr, oft, hra, ia3, road, "
                             r"trainable_tokens, bitfit, norm, prompt, p_tuning, prefix, llama_adapter, bottleneck, "
                             r"classifier, got 'adalora'"),
     ("model.dtype=fp16", r"must be one of auto, float32, bfloat16"),
