@@ -66,6 +66,7 @@ METHOD_PRESETS = {  # train.lr and method.* options per method
     "oft": dict(lr=5e-3, targets=ALL_PROJECTIONS),  # PEFT's blocks of 32; 1e-3 to 3e-2 tried (from 2e-2 it diverges)
     "hra": dict(lr=6e-2, targets=ALL_PROJECTIONS),  # PEFT's r=8; 3e-3 to 1.2e-1 tried
     "ia3": dict(lr=2e-2),
+    "road": dict(lr=1e-1, targets=ALL_PROJECTIONS),  # PEFT's road_1 in groups of 64; 5e-3 to 3e-1 tried
     "prompt": dict(lr=3e-2, num_virtual_tokens=20),  # PEFT's prompt-tuning examples use 3e-2
     "p_tuning": dict(lr=3e-3, num_virtual_tokens=20),  # its encoder's width the model's; 3e-4 to 3e-2 tried
     "prefix": dict(lr=1e-2, num_virtual_tokens=20),
