@@ -14,7 +14,6 @@ from jpeft.peft.classifier import Classifier, classify
 from jpeft.peft.full import Full
 from jpeft.peft.hra import HRA
 from jpeft.peft.ia3 import IA3
-from jpeft.peft.road import RoAd
 from jpeft.peft.lora import LoRA
 from jpeft.peft.llama_adapter import LlamaAdapter
 from jpeft.peft.multi import refuse_container
@@ -24,6 +23,7 @@ from jpeft.peft.p_tuning import PTuning
 from jpeft.peft.prefix import PrefixTuning
 from jpeft.peft.prompt import PromptTuning, select_task
 from jpeft.peft.qlora import QLoRA, merge_note
+from jpeft.peft.road import RoAd
 from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.peft import saved_modules
 from jpeft.peft.saved_modules import modules_to_save
