@@ -1,9 +1,9 @@
 """RoAd (Liao et al., 2024): each targeted layer's output rotated and scaled in pairs, as PEFT's RoAd.
 
 The output [..., out] (bias included) splits into groups of `group_size`; within a group, element i pairs with
-element i + group_size/2, and each pair (y₁, y₂) becomes (a₁ cos θ₁ · y₁ − a₂ sin θ₂ · y₂, a₁ cos θ₁ · y₂ +
-a₂ sin θ₂ · y₁). `road_1` shares one (θ, a) between both elements of a pair, `road_2` gives each element its own,
-`road_4` separate angles and scales for the cosine and the sine. θ = 0 and a = 1 leave the model unchanged;
+element i + group_size/2, and each pair (y₁, y₂) becomes (c₁·y₁ − s₁·y₂, c₂·y₂ + s₂·y₁), an element's c = a cos θ
+and s = a sin θ. `road_1` shares one (θ, a) between both elements of a pair, `road_2` gives each element its own,
+`road_4` each element separate angles and scales for c and for s. θ = 0 and a = 1 leave the model unchanged;
 the map is linear in the output, so it folds into W and b on merge.
 
 The leaves keep the group in their shape, so the hook needs no option beside them: `road_theta` and `road_alpha`
