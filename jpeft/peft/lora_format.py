@@ -18,7 +18,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError
 from jpeft.peft import trainable_tokens
-from jpeft.peft.base import (CONV1D, EXPERT_PARTS, EXPERT_WEIGHTS, exact_targets, from_layer_rows, in_experts,
+from jpeft.peft.base import (CONV1D, EXPERT_PARTS, EXPERT_WEIGHTS, exact_targets, from_layer_rows,
                              is_expert_weight, layer_index, layer_rows, module_layers, module_names, refuse_tied_head,
                              saved_base_weight)
 from jpeft.peft.lora import LoRA
@@ -92,9 +92,9 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
 def peft_names(tree: dict) -> list[str]:
     """Every module name of the base, with the names PEFT also reads as a fused expert weight (`EXPERT_PARTS`), so
     that the targets written select in PEFT what they select in jpeft (Qwen2-MoE's `shared_expert.up_proj`)."""
-    names = module_names(tree)
-    return names + [f"{name.rpartition('.')[0]}.{part}" for name in names if in_experts(name.replace(".", "/"))
-                    for part in EXPERT_PARTS.get(name.rpartition(".")[2], ())]
+    return module_names(tree) + [f"{name.rpartition('.')[0]}.{part}" for path, leaves in tree.items()
+                                 if is_expert_weight(path, leaves) for name in module_layers(path, leaves)
+                                 for part in EXPERT_PARTS.get(path.rpartition("/")[2], ())]
 
 
 def from_peft(config: dict, tensors, modules: dict) -> dict:

@@ -56,28 +56,29 @@ HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modul
 # and Gemma), and BitFit's
 # every projection. PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q
 # and v).
+# methods whose unset targets default to LoRA's projections
+LIKE_LORA = ("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road")
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 PHI3_QKV = {"targets": ["qkv_proj"]}
 NEOX_QKV = {"targets": ["query_key_value"]}
 PHI_QV_MLP = {"targets": ["q_proj", "v_proj", "fc1", "fc2"]}
 FAMILY_DEFAULTS = {
-    "phi3": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road"), PHI3_QKV),
+    "phi3": {**dict.fromkeys(LIKE_LORA, PHI3_QKV),
              "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
              "bitfit": {"targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}},
-    "gpt_neox": {**dict.fromkeys(("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road"), NEOX_QKV),
+    "gpt_neox": {**dict.fromkeys(LIKE_LORA, NEOX_QKV),
                  "trainable_tokens": {"targets": ["embed_in"]},
                  "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
                  "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
-    "phi": {**dict.fromkeys(("lora", "qlora", "loha", "lokr", "oft", "hra", "road"), PHI_QV_MLP),
+    # PEFT's VeRA keeps Llama's q_proj, v_proj on Phi
+    "phi": {**dict.fromkeys((m for m in LIKE_LORA if m != "vera"), PHI_QV_MLP),
             "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}},
     "gptj": {"trainable_tokens": {"targets": ["wte"]},
              "ia3": {"targets": ["q_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
              "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),
-    "t5": {"lora": {"targets": ["q", "v"]}, "qlora": {"targets": ["q", "v"]}, "vera": {"targets": ["q", "v"]},
-           "loha": {"targets": ["q", "v"]}, "lokr": {"targets": ["q", "v"]}, "oft": {"targets": ["q", "v"]},
-           "hra": {"targets": ["q", "v"]}, "road": {"targets": ["q", "v"]},
+    "t5": {**dict.fromkeys(LIKE_LORA, {"targets": ["q", "v"]}),
            "ia3": {"targets": ["k", "v", "wo"], "feedforward": ["wo"]},
            "bitfit": {"targets": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]}},
     "gpt2": {"lora": {"targets": ["c_attn"]}, "qlora": {"targets": ["c_attn"]}, "vera": {"targets": ["c_attn"]},
