@@ -94,7 +94,8 @@ def test_t5_round_trip_with_pefts_logits(tmp_path):
         want = theirs(input_ids=torch.tensor(IDS), decoder_input_ids=torch.tensor(IDS[:, :4])).logits.numpy()
     np.testing.assert_allclose(jit_logits(model, adapted, IDS, IDS[:, :4]), want, atol=2e-4, rtol=0)
     reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
-    np.testing.assert_array_equal(jit_logits(model, reloaded, IDS, IDS[:, :4]), jit_logits(model, adapted, IDS, IDS[:, :4]))
+    np.testing.assert_array_equal(jit_logits(model, reloaded, IDS, IDS[:, :4]),
+                                  jit_logits(model, adapted, IDS, IDS[:, :4]))
 
 
 def test_layers_of_two_variants_are_not_written_as_one_peft_adapter(base, tmp_path):
