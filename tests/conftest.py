@@ -121,6 +121,9 @@ FAMILIES = {
     # GPT-J: Phi's parallel block with RoPE over neighbouring dimensions of part of each head (rotary_dim), no
     # attention biases, a biased head; GPT-2's names for the top modules (no GQA field: None drops TINY's)
     "gptj": dict(num_key_value_heads=None, rotary_dim=4),
+    # OPT: learned positions (2 rows in), no RoPE, biased LayerNorms before each block, an ungated ReLU MLP (fc1, fc2)
+    # held by the layer itself, `model.decoder` as the base model's name (no GQA field: None drops TINY's)
+    "opt": dict(num_key_value_heads=None, ffn_dim=64),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -151,6 +154,7 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
          "phi": {"o_proj": "dense", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          "gptj": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out",
                   "embed_tokens": "wte"},
+         "opt": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 
@@ -161,6 +165,9 @@ def family_targets(family: str, targets: list[str]) -> list[str]:
 # GPT-2 (Conv1D projections, learned positions, LayerNorm). Its config has no GQA field, and a stray
 # num_key_value_heads would make PEFT's prefix tuning size its prefixes for 2 KV heads: None drops TINY's.
 GPT2 = dict(n_inner=64, num_key_value_heads=None)
+# OPT-350m's layout: token embeddings narrower than the layers (word_embed_proj_dim, projected in and out), LayerNorms
+# after each residual sum (do_layer_norm_before false) and none at the end
+OPT_350M = dict(num_key_value_heads=None, ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False)
 
 
 def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):

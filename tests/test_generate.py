@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import SHARP, jit_logits, make_hf_model, make_t5, perturb, save_hf_model
+from conftest import OPT_350M, SHARP, jit_logits, make_hf_model, make_t5, perturb, save_hf_model
 from jpeft import tree as T
 from jpeft.generate import _decode, _decoder, _prefill, generate, generate_text, greedy
 
@@ -64,6 +64,8 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("gpt_neox", dict(num_key_value_heads=None)),  # keys and values of each head out of one fused projection
     ("phi", dict(qk_layernorm=True, num_key_value_heads=1)),  # each cached key head's own LayerNorm; a biased head
     ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),  # neighbouring dimensions of part of each head rotated
+    ("opt", dict(num_key_value_heads=None, ffn_dim=64)),  # learned positions counted over the mask, no RoPE
+    ("opt", OPT_350M),  # narrower embeddings projected in and out, LayerNorms after each residual sum
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     ("gpt_oss", dict(head_dim=8, num_local_experts=4, sliding_window=4)),  # attention sinks over the cache

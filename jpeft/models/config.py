@@ -51,6 +51,11 @@ class ModelConfig:
     sandwich_norms: bool = False
     sandwich_norm_names: tuple[str, str, str] = SANDWICH_NORMS  # GLM-4 names them its own way
     pre_norms: bool = True  # OLMo 2/3: False, its blocks normalise their outputs only (`sandwich_norms` without these)
+    norm_after_residual: bool = False  # OPT-350m: x = norm(x + block(x)), the original Transformer's order
+    final_norm: bool = True  # OPT-350m has none
+    # OPT-350m's word_embed_proj_dim: its token embeddings (and the tied head) this wide, projected to the hidden
+    # size and back (`project_in`, `project_out`); None where they are hidden_size wide
+    embed_width: int | None = None
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale_bias" (StableLM's),
     # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
@@ -165,9 +170,25 @@ class ModelConfig:
 
     @property
     def learned_positions(self) -> bool:
-        """Are positions rows of a table (GPT-2's wpe), so that none exists past max_position_embeddings?
-        (RoPE and T5's relative positions run on, as in transformers.)"""
-        return self.model_type == "gpt2"
+        """Are positions rows of a table (GPT-2's wpe, OPT's embed_positions), so that none exists past
+        max_position_embeddings? (RoPE and T5's relative positions run on, as in transformers.)"""
+        return self.model_type in ("gpt2", "opt")
+
+    @property
+    def position_offset(self) -> int:
+        """The row of position 0 in the positions' table: OPT's tables start 2 rows in (a fairseq legacy)."""
+        return 2 if self.model_type == "opt" else 0
+
+    @property
+    def mlp_in_layer(self) -> bool:
+        """Does each layer hold its MLP's projections itself (OPT's fc1 and fc2), not in an `mlp` module?"""
+        return self.model_type == "opt"
+
+    @property
+    def positions_over_mask(self) -> bool:
+        """Are positions not given counted over the attention mask, so that a left-padded row's first token is at
+        0 (OPT's, as transformers counts them), rather than by slot?"""
+        return self.model_type == "opt"
 
     @property
     def positions_key(self) -> str:
@@ -202,7 +223,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -235,14 +256,15 @@ class ModelConfig:
                                   f"{family.rotary_dim}")
         rope, local_rope = read_ropes(rope_parameters, hf, source, partial, head_dim)
         biased = BIASED_TYPES.get(model_type, ())
-        bias = bool(own("attention_bias") or own("use_bias")) or "attention" in biased
+        bias = bool(own("attention_bias") or own("use_bias") or own("enable_bias")) or "attention" in biased
         moe = expert_fields(model_type, family, layers, source)
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe
-            else (family.n_inner or 4 * hidden) if model_type == "gptj" else need("intermediate_size"),
+            else (family.n_inner or 4 * hidden) if model_type == "gptj" else family.ffn_dim if model_type == "opt"
+            else need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -254,7 +276,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
-            mlp_bias=bool(own("mlp_bias") or own("use_bias")) or "mlp" in biased,
+            mlp_bias=bool(own("mlp_bias") or own("use_bias") or own("enable_bias")) or "mlp" in biased,
             head_bias="head" in biased,
             hidden_act=act,
             sliding_window=own("sliding_window"),
@@ -263,16 +285,21 @@ class ModelConfig:
             embed_scale=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text", *POST_NORM_TYPES, "glm4"),
             sandwich_norm_names=GLM4_SANDWICH_NORMS if model_type == "glm4" else SANDWICH_NORMS,
-            pre_norms=model_type not in POST_NORM_TYPES,
+            pre_norms=model_type not in POST_NORM_TYPES and (model_type != "opt" or family.do_layer_norm_before),
+            norm_after_residual=model_type == "opt" and not family.do_layer_norm_before,
+            final_norm=model_type != "opt" or family.do_layer_norm_before and not family._remove_final_layer_norm,
+            embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
+            else None,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
-            layer_norm=LAYER_NORM_TYPES.get(model_type),
+            layer_norm="none" if model_type == "opt" and not family.layer_norm_elementwise_affine
+            else LAYER_NORM_TYPES.get(model_type),
             parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
             parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
             fused_qkv={"phi3": "blocks", "gpt_neox": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
-            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
+            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj" else 0.0 if model_type == "opt"
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,

@@ -10,7 +10,7 @@ from jpeft.models.rope_params import SLIDING
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "t5", "gpt2")
+                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -20,34 +20,39 @@ COHERE_TYPES = ("cohere", "cohere2")
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
 # a scale and a bias, Cohere's a scale, OLMo 1's nothing
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"),
-                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj"), "scale_bias")}
+                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt"), "scale_bias")}
 # attention and the MLP both read the layer's one normed input, summed
 PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 # biases whatever the file says: Phi's on every projection and the LM head, GPT-NeoX's on the MLP, GPT-J's on the MLP
 # and the head
 BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head")}
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj")  # their MLP: down(act(up(x))), no gate
-# Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's), by the
-# Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's adapters do
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt")  # their MLP: down(act(up(x))), no gate
+# Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's,
+# OPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's
+# adapters do
 MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention",
                              "qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
                              "down_proj": "dense_4h_to_h", "norm": "final_layer_norm"},
                 "phi": {"o_proj": "dense", "up_proj": "fc1", "down_proj": "fc2", "norm": "final_layernorm",
                         "q_norm": "q_layernorm", "k_norm": "k_layernorm"},
                 "gptj": {"embed_tokens": "wte", "layers": "h", "input_layernorm": "ln_1", "self_attn": "attn",
-                         "o_proj": "out_proj", "up_proj": "fc_in", "down_proj": "fc_out", "norm": "ln_f"}}
+                         "o_proj": "out_proj", "up_proj": "fc_in", "down_proj": "fc_out", "norm": "ln_f"},
+                "opt": {"o_proj": "out_proj", "up_proj": "fc1", "down_proj": "fc2",
+                        "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
+                        "norm": "final_layer_norm"}}
 # Weights a family's files name apart from its module (transformers renames them on loading and back on saving):
 # GPT-NeoX's head, `lm_head` to PEFT, `embed_out.weight` in the hub's files
 FILE_NAMES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
 # config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
 UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
+               ("opt", "layerdrop"): "skipping whole layers at random, in training",
                **{(family, "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"
                   for family in ("phi", "gptj")}}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout", "gpt_neox": "hidden_dropout",
-                           "phi": "resid_pdrop", "gptj": "resid_pdrop"}
+                           "phi": "resid_pdrop", "gptj": "resid_pdrop", "opt": "dropout"}
 EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop"}  # on the embeddings
 ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop"}  # the others' `attention_dropout`
 # families whose transformers model rotates a part of each head
@@ -82,6 +87,7 @@ FAMILY_FIELDS = {
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
+    "enable_bias": ("opt",),  # the same
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
                        "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
     "clip_qkv": ("olmo", "olmoe"),
@@ -147,10 +153,10 @@ def own_dropout_rate(fields: dict, model_type: str, family, source: str) -> floa
 
 
 def norm_eps(model_type: str, family) -> float:
-    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`; OLMo 1's LayerNorm's own 1e-5
-    (transformers' reads no field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's
-    1e-5)."""
-    if model_type == "olmo":
+    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`; OLMo 1's and OPT's LayerNorm's own
+    1e-5 (transformers' read no field); the others' `rms_norm_eps` (the family's default where the file has none:
+    OLMo 2's 1e-5)."""
+    if model_type in ("olmo", "opt"):
         return 1e-5
     if model_type == "gptj":
         return family.layer_norm_epsilon
@@ -180,8 +186,8 @@ def activation(hf: dict, model_type: str) -> str:
     elif model_type == "gemma":
         act = hf.get("hidden_act", "gelu_pytorch_tanh")
         act = "gelu_pytorch_tanh" if act == "gelu" else act
-    elif model_type == "gptj":
-        act = hf.get("activation_function", "gelu_new")
+    elif model_type in ("gptj", "opt"):
+        act = hf.get("activation_function", "gelu_new" if model_type == "gptj" else "relu")
     else:
         act = hf.get("hidden_act", "silu")
     return ACTIVATION_ALIASES.get(act, act)

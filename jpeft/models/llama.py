@@ -55,7 +55,8 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "each_head":  # Cohere's: a scale per head and dimension
             q, k = (norm(cfg, (heads, "head_dim"), name)(a) for name, a, heads in (("q_norm", q, "heads"),
                                                                                     ("k_norm", k, "kv")))
-        q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
+        if rope is not None:  # OPT's positions are learned, added to the input
+            q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, cache_index)
@@ -75,18 +76,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.cfg
-        dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=cfg.module_name(name))(x)
-        if cfg.num_experts:
-            return self.experts(x)
-        if cfg.fused_gate_up:  # Phi-3's and GLM's gate_up_proj: gate, then up
-            h = L.activate(cfg.hidden_act, *jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj"), 2, axis=-1))
-        elif cfg.gated_mlp:
-            h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),
-                           dense(cfg.intermediate_size, "up_proj"))
-        else:  # Arcee's, GPT-NeoX's, Phi's and GPT-J's act(up_proj(x)), no gate
-            h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
-        return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name=cfg.module_name("down_proj"))(h)
+        return self.experts(x) if self.cfg.num_experts else dense_mlp(self.cfg, x)
 
     def experts(self, x):
         """The routed experts (`moe`), plus Qwen2-MoE's dense shared expert, gated per token by a sigmoid; in
@@ -99,6 +89,20 @@ class MLP(nn.Module):
             return h
         shared = MLP(cfg.replace(num_experts=0, intermediate_size=cfg.shared_expert_size), name="shared_expert")(x)
         return h + jax.nn.sigmoid(L.Dense(1, ("embed", None), name="shared_expert_gate")(x)) * shared
+
+
+def dense_mlp(cfg: ModelConfig, x):
+    """A dense MLP's projections, made in the module calling it: an `MLP`, or OPT's layer, which holds fc1 and fc2
+    itself (`mlp_in_layer`)."""
+    dense = lambda width, name: L.Dense(width, ("embed", "mlp"), cfg.mlp_bias, name=cfg.module_name(name))(x)
+    if cfg.fused_gate_up:  # Phi-3's and GLM's gate_up_proj: gate, then up
+        h = L.activate(cfg.hidden_act, *jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj"), 2, axis=-1))
+    elif cfg.gated_mlp:
+        h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "gate_proj"),
+                       dense(cfg.intermediate_size, "up_proj"))
+    else:  # Arcee's, GPT-NeoX's, Phi's, GPT-J's and OPT's act(up_proj(x)), no gate
+        h = L.activate(cfg.hidden_act, dense(cfg.intermediate_size, "up_proj"))
+    return L.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, name=cfg.module_name("down_proj"))(h)
 
 
 class SharedMLP(nn.Module):
@@ -118,7 +122,8 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
     (`residual_dropout`); Cohere's and StableLM's attention and MLP read one normed input (`parallel_block`), GPT-NeoX's
-    each its own norm of the layer's input (`parallel_norms`)."""
+    each its own norm of the layer's input (`parallel_norms`); OPT-350m normalises each residual sum instead
+    (`norm_after_residual`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -132,25 +137,30 @@ class DecoderLayer(nn.Module):
         if cfg.parallel_norms:
             normed_apart = block_norm("post_attention_layernorm")(x)
         h, cache_kv = Attention(cfg, name=cfg.module_name("self_attn"))(
-            normed, layer_rope(cfg, rope, layer), layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
+            normed, rope and layer_rope(cfg, rope, layer), layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
         after_attention, before_mlp, after_mlp = cfg.sandwich_norm_names
         if cfg.sandwich_norms:
             h = block_norm(after_attention)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
         x = x + sites.residual(L.module_leaves(self), h, "attention", normed)
+        if cfg.norm_after_residual:
+            x = block_norm("input_layernorm")(x)
         if cfg.parallel_norms:
             normed = normed_apart
         elif not cfg.parallel_block:  # whose MLP reads attention's input
             mlp_norm = before_mlp if cfg.sandwich_norms else "post_attention_layernorm"
             normed = block_norm(mlp_norm)(x) if cfg.pre_norms else x
-        h = MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")(normed)
+        mlp = partial(dense_mlp, cfg) if cfg.mlp_in_layer else MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")
+        h = mlp(normed)
         if cfg.shared_mlp_size:
             h = h + SharedMLP(cfg, name="shared_mlp")(normed)
         if cfg.sandwich_norms:
             h = block_norm(after_mlp)(h)
         h = L.dropout(self, L.scaled(h, cfg.residual_multiplier), cfg.residual_dropout)
-        h = sites.residual(L.module_leaves(self), h, "mlp", normed)
-        return (x + h, cache_kv, layer + 1), None
+        x = x + sites.residual(L.module_leaves(self), h, "mlp", normed)
+        if cfg.norm_after_residual:
+            x = block_norm("post_attention_layernorm")(x)
+        return (x, cache_kv, layer + 1), None
 
 
 def norm(cfg: ModelConfig, axes: tuple[str, ...], name: str) -> L.RMSNorm | L.LayerNorm:
@@ -171,7 +181,8 @@ def layer_mask(cfg: ModelConfig, masks, layer):
 
 
 class Decoder(nn.Module):
-    """Embedding, the scanned layers, final norm.
+    """Embedding, the scanned layers, final norm; OPT's learned positions and its projections around the layers
+    where its token embeddings are narrower (`embed_width`).
 
     The stacked KV cache is part of the scan's carry, not its per-layer inputs/outputs: as
     those, every call would copy the whole cache (a slice in, a re-stacked array out); as
@@ -180,17 +191,36 @@ class Decoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids, context, cache_kv):
+    def __call__(self, input_ids, context, cache_kv, positions):
         cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
         scale = np.sqrt(cfg.hidden_size) if cfg.embed_scale else None  # Gemma's; a soft prompt stays unscaled
-        x = L.Embed(cfg.vocab_size, cfg.hidden_size, name=cfg.module_name("embed_tokens"))(
-            input_ids, jnp.dtype(cfg.dtype), scale=scale)
+        x = L.Embed(cfg.vocab_size, cfg.embed_width or cfg.hidden_size, name=cfg.module_name("embed_tokens"))(
+            input_ids, dtype, scale=scale)
+        if cfg.embed_width:
+            x = L.Dense(cfg.hidden_size, (None, "embed"), name="project_in")(x)
+        if cfg.learned_positions:  # the virtual tokens' positions too, as they are prepended to the embeddings
+            x = x + L.Embed(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size,
+                            name="embed_positions")(positions + cfg.position_offset, dtype, prepend=False)
         x = L.scaled(x, cfg.embedding_multiplier)  # Granite's, on the whole input (PEFT's soft prompt too)
         x = L.dropout(self, x, cfg.embed_dropout)  # GPT-NeoX's hidden_dropout, the soft prompt's too
         stack = L.scan_layers(DecoderLayer, cfg, cfg.num_layers)
         (x, cache_kv, _), _ = stack(cfg, name=cfg.module_name("layers"))((x, cache_kv, jnp.int32(0)), context)
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        return norm(cfg, ("embed",), "norm")(x), cache_kv
+        if cfg.final_norm:
+            x = norm(cfg, ("embed",), "norm")(x)
+        if cfg.embed_width:
+            x = L.Dense(cfg.embed_width, ("embed", None), name="project_out")(x)
+        return x, cache_kv
+
+
+class NestedDecoder(nn.Module):
+    """The decoder one module further down (OPT's `model.decoder`), as transformers nests it."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, *inputs):
+        return Decoder(self.cfg, name="decoder")(*inputs)
 
 
 class CausalLM(L.LMHead, nn.Module):
@@ -208,10 +238,13 @@ class CausalLM(L.LMHead, nn.Module):
     insertion_points = sites.HOOKS
     base_prefix = "model"  # transformers' base_model_prefix: a base-model checkpoint's names lack it
     embedding_path = "model/embed_tokens/embedding"  # the token embedding, the head when tied
+    decoder = Decoder  # the module under base_prefix
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
+        if cfg.positions_over_mask and positions is None and attention_mask is not None and cache is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask != 0, axis=-1) - 1, 0)
         d = C.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
         masks = tuple(A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window,
@@ -220,9 +253,9 @@ class CausalLM(L.LMHead, nn.Module):
                                           (cfg.sliding_window, any(cfg.sliding_layers))))
         # mapped at init too; in an apply that collects sown values (`moe.router_logits`) flax would otherwise
         # first run the decoder on the unexpanded params
-        decoder = nn.map_variables(Decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
-        context = (rope_tables(cfg, d.positions), masks, d.index)
-        hidden, cache_kv = decoder(cfg, name=self.base_prefix)(input_ids, context, cache_kv)
+        decoder = nn.map_variables(self.decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
+        context = (rope_tables(cfg, d.positions) if cfg.rotary_dim else None, masks, d.index)
+        hidden, cache_kv = decoder(cfg, name=self.base_prefix)(input_ids, context, cache_kv, d.positions)
         hidden = hidden[:, d.rows:]
         out = self.outputs(hidden, return_hidden)
         if cache is None:
@@ -240,6 +273,13 @@ class GPTJ(CausalLM):
     """GPT-J: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top ones."""
     base_prefix = "transformer"
     embedding_path = "transformer/wte/embedding"
+
+
+class OPT(CausalLM):
+    """OPT: the decoder above one module down (`model.decoder`), under the family's module names, with learned
+    positions instead of RoPE."""
+    embedding_path = "model/decoder/embed_tokens/embedding"
+    decoder = NestedDecoder
 
 
 def init_params(model: CausalLM, key) -> dict:

@@ -134,10 +134,11 @@ def is_head_leaf(path: str) -> bool:
 
 
 # Where a decoder family's tree holds the width of the features the head pools, by the tree's top-level module
-# (Llama-like: `model`, GPT-NeoX: `gpt_neox`, GPT-2 and GPT-J: `transformer`, as HF's *ForSequenceClassification
-# name the base): its final norm's scale (Phi's `final_layernorm`), or its token embedding where the norms learn
-# nothing (OLMo 1).
+# (Llama-like and OPT: `model`, GPT-NeoX: `gpt_neox`, GPT-2 and GPT-J: `transformer`, as HF's
+# *ForSequenceClassification name the base): its final norm's scale (Phi's `final_layernorm`), or its token embedding
+# where the norms learn nothing (OLMo 1) or where the features are projected back to its width (OPT's `project_out`).
 WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "model/final_layernorm/scale",
+          "model/decoder/embed_tokens/embedding",
           "gpt_neox/final_layer_norm/scale", "transformer/ln_f/scale")
 
 

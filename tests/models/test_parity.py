@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import FAMILIES, GPT2, jit_logits, make_hf_model, save_hf_model
+from conftest import FAMILIES, GPT2, OPT_350M, jit_logits, make_hf_model, save_hf_model
 from jpeft.models.config import ModelConfig
 
 # Qwen3's long-context setting, with an original length these 12-token rows span, so that the ramp, the
@@ -140,6 +140,13 @@ CASES = {
     "gptj-partial-interleaved-rope": ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),
     "gptj-whole-head-rope-eps": ("gptj", dict(num_key_value_heads=None, rotary_dim=8, layer_norm_epsilon=1e-3,
                                               initializer_range=0.2)),
+    # OPT: learned positions two rows into their table, no RoPE, biased LayerNorms, an ungated ReLU MLP in the layer;
+    # OPT-350m's narrower embeddings projected in and out, a LayerNorm after each residual sum and none at the end;
+    # LayerNorms that learn nothing and no biases
+    "opt-pre-norm": ("opt", FAMILIES["opt"]),
+    "opt-350m-post-norm-projected": ("opt", OPT_350M),
+    "opt-plain-norms-no-biases": ("opt", dict(FAMILIES["opt"], layer_norm_elementwise_affine=False, enable_bias=False,
+                                              _remove_final_layer_norm=True)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -278,6 +285,7 @@ def test_bidirectional_attention_is_refused(model_type):
     ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
     ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
     ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
+    ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
     hf = dict(make_hf_model(model_type, **FAMILIES[model_type]).config.to_dict(), **switch)
@@ -379,6 +387,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gpt_neox-parallel-two-norms", dict(fused_qkv="blocks")),
     ("phi-qk-layernorm-quarter-rope", dict(partial_rotary_factor=1.0)),
     ("gptj-whole-head-rope-eps", dict(rope_interleaved=False)),
+    ("opt-350m-post-norm-projected", dict(norm_after_residual=False)),
+    ("opt-pre-norm", dict(final_norm=False)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

@@ -1,0 +1,105 @@
+"""OPT beyond the parity cases every family has: positions counted over the attention mask, OPT-350m's projected
+embeddings under PEFT's `all-linear` and a classifier head, virtual tokens before learned positions, and a run
+config's defaults, each against transformers and PEFT."""
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import jpeft
+from conftest import FAMILIES, OPT_350M, jit_logits, make_hf_model, perturb, save_hf_model
+
+LAYOUTS = {"opt": FAMILIES["opt"], "opt-350m": OPT_350M}
+IDS = np.random.RandomState(0).randint(3, 97, (3, 10))
+MASK = np.ones_like(IDS)
+MASK[1, :4] = 0  # left padding: transformers' OPT starts the row's positions at its first token
+MASK[2, 7:] = 0  # right padding
+
+
+def torch_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_rows_count_their_positions_over_the_mask(tmp_path, layout):
+    ref = make_hf_model("opt", **LAYOUTS[layout])
+    model, params = jpeft.from_pretrained(save_hf_model(ref, tmp_path))
+    ours, theirs = jit_logits(model, params, IDS, MASK), torch_logits(ref, IDS, MASK)
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=2e-5, rtol=0)
+    # by slot instead, the left-padded row's positions would be 4 off: guards the comparison above
+    by_slot = jit_logits(model, params, IDS, MASK, np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape))
+    assert np.abs(by_slot[1, 4:] - theirs[1, 4:]).max() > 1e-3
+
+
+def test_opt_350m_all_linear_lora_adapts_its_projections_as_peft_does(tmp_path):
+    """PEFT's `all-linear` on OPT-350m takes project_in and project_out too; the adapter goes both ways."""
+    ref = make_hf_model("opt", **OPT_350M)
+    model, params = jpeft.from_pretrained(save_hf_model(ref, tmp_path / "base"))
+    adapted = perturb(jpeft.LoRA(rank=2, alpha=4, targets="all-linear").init(jax.random.key(0), params), ("lora_b",),
+                      jax.random.key(1))
+    adapted_modules = {path.rsplit("/", 2)[-2] for path in jpeft.tree.flatten(adapted) if path.endswith("/lora_a")}
+    assert adapted_modules == {"project_in", "project_out", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    jpeft.save_adapter(str(tmp_path / "adapter"), adapted)
+    peft_model = peft.PeftModel.from_pretrained(ref, tmp_path / "adapter").eval()
+    reference = peft.get_peft_model(make_hf_model("opt", **OPT_350M), peft.LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = lambda m: {n.rsplit(".", 1)[-1] for n, module in m.named_modules()
+                         if isinstance(module, peft.tuners.tuners_utils.BaseTunerLayer)}
+    assert wrapped(reference) == wrapped(peft_model) == adapted_modules
+    ours = jit_logits(model, adapted, IDS)
+    np.testing.assert_allclose(ours, torch_logits(peft_model, IDS), atol=2e-4, rtol=0)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(jit_logits(model, reloaded, IDS), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_head_exports_as_opts_transformers_classifier(tmp_path, layout):
+    """The head reads the features at the embedding's width (OPT-350m's project_out)."""
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("opt", **LAYOUTS[layout], pad_token_id=0),
+                                                        tmp_path / "b"))
+    head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    jpeft.save_pretrained(str(tmp_path / "model"), model, head)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+    ids, mask = np.where(MASK, IDS, 0), np.maximum(MASK, np.arange(10) < 4)  # right-padded rows, pad id 0
+    with torch.no_grad():
+        theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, ids, mask)), theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config,trained", [
+    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 4),  # positions 0..3 of its own
+    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0),  # real tokens' start at 4
+])
+def test_peft_virtual_tokens_sit_before_opts_learned_positions(tmp_path, config, trained):
+    """PEFT's soft prompt gets positions of its own, added to it; after a prefix the tokens' positions start past
+    it: jpeft reads PEFT's adapter with PeftModel's logits."""
+    ref = make_hf_model("opt", **FAMILIES["opt"], initializer_range=0.2)
+    path = save_hf_model(ref, tmp_path / "base")
+    peft_model = peft.get_peft_model(ref, config()).eval()
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, params = jpeft.from_pretrained(path)
+    adapted = jpeft.load_adapter(str(tmp_path / "adapter"), params)
+    ours = jit_logits(model, adapted, IDS)
+    np.testing.assert_allclose(ours, torch_logits(peft_model, IDS)[:, trained:], atol=2e-4, rtol=0)
+    assert np.abs(ours - jit_logits(model, params, IDS)).max() > 1e-3
+
+
+def test_a_run_configs_unset_targets_are_pefts_for_opt(tmp_path):
+    """LoRA's q_proj and v_proj, IA3's q_proj, k_proj and fc2 (peft.utils.constants)."""
+    from peft.utils import constants
+    from jpeft.config import load_config
+    from jpeft.train.build import build_method
+    path = save_hf_model(make_hf_model("opt", **FAMILIES["opt"]), tmp_path / "base")
+    lora = build_method(load_config(None, ["method.name=lora", f"model.path={path}"]))
+    assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["opt"]
+    ia3 = build_method(load_config(None, ["method.name=ia3", f"model.path={path}"]))
+    assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["opt"]
+    assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["opt"]
