@@ -5,8 +5,8 @@ joins the residual stream.
     pfeiffer (Pfeiffer et al. 2020): h ← h + up(act(down(h)))      after the MLP only
     parallel (He et al. 2022):       h ← h + s·up(act(down(x)))    beside the MLP; x is its normalised input
 
-Every layer stack gets them: a decoder's (`model/layers`, GPT-2's `transformer/h`) and both of T5's
-(`encoder/block`, `decoder/block`), where "attention" is the block's self-attention and "mlp" its FF. T5's
+Every layer stack gets them: a decoder's (`model/layers`, GPT-2's `transformer/h`, OPT's `model/decoder/layers`) and
+both of T5's (`encoder/block`, `decoder/block`), where "attention" is the block's self-attention and "mlp" its FF. T5's
 decoder cross-attention gets none: that is AdapterHub's placement for T5 (its bottleneck configs default to
 `cross_adapter=False`), and the Houlsby paper's two adapters per layer sit after attention and after the FF.
 
@@ -24,8 +24,8 @@ Adapter directory (PEFT has no bottleneck adapters; this is jpeft's own, in PEFT
 `adapter_config.json` holds `"peft_type": "BOTTLENECK"`, `"task_type": "CAUSAL_LM"`, `kind`, `size`,
 `activation`, `scale` and `base_model_name_or_path` (`task_type` SEQ_2_SEQ_LM for T5); `adapter_model.safetensors`
 holds, for each adapted block and layer i, `base_model.model.<stack>.{i}.{attention,mlp}_adapter.{down,up}.{weight,bias}`
-(<stack>: `model.layers`, `transformer.h`, `encoder.block`, `decoder.block`) in torch.nn.Linear's layout
-(out × in): `down.weight` [size, D], `down.bias` [size], `up.weight` [D, size], `up.bias` [D].
+(<stack>: `model.layers`, `transformer.h`, `model.decoder.layers`, `encoder.block`, `decoder.block`) in
+torch.nn.Linear's layout (out × in): `down.weight` [size, D], `down.bias` [size], `up.weight` [D, size], `up.bias` [D].
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ from jpeft.products import matmul
 
 KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}  # kind -> blocks adapted
 SUBMODULES = {"attention": "attention_adapter", "mlp": "mlp_adapter"}  # block -> its adapter's module in a layer
-# The norm before each family's attention block, under its layer stack (Llama-like, GPT-2, T5): its scale
+# The norm before each family's attention block, under its layer stack (Llama-like, GPT-2, T5, OPT): its scale
 # [layers, D] gives the stack's depth and residual width.
-BLOCK_NORMS = ("input_layernorm", "ln_1", "layer_0/layer_norm")
+BLOCK_NORMS = ("input_layernorm", "ln_1", "layer_0/layer_norm", "self_attn_layer_norm")
 # trained leaf -> its tensor in the adapter file; `.T` converts both ways (a bias's transpose is itself)
 FILE_NAMES = {"adapter_down": "down.weight", "adapter_down_bias": "down.bias",
               "adapter_up": "up.weight", "adapter_up_bias": "up.bias"}
@@ -97,7 +97,7 @@ class Bottleneck(Method):
         stacks = layer_stacks(grouped)
         if not stacks:
             raise JpeftError("bottleneck adapters need a stack of transformer layers (model/layers, transformer/h, "
-                             "encoder/block, decoder/block) with its norms")
+                             "model/decoder/layers, encoder/block, decoder/block) with its norms")
         if any(_adapter_module(path) for path in grouped):
             raise JpeftError("this tree already holds bottleneck adapters; initialise from the base tree")
         flat = T.flatten(params)

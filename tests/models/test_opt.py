@@ -76,7 +76,7 @@ def test_a_head_exports_as_opts_transformers_classifier(tmp_path, layout):
 ])
 def test_peft_virtual_tokens_sit_before_opts_learned_positions(tmp_path, config, trained):
     """PEFT's soft prompt gets positions of its own, added to it; after a prefix the tokens' positions start past
-    it: jpeft reads PEFT's adapter with PeftModel's logits."""
+    it: jpeft reads PEFT's adapter with PeftModel's logits, and writes one PEFT reads with jpeft's."""
     ref = make_hf_model("opt", **FAMILIES["opt"], initializer_range=0.2)
     path = save_hf_model(ref, tmp_path / "base")
     peft_model = peft.get_peft_model(ref, config()).eval()
@@ -90,6 +90,12 @@ def test_peft_virtual_tokens_sit_before_opts_learned_positions(tmp_path, config,
     ours = jit_logits(model, adapted, IDS)
     np.testing.assert_allclose(ours, torch_logits(peft_model, IDS)[:, trained:], atol=2e-4, rtol=0)
     assert np.abs(ours - jit_logits(model, params, IDS)).max() > 1e-3
+    changed = perturb(adapted, ("soft_prompt", "prefix_k", "prefix_v"), jax.random.key(3), 0.5)  # not PEFT's values
+    jpeft.save_adapter(str(tmp_path / "ours"), changed)
+    peft_model = peft.PeftModel.from_pretrained(make_hf_model("opt", **FAMILIES["opt"], initializer_range=0.2),
+                                                tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_logits(peft_model, IDS)[:, trained:], jit_logits(model, changed, IDS), atol=2e-4,
+                               rtol=0)
 
 
 def test_a_run_configs_unset_targets_are_pefts_for_opt(tmp_path):

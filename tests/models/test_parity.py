@@ -144,9 +144,9 @@ CASES = {
     # OPT-350m's narrower embeddings projected in and out, a LayerNorm after each residual sum and none at the end;
     # LayerNorms that learn nothing and no biases
     "opt-pre-norm": ("opt", FAMILIES["opt"]),
-    "opt-350m-post-norm-projected": ("opt", OPT_350M),
+    "opt-350m-post-norm-projected": ("opt", dict(OPT_350M, initializer_range=0.2)),
     "opt-plain-norms-no-biases": ("opt", dict(FAMILIES["opt"], layer_norm_elementwise_affine=False, enable_bias=False,
-                                              _remove_final_layer_norm=True)),
+                                              _remove_final_layer_norm=True, initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),

@@ -253,29 +253,31 @@ def test_run_config_reaches_the_constructor():
             load_config(None, ["method.name=bottleneck", bad])
 
 
-# GPT-2 and T5: the same adapters at each family's residual insertion points, checked against the
+# GPT-2, T5 and OPT: the same adapters at each family's residual insertion points, checked against the
 # transformers model with the adapters added by forward hooks (an independent computation in PyTorch).
 FAMILY_KINDS = {"houlsby": ("relu", 1.0), "pfeiffer": ("gelu", 1.0), "parallel": ("silu", 4.0)}  # torch's names too
 # family -> {adapter block: the torch submodules whose output it adapts, per layer stack}; T5's cross-attention
-# (layer.1.EncDecAttention in the decoder) gets none.
+# (layer.1.EncDecAttention in the decoder) gets none. OPT's layer holds its MLP's fc1 and fc2 itself: fc2's output is
+# the MLP's (a parallel adapter's input, fc1's, is not fc2's: OPT is checked after blocks only).
 HOOKED = {"gpt2": {"transformer/h": {"attention": "attn", "mlp": "mlp"}},
+          "opt": {"model/decoder/layers": {"attention": "self_attn", "mlp": "fc2"}},
           "t5": {f"{stack}/block": {"attention": "layer.0.SelfAttention", "mlp": f"layer.{last}.DenseReluDense"}
                  for stack, last in (("encoder", 1), ("decoder", 2))}}
 
 
 def family_base(tmp_path, family):
-    """(torch model, jpeft model, base params); GPT-2's weights N(0, 0.2²), so its greedy tokens vary."""
-    from conftest import GPT2, make_hf_model, make_t5, save_hf_model
-    if family == "gpt2":
-        ref = make_hf_model("gpt2", **GPT2, initializer_range=0.2)
-        path = save_hf_model(ref, tmp_path / "gpt2")
+    """(torch model, jpeft model, base params); GPT-2's and OPT's weights N(0, 0.2²), so their greedy tokens vary."""
+    from conftest import FAMILIES, GPT2, make_hf_model, make_t5, save_hf_model
+    if family != "t5":
+        ref = make_hf_model(family, **(GPT2 if family == "gpt2" else FAMILIES[family]), initializer_range=0.2)
+        path = save_hf_model(ref, tmp_path / family)
     else:
         ref, path = make_t5(tmp_path / "t5", "flan-t5", own_head=True)
     return (ref, *jpeft.from_pretrained(path))
 
 
 def family_logits(family, model, params, ids, dec):
-    args = (ids,) if family == "gpt2" else (ids, dec)
+    args = (ids, dec) if family == "t5" else (ids,)
     return jit_logits(model, params, *map(jnp.asarray, args))
 
 
@@ -303,8 +305,8 @@ def hooked(ref, family, params, activation):
     return handles
 
 
-@pytest.mark.parametrize("family", ["gpt2", "t5"])
-@pytest.mark.parametrize("kind", FAMILY_KINDS)
+@pytest.mark.parametrize("family,kind", [(family, kind) for family in ("gpt2", "t5") for kind in FAMILY_KINDS]
+                         + [("opt", "houlsby"), ("opt", "pfeiffer")])
 def test_family_adapters_equal_the_torch_model_with_hooked_adapters(tmp_path, family, kind):
     """Zero-initialised: the logits are the base's. Random: they are the transformers model's with each adapter
     added where AdapterHub puts it (T5: self-attention and FF of both stacks, no cross-attention), and greedy
@@ -327,12 +329,12 @@ def test_family_adapters_equal_the_torch_model_with_hooked_adapters(tmp_path, fa
 
     prompt = ids[0].tolist()
     got = generate(model, adapted, [prompt, prompt[4:]], max_new_tokens=6, eos_token_id=None)
-    sequence = list(prompt) if family == "gpt2" else [model.config.decoder_start_token_id]
+    sequence = [model.config.decoder_start_token_id] if family == "t5" else list(prompt)
     start = len(sequence)
     with torch.no_grad():
         for _ in range(6):
-            run = ({"input_ids": torch.tensor([sequence])} if family == "gpt2" else
-                   {"input_ids": torch.tensor([prompt]), "decoder_input_ids": torch.tensor([sequence])})
+            run = ({"input_ids": torch.tensor([prompt]), "decoder_input_ids": torch.tensor([sequence])}
+                   if family == "t5" else {"input_ids": torch.tensor([sequence])})
             sequence.append(int(ref(**run).logits[0, -1].argmax()))
     for h in handles:
         h.remove()
