@@ -30,9 +30,9 @@ EXAMPLES = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="jpeft", description="Fine-tune Hugging Face checkpoints (Llama, Mistral, Qwen2/3, Gemma 1-3, GPT-2, "
-                                  "T5/FLAN-T5) with JAX: full, LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, QLoRA, "
-                                  "IA3, BitFit, norm tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, "
+        prog="jpeft", description="Fine-tune Hugging Face checkpoints (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, OPT, "
+                                  "GPT-2, T5/FLAN-T5 and more: `jpeft info --families`) with JAX: full, LoRA and its "
+                                  "variants, VeRA, LoHa, LoKr, OFT, HRA, RoAd, QLoRA, IA3, BitFit, norm tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, "
                                   "bottleneck adapters, classifier heads; evaluate, generate, merge, benchmark, "
                                   "measure forgetting.",
         epilog="Every command has --help with an example. Start with: jpeft demo")
@@ -123,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HF model directory")
 
     p = command("info", commands.cmd_info, "Architecture and parameter counts (trainable %% with an adapter), "
-                "or with --methods every method name and its options.")
+                "or with --methods every method name and its options, or with --families every model family.")
     model_args(p, required=False)
     p.add_argument("--methods", action="store_true", help="list every method.name and its method.* options")
+    p.add_argument("--families", action="store_true", help="list every config.json model_type jpeft reads")
 
     p = command("plan", commands.cmd_plan, "Per-device memory of a training config (frozen and trainable params, "
                 "gradients, optimizer state, activations) from the model's config.json alone, and the largest "

@@ -167,15 +167,19 @@ def cmd_info(args) -> None:
         for name in BY_NAME:
             print(f"{name}: {', '.join(f'method.{o}' for o in method_options(name)) or '(no options)'}")
         return
+    if args.families:
+        from jpeft.models.families import SUPPORTED_TYPES
+        print("\n".join(SUPPORTED_TYPES))
+        return
     if not args.model:
-        raise jpeft.ConfigError("info needs --model DIR (or --methods)")
+        raise jpeft.ConfigError("info needs --model DIR (or --methods, or --families)")
     from jpeft.peft.hf_format import adapter_mask
     model, params, _ = load(args.model, args.adapter, tokenizer=False)
     cfg = model.config
     layers = (f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder layers" if cfg.is_encoder_decoder
               else f"{cfg.num_layers} layers")
-    positions = {"t5": f"{cfg.relative_buckets} relative-position buckets",
-                 "gpt2": "learned positions"}.get(cfg.model_type, f"rope {cfg.rope.type}")
+    positions = (f"{cfg.relative_buckets} relative-position buckets" if cfg.model_type == "t5"
+                 else "learned positions" if cfg.learned_positions else f"rope {cfg.rope.type}")
     print(f"architecture: {cfg.model_type} · {layers} · hidden {cfg.hidden_size} · "
           f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
           f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · {positions}")

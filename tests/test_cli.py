@@ -333,6 +333,18 @@ def test_info_describes_an_encoder_decoder(tmp_path, capsys):
     assert "architecture: t5 · 2 encoder + 3 decoder layers" in out and "8 relative-position buckets" in out
 
 
+def test_info_lists_the_families_and_says_opts_positions_are_learned(tmp_path, capsys):
+    """Every model_type a config.json may name; OPT's positions are a table, not RoPE."""
+    from conftest import FAMILIES, make_hf_model, save_hf_model
+    from jpeft.models.families import SUPPORTED_TYPES
+    assert main(["info", "--families"]) == 0
+    families = capsys.readouterr().out.split()
+    assert families == list(SUPPORTED_TYPES) and {"llama", "opt", "gpt2", "t5"} <= set(families)
+    assert main(["info", "--model", save_hf_model(make_hf_model("opt", **FAMILIES["opt"]), tmp_path / "opt")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: opt · 2 layers" in out and "learned positions" in out and "rope" not in out
+
+
 def test_bad_override_is_an_error(tiny_run, capsys):
     assert main(["train", f"model.path={tiny_run['model']}", "train.lrr=1"]) == 2
     assert "train.lrr" in capsys.readouterr().err
