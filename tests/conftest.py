@@ -124,6 +124,9 @@ FAMILIES = {
     # OPT: learned positions (2 rows in), no RoPE, biased LayerNorms before each block, an ungated ReLU MLP (fc1, fc2)
     # held by the layer itself, `model.decoder` as the base model's name (no GQA field: None drops TINY's)
     "opt": dict(num_key_value_heads=None, ffn_dim=64),
+    # BLOOM: ALiBi instead of RoPE, a LayerNorm over the embeddings, q/k/v fused by heads (GPT-NeoX's layout), biased
+    # LayerNorms and projections, an ungated tanh-GELU MLP, GPT-2's top names (no GQA field: None drops TINY's)
+    "bloom": dict(num_key_value_heads=None),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -155,6 +158,9 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
          "gptj": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out",
                   "embed_tokens": "wte"},
          "opt": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
+         "bloom": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"), "o_proj": "dense",
+                   "gate_proj": None, "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h",
+                   "embed_tokens": "word_embeddings"},
          **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared"), NO_MLP)}
 
 

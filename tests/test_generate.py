@@ -66,6 +66,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),  # neighbouring dimensions of part of each head rotated
     ("opt", dict(num_key_value_heads=None, ffn_dim=64)),  # learned positions counted over the mask, no RoPE
     ("opt", OPT_350M),  # narrower embeddings projected in and out, LayerNorms after each residual sum
+    ("bloom", dict(num_key_value_heads=None, num_attention_heads=6, hidden_size=48)),  # ALiBi over the cache's keys
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     ("gpt_oss", dict(head_dim=8, num_local_experts=4, sliding_window=4)),  # attention sinks over the cache

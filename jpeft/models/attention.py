@@ -1,12 +1,15 @@
 """Attention: which keys each query may see (cache slots, segments, sliding windows), grouped-query
-attention in causal query blocks, and softmax·V with a backward that keeps less (`attention_values`)."""
+attention in causal query blocks, ALiBi's biases, and softmax·V with a backward that keeps less
+(`attention_values`)."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.models.layers import dropout_rng, dropped, softcap
 from jpeft.products import einsum, row_major
@@ -55,12 +58,38 @@ def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
     return sum((end - start) * end for start, end in query_blocks(t, block))
 
 
+def alibi_slopes(heads: int) -> np.ndarray:
+    """ALiBi's slope of each head (BLOOM's, as transformers computes them): the powers 1..n of 2^(-8/n) for the
+    largest power of two n <= heads, then the odd powers of 2^(-4/n) for the heads past it."""
+    closest = 2 ** math.floor(math.log2(heads))
+    slopes = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3)))) ** np.arange(1, closest + 1, dtype=np.float32)
+    if closest != heads:
+        extra = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+        slopes = np.concatenate([slopes, extra ** np.arange(1, 1 + 2 * min(closest, heads - closest), 2,
+                                                             dtype=np.float32)])
+    return slopes
+
+
+def alibi(heads: int, k_segments):
+    """ALiBi's bias [B, H, 1, S]: each head's slope times each key's position, counted as transformers' BLOOM counts
+    them over the mask of one example a row: the virtual keys (segment -1, first) from 0, then the example's
+    tokens, padding skipped. A packed row's examples each count from past the virtual keys, as they would alone (a
+    query sees its own example's keys only). A query's own position would add the same to all its scores, which
+    softmax ignores."""
+    slots = jnp.arange(k_segments.shape[-1])
+    starts = jnp.where(jnp.diff(k_segments, axis=-1, prepend=-2) != 0, slots, 0)  # where each run of a segment starts
+    within = slots - jax.lax.cummax(starts, axis=k_segments.ndim - 1)
+    virtual = k_segments == -1
+    positions = jnp.where(virtual, slots, virtual.sum(axis=-1, keepdims=True) + within).astype(jnp.float32)
+    return jnp.asarray(alibi_slopes(heads))[None, :, None, None] * positions[:, None, None, :]
+
+
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,
            block: int = QUERY_BLOCK, bias=None, dropout=None, sinks=None):
     """Grouped-query attention: q [B,T,H,D], k/v [B,KV,S,D] (or [B·KV,S,D], as a cache holds them), mask
-    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T, S] is added to the scaled scores (T5's relative positions);
-    `dropout` (key, rate) drops attention probabilities (`attention_dropout`); `sinks` [H]: a logit per head that
-    joins every query's softmax without a value (GPT-OSS's attention sinks).
+    [B,T,S] -> [B,T,H,D]; `bias` [B or 1, H, T or 1, S] is added to the scaled scores (T5's relative positions,
+    ALiBi's); `dropout` (key, rate) drops attention probabilities (`attention_dropout`); `sinks` [H]: a logit per
+    head that joins every query's softmax without a value (GPT-OSS's attention sinks).
 
     With `causal_offset` (static: the key slot of the first query) query i sees no key past
     slot causal_offset + i, so queries go in blocks, each against only the keys up to its last
@@ -72,7 +101,8 @@ def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset:
         return _attend(q, k, v, mask, scale, cap, bias, dropout, sinks)
     return jnp.concatenate([_attend(q[:, start:end], k[..., :causal_offset + end, :], v[..., :causal_offset + end, :],
                                     mask[:, start:end, :causal_offset + end], scale, cap,
-                                    None if bias is None else bias[:, :, start:end, :causal_offset + end],
+                                    None if bias is None else (bias if bias.shape[2] == 1 else bias[:, :, start:end])
+                                    [..., :causal_offset + end],
                                     dropout and (jax.random.fold_in(dropout[0], start), dropout[1]), sinks)
                             for start, end in query_blocks(t, block)], axis=1)
 
@@ -88,7 +118,7 @@ def _attend(q, k, v, mask, scale: float, cap: float | None, bias=None, dropout=N
     scores = einsum("...qd,...sd->...qs", q, k.astype(q.dtype), jnp.float32) * scale
     scores = scores.reshape(b, kv, h // kv, t, -1)
     if bias is not None:
-        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, t, -1)
+        scores = scores + bias.reshape(bias.shape[0], kv, h // kv, bias.shape[2], -1)
     scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, NEG_INF).reshape(*v.shape[:-2], h // kv * t, -1)
     rng, rate = dropout or (None, 0.0)

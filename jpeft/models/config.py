@@ -1,9 +1,9 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT and the mixtures of experts Mixtral,
-Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more; anything in a
-config.json that jpeft cannot honour is an error here rather than a silently different model.
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM and the mixtures of experts
+Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more;
+anything in a config.json that jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ class ModelConfig:
     # OPT-350m's word_embed_proj_dim: its token embeddings (and the tied head) this wide, projected to the hidden
     # size and back (`project_in`, `project_out`); None where they are hidden_size wide
     embed_width: int | None = None
+    embed_norm: bool = False  # BLOOM: a LayerNorm over the token embeddings (a soft prompt's too)
+    # BLOOM: ALiBi, a bias of each head's slope times the key's position added to the attention scores, instead of
+    # RoPE (`attention.alibi_slopes`); positions counted over the keys the mask keeps, as transformers counts them
+    alibi: bool = False
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale_bias" (StableLM's),
     # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
@@ -223,7 +227,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -251,6 +255,10 @@ class ModelConfig:
         hidden = need("hidden_size")
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope_parameters = getattr(family, "rope_parameters", None)  # GPT-J's config has none: its `rotary_dim`
+        if model_type == "bloom" and family.slow_but_exact and family.pretraining_tp > 1:
+            raise CheckpointError(f"{source}: slow_but_exact with pretraining_tp {family.pretraining_tp} (BLOOM's "
+                                  "output projections summed in slices, their biases left out), which jpeft does not "
+                                  "run")
         if model_type == "gptj" and not 0 < family.rotary_dim <= head_dim:
             raise CheckpointError(f"{source}: rotary_dim must be between 1 and the head size {head_dim}, got "
                                   f"{family.rotary_dim}")
@@ -264,6 +272,7 @@ class ModelConfig:
             hidden_size=hidden,
             intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe
             else (family.n_inner or 4 * hidden) if model_type == "gptj" else family.ffn_dim if model_type == "opt"
+            else 4 * hidden if model_type == "bloom"
             else need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
@@ -290,6 +299,8 @@ class ModelConfig:
             final_norm=model_type != "opt" or family.do_layer_norm_before and not family._remove_final_layer_norm,
             embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
             else None,
+            embed_norm=model_type == "bloom",
+            alibi=model_type == "bloom",
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm="none" if model_type == "opt" and not family.layer_norm_elementwise_affine
             else LAYER_NORM_TYPES.get(model_type),
@@ -297,9 +308,10 @@ class ModelConfig:
             parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
-            fused_qkv={"phi3": "blocks", "gpt_neox": "heads"}.get(model_type),
+            fused_qkv={"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
-            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj" else 0.0 if model_type == "opt"
+            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
+            else 0.0 if model_type in ("opt", "bloom")
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,

@@ -27,7 +27,7 @@ from jpeft.models import hf_experts
 from jpeft.models.config import ModelConfig, read_config
 from jpeft.models.families import FAMILY_FIELDS, FILE_NAMES
 from jpeft.models.generation_config import stop_ids
-from jpeft.models.llama import GPTJ, OPT, CausalLM, GPTNeoX
+from jpeft.models.llama import GPTJ, OPT, Bloom, CausalLM, GPTNeoX
 from jpeft.models.quantized_load import quantized_shapes, read_quantized
 from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
@@ -49,14 +49,15 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",
                 "stablelm": "StableLm", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
                 "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "phi": "Phi", "gptj": "GPTJ",
-                "opt": "OPT", "gpt2": "GPT2"}  # + ForSequenceClassification
+                "opt": "OPT", "bloom": "Bloom", "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
 HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's prefix
 
 
 def family(cfg: ModelConfig) -> type[CausalLM | T5 | GPT2]:
-    return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX, "gptj": GPTJ, "opt": OPT}.get(cfg.model_type, CausalLM)
+    return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX, "gptj": GPTJ, "opt": OPT, "bloom": Bloom}.get(cfg.model_type,
+                                                                                                   CausalLM)
 
 
 def build(cfg: ModelConfig) -> CausalLM | T5 | GPT2:

@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, and with the
-experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ by
-config (and a family's own module names, `families.MODULE_NAMES`).
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, and
+with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ
+by config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -30,7 +30,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache_kv, cache_index, layer):
+    def __call__(self, x, rope, bias, mask, cache_kv, cache_index, layer):
         cfg = self.cfg
         b, t, _ = x.shape
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "each_head":  # Cohere's: a scale per head and dimension
             q, k = (norm(cfg, (heads, "head_dim"), name)(a) for name, a, heads in (("q_norm", q, "heads"),
                                                                                     ("k_norm", k, "kv")))
-        if rope is not None:  # OPT's positions are learned, added to the input
+        if rope is not None:  # OPT's positions are learned, added to the input; BLOOM's are ALiBi's `bias`
             q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
@@ -65,7 +65,7 @@ class Attention(nn.Module):
         sinks = self.param("sinks", nn.with_logical_partitioning(L.init_normal, ("heads",)), (cfg.num_heads,),
                            jnp.float32) if cfg.attention_sinks else None
         out = A.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.query_scale, cfg.attn_softcap,
-                       causal_offset, dropout=A.attention_dropout(self, cfg.attention_dropout), sinks=sinks)
+                       causal_offset, bias=bias, dropout=A.attention_dropout(self, cfg.attention_dropout), sinks=sinks)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name=cfg.module_name("o_proj"))(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
         return sites.attention_output(L.module_leaves(self), q, out), cache_kv
@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, context):
         x, cache_kv, layer = carry
-        rope, masks, cache_index = context
+        rope, bias, masks, cache_index = context
         cfg = self.cfg
         block_norm = partial(norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
@@ -137,7 +137,8 @@ class DecoderLayer(nn.Module):
         if cfg.parallel_norms:
             normed_apart = block_norm("post_attention_layernorm")(x)
         h, cache_kv = Attention(cfg, name=cfg.module_name("self_attn"))(
-            normed, rope and layer_rope(cfg, rope, layer), layer_mask(cfg, masks, layer), cache_kv, cache_index, layer)
+            normed, rope and layer_rope(cfg, rope, layer), bias, layer_mask(cfg, masks, layer), cache_kv, cache_index,
+            layer)
         after_attention, before_mlp, after_mlp = cfg.sandwich_norm_names
         if cfg.sandwich_norms:
             h = block_norm(after_attention)(h)
@@ -181,8 +182,8 @@ def layer_mask(cfg: ModelConfig, masks, layer):
 
 
 class Decoder(nn.Module):
-    """Embedding, the scanned layers, final norm; OPT's learned positions and its projections around the layers
-    where its token embeddings are narrower (`embed_width`).
+    """Embedding (BLOOM's normalised), the scanned layers, final norm; OPT's learned positions and its projections
+    around the layers where its token embeddings are narrower (`embed_width`).
 
     The stacked KV cache is part of the scan's carry, not its per-layer inputs/outputs: as
     those, every call would copy the whole cache (a slice in, a re-stacked array out); as
@@ -199,6 +200,8 @@ class Decoder(nn.Module):
             input_ids, dtype, scale=scale)
         if cfg.embed_width:
             x = L.Dense(cfg.hidden_size, (None, "embed"), name="project_in")(x)
+        if cfg.embed_norm:
+            x = norm(cfg, ("embed",), "embed_norm")(x)
         if cfg.learned_positions:  # the virtual tokens' positions too, as they are prepended to the embeddings
             x = x + L.Embed(cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size,
                             name="embed_positions")(positions + cfg.position_offset, dtype, prepend=False)
@@ -254,7 +257,8 @@ class CausalLM(L.LMHead, nn.Module):
         # mapped at init too; in an apply that collects sown values (`moe.router_logits`) flax would otherwise
         # first run the decoder on the unexpanded params
         decoder = nn.map_variables(self.decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
-        context = (rope_tables(cfg, d.positions) if cfg.rotary_dim else None, masks, d.index)
+        context = (rope_tables(cfg, d.positions) if cfg.rotary_dim else None,
+                   A.alibi(cfg.num_heads, d.k_segments) if cfg.alibi else None, masks, d.index)
         hidden, cache_kv = decoder(cfg, name=self.base_prefix)(input_ids, context, cache_kv, d.positions)
         hidden = hidden[:, d.rows:]
         out = self.outputs(hidden, return_hidden)
@@ -273,6 +277,13 @@ class GPTJ(CausalLM):
     """GPT-J: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top ones."""
     base_prefix = "transformer"
     embedding_path = "transformer/wte/embedding"
+
+
+class Bloom(CausalLM):
+    """BLOOM: the decoder above under the family's own module names, ALiBi instead of RoPE, its embeddings
+    normalised."""
+    base_prefix = "transformer"
+    embedding_path = "transformer/word_embeddings/embedding"
 
 
 class OPT(CausalLM):

@@ -92,7 +92,7 @@ def select_task(params, task_ids):
 
 
 SEQ2SEQ_TABLE = "shared/embedding"  # T5's table, shared by encoder and decoder
-# a decoder's token table (Llama-like, GPT-NeoX, GPT-2 and GPT-J): every family's input embedding but T5's
+# a decoder's token table (Llama-like, GPT-NeoX, GPT-2, GPT-J and BLOOM): every family's input embedding but T5's
 TOKEN_TABLES = tuple(f"{name}/embedding" for name in INPUT_EMBEDDINGS if f"{name}/embedding" != SEQ2SEQ_TABLE)
 
 
@@ -105,8 +105,8 @@ def _table_path(params) -> str:
     tables = [p for p in T.flatten(params) if p.endswith(TOKEN_TABLES) or p == SEQ2SEQ_TABLE]
     if len(tables) != 1:
         raise JpeftError("prompt tuning needs the tree of a model with one input embedding table "
-                         f"(.../embed_tokens/embedding, gpt_neox/embed_in/embedding, transformer/wte/embedding or "
-                         f"shared/embedding); "
+                         f"(.../embed_tokens/embedding, gpt_neox/embed_in/embedding, transformer/wte/embedding, "
+                         f"transformer/word_embeddings/embedding or shared/embedding); "
                          f"found {tables or 'none'}")
     return tables[0]
 

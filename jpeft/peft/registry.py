@@ -52,8 +52,8 @@ REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
-# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's, Phi's, GPT-J's and OPT's own projection names; IA3 on q_proj for
-# Qwen and Gemma, on q_proj and k_proj for OPT), and BitFit's
+# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's, Phi's, GPT-J's, OPT's and BLOOM's own projection names; IA3 on
+# q_proj for Qwen and Gemma, on q_proj and k_proj for OPT), and BitFit's
 # every projection. PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q
 # and v).
 # methods whose unset targets default to LoRA's projections
@@ -77,6 +77,10 @@ FAMILY_DEFAULTS = {
     "gptj": {"trainable_tokens": {"targets": ["wte"]},
              "ia3": {"targets": ["q_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
              "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]}},
+    "bloom": {**dict.fromkeys(LIKE_LORA, NEOX_QKV),
+              "trainable_tokens": {"targets": ["word_embeddings"]},
+              "ia3": {"targets": ["query_key_value", "mlp.dense_4h_to_h"], "feedforward": ["mlp.dense_4h_to_h"]},
+              "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
     "opt": {"ia3": {"targets": ["q_proj", "k_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),

@@ -21,7 +21,7 @@ from jpeft.peft.base import Method, hf_module, matches, refuse_second_init, targ
 
 INDICES = "token_indices"
 # the token table's name in each family (get_input_embeddings)
-INPUT_EMBEDDINGS = ("embed_tokens", "embed_in", "wte", "shared")
+INPUT_EMBEDDINGS = ("embed_tokens", "embed_in", "wte", "word_embeddings", "shared")
 LORA_KEY = "token_adapter.trainable_tokens_delta"  # a LoRA dir's rows, under the table's name
 
 

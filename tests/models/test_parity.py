@@ -147,6 +147,11 @@ CASES = {
     "opt-350m-post-norm-projected": ("opt", dict(OPT_350M, initializer_range=0.2)),
     "opt-plain-norms-no-biases": ("opt", dict(FAMILIES["opt"], layer_norm_elementwise_affine=False, enable_bias=False,
                                               _remove_final_layer_norm=True, initializer_range=0.2)),
+    # BLOOM: ALiBi (slopes of a power-of-two head count, and of six heads: the odd powers past four), its embeddings
+    # normalised, q/k/v fused by heads, biases everywhere, an ungated tanh-GELU MLP, GPT-2's top names
+    "bloom-alibi-embedding-norm": ("bloom", FAMILIES["bloom"]),
+    "bloom-six-heads-eps": ("bloom", dict(FAMILIES["bloom"], num_attention_heads=6, hidden_size=48,
+                                          layer_norm_epsilon=1e-3, initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -173,7 +178,7 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating", "bloom-six-heads-eps"])
 def test_rows_longer_than_an_attention_block_match_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
     ref_model = make_hf_model(model_type, **overrides)
@@ -286,12 +291,23 @@ def test_bidirectional_attention_is_refused(model_type):
     ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
     ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
     ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True),
+     r"apply_residual_connection_post_layernorm is True \(each block's residual taken after its norm"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
     hf = dict(make_hf_model(model_type, **FAMILIES[model_type]).config.to_dict(), **switch)
     with pytest.raises(jpeft.CheckpointError, match=f"config.json: {match}.*which jpeft does not run"):
         ModelConfig.from_hf(hf)
     ModelConfig.from_hf({**hf, **{k: type(v)() for k, v in switch.items()}})  # off (False, 0.0), the file loads
+
+
+def test_blooms_exact_tensor_parallel_slices_are_refused():
+    """slow_but_exact sums BLOOM's output projections in pretraining_tp slices without their biases; with one slice
+    (bloom-560m's) it changes nothing, and the file loads."""
+    hf = dict(make_hf_model("bloom", **FAMILIES["bloom"]).config.to_dict(), slow_but_exact=True, pretraining_tp=4)
+    with pytest.raises(jpeft.CheckpointError, match="slow_but_exact with pretraining_tp 4"):
+        ModelConfig.from_hf(hf)
+    ModelConfig.from_hf({**hf, "pretraining_tp": 1})
 
 
 def test_a_gptj_rotary_dim_past_its_head_is_refused():
@@ -389,6 +405,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gptj-whole-head-rope-eps", dict(rope_interleaved=False)),
     ("opt-350m-post-norm-projected", dict(norm_after_residual=False)),
     ("opt-pre-norm", dict(final_norm=False)),
+    ("bloom-six-heads-eps", dict(alibi=False)),
+    ("bloom-six-heads-eps", dict(embed_norm=False)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

@@ -1,6 +1,7 @@
-"""OPT beyond the parity cases every family has: positions counted over the attention mask, OPT-350m's projected
-embeddings under PEFT's `all-linear` and a classifier head, virtual tokens before learned positions, and a run
-config's defaults, each against transformers and PEFT."""
+"""OPT and BLOOM, whose positions are not RoPE's (OPT's a learned table, BLOOM's ALiBi biases), beyond the parity
+cases every family has: positions counted over the attention mask, virtual tokens before them, OPT-350m's projected
+embeddings under PEFT's `all-linear` and a classifier head, and a run config's defaults, each against transformers
+and PEFT."""
 import jax
 import numpy as np
 import peft
@@ -11,10 +12,10 @@ import transformers
 import jpeft
 from conftest import FAMILIES, OPT_350M, jit_logits, make_hf_model, perturb, save_hf_model
 
-LAYOUTS = {"opt": FAMILIES["opt"], "opt-350m": OPT_350M}
+LAYOUTS = {"opt": ("opt", FAMILIES["opt"]), "opt-350m": ("opt", OPT_350M), "bloom": ("bloom", FAMILIES["bloom"])}
 IDS = np.random.RandomState(0).randint(3, 97, (3, 10))
 MASK = np.ones_like(IDS)
-MASK[1, :4] = 0  # left padding: transformers' OPT starts the row's positions at its first token
+MASK[1, :4] = 0  # left padding: transformers' OPT and BLOOM start the row's positions at its first token
 MASK[2, 7:] = 0  # right padding
 
 
@@ -25,14 +26,14 @@ def torch_logits(model, ids, mask=None):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_padded_rows_count_their_positions_over_the_mask(tmp_path, layout):
-    ref = make_hf_model("opt", **LAYOUTS[layout])
+    ref = make_hf_model(LAYOUTS[layout][0], **LAYOUTS[layout][1], initializer_range=0.2)
     model, params = jpeft.from_pretrained(save_hf_model(ref, tmp_path))
     ours, theirs = jit_logits(model, params, IDS, MASK), torch_logits(ref, IDS, MASK)
     real = MASK.astype(bool)
     np.testing.assert_allclose(ours[real], theirs[real], atol=2e-5, rtol=0)
-    # by slot instead, the left-padded row's positions would be 4 off: guards the comparison above
-    by_slot = jit_logits(model, params, IDS, MASK, np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape))
-    assert np.abs(by_slot[1, 4:] - theirs[1, 4:]).max() > 1e-3
+    if layout.startswith("opt"):  # by slot instead, the left-padded row's positions would be 4 off: guards the above
+        by_slot = jit_logits(model, params, IDS, MASK, np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape))
+        assert np.abs(by_slot[1, 4:] - theirs[1, 4:]).max() > 1e-3
 
 
 def test_opt_350m_all_linear_lora_adapts_its_projections_as_peft_does(tmp_path):
@@ -57,9 +58,10 @@ def test_opt_350m_all_linear_lora_adapts_its_projections_as_peft_does(tmp_path):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_head_exports_as_opts_transformers_classifier(tmp_path, layout):
-    """The head reads the features at the embedding's width (OPT-350m's project_out)."""
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("opt", **LAYOUTS[layout], pad_token_id=0),
+def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, layout):
+    """The head reads the features at the embedding's width (OPT-350m's project_out), on right-padded rows."""
+    family, sizes = LAYOUTS[layout]
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **sizes, pad_token_id=0),
                                                         tmp_path / "b"))
     head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
     jpeft.save_pretrained(str(tmp_path / "model"), model, head)
@@ -70,14 +72,16 @@ def test_a_head_exports_as_opts_transformers_classifier(tmp_path, layout):
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, ids, mask)), theirs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["opt", "bloom"])
 @pytest.mark.parametrize("config,trained", [
     (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 4),  # positions 0..3 of its own
     (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0),  # real tokens' start at 4
 ])
-def test_peft_virtual_tokens_sit_before_opts_learned_positions(tmp_path, config, trained):
-    """PEFT's soft prompt gets positions of its own, added to it; after a prefix the tokens' positions start past
-    it: jpeft reads PEFT's adapter with PeftModel's logits, and writes one PEFT reads with jpeft's."""
-    ref = make_hf_model("opt", **FAMILIES["opt"], initializer_range=0.2)
+def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, config, trained):
+    """PEFT's soft prompt gets positions of its own (OPT's added to it; BLOOM's embedding norm over it too); after a
+    prefix the tokens' positions start past it: jpeft reads PEFT's adapter with PeftModel's logits, and writes one
+    PEFT reads with jpeft's."""
+    ref = make_hf_model(family, **FAMILIES[family], initializer_range=0.2)
     path = save_hf_model(ref, tmp_path / "base")
     peft_model = peft.get_peft_model(ref, config()).eval()
     with torch.no_grad():
@@ -92,20 +96,22 @@ def test_peft_virtual_tokens_sit_before_opts_learned_positions(tmp_path, config,
     assert np.abs(ours - jit_logits(model, params, IDS)).max() > 1e-3
     changed = perturb(adapted, ("soft_prompt", "prefix_k", "prefix_v"), jax.random.key(3), 0.5)  # not PEFT's values
     jpeft.save_adapter(str(tmp_path / "ours"), changed)
-    peft_model = peft.PeftModel.from_pretrained(make_hf_model("opt", **FAMILIES["opt"], initializer_range=0.2),
+    peft_model = peft.PeftModel.from_pretrained(make_hf_model(family, **FAMILIES[family], initializer_range=0.2),
                                                 tmp_path / "ours").eval()
     np.testing.assert_allclose(torch_logits(peft_model, IDS)[:, trained:], jit_logits(model, changed, IDS), atol=2e-4,
                                rtol=0)
 
 
-def test_a_run_configs_unset_targets_are_pefts_for_opt(tmp_path):
-    """LoRA's q_proj and v_proj, IA3's q_proj, k_proj and fc2 (peft.utils.constants)."""
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
+    """LoRA's and IA3's (peft.utils.constants): OPT's q_proj and v_proj, and q_proj, k_proj and fc2; BLOOM's
+    query_key_value, and it with mlp.dense_4h_to_h."""
     from peft.utils import constants
     from jpeft.config import load_config
     from jpeft.train.build import build_method
-    path = save_hf_model(make_hf_model("opt", **FAMILIES["opt"]), tmp_path / "base")
+    path = save_hf_model(make_hf_model(family, **FAMILIES[family]), tmp_path / "base")
     lora = build_method(load_config(None, ["method.name=lora", f"model.path={path}"]))
-    assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["opt"]
+    assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family]
     ia3 = build_method(load_config(None, ["method.name=ia3", f"model.path={path}"]))
-    assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["opt"]
-    assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["opt"]
+    assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[family]
+    assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
