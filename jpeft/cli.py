@@ -31,10 +31,11 @@ EXAMPLES = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jpeft", description="Fine-tune Hugging Face checkpoints (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi, OPT, "
-                                  "BLOOM, GPT-2, T5/FLAN-T5 and more: `jpeft info --families`) with JAX: full, LoRA "
-                                  "and its variants, VeRA, LoHa, LoKr, OFT, HRA, RoAd, QLoRA, IA3, BitFit, norm "
-                                  "tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, bottleneck adapters, "
-                                  "classifier heads; evaluate, generate, merge, benchmark, measure forgetting.",
+                                  "BLOOM, Falcon, GPT-2, T5/FLAN-T5 and more: `jpeft info --families`) with JAX: "
+                                  "full, LoRA and its variants, VeRA, LoHa, LoKr, OFT, HRA, RoAd, QLoRA, IA3, BitFit, "
+                                  "norm tuning, prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter, bottleneck "
+                                  "adapters, classifier heads; evaluate, generate, merge, benchmark, measure "
+                                  "forgetting.",
         epilog="Every command has --help with an example. Start with: jpeft demo")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and show the traceback of a file-system error")

@@ -58,6 +58,22 @@ def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
     return sum((end - start) * end for start, end in query_blocks(t, block))
 
 
+def split_qkv(qkv, layout: str, heads: int, dim: int):
+    """The queries, keys and values [..., width each] of a fused projection's output, laid out as "blocks" (Phi-3's
+    qkv_proj, GPT-2's c_attn, Falcon's multi-query query_key_value: all queries, then the keys, then the values),
+    "heads" (GPT-NeoX's and BLOOM's: each head's query, key and value side by side) or "groups" (Falcon's new
+    decoder: each KV head's queries, then its key and value). The KV heads are what the width leaves."""
+    lead, kv = qkv.shape[:-1], (qkv.shape[-1] // dim - heads) // 2
+    if layout == "blocks":
+        return tuple(jnp.split(qkv, (heads * dim, (heads + kv) * dim), axis=-1))
+    if layout == "heads":
+        q, k, v = jnp.split(qkv.reshape(*lead, heads, 3 * dim), 3, axis=-1)
+    else:
+        grouped = qkv.reshape(*lead, kv, heads // kv + 2, dim)
+        q, k, v = grouped[..., :-2, :], grouped[..., -2, :], grouped[..., -1, :]
+    return tuple(a.reshape(*lead, -1) for a in (q, k, v))
+
+
 def alibi_slopes(heads: int) -> np.ndarray:
     """ALiBi's slope of each head (BLOOM's, as transformers computes them): the powers 1..n of 2^(-8/n) for the
     largest power of two n <= heads, then the odd powers of 2^(-4/n) for the heads past it."""

@@ -1,8 +1,8 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM and the mixtures of experts
-Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more;
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon and the mixtures of
+experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in a few more;
 anything in a config.json that jpeft cannot honour is an error here rather than a silently different model.
 """
 from __future__ import annotations
@@ -66,6 +66,7 @@ class ModelConfig:
     layer_norm: str | None = None
     parallel_block: bool = False  # Cohere, StableLM: x + attention(norm(x)) + mlp(norm(x)), one norm a layer
     parallel_norms: bool = False  # GPT-NeoX's parallel block: x + attention(norm₁(x)) + mlp(norm₂(x))
+    parallel_norm_names: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")  # Falcon's ln_attn, ln_mlp
     # The norm of the queries and keys before RoPE: over each head ("head": Qwen3, Gemma 3), the same with a scale of
     # each head's own ("each_head": Cohere's `use_qk_norm`) or over the whole projection ("all": OLMo 2/3)
     qk_norm: str | None = None
@@ -227,7 +228,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, T5 "
+                "and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -259,12 +261,15 @@ class ModelConfig:
             raise CheckpointError(f"{source}: slow_but_exact with pretraining_tp {family.pretraining_tp} (BLOOM's "
                                   "output projections summed in slices, their biases left out), which jpeft does not "
                                   "run")
+        if model_type == "falcon":
+            _refuse_falcon_switches(family, source)
         if model_type == "gptj" and not 0 < family.rotary_dim <= head_dim:
             raise CheckpointError(f"{source}: rotary_dim must be between 1 and the head size {head_dim}, got "
                                   f"{family.rotary_dim}")
         rope, local_rope = read_ropes(rope_parameters, hf, source, partial, head_dim)
         biased = BIASED_TYPES.get(model_type, ())
-        bias = bool(own("attention_bias") or own("use_bias") or own("enable_bias")) or "attention" in biased
+        every_bias = any(own(field) for field in ("use_bias", "enable_bias", "bias"))  # ERNIE 4.5's, OPT's, Falcon's
+        bias = bool(own("attention_bias")) or every_bias or "attention" in biased
         moe = expert_fields(model_type, family, layers, source)
         return cls(
             model_type=model_type,
@@ -272,11 +277,12 @@ class ModelConfig:
             hidden_size=hidden,
             intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe
             else (family.n_inner or 4 * hidden) if model_type == "gptj" else family.ffn_dim if model_type == "opt"
-            else 4 * hidden if model_type == "bloom"
+            else 4 * hidden if model_type == "bloom" else family.ffn_hidden_size if model_type == "falcon"
             else need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            num_kv_heads=family.num_key_value_heads if model_type == "falcon"
+            else hf.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rms_norm_eps=norm_eps(model_type, family),
             rope=rope,
@@ -285,7 +291,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or bias or bool(own("qkv_bias") or own("use_qkv_bias")),
             o_bias=bool(own("attention_out_bias")) if model_type in FAMILY_FIELDS["attention_out_bias"]
             else bias and model_type not in QKV_BIAS_ONLY_TYPES,
-            mlp_bias=bool(own("mlp_bias") or own("use_bias") or own("enable_bias")) or "mlp" in biased,
+            mlp_bias=bool(own("mlp_bias")) or every_bias or "mlp" in biased,
             head_bias="head" in biased,
             hidden_act=act,
             sliding_window=own("sliding_window"),
@@ -304,11 +310,11 @@ class ModelConfig:
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm="none" if model_type == "opt" and not family.layer_norm_elementwise_affine
             else LAYER_NORM_TYPES.get(model_type),
-            parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
-            parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")),
+            **_parallel(model_type, family, own),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
-            fused_qkv={"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type),
+            fused_qkv=_falcon_qkv(family) if model_type == "falcon"
+            else {"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
             else 0.0 if model_type in ("opt", "bloom")
@@ -344,6 +350,36 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _parallel(model_type: str, family, own) -> dict:
+    """The parallel block's fields: Cohere's, StableLM's, Phi's and GPT-J's on one norm, GPT-NeoX's on two where it
+    asks for one; Falcon's on one norm, or on two (`ln_attn`, `ln_mlp`) in its new decoder by default."""
+    if model_type == "falcon":
+        two = family.new_decoder_architecture and (family.num_ln_in_parallel_attn or 2) == 2
+        return dict(parallel_block=bool(family.parallel_attn or family.new_decoder_architecture) and not two,
+                    parallel_norms=two, parallel_norm_names=("ln_attn", "ln_mlp"))
+    return dict(parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
+                parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")))
+
+
+def _refuse_falcon_switches(family, source: str) -> None:
+    """Falcon's switch combinations its transformers model runs otherwise than its config reads: a new decoder without
+    the parallel block (it then wants norms it never made), and a sequential block's attention output dropped at
+    attention_dropout in training (jpeft drops both blocks' outputs at one rate)."""
+    if family.new_decoder_architecture and not family.parallel_attn:
+        raise CheckpointError(f"{source}: new_decoder_architecture with parallel_attn false, which transformers' "
+                              "Falcon does not run either")
+    if not family.parallel_attn and not family.new_decoder_architecture and family.attention_dropout:
+        raise CheckpointError(f"{source}: attention_dropout {family.attention_dropout} with parallel_attn false "
+                              "(Falcon then drops attention's output at that rate in training), which jpeft does not "
+                              "run")
+
+
+def _falcon_qkv(family) -> str:
+    """Falcon's query_key_value layout (`attention.split_qkv`): by KV groups in its new decoder and under multi-query
+    attention (one group), else by heads."""
+    return "groups" if family.new_decoder_architecture or family.multi_query else "heads"
 
 
 def _t5(hf: dict, source: str, need) -> ModelConfig:

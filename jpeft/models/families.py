@@ -10,8 +10,8 @@ from jpeft.models.rope_params import SLIDING
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "bloom", "t5",
-                   "gpt2")
+                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon",
+                   "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -21,14 +21,15 @@ COHERE_TYPES = ("cohere", "cohere2")
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
 # a scale and a bias, Cohere's a scale, OLMo 1's nothing
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"),
-                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom"), "scale_bias")}
+                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon"), "scale_bias")}
 # attention and the MLP both read the layer's one normed input, summed
 PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 # biases whatever the file says: Phi's on every projection and the LM head, GPT-NeoX's on the MLP, GPT-J's on the MLP
 # and the head
 BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head"),
                 "bloom": ("attention", "mlp")}
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom")  # their MLP: down(act(up(x))), no gate
+# their MLP: down(act(up(x))), no gate
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon")
 # Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's,
 # OPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's
 # adapters do
@@ -42,9 +43,10 @@ MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention
                 "opt": {"o_proj": "out_proj", "up_proj": "fc1", "down_proj": "fc2",
                         "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
                         "norm": "final_layer_norm"},
-                "bloom": {"embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "layers": "h",
-                          "self_attn": "self_attention", "qkv_proj": "query_key_value", "o_proj": "dense",
-                          "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h", "norm": "ln_f"}}
+                **dict.fromkeys(("bloom", "falcon"), {
+                    "embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "layers": "h",
+                    "self_attn": "self_attention", "qkv_proj": "query_key_value", "o_proj": "dense",
+                    "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h", "norm": "ln_f"})}
 # Weights a family's files name apart from its module (transformers renames them on loading and back on saving):
 # GPT-NeoX's head, `lm_head` to PEFT, `embed_out.weight` in the hub's files
 FILE_NAMES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
@@ -53,6 +55,8 @@ UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
                ("opt", "layerdrop"): "skipping whole layers at random, in training",
                ("bloom", "apply_residual_connection_post_layernorm"): "each block's residual taken after its norm",
+               ("falcon", "alibi"): "ALiBi with its slopes times positions rounded to bfloat16 (Falcon-RW's)",
+               ("falcon", "hidden_dropout"): "dropout over the sum of attention's and the MLP's outputs, in training",
                **{(family, "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"
                   for family in ("phi", "gptj")}}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
@@ -95,6 +99,7 @@ FAMILY_FIELDS = {
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5",),  # every projection's bias
     "enable_bias": ("opt",),  # the same
+    "bias": ("falcon",),  # the same
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
                        "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
     "clip_qkv": ("olmo", "olmoe"),
@@ -160,12 +165,12 @@ def own_dropout_rate(fields: dict, model_type: str, family, source: str) -> floa
 
 
 def norm_eps(model_type: str, family) -> float:
-    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`, GPT-J's and BLOOM's
+    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`, GPT-J's, BLOOM's and Falcon's
     `layer_norm_epsilon`; OLMo 1's and OPT's LayerNorm's own 1e-5 (transformers' read no field); the others'
     `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
     if model_type in ("olmo", "opt"):
         return 1e-5
-    if model_type in ("gptj", "bloom"):
+    if model_type in ("gptj", "bloom", "falcon"):
         return family.layer_norm_epsilon
     return family.layer_norm_eps if model_type in LAYER_NORM_TYPES else family.rms_norm_eps
 
@@ -186,8 +191,9 @@ def dropout_rate(value, key: str, source: str) -> float:
 
 
 def activation(hf: dict, model_type: str) -> str:
-    """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`,
-    the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too."""
+    """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`, GPT-J
+    and OPT from `activation_function`, Falcon from `activation`, the others from `hidden_act`; Gemma's default is
+    the tanh GELU, and Gemma 1's legacy "gelu" means it too; BLOOM's is the tanh GELU whatever its file says."""
     if model_type in ("gemma2", "gemma3_text"):
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     elif model_type == "gemma":
@@ -197,6 +203,8 @@ def activation(hf: dict, model_type: str) -> str:
         act = "gelu_pytorch_tanh"
     elif model_type in ("gptj", "opt"):
         act = hf.get("activation_function", "gelu_new" if model_type == "gptj" else "relu")
+    elif model_type == "falcon":
+        act = hf.get("activation", "gelu")
     else:
         act = hf.get("hidden_act", "silu")
     return ACTIVATION_ALIASES.get(act, act)

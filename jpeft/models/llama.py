@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, and
-with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module, families differ
-by config (and a family's own module names, `families.MODULE_NAMES`).
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM,
+Falcon, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one module,
+families differ by config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -36,10 +36,7 @@ class Attention(nn.Module):
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if cfg.fused_qkv:  # split as transformers splits it
             qkv = L.Dense(q_width + 2 * kv_width, ("embed", "heads"), cfg.qkv_bias, name=cfg.module_name("qkv_proj"))(x)
-            if cfg.fused_qkv == "heads":  # GPT-NeoX's: each head's query, key and value side by side
-                q, k, v = (a.reshape(b, t, -1) for a in jnp.split(qkv.reshape(b, t, cfg.num_heads, -1), 3, axis=-1))
-            else:
-                q, k, v = jnp.split(qkv, (q_width, q_width + kv_width), axis=-1)
+            q, k, v = A.split_qkv(qkv, cfg.fused_qkv, cfg.num_heads, cfg.head_dim)
         else:
             q = L.Dense(q_width, ("embed", "heads"), cfg.qkv_bias, name="q_proj")(x)
             k = L.Dense(kv_width, ("embed", "kv"), cfg.qkv_bias, name="k_proj")(x)
@@ -122,8 +119,8 @@ class DecoderLayer(nn.Module):
     """Pre-norm residual blocks; Gemma 2/3 (`sandwich_norms`) also normalise each block's output, OLMo 2/3 and EXAONE 4
     only that (no `pre_norms`), Granite scales it (`residual_multiplier`), Phi-3 and Seed-OSS drop it in training
     (`residual_dropout`); Cohere's and StableLM's attention and MLP read one normed input (`parallel_block`), GPT-NeoX's
-    each its own norm of the layer's input (`parallel_norms`); OPT-350m normalises each residual sum instead
-    (`norm_after_residual`)."""
+    each its own norm of the layer's input (`parallel_norms`, Falcon's named its own way); OPT-350m normalises each
+    residual sum instead (`norm_after_residual`)."""
     cfg: ModelConfig
 
     @nn.compact
@@ -133,9 +130,11 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         block_norm = partial(norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        normed = block_norm("input_layernorm")(x) if cfg.pre_norms else x
+        before_attention, before_mlp = cfg.parallel_norm_names if cfg.parallel_norms else (
+            "input_layernorm", "post_attention_layernorm")
+        normed = block_norm(before_attention)(x) if cfg.pre_norms else x
         if cfg.parallel_norms:
-            normed_apart = block_norm("post_attention_layernorm")(x)
+            normed_apart = block_norm(before_mlp)(x)
         h, cache_kv = Attention(cfg, name=cfg.module_name("self_attn"))(
             normed, rope and layer_rope(cfg, rope, layer), bias, layer_mask(cfg, masks, layer), cache_kv, cache_index,
             layer)
@@ -280,8 +279,8 @@ class GPTJ(CausalLM):
 
 
 class Bloom(CausalLM):
-    """BLOOM: the decoder above under the family's own module names, ALiBi instead of RoPE, its embeddings
-    normalised."""
+    """BLOOM and Falcon: the decoder above under their module names (GPT-2's top one, a `word_embeddings` table);
+    BLOOM's with ALiBi instead of RoPE and its embeddings normalised."""
     base_prefix = "transformer"
     embedding_path = "transformer/word_embeddings/embedding"
 

@@ -95,31 +95,36 @@ class LlamaAdapter(Method):
 # PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the names
 # of the projection the gated result passes through: Phi's is `dense`, GPT-J's `out_proj`). GPT-2's fused c_attn
 # gives keys and values both; no projection follows. Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read
-# as Llama's three (PEFT has no adaption prompt for either).
+# as Llama's three (PEFT has no adaption prompt for either), as are BLOOM's and Falcon's query_key_value.
 PROMPT_KEYS = {"k_proj": ("v_proj", ("o_proj", "dense", "out_proj")), "c_attn": ("c_attn", ()),
                "qkv_proj": ("qkv_proj", ("o_proj",)), "query_key_value": ("query_key_value", ("dense",))}
 # GPT-NeoX's and Phi's output projection, which PEFT's adaption prompt does not take: the gated prompt passes its weight
 # alone, as the attention output already carries its bias, so zero gates leave the model as it was. (PEFT passes
 # o_proj's bias a second time where a Llama has one, and jpeft does as PEFT there.)
 UNBIASED_OUTPUTS = ("dense",)
-BY_HEADS = "query_key_value"  # GPT-NeoX's fused projection holds each head's query, key and value side by side
 
 
 def _through_attention(leaves: dict, prompt, heads: int, dim: int):
     """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
+    from jpeft.models.attention import split_qkv
     from jpeft.peft import sites
     key_proj = next(p for p in PROMPT_KEYS if p in leaves)
     value_proj, outputs = PROMPT_KEYS[key_proj]
     output = next((o for o in outputs if o in leaves), None)
-    if key_proj == BY_HEADS:
+    if key_proj == value_proj:  # fused q/k/v, split as the model splits it
         qkv = sites.dense(leaves[key_proj], prompt)
-        _, k, v = (a.reshape(*a.shape[:-2], -1) for a in jnp.split(qkv.reshape(*qkv.shape[:-1], heads, -1), 3, -1))
-        return k, v, output
-    if key_proj == value_proj:  # fused q/k/v: the keys and values after the queries' width
-        qkv = sites.dense(leaves[key_proj], prompt)
-        _, k, v = jnp.split(qkv, (heads * dim, (qkv.shape[-1] + heads * dim) // 2), axis=-1)
+        _, k, v = split_qkv(qkv, _layout(key_proj, qkv.shape[-1], heads, dim), heads, dim)
         return k, v, output
     return sites.dense(leaves[key_proj], prompt), sites.dense(leaves[value_proj], prompt), output
+
+
+def _layout(name: str, width: int, heads: int, dim: int) -> str:
+    """How a fused q/k/v projection of this name and width lays them out (`attention.split_qkv`): GPT-NeoX's,
+    BLOOM's and Falcon's (without multi-query) query_key_value by heads; Falcon's narrower ones by KV groups (one
+    group, where it has one KV head, is the blocks' order); the others in blocks."""
+    if name != "query_key_value":
+        return "blocks"
+    return "heads" if width == 3 * heads * dim else "groups"
 
 
 def _adapted(path: str, leaves: dict):

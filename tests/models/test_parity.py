@@ -152,6 +152,16 @@ CASES = {
     "bloom-alibi-embedding-norm": ("bloom", FAMILIES["bloom"]),
     "bloom-six-heads-eps": ("bloom", dict(FAMILIES["bloom"], num_attention_heads=6, hidden_size=48,
                                           layer_norm_epsilon=1e-3, initializer_range=0.2)),
+    # Falcon: multi-query attention and a parallel block on one LayerNorm (Falcon-7B's); heads of their own, biases
+    # and a sequential block; the new decoder's KV groups in query_key_value under two LayerNorms (ln_attn, ln_mlp)
+    # or one (Falcon-40B's, Falcon-11B's)
+    "falcon-multi-query-parallel": ("falcon", dict(FAMILIES["falcon"], initializer_range=0.2)),
+    "falcon-sequential-biased": ("falcon", dict(FAMILIES["falcon"], multi_query=False, parallel_attn=False, bias=True,
+                                                initializer_range=0.2)),
+    "falcon-new-decoder-kv-groups": ("falcon", dict(FAMILIES["falcon"], new_decoder_architecture=True, num_kv_heads=2,
+                                                    initializer_range=0.2)),
+    "falcon-new-decoder-one-norm": ("falcon", dict(FAMILIES["falcon"], new_decoder_architecture=True, num_kv_heads=2,
+                                                   num_ln_in_parallel_attn=1, activation="relu")),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -293,6 +303,8 @@ def test_bidirectional_attention_is_refused(model_type):
     ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
     ("bloom", dict(apply_residual_connection_post_layernorm=True),
      r"apply_residual_connection_post_layernorm is True \(each block's residual taken after its norm"),
+    ("falcon", dict(alibi=True), r"alibi is True \(ALiBi with its slopes times positions rounded to bfloat16"),
+    ("falcon", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout over the sum of attention's and the MLP's"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
     hf = dict(make_hf_model(model_type, **FAMILIES[model_type]).config.to_dict(), **switch)
@@ -308,6 +320,16 @@ def test_blooms_exact_tensor_parallel_slices_are_refused():
     with pytest.raises(jpeft.CheckpointError, match="slow_but_exact with pretraining_tp 4"):
         ModelConfig.from_hf(hf)
     ModelConfig.from_hf({**hf, "pretraining_tp": 1})
+
+
+@pytest.mark.parametrize("switches,match", [
+    (dict(new_decoder_architecture=True, parallel_attn=False), "new_decoder_architecture with parallel_attn false"),
+    (dict(parallel_attn=False, attention_dropout=0.1), r"attention_dropout 0.1 with parallel_attn false"),
+])
+def test_falcon_switches_its_model_runs_otherwise_are_refused(switches, match):
+    hf = dict(make_hf_model("falcon", **FAMILIES["falcon"]).config.to_dict(), **switches)
+    with pytest.raises(jpeft.CheckpointError, match=match):
+        ModelConfig.from_hf(hf)
 
 
 def test_a_gptj_rotary_dim_past_its_head_is_refused():
@@ -407,6 +429,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("opt-pre-norm", dict(final_norm=False)),
     ("bloom-six-heads-eps", dict(alibi=False)),
     ("bloom-six-heads-eps", dict(embed_norm=False)),
+    ("falcon-new-decoder-kv-groups", dict(fused_qkv="blocks")),
+    ("falcon-new-decoder-kv-groups", dict(parallel_norm_names=("ln_mlp", "ln_attn"))),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

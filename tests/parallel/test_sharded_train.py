@@ -189,14 +189,15 @@ def family_run(tiny_run, tmp_path, family: str) -> dict:
 FUSED_ON_A_MESH = {"phi3": ("[qkv_proj,gate_up_proj]", "['model']['layers']['self_attn']['qkv_proj']"),
                    "gpt_neox": ("[query_key_value,dense_h_to_4h]",
                                 "['gpt_neox']['layers']['attention']['query_key_value']"),
-                   # BLOOM's too, with ALiBi's per-head biases beside heads split over `tensor`
-                   "bloom": ("[query_key_value,dense_h_to_4h]",
-                             "['transformer']['h']['self_attention']['query_key_value']")}
+                   # BLOOM's too, with ALiBi's per-head biases beside heads split over `tensor`; Falcon's multi-query
+                   # one, whose single KV head cannot split
+                   **dict.fromkeys(("bloom", "falcon"), ("[query_key_value,dense_h_to_4h]",
+                                                         "['transformer']['h']['self_attention']['query_key_value']"))}
 
 
 @pytest.mark.parametrize("family", FUSED_ON_A_MESH)
 def test_fused_projections_on_a_mesh_match_one_device(tiny_run, tmp_path, family):
-    """Phi-3's qkv_proj and gate_up_proj, and GPT-NeoX's and BLOOM's query_key_value (by heads), are split after a
+    """Phi-3's qkv_proj and gate_up_proj, and GPT-NeoX's, BLOOM's and Falcon's query_key_value, are split after a
     tensor-sharded product: full fine-tuning and a LoRA on them, on a mesh of all three axes, equal the 1-device
     runs."""
     targets, qkv = FUSED_ON_A_MESH[family]

@@ -13,7 +13,7 @@ from test_t5_peft_parity import t5_logits, torch_t5_logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "cohere", "stablelm", "gpt_neox", "phi", "gptj",
-                                    "opt", "bloom", "t5"])
+                                    "opt", "bloom", "falcon", "t5"])
 def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
     """PEFT's LN tuning dir, read and written: its default norms per family (a LayerNorm's bias too) trained
     -> the same logits in jpeft; jpeft's norm tuning -> PeftModel -> jpeft."""

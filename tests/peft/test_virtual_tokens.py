@@ -309,9 +309,10 @@ def test_llama_adapters_prompt_reads_gpt_neoxs_projection_by_heads():
     assert np.abs(by_heads[0] - by_heads[1]).max() > 1e-2  # keys and values differ
 
 
-@pytest.mark.parametrize("family", ["phi", "gpt_neox"])
+@pytest.mark.parametrize("family", ["phi", "gpt_neox", "bloom", "falcon"])
 def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tmp_path, family):
-    """Phi's and GPT-NeoX's attention output projection is `dense` (PEFT has no adaption prompt for either): zero
+    """Phi's, GPT-NeoX's, BLOOM's and Falcon's attention output projection is `dense` (PEFT has no adaption prompt
+    for any of them; Falcon's prompt keys and values out of its multi-query query_key_value): zero
     gates leave the model as it was (dense's bias is not added twice), trained ones change it, through dense's
     weight (zeroed, it leaves the gated prompt nothing to add)."""
     from conftest import FAMILIES
@@ -325,3 +326,20 @@ def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tm
     without = lambda tree: T.unflatten({p: v * 0 if dense in p else v for p, v in T.flatten(tree).items()})
     np.testing.assert_allclose(jax_logits(model, without(gated)), jax_logits(model, without(params)), atol=1e-5,
                                rtol=0)
+
+
+@pytest.mark.parametrize("family,sizes", [("gpt_neox", {}), ("bloom", {}), ("falcon", {}),
+                                          ("falcon", dict(multi_query=False)),
+                                          ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+                                          ("phi3", {})])
+def test_llama_adapter_splits_a_fused_projection_as_the_model_does(tmp_path, family, sizes):
+    """The adapter's hook sees the layer's leaves, not the config: the layout it reads from the projection's name
+    and width is the one the model splits the same projection by."""
+    from conftest import FAMILIES
+    from jpeft.peft.llama_adapter import _layout
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **{**FAMILIES[family], **sizes}),
+                                                        tmp_path / family))
+    cfg = model.config
+    name = cfg.module_name("qkv_proj")
+    [kernel] = [v for p, v in T.flatten(params).items() if p.endswith(f"/{name}/kernel")]
+    assert _layout(name, kernel.shape[-1], cfg.num_heads, cfg.head_dim) == cfg.fused_qkv

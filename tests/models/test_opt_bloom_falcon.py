@@ -1,7 +1,7 @@
-"""OPT and BLOOM, whose positions are not RoPE's (OPT's a learned table, BLOOM's ALiBi biases), beyond the parity
-cases every family has: positions counted over the attention mask, virtual tokens before them, OPT-350m's projected
-embeddings under PEFT's `all-linear` and a classifier head, and a run config's defaults, each against transformers
-and PEFT."""
+"""OPT, BLOOM and Falcon beyond the parity cases every family has: OPT's and BLOOM's positions, which are not RoPE's
+(a learned table, ALiBi's biases), counted over the attention mask; PEFT's virtual tokens before them (and before
+Falcon's multi-query keys); OPT-350m's projected embeddings under PEFT's `all-linear` and a classifier head; a run
+config's defaults; each against transformers and PEFT."""
 import jax
 import numpy as np
 import peft
@@ -72,7 +72,7 @@ def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, layout)
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, ids, mask)), theirs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "falcon"])
 @pytest.mark.parametrize("config,trained", [
     (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 4),  # positions 0..3 of its own
     (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0),  # real tokens' start at 4
@@ -102,7 +102,7 @@ def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, c
                                rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "falcon"])
 def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     """LoRA's and IA3's (peft.utils.constants): OPT's q_proj and v_proj, and q_proj, k_proj and fc2; BLOOM's
     query_key_value, and it with mlp.dense_4h_to_h."""
