@@ -180,7 +180,7 @@ def _examples(model, tokenizer, probe: Probe, seq_len: int | None):
     from jpeft.data import tokenize_seq2seq, tokenize_supervised, tokenize_text
     cfg = model.config
     seq_len = seq_len or min(cfg.max_position_embeddings, MAX_SEQ_LEN)
-    if cfg.learned_positions:  # no position past GPT-2's table
+    if cfg.learned_positions:  # no position past GPT-2's or OPT's table
         seq_len = min(seq_len, cfg.max_position_embeddings)
     if cfg.is_encoder_decoder:
         if probe.kind == "text":

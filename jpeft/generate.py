@@ -134,7 +134,7 @@ def require_prompt_room(cfg, max_new_tokens: int, virtual: int = 0, name: str = 
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1, virtual: int = 0) -> None:
-    """Refuse prompts the model cannot read, naming the offending one. With learned positions (GPT-2) the
+    """Refuse prompts the model cannot read, naming the offending one. With learned positions (GPT-2, OPT) the
     prompt, its `virtual` tokens and the new tokens fed back must all have a position: past the table
     the lookup would read no row and the logits turn NaN (transformers raises there too). T5's encoder
     reads any length, as in transformers."""
@@ -151,7 +151,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg, max_new_tokens: int = 1
                 f"prompt {i} has {len(prompt)} tokens{f' after {virtual} virtual ones' if virtual else ''}; "
                 f"with max_new_tokens={max_new_tokens} the model would need "
                 f"{virtual + len(prompt) + max_new_tokens - 1} positions but has "
-                f"{cfg.max_position_embeddings} (n_positions); shorten the prompt or lower max_new_tokens")
+                f"{cfg.max_position_embeddings} ({cfg.positions_key}); shorten the prompt or lower max_new_tokens")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise JpeftError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}); "
                              "was it tokenized with this model's tokenizer?")

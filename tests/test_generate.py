@@ -274,10 +274,13 @@ def test_every_method_decodes_what_its_forward_pass_predicts(sharp_llama, method
     assert got[0] != generate(model, params, [PROMPTS[1]], max_new_tokens=8, eos_token_id=None)[0]
 
 
-def test_learned_positions_are_never_read_past_the_table(tmp_path):
-    """GPT-2 (n_positions 64): every token generate feeds back needs a row of wpe (a soft prompt's rows too);
-    one past it is an error, not NaN logits, and so is a longer forward pass; RoPE models run on."""
-    path = save_hf_model(make_hf_model("gpt2", n_inner=64, max_position_embeddings=64), tmp_path / "gpt2")
+@pytest.mark.parametrize("family,sizes,field", [("gpt2", dict(n_inner=64), "n_positions"),
+                                                ("opt", dict(num_key_value_heads=None, ffn_dim=64),
+                                                 "max_position_embeddings")])
+def test_learned_positions_are_never_read_past_the_table(tmp_path, family, sizes, field):
+    """GPT-2's and OPT's tables of 64 positions: every token generate feeds back needs a row (a soft prompt's rows
+    too); one past it is an error, not NaN logits, and so is a longer forward pass; RoPE models run on."""
+    path = save_hf_model(make_hf_model(family, **sizes, max_position_embeddings=64), tmp_path / family)
     model, params = jpeft.from_pretrained(path)
     prompt = [list(range(5, 65))]  # 60 tokens: 5 new ones feed 4 back, at positions 60..63
     out = generate(model, params, prompt, 5, eos_token_id=None)[0]
@@ -288,9 +291,9 @@ def test_learned_positions_are_never_read_past_the_table(tmp_path):
     prompted = jpeft.PromptTuning(2).init(jax.random.key(0), params)
     with pytest.raises(jpeft.JpeftError, match="60 tokens after 2 virtual ones; .* 65 positions but has 64"):
         generate(model, prompted, prompt, 4, eos_token_id=None)
-    with pytest.raises(jpeft.JpeftError, match="65 tokens .* GPT-2's table holds \\(64"):
+    with pytest.raises(jpeft.JpeftError, match=f"65 tokens .* the model's table holds \\(64, {field}\\)"):
         jit_logits(model, params, jnp.ones((1, 65), jnp.int32))
-    with pytest.raises(jpeft.JpeftError, match=r"prompt 0 has 65 tokens but the model reads at most 64 \(n_positions\)"):
+    with pytest.raises(jpeft.JpeftError, match=f"prompt 0 has 65 tokens but the model reads at most 64 \\({field}\\)"):
         generate(model, params, [list(range(1, 66))], 1, eos_token_id=None)
     llama = dataclasses.replace(model.config, model_type="llama")
     assert not llama.learned_positions and model.config.learned_positions

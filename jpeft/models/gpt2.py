@@ -15,7 +15,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jpeft.errors import JpeftError
 from jpeft.models import attention as A
 from jpeft.models import kv_cache as C
 from jpeft.models import layers as L
@@ -97,9 +96,7 @@ class GPT2(L.LMHead, nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         cfg = self.config
         d = C.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
-        if positions is None and cache is None and d.keys + d.rows + input_ids.shape[1] > cfg.max_position_embeddings:
-            raise JpeftError(f"{input_ids.shape[1]} tokens (after {d.keys + d.rows} virtual ones) need more "
-                             f"positions than GPT-2's table holds ({cfg.max_position_embeddings}, n_positions)")
+        C.check_position_table(cfg, d, input_ids.shape[1], positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
         mask = A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, None)
         transformer = nn.map_variables(Transformer, "params", trans_in_fn=sites.expand, init=self.is_initializing())

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpeft.errors import JpeftError
 from jpeft.models.config import ModelConfig
 from jpeft.peft import sites
 
@@ -55,6 +56,16 @@ def decoder_inputs(params, input_ids, attention_mask=None, positions=None, cache
         positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     positions = jnp.concatenate([jnp.broadcast_to(keys + jnp.arange(rows), (b, rows)), positions + rows + keys], 1)
     return DecoderInputs(rows, keys, positions, segments[:, keys:], q_slots, k_slots, k_segments, index)
+
+
+def check_position_table(cfg: ModelConfig, d: DecoderInputs, t: int, positions, cache) -> None:
+    """Refuse a call whose tokens count past a learned positions' table (GPT-2's, OPT's), where the lookup would
+    read no row: `t` tokens after the virtual ones, counted from 0 (given positions and a cache's are the
+    caller's to keep inside it, as `generate` does)."""
+    needed = d.keys + d.rows + t
+    if positions is None and cache is None and cfg.learned_positions and needed > cfg.max_position_embeddings:
+        raise JpeftError(f"{t} tokens (after {d.keys + d.rows} virtual ones) need more positions than the model's "
+                         f"table holds ({cfg.max_position_embeddings}, {cfg.positions_key})")
 
 
 def written_cache(cache_kv, d: DecoderInputs, t: int) -> dict:

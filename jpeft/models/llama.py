@@ -248,6 +248,7 @@ class CausalLM(L.LMHead, nn.Module):
         if cfg.positions_over_mask and positions is None and attention_mask is not None and cache is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask != 0, axis=-1) - 1, 0)
         d = C.decoder_inputs(self.variables.get("params", {}), input_ids, attention_mask, positions, cache)
+        C.check_position_table(cfg, d, input_ids.shape[1], positions, cache)
         cache_kv = None if cache is None else (cache["k"], cache["v"])
         masks = tuple(A.attention_mask(d.q_slots, d.k_slots, d.q_segments, d.k_segments, window,
                                        q_positions=d.positions) if use else None

@@ -256,7 +256,7 @@ def _train(cfg: RunConfig, progress: bool, probes: list[forgetting.Probe], prima
 
 def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int, cfg: RunConfig,
                     generates: bool) -> None:
-    """A model with learned positions (GPT-2) has none past its table: a longer example would train on NaN.
+    """A model with learned positions (GPT-2's, OPT's) has none past its table: a longer example would train on NaN.
     A run that `generates` must leave its prompts room beside data.max_new_tokens (found now, not at its
     first evaluation)."""
     if generates:
@@ -267,8 +267,9 @@ def check_positions(model_cfg: ModelConfig, parts: list[Examples], virtual: int,
     if longest + virtual > model_cfg.max_position_embeddings:
         room = model_cfg.max_position_embeddings - virtual
         raise ConfigError(f"the longest example has {longest} tokens{f' after {virtual} virtual ones' if virtual else ''}, "
-                          f"but {cfg.model.path} has {model_cfg.max_position_embeddings} positions (n_positions); "
-                          f"set train.seq_len={room} (or less) so that longer examples are cut to fit")
+                          f"but {cfg.model.path} has {model_cfg.max_position_embeddings} positions "
+                          f"({model_cfg.positions_key}); set train.seq_len={room} (or less) so that longer examples "
+                          "are cut to fit")
 
 
 def write_data_files(out_dir: str, data: RunData) -> None:
