@@ -217,5 +217,5 @@ def family_config(hf: dict, source: str):
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**hf)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: a field its config computes
         raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None

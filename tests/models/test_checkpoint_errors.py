@@ -47,8 +47,15 @@ def test_corrupted_safetensors(ckpt):
 
 
 def test_unsupported_model_type(ckpt):
-    edit_config(ckpt, model_type="falcon")
-    with pytest.raises(jpeft.CheckpointError, match="model_type 'falcon' is not supported; jpeft supports llama"):
+    edit_config(ckpt, model_type="mpt")
+    with pytest.raises(jpeft.CheckpointError, match="model_type 'mpt' is not supported; jpeft supports llama"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_a_field_the_familys_config_computes_is_an_error_naming_it(ckpt):
+    """A Llama config.json relabelled Falcon keeps its head_dim, which Falcon's config derives and cannot take."""
+    edit_config(ckpt, model_type="falcon", head_dim=8)
+    with pytest.raises(jpeft.CheckpointError, match="transformers does not accept this falcon config .*head_dim"):
         jpeft.from_pretrained(str(ckpt))
 
 
