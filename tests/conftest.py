@@ -130,6 +130,9 @@ FAMILIES = {
     # Falcon (Falcon-7B's layout): multi-query attention out of one query_key_value, a parallel block on one LayerNorm,
     # no biases, an ungated GELU MLP, BLOOM's names (no GQA field: None drops TINY's)
     "falcon": dict(num_key_value_heads=None, ffn_hidden_size=64),
+    # StarCoder2: biased LayerNorms and projections (use_bias), an ungated MLP whose nn.Linear layers GPT-2's Conv1Ds
+    # share names with (c_fc, c_proj), GQA, RoPE
+    "starcoder2": {},
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -161,6 +164,7 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
          "gptj": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out",
                   "embed_tokens": "wte"},
          "opt": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
+         "starcoder2": {"gate_proj": None, "up_proj": "c_fc", "down_proj": "c_proj"},
          **dict.fromkeys(("bloom", "falcon"), {
              **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"), "o_proj": "dense", "gate_proj": None,
              "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h", "embed_tokens": "word_embeddings"}),

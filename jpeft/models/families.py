@@ -11,7 +11,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                    "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon",
-                   "t5", "gpt2")
+                   "starcoder2", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -21,7 +21,8 @@ COHERE_TYPES = ("cohere", "cohere2")
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
 # a scale and a bias, Cohere's a scale, OLMo 1's nothing
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"),
-                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon"), "scale_bias")}
+                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2"),
+                                   "scale_bias")}
 # attention and the MLP both read the layer's one normed input, summed
 PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 # biases whatever the file says: Phi's on every projection and the LM head, GPT-NeoX's on the MLP, GPT-J's on the MLP
@@ -29,7 +30,7 @@ PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head"),
                 "bloom": ("attention", "mlp")}
 # their MLP: down(act(up(x))), no gate
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon")
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2")
 # Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's,
 # OPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's
 # adapters do
@@ -43,6 +44,7 @@ MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention
                 "opt": {"o_proj": "out_proj", "up_proj": "fc1", "down_proj": "fc2",
                         "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
                         "norm": "final_layer_norm"},
+                "starcoder2": {"up_proj": "c_fc", "down_proj": "c_proj"},
                 **dict.fromkeys(("bloom", "falcon"), {
                     "embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "layers": "h",
                     "self_attn": "self_attention", "qkv_proj": "query_key_value", "o_proj": "dense",
@@ -63,8 +65,9 @@ QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention 
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout", "gpt_neox": "hidden_dropout",
                            "phi": "resid_pdrop", "gptj": "resid_pdrop", "opt": "dropout",
-                           "bloom": "hidden_dropout"}
-EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop"}  # on the embeddings
+                           "bloom": "hidden_dropout", "starcoder2": "residual_dropout"}
+EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop",
+                        "starcoder2": "embedding_dropout"}  # on the embeddings
 ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop"}  # the others' `attention_dropout`
 # families whose transformers model rotates a part of each head
 PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi", "gptj")
@@ -97,11 +100,11 @@ FAMILY_FIELDS = {
     "use_parallel_residual": ("stablelm", "gpt_neox"),  # their parallel block, where it asks for one
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
     "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
-    "use_bias": ("ernie4_5",),  # every projection's bias
+    "use_bias": ("ernie4_5", "starcoder2"),  # every projection's bias
     "enable_bias": ("opt",),  # the same
     "bias": ("falcon",),  # the same
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"),
+                       "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"),
     "clip_qkv": ("olmo", "olmoe"),
     "logit_scale": COHERE_TYPES,  # logits times it (Granite's logits_scaling divides)
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
@@ -166,12 +169,14 @@ def own_dropout_rate(fields: dict, model_type: str, family, source: str) -> floa
 
 def norm_eps(model_type: str, family) -> float:
     """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`, GPT-J's, BLOOM's and Falcon's
-    `layer_norm_epsilon`; OLMo 1's and OPT's LayerNorm's own 1e-5 (transformers' read no field); the others'
-    `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
+    `layer_norm_epsilon`, StarCoder2's `norm_epsilon`; OLMo 1's and OPT's LayerNorm's own 1e-5 (transformers' read no
+    field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
     if model_type in ("olmo", "opt"):
         return 1e-5
     if model_type in ("gptj", "bloom", "falcon"):
         return family.layer_norm_epsilon
+    if model_type == "starcoder2":
+        return family.norm_epsilon
     return family.layer_norm_eps if model_type in LAYER_NORM_TYPES else family.rms_norm_eps
 
 

@@ -2,7 +2,7 @@
 
 Parameter paths spell HF's names (`transformer/h/attn/c_attn/kernel` <-> `transformer.h.{i}.attn.c_attn.weight`).
 Its projections are HF `Conv1D`s, whose weights are already [in, out], so they are read and
-written untransposed (`jpeft.peft.base.CONV1D`); PEFT adapts them with `fan_in_fan_out`.
+written untransposed (`jpeft.peft.base.is_conv1d`); PEFT adapts them with `fan_in_fan_out`.
 
 Virtual tokens go where PEFT's CAUSAL_LM methods put them (peft 0.21, transformers 5): a soft prompt is
 prepended to the input embeddings, so GPT-2 adds its learned positions 0..n-1 to the prompt and n.. to

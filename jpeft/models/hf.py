@@ -31,7 +31,7 @@ from jpeft.models.llama import GPTJ, OPT, Bloom, CausalLM, GPTNeoX
 from jpeft.models.quantized_load import quantized_shapes, read_quantized
 from jpeft.models.gpt2 import GPT2
 from jpeft.models.t5 import T5
-from jpeft.peft.base import CONV1D, layer_names
+from jpeft.peft.base import is_conv1d, layer_names
 from jpeft.peft.classifier import hf_tree
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",
                 "stablelm": "StableLm", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
                 "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "phi": "Phi", "gptj": "GPTJ",
-                "opt": "OPT", "bloom": "Bloom", "falcon": "Falcon", "gpt2": "GPT2"}  # + ForSequenceClassification
+                "opt": "OPT", "bloom": "Bloom", "falcon": "Falcon", "starcoder2": "Starcoder2",
+                "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
 HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's prefix
@@ -101,7 +102,7 @@ def _with_score(flat: dict, hidden_size: int, num_labels: int) -> dict:
 
 def transposed(path: str) -> bool:
     """Does HF store this leaf transposed? nn.Linear weights are [out, in]; GPT-2's Conv1D are [in, out]."""
-    return path.endswith("/kernel") and path.split("/")[-2] not in CONV1D
+    return path.endswith("/kernel") and not is_conv1d(path.rpartition("/")[0])
 
 
 def hf_layout(path: str, array: np.ndarray) -> np.ndarray:

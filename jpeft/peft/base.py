@@ -121,6 +121,12 @@ OUTPUT_LAYERS = ("lm_head", "score", "classifier")
 CONV1D = ("c_attn", "c_proj", "c_fc")
 
 
+def is_conv1d(module_path: str) -> bool:
+    """Is this module one of GPT-2's Conv1Ds: `CONV1D` under its `transformer`? (StarCoder2's `model` names nn.Linear
+    layers c_fc and c_proj.)"""
+    return module_path.split("/", 1)[0] == "transformer" and module_path.rpartition("/")[2] in CONV1D
+
+
 def dense_layers(grouped: dict) -> str:
     """The dense layers of a grouped tree by HF name, for errors that say which targets there are."""
     return ", ".join(sorted(hf_module(p) for p, leaves in grouped.items() if "kernel" in leaves))
@@ -191,7 +197,7 @@ def linear_stacks(method, grouped: dict) -> list[str]:
             return f"its weight is quantized: {name} adapts float weights"
         if "kernel" not in leaves:
             return f"it is an embedding: jpeft's {name} adapts Linear layers"
-        if path.rpartition("/")[2] in CONV1D:
+        if is_conv1d(path):
             return f"it is GPT-2's Conv1D, which PEFT's {name} does not adapt"
     return whole_stacks(method, grouped, refusal)
 

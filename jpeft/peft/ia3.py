@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dense_layers, exact_targets, from_layer_rows, hf_module,
+from jpeft.peft.base import (Method, dense_layers, exact_targets, from_layer_rows, hf_module, is_conv1d,
                              layer_rows, leading, matches, module_layers, module_names, refuse_second_init,
                              saved_base_weight, targeted_layers)
 
@@ -100,7 +100,7 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     ff_entries = exact_targets(feedforward, names, is_feedforward)
     entries = exact_targets(scaled, set(names) - set(feedforward))
     return tensors, {"target_modules": sorted({*entries, *ff_entries}), "feedforward_modules": ff_entries,
-                     "fan_in_fan_out": any(hf_module(p).rsplit(".", 1)[-1] in CONV1D for p in modules),
+                     "fan_in_fan_out": any(map(is_conv1d, modules)),
                      "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None}
 
 

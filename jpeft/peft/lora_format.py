@@ -18,7 +18,7 @@ import numpy as np
 from jpeft import tree as T
 from jpeft.errors import AdapterError
 from jpeft.peft import trainable_tokens
-from jpeft.peft.base import (CONV1D, EXPERT_PARTS, EXPERT_WEIGHTS, exact_targets, from_layer_rows,
+from jpeft.peft.base import (EXPERT_PARTS, EXPERT_WEIGHTS, exact_targets, from_layer_rows, is_conv1d,
                              is_expert_weight, layer_index, layer_rows, module_layers, module_names, refuse_tied_head,
                              saved_base_weight)
 from jpeft.peft.lora import LoRA
@@ -60,13 +60,12 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
     ranks = {**entries, **parameters}
     rank = collections.Counter(r for r, _ in ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(al for _, al in ranks.values()).most_common(1)[0][0]
-    short = {name.rsplit(".", 1)[-1] for name in entries}
     layer_sets = {tuple(v) for v in active.values()}
     whole = all(len(v) == len(module_layers(p, modules[p])) for p, v in active.items())
     config = {"r": rank, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_dora": dora,
               "rank_pattern": {n: r for n, (r, _) in ranks.items() if r != rank},
               "alpha_pattern": {n: al for n, (_, al) in ranks.items() if al != alpha},
-              "bias": "none", "fan_in_fan_out": bool(short & set(CONV1D)), "inference_mode": True,
+              "bias": "none", "fan_in_fan_out": any(map(is_conv1d, active)), "inference_mode": True,
               "init_lora_weights": True,
               "modules_to_save": None, "use_rslora": False, "layers_to_transform": None}
     stacked_only = all(T.is_stacked(p + "/leaf") for p in active)

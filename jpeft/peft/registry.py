@@ -84,6 +84,9 @@ FAMILY_DEFAULTS = {
               "trainable_tokens": {"targets": ["word_embeddings"]},
               "ia3": {"targets": ["query_key_value", "mlp.dense_4h_to_h"], "feedforward": ["mlp.dense_4h_to_h"]},
               "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
+    # PEFT has none for StarCoder2: Llama's, with its MLP's names
+    "starcoder2": {"ia3": {"targets": ["k_proj", "v_proj", "c_proj"], "feedforward": ["c_proj"]},
+                   "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]}},
     "opt": {"ia3": {"targets": ["q_proj", "k_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),

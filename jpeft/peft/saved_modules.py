@@ -14,7 +14,7 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError
-from jpeft.peft.base import CONV1D, Method, exact_targets, hf_module, leading, module_layers, module_names
+from jpeft.peft.base import Method, exact_targets, hf_module, is_conv1d, leading, module_layers, module_names
 from jpeft.peft.trainable_tokens import INPUT_EMBEDDINGS
 
 MARK = "saved_module"
@@ -92,7 +92,7 @@ def read(entries, tensors, modules: dict) -> dict:
         for leaf, value in leaves.items():
             keys = hf_names(f"{path}/{leaf}", len(names))
             rows = [tensors.take(k) for k in keys]
-            if leaf == "kernel" and path.rpartition("/")[2] not in CONV1D:  # torch's Linear is [out, in]
+            if leaf == "kernel" and not is_conv1d(path):  # torch's Linear is [out, in]
                 rows = [row.T for row in rows]
             array = np.stack(rows) if leading(path, value) else rows[0]
             tensors.fits(keys[0], array.shape, np.shape(value))
@@ -113,7 +113,7 @@ def write(grouped: dict) -> tuple[dict, list[str]]:
             if leaf == MARK:
                 continue
             rows = np.asarray(value, np.float32) if leading(path, value) else np.asarray(value, np.float32)[None]
-            torch_layout = leaf == "kernel" and path.rpartition("/")[2] not in CONV1D
+            torch_layout = leaf == "kernel" and not is_conv1d(path)
             for key, row in zip(hf_names(f"{path}/{leaf}", len(names)), rows):
                 tensors[key] = np.ascontiguousarray(row.T if torch_layout else row)
         saved += names

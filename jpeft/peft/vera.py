@@ -21,8 +21,8 @@ import numpy as np
 
 from jpeft import tree as T
 from jpeft.errors import AdapterError, JpeftError
-from jpeft.peft.base import (CONV1D, Method, dropped_input, exact_targets, from_layer_rows, hf_module, layer_rows,
-                             leading, module_layers, module_names, refuse_second_init, refuse_tied_head,
+from jpeft.peft.base import (Method, dropped_input, exact_targets, from_layer_rows, hf_module, is_conv1d,
+                             layer_rows, leading, module_layers, module_names, refuse_second_init, refuse_tied_head,
                              saved_base_weight, target_option, whole_stacks)
 from jpeft.peft.quant import is_quantized
 from jpeft.products import matmul
@@ -151,7 +151,7 @@ def to_peft(modules: dict, tree: dict) -> tuple[dict, dict]:
         dropouts.add(float(np.max(leaves.get("vera_dropout", 0.0))))
     return tensors, {"r": int(a.shape[1]), "target_modules": exact_targets(adapted, module_names(tree)),
                      "projection_prng_key": 0, "save_projection": True, "vera_dropout": max(dropouts),
-                     "d_initial": 0.1, "fan_in_fan_out": any(hf_module(p).rsplit(".", 1)[-1] in CONV1D for p in modules),
+                     "d_initial": 0.1, "fan_in_fan_out": any(map(is_conv1d, modules)),
                      "bias": "none", "modules_to_save": None, "init_weights": True, "layers_to_transform": None,
                      "inference_mode": True}
 

@@ -25,7 +25,8 @@ RATES = {"llama": dict(attention_dropout=0.3),
          "gptj": dict(num_key_value_heads=None, rotary_dim=4, attn_pdrop=0.2, resid_pdrop=0.3, embd_pdrop=0.1),
          "opt": dict(num_key_value_heads=None, ffn_dim=64, attention_dropout=0.2, dropout=0.3),
          "bloom": dict(num_key_value_heads=None, attention_dropout=0.2, hidden_dropout=0.3),
-         "falcon": dict(num_key_value_heads=None, ffn_hidden_size=64, attention_dropout=0.2)}
+         "falcon": dict(num_key_value_heads=None, ffn_hidden_size=64, attention_dropout=0.2),
+         "starcoder2": dict(attention_dropout=0.2, residual_dropout=0.3, embedding_dropout=0.1)}
 
 
 def keep_everything(monkeypatch):

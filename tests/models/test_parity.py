@@ -162,6 +162,11 @@ CASES = {
                                                     initializer_range=0.2)),
     "falcon-new-decoder-one-norm": ("falcon", dict(FAMILIES["falcon"], new_decoder_architecture=True, num_kv_heads=2,
                                                    num_ln_in_parallel_attn=1, activation="relu")),
+    # StarCoder2: biased LayerNorms and projections, an ungated tanh-GELU MLP (c_fc, c_proj), GQA; a sliding window
+    # without biases
+    "starcoder2-biased": ("starcoder2", dict(FAMILIES["starcoder2"], initializer_range=0.2)),
+    "starcoder2-sliding-no-bias": ("starcoder2", dict(FAMILIES["starcoder2"], sliding_window=4, use_bias=False,
+                                                      initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -431,6 +436,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("bloom-six-heads-eps", dict(embed_norm=False)),
     ("falcon-new-decoder-kv-groups", dict(fused_qkv="blocks")),
     ("falcon-new-decoder-kv-groups", dict(parallel_norm_names=("ln_mlp", "ln_attn"))),
+    ("starcoder2-sliding-no-bias", dict(sliding_window=None)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

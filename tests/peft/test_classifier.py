@@ -366,7 +366,8 @@ def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_
 
 @pytest.mark.parametrize("family", ["olmo2", "phi3", "smollm3", "ministral", "seed_oss", "helium", "exaone4", "arcee",
                                     "glm", "glm4", "olmo", "stablelm", "gpt_neox", "phi", "gptj", "falcon",
-                                    "mixtral", "qwen2_moe", "gpt_oss"])  # OPT's and BLOOM's: test_opt_bloom_falcon.py
+                                    "starcoder2", "mixtral", "qwen2_moe",
+                                    "gpt_oss"])  # OPT's and BLOOM's: test_opt_bloom_falcon.py
 def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, family):
     from conftest import FAMILIES as SIZES
     model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **SIZES[family], pad_token_id=0),
