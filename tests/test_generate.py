@@ -69,6 +69,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("bloom", dict(num_key_value_heads=None, num_attention_heads=6, hidden_size=48)),  # ALiBi over the cache's keys
     ("falcon", dict(num_key_value_heads=None, ffn_hidden_size=64)),  # one KV head cached, a parallel block
     ("falcon", dict(num_key_value_heads=None, ffn_hidden_size=64, new_decoder_architecture=True, num_kv_heads=2)),
+    ("falcon", dict(num_key_value_heads=None, ffn_hidden_size=64, alibi=True, multi_query=False)),  # Falcon-RW's
     ("starcoder2", dict(sliding_window=4)),  # a window across the cache
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),

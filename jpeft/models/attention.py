@@ -86,18 +86,23 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return slopes
 
 
-def alibi(heads: int, k_segments):
-    """ALiBi's bias [B, H, 1, S]: each head's slope times each key's position, counted as transformers' BLOOM counts
-    them over the mask of one example a row: the virtual keys (segment -1, first) from 0, then the example's
-    tokens, padding skipped. A packed row's examples each count from past the virtual keys, as they would alone (a
-    query sees its own example's keys only). A query's own position would add the same to all its scores, which
-    softmax ignores."""
+def alibi(cfg, k_segments):
+    """ALiBi's bias [B, H, 1, S]: each head's slope times each key's position, counted as transformers' BLOOM and
+    Falcon count them over the mask of one example a row: the virtual keys (segment -1, first) from 0, then the
+    example's tokens, padding skipped. A packed row's examples each count from past the virtual keys, as they would
+    alone (a query sees its own example's keys only). A query's own position would add the same to all its scores,
+    which softmax ignores. Falcon-RW's (`cfg.alibi` "falcon") rounds slope and position to bfloat16, and so their
+    product, as torch multiplies a bfloat16 tensor by an integer one, then divides by √head_dim."""
     slots = jnp.arange(k_segments.shape[-1])
     starts = jnp.where(jnp.diff(k_segments, axis=-1, prepend=-2) != 0, slots, 0)  # where each run of a segment starts
     within = slots - jax.lax.cummax(starts, axis=k_segments.ndim - 1)
     virtual = k_segments == -1
-    positions = jnp.where(virtual, slots, virtual.sum(axis=-1, keepdims=True) + within).astype(jnp.float32)
-    return jnp.asarray(alibi_slopes(heads))[None, :, None, None] * positions[:, None, None, :]
+    positions = jnp.where(virtual, slots, virtual.sum(axis=-1, keepdims=True) + within)[:, None, None, :]
+    slopes = jnp.asarray(alibi_slopes(cfg.num_heads))[None, :, None, None]
+    if cfg.alibi == "falcon":
+        rounded = slopes.astype(jnp.bfloat16) * positions.astype(jnp.bfloat16)
+        return rounded.astype(jnp.float32) / np.float32(math.sqrt(cfg.head_dim))
+    return slopes * positions.astype(jnp.float32)
 
 
 def attend(q, k, v, mask, scale: float, cap: float | None = None, causal_offset: int | None = None,

@@ -57,9 +57,10 @@ class ModelConfig:
     # size and back (`project_in`, `project_out`); None where they are hidden_size wide
     embed_width: int | None = None
     embed_norm: bool = False  # BLOOM: a LayerNorm over the token embeddings (a soft prompt's too)
-    # BLOOM: ALiBi, a bias of each head's slope times the key's position added to the attention scores, instead of
-    # RoPE (`attention.alibi_slopes`); positions counted over the keys the mask keeps, as transformers counts them
-    alibi: bool = False
+    # ALiBi instead of RoPE (`attention.alibi`): each head's slope times the key's position, counted over the keys the
+    # mask keeps, added to the attention scores, as BLOOM's ("bloom") or Falcon-RW's ("falcon": slope and position
+    # rounded to bfloat16, so their product, then divided by √head_dim) transformers model adds it; None without
+    alibi: str | None = None
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale_bias" (StableLM's),
     # "scale" (Cohere's), "none" (OLMo 1's); None for RMSNorm
@@ -306,7 +307,7 @@ class ModelConfig:
             embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
             else None,
             embed_norm=model_type == "bloom",
-            alibi=model_type == "bloom",
+            alibi="bloom" if model_type == "bloom" else "falcon" if model_type == "falcon" and family.alibi else None,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             layer_norm="none" if model_type == "opt" and not family.layer_norm_elementwise_affine
             else LAYER_NORM_TYPES.get(model_type),
@@ -317,7 +318,7 @@ class ModelConfig:
             else {"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
-            else 0.0 if model_type in ("opt", "bloom")
+            else 0.0 if model_type in ("opt", "bloom") or model_type == "falcon" and family.alibi
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,

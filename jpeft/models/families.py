@@ -57,7 +57,6 @@ UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
                ("opt", "layerdrop"): "skipping whole layers at random, in training",
                ("bloom", "apply_residual_connection_post_layernorm"): "each block's residual taken after its norm",
-               ("falcon", "alibi"): "ALiBi with its slopes times positions rounded to bfloat16 (Falcon-RW's)",
                ("falcon", "hidden_dropout"): "dropout over the sum of attention's and the MLP's outputs, in training",
                **{(family, "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"
                   for family in ("phi", "gptj")}}

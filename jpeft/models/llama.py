@@ -258,7 +258,7 @@ class CausalLM(L.LMHead, nn.Module):
         # first run the decoder on the unexpanded params
         decoder = nn.map_variables(self.decoder, "params", trans_in_fn=sites.expand, init=self.is_initializing())
         context = (rope_tables(cfg, d.positions) if cfg.rotary_dim else None,
-                   A.alibi(cfg.num_heads, d.k_segments) if cfg.alibi else None, masks, d.index)
+                   A.alibi(cfg, d.k_segments) if cfg.alibi else None, masks, d.index)
         hidden, cache_kv = decoder(cfg, name=self.base_prefix)(input_ids, context, cache_kv, d.positions)
         hidden = hidden[:, d.rows:]
         out = self.outputs(hidden, return_hidden)

@@ -160,6 +160,10 @@ CASES = {
                                                 initializer_range=0.2)),
     "falcon-new-decoder-kv-groups": ("falcon", dict(FAMILIES["falcon"], new_decoder_architecture=True, num_kv_heads=2,
                                                     initializer_range=0.2)),
+    # Falcon-RW: ALiBi (its slopes and positions rounded to bfloat16, divided by √head_dim), heads of their own,
+    # biases, a sequential block
+    "falcon-rw-alibi-sequential": ("falcon", dict(FAMILIES["falcon"], alibi=True, multi_query=False,
+                                                  parallel_attn=False, bias=True, initializer_range=0.2)),
     "falcon-new-decoder-one-norm": ("falcon", dict(FAMILIES["falcon"], new_decoder_architecture=True, num_kv_heads=2,
                                                    num_ln_in_parallel_attn=1, activation="relu")),
     # StarCoder2: biased LayerNorms and projections, an ungated tanh-GELU MLP (c_fc, c_proj), GQA; a sliding window
@@ -193,7 +197,8 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating", "bloom-six-heads-eps"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating", "bloom-six-heads-eps",
+                                  "falcon-rw-alibi-sequential"])  # positions past 256: bfloat16 rounds them
 def test_rows_longer_than_an_attention_block_match_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
     ref_model = make_hf_model(model_type, **overrides)
@@ -308,7 +313,6 @@ def test_bidirectional_attention_is_refused(model_type):
     ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
     ("bloom", dict(apply_residual_connection_post_layernorm=True),
      r"apply_residual_connection_post_layernorm is True \(each block's residual taken after its norm"),
-    ("falcon", dict(alibi=True), r"alibi is True \(ALiBi with its slopes times positions rounded to bfloat16"),
     ("falcon", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout over the sum of attention's and the MLP's"),
 ])
 def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
@@ -432,7 +436,8 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gptj-whole-head-rope-eps", dict(rope_interleaved=False)),
     ("opt-350m-post-norm-projected", dict(norm_after_residual=False)),
     ("opt-pre-norm", dict(final_norm=False)),
-    ("bloom-six-heads-eps", dict(alibi=False)),
+    ("bloom-six-heads-eps", dict(alibi=None)),
+    ("falcon-rw-alibi-sequential", dict(alibi="bloom")),
     ("bloom-six-heads-eps", dict(embed_norm=False)),
     ("falcon-new-decoder-kv-groups", dict(fused_qkv="blocks")),
     ("falcon-new-decoder-kv-groups", dict(parallel_norm_names=("ln_mlp", "ln_attn"))),

@@ -13,8 +13,8 @@ from jpeft.train.step import token_loss
 LENGTHS, WIDTH = (5, 7, 3), 20
 
 
-def tiny(window=None, alibi=False):
-    """A tiny Llama; with `alibi`, ALiBi's biases instead of RoPE (BLOOM's)."""
+def tiny(window=None, alibi=None):
+    """A tiny Llama; with `alibi` ("bloom"), ALiBi's biases instead of RoPE."""
     cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=window, tie_word_embeddings=True,
                       alibi=alibi, partial_rotary_factor=0.0 if alibi else 1.0)
@@ -46,7 +46,8 @@ def batches():
 def test_packed_examples_see_only_themselves(method):
     """... and, in a sliding window, as many virtual tokens as alone (not fewer for being packed further on); under
     ALiBi each example's keys are as far from the virtual ones as alone."""
-    model, params = tiny(window=4 if method.startswith("window") else None, alibi=method.startswith("alibi"))
+    model, params = tiny(window=4 if method.startswith("window") else None,
+                         alibi="bloom" if method.startswith("alibi") else None)
     if method.endswith(("prompt", "prefix")):  # virtual tokens: every packed example sees them, as it would alone
         m = jpeft.PromptTuning(3) if method.endswith("prompt") else jpeft.PrefixTuning(3)
         params = m.init(jax.random.key(1), params)
