@@ -59,16 +59,19 @@ HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modul
 LIKE_LORA = ("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road")
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
 PHI3_QKV = {"targets": ["qkv_proj"]}
-NEOX_QKV = {"targets": ["query_key_value"]}
+# GPT-NeoX's names, which BLOOM and Falcon share (their token tables apart)
+QUERY_KEY_VALUE = {**dict.fromkeys(LIKE_LORA, {"targets": ["query_key_value"]}),
+                   "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
+                   "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}}
 PHI_QV_MLP = {"targets": ["q_proj", "v_proj", "fc1", "fc2"]}
 FAMILY_DEFAULTS = {
     "phi3": {**dict.fromkeys(LIKE_LORA, PHI3_QKV),
              "ia3": {"targets": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
              "bitfit": {"targets": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}},
-    "gpt_neox": {**dict.fromkeys(LIKE_LORA, NEOX_QKV),
-                 "trainable_tokens": {"targets": ["embed_in"]},
-                 "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
-                 "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
+    "gpt_neox": {**QUERY_KEY_VALUE, "trainable_tokens": {"targets": ["embed_in"]}},
+    "falcon": {**QUERY_KEY_VALUE, "trainable_tokens": {"targets": ["word_embeddings"]}},
+    "bloom": {**QUERY_KEY_VALUE, "trainable_tokens": {"targets": ["word_embeddings"]},
+              "ia3": {"targets": ["query_key_value", "mlp.dense_4h_to_h"], "feedforward": ["mlp.dense_4h_to_h"]}},
     # PEFT's VeRA keeps Llama's q_proj, v_proj on Phi
     "phi": {**dict.fromkeys((m for m in LIKE_LORA if m != "vera"), PHI_QV_MLP),
             "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
@@ -76,14 +79,6 @@ FAMILY_DEFAULTS = {
     "gptj": {"trainable_tokens": {"targets": ["wte"]},
              "ia3": {"targets": ["q_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
              "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]}},
-    "falcon": {**dict.fromkeys(LIKE_LORA, NEOX_QKV),
-               "trainable_tokens": {"targets": ["word_embeddings"]},
-               "ia3": {"targets": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"]},
-               "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
-    "bloom": {**dict.fromkeys(LIKE_LORA, NEOX_QKV),
-              "trainable_tokens": {"targets": ["word_embeddings"]},
-              "ia3": {"targets": ["query_key_value", "mlp.dense_4h_to_h"], "feedforward": ["mlp.dense_4h_to_h"]},
-              "bitfit": {"targets": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}},
     # PEFT has none for StarCoder2: Llama's, with its MLP's names
     "starcoder2": {"ia3": {"targets": ["k_proj", "v_proj", "c_proj"], "feedforward": ["c_proj"]},
                    "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]}},
