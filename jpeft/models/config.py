@@ -359,7 +359,7 @@ def _parallel(model_type: str, family, own) -> dict:
     if model_type == "falcon":
         two = family.new_decoder_architecture and (family.num_ln_in_parallel_attn or 2) == 2
         return dict(parallel_block=bool(family.parallel_attn or family.new_decoder_architecture) and not two,
-                    parallel_norms=two, parallel_norm_names=("ln_attn", "ln_mlp"))
+                    parallel_norms=two, **({"parallel_norm_names": ("ln_attn", "ln_mlp")} if two else {}))
     return dict(parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
                 parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")))
 

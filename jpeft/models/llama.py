@@ -130,11 +130,10 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         block_norm = partial(norm, cfg, ("embed",))
         x = nn.with_logical_constraint(x, L.ACTIVATION_AXES)
-        before_attention, before_mlp = cfg.parallel_norm_names if cfg.parallel_norms else (
-            "input_layernorm", "post_attention_layernorm")
-        normed = block_norm(before_attention)(x) if cfg.pre_norms else x
+        input_norm, mlp_input_norm = cfg.parallel_norm_names  # the second only in a parallel block of two norms
+        normed = block_norm(input_norm)(x) if cfg.pre_norms else x
         if cfg.parallel_norms:
-            normed_apart = block_norm(before_mlp)(x)
+            normed_apart = block_norm(mlp_input_norm)(x)
         h, cache_kv = Attention(cfg, name=cfg.module_name("self_attn"))(
             normed, rope and layer_rope(cfg, rope, layer), bias, layer_mask(cfg, masks, layer), cache_kv, cache_index,
             layer)
