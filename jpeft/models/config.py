@@ -11,15 +11,14 @@ import dataclasses
 from typing import Any
 
 from jpeft.errors import CheckpointError, read_json
-from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES,
-                                   GEMMA_TYPES, GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES,
-                                   LAYER_NORM_TYPES, MODULE_NAMES, MOE_FIELDS, PARALLEL_BLOCK_TYPES,
+from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, ATTENTION_DROPOUT_FIELDS, BIASED_TYPES,
+                                   EMBED_DROPOUT_FIELDS, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES, GEMMA_TYPES,
+                                   GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES, MODULE_NAMES, MOE_FIELDS,
                                    PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
-                                   SANDWICH_NORMS,
-                                   SUPPORTED_TYPES, T5_ACTIVATIONS, expert_fields, rotating_layers,
-                                   own_dropout_rate, dropout_rate, activation, family_config, norm_eps,
-                                   refuse_unsupported, ATTENTION_DROPOUT_FIELDS, BIASED_TYPES, EMBED_DROPOUT_FIELDS,
-                                   RESIDUAL_DROPOUT_FIELDS, UNGATED_MLP_TYPES)
+                                   RESIDUAL_DROPOUT_FIELDS, SANDWICH_NORMS, SUPPORTED_TYPES, T5_ACTIVATIONS,
+                                   UNGATED_MLP_TYPES, activation, dropout_rate, expert_fields, family_config,
+                                   fused_qkv_layout, norm_eps, norm_places, own_dropout_rate, own_intermediate_size,
+                                   parallel_block_fields, refuse_unsupported, rotating_layers)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -242,7 +241,7 @@ class ModelConfig:
         fields = {**{k: hf[v] for k, v in getattr(family, "attribute_map", {}).items() if v in hf}, **hf}
         own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
         refuse_unsupported(model_type, family, source)
-        act = activation(hf, model_type)
+        act = activation(hf, model_type, family)
         if act not in ACTIVATIONS:
             raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; use one of {ACTIVATIONS}")
         if model_type in ("gemma", "gemma3_text") and hf.get("use_bidirectional_attention"):
@@ -258,12 +257,6 @@ class ModelConfig:
         hidden = need("hidden_size")
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope_parameters = getattr(family, "rope_parameters", None)  # GPT-J's config has none: its `rotary_dim`
-        if model_type == "bloom" and family.slow_but_exact and family.pretraining_tp > 1:
-            raise CheckpointError(f"{source}: slow_but_exact with pretraining_tp {family.pretraining_tp} (BLOOM's "
-                                  "output projections summed in slices, their biases left out), which jpeft does not "
-                                  "run")
-        if model_type == "falcon":
-            _refuse_falcon_switches(family, source)
         if model_type == "gptj" and not 0 < family.rotary_dim <= head_dim:
             raise CheckpointError(f"{source}: rotary_dim must be between 1 and the head size {head_dim}, got "
                                   f"{family.rotary_dim}")
@@ -277,9 +270,7 @@ class ModelConfig:
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=getattr(family, MOE_FIELDS[model_type][1]) if moe
-            else (family.n_inner or 4 * hidden) if model_type == "gptj" else family.ffn_dim if model_type == "opt"
-            else 4 * hidden if model_type == "bloom" else family.ffn_hidden_size if model_type == "falcon"
-            else need("intermediate_size"),
+            else own_intermediate_size(model_type, family, hidden) or need("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=family.num_key_value_heads if model_type == "falcon"
@@ -301,21 +292,16 @@ class ModelConfig:
             embed_scale=gemma,
             sandwich_norms=model_type in ("gemma2", "gemma3_text", *POST_NORM_TYPES, "glm4"),
             sandwich_norm_names=GLM4_SANDWICH_NORMS if model_type == "glm4" else SANDWICH_NORMS,
-            pre_norms=model_type not in POST_NORM_TYPES and (model_type != "opt" or family.do_layer_norm_before),
-            norm_after_residual=model_type == "opt" and not family.do_layer_norm_before,
-            final_norm=model_type != "opt" or family.do_layer_norm_before and not family._remove_final_layer_norm,
+            **norm_places(model_type, family),
             embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
             else None,
             embed_norm=model_type == "bloom",
             alibi="bloom" if model_type == "bloom" else "falcon" if model_type == "falcon" and family.alibi else None,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
-            layer_norm="none" if model_type == "opt" and not family.layer_norm_elementwise_affine
-            else LAYER_NORM_TYPES.get(model_type),
-            **_parallel(model_type, family, own),
+            **parallel_block_fields(model_type, family, own),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
-            fused_qkv=_falcon_qkv(family) if model_type == "falcon"
-            else {"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type),
+            fused_qkv=fused_qkv_layout(model_type, family),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
             else 0.0 if model_type in ("opt", "bloom") or model_type == "falcon" and family.alibi
@@ -351,36 +337,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-
-def _parallel(model_type: str, family, own) -> dict:
-    """The parallel block's fields: Cohere's, StableLM's, Phi's and GPT-J's on one norm, GPT-NeoX's on two where it
-    asks for one; Falcon's on one norm, or on two (`ln_attn`, `ln_mlp`) in its new decoder by default."""
-    if model_type == "falcon":
-        two = family.new_decoder_architecture and (family.num_ln_in_parallel_attn or 2) == 2
-        return dict(parallel_block=bool(family.parallel_attn or family.new_decoder_architecture) and not two,
-                    parallel_norms=two, **({"parallel_norm_names": ("ln_attn", "ln_mlp")} if two else {}))
-    return dict(parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
-                parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")))
-
-
-def _refuse_falcon_switches(family, source: str) -> None:
-    """Falcon's switch combinations its transformers model runs otherwise than its config reads: a new decoder without
-    the parallel block (it then wants norms it never made), and a sequential block's attention output dropped at
-    attention_dropout in training (jpeft drops both blocks' outputs at one rate)."""
-    if family.new_decoder_architecture and not family.parallel_attn:
-        raise CheckpointError(f"{source}: new_decoder_architecture with parallel_attn false, which transformers' "
-                              "Falcon does not run either")
-    if not family.parallel_attn and not family.new_decoder_architecture and family.attention_dropout:
-        raise CheckpointError(f"{source}: attention_dropout {family.attention_dropout} with parallel_attn false "
-                              "(Falcon then drops attention's output at that rate in training), which jpeft does not "
-                              "run")
-
-
-def _falcon_qkv(family) -> str:
-    """Falcon's query_key_value layout (`attention.split_qkv`): by KV groups in its new decoder and under multi-query
-    attention (one group), else by heads."""
-    return "groups" if family.new_decoder_architecture or family.multi_query else "heads"
 
 
 def _t5(hf: dict, source: str, need) -> ModelConfig:

@@ -180,10 +180,66 @@ def norm_eps(model_type: str, family) -> float:
 
 
 def refuse_unsupported(model_type: str, family, source: str) -> None:
-    """A CheckpointError naming the first of the family's `UNSUPPORTED` switches the config turns on."""
+    """A CheckpointError naming the first of the family's `UNSUPPORTED` switches the config turns on, or a combination
+    of switches its transformers model runs otherwise than jpeft would: BLOOM's output projections summed in
+    `pretraining_tp` slices without their biases (`slow_but_exact`); Falcon's new decoder without the parallel block
+    (it then wants norms it never made), and its sequential block's attention output dropped at attention_dropout in
+    training (jpeft drops both blocks' outputs at one rate)."""
     for (family_type, field), what in UNSUPPORTED.items():
         if model_type == family_type and getattr(family, field, None):
             raise CheckpointError(f"{source}: {field} is {getattr(family, field)!r} ({what}), which jpeft does not run")
+    if model_type == "bloom" and family.slow_but_exact and family.pretraining_tp > 1:
+        raise CheckpointError(f"{source}: slow_but_exact with pretraining_tp {family.pretraining_tp} (BLOOM's output "
+                              "projections summed in slices, their biases left out), which jpeft does not run")
+    if model_type == "falcon" and family.new_decoder_architecture and not family.parallel_attn:
+        raise CheckpointError(f"{source}: new_decoder_architecture with parallel_attn false, which transformers' "
+                              "Falcon does not run either")
+    if model_type == "falcon" and not (family.parallel_attn or family.new_decoder_architecture) \
+            and family.attention_dropout:
+        raise CheckpointError(f"{source}: attention_dropout {family.attention_dropout} with parallel_attn false "
+                              "(Falcon then drops attention's output at that rate in training), which jpeft does not "
+                              "run")
+
+
+def own_intermediate_size(model_type: str, family, hidden: int) -> int | None:
+    """The MLP width of a family whose config names it its own way (GPT-J's `n_inner`, OPT's `ffn_dim`, Falcon's
+    `ffn_hidden_size`, 4 × hidden where GPT-J leaves it out and always in BLOOM); None for `intermediate_size`."""
+    return {"gptj": lambda: family.n_inner or 4 * hidden, "opt": lambda: family.ffn_dim, "bloom": lambda: 4 * hidden,
+            "falcon": lambda: family.ffn_hidden_size}.get(model_type, lambda: None)()
+
+
+def norm_places(model_type: str, family) -> dict:
+    """Where a family's norms sit and what they learn: before each block (`pre_norms`; not OLMo 2/3's or EXAONE 4's,
+    nor OPT-350m's), after each residual sum (OPT-350m's `norm_after_residual`), at the end (none in OPT-350m or an
+    OPT file with `_remove_final_layer_norm`); LayerNorm instead of RMSNorm (`LAYER_NORM_TYPES`; OPT's learns nothing
+    where `layer_norm_elementwise_affine` is false)."""
+    layer_norm = LAYER_NORM_TYPES.get(model_type)
+    if model_type != "opt":
+        return dict(pre_norms=model_type not in POST_NORM_TYPES, layer_norm=layer_norm)
+    before = family.do_layer_norm_before
+    return dict(pre_norms=before, norm_after_residual=not before,
+                final_norm=before and not family._remove_final_layer_norm,
+                layer_norm=layer_norm if family.layer_norm_elementwise_affine else "none")
+
+
+def parallel_block_fields(model_type: str, family, own) -> dict:
+    """The parallel block's fields: Cohere's, StableLM's, Phi's and GPT-J's on one norm, GPT-NeoX's on two where it
+    asks for one; Falcon's on one norm, or on two (`ln_attn`, `ln_mlp`) in its new decoder by default."""
+    if model_type == "falcon":
+        two = family.new_decoder_architecture and (family.num_ln_in_parallel_attn or 2) == 2
+        return dict(parallel_block=bool(family.parallel_attn or family.new_decoder_architecture) and not two,
+                    parallel_norms=two, **({"parallel_norm_names": ("ln_attn", "ln_mlp")} if two else {}))
+    return dict(parallel_block=model_type in PARALLEL_BLOCK_TYPES or bool(own("use_parallel_residual")),
+                parallel_norms=model_type == "gpt_neox" and bool(own("use_parallel_residual")))
+
+
+def fused_qkv_layout(model_type: str, family) -> str | None:
+    """How a family's one q/k/v projection lays them out (`attention.split_qkv`): Phi-3's in blocks, GPT-NeoX's and
+    BLOOM's by heads, Falcon's by KV groups in its new decoder and under multi-query attention (one group), else by
+    heads; None for separate projections."""
+    if model_type == "falcon":
+        return "groups" if family.new_decoder_architecture or family.multi_query else "heads"
+    return {"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type)
 
 
 def dropout_rate(value, key: str, source: str) -> float:
@@ -194,10 +250,11 @@ def dropout_rate(value, key: str, source: str) -> float:
     return float(value)
 
 
-def activation(hf: dict, model_type: str) -> str:
+def activation(hf: dict, model_type: str, family) -> str:
     """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`, GPT-J
-    and OPT from `activation_function`, Falcon from `activation`, the others from `hidden_act`; Gemma's default is
-    the tanh GELU, and Gemma 1's legacy "gelu" means it too; BLOOM's is the tanh GELU whatever its file says."""
+    and OPT from `activation_function`, Falcon from `activation` (their config's default where the file has none),
+    the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too; BLOOM's
+    is the tanh GELU whatever its file says."""
     if model_type in ("gemma2", "gemma3_text"):
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     elif model_type == "gemma":
@@ -205,10 +262,8 @@ def activation(hf: dict, model_type: str) -> str:
         act = "gelu_pytorch_tanh" if act == "gelu" else act
     elif model_type == "bloom":  # its own tanh GELU, whatever the file says
         act = "gelu_pytorch_tanh"
-    elif model_type in ("gptj", "opt"):
-        act = hf.get("activation_function", "gelu_new" if model_type == "gptj" else "relu")
-    elif model_type == "falcon":
-        act = hf.get("activation", "gelu")
+    elif model_type in ("gptj", "opt", "falcon"):
+        act = family.activation if model_type == "falcon" else family.activation_function
     else:
         act = hf.get("hidden_act", "silu")
     return ACTIVATION_ALIASES.get(act, act)
