@@ -298,56 +298,6 @@ def test_multimodal_gemma3_is_refused_naming_the_text_model():
         ModelConfig.from_hf(hf)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
-def test_bidirectional_attention_is_refused(model_type):
-    hf = dict(make_hf_model(model_type, head_dim=8).config.to_dict(), use_bidirectional_attention=True)
-    with pytest.raises(jpeft.CheckpointError, match="use_bidirectional_attention is true"):
-        ModelConfig.from_hf(hf)
-
-
-@pytest.mark.parametrize("model_type,switch,match", [
-    ("stablelm", dict(qk_layernorm=True), r"qk_layernorm is True \(a LayerNorm module per head"),
-    ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
-    ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
-    ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
-    ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
-    ("bloom", dict(apply_residual_connection_post_layernorm=True),
-     r"apply_residual_connection_post_layernorm is True \(each block's residual taken after its norm"),
-    ("falcon", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout over the sum of attention's and the MLP's"),
-])
-def test_switches_jpeft_does_not_run_are_refused(model_type, switch, match):
-    hf = dict(make_hf_model(model_type, **FAMILIES[model_type]).config.to_dict(), **switch)
-    with pytest.raises(jpeft.CheckpointError, match=f"config.json: {match}.*which jpeft does not run"):
-        ModelConfig.from_hf(hf)
-    ModelConfig.from_hf({**hf, **{k: type(v)() for k, v in switch.items()}})  # off (False, 0.0), the file loads
-
-
-def test_blooms_exact_tensor_parallel_slices_are_refused():
-    """slow_but_exact sums BLOOM's output projections in pretraining_tp slices without their biases; with one slice
-    (bloom-560m's) it changes nothing, and the file loads."""
-    hf = dict(make_hf_model("bloom", **FAMILIES["bloom"]).config.to_dict(), slow_but_exact=True, pretraining_tp=4)
-    with pytest.raises(jpeft.CheckpointError, match="slow_but_exact with pretraining_tp 4"):
-        ModelConfig.from_hf(hf)
-    ModelConfig.from_hf({**hf, "pretraining_tp": 1})
-
-
-@pytest.mark.parametrize("switches,match", [
-    (dict(new_decoder_architecture=True, parallel_attn=False), "new_decoder_architecture with parallel_attn false"),
-    (dict(parallel_attn=False, attention_dropout=0.1), r"attention_dropout 0.1 with parallel_attn false"),
-])
-def test_falcon_switches_its_model_runs_otherwise_are_refused(switches, match):
-    hf = dict(make_hf_model("falcon", **FAMILIES["falcon"]).config.to_dict(), **switches)
-    with pytest.raises(jpeft.CheckpointError, match=match):
-        ModelConfig.from_hf(hf)
-
-
-def test_a_gptj_rotary_dim_past_its_head_is_refused():
-    """transformers' GPT-J would fail mid-forward on it (its sin and cos are wider than the head)."""
-    hf = dict(make_hf_model("gptj", num_key_value_heads=None, rotary_dim=4).config.to_dict(), rotary_dim=16)
-    with pytest.raises(jpeft.CheckpointError, match="rotary_dim must be between 1 and the head size 8, got 16"):
-        ModelConfig.from_hf(hf)
-
-
 def test_sliding_window_changes_logits(tmp_path):
     """Guards the parity test above against a window that is silently ignored on both sides."""
     ref_model = make_hf_model("mistral", sliding_window=5)
