@@ -1,13 +1,12 @@
 """OPT, BLOOM and Falcon beyond the parity cases every family has: OPT's and BLOOM's positions, which are not RoPE's
 (a learned table, ALiBi's biases), counted over the attention mask; PEFT's virtual tokens before them (and before
-Falcon's multi-query keys); OPT-350m's projected embeddings under PEFT's `all-linear` and a classifier head; a run
-config's defaults; each against transformers and PEFT."""
+Falcon's multi-query keys); OPT-350m's projected embeddings under PEFT's `all-linear`; a run config's defaults; each
+against transformers and PEFT. (Their classifier heads: tests/peft/test_classifier.py.)"""
 import jax
 import numpy as np
 import peft
 import pytest
 import torch
-import transformers
 
 import jpeft
 from conftest import FAMILIES, OPT_350M, jit_logits, make_hf_model, perturb, save_hf_model
@@ -55,21 +54,6 @@ def test_opt_350m_all_linear_lora_adapts_its_projections_as_peft_does(tmp_path):
     peft_model.save_pretrained(tmp_path / "from_peft")
     reloaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
     np.testing.assert_allclose(jit_logits(model, reloaded, IDS), ours, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, layout):
-    """The head reads the features at the embedding's width (OPT-350m's project_out), on right-padded rows."""
-    family, sizes = LAYOUTS[layout]
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **sizes, pad_token_id=0),
-                                                        tmp_path / "b"))
-    head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
-    jpeft.save_pretrained(str(tmp_path / "model"), model, head)
-    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
-    ids, mask = np.where(MASK, IDS, 0), np.maximum(MASK, np.arange(10) < 4)  # right-padded rows, pad id 0
-    with torch.no_grad():
-        theirs = ref.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, ids, mask)), theirs, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["opt", "bloom", "falcon"])
