@@ -77,8 +77,8 @@ def count(tree: Tree) -> int:
 
 
 # The scanned layer stacks, named as the HF module lists they stand for (Llama's `layers`, T5's `block`,
-# GPT-2's `h`).
-STACKS = ("layers", "block", "h")
+# GPT-2's `h`, MPT's `blocks`).
+STACKS = ("layers", "block", "h", "blocks")
 
 
 def is_stacked(path: str) -> bool:

@@ -133,6 +133,9 @@ FAMILIES = {
     # StarCoder2: biased LayerNorms and projections (use_bias), an ungated MLP whose nn.Linear layers GPT-2's Conv1Ds
     # share names with (c_fc, c_proj), GQA, RoPE
     "starcoder2": {},
+    # MPT: ALiBi (its own slopes), q/k/v fused in blocks and clipped, its attention's own scale, LayerNorms that learn a
+    # scale, no biases, an ungated GELU MLP 4 × hidden wide, GPT-2's top names (no GQA field: None drops TINY's)
+    "mpt": dict(num_key_value_heads=None, attn_config=dict(clip_qkv=0.5, softmax_scale=0.3)),
     # mixtures of experts: 2 of 4 experts per token, renormalised (Mixtral always) or not; Qwen2-MoE's sigmoid-gated
     # shared expert; OLMoE's q/k/v clipped after its q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
@@ -165,6 +168,8 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
                   "embed_tokens": "wte"},
          "opt": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          "starcoder2": {"gate_proj": None, "up_proj": "c_fc", "down_proj": "c_proj"},
+         "mpt": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "Wqkv"), "o_proj": "out_proj", "gate_proj": None,
+                 "embed_tokens": "wte"},
          **dict.fromkeys(("bloom", "falcon"), {
              **dict.fromkeys(("q_proj", "k_proj", "v_proj"), "query_key_value"), "o_proj": "dense", "gate_proj": None,
              "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h", "embed_tokens": "word_embeddings"}),

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import jpeft
-from conftest import OPT_350M, SHARP, jit_logits, make_hf_model, make_t5, perturb, save_hf_model
+from conftest import FAMILIES, OPT_350M, SHARP, jit_logits, make_hf_model, make_t5, perturb, save_hf_model
 from jpeft import tree as T
 from jpeft.generate import _decode, _decoder, _prefill, generate, generate_text, greedy
 
@@ -71,6 +71,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("falcon", dict(num_key_value_heads=None, ffn_hidden_size=64, new_decoder_architecture=True, num_kv_heads=2)),
     ("falcon", dict(num_key_value_heads=None, ffn_hidden_size=64, alibi=True, multi_query=False)),  # Falcon-RW's
     ("starcoder2", dict(sliding_window=4)),  # a window across the cache
+    ("mpt", dict(FAMILIES["mpt"], num_attention_heads=6, hidden_size=48)),  # ALiBi over the cache's keys, clipped
     ("mixtral", dict(num_local_experts=4, sliding_window=4)),  # each new token routed on its own
     ("qwen2_moe", dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
     ("gpt_oss", dict(head_dim=8, num_local_experts=4, sliding_window=4)),  # attention sinks over the cache

@@ -76,7 +76,8 @@ def split_qkv(qkv, layout: str, heads: int, dim: int):
 
 def alibi_slopes(heads: int) -> np.ndarray:
     """ALiBi's slope of each head (BLOOM's, as transformers computes them): the powers 1..n of 2^(-8/n) for the
-    largest power of two n <= heads, then the odd powers of 2^(-4/n) for the heads past it."""
+    largest power of two n <= heads, then the odd powers of 2^(-4/n) for the heads past it. MPT's are the same (as it
+    computes them: the powers 1..2n of 2^(-4/n), the even ones first, then the odd ones, the first `heads` kept)."""
     closest = 2 ** math.floor(math.log2(heads))
     slopes = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3)))) ** np.arange(1, closest + 1, dtype=np.float32)
     if closest != heads:
@@ -86,13 +87,15 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return slopes
 
 
+
 def alibi(cfg, k_segments):
     """ALiBi's bias [B, H, 1, S]: each head's slope times each key's position, counted as transformers' BLOOM and
     Falcon count them over the mask of one example a row: the virtual keys (segment -1, first) from 0, then the
     example's tokens, padding skipped. A packed row's examples each count from past the virtual keys, as they would
     alone (a query sees its own example's keys only). A query's own position would add the same to all its scores,
-    which softmax ignores. Falcon-RW's (`cfg.alibi` "falcon") rounds slope and position to bfloat16, and so their
-    product, as torch multiplies a bfloat16 tensor by an integer one, then divides by √head_dim."""
+    which softmax ignores; MPT counts each key by its slot back from the row's last (padding not skipped), which moves
+    all of a row's scores alike too. Falcon-RW's (`cfg.alibi` "falcon") rounds slope and position to bfloat16, and
+    so their product, as torch multiplies a bfloat16 tensor by an integer one, then divides by √head_dim."""
     slots = jnp.arange(k_segments.shape[-1])
     starts = jnp.where(jnp.diff(k_segments, axis=-1, prepend=-2) != 0, slots, 0)  # where each run of a segment starts
     within = slots - jax.lax.cummax(starts, axis=k_segments.ndim - 1)

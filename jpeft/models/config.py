@@ -1,7 +1,7 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, StarCoder2 and the
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, StarCoder2, MPT and the
 mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in
 a few more; anything in a config.json that jpeft cannot honour is an error here rather than a silently different model.
 """
@@ -17,8 +17,8 @@ from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, ATTENTION_DR
                                    PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
                                    RESIDUAL_DROPOUT_FIELDS, SANDWICH_NORMS, SUPPORTED_TYPES, T5_ACTIVATIONS,
                                    UNGATED_MLP_TYPES, activation, dropout_rate, expert_fields, family_config,
-                                   fused_qkv_layout, norm_eps, norm_places, own_dropout_rate, own_intermediate_size,
-                                   parallel_block_fields, refuse_unsupported, rotating_layers)
+                                   fused_qkv_layout, norm_eps, norm_places, own_dropout_rate, own_fields,
+                                   own_intermediate_size, parallel_block_fields, refuse_unsupported, rotating_layers)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
 
@@ -57,8 +57,9 @@ class ModelConfig:
     embed_width: int | None = None
     embed_norm: bool = False  # BLOOM: a LayerNorm over the token embeddings (a soft prompt's too)
     # ALiBi instead of RoPE (`attention.alibi`): each head's slope times the key's position, counted over the keys the
-    # mask keeps, added to the attention scores, as BLOOM's ("bloom") or Falcon-RW's ("falcon": slope and position
-    # rounded to bfloat16, so their product, then divided by √head_dim) transformers model adds it; None without
+    # mask keeps, added to the attention scores, as BLOOM's ("bloom"), Falcon-RW's ("falcon": slope and position
+    # rounded to bfloat16, so their product, then divided by √head_dim) transformers model adds it (MPT's is
+    # BLOOM's: the same slopes); None without
     alibi: str | None = None
     norm_float32_scale: bool = False  # OLMo 2/3: RMSNorm's w · x in float32, then cast
     # LayerNorm (mean and variance in float32) instead of RMSNorm, by what it learns: "scale_bias" (StableLM's),
@@ -86,7 +87,7 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     # Granite: embeddings times embedding_multiplier, each block's output times residual_multiplier before the
-    # residual sum, attention_multiplier as the query scale, logits divided by logits_scaling.
+    # residual sum, attention_multiplier as the query scale (MPT's softmax_scale too), logits divided by logits_scaling.
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
@@ -228,8 +229,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, T5 "
-                "and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, "
+                "StarCoder2, MPT, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -239,7 +240,8 @@ class ModelConfig:
         family = family_config(hf, source)
         # the standard names of fields a family's file names its own way (GPT-J's n_layer, n_embd, ...)
         fields = {**{k: hf[v] for k, v in getattr(family, "attribute_map", {}).items() if v in hf}, **hf}
-        own = lambda key: getattr(family, key, None) if model_type in FAMILY_FIELDS[key] else None
+        held = own_fields(model_type, family)  # where its own fields sit (MPT's attention's in attn_config)
+        own = lambda key: getattr(held, key, None) if model_type in FAMILY_FIELDS[key] else None
         refuse_unsupported(model_type, family, source)
         act = activation(hf, model_type, family)
         if act not in ACTIVATIONS:
@@ -296,7 +298,8 @@ class ModelConfig:
             embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
             else None,
             embed_norm=model_type == "bloom",
-            alibi="bloom" if model_type == "bloom" else "falcon" if model_type == "falcon" and family.alibi else None,
+            alibi="bloom" if model_type in ("bloom", "mpt") else "falcon" if model_type == "falcon" and family.alibi
+            else None,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             **parallel_block_fields(model_type, family, own),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
@@ -304,7 +307,7 @@ class ModelConfig:
             fused_qkv=fused_qkv_layout(model_type, family),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
-            else 0.0 if model_type in ("opt", "bloom") or model_type == "falcon" and family.alibi
+            else 0.0 if model_type in ("opt", "bloom", "mpt") or model_type == "falcon" and family.alibi
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,
@@ -318,16 +321,18 @@ class ModelConfig:
             final_softcap=own("final_logit_softcapping"),
             embedding_multiplier=float(own("embedding_multiplier") or 1.0),
             residual_multiplier=float(own("residual_multiplier") or 1.0),
-            attention_multiplier=None if own("attention_multiplier") is None else float(own("attention_multiplier")),
+            attention_multiplier=None if (scale := own("attention_multiplier") or own("softmax_scale")) is None
+            else float(scale),
             logits_scaling=float(own("logits_scaling") or 1.0),
             logit_scale=1.0 if own("logit_scale") is None else float(own("logit_scale")),
             # ERNIE 4.5's attention drops nothing, whatever a file says
             attention_dropout=0.0 if model_type == "ernie4_5" else dropout_rate(
-                getattr(family, attention_dropout := ATTENTION_DROPOUT_FIELDS.get(model_type, "attention_dropout")),
+                getattr(held, attention_dropout := ATTENTION_DROPOUT_FIELDS.get(model_type, "attention_dropout")),
                 attention_dropout, source),
             residual_dropout=own_dropout_rate(RESIDUAL_DROPOUT_FIELDS, model_type, family, source),
             embed_dropout=own_dropout_rate(EMBED_DROPOUT_FIELDS, model_type, family, source),
-            max_position_embeddings=fields.get("max_position_embeddings", 2048),
+            max_position_embeddings=family.max_seq_len if model_type == "mpt"
+            else fields.get("max_position_embeddings", 2048),
             pad_token_id=pad,
             hf_config=dict(hf),
         )

@@ -11,7 +11,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                    "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon",
-                   "starcoder2", "t5", "gpt2")
+                   "starcoder2", "mpt", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -19,8 +19,8 @@ GLM_TYPES = ("glm", "glm4")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 COHERE_TYPES = ("cohere", "cohere2")
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
-# a scale and a bias, Cohere's a scale, OLMo 1's nothing
-LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys(COHERE_TYPES, "scale"),
+# a scale and a bias, Cohere's and MPT's a scale, OLMo 1's nothing
+LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys((*COHERE_TYPES, "mpt"), "scale"),
                     **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2"),
                                    "scale_bias")}
 # attention and the MLP both read the layer's one normed input, summed
@@ -30,10 +30,10 @@ PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
 BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head"),
                 "bloom": ("attention", "mlp")}
 # their MLP: down(act(up(x))), no gate
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2")
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2", "mpt")
 # Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's,
-# OPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and PEFT's
-# adapters do
+# OPT's, MPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and
+# PEFT's adapters do
 MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention",
                              "qkv_proj": "query_key_value", "o_proj": "dense", "up_proj": "dense_h_to_4h",
                              "down_proj": "dense_4h_to_h", "norm": "final_layer_norm"},
@@ -45,6 +45,9 @@ MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention
                         "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
                         "norm": "final_layer_norm"},
                 "starcoder2": {"up_proj": "c_fc", "down_proj": "c_proj"},
+                "mpt": {"embed_tokens": "wte", "layers": "blocks", "input_layernorm": "norm_1", "self_attn": "attn",
+                        "qkv_proj": "Wqkv", "o_proj": "out_proj", "post_attention_layernorm": "norm_2", "mlp": "ffn",
+                        "norm": "norm_f"},
                 **dict.fromkeys(("bloom", "falcon"), {
                     "embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "layers": "h",
                     "self_attn": "self_attention", "qkv_proj": "query_key_value", "o_proj": "dense",
@@ -64,10 +67,10 @@ QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention 
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout", "gpt_neox": "hidden_dropout",
                            "phi": "resid_pdrop", "gptj": "resid_pdrop", "opt": "dropout",
-                           "bloom": "hidden_dropout", "starcoder2": "residual_dropout"}
+                           "bloom": "hidden_dropout", "starcoder2": "residual_dropout", "mpt": "attn_pdrop"}
 EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop",
                         "starcoder2": "embedding_dropout"}  # on the embeddings
-ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop"}  # the others' `attention_dropout`
+ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop", "mpt": "attn_pdrop"}  # the others' `attention_dropout`
 # families whose transformers model rotates a part of each head
 PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi", "gptj")
 # families that rotate neighbouring dimensions together (GPT-J's)
@@ -104,7 +107,8 @@ FAMILY_FIELDS = {
     "bias": ("falcon",),  # the same
     "sliding_window": ("mistral", "ministral", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
                        "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"),
-    "clip_qkv": ("olmo", "olmoe"),
+    "clip_qkv": ("olmo", "olmoe", "mpt"),
+    "softmax_scale": ("mpt",),  # the attention's scale, 1/√head_dim where null
     "logit_scale": COHERE_TYPES,  # logits times it (Granite's logits_scaling divides)
     "attn_logit_softcapping": ("gemma2",),  # Gemma 3's attention reads no cap
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
@@ -159,20 +163,26 @@ def rotating_layers(model_type: str, family, layers: int, layer_types: tuple, wi
     return tuple(map(bool, flags))
 
 
+def own_fields(model_type: str, family):
+    """Where a family's own fields sit: MPT keeps its attention's (clip_qkv, softmax_scale, ALiBi's, and attn_pdrop,
+    the one dropout rate it applies) in `attn_config`; the others at the top of their config."""
+    return family.attn_config if model_type == "mpt" else family
+
+
 def own_dropout_rate(fields: dict, model_type: str, family, source: str) -> float:
     """The rate of a family's dropout read from its own field (`RESIDUAL_DROPOUT_FIELDS`, `EMBED_DROPOUT_FIELDS`), 0
     for the families that have none."""
     field = fields.get(model_type)
-    return dropout_rate(getattr(family, field), field, source) if field else 0.0
+    return dropout_rate(getattr(own_fields(model_type, family), field), field, source) if field else 0.0
 
 
 def norm_eps(model_type: str, family) -> float:
-    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`, GPT-J's, BLOOM's and Falcon's
+    """The epsilon of the family's norms: Cohere's and StableLM's `layer_norm_eps`, GPT-J's, BLOOM's, Falcon's and MPT's
     `layer_norm_epsilon`, StarCoder2's `norm_epsilon`; OLMo 1's and OPT's LayerNorm's own 1e-5 (transformers' read no
     field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
     if model_type in ("olmo", "opt"):
         return 1e-5
-    if model_type in ("gptj", "bloom", "falcon"):
+    if model_type in ("gptj", "bloom", "falcon", "mpt"):
         return family.layer_norm_epsilon
     if model_type == "starcoder2":
         return family.norm_epsilon
@@ -191,6 +201,8 @@ def refuse_unsupported(model_type: str, family, source: str) -> None:
     if model_type == "bloom" and family.slow_but_exact and family.pretraining_tp > 1:
         raise CheckpointError(f"{source}: slow_but_exact with pretraining_tp {family.pretraining_tp} (BLOOM's output "
                               "projections summed in slices, their biases left out), which jpeft does not run")
+    if model_type == "mpt":
+        refuse_mpt_switches(family, source)
     if model_type == "falcon" and family.new_decoder_architecture and not family.parallel_attn:
         raise CheckpointError(f"{source}: new_decoder_architecture with parallel_attn false, which transformers' "
                               "Falcon does not run either")
@@ -201,10 +213,29 @@ def refuse_unsupported(model_type: str, family, source: str) -> None:
                               "run")
 
 
+def refuse_mpt_switches(family, source: str) -> None:
+    """MPT's config.json switches transformers' MPT does not read: it builds multi-head attention with ALiBi's default
+    slopes, without biases or a query/key LayerNorm, a causal mask over the whole row, an MLP 4 × hidden wide and
+    unscaled logits, whatever the file asks; a file asking otherwise describes a model neither runs."""
+    attention = family.attn_config
+    built = {"attn_config.attn_type": "multihead_attention", "attn_config.qk_ln": False,
+             "attn_config.prefix_lm": False, "attn_config.attn_uses_sequence_id": False, "attn_config.alibi": True,
+             "attn_config.alibi_bias_max": 8, "no_bias": True, "expansion_ratio": 4, "logit_scale": None}
+    for field, runs in built.items():
+        value = getattr(attention if field.startswith("attn_config.") else family, field.rpartition(".")[2])
+        if value != runs:
+            raise CheckpointError(f"{source}: {field} is {value!r}, which transformers' MPT does not run (it builds "
+                                  "multi-head attention with ALiBi's default slopes, without biases, a causal mask, an "
+                                  "MLP 4 × hidden wide and unscaled logits whatever the file says), and neither does "
+                                  "jpeft")
+
+
 def own_intermediate_size(model_type: str, family, hidden: int) -> int | None:
     """The MLP width of a family whose config names it its own way (GPT-J's `n_inner`, OPT's `ffn_dim`, Falcon's
-    `ffn_hidden_size`, 4 × hidden where GPT-J leaves it out and always in BLOOM); None for `intermediate_size`."""
+    `ffn_hidden_size`, 4 × hidden where GPT-J leaves it out and always in BLOOM and MPT); None for
+    `intermediate_size`."""
     return {"gptj": lambda: family.n_inner or 4 * hidden, "opt": lambda: family.ffn_dim, "bloom": lambda: 4 * hidden,
+            "mpt": lambda: 4 * hidden,
             "falcon": lambda: family.ffn_hidden_size}.get(model_type, lambda: None)()
 
 
@@ -234,12 +265,12 @@ def parallel_block_fields(model_type: str, family, own) -> dict:
 
 
 def fused_qkv_layout(model_type: str, family) -> str | None:
-    """How a family's one q/k/v projection lays them out (`attention.split_qkv`): Phi-3's in blocks, GPT-NeoX's and
-    BLOOM's by heads, Falcon's by KV groups in its new decoder and under multi-query attention (one group), else by
-    heads; None for separate projections."""
+    """How a family's one q/k/v projection lays them out (`attention.split_qkv`): Phi-3's and MPT's in blocks,
+    GPT-NeoX's and BLOOM's by heads, Falcon's by KV groups in its new decoder and under multi-query attention (one
+    group), else by heads; None for separate projections."""
     if model_type == "falcon":
         return "groups" if family.new_decoder_architecture or family.multi_query else "heads"
-    return {"phi3": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type)
+    return {"phi3": "blocks", "mpt": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type)
 
 
 def dropout_rate(value, key: str, source: str) -> float:
@@ -254,7 +285,7 @@ def activation(hf: dict, model_type: str, family) -> str:
     """The MLP's activation as the family's transformers model reads it: Gemma 2/3 from `hidden_activation`, GPT-J
     and OPT from `activation_function`, Falcon from `activation` (their config's default where the file has none),
     the others from `hidden_act`; Gemma's default is the tanh GELU, and Gemma 1's legacy "gelu" means it too; BLOOM's
-    is the tanh GELU whatever its file says."""
+    is the tanh GELU and MPT's the exact one whatever their file says."""
     if model_type in ("gemma2", "gemma3_text"):
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     elif model_type == "gemma":
@@ -262,6 +293,8 @@ def activation(hf: dict, model_type: str, family) -> str:
         act = "gelu_pytorch_tanh" if act == "gelu" else act
     elif model_type == "bloom":  # its own tanh GELU, whatever the file says
         act = "gelu_pytorch_tanh"
+    elif model_type == "mpt":
+        act = "gelu"
     elif model_type in ("gptj", "opt", "falcon"):
         act = family.activation if model_type == "falcon" else family.activation_function
     else:
@@ -273,8 +306,10 @@ def family_config(hf: dict, source: str):
     """The family's transformers config of this config.json: the defaults of fields the file leaves out, its
     layer kinds (derived in older Qwen2/3 and Gemma 2/3 files) and its RoPE as transformers resolves it, so
     none of them can drift from the family's own rules."""
+    from huggingface_hub.errors import StrictDataclassError  # a field of the wrong type
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**hf)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: a field its config computes
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:  # AttributeError: a field
+        # its config computes
         raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None

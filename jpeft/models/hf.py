@@ -49,7 +49,7 @@ ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",
                 "stablelm": "StableLm", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
                 "gpt_oss": "GptOss", "gpt_neox": "GPTNeoX", "phi": "Phi", "gptj": "GPTJ",
-                "opt": "OPT", "bloom": "Bloom", "falcon": "Falcon", "starcoder2": "Starcoder2",
+                "opt": "OPT", "bloom": "Bloom", "falcon": "Falcon", "starcoder2": "Starcoder2", "mpt": "Mpt",
                 "gpt2": "GPT2"}  # + ForSequenceClassification
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FLOAT_FILE_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
@@ -58,7 +58,7 @@ HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's 
 
 def family(cfg: ModelConfig) -> type[CausalLM | T5 | GPT2]:
     return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX, "gptj": GPTJ, "opt": OPT, "bloom": Bloom,
-            "falcon": Bloom}.get(cfg.model_type, CausalLM)
+            "falcon": Bloom, "mpt": GPTJ}.get(cfg.model_type, CausalLM)
 
 
 def build(cfg: ModelConfig) -> CausalLM | T5 | GPT2:

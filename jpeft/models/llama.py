@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
 ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM,
-Falcon, StarCoder2, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)): one
-module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
+Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)):
+one module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -149,7 +149,8 @@ class DecoderLayer(nn.Module):
         elif not cfg.parallel_block:  # whose MLP reads attention's input
             mlp_norm = before_mlp if cfg.sandwich_norms else "post_attention_layernorm"
             normed = block_norm(mlp_norm)(x) if cfg.pre_norms else x
-        mlp = partial(dense_mlp, cfg) if cfg.mlp_in_layer else MLP(cfg, name=cfg.moe_name if cfg.num_experts else "mlp")
+        mlp = partial(dense_mlp, cfg) if cfg.mlp_in_layer \
+            else MLP(cfg, name=cfg.moe_name if cfg.num_experts else cfg.module_name("mlp"))
         h = mlp(normed)
         if cfg.shared_mlp_size:
             h = h + SharedMLP(cfg, name="shared_mlp")(normed)
@@ -273,7 +274,8 @@ class GPTNeoX(CausalLM):
 
 
 class GPTJ(CausalLM):
-    """GPT-J: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top ones."""
+    """GPT-J and MPT: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top
+    ones."""
     base_prefix = "transformer"
     embedding_path = "transformer/wte/embedding"
 

@@ -40,9 +40,9 @@ from jpeft.products import matmul
 
 KINDS = {"houlsby": ("attention", "mlp"), "pfeiffer": ("mlp",), "parallel": ("mlp",)}  # kind -> blocks adapted
 SUBMODULES = {"attention": "attention_adapter", "mlp": "mlp_adapter"}  # block -> its adapter's module in a layer
-# The norm before each family's attention block, under its layer stack (Llama-like, GPT-2, T5, OPT): its scale
+# The norm before each family's attention block, under its layer stack (Llama-like, GPT-2, T5, OPT, MPT): its scale
 # [layers, D] gives the stack's depth and residual width.
-BLOCK_NORMS = ("input_layernorm", "ln_1", "layer_0/layer_norm", "self_attn_layer_norm")
+BLOCK_NORMS = ("input_layernorm", "ln_1", "layer_0/layer_norm", "self_attn_layer_norm", "norm_1")
 # trained leaf -> its tensor in the adapter file; `.T` converts both ways (a bias's transpose is itself)
 FILE_NAMES = {"adapter_down": "down.weight", "adapter_down_bias": "down.bias",
               "adapter_up": "up.weight", "adapter_up_bias": "up.bias"}

@@ -139,7 +139,7 @@ def is_head_leaf(path: str) -> bool:
 # where the norms learn nothing (OLMo 1) or where the features are projected back to its width (OPT's `project_out`).
 WIDTHS = ("model/norm/scale", "model/embed_tokens/embedding", "model/final_layernorm/scale",
           "model/decoder/embed_tokens/embedding",
-          "gpt_neox/final_layer_norm/scale", "transformer/ln_f/scale")
+          "gpt_neox/final_layer_norm/scale", "transformer/ln_f/scale", "transformer/norm_f/scale")
 
 
 def hidden_size(params) -> int:

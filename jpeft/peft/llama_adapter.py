@@ -95,9 +95,10 @@ class LlamaAdapter(Method):
 # PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the names
 # of the projection the gated result passes through: Phi's is `dense`, GPT-J's `out_proj`). GPT-2's fused c_attn
 # gives keys and values both; no projection follows. Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read
-# as Llama's three (PEFT has no adaption prompt for either), as are BLOOM's and Falcon's query_key_value.
+# as Llama's three (PEFT has no adaption prompt for either), as are BLOOM's and Falcon's query_key_value and MPT's Wqkv.
 PROMPT_KEYS = {"k_proj": ("v_proj", ("o_proj", "dense", "out_proj")), "c_attn": ("c_attn", ()),
-               "qkv_proj": ("qkv_proj", ("o_proj",)), "query_key_value": ("query_key_value", ("dense",))}
+               "qkv_proj": ("qkv_proj", ("o_proj",)), "query_key_value": ("query_key_value", ("dense",)),
+               "Wqkv": ("Wqkv", ("out_proj",))}
 # GPT-NeoX's and Phi's output projection, which PEFT's adaption prompt does not take: the gated prompt passes its weight
 # alone, as the attention output already carries its bias, so zero gates leave the model as it was. (PEFT passes
 # o_proj's bias a second time where a Llama has one, and jpeft does as PEFT there.)

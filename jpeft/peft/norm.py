@@ -1,6 +1,7 @@
 """Norm tuning: train only the scales of the normalisation layers (RMSNorm / LayerNorm).
 
-No new leaves: the mask picks the `scale` of every module whose name ends in `norm` (GPT-2's: `ln_*`).
+No new leaves: the mask picks the `scale` of every module whose name ends in `norm` (GPT-2's: `ln_*`, MPT's:
+`norm_*`).
 Parameters: hidden size per norm (two per layer plus the final norm for Llama). Its adapter dir is PEFT's
 LN tuning (`LN_TUNING`): each trained norm module whole, under `<module>.ln_tuning_layers.` (a LayerNorm's
 bias too, which PEFT trains and jpeft keeps as the base has it).
@@ -27,7 +28,7 @@ class NormTuning(Method):
 
 
 def _is_norm(module: str) -> bool:
-    return module.endswith("norm") or module.startswith("ln_")
+    return module.endswith("norm") or module.startswith(("ln_", "norm_"))
 
 
 def _norms(grouped: dict):

@@ -82,6 +82,10 @@ FAMILY_DEFAULTS = {
     # PEFT has none for StarCoder2: Llama's, with its MLP's names
     "starcoder2": {"ia3": {"targets": ["k_proj", "v_proj", "c_proj"], "feedforward": ["c_proj"]},
                    "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"]}},
+    # PEFT's LoRA targets for MPT, Llama's IA3 (which PEFT has none for) with its names
+    "mpt": {**dict.fromkeys(LIKE_LORA, {"targets": ["Wqkv"]}), "trainable_tokens": {"targets": ["wte"]},
+            "ia3": {"targets": ["Wqkv", "down_proj"], "feedforward": ["down_proj"]},
+            "bitfit": {"targets": ["Wqkv", "out_proj", "up_proj", "down_proj"]}},
     "opt": {"ia3": {"targets": ["q_proj", "k_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}},
     **dict.fromkeys(("qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), QK_IA3),

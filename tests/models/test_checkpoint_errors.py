@@ -49,8 +49,8 @@ def test_corrupted_safetensors(ckpt):
 
 
 def test_unsupported_model_type(ckpt):
-    edit_config(ckpt, model_type="mpt")
-    with pytest.raises(jpeft.CheckpointError, match="model_type 'mpt' is not supported; jpeft supports llama"):
+    edit_config(ckpt, model_type="rwkv")
+    with pytest.raises(jpeft.CheckpointError, match="model_type 'rwkv' is not supported; jpeft supports llama"):
         jpeft.from_pretrained(str(ckpt))
 
 
@@ -58,6 +58,13 @@ def test_a_field_the_familys_config_computes_is_an_error_naming_it(ckpt):
     """A Llama config.json relabelled Falcon keeps its head_dim, which Falcon's config derives and cannot take."""
     edit_config(ckpt, model_type="falcon", head_dim=8)
     with pytest.raises(jpeft.CheckpointError, match="transformers does not accept this falcon config .*head_dim"):
+        jpeft.from_pretrained(str(ckpt))
+
+
+def test_a_field_of_the_wrong_type_is_an_error_naming_it(ckpt):
+    """transformers' configs check their fields' types (a strict dataclass's error: not a ValueError or TypeError)."""
+    edit_config(ckpt, hidden_size="32")
+    with pytest.raises(jpeft.CheckpointError, match="transformers does not accept this llama config .*hidden_size"):
         jpeft.from_pretrained(str(ckpt))
 
 
@@ -142,6 +149,23 @@ def test_blooms_exact_tensor_parallel_slices_are_refused():
 def test_falcon_switches_its_model_runs_otherwise_are_refused(switches, match):
     hf = dict(make_hf_model("falcon", **FAMILIES["falcon"]).config.to_dict(), **switches)
     with pytest.raises(jpeft.CheckpointError, match=match):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("switch", [dict(attn_config=dict(attn_type="multiquery_attention")),
+                                    dict(attn_config=dict(qk_ln=True)), dict(attn_config=dict(prefix_lm=True)),
+                                    dict(attn_config=dict(attn_uses_sequence_id=True)),
+                                    dict(attn_config=dict(alibi=False)), dict(attn_config=dict(alibi_bias_max=16)),
+                                    dict(no_bias=False), dict(expansion_ratio=2), dict(logit_scale=0.5)])
+def test_mpt_switches_its_transformers_model_ignores_are_refused(switch):
+    """transformers' MPT builds the same model whatever these say; a file that sets them describes another."""
+    (field, value), = switch.items()
+    if field == "attn_config":
+        (field, value), = value.items()
+        switch = dict(attn_config=dict(make_hf_model("mpt", **FAMILIES["mpt"]).config.attn_config.to_dict(),
+                                       **{field: value}))
+    hf = dict(make_hf_model("mpt", **FAMILIES["mpt"]).config.to_dict(), **switch)
+    with pytest.raises(jpeft.CheckpointError, match=f"{field} is {value!r}, which transformers' MPT does not run"):
         ModelConfig.from_hf(hf)
 
 

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jpeft
-from conftest import GPT2, jit_logits, make_hf_model, save_hf_model
+from conftest import FAMILIES, GPT2, jit_logits, make_hf_model, save_hf_model
 from test_parity import torch_logits
 
 
@@ -52,7 +52,7 @@ def test_a_base_model_checkpoint_without_the_prefix_loads(model_type, overrides,
 
 
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),
-                                                 ("gpt2", GPT2)])
+                                                 ("gpt2", GPT2), ("mpt", FAMILIES["mpt"])])
 def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
     ref_model = make_hf_model(model_type, **overrides)
     model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path / "src"))

@@ -1,7 +1,7 @@
-"""OPT, BLOOM and Falcon beyond the parity cases every family has: OPT's and BLOOM's positions, which are not RoPE's
-(a learned table, ALiBi's biases), counted over the attention mask; PEFT's virtual tokens before them (and before
-Falcon's multi-query keys); OPT-350m's projected embeddings under PEFT's `all-linear`; a run config's defaults; each
-against transformers and PEFT. (Their classifier heads: tests/peft/test_classifier.py.)"""
+"""OPT, BLOOM, Falcon and MPT beyond the parity cases every family has: OPT's, BLOOM's and MPT's positions, which are
+not RoPE's (a learned table, ALiBi's biases), counted over the attention mask; PEFT's virtual tokens before them (and
+before Falcon's multi-query keys); OPT-350m's projected embeddings under PEFT's `all-linear`; a run config's defaults;
+each against transformers and PEFT. (Their classifier heads: tests/peft/test_classifier.py.)"""
 import jax
 import numpy as np
 import peft
@@ -11,7 +11,8 @@ import torch
 import jpeft
 from conftest import FAMILIES, OPT_350M, jit_logits, make_hf_model, perturb, save_hf_model
 
-LAYOUTS = {"opt": ("opt", FAMILIES["opt"]), "opt-350m": ("opt", OPT_350M), "bloom": ("bloom", FAMILIES["bloom"])}
+LAYOUTS = {"opt": ("opt", FAMILIES["opt"]), "opt-350m": ("opt", OPT_350M), "bloom": ("bloom", FAMILIES["bloom"]),
+           "mpt": ("mpt", FAMILIES["mpt"])}  # MPT counts by slot: the same scores up to a row's constant
 IDS = np.random.RandomState(0).randint(3, 97, (3, 10))
 MASK = np.ones_like(IDS)
 MASK[1, :4] = 0  # left padding: transformers' OPT and BLOOM start the row's positions at its first token
@@ -56,10 +57,10 @@ def test_opt_350m_all_linear_lora_adapts_its_projections_as_peft_does(tmp_path):
     np.testing.assert_allclose(jit_logits(model, reloaded, IDS), ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "falcon"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "falcon", "mpt"])
 @pytest.mark.parametrize("config,trained", [
-    (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 4),  # positions 0..3 of its own
-    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0),  # real tokens' start at 4
+    (lambda **dims: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, **dims), 4),  # positions 0..3
+    (lambda **dims: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, **dims), 0),  # tokens' at 4
 ])
 def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, config, trained):
     """PEFT's soft prompt gets positions of its own (OPT's added to it; BLOOM's embedding norm over it too); after a
@@ -67,7 +68,9 @@ def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, c
     PEFT reads with jpeft's."""
     ref = make_hf_model(family, **FAMILIES[family], initializer_range=0.2)
     path = save_hf_model(ref, tmp_path / "base")
-    peft_model = peft.get_peft_model(ref, config()).eval()
+    # PEFT finds no head count in MPT's config (n_heads): a PEFT user gives the sizes
+    dims = dict(num_layers=2, token_dim=32, num_attention_heads=4) if family == "mpt" else {}
+    peft_model = peft.get_peft_model(ref, config(**dims)).eval()
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
@@ -80,16 +83,19 @@ def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, c
     assert np.abs(ours - jit_logits(model, params, IDS)).max() > 1e-3
     changed = perturb(adapted, ("soft_prompt", "prefix_k", "prefix_v"), jax.random.key(3), 0.5)  # not PEFT's values
     jpeft.save_adapter(str(tmp_path / "ours"), changed)
+    theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")  # PEFT fills the sizes jpeft leaves null ...
+    theirs.__dict__.update(dims)  # ... save MPT's, as the PEFT user gives them
     peft_model = peft.PeftModel.from_pretrained(make_hf_model(family, **FAMILIES[family], initializer_range=0.2),
-                                                tmp_path / "ours").eval()
+                                                tmp_path / "ours", config=theirs).eval()
     np.testing.assert_allclose(torch_logits(peft_model, IDS)[:, trained:], jit_logits(model, changed, IDS), atol=2e-4,
                                rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "falcon"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "falcon", "mpt"])
 def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     """LoRA's and IA3's (peft.utils.constants): OPT's q_proj and v_proj, and q_proj, k_proj and fc2; BLOOM's
-    query_key_value, and it with mlp.dense_4h_to_h."""
+    query_key_value, and it with mlp.dense_4h_to_h; MPT's Wqkv, and Llama's IA3 (PEFT has none for MPT) by its
+    names."""
     from peft.utils import constants
     from jpeft.config import load_config
     from jpeft.train.build import build_method
@@ -97,5 +103,7 @@ def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     lora = build_method(load_config(None, ["method.name=lora", f"model.path={path}"]))
     assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family]
     ia3 = build_method(load_config(None, ["method.name=ia3", f"model.path={path}"]))
-    assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[family]
-    assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[family]
+    llama = ["Wqkv", "down_proj"], ["down_proj"]  # k_proj, v_proj, down_proj
+    assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(family, llama[0])
+    assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(family,
+                                                                                                        llama[1])

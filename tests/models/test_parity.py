@@ -171,6 +171,11 @@ CASES = {
     "starcoder2-biased": ("starcoder2", dict(FAMILIES["starcoder2"], initializer_range=0.2)),
     "starcoder2-sliding-no-bias": ("starcoder2", dict(FAMILIES["starcoder2"], sliding_window=4, use_bias=False,
                                                       initializer_range=0.2)),
+    # MPT: ALiBi (BLOOM's slopes, which MPT computes its own way: of four heads; of six, past a power of two), q/k/v
+    # fused in blocks, its clip and attention scale, LayerNorms that learn a scale, an ungated GELU MLP, no biases
+    "mpt-alibi-clip-scale": ("mpt", dict(FAMILIES["mpt"], initializer_range=0.2)),
+    "mpt-six-heads-eps": ("mpt", dict(num_key_value_heads=None, num_attention_heads=6, hidden_size=48,
+                                      layer_norm_epsilon=1e-3, initializer_range=0.2)),
     "gpt2": ("gpt2", GPT2),
     "gpt2-default-inner-eps": ("gpt2", dict(layer_norm_epsilon=1e-3)),
     "gpt2-untied": ("gpt2", dict(GPT2, tie_word_embeddings=False)),
@@ -197,8 +202,9 @@ def test_logits_match_transformers(case, tmp_path):
     np.testing.assert_allclose(np.asarray(out), torch_logits(ref_model, ids), atol=2e-4, rtol=0)
 
 
+# (Falcon-RW's positions past 256: bfloat16 rounds them)
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "gemma2-softcaps-alternating", "bloom-six-heads-eps",
-                                  "falcon-rw-alibi-sequential"])  # positions past 256: bfloat16 rounds them
+                                  "falcon-rw-alibi-sequential", "mpt-six-heads-eps"])
 def test_rows_longer_than_an_attention_block_match_transformers(case, tmp_path):
     model_type, overrides = CASES[case]
     ref_model = make_hf_model(model_type, **overrides)
@@ -392,6 +398,9 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("falcon-new-decoder-kv-groups", dict(fused_qkv="blocks")),
     ("falcon-new-decoder-kv-groups", dict(parallel_norm_names=("ln_mlp", "ln_attn"))),
     ("starcoder2-sliding-no-bias", dict(sliding_window=None)),
+    ("mpt-six-heads-eps", dict(alibi=None)),
+    ("mpt-alibi-clip-scale", dict(clip_qkv=None)),
+    ("mpt-alibi-clip-scale", dict(attention_multiplier=None)),
 ])
 def test_each_family_feature_changes_logits(case, feature, tmp_path):
     """Guards the parity cases above: a feature both sides silently ignored would pass them too (a dict

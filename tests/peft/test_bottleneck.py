@@ -253,14 +253,16 @@ def test_run_config_reaches_the_constructor():
             load_config(None, ["method.name=bottleneck", bad])
 
 
-# GPT-2, T5 and OPT: the same adapters at each family's residual insertion points, checked against the
+# GPT-2, T5, OPT and MPT: the same adapters at each family's residual insertion points, checked against the
 # transformers model with the adapters added by forward hooks (an independent computation in PyTorch).
 FAMILY_KINDS = {"houlsby": ("relu", 1.0), "pfeiffer": ("gelu", 1.0), "parallel": ("silu", 4.0)}  # torch's names too
 # family -> {adapter block: the torch submodules whose output it adapts, per layer stack}; T5's cross-attention
 # (layer.1.EncDecAttention in the decoder) gets none. OPT's layer holds its MLP's fc1 and fc2 itself: fc2's output is
-# the MLP's (a parallel adapter's input, fc1's, is not fc2's: OPT is checked after blocks only).
+# the MLP's (a parallel adapter's input, fc1's, is not fc2's: OPT is checked after blocks only); MPT's `ffn` adds the
+# residual itself, so its down_proj's output is the MLP's (checked after blocks only too).
 HOOKED = {"gpt2": {"transformer/h": {"attention": "attn", "mlp": "mlp"}},
           "opt": {"model/decoder/layers": {"attention": "self_attn", "mlp": "fc2"}},
+          "mpt": {"transformer/blocks": {"attention": "attn", "mlp": "ffn.down_proj"}},
           "t5": {f"{stack}/block": {"attention": "layer.0.SelfAttention", "mlp": f"layer.{last}.DenseReluDense"}
                  for stack, last in (("encoder", 1), ("decoder", 2))}}
 
@@ -306,7 +308,7 @@ def hooked(ref, family, params, activation):
 
 
 @pytest.mark.parametrize("family,kind", [(family, kind) for family in ("gpt2", "t5") for kind in FAMILY_KINDS]
-                         + [("opt", "houlsby"), ("opt", "pfeiffer")])
+                         + [(family, kind) for family in ("opt", "mpt") for kind in ("houlsby", "pfeiffer")])
 def test_family_adapters_equal_the_torch_model_with_hooked_adapters(tmp_path, family, kind):
     """Zero-initialised: the logits are the base's. Random: they are the transformers model's with each adapter
     added where AdapterHub puts it (T5: self-attention and FF of both stacks, no cross-attention), and greedy

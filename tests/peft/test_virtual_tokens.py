@@ -309,10 +309,10 @@ def test_llama_adapters_prompt_reads_gpt_neoxs_projection_by_heads():
     assert np.abs(by_heads[0] - by_heads[1]).max() > 1e-2  # keys and values differ
 
 
-@pytest.mark.parametrize("family", ["phi", "gpt_neox", "bloom", "falcon"])
+@pytest.mark.parametrize("family", ["phi", "gpt_neox", "bloom", "falcon", "mpt"])
 def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tmp_path, family):
-    """Phi's, GPT-NeoX's, BLOOM's and Falcon's attention output projection is `dense` (PEFT has no adaption prompt
-    for any of them; Falcon's prompt keys and values out of its multi-query query_key_value): zero
+    """Phi's, GPT-NeoX's, BLOOM's and Falcon's attention output projection is `dense`, MPT's `out_proj` (PEFT has no
+    adaption prompt for any of them; Falcon's prompt keys and values out of its multi-query query_key_value): zero
     gates leave the model as it was (dense's bias is not added twice), trained ones change it, through dense's
     weight (zeroed, it leaves the gated prompt nothing to add)."""
     from conftest import FAMILIES
@@ -322,7 +322,7 @@ def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tm
     np.testing.assert_allclose(jax_logits(model, adapted), jax_logits(model, params), atol=1e-5, rtol=0)
     gated = perturb(adapted, TRAINED["adaption"], jax.random.key(2), 0.5)
     assert np.abs(jax_logits(model, gated) - jax_logits(model, params)).max() > 1e-2
-    dense = f"/{model.config.module_name('self_attn')}/dense/kernel"
+    dense = f"/{model.config.module_name('self_attn')}/{model.config.module_name('o_proj')}/kernel"
     without = lambda tree: T.unflatten({p: v * 0 if dense in p else v for p, v in T.flatten(tree).items()})
     np.testing.assert_allclose(jax_logits(model, without(gated)), jax_logits(model, without(params)), atol=1e-5,
                                rtol=0)
@@ -331,7 +331,7 @@ def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tm
 @pytest.mark.parametrize("family,sizes", [("gpt_neox", {}), ("bloom", {}), ("falcon", {}),
                                           ("falcon", dict(multi_query=False)),
                                           ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
-                                          ("phi3", {})])
+                                          ("phi3", {}), ("mpt", {})])
 def test_llama_adapter_splits_a_fused_projection_as_the_model_does(tmp_path, family, sizes):
     """The adapter's hook sees the layer's leaves, not the config: the layout it reads from the projection's name
     and width is the one the model splits the same projection by."""

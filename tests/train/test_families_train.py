@@ -25,7 +25,7 @@ PEFT_LOADS = ("prompt", "prefix", "llama_adapter")  # GPT-2 runs whose adapter d
                                               ("gpt_neox", "full", 3e-2), ("phi", "full", 3e-2),
                                               ("gptj", "full", 3e-2), ("opt", "full", 3e-2),
                                               ("bloom", "full", 3e-2), ("falcon", "full", 3e-2),
-                                              ("starcoder2", "full", 3e-2),
+                                              ("starcoder2", "full", 3e-2), ("mpt", "full", 3e-2),
                                               ("gpt2", "lora", 3e-1),
                                               ("gpt2", "full", 1e-2), ("gpt2", "prompt", 3e-1),
                                               ("gpt2", "prefix", 1.0), ("gpt2", "bottleneck", 3e-2),
