@@ -121,6 +121,8 @@ FAMILIES = {
     # GPT-J: Phi's parallel block with RoPE over neighbouring dimensions of part of each head (rotary_dim), no
     # attention biases, a biased head; GPT-2's names for the top modules (no GQA field: None drops TINY's)
     "gptj": dict(num_key_value_heads=None, rotary_dim=4),
+    # CodeGen: GPT-J with q/k/v in one qkv_proj, laid out in 4 model-parallel shards (each: queries, values, keys)
+    "codegen": dict(num_key_value_heads=None, rotary_dim=4, n_inner=64),
     # OPT: learned positions (2 rows in), no RoPE, biased LayerNorms before each block, an ungated ReLU MLP (fc1, fc2)
     # held by the layer itself, `model.decoder` as the base model's name (no GQA field: None drops TINY's)
     "opt": dict(num_key_value_heads=None, ffn_dim=64),
@@ -166,6 +168,8 @@ FUSED = {"phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_pro
          "phi": {"o_proj": "dense", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          "gptj": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out",
                   "embed_tokens": "wte"},
+         "codegen": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "qkv_proj"), "o_proj": "out_proj",
+                     "gate_proj": None, "up_proj": "fc_in", "down_proj": "fc_out", "embed_tokens": "wte"},
          "opt": {"o_proj": "out_proj", "gate_proj": None, "up_proj": "fc1", "down_proj": "fc2"},
          "starcoder2": {"gate_proj": None, "up_proj": "c_fc", "down_proj": "c_proj"},
          "mpt": {**dict.fromkeys(("q_proj", "k_proj", "v_proj"), "Wqkv"), "o_proj": "out_proj", "gate_proj": None,
@@ -197,7 +201,8 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     _torch_one_thread()
     fields = {k: v for k, v in {**TINY, **overrides}.items() if not (v is None and k in TINY)}
     config = transformers.AutoConfig.for_model(model_type, **fields)
-    if (config.pad_token_id or 0) >= config.vocab_size:  # a family's default (Phi-3's 32000) past a tiny vocabulary
+    # a family's default (Phi-3's 32000) past a tiny vocabulary (CodeGen's config has no such field)
+    if (getattr(config, "pad_token_id", None) or 0) >= config.vocab_size:
         config.pad_token_id = config.vocab_size - 1
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -64,6 +64,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("gpt_neox", dict(num_key_value_heads=None)),  # keys and values of each head out of one fused projection
     ("phi", dict(qk_layernorm=True, num_key_value_heads=1)),  # each cached key head's own LayerNorm; a biased head
     ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),  # neighbouring dimensions of part of each head rotated
+    ("codegen", dict(FAMILIES["codegen"], num_attention_heads=8, hidden_size=64)),  # keys of a shard's two heads cached
     ("opt", dict(num_key_value_heads=None, ffn_dim=64)),  # learned positions counted over the mask, no RoPE
     ("opt", OPT_350M),  # narrower embeddings projected in and out, LayerNorms after each residual sum
     ("bloom", dict(num_key_value_heads=None, num_attention_heads=6, hidden_size=48)),  # ALiBi over the cache's keys

@@ -58,15 +58,21 @@ def causal_keys(t: int, block: int = QUERY_BLOCK) -> int:
     return sum((end - start) * end for start, end in query_blocks(t, block))
 
 
+CODEGEN_SHARDS = 4  # transformers' CodeGen `mp_num`
+
+
 def split_qkv(qkv, layout: str, heads: int, dim: int):
     """The queries, keys and values [..., width each] of a fused projection's output, laid out as "blocks" (Phi-3's
     qkv_proj, GPT-2's c_attn, Falcon's multi-query query_key_value: all queries, then the keys, then the values),
-    "heads" (GPT-NeoX's and BLOOM's: each head's query, key and value side by side) or "groups" (Falcon's new
-    decoder: each KV head's queries, then its key and value). The KV heads are what the width leaves."""
+    "heads" (GPT-NeoX's and BLOOM's: each head's query, key and value side by side), "groups" (Falcon's new
+    decoder: each KV head's queries, then its key and value) or "shards" (CodeGen's, trained on 4 model-parallel
+    shards: each shard's queries, then its values, then its keys). The KV heads are what the width leaves."""
     lead, kv = qkv.shape[:-1], (qkv.shape[-1] // dim - heads) // 2
     if layout == "blocks":
         return tuple(jnp.split(qkv, (heads * dim, (heads + kv) * dim), axis=-1))
-    if layout == "heads":
+    if layout == "shards":
+        q, v, k = jnp.split(qkv.reshape(*lead, CODEGEN_SHARDS, -1), 3, axis=-1)
+    elif layout == "heads":
         q, k, v = jnp.split(qkv.reshape(*lead, heads, 3 * dim), 3, axis=-1)
     else:
         grouped = qkv.reshape(*lead, kv, heads // kv + 2, dim)

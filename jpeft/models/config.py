@@ -1,9 +1,10 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
 Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, StarCoder2, MPT and the
-mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these fields, and T5 in
-a few more; anything in a config.json that jpeft cannot honour is an error here rather than a silently different model.
+Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, Falcon, StarCoder2,
+MPT and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these
+fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a
+silently different model.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import Any
 from jpeft.errors import CheckpointError, read_json
 from jpeft.models.families import (ACTIVATIONS, ACTIVATION_ALIASES, ATTENTION_DROPOUT_FIELDS, BIASED_TYPES,
                                    EMBED_DROPOUT_FIELDS, FAMILY_FIELDS, FLOAT32_SCALE_NORM_TYPES, GEMMA_TYPES,
-                                   GLM4_SANDWICH_NORMS, GLM_TYPES, INTERLEAVED_ROPE_TYPES, MODULE_NAMES, MOE_FIELDS,
-                                   PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES, QK_NORM_TYPES,
-                                   RESIDUAL_DROPOUT_FIELDS, SANDWICH_NORMS, SUPPORTED_TYPES, T5_ACTIVATIONS,
-                                   UNGATED_MLP_TYPES, activation, dropout_rate, expert_fields, family_config,
-                                   fused_qkv_layout, norm_eps, norm_places, own_dropout_rate, own_fields,
+                                   GLM4_SANDWICH_NORMS, GLM_TYPES, GPTJ_TYPES, INTERLEAVED_ROPE_TYPES, MODULE_NAMES,
+                                   MOE_FIELDS, PARTIAL_ROTARY_TYPES, POST_NORM_TYPES, QKV_BIAS_ONLY_TYPES,
+                                   QK_NORM_TYPES, RESIDUAL_DROPOUT_FIELDS, SANDWICH_NORMS, SUPPORTED_TYPES,
+                                   T5_ACTIVATIONS, UNGATED_MLP_TYPES, activation, dropout_rate, expert_fields,
+                                   family_config, fused_qkv_layout, norm_eps, norm_places, own_dropout_rate, own_fields,
                                    own_intermediate_size, parallel_block_fields, refuse_unsupported, rotating_layers)
 from jpeft.models.rope_params import FULL, SLIDING, Rope, read_ropes
 
@@ -199,7 +200,7 @@ class ModelConfig:
     @property
     def positions_key(self) -> str:
         """The config.json field max_position_embeddings is read from (GPT-2's and T5's n_positions)."""
-        return "n_positions" if self.model_type in ("gpt2", "t5", "gptj") else "max_position_embeddings"
+        return "n_positions" if self.model_type in ("gpt2", "t5", *GPTJ_TYPES) else "max_position_embeddings"
 
     def module_name(self, name: str) -> str:
         """The family's name of the module jpeft's Llama-family decoder calls `name` (`families.MODULE_NAMES`)."""
@@ -229,8 +230,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "
-                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, OPT, BLOOM, Falcon, "
-                "StarCoder2, MPT, T5 and GPT-2)")
+                f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, "
+                "Falcon, StarCoder2, MPT, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
         if model_type == "t5":
             return _t5(hf, source, need).replace(pad_token_id=pad)
@@ -259,7 +260,7 @@ class ModelConfig:
         hidden = need("hidden_size")
         head_dim = getattr(family, "head_dim", None) or hidden // heads  # the family's default (Gemma's 256)
         rope_parameters = getattr(family, "rope_parameters", None)  # GPT-J's config has none: its `rotary_dim`
-        if model_type == "gptj" and not 0 < family.rotary_dim <= head_dim:
+        if model_type in GPTJ_TYPES and not 0 < family.rotary_dim <= head_dim:
             raise CheckpointError(f"{source}: rotary_dim must be between 1 and the head size {head_dim}, got "
                                   f"{family.rotary_dim}")
         rope, local_rope = read_ropes(rope_parameters, hf, source, partial, head_dim)
@@ -306,7 +307,7 @@ class ModelConfig:
             else "head" if model_type == "phi" and family.qk_layernorm else QK_NORM_TYPES.get(model_type),
             fused_qkv=fused_qkv_layout(model_type, family),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
-            partial_rotary_factor=family.rotary_dim / head_dim if model_type == "gptj"
+            partial_rotary_factor=family.rotary_dim / head_dim if model_type in GPTJ_TYPES
             else 0.0 if model_type in ("opt", "bloom", "mpt") or model_type == "falcon" and family.alibi
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),

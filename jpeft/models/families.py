@@ -10,27 +10,28 @@ from jpeft.models.rope_params import SLIDING
 SUPPORTED_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                    "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
                    "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon",
-                   "starcoder2", "mpt", "t5", "gpt2")
+                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "codegen", "opt", "bloom",
+                   "falcon", "starcoder2", "mpt", "t5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
 GLM_TYPES = ("glm", "glm4")
 GRANITE_MOE_TYPES = ("granitemoe", "granitemoeshared")
 COHERE_TYPES = ("cohere", "cohere2")
+GPTJ_TYPES = ("gptj", "codegen")  # CodeGen is GPT-J with q/k/v in one projection (`fused_qkv_layout`)
 # families normalising by LayerNorm (mean and variance, in float32) instead of RMSNorm, by what it learns: StableLM's
 # a scale and a bias, Cohere's and MPT's a scale, OLMo 1's nothing
 LAYER_NORM_TYPES = {"olmo": "none", **dict.fromkeys((*COHERE_TYPES, "mpt"), "scale"),
-                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2"),
-                                   "scale_bias")}
+                    **dict.fromkeys(("stablelm", "gpt_neox", "phi", *GPTJ_TYPES, "opt", "bloom", "falcon",
+                                    "starcoder2"), "scale_bias")}
 # attention and the MLP both read the layer's one normed input, summed
-PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", "gptj")
+PARALLEL_BLOCK_TYPES = (*COHERE_TYPES, "phi", *GPTJ_TYPES)
 # biases whatever the file says: Phi's on every projection and the LM head, GPT-NeoX's on the MLP, GPT-J's on the MLP
 # and the head
-BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), "gptj": ("mlp", "head"),
+BIASED_TYPES = {"phi": ("attention", "mlp", "head"), "gpt_neox": ("mlp",), **dict.fromkeys(GPTJ_TYPES, ("mlp", "head")),
                 "bloom": ("attention", "mlp")}
 # their MLP: down(act(up(x))), no gate
-UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", "gptj", "opt", "bloom", "falcon", "starcoder2", "mpt")
+UNGATED_MLP_TYPES = ("arcee", "gpt_neox", "phi", *GPTJ_TYPES, "opt", "bloom", "falcon", "starcoder2", "mpt")
 # Module names of a family whose transformers model names its modules its own way (GPT-NeoX's, Phi's, GPT-J's,
 # OPT's, MPT's), by the Llama name jpeft's decoder gives each; a tree path spells the family's, as its checkpoints and
 # PEFT's adapters do
@@ -39,8 +40,9 @@ MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention
                              "down_proj": "dense_4h_to_h", "norm": "final_layer_norm"},
                 "phi": {"o_proj": "dense", "up_proj": "fc1", "down_proj": "fc2", "norm": "final_layernorm",
                         "q_norm": "q_layernorm", "k_norm": "k_layernorm"},
-                "gptj": {"embed_tokens": "wte", "layers": "h", "input_layernorm": "ln_1", "self_attn": "attn",
-                         "o_proj": "out_proj", "up_proj": "fc_in", "down_proj": "fc_out", "norm": "ln_f"},
+                **dict.fromkeys(GPTJ_TYPES, {"embed_tokens": "wte", "layers": "h", "input_layernorm": "ln_1",
+                                             "self_attn": "attn", "o_proj": "out_proj", "up_proj": "fc_in",
+                                             "down_proj": "fc_out", "norm": "ln_f"}),
                 "opt": {"o_proj": "out_proj", "up_proj": "fc1", "down_proj": "fc2",
                         "input_layernorm": "self_attn_layer_norm", "post_attention_layernorm": "final_layer_norm",
                         "norm": "final_layer_norm"},
@@ -62,19 +64,19 @@ UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the
                ("bloom", "apply_residual_connection_post_layernorm"): "each block's residual taken after its norm",
                ("falcon", "hidden_dropout"): "dropout over the sum of attention's and the MLP's outputs, in training",
                **{(family, "tie_word_embeddings"): "a head tied to the token embedding that keeps a bias of its own"
-                  for family in ("phi", "gptj")}}
+                  for family in ("phi", *GPTJ_TYPES)}}
 QKV_BIAS_ONLY_TYPES = ("qwen2", "qwen2_moe", "helium", *GLM_TYPES)  # attention biases on q/k/v alone, never on o_proj
 # the config.json field of a family's dropout on each block's output before the residual sum
 RESIDUAL_DROPOUT_FIELDS = {"phi3": "resid_pdrop", "seed_oss": "residual_dropout", "gpt_neox": "hidden_dropout",
-                           "phi": "resid_pdrop", "gptj": "resid_pdrop", "opt": "dropout",
+                           "phi": "resid_pdrop", **dict.fromkeys(GPTJ_TYPES, "resid_pdrop"), "opt": "dropout",
                            "bloom": "hidden_dropout", "starcoder2": "residual_dropout", "mpt": "attn_pdrop"}
-EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", "gptj": "embd_pdrop",
+EMBED_DROPOUT_FIELDS = {"gpt_neox": "hidden_dropout", "phi": "embd_pdrop", **dict.fromkeys(GPTJ_TYPES, "embd_pdrop"),
                         "starcoder2": "embedding_dropout"}  # on the embeddings
-ATTENTION_DROPOUT_FIELDS = {"gptj": "attn_pdrop", "mpt": "attn_pdrop"}  # the others' `attention_dropout`
+ATTENTION_DROPOUT_FIELDS = dict.fromkeys((*GPTJ_TYPES, "mpt"), "attn_pdrop")  # the others' `attention_dropout`
 # families whose transformers model rotates a part of each head
-PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi", "gptj")
+PARTIAL_ROTARY_TYPES = ("phi3", *GLM_TYPES, "stablelm", "gpt_neox", "phi", *GPTJ_TYPES)
 # families that rotate neighbouring dimensions together (GPT-J's)
-INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES, "gptj")
+INTERLEAVED_ROPE_TYPES = ("ernie4_5", "helium", *GLM_TYPES, *COHERE_TYPES, *GPTJ_TYPES)
 FLOAT32_SCALE_NORM_TYPES = (*OLMO_TYPES, "helium", "gpt_oss")  # RMSNorm's w · x in float32
 QK_NORM_TYPES = {"qwen3": "head", "qwen3_moe": "head", "gemma3_text": "head", "exaone4": "head",
                  **dict.fromkeys((*OLMO_TYPES, "olmoe"), "all")}
@@ -182,7 +184,7 @@ def norm_eps(model_type: str, family) -> float:
     field); the others' `rms_norm_eps` (the family's default where the file has none: OLMo 2's 1e-5)."""
     if model_type in ("olmo", "opt"):
         return 1e-5
-    if model_type in ("gptj", "bloom", "falcon", "mpt"):
+    if model_type in (*GPTJ_TYPES, "bloom", "falcon", "mpt"):
         return family.layer_norm_epsilon
     if model_type == "starcoder2":
         return family.norm_epsilon
@@ -234,7 +236,8 @@ def own_intermediate_size(model_type: str, family, hidden: int) -> int | None:
     """The MLP width of a family whose config names it its own way (GPT-J's `n_inner`, OPT's `ffn_dim`, Falcon's
     `ffn_hidden_size`, 4 × hidden where GPT-J leaves it out and always in BLOOM and MPT); None for
     `intermediate_size`."""
-    return {"gptj": lambda: family.n_inner or 4 * hidden, "opt": lambda: family.ffn_dim, "bloom": lambda: 4 * hidden,
+    return {**dict.fromkeys(GPTJ_TYPES, lambda: family.n_inner or 4 * hidden), "opt": lambda: family.ffn_dim,
+            "bloom": lambda: 4 * hidden,
             "mpt": lambda: 4 * hidden,
             "falcon": lambda: family.ffn_hidden_size}.get(model_type, lambda: None)()
 
@@ -266,11 +269,12 @@ def parallel_block_fields(model_type: str, family, own) -> dict:
 
 def fused_qkv_layout(model_type: str, family) -> str | None:
     """How a family's one q/k/v projection lays them out (`attention.split_qkv`): Phi-3's and MPT's in blocks,
-    GPT-NeoX's and BLOOM's by heads, Falcon's by KV groups in its new decoder and under multi-query attention (one
-    group), else by heads; None for separate projections."""
+    GPT-NeoX's and BLOOM's by heads, CodeGen's in its shards, Falcon's by KV groups in its new decoder and under
+    multi-query attention (one group), else by heads; None for separate projections."""
     if model_type == "falcon":
         return "groups" if family.new_decoder_architecture or family.multi_query else "heads"
-    return {"phi3": "blocks", "mpt": "blocks", "gpt_neox": "heads", "bloom": "heads"}.get(model_type)
+    return {"phi3": "blocks", "mpt": "blocks", "gpt_neox": "heads", "bloom": "heads",
+            "codegen": "shards"}.get(model_type)
 
 
 def dropout_rate(value, key: str, source: str) -> float:
@@ -295,7 +299,7 @@ def activation(hf: dict, model_type: str, family) -> str:
         act = "gelu_pytorch_tanh"
     elif model_type == "mpt":
         act = "gelu"
-    elif model_type in ("gptj", "opt", "falcon"):
+    elif model_type in (*GPTJ_TYPES, "opt", "falcon"):
         act = family.activation if model_type == "falcon" else family.activation_function
     else:
         act = hf.get("hidden_act", "silu")

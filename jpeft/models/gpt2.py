@@ -38,7 +38,7 @@ class Attention(nn.Module):
                        dropout=A.attention_dropout(self, cfg.attention_dropout))
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), True, name="c_proj")(out.reshape(b, t, -1))
         out = L.dropout(self, out, cfg.residual_dropout)  # inside HF's attention module, before PEFT's adaption prompt
-        return sites.attention_output(L.module_leaves(self), q, out), cache_kv
+        return sites.attention_output(L.module_leaves(self), q, out, "blocks"), cache_kv
 
 
 class MLP(nn.Module):

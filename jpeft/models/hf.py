@@ -57,7 +57,7 @@ HEADS = ("lm_head.", "score.")  # a task head's names, outside the base model's 
 
 
 def family(cfg: ModelConfig) -> type[CausalLM | T5 | GPT2]:
-    return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX, "gptj": GPTJ, "opt": OPT, "bloom": Bloom,
+    return {"t5": T5, "gpt2": GPT2, "gpt_neox": GPTNeoX, "gptj": GPTJ, "codegen": GPTJ, "opt": OPT, "bloom": Bloom,
             "falcon": Bloom, "mpt": GPTJ}.get(cfg.model_type, CausalLM)
 
 

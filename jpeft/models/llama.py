@@ -1,7 +1,7 @@
 """The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, OPT, BLOOM,
-Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared)):
-one module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
+ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT,
+BLOOM, Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
+GraniteMoE(-Shared)): one module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the
 layers are stacked on a leading `layers` axis and run under `nn.scan`, so compile time
@@ -65,7 +65,7 @@ class Attention(nn.Module):
                        causal_offset, bias=bias, dropout=A.attention_dropout(self, cfg.attention_dropout), sinks=sinks)
         out = L.Dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name=cfg.module_name("o_proj"))(
             out.reshape(b, t, cfg.num_heads * cfg.head_dim))
-        return sites.attention_output(L.module_leaves(self), q, out), cache_kv
+        return sites.attention_output(L.module_leaves(self), q, out, cfg.fused_qkv), cache_kv
 
 
 class MLP(nn.Module):
@@ -274,8 +274,8 @@ class GPTNeoX(CausalLM):
 
 
 class GPTJ(CausalLM):
-    """GPT-J and MPT: the decoder above under the family's own module names (`families.MODULE_NAMES`), GPT-2's top
-    ones."""
+    """GPT-J, CodeGen and MPT: the decoder above under the family's own module names (`families.MODULE_NAMES`),
+    GPT-2's top ones."""
     base_prefix = "transformer"
     embedding_path = "transformer/wte/embedding"
 

@@ -354,10 +354,11 @@ def from_layer_rows(path: str, rows, dtype=jnp.float32):
 
 # An attention module's q, k, v and o projections, as each family names them (Llama-like, T5), or its fused
 # q/k/v projection and o (GPT-2's c_attn [D, 3·D] and c_proj, Phi-3's qkv_proj and o_proj, GPT-NeoX's
-# query_key_value, by heads, and dense, MPT's Wqkv and out_proj); Phi's o is `dense`, GPT-J's `out_proj`.
+# query_key_value, by heads, and dense, MPT's Wqkv and out_proj, CodeGen's qkv_proj and out_proj); Phi's o is `dense`,
+# GPT-J's `out_proj`.
 ATTENTION_PROJECTIONS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "k_proj", "v_proj", "dense"),
                          ("q_proj", "k_proj", "v_proj", "out_proj"),
-                         ("q", "k", "v", "o"), ("c_attn", "c_proj"), ("qkv_proj", "o_proj"),
+                         ("q", "k", "v", "o"), ("c_attn", "c_proj"), ("qkv_proj", "o_proj"), ("qkv_proj", "out_proj"),
                          ("query_key_value", "dense"), ("Wqkv", "out_proj"))
 
 

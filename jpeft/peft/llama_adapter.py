@@ -69,10 +69,10 @@ class LlamaAdapter(Method):
         return T.from_modules(grouped)
 
     @staticmethod
-    def attention_output(leaves, q, out):
+    def attention_output(leaves, q, out, qkv_layout):
         from jpeft.peft import sites  # the prompt goes through the layer's own projections (sites imports us)
         b, t, heads, dim = q.shape
-        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype), heads, dim)
+        k, v, output = _through_attention(leaves, leaves["adaption_prompt"].astype(q.dtype), heads, dim, qkv_layout)
         kv = k.shape[-1] // dim
         k, v = (a.reshape(a.shape[0], kv, dim) for a in (k, v))
         q = q.reshape(b, t, kv, heads // kv, dim)
@@ -94,10 +94,11 @@ class LlamaAdapter(Method):
 
 # PEFT's TRANSFORMERS_MODEL_CONFIG by the projection the prompt's keys come from: (its values' projection, the names
 # of the projection the gated result passes through: Phi's is `dense`, GPT-J's `out_proj`). GPT-2's fused c_attn
-# gives keys and values both; no projection follows. Phi-3's fused qkv_proj and GPT-NeoX's query_key_value are read
-# as Llama's three (PEFT has no adaption prompt for either), as are BLOOM's and Falcon's query_key_value and MPT's Wqkv.
+# gives keys and values both; no projection follows. Phi-3's and CodeGen's fused qkv_proj and GPT-NeoX's
+# query_key_value are read as Llama's three (PEFT has no adaption prompt for them), as are BLOOM's and Falcon's
+# query_key_value and MPT's Wqkv.
 PROMPT_KEYS = {"k_proj": ("v_proj", ("o_proj", "dense", "out_proj")), "c_attn": ("c_attn", ()),
-               "qkv_proj": ("qkv_proj", ("o_proj",)), "query_key_value": ("query_key_value", ("dense",)),
+               "qkv_proj": ("qkv_proj", ("o_proj", "out_proj")), "query_key_value": ("query_key_value", ("dense",)),
                "Wqkv": ("Wqkv", ("out_proj",))}
 # GPT-NeoX's and Phi's output projection, which PEFT's adaption prompt does not take: the gated prompt passes its weight
 # alone, as the attention output already carries its bias, so zero gates leave the model as it was. (PEFT passes
@@ -105,8 +106,9 @@ PROMPT_KEYS = {"k_proj": ("v_proj", ("o_proj", "dense", "out_proj")), "c_attn": 
 UNBIASED_OUTPUTS = ("dense",)
 
 
-def _through_attention(leaves: dict, prompt, heads: int, dim: int):
-    """(keys, values, the output projection's name or None) of the prompt through the layer's own projections."""
+def _through_attention(leaves: dict, prompt, heads: int, dim: int, qkv_layout: str | None):
+    """(keys, values, the output projection's name or None) of the prompt through the layer's own projections, a
+    fused one split as the model splits it (`qkv_layout`)."""
     from jpeft.models.attention import split_qkv
     from jpeft.peft import sites
     key_proj = next(p for p in PROMPT_KEYS if p in leaves)
@@ -114,18 +116,9 @@ def _through_attention(leaves: dict, prompt, heads: int, dim: int):
     output = next((o for o in outputs if o in leaves), None)
     if key_proj == value_proj:  # fused q/k/v, split as the model splits it
         qkv = sites.dense(leaves[key_proj], prompt)
-        _, k, v = split_qkv(qkv, _layout(key_proj, qkv.shape[-1], heads, dim), heads, dim)
+        _, k, v = split_qkv(qkv, qkv_layout, heads, dim)
         return k, v, output
     return sites.dense(leaves[key_proj], prompt), sites.dense(leaves[value_proj], prompt), output
-
-
-def _layout(name: str, width: int, heads: int, dim: int) -> str:
-    """How a fused q/k/v projection of this name and width lays them out (`attention.split_qkv`): GPT-NeoX's,
-    BLOOM's and Falcon's (without multi-query) query_key_value by heads; Falcon's narrower ones by KV groups (one
-    group, where it has one KV head, is the blocks' order); the others in blocks."""
-    if name != "query_key_value":
-        return "blocks"
-    return "heads" if width == 3 * heads * dim else "groups"
 
 
 def _adapted(path: str, leaves: dict):

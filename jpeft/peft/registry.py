@@ -52,9 +52,9 @@ REBUILT_WEIGHTS = tuple(m for m in METHODS if issubclass(m, RebuiltWeight))
 HEAD_MODULES = frozenset(n for m in METHODS for n in m.heads)  # top-level modules of a trained head (a classifier's)
 
 # A run config's method options where it names no targets and PEFT's defaults for the family differ from Llama's
-# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's, Phi's, GPT-J's, OPT's, BLOOM's and Falcon's own projection
-# names; IA3 on q_proj for Qwen and Gemma, on q_proj and k_proj for OPT), and BitFit's every projection. PEFT has
-# no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q and v).
+# (peft.utils.constants: T5's, GPT-2's, GPT-NeoX's, Phi's, GPT-J's, CodeGen's, OPT's, BLOOM's, Falcon's and MPT's own
+# projection names; IA3 on q_proj for Qwen and Gemma, on q_proj and k_proj for OPT), and BitFit's every projection.
+# PEFT has no defaults for Phi-3: its fused projections stand in for Llama's (qkv_proj for q and v).
 # methods whose unset targets default to LoRA's projections
 LIKE_LORA = ("lora", "qlora", "vera", "loha", "lokr", "oft", "hra", "road")
 QK_IA3 = {"ia3": {"targets": ["q_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}}
@@ -76,6 +76,10 @@ FAMILY_DEFAULTS = {
     "phi": {**dict.fromkeys((m for m in LIKE_LORA if m != "vera"), PHI_QV_MLP),
             "ia3": {"targets": ["q_proj", "v_proj", "fc2"], "feedforward": ["fc2"]},
             "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]}},
+    # PEFT's LoRA targets for CodeGen (its fused qkv_proj), Llama's IA3 by its names
+    "codegen": {**dict.fromkeys(LIKE_LORA, PHI3_QKV), "trainable_tokens": {"targets": ["wte"]},
+                "ia3": {"targets": ["qkv_proj", "fc_out"], "feedforward": ["fc_out"]},
+                "bitfit": {"targets": ["qkv_proj", "out_proj", "fc_in", "fc_out"]}},
     "gptj": {"trainable_tokens": {"targets": ["wte"]},
              "ia3": {"targets": ["q_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
              "bitfit": {"targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]}},

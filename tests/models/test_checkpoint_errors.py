@@ -121,6 +121,7 @@ def test_bidirectional_attention_is_refused(model_type):
     ("stablelm", dict(hidden_dropout=0.1), r"hidden_dropout is 0.1 \(dropout on the MLP's output alone"),
     ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
     ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
+    ("codegen", dict(tie_word_embeddings=True), r"tie_word_embeddings is True \(a head tied to the token embedding"),
     ("opt", dict(layerdrop=0.1), r"layerdrop is 0.1 \(skipping whole layers at random, in training"),
     ("bloom", dict(apply_residual_connection_post_layernorm=True),
      r"apply_residual_connection_post_layernorm is True \(each block's residual taken after its norm"),
@@ -169,8 +170,9 @@ def test_mpt_switches_its_transformers_model_ignores_are_refused(switch):
         ModelConfig.from_hf(hf)
 
 
-def test_a_gptj_rotary_dim_past_its_head_is_refused():
-    """transformers' GPT-J would fail mid-forward on it (its sin and cos are wider than the head)."""
-    hf = dict(make_hf_model("gptj", num_key_value_heads=None, rotary_dim=4).config.to_dict(), rotary_dim=16)
+@pytest.mark.parametrize("family", ["gptj", "codegen"])
+def test_a_gptj_rotary_dim_past_its_head_is_refused(family):
+    """transformers' GPT-J and CodeGen would fail mid-forward on it (their sin and cos are wider than the head)."""
+    hf = dict(make_hf_model(family, num_key_value_heads=None, rotary_dim=4).config.to_dict(), rotary_dim=16)
     with pytest.raises(jpeft.CheckpointError, match="rotary_dim must be between 1 and the head size 8, got 16"):
         ModelConfig.from_hf(hf)

@@ -22,7 +22,8 @@ RATES = {"llama": dict(attention_dropout=0.3),
          # hidden_dropout on the embeddings and on each branch's output, before the residual sum
          "gpt_neox": dict(num_key_value_heads=None, attention_dropout=0.2, hidden_dropout=0.3),
          "phi": dict(attention_dropout=0.2, resid_pdrop=0.3, embd_pdrop=0.1),
-         "gptj": dict(num_key_value_heads=None, rotary_dim=4, attn_pdrop=0.2, resid_pdrop=0.3, embd_pdrop=0.1),
+         **{family: dict(num_key_value_heads=None, rotary_dim=4, attn_pdrop=0.2, resid_pdrop=0.3, embd_pdrop=0.1)
+            for family in ("gptj", "codegen")},
          "opt": dict(num_key_value_heads=None, ffn_dim=64, attention_dropout=0.2, dropout=0.3),
          "bloom": dict(num_key_value_heads=None, attention_dropout=0.2, hidden_dropout=0.3),
          "falcon": dict(num_key_value_heads=None, ffn_hidden_size=64, attention_dropout=0.2),

@@ -91,11 +91,11 @@ def test_peft_virtual_tokens_sit_before_the_tokens_positions(tmp_path, family, c
                                rtol=0)
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "falcon", "mpt"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "falcon", "mpt", "codegen"])
 def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     """LoRA's and IA3's (peft.utils.constants): OPT's q_proj and v_proj, and q_proj, k_proj and fc2; BLOOM's
-    query_key_value, and it with mlp.dense_4h_to_h; MPT's Wqkv, and Llama's IA3 (PEFT has none for MPT) by its
-    names."""
+    query_key_value, and it with mlp.dense_4h_to_h; MPT's Wqkv and CodeGen's qkv_proj, and Llama's IA3 (PEFT has none
+    for either) by their names."""
     from peft.utils import constants
     from jpeft.config import load_config
     from jpeft.train.build import build_method
@@ -103,7 +103,8 @@ def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     lora = build_method(load_config(None, ["method.name=lora", f"model.path={path}"]))
     assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family]
     ia3 = build_method(load_config(None, ["method.name=ia3", f"model.path={path}"]))
-    llama = ["Wqkv", "down_proj"], ["down_proj"]  # k_proj, v_proj, down_proj
+    llama = {"mpt": (["Wqkv", "down_proj"], ["down_proj"]),  # k_proj, v_proj, down_proj
+             "codegen": (["qkv_proj", "fc_out"], ["fc_out"])}.get(family)
     assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(family, llama[0])
     assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(family,
                                                                                                         llama[1])

@@ -140,6 +140,13 @@ CASES = {
     "gptj-partial-interleaved-rope": ("gptj", dict(num_key_value_heads=None, rotary_dim=4)),
     "gptj-whole-head-rope-eps": ("gptj", dict(num_key_value_heads=None, rotary_dim=8, layer_norm_epsilon=1e-3,
                                               initializer_range=0.2)),
+    # CodeGen: GPT-J's block with q/k/v in one projection laid out in 4 shards (each its queries, values, keys: a
+    # head to a shard; two heads to a shard; a head and a half)
+    "codegen-shards": ("codegen", FAMILIES["codegen"]),
+    "codegen-two-heads-a-shard": ("codegen", dict(FAMILIES["codegen"], num_attention_heads=8, hidden_size=64,
+                                                  initializer_range=0.2)),
+    "codegen-six-heads": ("codegen", dict(FAMILIES["codegen"], num_attention_heads=6, hidden_size=48,
+                                          rotary_dim=8, initializer_range=0.2)),
     # OPT: learned positions two rows into their table, no RoPE, biased LayerNorms, an ungated ReLU MLP in the layer;
     # OPT-350m's narrower embeddings projected in and out, a LayerNorm after each residual sum and none at the end;
     # LayerNorms that learn nothing and no biases
@@ -390,6 +397,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("gpt_neox-parallel-two-norms", dict(fused_qkv="blocks")),
     ("phi-qk-layernorm-quarter-rope", dict(partial_rotary_factor=1.0)),
     ("gptj-whole-head-rope-eps", dict(rope_interleaved=False)),
+    ("codegen-two-heads-a-shard", dict(fused_qkv="blocks")),
     ("opt-350m-post-norm-projected", dict(norm_after_residual=False)),
     ("opt-pre-norm", dict(final_norm=False)),
     ("bloom-six-heads-eps", dict(alibi=None)),

@@ -381,14 +381,27 @@ def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, family)
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, head, IDS_PADDED, MASK)), theirs, atol=1e-5)
 
 
-def test_a_family_transformers_has_no_classifier_for_keeps_its_head_in_an_adapter_dir(tmp_path):
-    """Granite has no *ForSequenceClassification: the head saves as an adapter dir, whole-model export says why."""
+@pytest.mark.parametrize("family", ["granite", "codegen"])
+def test_a_family_transformers_has_no_classifier_for_keeps_its_head_in_an_adapter_dir(tmp_path, family):
+    """Granite and CodeGen have no *ForSequenceClassification: the head saves as an adapter dir, whole-model export
+    says why."""
     from conftest import FAMILIES as SIZES
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("granite", **SIZES["granite"]), tmp_path / "b"))
-    head = perturb(jpeft.Classifier(3).init(jax.random.key(0), params), ("bias",), jax.random.key(1))
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **SIZES[family]), tmp_path / "b"))
+    head = jpeft.Classifier(3).init(jax.random.key(0), params)  # HF's N(0, 0.02) head
     logits = np.asarray(jpeft.classify(model, head, IDS_PADDED, MASK))
     jpeft.save_adapter(str(tmp_path / "adapter"), head)
     reloaded = jpeft.load_adapter(str(tmp_path / "adapter"), params)
     np.testing.assert_allclose(np.asarray(jpeft.classify(model, reloaded, IDS_PADDED, MASK)), logits, atol=1e-6)
-    with pytest.raises(jpeft.CheckpointError, match="transformers has no sequence classifier for granite models"):
+    with pytest.raises(jpeft.CheckpointError, match=f"transformers has no sequence classifier for {family} models"):
         jpeft.save_pretrained(str(tmp_path / "model"), model, head)
+
+
+def test_heads_export_as_transformers_classifier_exactly_where_it_has_one():
+    """... of the family's name (T5's, which reads the decoder's last EOS through a dense-tanh layer, apart: jpeft has
+    no encoder-decoder head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as THEIRS
+    from jpeft.models.families import SUPPORTED_TYPES
+    from jpeft.models.hf import ARCHITECTURE, has_classifier
+    decoders = [t for t in SUPPORTED_TYPES if t != "t5"]
+    assert [t for t in decoders if has_classifier(t)] == [t for t in decoders if t in THEIRS]
+    assert all(ARCHITECTURE[t] + "ForSequenceClassification" == THEIRS[t] for t in decoders if t in THEIRS)

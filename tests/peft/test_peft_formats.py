@@ -13,7 +13,7 @@ from test_t5_peft_parity import t5_logits, torch_t5_logits
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "cohere", "stablelm", "gpt_neox", "phi", "gptj",
-                                    "opt", "bloom", "falcon", "starcoder2", "mpt", "t5"])
+                                    "codegen", "opt", "bloom", "falcon", "starcoder2", "mpt", "t5"])
 def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
     """PEFT's LN tuning dir, read and written: its default norms per family (a LayerNorm's bias too) trained
     -> the same logits in jpeft; jpeft's norm tuning -> PeftModel -> jpeft."""
@@ -28,13 +28,14 @@ def test_norm_tuning_is_pefts_ln_tuning_both_ways(tmp_path, family):
         ours, theirs = jax_logits, torch_logits
     ref, path = fresh()
     task = "SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM"
-    # PEFT has no default norms for Cohere, StableLM, GPT-NeoX, OPT, StarCoder2 and MPT: their blocks' first norm (one
-    # in a parallel block; GPT-NeoX's has two) and the final one (OPT's final_layer_norm names the MLP's norm in each
-    # layer too)
+    # PEFT has no default norms for Cohere, StableLM, GPT-NeoX, CodeGen, OPT, StarCoder2 and MPT: their blocks' first
+    # norm (one in a parallel block; GPT-NeoX's has two) and the final one (OPT's final_layer_norm names the MLP's
+    # norm in each layer too)
     targets = {"cohere": ["input_layernorm", "norm"], "stablelm": ["input_layernorm", "norm"],
                "gpt_neox": ["input_layernorm", "final_layer_norm"],
                "opt": ["self_attn_layer_norm", "final_layer_norm"],
-               "starcoder2": ["input_layernorm", "norm"], "mpt": ["norm_1", "norm_f"]}.get(family)
+               "starcoder2": ["input_layernorm", "norm"], "mpt": ["norm_1", "norm_f"],
+               "codegen": ["ln_1", "ln_f"]}.get(family)
     peft_model = peft.get_peft_model(ref, peft.LNTuningConfig(task_type=task, target_modules=targets)).eval()
     perturb_torch(peft_model, ("ln_tuning_layers",), 0.3)
     peft_model.save_pretrained(tmp_path / "from_peft")

@@ -300,9 +300,9 @@ def test_llama_adapters_prompt_reads_gpt_neoxs_projection_by_heads():
     blocks = lambda a: a.reshape(*a.shape[:-1], heads, 3, dim).swapaxes(-3, -2).reshape(a.shape)
     prompt = jax.random.normal(jax.random.key(1), (n, width))
     by_heads = _through_attention({"query_key_value": {"kernel": kernel, "bias": bias}, "dense": {}}, prompt,
-                                  heads, dim)
+                                  heads, dim, "heads")
     by_blocks = _through_attention({"qkv_proj": {"kernel": blocks(kernel), "bias": blocks(bias)}, "o_proj": {}},
-                                   prompt, heads, dim)
+                                   prompt, heads, dim, "blocks")
     assert by_heads[2] == "dense" and by_blocks[2] == "o_proj"
     for ours, phi3 in zip(by_heads[:2], by_blocks[:2]):
         np.testing.assert_allclose(ours, phi3, atol=1e-5, rtol=0)
@@ -328,18 +328,23 @@ def test_llama_adapter_passes_its_gated_prompt_through_the_dense_weight_alone(tm
                                rtol=0)
 
 
-@pytest.mark.parametrize("family,sizes", [("gpt_neox", {}), ("bloom", {}), ("falcon", {}),
-                                          ("falcon", dict(multi_query=False)),
-                                          ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
-                                          ("phi3", {}), ("mpt", {})])
-def test_llama_adapter_splits_a_fused_projection_as_the_model_does(tmp_path, family, sizes):
-    """The adapter's hook sees the layer's leaves, not the config: the layout it reads from the projection's name
-    and width is the one the model splits the same projection by."""
+def test_codegens_llama_adapter_is_gptjs_on_its_weights_split(tmp_path):
+    """CodeGen is GPT-J with q/k/v in one qkv_proj, laid out in 4 model-parallel shards (each its queries, values,
+    keys): its weights split so are a GPT-J with CodeGen's logits, and LLaMA-Adapter's prompt through the fused
+    projection gives what it gives through GPT-J's three (two heads to a shard: a split by heads or blocks differs)."""
     from conftest import FAMILIES
-    from jpeft.peft.llama_adapter import _layout
-    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model(family, **{**FAMILIES[family], **sizes}),
-                                                        tmp_path / family))
-    cfg = model.config
-    name = cfg.module_name("qkv_proj")
-    [kernel] = [v for p, v in T.flatten(params).items() if p.endswith(f"/{name}/kernel")]
-    assert _layout(name, kernel.shape[-1], cfg.num_heads, cfg.head_dim) == cfg.fused_qkv
+    sizes = dict(FAMILIES["codegen"], num_attention_heads=8, hidden_size=64, initializer_range=0.2)
+    codegen, params = jpeft.from_pretrained(save_hf_model(make_hf_model("codegen", **sizes), tmp_path / "codegen"))
+    gptj, _ = jpeft.from_pretrained(save_hf_model(make_hf_model("gptj", **sizes), tmp_path / "gptj"))
+    flat = T.flatten(params)
+    kernel = flat.pop("transformer/h/attn/qkv_proj/kernel")  # [layers, D, 3·D]
+    q, v, k = np.split(np.asarray(kernel).reshape(*kernel.shape[:2], 4, -1), 3, axis=-1)
+    flat.update({f"transformer/h/attn/{name}/kernel": a.reshape(*kernel.shape[:2], -1)
+                 for name, a in (("q_proj", q), ("k_proj", k), ("v_proj", v))})
+    split = T.unflatten(flat)
+    np.testing.assert_allclose(jax_logits(gptj, split), jax_logits(codegen, params), atol=1e-5, rtol=0)
+    adapted = [perturb(METHODS["adaption"]().init(jax.random.key(1), tree), ("adaption_gate",), jax.random.key(2), 0.5)
+               for tree in (params, split)]
+    ours = jax_logits(codegen, adapted[0])
+    assert np.abs(ours - jax_logits(codegen, params)).max() > 1e-2
+    np.testing.assert_allclose(ours, jax_logits(gptj, adapted[1]), atol=1e-5, rtol=0)
