@@ -179,7 +179,8 @@ def cmd_info(args) -> None:
     layers = (f"{cfg.num_layers} encoder + {cfg.num_decoder_layers} decoder layers" if cfg.is_encoder_decoder
               else f"{cfg.num_layers} layers")
     positions = (f"{cfg.relative_buckets} relative-position buckets" if cfg.model_type == "t5"
-                 else "learned positions" if cfg.learned_positions else f"rope {cfg.rope.type}")
+                 else "learned positions" if cfg.learned_positions else "ALiBi" if cfg.alibi
+                 else f"rope {cfg.rope.type}")
     print(f"architecture: {cfg.model_type} · {layers} · hidden {cfg.hidden_size} · "
           f"heads {cfg.num_heads} (kv {cfg.num_kv_heads}) · mlp {cfg.intermediate_size} · "
           f"vocab {cfg.vocab_size} · tied embeddings {cfg.tie_word_embeddings} · {positions}")

@@ -71,6 +71,7 @@ class MethodSection:
     token_indices: list[int] | None = None  # trainable tokens: the token ids whose embedding rows train
     trainable_token_indices: list[int] | None = None  # LoRA: these ids' input-embedding rows train too (PEFT's)
     target_parameters: list[str] | None = None  # LoRA: a mixture's expert weights (PEFT's; mlp.experts.down_proj)
+    bias: str = "none"  # LoRA: PEFT's bias, the base's biases trained too: none | all | lora_only
     quant: str = "nf4"  # QLoRA: nf4 | int8 | mxfp4
     double_quant: bool = False
     # QLoRA: a mixture's stacked experts quantized too, nf4 | int8 | mxfp4 (None: float, as bitsandbytes leaves them)

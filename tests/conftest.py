@@ -192,6 +192,18 @@ GPT2 = dict(n_inner=64, num_key_value_heads=None)
 OPT_350M = dict(num_key_value_heads=None, ffn_dim=64, word_embed_proj_dim=16, do_layer_norm_before=False)
 
 
+def family_run(tiny_run, tmp_path, family: str) -> dict:
+    """`tiny_run` with a tiny random model of `family` (its `conftest.FAMILIES` sizes) over the run's tokenizer."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    base = save_hf_model(make_hf_model(family, **FAMILIES.get(family, {}), vocab_size=len(tokenizer),
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
+                         tmp_path / "base")
+    tokenizer.save_pretrained(base)
+    return {**tiny_run, "model": base}
+
+
 def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
     """A tiny random transformers model of the given family, in float32 eval mode; an override None drops
     that key of TINY."""

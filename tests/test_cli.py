@@ -334,7 +334,7 @@ def test_info_describes_an_encoder_decoder(tmp_path, capsys):
 
 
 def test_info_lists_the_families_and_says_opts_positions_are_learned(tmp_path, capsys):
-    """Every model_type a config.json may name; OPT's positions are a table, not RoPE."""
+    """Every model_type a config.json may name; OPT's positions are a table, MPT's ALiBi's biases, not RoPE."""
     from conftest import FAMILIES, make_hf_model, save_hf_model
     from jpeft.models.families import SUPPORTED_TYPES
     assert main(["info", "--families"]) == 0
@@ -343,6 +343,9 @@ def test_info_lists_the_families_and_says_opts_positions_are_learned(tmp_path, c
     assert main(["info", "--model", save_hf_model(make_hf_model("opt", **FAMILIES["opt"]), tmp_path / "opt")]) == 0
     out = capsys.readouterr().out
     assert "architecture: opt · 2 layers" in out and "learned positions" in out and "rope" not in out
+    assert main(["info", "--model", save_hf_model(make_hf_model("mpt", **FAMILIES["mpt"]), tmp_path / "mpt")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: mpt · 2 layers" in out and "ALiBi" in out and "rope" not in out
 
 
 def test_bad_override_is_an_error(tiny_run, capsys):

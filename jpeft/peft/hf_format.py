@@ -18,6 +18,7 @@ error, never a warning.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sys
 
@@ -32,6 +33,7 @@ from jpeft.errors import AdapterError, JpeftError, read_json
 from jpeft.models.hf import hf_names
 from jpeft.peft import adalora, classifier, lora_format, norm, saved_modules
 from jpeft.peft.base import without_excluded
+from jpeft.peft.lora import LoRA
 from jpeft.peft.multi import ADAPTER_LEAVES, refuse_container
 from jpeft.peft.registry import BY_NAME, METHODS
 
@@ -82,8 +84,8 @@ class Tensors:
 def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = None, method=None) -> None:
     """Write the adapter leaves of `params` as an adapter directory (PEFT's, where PEFT has the method).
 
-    `method` is needed only for methods that train base leaves (BitFit, NormTuning): the tree
-    alone cannot tell a trained bias from a base one. A tree with a classification head is saved
+    `method` is needed only for methods that train base leaves (BitFit, NormTuning, a LoRA with PEFT's `bias`):
+    the tree alone cannot tell a trained bias from a base one. A tree with a classification head is saved
     with it (see `_classifier`).
     """
     refuse_container(params, "save_adapter")
@@ -99,7 +101,7 @@ def save_adapter(out_dir: str, params, base_model_name_or_path: str | None = Non
     elif method is not None and not isinstance(method, tuple(CLASSES.values())):  # a method PEFT lacks
         tensors, config = _native(params, method)
     else:
-        tensors, config = _peft(params)
+        tensors, config = _peft(params, getattr(method, "bias", "none") != "none" and method)
     config["base_model_name_or_path"] = base_model_name_or_path
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
@@ -113,8 +115,9 @@ def carries_saved_modules(method_class) -> bool:
     return issubclass(method_class, tuple(CLASSES.values())) and not issubclass(method_class, norm.NormTuning)
 
 
-def _peft(params):
-    """PEFT's tensors and adapter_config for the one PEFT adapter type the tree holds."""
+def _peft(params, biased=None):
+    """PEFT's tensors and adapter_config for the one PEFT adapter type the tree holds (with the base biases a
+    `biased` LoRA trains)."""
     grouped = T.modules(jax.device_get(params))
     found = [t for t, cls in CLASSES.items() if any(cls.present(m) for m in grouped.values())]
     if found == ["LORA", "TRAINABLE_TOKENS"]:  # LoRA's trainable_token_indices: its dir carries the rows
@@ -127,6 +130,9 @@ def _peft(params):
     if any(saved_modules.SavedModules.present(m) for m in grouped.values()):
         saved, entries = saved_modules.write(grouped)
         tensors, config = {**tensors, **saved}, {**config, "modules_to_save": entries}
+    if biased:
+        biases = lora_format.biases_to_peft(grouped, T.flatten(biased.trained_biases(params)))
+        tensors, config = {**tensors, **biases}, {**config, "bias": biased.bias}
     return _peft_layout(params, found[0], tensors, config)
 
 
@@ -178,8 +184,9 @@ def read_adapter_config(adapter_dir: str) -> dict:
     if peft_type not in (*PEFT_FAMILIES, "JPEFT"):
         raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; jpeft loads "
                            f"{', '.join(PEFT_FAMILIES)} adapters and its own (JPEFT)")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={config.get('bias')!r} adapters are not supported; use bias='none'")
+    if config.get("bias", "none") not in (("none", "all", "lora_only") if peft_type == "LORA" else ("none",)):
+        raise AdapterError(f"{path}: bias={config.get('bias')!r} {peft_type} adapters are not supported; use "
+                           "bias='none'")
     if config.get("task_type") == "SEQ_CLS" and peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING",
                                                                   "ADAPTION_PROMPT"):
         raise AdapterError(f"{path}: a {peft_type} adapter for sequence classification (task_type SEQ_CLS) is not "
@@ -204,6 +211,8 @@ def adapter_mask(adapter_dir: str, params):
     config = read_adapter_config(adapter_dir)
     if config["peft_type"] == norm.NormTuning.peft_type:
         return norm.targeted_mask(params, without_excluded(config, T.modules(params), AdapterError)["target_modules"])
+    if config["peft_type"] == "LORA" and config.get("bias", "none") != "none":  # the base biases it trained too
+        return jax.tree.map(operator.or_, trainable_mask(params), LoRA(bias=config["bias"]).trained_biases(params))
     method = BY_NAME.get(config.get("method")) if config["peft_type"] == "JPEFT" else None
     if method is None or method is classifier.Classifier:
         return trainable_mask(params)

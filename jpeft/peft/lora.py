@@ -37,6 +37,9 @@ from jpeft.peft.trainable_tokens import TrainableTokens
 from jpeft.products import grouped, matmul
 
 INITS = ("peft", "gaussian", "pissa", "olora")
+# PEFT's `bias`: which of the base's own biases train beside the factors: none, every parameter PEFT names a bias
+# ("bias" in its name: norms', heads', T5's relative-position table too), or those of the adapted modules
+BIASES = ("none", "all", "lora_only")
 
 
 def pattern_value(patterns: dict | None, name: str, default):
@@ -57,7 +60,8 @@ class LoRA(Method):
     than A, and both factors of a LoRA on an embedding learn at `lr_embedding` (its `loraplus_lr_embedding`,
     1e-6 unless given). `target_parameters`: a mixture's expert weights by PEFT's parameter names
     (`mlp.experts.gate_up_proj`, `down_proj`), matched as a dotted suffix of each layer's; as in PEFT, without
-    dropout, DoRA or PiSSA/OLoRA there.
+    dropout, DoRA or PiSSA/OLoRA there. `bias` (PEFT's): "all" also trains every base leaf PEFT calls a bias,
+    "lora_only" the adapted modules' biases (`trained_biases`); the dir then carries them.
     """
     name = "lora"
     peft_type = "LORA"
@@ -72,13 +76,18 @@ class LoRA(Method):
                  layers: Sequence[int] | None = None, rank_pattern: dict | None = None,
                  alpha_pattern: dict | None = None, lr_ratio: float = 1.0, lr_embedding: float | None = None,
                  trainable_token_indices: Sequence[int] | None = None,
-                 target_parameters: Sequence[str] | None = None):
+                 target_parameters: Sequence[str] | None = None, bias: str = "none"):
         if rank < 1:
             raise JpeftError(f"LoRA rank must be >= 1, got {rank}")
         if init not in INITS:
             raise JpeftError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
         if not 0 <= dropout < 1:
             raise JpeftError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if bias not in BIASES:
+            raise JpeftError(f"LoRA bias must be one of {', '.join(BIASES)} (PEFT's), got {bias!r}")
+        if bias == "lora_only" and layers is not None:
+            raise JpeftError("LoRA bias='lora_only' with layers: PEFT trains the biases of the adapted layers alone, "
+                             "jpeft a module's bias across its layer stack; adapt every layer, or use bias='none'")
         if lr_ratio <= 0 or (lr_embedding is not None and lr_embedding <= 0):
             raise JpeftError(f"LoRA+ lr_ratio and lr_embedding must be > 0, got {lr_ratio} and {lr_embedding}")
         self.rank, self.alpha, self.dropout = rank, float(alpha), float(dropout)
@@ -91,8 +100,9 @@ class LoRA(Method):
         self.trainable_token_indices = None if trainable_token_indices is None else TrainableTokens(
             trainable_token_indices).token_indices  # (checked as TrainableTokens checks them)
         self.target_parameters = tuple(target_parameters or ())
+        self.bias = bias
         unfit = {"dropout": dropout > 0, "DoRA": use_dora, f"init {init!r}": init in ("pissa", "olora"),
-                 "layers": layers is not None}
+                 "layers": layers is not None, f"bias {bias!r}": bias != "none"}
         if self.target_parameters and (unfit := [name for name, on in unfit.items() if on]):
             raise JpeftError(f"LoRA on target_parameters {list(self.target_parameters)} takes no {', '.join(unfit)} "
                              "(PEFT's LoRA on parameters has none of them)")
@@ -100,9 +110,10 @@ class LoRA(Method):
     def __repr__(self):
         options = {"use_dora": self.use_dora, "layers": self.layers, "rank_pattern": self.rank_pattern,
                    "alpha_pattern": self.alpha_pattern, "lr_ratio": self.lr_ratio, "lr_embedding": self.lr_embedding,
-                   "trainable_token_indices": self.trainable_token_indices, "target_parameters": self.target_parameters}
+                   "trainable_token_indices": self.trainable_token_indices, "target_parameters": self.target_parameters,
+                   "bias": self.bias}
         defaults = {"use_dora": False, "layers": None, "rank_pattern": {}, "alpha_pattern": {}, "lr_ratio": 1.0,
-                    "lr_embedding": None, "trainable_token_indices": None, "target_parameters": ()}
+                    "lr_embedding": None, "trainable_token_indices": None, "target_parameters": (), "bias": "none"}
         extras = "".join(f", {k}={v!r}" for k, v in options.items() if v != defaults[k] or type(v) is not type(defaults[k]))
         return (f"{type(self).__name__}(rank={self.rank}, alpha={self.alpha}, targets={self.targets!r}, "
                 f"dropout={self.dropout}, init={self.init_scheme!r}, use_rslora={self.use_rslora}{extras})")
@@ -152,8 +163,27 @@ class LoRA(Method):
             else params
 
     def mask(self, params):
-        """LoRA's factors, and the token rows of `trainable_token_indices`."""
-        return T.named(params, self.trainable + (TrainableTokens.trainable if self.trainable_token_indices else ()))
+        """LoRA's factors, the token rows of `trainable_token_indices`, and the biases `bias` trains."""
+        factors = T.named(params, self.trainable + (TrainableTokens.trainable if self.trainable_token_indices else ()))
+        return jax.tree.map(lambda a, b: a or b, factors, self.trained_biases(params))
+
+    def trained_biases(self, params):
+        """Bool tree: the base leaves `bias` trains ("all": those whose path names a bias, as PEFT picks parameters
+        by name; "lora_only": the `bias` of each adapted module, every layer of which must then be adapted)."""
+        modules = T.modules(params)
+
+        def trained(path: str, _) -> bool:
+            module = modules[path.rpartition("/")[0]]
+            if self.bias == "all":
+                return "bias" in path and T.leaf_name(path) not in (*self.trainable, *self.metadata)
+            if self.bias == "none" or T.leaf_name(path) != "bias" or "lora_a" not in module:
+                return False
+            if not np.all(np.asarray(module["lora_scale"]) != 0):
+                raise JpeftError(f"LoRA bias='lora_only' on {hf_module(path.rpartition('/')[0])}, adapted in only "
+                                 "some of its layers: PEFT trains the adapted layers' biases alone, jpeft a module's "
+                                 "bias across its layer stack")
+            return True
+        return T.map_with_path(trained, params)
 
     def init_module(self, key, path: str, leaves: dict, picked: list[bool]) -> dict:
         lead, rank, scale = self.layer_ranks(path, leaves, picked)

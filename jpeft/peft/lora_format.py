@@ -140,7 +140,51 @@ def from_peft(config: dict, tensors, modules: dict) -> dict:
                            f"its modules: {method.available(modules)}")
     if token_indices := config.get("trainable_token_indices"):
         out = trainable_tokens.read_lora_tensors(token_indices, tensors, out)
+    return biases_from_peft(tensors, out) if config.get("bias", "none") != "none" else out
+
+
+def biases_to_peft(modules: dict, trained: dict) -> dict:
+    """PEFT's tensors of the base biases a LoRA's `bias` trains (`trained`: a flat mask of them, `LoRA.trained_biases`):
+    each layer's under its module's name, or under its `base_layer` where LoRA wraps that layer, as PEFT saves them."""
+    from jpeft.models.hf import hf_layout, hf_names  # models import the peft package
+    tensors = {}
+    for path in (p for p, on in trained.items() if on):
+        module, leaf = path.rpartition("/")[::2]
+        leaves = modules[module]
+        rows = layer_rows(module, leaves[leaf])
+        wrapped = layer_rows(module, leaves["lora_scale"]) != 0 if "lora_a" in leaves else np.zeros(len(rows), bool)
+        for name, row, inside in zip(hf_names(path, len(rows)), rows, wrapped):
+            tensors[_wrapped_bias(name) if inside else name] = np.ascontiguousarray(hf_layout(path, row))
+    return tensors
+
+
+def biases_from_peft(tensors, modules: dict) -> dict:
+    """The tree's modules with each base leaf a PEFT file trained as a bias (`bias` "all" or "lora_only") read from
+    it, under the module's name or its `base_layer`'s."""
+    from jpeft.models.hf import hf_layout, hf_names
+    out = dict(modules)
+    for module, leaves in modules.items():
+        for leaf, value in leaves.items():
+            path = f"{module}/{leaf}"
+            if "bias" not in path or leaf in (*LoRA.trainable, *LoRA.metadata):
+                continue
+            rows = layer_rows(module, value)
+            found = False
+            for i, name in enumerate(hf_names(path, len(rows))):
+                key = next((k for k in (name, _wrapped_bias(name)) if k in tensors.left), None)
+                if key is not None:
+                    got = hf_layout(path, tensors.take(key))
+                    tensors.fits(key, got.shape, rows[i].shape)
+                    rows[i], found = got, True
+            if found:
+                out[module] = {**out[module], leaf: from_layer_rows(module, rows, value.dtype)}
     return out
+
+
+def _wrapped_bias(name: str) -> str:
+    """PEFT's name of a LoRA-wrapped layer's bias: `q_proj.bias` -> `q_proj.base_layer.bias`."""
+    head, _, leaf = name.rpartition(".")
+    return f"{head}.base_layer.{leaf}"
 
 
 def _refuse_other_layer_counts(layers_pattern, modules: dict) -> None:

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from jpeft.train import trainer
-from conftest import read_metrics, run_config
+from conftest import family_run, read_metrics, run_config
 
 MESHES = ((2, 2, 2), (8, 1, 1), (1, 8, 1), (2, 1, 4))
 # LoRA runs on every mesh; full fine-tuning and QLoRA, to compile less, on the mesh of all three axes and
@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
-    from conftest import read_metrics, run_config
+    from conftest import family_run, read_metrics, run_config
     assert len(jax.devices()) == 8
     run, out, specs = json.loads({run!r}), {out!r}, {{}}
     real = trainer.make_train_step
@@ -171,19 +171,6 @@ def test_method_leaves_and_optimizer_state_follow_their_weights():
             assert out[name]["leaves"][path] == spec, (name, path, out[name]["leaves"][path])
         # Adam's two moments of every trained leaf lie exactly as the leaf does
         assert out[name]["moments"] == sorted(2 * list(out[name]["trainable"].values())), name
-
-
-def family_run(tiny_run, tmp_path, family: str) -> dict:
-    """`tiny_run` with a tiny random model of `family` (its `conftest.FAMILIES` sizes) over the run's tokenizer."""
-    from transformers import AutoTokenizer
-    from conftest import FAMILIES, make_hf_model, save_hf_model
-    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
-    base = save_hf_model(make_hf_model(family, **FAMILIES[family], vocab_size=len(tokenizer),
-                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512),
-                         tmp_path / "base")
-    tokenizer.save_pretrained(base)
-    return {**tiny_run, "model": base}
 
 
 FUSED_ON_A_MESH = {"phi3": ("[qkv_proj,gate_up_proj]", "['model']['layers']['self_attn']['qkv_proj']"),

@@ -1,5 +1,6 @@
-"""PEFT formats that map onto jpeft methods adding no leaves of their own, both ways against PyTorch PEFT: LN
-tuning (jpeft's norm tuning) and AdaLoRA (read as the LoRA it computes)."""
+"""PEFT formats that map onto jpeft methods adding no leaves of their own, or training the base's, both ways against
+PyTorch PEFT: LN tuning (jpeft's norm tuning), AdaLoRA (read as the LoRA it computes), LoRA's `bias`."""
+import jax
 import numpy as np
 import peft
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from conftest import FAMILIES, make_hf_model, make_t5, save_hf_model
+from conftest import FAMILIES, edit_adapter_config, make_hf_model, make_t5, save_hf_model
+from jpeft.peft.hf_format import adapter_mask
 from test_peft_parity import IDS, jax_logits, perturb_torch, torch_logits
 from test_t5_peft_parity import t5_logits, torch_t5_logits
 
@@ -81,3 +83,52 @@ def test_adalora_dir_reads_as_the_lora_it_computes(tmp_path):
     as_lora = peft.PeftModel.from_pretrained(make_hf_model("llama"), tmp_path / "lora").eval()
     assert as_lora.peft_config["default"].peft_type == "LORA"
     np.testing.assert_allclose(torch_logits(as_lora), jax_logits(model, loaded), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family,bias", [("qwen2", "lora_only"), ("qwen2", "all"), ("gpt2", "all")])
+def test_lora_bias_trains_the_bases_biases_as_peft_does(tmp_path, family, bias):
+    """PEFT's `bias`: "lora_only" trains the adapted modules' biases (saved under their `base_layer`), "all" every
+    parameter named a bias (Qwen2's k/v biases beside, GPT-2's LayerNorms' too): jpeft reads PEFT's dir with its
+    logits, trains as many parameters, and writes (given the method) a dir PEFT reads with jpeft's logits."""
+    from conftest import GPT2
+    sizes, targets = (GPT2, ["c_attn"]) if family == "gpt2" else ({}, ["q_proj", "o_proj"])
+    ref = make_hf_model(family, **sizes)
+    path = save_hf_model(ref, tmp_path / "base")
+    peft_model = peft.get_peft_model(ref, peft.LoraConfig(r=2, target_modules=targets, bias=bias,
+                                                          fan_in_fan_out=family == "gpt2"))
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.3 * torch.randn_like(p))
+    peft_model.eval().save_pretrained(tmp_path / "from_peft")
+    model, params = jpeft.from_pretrained(path)
+    loaded = jpeft.load_adapter(str(tmp_path / "from_peft"), params)
+    np.testing.assert_allclose(jax_logits(model, loaded), torch_logits(peft_model), atol=2e-4, rtol=0)
+    method = jpeft.LoRA(rank=2, targets=targets, bias=bias)
+    mask = T.flatten(method.mask(loaded))
+    assert mask == T.flatten(adapter_mask(str(tmp_path / "from_peft"), loaded))  # what resumed training trains
+    assert sum(int(np.size(v)) for p, v in T.flatten(loaded).items() if mask[p]) == sum(p.numel() for p in trained)
+    changed = T.unflatten({p: v * 1.5 if mask[p] else v for p, v in T.flatten(loaded).items()})
+    jpeft.save_adapter(str(tmp_path / "ours"), changed, method=method)
+    reread = peft.PeftModel.from_pretrained(make_hf_model(family, **sizes), tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_logits(reread), jax_logits(model, changed), atol=2e-4, rtol=0)
+    assert np.abs(jax_logits(model, changed) - jax_logits(model, loaded)).max() > 1e-3
+
+
+def test_lora_bias_choices_jpeft_cannot_honour_are_refused(tmp_path):
+    """A bias mode PEFT lacks; "lora_only" where only some layers of a stack are adapted (PEFT trains those layers'
+    biases alone, jpeft a stack's whole); biases beside a mixture's experts; a non-LoRA dir's bias."""
+    with pytest.raises(jpeft.JpeftError, match="LoRA bias must be one of none, all, lora_only"):
+        jpeft.LoRA(bias="yes")
+    with pytest.raises(jpeft.JpeftError, match="bias='lora_only' with layers"):
+        jpeft.LoRA(bias="lora_only", layers=[0])
+    with pytest.raises(jpeft.JpeftError, match="takes no bias 'all'"):
+        jpeft.LoRA(bias="all", target_parameters=["mlp.experts.down_proj"])
+    model, params = jpeft.from_pretrained(save_hf_model(make_hf_model("qwen2"), tmp_path / "base"))
+    layer_0 = jpeft.LoRA(targets=r"model\.layers\.0\.self_attn\.q_proj", bias="lora_only")
+    with pytest.raises(jpeft.JpeftError, match="q_proj, adapted in only some of its layers"):
+        layer_0.mask(layer_0.init(jax.random.key(0), params))
+    jpeft.save_adapter(str(tmp_path / "ia3"), jpeft.IA3().init(jax.random.key(0), params))
+    edit_adapter_config(tmp_path / "ia3", bias="all")
+    with pytest.raises(jpeft.AdapterError, match="bias='all' IA3 adapters are not supported"):
+        jpeft.load_adapter(str(tmp_path / "ia3"), params)

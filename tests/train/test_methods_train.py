@@ -1,4 +1,6 @@
 """`jpeft train` with every method name: it learns, exports, and the export loads back."""
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from jpeft import tree as T
 from jpeft.config import load_config
 from jpeft.errors import ConfigError
 from jpeft.train import trainer
-from conftest import jit_logits, read_metrics, run_config
+from conftest import family_run, jit_logits, read_metrics, run_config
 
 RUNS = {
     "dora-pissa-layers": ["method.name=lora", "method.use_dora=true", "method.init=pissa", "method.layers=[1]",
@@ -47,6 +49,20 @@ def test_every_method_trains_and_exports(tiny_run, tmp_path, run):
     adapted = jpeft.load_adapter(str(tmp_path / "adapter"), base)
     ids = np.arange(1, 20)[None]
     assert np.abs(np.asarray(model.apply({"params": adapted}, ids) - jit_logits(model, base, ids))).max() > 1e-4
+
+
+def test_lora_bias_trains_the_adapted_modules_biases_and_exports_them(tiny_run, tmp_path):
+    """method.bias=lora_only on Qwen2 (q/k/v biases): q_proj's biases train and reach the dir (as PEFT's
+    `base_layer.bias`), k_proj's stay the base's bit for bit."""
+    run = family_run(tiny_run, tmp_path, "qwen2")
+    trainer.train(run_config(run, tmp_path, "train.steps=3", "train.lr=3e-2", "method.name=lora",
+                             "method.targets=[q_proj]", "method.bias=lora_only"), progress=False)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["bias"] == "lora_only"
+    _, base = jpeft.from_pretrained(run["model"])
+    adapted, base = T.flatten(jpeft.load_adapter(str(tmp_path / "adapter"), base)), T.flatten(base)
+    bias = "model/layers/self_attn/{}/bias".format
+    assert np.abs(np.asarray(adapted[bias("q_proj")] - base[bias("q_proj")])).max() > 1e-4
+    np.testing.assert_array_equal(adapted[bias("k_proj")], base[bias("k_proj")])
 
 
 def test_method_options_are_checked(caplog):
