@@ -104,7 +104,7 @@ def test_a_run_configs_unset_targets_are_pefts(tmp_path, family):
     assert list(lora.targets) == constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[family]
     ia3 = build_method(load_config(None, ["method.name=ia3", f"model.path={path}"]))
     llama = {"mpt": (["Wqkv", "down_proj"], ["down_proj"]),  # k_proj, v_proj, down_proj
-             "codegen": (["qkv_proj", "fc_out"], ["fc_out"])}.get(family)
+             "codegen": (["qkv_proj", "fc_out"], ["fc_out"])}.get(family, (None, None))
     assert list(ia3.targets) == constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(family, llama[0])
     assert list(ia3.feedforward) == constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(family,
                                                                                                         llama[1])
