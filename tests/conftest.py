@@ -230,7 +230,8 @@ def make_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
 T5_TINY = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
 T5_VARIANTS = {"t5-v1.0": dict(feed_forward_proj="relu"),
-               "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+               "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+               "mt5": dict(feed_forward_proj="gated-gelu")}  # transformers' MT5 (its own config and model classes)
 
 
 def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 0, **overrides):
@@ -243,7 +244,9 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
 
     _torch_one_thread()
     torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))
+    family = "MT5" if variant == "mt5" else "T5"
+    config_class, model_class = (getattr(transformers, family + name) for name in ("Config", "ForConditionalGeneration"))
+    model = model_class(config_class(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layer_norm.weight"):
@@ -254,7 +257,7 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
         weights["lm_head.weight"] = np.random.default_rng(seed).normal(0, 0.5, weights["shared.weight"].shape
                                                                        ).astype(np.float32)
         save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        model = transformers.T5ForConditionalGeneration.from_pretrained(path)
+        model = model_class.from_pretrained(path)
     return model.eval(), str(path)
 
 

@@ -233,7 +233,7 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, "
                 "Falcon, StarCoder2, MPT, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
-        if model_type == "t5":
+        if model_type in ("t5", "mt5"):
             return _t5(hf, source, need).replace(pad_token_id=pad)
         if model_type == "gpt2":
             return _gpt2(hf, source, need).replace(pad_token_id=pad)
@@ -346,23 +346,25 @@ class ModelConfig:
 
 
 def _t5(hf: dict, source: str, need) -> ModelConfig:
-    """T5, T5 v1.1, FLAN-T5: `feed_forward_proj` is `relu` (v1.0) or `gated-gelu` (v1.1). v1.0 scales the
-    decoder output (transformers 5 writes that as `scale_decoder_outputs`, older files as
-    `tie_word_embeddings`) and ties its head; whether a checkpoint's head is tied `from_pretrained`
-    decides by its weights (their own `lm_head.weight` or none), as transformers does."""
-    proj = hf.get("feed_forward_proj", "relu")
+    """T5, T5 v1.1, FLAN-T5, mT5 (`model_type` mt5, read as the T5 it is): `feed_forward_proj` is `relu` (v1.0) or
+    `gated-gelu` (v1.1, mT5's default). v1.0 scales the decoder output (transformers 5 writes that as `scale_decoder_outputs`, older
+    files as `tie_word_embeddings`) and ties its head; mT5 never scales (transformers' MT5 has no such switch);
+    whether a checkpoint's head is tied `from_pretrained` decides by its weights (their own `lm_head.weight` or
+    none), as transformers does."""
+    mt5 = hf["model_type"] == "mt5"
+    proj = hf.get("feed_forward_proj", "gated-gelu" if mt5 else "relu")  # each family's default
     gated, _, act = proj.rpartition("-")
     act = "gelu_new" if proj == "gated-gelu" else act
     if gated not in ("", "gated") or act not in T5_ACTIVATIONS:
         raise CheckpointError(f"{source}: feed_forward_proj {proj!r} is not supported; use relu, gated-gelu, "
                               f"or [gated-]{{{', '.join(T5_ACTIVATIONS)}}}")
-    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    scaled = not mt5 and hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
     heads, layers = need("num_heads"), need("num_layers")
     rate = dropout_rate(hf.get("dropout_rate", 0.1), "dropout_rate", source)
     return ModelConfig(
         model_type="t5", vocab_size=need("vocab_size"), hidden_size=need("d_model"), intermediate_size=need("d_ff"),
         num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=need("d_kv"),
-        rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_word_embeddings=scaled,
+        rms_norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_word_embeddings=mt5 or scaled,
         hidden_act=T5_ACTIVATIONS[act], gated_mlp=gated == "gated",
         num_decoder_layers=hf.get("num_decoder_layers") or layers,
         relative_buckets=hf.get("relative_attention_num_buckets", 32),

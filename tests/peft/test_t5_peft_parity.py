@@ -38,11 +38,11 @@ T5_ADAPTERS = {  # PEFT's module names for T5
 }
 
 
-@pytest.mark.parametrize("method", T5_ADAPTERS)
-def test_t5_adapter_round_trip(tmp_path, method):
-    """jpeft -> PEFT -> jpeft on FLAN-T5: the same logits on all three, adapters on encoder and decoder."""
+@pytest.mark.parametrize("variant,method", [("flan-t5", method) for method in T5_ADAPTERS] + [("mt5", "lora")])
+def test_t5_adapter_round_trip(tmp_path, variant, method):
+    """jpeft -> PEFT -> jpeft on FLAN-T5 (and mT5): the same logits on all three, adapters on encoder and decoder."""
     init, random_leaves = T5_ADAPTERS[method]
-    ref, model_dir = make_t5(tmp_path / "base", "flan-t5")
+    ref, model_dir = make_t5(tmp_path / "base", variant)
     model, params = jpeft.from_pretrained(model_dir)
     adapted = perturb(init.init(jax.random.key(0), params), random_leaves, jax.random.key(1))
     rng = np.random.RandomState(0)
