@@ -245,7 +245,8 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
     _torch_one_thread()
     torch.manual_seed(seed)
     family = "MT5" if variant == "mt5" else "T5"
-    config_class, model_class = (getattr(transformers, family + name) for name in ("Config", "ForConditionalGeneration"))
+    config_class, model_class = (getattr(transformers, family + kind)
+                                 for kind in ("Config", "ForConditionalGeneration"))
     model = model_class(config_class(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -347,10 +347,10 @@ class ModelConfig:
 
 def _t5(hf: dict, source: str, need) -> ModelConfig:
     """T5, T5 v1.1, FLAN-T5, mT5 (`model_type` mt5, read as the T5 it is): `feed_forward_proj` is `relu` (v1.0) or
-    `gated-gelu` (v1.1, mT5's default). v1.0 scales the decoder output (transformers 5 writes that as `scale_decoder_outputs`, older
-    files as `tie_word_embeddings`) and ties its head; mT5 never scales (transformers' MT5 has no such switch);
-    whether a checkpoint's head is tied `from_pretrained` decides by its weights (their own `lm_head.weight` or
-    none), as transformers does."""
+    `gated-gelu` (v1.1, mT5's default). v1.0 scales the decoder output (transformers 5 writes that as
+    `scale_decoder_outputs`, older files as `tie_word_embeddings`) and ties its head; mT5 never scales (transformers'
+    MT5 has no such switch); whether a checkpoint's head is tied `from_pretrained` decides by its weights (their own
+    `lm_head.weight` or none), as transformers does."""
     mt5 = hf["model_type"] == "mt5"
     proj = hf.get("feed_forward_proj", "gated-gelu" if mt5 else "relu")  # each family's default
     gated, _, act = proj.rpartition("-")
