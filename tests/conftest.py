@@ -99,6 +99,11 @@ FAMILIES = {
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj and gate_up_proj, RoPE on half of each head
     "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=2),  # no RoPE in every other layer
     "ministral": dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    # Ministral 3: YaRN, and queries scaled past each multiple of the original length (4 here, so a test row passes
+    # several; Llama 4's attention temperature)
+    "ministral3": dict(head_dim=8, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=4, beta_fast=32.0,
+        beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.5)),
     "seed_oss": dict(head_dim=8, attention_out_bias=True),  # o_proj's bias beside q/k/v's
     "ernie4_5": dict(head_dim=8, use_bias=True),  # RoPE over neighbouring dimensions, a bias on every projection
     "helium": dict(head_dim=8, attention_bias=True),

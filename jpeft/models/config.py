@@ -1,6 +1,6 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
+Llama, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
 Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, Falcon, StarCoder2,
 MPT and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these
 fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a
@@ -223,10 +223,12 @@ class ModelConfig:
         fields = hf
 
         model_type = hf.get("model_type")
-        if model_type == "gemma3" and "text_config" in hf:
-            raise CheckpointError(f"{source}: a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration); jpeft "
-                                  "reads the text-only Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text): load "
-                                  "the text model alone in transformers and save it, or use a text-only checkpoint")
+        text = hf["text_config"].get("model_type") if isinstance(hf.get("text_config"), dict) else None
+        if model_type not in SUPPORTED_TYPES and text in SUPPORTED_TYPES:  # Gemma 3's, Mistral 3's
+            classes = ", ".join(hf.get("architectures") or [])
+            raise CheckpointError(f"{source}: a multimodal {model_type} checkpoint ({classes}); jpeft reads its text "
+                                  f"model alone (model_type {text}): load the text model in transformers and save "
+                                  "it, or use a text-only checkpoint")
         if model_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not supported; jpeft supports "

@@ -43,7 +43,8 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias", "weight": "weight",
            # GPT-OSS's parameters of a module that holds more: attention's sinks, the experts' biases
            **{name: name for name in ("sinks", "gate_up_proj_bias", "down_proj_bias")}}
-ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+ARCHITECTURE = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "ministral3": "Ministral3",
+                "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text", "olmo2": "Olmo2", "olmo3": "Olmo3",
                 "phi3": "Phi3", "smollm3": "SmolLM3", "helium": "Helium", "exaone4": "Exaone4",
                 "seed_oss": "SeedOss", "arcee": "Arcee", "glm": "Glm", "glm4": "Glm4", "olmo": "Olmo",

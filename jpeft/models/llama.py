@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Ministral, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
+"""The Llama-family decoder (Llama, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
 ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT,
 BLOOM, Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
 GraniteMoE(-Shared)): one module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
@@ -53,7 +53,9 @@ class Attention(nn.Module):
             q, k = (norm(cfg, (heads, "head_dim"), name)(a) for name, a, heads in (("q_norm", q, "heads"),
                                                                                     ("k_norm", k, "kv")))
         if rope is not None:  # OPT's positions are learned, added to the input; BLOOM's are ALiBi's `bias`
-            q, k = (apply_rope(a, *rope, cfg.rope_interleaved) for a in (q, k))
+            cos, sin, query_scale = rope
+            q, k = (apply_rope(a, cos, sin, cfg.rope_interleaved) for a in (q, k))
+            q = q if query_scale is None else q * query_scale.astype(q.dtype)  # Ministral 3's
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k, v = sites.attention_kv(L.module_leaves(self), k, v)  # a prefix is cached like past tokens
         cache_kv, k, v = C.keys_values(cache_kv, k, v, layer, cache_index)

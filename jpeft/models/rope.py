@@ -53,7 +53,7 @@ def _yarn(powers: np.ndarray, dim: int, rope: Rope) -> np.ndarray:
 
 def rope_tables(cfg: ModelConfig, positions):
     """(cos, sin) [kinds, B, T, rotary_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
-    sliding layers have a RoPE of their own. Computed once a call, before the layer scan: inside it each
+    sliding layers have a RoPE of their own; and the queries' factor (`query_scale`, None for most). Computed once a call, before the layer scan: inside it each
     layer recomputed them, XLA fused the cos and sin into every head's rotation, and the scan stacked
     them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench model: LoRA bf16
     step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x). LongRoPE picks its long factors for the whole
@@ -66,13 +66,23 @@ def rope_tables(cfg: ModelConfig, positions):
     freqs = positions[None, ..., None].astype(jnp.float32) * inv_freq[:, None, None, :]
     cos, sin = jnp.cos(freqs), jnp.sin(freqs)
     scale = np.array([rope.attention_factor for rope in ropes], np.float32)[:, None, None, None]
-    return (cos, sin) if np.all(scale == 1) else (cos * scale, sin * scale)  # YaRN's temperature
+    tables = (cos, sin) if np.all(scale == 1) else (cos * scale, sin * scale)  # YaRN's temperature
+    return (*tables, query_scale(cfg.rope, positions))
+
+
+def query_scale(rope, positions):
+    """Ministral 3's factor on each query after its rotation [B, T, 1, 1] (Llama 4's attention temperature past the
+    original length: 1 + β·ln(1 + ⌊position / original length⌋)); None where the rope has none."""
+    if not rope.query_scaling_beta:
+        return None
+    steps = jnp.floor(positions.astype(jnp.float32) / rope.original_max_positions)
+    return (1 + rope.query_scaling_beta * jnp.log(1 + steps))[..., None, None]
 
 
 def layer_rope(cfg: ModelConfig, tables, layer):
-    """This layer's (cos, sin) [B, T, rotary_dim / 2] of `rope_tables`; a layer without RoPE (SmolLM3's NoPE layers)
-    gets cos 1 and sin 0, a rotation that leaves every value as it was, bit for bit."""
-    cos, sin = tables
+    """This layer's (cos, sin) [B, T, rotary_dim / 2] of `rope_tables`, and the queries' factor; a layer without RoPE
+    (SmolLM3's NoPE layers) gets cos 1 and sin 0, a rotation that leaves every value as it was, bit for bit."""
+    cos, sin, scale = tables
     if len(cos) == 1:
         cos, sin = cos[0], sin[0]
     else:
@@ -81,7 +91,7 @@ def layer_rope(cfg: ModelConfig, tables, layer):
     if cfg.rope_layers and not all(cfg.rope_layers):
         rotates = jnp.asarray(cfg.rope_layers)[layer]
         cos, sin = jnp.where(rotates, cos, 1.0), jnp.where(rotates, sin, 0.0)
-    return cos, sin
+    return cos, sin, scale
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -30,6 +30,9 @@ class Rope:
     # LongRoPE (Phi-3): per-frequency divisors, the long ones where a call reaches past original_max_positions
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    # Ministral 3 (Llama 4's attention temperature): queries times 1 + β·ln(1 + ⌊position / original_max_positions⌋)
+    # after the rotation; 0: none
+    query_scaling_beta: float = 0.0
 
 
 def read_ropes(params: dict | None, hf: dict, source: str, partial: bool, head_dim: int) -> tuple[Rope, Rope | None]:
@@ -60,7 +63,8 @@ def _rope(params: dict, hf: dict, source: str, partial: bool, head_dim: int, tru
     factor = params.get("factor", 1.0)
     rope = Rope(theta=params.get("rope_theta", hf.get("rope_theta", 10000.0)), type=rope_type, factor=factor,
                 low_freq_factor=params.get("low_freq_factor", 1.0), high_freq_factor=params.get("high_freq_factor", 4.0),
-                original_max_positions=original)
+                original_max_positions=original, query_scaling_beta=float(
+                    params.get("llama_4_scaling_beta") or 0.0) if hf.get("model_type") == "ministral3" else 0.0)
     if rope_type == "longrope":
         return _longrope(rope, params, hf, source, head_dim)
     if rope_type != "yarn":

@@ -108,6 +108,17 @@ def test_integer_weights_are_refused(ckpt):
         jpeft.from_pretrained(str(ckpt))
 
 
+@pytest.mark.parametrize("model_type,text", [("gemma3", "gemma3_text"), ("mistral3", "ministral3")])
+def test_a_multimodal_checkpoint_is_refused_naming_its_text_model(model_type, text):
+    """Gemma 3 4B+ and Ministral 3 come as image-text models; jpeft reads their text model alone."""
+    import transformers
+    config = transformers.AutoConfig.for_model(model_type, text_config=transformers.AutoConfig.for_model(text))
+    hf = dict(config.to_dict(), architectures=[f"{type(config).__name__[:-6]}ForConditionalGeneration"])
+    with pytest.raises(jpeft.CheckpointError, match=f"a multimodal {model_type} checkpoint .*ForConditionalGeneration.*"
+                                                    f"model_type {text}\): load the text model"):
+        ModelConfig.from_hf(hf)
+
+
 # config.json switches jpeft does not run, each refused naming it (and the file loading with it off)
 @pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
 def test_bidirectional_attention_is_refused(model_type):

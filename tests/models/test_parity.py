@@ -84,6 +84,8 @@ CASES = {
                                                          use_sliding_window=True, sliding_window=4)),
     "smollm3-untied-bias-own-layers": ("smollm3", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                                                        no_rope_layers=[0, 1])),
+    "ministral3-yarn-query-scale": ("ministral3", dict(FAMILIES["ministral3"], initializer_range=0.2)),
+    "ministral3-window": ("ministral3", dict(FAMILIES["ministral3"], sliding_window=4, initializer_range=0.2)),
     "ministral-alternating-windows": ("ministral", dict(head_dim=8, sliding_window=4,
                                                         layer_types=["sliding_attention", "full_attention"])),
     # ERNIE 4.5 and Helium rotate neighbouring dimensions together; ERNIE's use_bias is every projection's, Helium's
@@ -305,12 +307,6 @@ def test_rope_scaling_transformers_reads_first_is_refused_where_unsupported():
         ModelConfig.from_hf(hf)
 
 
-def test_multimodal_gemma3_is_refused_naming_the_text_model():
-    hf = {"model_type": "gemma3", "text_config": make_hf_model("gemma3_text", **GEMMA3).config.to_dict()}
-    with pytest.raises(jpeft.CheckpointError, match="text-only Gemma 3"):
-        ModelConfig.from_hf(hf)
-
-
 def test_sliding_window_changes_logits(tmp_path):
     """Guards the parity test above against a window that is silently ignored on both sides."""
     ref_model = make_hf_model("mistral", sliding_window=5)
@@ -406,6 +402,7 @@ def test_scan_compiles_once_for_any_depth(tmp_path):
     ("falcon-new-decoder-kv-groups", dict(fused_qkv="blocks")),
     ("falcon-new-decoder-kv-groups", dict(parallel_norm_names=("ln_mlp", "ln_attn"))),
     ("starcoder2-sliding-no-bias", dict(sliding_window=None)),
+    ("ministral3-yarn-query-scale", dict(rope=dict(query_scaling_beta=0.0))),
     ("mpt-six-heads-eps", dict(alibi=None)),
     ("mpt-alibi-clip-scale", dict(clip_qkv=None)),
     ("mpt-alibi-clip-scale", dict(attention_multiplier=None)),
