@@ -7,9 +7,9 @@ from __future__ import annotations
 from jpeft.errors import CheckpointError
 from jpeft.models.rope_params import SLIDING
 
-SUPPORTED_TYPES = ("llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                   "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee", "glm",
-                   "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+SUPPORTED_TYPES = ("llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                   "granite", "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee",
+                   "glm", "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                    "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "codegen", "opt", "bloom",
                    "falcon", "starcoder2", "mpt", "t5", "mt5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -107,8 +107,8 @@ FAMILY_FIELDS = {
     "use_bias": ("ernie4_5", "starcoder2"),  # every projection's bias
     "enable_bias": ("opt",),  # the same
     "bias": ("falcon",),  # the same
-    "sliding_window": ("mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3", "smollm3",
-                       "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"),
+    "sliding_window": ("mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "olmo3", "phi3",
+                       "smollm3", "exaone4", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "starcoder2"),
     "clip_qkv": ("olmo", "olmoe", "mpt"),
     "softmax_scale": ("mpt",),  # the attention's scale, 1/√head_dim where null
     "logit_scale": COHERE_TYPES,  # logits times it (Granite's logits_scaling divides)

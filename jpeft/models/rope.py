@@ -52,12 +52,12 @@ def _yarn(powers: np.ndarray, dim: int, rope: Rope) -> np.ndarray:
 
 
 def rope_tables(cfg: ModelConfig, positions):
-    """(cos, sin) [kinds, B, T, rotary_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's
-    sliding layers have a RoPE of their own; and the queries' factor (`query_scale`, None for most). Computed once a call, before the layer scan: inside it each
-    layer recomputed them, XLA fused the cos and sin into every head's rotation, and the scan stacked
-    them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench model: LoRA bf16
-    step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x). LongRoPE picks its long factors for the whole
-    call where its last position reaches past the original length, as transformers does per forward pass."""
+    """(cos, sin) [kinds, B, T, rotary_dim / 2] at integer positions [B, T]: one kind, or two where Gemma 3's sliding
+    layers have a RoPE of their own; and the queries' factor (`query_scale`, None for most). Computed once a call,
+    before the layer scan: inside it each layer recomputed them, XLA fused the cos and sin into every head's
+    rotation, and the scan stacked them for the backward pass (with `apply_rope`'s pairs, in-process A/B on the bench
+    model: LoRA bf16 step 0.92-0.96x, full bf16 0.94x, LoRA float32 0.98x). LongRoPE picks its long factors for the
+    whole call where its last position reaches past the original length, as transformers does per forward pass."""
     ropes = [cfg.rope] + ([cfg.local_rope] if cfg.local_rope and any(cfg.sliding_layers) else [])
     inv_freq = jnp.asarray(np.stack([rope_inverse_frequencies(cfg.rotary_dim, rope) for rope in ropes]))
     if cfg.rope.type == "longrope":

@@ -30,7 +30,7 @@ class Rope:
     # LongRoPE (Phi-3): per-frequency divisors, the long ones where a call reaches past original_max_positions
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
-    # Ministral 3 (Llama 4's attention temperature): queries times 1 + β·ln(1 + ⌊position / original_max_positions⌋)
+    # Ministral 3 (Llama 4's attention temperature): queries times 1 + β·ln(1 + ⌊position / original length⌋)
     # after the rotation; 0: none
     query_scaling_beta: float = 0.0
 

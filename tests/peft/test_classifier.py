@@ -364,9 +364,10 @@ def test_a_head_saved_without_config_loads_in_transformers_with_its_classes_and_
                                np.asarray(jpeft.classify(model, tree, IDS_PADDED, MASK)), atol=2e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["olmo2", "phi3", "smollm3", "ministral", "ministral3", "seed_oss", "helium", "exaone4",
-                                    "arcee", "glm", "glm4", "olmo", "stablelm", "gpt_neox", "phi", "gptj", "opt", "opt-350m",
-                                    "bloom", "falcon", "starcoder2", "mpt", "mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["olmo2", "phi3", "smollm3", "ministral", "ministral3", "seed_oss", "helium",
+                                    "exaone4", "arcee", "glm", "glm4", "olmo", "stablelm", "gpt_neox", "phi", "gptj",
+                                    "opt", "opt-350m", "bloom", "falcon", "starcoder2", "mpt", "mixtral", "qwen2_moe",
+                                    "gpt_oss"])
 def test_a_head_exports_as_the_familys_transformers_classifier(tmp_path, family):
     """... reading the features at the embedding's width where it differs (OPT-350m's project_out)."""
     from conftest import FAMILIES as SIZES, OPT_350M
