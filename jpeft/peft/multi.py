@@ -39,6 +39,13 @@ def add_adapter(params, name: str, adapted):
     leaves = {p: v for p, v in flat.items() if T.leaf_name(p) in ADAPTER_LEAVES and not p.startswith("adapters/")}
     if not leaves:
         raise JpeftError(f"add_adapter: {name!r} holds no adapter leaves (call a method's .init first)")
+    base = T.flatten(_base(params))
+    if changed := sorted(p for p, v in flat.items() if p in base and p not in leaves and v is not base[p]
+                         and not bool(jnp.array_equal(v, base[p]))):
+        raise JpeftError(f"add_adapter: {name!r} changed base weights the named adapters share "
+                         f"({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}), which an adapter entry "
+                         "does not keep (full fine-tuning; LoRA's bias='all' on a table PEFT calls a bias); keep that "
+                         "tree whole, or merge it and add adapters to that")
     stored = dict(params.get("adapters", {}))
     stored[name] = T.unflatten(leaves)
     return {**params, "adapters": stored}

@@ -150,3 +150,20 @@ def test_weighted_combination_edges_follow_peft(setup):
     prompt = jpeft.PromptTuning(4).init(jax.random.key(9), params)
     with pytest.raises(jpeft.JpeftError, match="soft_prompt.*plain LoRA adapters only"):
         jpeft.route(jpeft.add_adapter(tree, "prompt", prompt), ["one", "prompt"], [0, 1, 0])
+
+
+def test_a_tree_whose_base_weights_changed_is_not_stored_as_an_adapter(setup, tmp_path):
+    """A named adapter keeps its own leaves (and biases): a fully fine-tuned tree, or T5's position-bias table that
+    LoRA's bias='all' trains, would lose those changes silently; refused naming them."""
+    _, _, params, single, _ = setup
+    tuned = T.unflatten({p: v * 1.01 if p.endswith("down_proj/kernel") else v
+                         for p, v in T.flatten(single["one"]).items()})
+    with pytest.raises(jpeft.JpeftError, match="'tuned' changed base weights .*model/layers/mlp/down_proj/kernel"):
+        jpeft.add_adapter(params, "tuned", tuned)
+    _, t5 = jpeft.from_pretrained(make_t5(tmp_path, "flan-t5")[1])
+    lora = jpeft.LoRA(rank=2, targets=["q", "v"], bias="all")
+    trained = T.unflatten({p: v + 0.5 if on else v for (p, v), on in zip(
+        T.flatten(lora.init(jax.random.key(0), t5)).items(),
+        T.flatten(lora.mask(lora.init(jax.random.key(0), t5))).values())})
+    with pytest.raises(jpeft.JpeftError, match="changed base weights .*relative_attention_bias/embedding"):
+        jpeft.add_adapter(t5, "t5", trained)
