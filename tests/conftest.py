@@ -236,7 +236,8 @@ T5_TINY = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_dec
                relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
 T5_VARIANTS = {"t5-v1.0": dict(feed_forward_proj="relu"),
                "flan-t5": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-               "mt5": dict(feed_forward_proj="gated-gelu")}  # transformers' MT5 (its own config and model classes)
+               # transformers' MT5 and UMT5 (their own config and model classes; UMT5: a position-bias table per layer)
+               "mt5": dict(feed_forward_proj="gated-gelu"), "umt5": dict(tie_word_embeddings=False)}
 
 
 def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 0, **overrides):
@@ -249,7 +250,7 @@ def make_t5(path, variant: str = "flan-t5", own_head: bool = False, seed: int = 
 
     _torch_one_thread()
     torch.manual_seed(seed)
-    family = "MT5" if variant == "mt5" else "T5"
+    family = {"mt5": "MT5", "umt5": "UMT5"}.get(variant, "T5")
     config_class, model_class = (getattr(transformers, family + kind)
                                  for kind in ("Config", "ForConditionalGeneration"))
     model = model_class(config_class(**{**T5_TINY, **T5_VARIANTS[variant], **overrides}))

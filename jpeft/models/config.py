@@ -130,6 +130,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     scale_decoder_outputs: bool = False
     decoder_start_token_id: int = 0
+    position_bias_per_layer: bool = False  # UMT5: each block's self-attention has a bias table of its own
     # The model's own dropout, applied in a train step as transformers applies it in training (GPT-2's and
     # T5's are 0.1 by default, the Llama family's attention_dropout 0): on the embeddings (GPT-2 embd_pdrop, T5
     # dropout_rate), on attention probabilities (attn_pdrop, dropout_rate, attention_dropout), and on each
@@ -235,7 +236,7 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_TYPES)} (Llama-family decoders, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, "
                 "Falcon, StarCoder2, MPT, T5 and GPT-2)")
         pad = hf.get("pad_token_id")
-        if model_type in ("t5", "mt5"):
+        if model_type in ("t5", "mt5", "umt5"):
             return _t5(hf, source, need).replace(pad_token_id=pad)
         if model_type == "gpt2":
             return _gpt2(hf, source, need).replace(pad_token_id=pad)
@@ -348,13 +349,13 @@ class ModelConfig:
 
 
 def _t5(hf: dict, source: str, need) -> ModelConfig:
-    """T5, T5 v1.1, FLAN-T5, mT5 (`model_type` mt5, read as the T5 it is): `feed_forward_proj` is `relu` (v1.0) or
-    `gated-gelu` (v1.1, mT5's default). v1.0 scales the decoder output (transformers 5 writes that as
-    `scale_decoder_outputs`, older files as `tie_word_embeddings`) and ties its head; mT5 never scales (transformers'
-    MT5 has no such switch); whether a checkpoint's head is tied `from_pretrained` decides by its weights (their own
-    `lm_head.weight` or none), as transformers does."""
+    """T5, T5 v1.1, FLAN-T5, mT5 (`model_type` mt5, read as the T5 it is), UMT5 (a position-bias table in every block):
+    `feed_forward_proj` is `relu` (v1.0) or `gated-gelu` (v1.1, mT5's and UMT5's default). v1.0 scales the decoder
+    output (transformers 5 writes that as `scale_decoder_outputs`, older files as `tie_word_embeddings`) and ties its
+    head; mT5 never scales (transformers' MT5 has no such switch); whether a checkpoint's head is tied
+    `from_pretrained` decides by its weights (their own `lm_head.weight` or none), as transformers does."""
     mt5 = hf["model_type"] == "mt5"
-    proj = hf.get("feed_forward_proj", "gated-gelu" if mt5 else "relu")  # each family's default
+    proj = hf.get("feed_forward_proj", "relu" if hf["model_type"] == "t5" else "gated-gelu")  # each family's default
     gated, _, act = proj.rpartition("-")
     act = "gelu_new" if proj == "gated-gelu" else act
     if gated not in ("", "gated") or act not in T5_ACTIVATIONS:
@@ -372,6 +373,7 @@ def _t5(hf: dict, source: str, need) -> ModelConfig:
         relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         scale_decoder_outputs=scaled, decoder_start_token_id=hf.get("decoder_start_token_id") or 0,
+        position_bias_per_layer=hf["model_type"] == "umt5",
         embed_dropout=rate, attention_dropout=rate, residual_dropout=rate,
         max_position_embeddings=hf.get("n_positions", 512), hf_config=dict(hf))
 

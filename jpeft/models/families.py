@@ -11,7 +11,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "ministral", "ministral3", "qwen2", "qwen
                    "granite", "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee",
                    "glm", "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                    "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "codegen", "opt", "bloom",
-                   "falcon", "starcoder2", "mpt", "t5", "mt5", "gpt2")
+                   "falcon", "starcoder2", "mpt", "t5", "mt5", "umt5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs

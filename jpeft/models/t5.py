@@ -1,9 +1,10 @@
-"""T5, T5 v1.1 and FLAN-T5: the encoder-decoder, from the shared layers.
+"""T5, T5 v1.1, FLAN-T5, mT5 and UMT5: the encoder-decoder, from the shared layers.
 
 Parameter paths spell HF's module names (`encoder/block/layer_0/SelfAttention/q/kernel` <->
 `encoder.block.{i}.layer.0.SelfAttention.q.weight`); each stack of blocks runs under `nn.scan`.
 T5 attention has no RoPE and no 1/sqrt(d) scale: a learned bias per (relative-position bucket,
-head), computed once per stack (HF keeps its table in block 0), is added to every layer's scores.
+head), computed once per stack (HF keeps its table in block 0), is added to every layer's scores;
+UMT5's self-attention layers each have a table of their own (`position_bias_per_layer`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ class RelativeBias(nn.Module):
         return sites.embed(L.module_leaves(self), buckets, jnp.float32, prepend=False)
 
 
+def position_bias(cfg: ModelConfig, buckets):
+    """The bias [1, H, T, S] of relative-position `buckets` [T, S], from the calling module's table."""
+    return RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]
+
+
 class Attention(nn.Module):
     """q/k/v/o attention of `x` over `source` (itself, or the encoder output for cross-attention).
 
@@ -59,8 +65,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, source, mask, bias, cache=None, layer=None, index=0):
+        """`bias`: the stack's position bias [1, H, T, S], or (UMT5's self-attention) the buckets [T, S] this
+        layer's own table reads."""
         cfg = self.cfg
         heads, dim = cfg.num_heads, cfg.head_dim
+        if bias is not None and bias.ndim == 2:
+            bias = position_bias(cfg, bias)
         split = lambda a: a.reshape(*a.shape[:2], heads, dim)  # noqa: E731
         q = split(L.Dense(heads * dim, ("embed", "heads"), name="q")(x))
         if source is not None:
@@ -141,8 +151,8 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """The encoder or decoder: dropout on its input, its relative-position bias, the scanned blocks, the final
-    norm and dropout on its output."""
+    """The encoder or decoder: dropout on its input, its relative-position bias (UMT5's buckets, which each layer's
+    table reads), the scanned blocks, the final norm and dropout on its output."""
     cfg: ModelConfig
     decoder: bool
 
@@ -151,7 +161,7 @@ class Stack(nn.Module):
         cfg = self.cfg
         buckets = relative_buckets(k_slots[None, :] - q_slots[:, None], not self.decoder, cfg.relative_buckets,
                                    cfg.relative_max_distance)
-        bias = RelativeBias(cfg, name="relative_attention_bias")(buckets).transpose(2, 0, 1)[None]  # [1, H, T, S]
+        bias = buckets if cfg.position_bias_per_layer else position_bias(cfg, buckets)  # UMT5's: in each layer
         x = L.dropout(self, x, cfg.embed_dropout)
         stack = L.scan_layers(Block, cfg, cfg.num_decoder_layers if self.decoder else cfg.num_layers)
         (x, caches, _), _ = stack(cfg, self.decoder, name="block")(

@@ -1,5 +1,5 @@
-"""T5 v1.0, T5 v1.1 / FLAN-T5, mT5: logits equal transformers' T5ForConditionalGeneration (MT5's), checkpoints
-round-trip."""
+"""T5 v1.0, T5 v1.1 / FLAN-T5, mT5, UMT5: logits equal transformers' T5ForConditionalGeneration (MT5's, UMT5's),
+checkpoints round-trip."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +12,8 @@ from conftest import make_t5
 from jpeft.models.t5 import relative_buckets
 
 CASES = {"t5-v1.0": ("t5-v1.0", False), "flan-t5": ("flan-t5", False), "flan-t5-own-head": ("flan-t5", True),
-         "mt5": ("mt5", False), "mt5-own-head": ("mt5", True)}  # mT5: never scaled, its hub files' own head
+         "mt5": ("mt5", False), "mt5-own-head": ("mt5", True),  # mT5: never scaled, its hub files' own head
+         "umt5-own-head": ("umt5", True)}  # UMT5: each block's own position-bias table
 
 
 def rows(encoder_len=11, decoder_len=7, seed=0):
@@ -73,13 +74,14 @@ def test_relative_buckets_are_transformers_buckets(bidirectional):
     np.testing.assert_array_equal(np.asarray(relative_buckets(jnp.asarray(relative), bidirectional, 32, 128)), want)
 
 
-@pytest.mark.parametrize("case", ["t5-v1.0", "flan-t5-own-head", "mt5-own-head"])
+@pytest.mark.parametrize("case", ["t5-v1.0", "flan-t5-own-head", "mt5-own-head", "umt5-own-head"])
 def test_save_pretrained_loads_in_transformers(case, tmp_path):
     model, params = jpeft.from_pretrained(make_t5(tmp_path / "in", *CASES[case])[1])
     params = jax.tree.map(lambda x: x * 1.01, params)  # not the file it came from
     jpeft.save_pretrained(str(tmp_path / "out"), model, params)
     reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
-    assert type(reloaded).__name__ == ("MT5" if case.startswith("mt5") else "T5") + "ForConditionalGeneration"
+    assert type(reloaded).__name__ == {"mt5": "MT5", "umt5": "UMT5"}.get(case.split("-")[0], "T5") + \
+        "ForConditionalGeneration"
     batch = rows(seed=1)
     np.testing.assert_allclose(torch_logits(reloaded, *batch), jax_logits(model, params, *batch), atol=2e-4, rtol=0)
 
@@ -97,7 +99,7 @@ def hf_generate(ref, prompts, new, eos):
     return [row[:row.index(eos)] if eos in row else row for row in rows]
 
 
-@pytest.mark.parametrize("case", ["t5-v1.0", "flan-t5-own-head", "mt5"])
+@pytest.mark.parametrize("case", ["t5-v1.0", "flan-t5-own-head", "mt5", "umt5-own-head"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     """Encoder once, decoder self- and cross-attention from the cache: the same tokens as transformers."""
     from jpeft.generate import generate

@@ -398,11 +398,11 @@ def test_a_family_transformers_has_no_classifier_for_keeps_its_head_in_an_adapte
 
 
 def test_heads_export_as_transformers_classifier_exactly_where_it_has_one():
-    """... of the family's name (T5's and mT5's, which read the decoder's last EOS through a dense-tanh layer, apart:
-    jpeft has no encoder-decoder head)."""
+    """... of the family's name (T5's, mT5's and UMT5's, which read the decoder's last EOS through a dense-tanh layer,
+    apart: jpeft has no encoder-decoder head)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as THEIRS
     from jpeft.models.families import SUPPORTED_TYPES
     from jpeft.models.hf import ARCHITECTURE, has_classifier
-    decoders = [t for t in SUPPORTED_TYPES if t not in ("t5", "mt5")]
+    decoders = [t for t in SUPPORTED_TYPES if t not in ("t5", "mt5", "umt5")]
     assert [t for t in decoders if has_classifier(t)] == [t for t in decoders if t in THEIRS]
     assert all(ARCHITECTURE[t] + "ForSequenceClassification" == THEIRS[t] for t in decoders if t in THEIRS)

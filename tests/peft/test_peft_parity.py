@@ -11,7 +11,7 @@ import torch
 
 import jpeft
 from jpeft import tree as T
-from jpeft.peft.base import layer_names
+from jpeft.peft.base import module_layers
 from jpeft.peft.multi import ADAPTER_LEAVES
 from conftest import (FAMILIES, edit_adapter_config, family_targets, jit_logits, make_hf_model, perturb,
                       save_hf_model)
@@ -304,7 +304,7 @@ def peft_adapted(peft_model) -> set[str]:
 
 def jpeft_adapted(params) -> set[str]:
     return {name for path, leaves in T.modules(params).items() if ADAPTER_LEAVES & set(leaves)
-            for name in layer_names(path, np.shape(leaves.get("kernel"))[0] if T.is_stacked(path + "/kernel") else 1)}
+            for name in module_layers(path, leaves)}
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -38,9 +38,11 @@ T5_ADAPTERS = {  # PEFT's module names for T5
 }
 
 
-@pytest.mark.parametrize("variant,method", [("flan-t5", method) for method in T5_ADAPTERS] + [("mt5", "lora")])
+@pytest.mark.parametrize("variant,method", [("flan-t5", method) for method in T5_ADAPTERS]
+                         + [("mt5", "lora"), ("umt5", "lora_position_bias")])
 def test_t5_adapter_round_trip(tmp_path, variant, method):
-    """jpeft -> PEFT -> jpeft on FLAN-T5 (and mT5): the same logits on all three, adapters on encoder and decoder."""
+    """jpeft -> PEFT -> jpeft on FLAN-T5 (and mT5, UMT5's position tables in every block): the same logits on all
+    three, adapters on encoder and decoder."""
     init, random_leaves = T5_ADAPTERS[method]
     ref, model_dir = make_t5(tmp_path / "base", variant)
     model, params = jpeft.from_pretrained(model_dir)
