@@ -89,6 +89,9 @@ TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_laye
 # One tiny config per family beyond Llama/Mistral/Qwen2, with each family's own features switched on.
 FAMILIES = {
     "qwen3": dict(head_dim=16),
+    # EXAONE 3/3.5: a Llama to transformers 5 (and PEFT), its hub files named GPT-2-like (transformer.h.0.attn.attention
+    # .q_proj, mlp.c_fc_0, ln_1, ...), which transformers renames on loading and back on saving; biases where asked
+    "exaone": dict(attention_bias=True, mlp_bias=True),
     "gemma": dict(head_dim=8),
     "gemma2": dict(head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=0.05,
                    final_logit_softcapping=0.5),

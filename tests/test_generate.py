@@ -50,6 +50,7 @@ def hf_generate(ref_model, prompts, max_new_tokens, eos_token_id):
     ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
     ("ministral", dict(head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
     ("ministral3", FAMILIES["ministral3"]),  # each new token's query scaled at its own position
+    ("exaone", FAMILIES["exaone"]),  # its hub names, a Llama's biased projections
     ("ernie4_5", dict(head_dim=8, use_bias=True)),  # neighbouring dimensions rotated together, cached
     ("helium", dict(head_dim=8)),
     ("exaone4", dict(num_hidden_layers=4, sliding_window=4, sliding_window_pattern=2)),  # full layers without RoPE

@@ -1,9 +1,9 @@
 """The model configuration jpeft honours, read from (and written back to) HF config.json.
 
-Llama, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium, EXAONE 4,
-Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, Falcon, StarCoder2,
-MPT and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in these
-fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a
+Llama, EXAONE 3, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3, ERNIE 4.5, Helium,
+EXAONE 4, Seed-OSS, Arcee, GLM/GLM-4, Cohere/Cohere 2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT, BLOOM, Falcon,
+StarCoder2, MPT and the mixtures of experts Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and GraniteMoE(-Shared) differ only in
+these fields, and T5 in a few more; anything in a config.json that jpeft cannot honour is an error here rather than a
 silently different model.
 """
 from __future__ import annotations

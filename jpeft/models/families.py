@@ -7,11 +7,11 @@ from __future__ import annotations
 from jpeft.errors import CheckpointError
 from jpeft.models.rope_params import SLIDING
 
-SUPPORTED_TYPES = ("llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                   "granite", "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4", "seed_oss", "arcee",
-                   "glm", "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                   "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj", "codegen", "opt", "bloom",
-                   "falcon", "starcoder2", "mpt", "t5", "mt5", "umt5", "gpt2")
+SUPPORTED_TYPES = ("llama", "exaone", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "gemma", "gemma2",
+                   "gemma3_text", "granite", "olmo2", "olmo3", "phi3", "smollm3", "ernie4_5", "helium", "exaone4",
+                   "seed_oss", "arcee", "glm", "glm4", "olmo", "cohere", "cohere2", "stablelm", "mixtral", "qwen2_moe",
+                   "qwen3_moe", "olmoe", "gpt_oss", "granitemoe", "granitemoeshared", "gpt_neox", "phi", "gptj",
+                   "codegen", "opt", "bloom", "falcon", "starcoder2", "mpt", "t5", "mt5", "umt5", "gpt2")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 OLMO_TYPES = ("olmo2", "olmo3")  # OLMo 1 (`olmo`) is a Llama with parameterless LayerNorms
 POST_NORM_TYPES = (*OLMO_TYPES, "exaone4")  # blocks that normalise their outputs only, not their inputs
@@ -54,9 +54,22 @@ MODULE_NAMES = {"gpt_neox": {"embed_tokens": "embed_in", "self_attn": "attention
                     "embed_tokens": "word_embeddings", "embed_norm": "word_embeddings_layernorm", "layers": "h",
                     "self_attn": "self_attention", "qkv_proj": "query_key_value", "o_proj": "dense",
                     "up_proj": "dense_h_to_4h", "down_proj": "dense_4h_to_h", "norm": "ln_f"})}
-# Weights a family's files name apart from its module (transformers renames them on loading and back on saving):
-# GPT-NeoX's head, `lm_head` to PEFT, `embed_out.weight` in the hub's files
-FILE_NAMES = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}
+# Weights a family's files name apart from its modules (transformers renames them on loading and back on saving), as
+# (module name's part, file name's part) pairs applied in order: GPT-NeoX's head, `lm_head` to PEFT, `embed_out` in
+# the hub's files; EXAONE 3's whole checkpoint, a Llama to transformers 5 (and PEFT) in GPT-2-like names on the hub
+FILE_NAMES = {"gpt_neox": (("lm_head.weight", "embed_out.weight"),),
+              "exaone": (("model.embed_tokens.", "transformer.wte."), ("model.layers.", "transformer.h."),
+                         ("model.norm.", "transformer.ln_f."), (".self_attn.o_proj.", ".attn.attention.out_proj."),
+                         (".self_attn.", ".attn.attention."), (".input_layernorm.", ".ln_1."),
+                         (".post_attention_layernorm.", ".ln_2."), (".mlp.gate_proj.", ".mlp.c_fc_0."),
+                         (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."))}
+
+
+def file_name(model_type: str, name: str, reverse: bool = False) -> str:
+    """A weight's name in the family's files (`FILE_NAMES`), or with `reverse` its module name from the file's."""
+    for module, file in FILE_NAMES.get(model_type, ()):
+        name = name.replace(*((file, module) if reverse else (module, file)))
+    return name
 # config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
 UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
@@ -96,14 +109,14 @@ GLM4_SANDWICH_NORMS = ("post_self_attn_layernorm", "post_attention_layernorm", "
 # Where a file leaves one out, the family's transformers config supplies its default (Gemma 2's caps, 256 as
 # Gemma's query_pre_attn_scalar, a 4096-token window), as it resolves `use_sliding_window` (Qwen2/3).
 FAMILY_FIELDS = {
-    "attention_bias": ("llama", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, "olmo",
+    "attention_bias": ("llama", "exaone", "qwen3", "qwen3_moe", *GEMMA_TYPES, "granite", *GRANITE_MOE_TYPES, "olmo",
                        *OLMO_TYPES, "olmoe", "smollm3", "helium", "seed_oss", "arcee", *GLM_TYPES, *COHERE_TYPES,
                        "gpt_oss", "gpt_neox"),
     "qkv_bias": ("qwen2_moe",),
     "use_qkv_bias": ("stablelm",),
     "use_parallel_residual": ("stablelm", "gpt_neox"),  # their parallel block, where it asks for one
     "attention_out_bias": ("seed_oss",),  # o_proj's bias, apart from q/k/v's
-    "mlp_bias": ("llama", "granite", "smollm3", "helium", "seed_oss", "arcee"),
+    "mlp_bias": ("llama", "exaone", "granite", "smollm3", "helium", "seed_oss", "arcee"),
     "use_bias": ("ernie4_5", "starcoder2"),  # every projection's bias
     "enable_bias": ("opt",),  # the same
     "bias": ("falcon",),  # the same
@@ -301,8 +314,8 @@ def activation(hf: dict, model_type: str, family) -> str:
         act = "gelu"
     elif model_type in (*GPTJ_TYPES, "opt", "falcon"):
         act = family.activation if model_type == "falcon" else family.activation_function
-    else:
-        act = hf.get("hidden_act", "silu")
+    else:  # (EXAONE 3's file names it `activation_function`)
+        act = getattr(family, "hidden_act", None) or hf.get("hidden_act", "silu")
     return ACTIVATION_ALIASES.get(act, act)
 
 

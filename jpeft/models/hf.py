@@ -25,7 +25,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.hardware import resolve_dtype
 from jpeft.models import hf_experts
 from jpeft.models.config import ModelConfig, read_config
-from jpeft.models.families import FAMILY_FIELDS, FILE_NAMES
+from jpeft.models.families import FAMILY_FIELDS, file_name
 from jpeft.models.generation_config import stop_ids
 from jpeft.models.llama import GPTJ, OPT, Bloom, CausalLM, GPTNeoX
 from jpeft.models.quantized_load import quantized_shapes, read_quantized
@@ -111,20 +111,19 @@ def hf_layout(path: str, array: np.ndarray) -> np.ndarray:
     return array.T if transposed(path) else array
 
 
-def _weight_index(model_dir: str, prefix: str | None, file_names: dict) -> dict[str, tuple[str, str]]:
+def _weight_index(model_dir: str, prefix: str | None, model_type: str) -> dict[str, tuple[str, str]]:
     """HF tensor name -> (safetensors file, the name it has there): model.safetensors, else the shards of
     model.safetensors.index.json (transformers' order). A weight the family's files name apart from its module
-    (`families.FILE_NAMES`: GPT-NeoX's `embed_out`) gets the module's name. A checkpoint saved from the base model
-    (`LlamaModel`, GPT-2 as the hub holds it) names its tensors without the family's `prefix`
+    (`families.FILE_NAMES`: GPT-NeoX's `embed_out`, EXAONE 3's every name) gets the module's name. A checkpoint saved
+    from the base model (`LlamaModel`, GPT-2 as the hub holds it) names its tensors without the family's `prefix`
     (`layers.0...`, `h.0...`): they get it, as transformers' loading adds it."""
     files = _files(model_dir)
-    module_names = {file: module for module, file in file_names.items()}
-    bare = prefix and not any(name.startswith(f"{prefix}.") for name in files)
+    modules = {file_name(model_type, name, reverse=True): name for name in files}
+    bare = prefix and not any(module.startswith(f"{prefix}.") for module in modules)
 
-    def name_of(name):
-        name = module_names.get(name, name)
-        return f"{prefix}.{name}" if bare and not name.startswith(HEADS) else name
-    return {name_of(name): (file, name) for name, file in files.items()}
+    def name_of(module):
+        return f"{prefix}.{module}" if bare and not module.startswith(HEADS) else module
+    return {name_of(module): (files[name], name) for module, name in modules.items()}
 
 
 def _files(model_dir: str) -> dict[str, str]:
@@ -171,7 +170,7 @@ def from_pretrained(model_dir: str, dtype: str | None = None, mesh=None, keep_fl
     cfg = cfg.replace(eos_token_ids=stop_ids(model_dir, cfg.hf_config))
     if dtype == "bfloat16":
         cfg = cfg.replace(dtype="bfloat16")
-    index = _weight_index(model_dir, family(cfg).base_prefix, FILE_NAMES.get(cfg.model_type, {}))
+    index = _weight_index(model_dir, family(cfg).base_prefix, cfg.model_type)
     own_head = cfg.tie_word_embeddings and _own_head(index, hf_names(family(cfg).embedding_path, 1)[0])
     if cfg.is_encoder_decoder:  # T5's head is the shared embedding unless the file holds a head of its own
         # (as transformers: none at all, or a tied config's exact copy of the embedding, is the embedding)
@@ -300,13 +299,13 @@ def save_pretrained(out_dir: str, model: CausalLM, params, tokenizer_from: str |
         log.warning("%s: the classifier's config has no pad_token_id, so transformers runs it on one row at a "
                     "time only; pass tokenizer_from or config={'pad_token_id': ...}", out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tensors, file_names = {}, FILE_NAMES.get(model.config.model_type, {})
+    tensors = {}
     flat = {path: np.asarray(jax.device_get(value)) for path, value in T.flatten(params).items()}
     stored = _one_dtype(flat, dtype, out_dir)
     for path, array in flat.items():
         array = array.astype(stored, copy=False)
         parts = list(array) if T.is_stacked(path) else [array]
-        names = [file_names.get(name, name) for name in hf_names(path, len(parts))]
+        names = [file_name(model.config.model_type, name) for name in hf_names(path, len(parts))]
         for name, part in zip(names, parts):
             tensors.update(hf_experts.split(name, np.ascontiguousarray(hf_layout(path, part)), model.config.model_type))
     index_path = os.path.join(out_dir, "model.safetensors.index.json")

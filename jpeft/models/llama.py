@@ -1,6 +1,6 @@
-"""The Llama-family decoder (Llama, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3, SmolLM3,
-ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen, OPT,
-BLOOM, Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
+"""The Llama-family decoder (Llama, EXAONE 3, Mistral, Ministral 1/3, Qwen2/3, Gemma 1/2/3, Granite, OLMo 1/2/3, Phi-3,
+SmolLM3, ERNIE 4.5, Helium, EXAONE 4, Seed-OSS, Arcee, GLM, GLM-4, Cohere 1/2, StableLM, GPT-NeoX, Phi, GPT-J, CodeGen,
+OPT, BLOOM, Falcon, StarCoder2, MPT, and with the experts of `moe` Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS and
 GraniteMoE(-Shared)): one module, families differ by config (and a family's own module names, `families.MODULE_NAMES`).
 
 Parameter paths follow HF module names (`model/layers/self_attn/q_proj/kernel`); the

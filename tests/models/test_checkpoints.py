@@ -52,13 +52,17 @@ def test_a_base_model_checkpoint_without_the_prefix_loads(model_type, overrides,
 
 
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("qwen2", dict(tie_word_embeddings=True)),
-                                                 ("gpt2", GPT2), ("mpt", FAMILIES["mpt"])])
+                                                 ("gpt2", GPT2), ("mpt", FAMILIES["mpt"]),
+                                                 ("exaone", FAMILIES["exaone"])])
 def test_save_pretrained_loads_in_transformers(model_type, overrides, tmp_path):
+    """... under the names the family's files use (EXAONE 3's GPT-2-like ones, as transformers saves them)."""
     ref_model = make_hf_model(model_type, **overrides)
     model, params = jpeft.from_pretrained(save_hf_model(ref_model, tmp_path / "src"))
     (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     jpeft.save_pretrained(str(tmp_path / "out"), model, params, tokenizer_from=str(tmp_path / "src"))
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == set(load_file(tmp_path / "src" /
+                                                                                  "model.safetensors"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     ids = np.random.RandomState(2).randint(0, 97, (2, 9))
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(ref_model, ids), atol=1e-6, rtol=0)

@@ -84,6 +84,10 @@ CASES = {
                                                          use_sliding_window=True, sliding_window=4)),
     "smollm3-untied-bias-own-layers": ("smollm3", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
                                                        no_rope_layers=[0, 1])),
+    "exaone-hub-names": ("exaone", dict(initializer_range=0.2)),
+    "exaone-biases-llama3": ("exaone", dict(FAMILIES["exaone"], initializer_range=0.2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
     "ministral3-yarn-query-scale": ("ministral3", dict(FAMILIES["ministral3"], initializer_range=0.2)),
     "ministral3-window": ("ministral3", dict(FAMILIES["ministral3"], sliding_window=4, initializer_range=0.2)),
     "ministral-alternating-windows": ("ministral", dict(head_dim=8, sliding_window=4,
