@@ -173,9 +173,9 @@ class LoRA(Method):
         modules = T.modules(params)
 
         def trained(path: str, _) -> bool:
-            module = modules[path.rpartition("/")[0]]
             if self.bias == "all":
                 return "bias" in path and T.leaf_name(path) not in (*self.trainable, *self.metadata)
+            module = modules[path.rpartition("/")[0]]
             if self.bias == "none" or T.leaf_name(path) != "bias" or "lora_a" not in module:
                 return False
             if not np.all(np.asarray(module["lora_scale"]) != 0):
