@@ -93,7 +93,6 @@ def alibi_slopes(heads: int) -> np.ndarray:
     return slopes
 
 
-
 def alibi(cfg, k_segments):
     """ALiBi's bias [B, H, 1, S]: each head's slope times each key's position, counted as transformers' BLOOM and
     Falcon count them over the mask of one example a row: the virtual keys (segment -1, first) from 0, then the

@@ -271,6 +271,8 @@ class ModelConfig:
         every_bias = any(own(field) for field in ("use_bias", "enable_bias", "bias"))  # ERNIE 4.5's, OPT's, Falcon's
         bias = bool(own("attention_bias")) or every_bias or "attention" in biased
         moe = expert_fields(model_type, family, layers, source)
+        alibi = "bloom" if model_type in ("bloom", "mpt") else "falcon" if model_type == "falcon" and family.alibi \
+            else None
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -302,8 +304,7 @@ class ModelConfig:
             embed_width=family.word_embed_proj_dim if model_type == "opt" and family.word_embed_proj_dim != hidden
             else None,
             embed_norm=model_type == "bloom",
-            alibi="bloom" if model_type in ("bloom", "mpt") else "falcon" if model_type == "falcon" and family.alibi
-            else None,
+            alibi=alibi,
             norm_float32_scale=model_type in FLOAT32_SCALE_NORM_TYPES,
             **parallel_block_fields(model_type, family, own),
             qk_norm="each_head" if model_type == "cohere" and family.use_qk_norm
@@ -311,7 +312,7 @@ class ModelConfig:
             fused_qkv=fused_qkv_layout(model_type, family),
             fused_gate_up=model_type in ("phi3", *GLM_TYPES),
             partial_rotary_factor=family.rotary_dim / head_dim if model_type in GPTJ_TYPES
-            else 0.0 if model_type in ("opt", "bloom", "mpt") or model_type == "falcon" and family.alibi
+            else 0.0 if model_type == "opt" or alibi
             else float((rope_parameters or {}).get("partial_rotary_factor", 1.0)) if partial else 1.0,
             rope_layers=rotating_layers(model_type, family, layers, layer_types, own("sliding_window"), source),
             rope_interleaved=model_type in INTERLEAVED_ROPE_TYPES,

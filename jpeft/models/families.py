@@ -63,13 +63,6 @@ FILE_NAMES = {"gpt_neox": (("lm_head.weight", "embed_out.weight"),),
                          (".self_attn.", ".attn.attention."), (".input_layernorm.", ".ln_1."),
                          (".post_attention_layernorm.", ".ln_2."), (".mlp.gate_proj.", ".mlp.c_fc_0."),
                          (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."))}
-
-
-def file_name(model_type: str, name: str, reverse: bool = False) -> str:
-    """A weight's name in the family's files (`FILE_NAMES`), or with `reverse` its module name from the file's."""
-    for module, file in FILE_NAMES.get(model_type, ()):
-        name = name.replace(*((file, module) if reverse else (module, file)))
-    return name
 # config.json switches a family's transformers model has that jpeft does not run (while they are on), and why
 UNSUPPORTED = {("stablelm", "qk_layernorm"): "a LayerNorm module per head of the queries and keys (StableLM 2 12B)",
                ("stablelm", "hidden_dropout"): "dropout on the MLP's output alone, in training",
@@ -131,6 +124,13 @@ FAMILY_FIELDS = {
     **dict.fromkeys(("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"),
                     ("granite", *GRANITE_MOE_TYPES)),
 }
+
+
+def file_name(model_type: str, name: str, reverse: bool = False) -> str:
+    """A weight's name in the family's files (`FILE_NAMES`), or with `reverse` its module name from the file's."""
+    for module, file in FILE_NAMES.get(model_type, ()):
+        name = name.replace(*((file, module) if reverse else (module, file)))
+    return name
 
 
 def expert_fields(model_type: str, family, layers: int, source: str) -> dict:
@@ -250,8 +250,7 @@ def own_intermediate_size(model_type: str, family, hidden: int) -> int | None:
     `ffn_hidden_size`, 4 × hidden where GPT-J leaves it out and always in BLOOM and MPT); None for
     `intermediate_size`."""
     return {**dict.fromkeys(GPTJ_TYPES, lambda: family.n_inner or 4 * hidden), "opt": lambda: family.ffn_dim,
-            "bloom": lambda: 4 * hidden,
-            "mpt": lambda: 4 * hidden,
+            **dict.fromkeys(("bloom", "mpt"), lambda: 4 * hidden),
             "falcon": lambda: family.ffn_hidden_size}.get(model_type, lambda: None)()
 
 
@@ -322,11 +321,11 @@ def activation(hf: dict, model_type: str, family) -> str:
 def family_config(hf: dict, source: str):
     """The family's transformers config of this config.json: the defaults of fields the file leaves out, its
     layer kinds (derived in older Qwen2/3 and Gemma 2/3 files) and its RoPE as transformers resolves it, so
-    none of them can drift from the family's own rules."""
-    from huggingface_hub.errors import StrictDataclassError  # a field of the wrong type
+    none of them can drift from the family's own rules. A file it refuses (a field of the wrong type: a strict
+    dataclass's error; a field it computes: an AttributeError) is a CheckpointError."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**hf)
-    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:  # AttributeError: a field
-        # its config computes
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as e:
         raise CheckpointError(f"{source}: transformers does not accept this {hf['model_type']} config ({e})") from None

@@ -19,6 +19,7 @@ Parameters per targeted layer: r·(in + out) (+ out for DoRA; times E for expert
 from __future__ import annotations
 
 import math
+import operator
 import re
 from typing import Sequence
 
@@ -165,7 +166,7 @@ class LoRA(Method):
     def mask(self, params):
         """LoRA's factors, the token rows of `trainable_token_indices`, and the biases `bias` trains."""
         factors = T.named(params, self.trainable + (TrainableTokens.trainable if self.trainable_token_indices else ()))
-        return jax.tree.map(lambda a, b: a or b, factors, self.trained_biases(params))
+        return jax.tree.map(operator.or_, factors, self.trained_biases(params))
 
     def trained_biases(self, params):
         """Bool tree: the base leaves `bias` trains ("all": those whose path names a bias, as PEFT picks parameters

@@ -125,7 +125,7 @@ def attention_kv(leaves: dict, k, v):
     return k, v
 
 
-def attention_output(leaves: dict, q, out, qkv_layout: str | None = None):
+def attention_output(leaves: dict, q, out, qkv_layout: str | None):
     """The attention block's output [B, T, D] (after o_proj); q [B, T, H, head_dim] after RoPE; `qkv_layout`: how
     the block's fused q/k/v projection lays them out (`attention.split_qkv`), where it has one."""
     for method in _with("attention_output", leaves):

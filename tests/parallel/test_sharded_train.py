@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     sys.path.insert(0, {tests!r})
     from jpeft.train import trainer
-    from conftest import family_run, read_metrics, run_config
+    from conftest import read_metrics, run_config
     assert len(jax.devices()) == 8
     run, out, specs = json.loads({run!r}), {out!r}, {{}}
     real = trainer.make_train_step

@@ -162,8 +162,8 @@ def test_a_tree_whose_base_weights_changed_is_not_stored_as_an_adapter(setup, tm
         jpeft.add_adapter(params, "tuned", tuned)
     _, t5 = jpeft.from_pretrained(make_t5(tmp_path, "flan-t5")[1])
     lora = jpeft.LoRA(rank=2, targets=["q", "v"], bias="all")
-    trained = T.unflatten({p: v + 0.5 if on else v for (p, v), on in zip(
-        T.flatten(lora.init(jax.random.key(0), t5)).items(),
-        T.flatten(lora.mask(lora.init(jax.random.key(0), t5))).values())})
+    adapted = lora.init(jax.random.key(0), t5)
+    mask = T.flatten(lora.mask(adapted))
+    trained = T.unflatten({p: v + 0.5 if mask[p] else v for p, v in T.flatten(adapted).items()})
     with pytest.raises(jpeft.JpeftError, match="changed base weights .*relative_attention_bias/embedding"):
         jpeft.add_adapter(t5, "t5", trained)
